@@ -1,0 +1,109 @@
+"""The ``dermray`` command line. User errors print one line and exit with code 2; no traceback."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from dermray.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="run config YAML (local path or URI)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set partition.folds=5 (repeatable)")
+    p.add_argument("--run-id", help="run id (config: run_id)")
+    p.add_argument("--output", help="output root URI (config: output)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an in-process local Ray)")
+    p.add_argument("--json", action="store_true", help="print the stage summary as JSON")
+
+
+def _flag_overrides(args: argparse.Namespace, mapping: dict[str, str]) -> list[str]:
+    out = []
+    for attr, key in mapping.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            out.append(f"{key}={value}")
+    return out
+
+
+COMMON_FLAGS = {"run_id": "run_id", "output": "output", "address": "ray.address"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dermray", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("partition", help="build training classes and folds from a manifest and a taxonomy")
+    _add_config_args(p)
+    p.add_argument("--manifest", help="manifest Parquet URI (config: data.manifest)")
+    p.add_argument("--taxonomy", help="taxonomy Parquet/CSV URI (config: data.taxonomy)")
+    p.add_argument("--tasks", help="evaluation tasks YAML URI (config: data.tasks)")
+    p.add_argument("--max-class-size", type=int, help="config: partition.max_class_size (paper: 1000)")
+    p.add_argument("--folds", type=int, help="config: partition.folds (paper: 9)")
+    p.add_argument("--seed", type=int, help="config: partition.seed")
+
+    p = sub.add_parser("import", help="turn public dataset metadata into manifest, taxonomy and tasks")
+    p.add_argument("dataset", choices=["ham10000", "isic"])
+    p.add_argument("--metadata", required=True, help="metadata CSV (HAM10000 labels / ISIC Archive metadata)")
+    p.add_argument("--images", required=True, help="folder or s3:// prefix holding <image_id>.jpg")
+    p.add_argument("--output", required=True, help="folder or s3:// prefix for manifest/taxonomy/tasks")
+    p.add_argument("--group", default="lesion", choices=["lesion", "patient"], help="ISIC: group folds by")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def cmd_partition(args) -> dict:
+    from dermray import partition
+    from dermray.config import load_config
+
+    overrides = list(args.overrides) + _flag_overrides(args, COMMON_FLAGS | {
+        "manifest": "data.manifest", "taxonomy": "data.taxonomy", "tasks": "data.tasks",
+        "max_class_size": "partition.max_class_size", "folds": "partition.folds", "seed": "partition.seed"})
+    cfg = load_config(args.config, overrides)
+    summary = partition.run(cfg)
+    print(json.dumps(summary, indent=2) if args.json else partition.format_summary(summary))
+    return summary
+
+
+def cmd_import(args) -> dict:
+    from dermray import importers
+
+    if args.dataset == "ham10000":
+        result = importers.import_ham10000(args.metadata, args.images)
+    else:
+        result = importers.import_isic(args.metadata, args.images, args.group)
+    summary = importers.write_import(result, args.output)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"import {args.dataset}: {summary['rows_in']} rows = {summary['manifest_rows']} in the manifest + "
+              f"{summary['quarantined']} quarantined\n  outputs: {args.output}")
+    return summary
+
+
+COMMANDS = {"partition": cmd_partition, "import": cmd_import}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"dermray {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"dermray {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

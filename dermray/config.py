@@ -1,0 +1,171 @@
+"""Typed run configuration: YAML file + ``--set section.key=value`` overrides.
+
+Every key is declared here with its type; an unknown or mistyped key is an error that names the key and the file.
+Later stages add their own section dataclass to ``RunConfig``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from dermray.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    manifest: Optional[str] = None  # URI of manifest.parquet
+    taxonomy: Optional[str] = None  # URI of taxonomy.parquet (or .csv in the ISIC path form)
+    tasks: Optional[str] = None  # URI of the evaluation tasks YAML
+
+
+@dataclass
+class PartitionConfig:
+    max_class_size: int = 1000  # the paper's threshold: a node becomes a class below this many images
+    folds: int = 9  # cross-validation folds (the paper: 9)
+    seed: int = 0  # fold assignment is deterministic for a seed
+    tasks_required: bool = False  # fail (rather than report) when a training class cannot be attributed to a task
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # None: in-process local Ray; else a cluster address (or RAY_ADDRESS)
+    num_cpus: Optional[int] = None  # for the in-process local Ray only
+
+
+@dataclass
+class RunConfig:
+    run_id: str = "default"
+    output: str = "outputs"
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp, key: str, source: str) -> Any:
+    """Check (and, for strings from --set, convert) ``value`` against annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key, source)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif origin in (list, typing.List):
+        (item_tp,) = typing.get_args(tp) or (str,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v != ""]
+        if isinstance(value, list):
+            return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    elif origin in (dict, typing.Dict):
+        if isinstance(value, dict):
+            return value
+    else:
+        return value
+    raise ConfigError(f"{source}: key {key!r} must be {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls, data: dict, prefix: str, source: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: key {prefix.rstrip('.') or '<top>'!r} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {prefix + str(unknown[0])!r} "
+                          f"(known under {prefix.rstrip('.') or 'the top level'}: {', '.join(fields)})")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value if value is not None else {}, f"{prefix}{name}.", source)
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name, source)
+    return cls(**kwargs)
+
+
+def _apply_override(tree: dict, assignment: str, cls=RunConfig) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node, node_cls = tree, cls
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(node_cls)
+        if part not in hints:
+            known = ", ".join(hints)
+            raise ConfigError(f"--set: unknown key {key!r} (known under {'.'.join(parts[:i]) or 'the top level'}: "
+                              f"{known})")
+        tp = hints[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(tp):
+                raise ConfigError(f"--set: key {key!r} is a section; set one of its keys")
+            # YAML parsing gives null/true/numbers/lists; typed coercion then checks it.
+            parsed = yaml.safe_load(raw) if raw.strip() else ""
+            node[part] = raw if tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType)
+                                              and str in typing.get_args(tp) and parsed is not None) else parsed
+        else:
+            if not dataclasses.is_dataclass(tp):
+                raise ConfigError(f"--set: key {'.'.join(parts[:i + 1])!r} is not a section")
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+            node_cls = tp
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a RunConfig from a YAML file (local or URI) and ``key=value`` overrides."""
+    from dermray import storage
+
+    tree: dict = {}
+    source = "--set"
+    if path:
+        source = path
+        try:
+            text = storage.read_text(path)
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the config must be a mapping of keys, got {type(tree).__name__}")
+    for assignment in overrides or []:
+        _apply_override(tree, assignment)
+    return _build(RunConfig, tree, "", source)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

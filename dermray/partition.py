@@ -1,0 +1,453 @@
+"""Partition stage: manifest + taxonomy -> training_classes, labels (image_id, class_index, fold), quarantine.
+
+Distributed on Ray as map-side partial aggregation over the manifest's Parquet row groups, so the driver holds
+per-node and per-bucket counts, never per-image rows:
+
+1. map (one task per chunk of row groups): validate rows; count valid images per taxonomy node and per
+   (node, group-hash bucket); hash-partition compact (image hash, row) and (group hash, node) pairs;
+2. reduce (one task per hash partition): find duplicate image_ids (keep the first row) and groups whose images
+   carry more than one label; return only those (few) rows;
+3. driver: the partitioning algorithm on the per-node counts, then a fold table per stratum (training class, or
+   the shared "mixed" stratum for groups spanning classes) from the per-bucket counts;
+4. map again: assign class and fold to each row, quarantine bad rows with a reason; the driver streams the
+   chunks into single Parquet files, written atomically.
+
+Rows are numbered from 0 in manifest order; quarantine reasons name the row.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dermray import schemas, storage
+from dermray.config import RunConfig
+from dermray.errors import UserError
+from dermray.partitioning import (HASH_BUCKETS, MIXED_STRATUM, TrainingClass, fold_table, hash_bucket,
+                                  hash_strings, node_to_class, partition_classes, task_membership)
+from dermray.taxonomy import Taxonomy, load_taxonomy
+from dermray.tasks import Task, load_tasks
+
+log = logging.getLogger("dermray.partition")
+
+STAGE = "partition"
+CHUNK_ROWS = 500_000  # target rows per map task (row groups are never split)
+_IMAGE_SEEDS = (0x5EED_0001, 0x5EED_0002)  # two independent 64-bit hashes: a 128-bit image_id fingerprint
+
+
+# ---- per-chunk logic (pure numpy/arrow; Ray only calls it) ---------------------------------------------------
+def manifest_columns(schema: pa.Schema) -> list[str]:
+    cols = ["image_id", "uri", "label"]
+    return cols + [c for c in ("group_id", "label_source", "modality") if c in schema.names]
+
+
+def validate_chunk(table: pa.Table, node_ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(reason per row: object array of str or None, taxonomy node index per row: int32, -1 when invalid)."""
+    n = table.num_rows
+    reason = np.full(n, None, dtype=object)
+
+    def blank(col: str) -> np.ndarray:
+        arr = table.column(col)
+        return pc.fill_null(pc.equal(pc.utf8_trim_whitespace(arr), ""), True).to_numpy(zero_copy_only=False)
+
+    label_idx = pc.fill_null(pc.index_in(table.column("label"), value_set=node_ids), -1).to_numpy(
+        zero_copy_only=False).astype(np.int32)
+    checks = [
+        (blank("image_id"), "image_id is null or empty"),
+        (blank("label"), "label is null or empty"),
+        (blank("uri"), "uri is null or empty"),
+        (label_idx < 0, None),  # message built per row below
+    ]
+    for col in ("label_source", "modality"):
+        if col in table.column_names:
+            allowed = schemas.MANIFEST.column(col).allowed
+            arr = table.column(col)
+            bad = pc.and_(pc.is_valid(arr), pc.invert(pc.is_in(arr, pa.array(allowed))))
+            checks.append((bad.to_numpy(zero_copy_only=False), f"{col} must be one of {', '.join(allowed)}"))
+    labels = None
+    for mask, message in checks:
+        todo = mask & (reason == None)  # noqa: E711 - elementwise on an object array
+        if not todo.any():
+            continue
+        if message is None:
+            labels = labels if labels is not None else table.column("label").to_numpy(zero_copy_only=False)
+            for i in np.flatnonzero(todo):
+                reason[i] = f"label {labels[i]!r} is not a taxonomy node"
+        else:
+            reason[todo] = message
+    label_idx[reason != None] = -1  # noqa: E711
+    return reason, label_idx
+
+
+def _group_keys(table: pa.Table) -> pa.Array:
+    ids = table.column("image_id")
+    if "group_id" not in table.column_names:
+        return ids
+    groups = table.column("group_id")
+    # A missing group means the image is a group of its own.
+    empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(groups), ""), True)
+    return pc.if_else(empty, pc.binary_join_element_wise("image:", ids, ""), groups)
+
+
+@dataclass
+class ChunkStats:
+    """What a map task returns in pass 1 (all small except the hash partitions, which go to reducers)."""
+    node_counts: np.ndarray  # int64 [n_nodes]
+    hist_keys: np.ndarray  # int64 node * HASH_BUCKETS + bucket
+    hist_counts: np.ndarray  # int64
+    rows: int
+
+
+def count_chunk(table: pa.Table, row_offset: int, node_ids: pa.Array, seed: int, partitions: int):
+    """Pass 1 on one chunk: (ChunkStats, [image-hash partitions], [group-hash partitions])."""
+    n_nodes = len(node_ids)
+    reason, label_idx = validate_chunk(table, node_ids)
+    ok = label_idx >= 0
+    rows = np.flatnonzero(ok).astype(np.int64) + row_offset
+    labels = label_idx[ok]
+    ids = table.column("image_id").filter(pa.array(ok)).to_numpy(zero_copy_only=False)
+    groups = _group_keys(table).filter(pa.array(ok)).to_numpy(zero_copy_only=False)
+    h1, h2 = (hash_strings(ids, s) for s in _IMAGE_SEEDS)
+    g = hash_strings(groups, seed)
+    buckets = hash_bucket(g)
+    node_counts = np.bincount(labels, minlength=n_nodes).astype(np.int64)
+    keys, counts = np.unique(labels.astype(np.int64) * HASH_BUCKETS + buckets, return_counts=True)
+    part_img = (h1 % np.uint64(partitions)).astype(np.int64)
+    part_grp = (g % np.uint64(partitions)).astype(np.int64)
+    img_parts, grp_parts = [], []
+    for p in range(partitions):
+        m = part_img == p
+        img_parts.append((h1[m], h2[m], rows[m], labels[m], buckets[m]))
+        m = part_grp == p
+        grp_parts.append((g[m], labels[m]))
+    return ChunkStats(node_counts, keys, counts.astype(np.int64), table.num_rows), img_parts, grp_parts
+
+
+def find_duplicates(parts) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Reduce: duplicate image_ids within one hash partition. Returns (row, first_row, label, bucket) of every
+    row after the first (in manifest order) with the same image_id fingerprint."""
+    h1 = np.concatenate([p[0] for p in parts])
+    h2 = np.concatenate([p[1] for p in parts])
+    rows = np.concatenate([p[2] for p in parts])
+    labels = np.concatenate([p[3] for p in parts])
+    buckets = np.concatenate([p[4] for p in parts])
+    empty = np.zeros(0, np.int64)
+    if len(rows) == 0:
+        return empty, empty, empty, empty
+    order = np.lexsort((rows, h2, h1))
+    h1, h2, rows, labels, buckets = h1[order], h2[order], rows[order], labels[order], buckets[order]
+    same = np.zeros(len(rows), dtype=bool)
+    same[1:] = (h1[1:] == h1[:-1]) & (h2[1:] == h2[:-1])
+    if not same.any():
+        return empty, empty, empty, empty
+    start = np.flatnonzero(~same)
+    first_of = np.repeat(rows[start], np.diff(np.append(start, len(rows))))
+    return rows[same], first_of[same], labels[same].astype(np.int64), buckets[same].astype(np.int64)
+
+
+def find_multilabel_groups(parts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reduce: groups whose images carry more than one label. Returns (group hash, label, n rows) per pair."""
+    g = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts]).astype(np.int64)
+    if len(g) == 0:
+        return np.zeros(0, np.uint64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    pairs = np.stack([g.view(np.int64), labels], axis=1)
+    uniq, counts = np.unique(pairs, axis=0, return_counts=True)
+    gs = uniq[:, 0]
+    multi = np.zeros(len(gs), dtype=bool)
+    multi[1:] |= gs[1:] == gs[:-1]
+    multi[:-1] |= gs[1:] == gs[:-1]
+    return gs[multi].view(np.uint64), uniq[multi, 1], counts[multi].astype(np.int64)
+
+
+@dataclass
+class AssignPlan:
+    """What the driver decided after pass 1, shipped to every pass-2 task."""
+    lookup: np.ndarray  # int32 [n_nodes]: training class of an image labelled with each node
+    folds_by_stratum: np.ndarray  # int8 [n_classes + 1, HASH_BUCKETS]; the last row is the mixed stratum
+    mixed_groups: np.ndarray  # sorted uint64 hashes of groups spanning several classes
+    dup_rows: np.ndarray  # sorted int64 rows that repeat an earlier image_id
+    dup_first: np.ndarray  # int64, aligned with dup_rows: the row of the first occurrence
+    n_classes: int
+    folds: int
+
+
+def assign_chunk(table: pa.Table, row_offset: int, node_ids: pa.Array, seed: int, plan: AssignPlan
+                 ) -> tuple[pa.Table, pa.Table, np.ndarray]:
+    """Pass 2 on one chunk: (labels rows, quarantine rows, int64 [n_classes, folds] images per class and fold)."""
+    lookup, folds_by_stratum, mixed_groups = plan.lookup, plan.folds_by_stratum, plan.mixed_groups
+    dup_rows, dup_first = plan.dup_rows, plan.dup_first
+    reason, label_idx = validate_chunk(table, node_ids)
+    n = table.num_rows
+    rows = np.arange(row_offset, row_offset + n, dtype=np.int64)
+    if len(dup_rows):
+        pos = np.searchsorted(dup_rows, rows)
+        pos_ok = pos < len(dup_rows)
+        is_dup = np.zeros(n, dtype=bool)
+        is_dup[pos_ok] = dup_rows[pos[pos_ok]] == rows[pos_ok]
+        for i in np.flatnonzero(is_dup & (reason == None)):  # noqa: E711
+            reason[i] = f"duplicate image_id (first seen at row {int(dup_first[pos[i]])})"
+    ok = reason == None  # noqa: E711
+    cls = np.full(n, -1, dtype=np.int32)
+    cls[ok] = lookup[label_idx[ok]]
+    unassigned = ok & (cls < 0)
+    if unassigned.any():  # cannot happen: every counted node has a class
+        raise RuntimeError(f"rows {rows[unassigned][:5].tolist()} got no training class")
+    okm = pa.array(ok)
+    g = hash_strings(_group_keys(table).filter(okm).to_numpy(zero_copy_only=False), seed)
+    stratum = cls[ok].astype(np.int64)
+    if len(mixed_groups):
+        pos = np.clip(np.searchsorted(mixed_groups, g), 0, len(mixed_groups) - 1)
+        stratum[mixed_groups[pos] == g] = MIXED_STRATUM
+    # The mixed stratum is the table's last row.
+    fold = folds_by_stratum[np.where(stratum < 0, folds_by_stratum.shape[0] - 1, stratum), hash_bucket(g)]
+    labels_out = pa.table({
+        "image_id": table.column("image_id").filter(okm),
+        "class_index": pa.array(cls[ok], pa.int32()),
+        "fold": pa.array(fold.astype(np.int32), pa.int32()),
+    })
+    bad = ~ok
+    quarantine = pa.table({
+        "stage": pa.array([STAGE] * int(bad.sum()), pa.string()),
+        "image_id": table.column("image_id").filter(pa.array(bad)),
+        "row": pa.array(rows[bad], pa.int64()),
+        "uri": table.column("uri").filter(pa.array(bad)),
+        "reason": pa.array(reason[bad].tolist(), pa.string()),
+    })
+    counts = np.zeros((plan.n_classes, plan.folds), dtype=np.int64)
+    np.add.at(counts, (cls[ok], fold.astype(np.int64)), 1)
+    return labels_out, quarantine, counts
+
+
+# ---- the stage ----------------------------------------------------------------------------------------------
+def plan_chunks(pf, target_rows: int = CHUNK_ROWS, min_chunks: int = 1) -> list[tuple[list[int], int, int]]:
+    """Group row groups into chunks: (row group indices, first row, rows)."""
+    md = pf.metadata
+    total = md.num_rows
+    target = max(1, min(target_rows, math.ceil(total / max(1, min_chunks))))
+    chunks, current, start, size, offset = [], [], 0, 0, 0
+    for i in range(md.num_row_groups):
+        n = md.row_group(i).num_rows
+        if current and size + n > target:
+            chunks.append((current, start, size))
+            current, start, size = [], offset, 0
+        current.append(i)
+        size += n
+        offset += n
+    if current:
+        chunks.append((current, start, size))
+    return chunks
+
+
+def read_chunk(uri: str, row_groups: list[int], columns: list[str]) -> pa.Table:
+    table = storage.parquet_file(uri).read_row_groups(row_groups, columns=columns)
+    # Dictionary-encoded strings compare and hash as plain strings.
+    return pa.table({c: (pc.cast(table.column(c), pa.string()) if pa.types.is_dictionary(table.column(c).type)
+                         else table.column(c)) for c in table.column_names})
+
+
+def outputs(output: str) -> dict[str, str]:
+    base = storage.join(output, "partition")
+    return {name: storage.join(base, f"{name}.parquet")
+            for name in ("training_classes", "labels", "quarantine", "task_membership", "fold_counts")} | {
+        "summary": storage.join(base, "partition_summary.json")}
+
+
+def run(cfg: RunConfig) -> dict:
+    """Run the partition stage for ``cfg``; returns the summary (also written as partition_summary.json)."""
+    from dermray.raysession import cluster_cpus, ray_session
+
+    t_start = time.perf_counter()
+    pcfg = cfg.partition
+    if not cfg.data.manifest:
+        raise UserError("no manifest given: set data.manifest (or --manifest)")
+    if not cfg.data.taxonomy:
+        raise UserError("no taxonomy given: set data.taxonomy (or --taxonomy)")
+    if pcfg.max_class_size < 1:
+        raise UserError(f"partition.max_class_size must be at least 1, got {pcfg.max_class_size}")
+    if not 2 <= pcfg.folds <= 100:
+        raise UserError(f"partition.folds must be between 2 and 100, got {pcfg.folds}")
+    manifest_uri = cfg.data.manifest
+    tax = load_taxonomy(cfg.data.taxonomy)
+    tasks: list[Task] = load_tasks(cfg.data.tasks, tax) if cfg.data.tasks else []
+    pf = storage.parquet_file(manifest_uri)
+    schemas.check_columns(pf.schema_arrow, schemas.MANIFEST, storage.redact(manifest_uri))
+    columns = manifest_columns(pf.schema_arrow)
+    node_ids = pa.array(tax.node_ids, pa.string())
+    seed = pcfg.seed
+
+    with ray_session(cfg.ray.address, cfg.ray.num_cpus) as ray:
+        cpus = cluster_cpus()
+        chunks = plan_chunks(pf, min_chunks=2 * cpus)
+        partitions = max(1, min(2 * cpus, len(chunks)))
+        node_ids_ref = ray.put(node_ids)
+
+        # Each hash partition is its own object, so a reducer fetches only its share of every chunk.
+        @ray.remote(num_returns=1 + 2 * partitions)
+        def pass1(row_groups, offset):
+            table = read_chunk(manifest_uri, row_groups, columns)
+            stats, img_parts, grp_parts = count_chunk(table, offset, ray.get(node_ids_ref), seed, partitions)
+            return (stats, *img_parts, *grp_parts)
+
+        @ray.remote
+        def dup_reduce(*parts):
+            return find_duplicates(parts)
+
+        @ray.remote
+        def group_reduce(*parts):
+            return find_multilabel_groups(parts)
+
+        t0 = time.perf_counter()
+        refs = [pass1.remote(rg, off) for rg, off, _ in chunks]
+        dup_refs = [dup_reduce.remote(*[r[1 + p] for r in refs]) for p in range(partitions)]
+        grp_red = [group_reduce.remote(*[r[1 + partitions + p] for r in refs]) for p in range(partitions)]
+        node_counts = np.zeros(len(tax), np.int64)
+        hist_keys, hist_vals = [], []
+        for r in refs:
+            stats: ChunkStats = ray.get(r[0])
+            node_counts += stats.node_counts
+            hist_keys.append(stats.hist_keys)
+            hist_vals.append(stats.hist_counts)
+        dups = [ray.get(r) for r in dup_refs]
+        multi = [ray.get(r) for r in grp_red]
+        del refs
+        t_pass1 = time.perf_counter() - t0
+
+        dup_rows = np.concatenate([d[0] for d in dups])
+        order = np.argsort(dup_rows)
+        dup_rows, dup_first = dup_rows[order], np.concatenate([d[1] for d in dups])[order]
+        dup_labels = np.concatenate([d[2] for d in dups])[order]
+        dup_buckets = np.concatenate([d[3] for d in dups])[order]
+        # Quarantined duplicates do not count towards classes.
+        node_counts -= np.bincount(dup_labels, minlength=len(tax)).astype(np.int64)
+
+        classes = partition_classes(tax, node_counts, pcfg.max_class_size)
+        if not classes:
+            raise UserError(f"{storage.redact(manifest_uri)}: no valid rows to partition "
+                            "(see quarantine for each row's reason)" if pf.metadata.num_rows else
+                            f"{storage.redact(manifest_uri)}: the manifest has no rows")
+        lookup = node_to_class(tax, classes)
+        n_classes = len(classes)
+
+        # Per-stratum bucket histograms: strata are the classes, plus the mixed stratum as the last row.
+        hist = np.zeros((n_classes + 1, HASH_BUCKETS), np.int64)
+        keys = np.concatenate(hist_keys)
+        vals = np.concatenate(hist_vals)
+        np.add.at(hist, (lookup[keys // HASH_BUCKETS], keys % HASH_BUCKETS), vals)
+        np.add.at(hist, (lookup[dup_labels], dup_buckets), -1)
+        mg = np.concatenate([m[0] for m in multi])
+        ml = np.concatenate([m[1] for m in multi])
+        mc = np.concatenate([m[2] for m in multi])
+        mixed_groups = np.zeros(0, np.uint64)
+        if len(mg):
+            mcls = lookup[ml]
+            pairs = np.unique(np.stack([mg.view(np.int64), mcls.astype(np.int64)], axis=1), axis=0)
+            gs, n_cls = np.unique(pairs[:, 0], return_counts=True)
+            mixed_groups = np.sort(gs[n_cls > 1].view(np.uint64))
+            move = np.isin(mg, mixed_groups)
+            b = hash_bucket(mg[move])
+            np.add.at(hist, (mcls[move], b), -mc[move])
+            np.add.at(hist, (np.full(int(move.sum()), n_classes), b), mc[move])
+        folds_by_stratum = fold_table(hist, pcfg.folds)
+
+        @ray.remote(num_returns=3)
+        def pass2(row_groups, offset, plan_):
+            table = read_chunk(manifest_uri, row_groups, columns)
+            return assign_chunk(table, offset, ray.get(node_ids_ref), seed, plan_)
+
+        t0 = time.perf_counter()
+        plan = ray.put(AssignPlan(lookup, folds_by_stratum, mixed_groups, dup_rows, dup_first, n_classes,
+                                  pcfg.folds))
+        refs2 = [pass2.remote(rg, off, plan) for rg, off, _ in chunks]
+        paths = outputs(cfg.output)
+        fold_counts = np.zeros((n_classes, pcfg.folds), np.int64)
+
+        def stream(index):
+            for r in refs2:
+                yield ray.get(r[index])
+
+        n_labels = storage.write_table_batches(schemas.LABELS.arrow(), stream(0), paths["labels"])
+        n_quarantined = storage.write_table_batches(schemas.QUARANTINE.arrow(), stream(1), paths["quarantine"])
+        for r in refs2:
+            fold_counts += ray.get(r[2])
+        del refs2
+        t_pass2 = time.perf_counter() - t0
+
+    n_input = pf.metadata.num_rows
+    if n_labels + n_quarantined != n_input:
+        raise RuntimeError(f"partition lost rows: {n_input} in, {n_labels} assigned + {n_quarantined} quarantined")
+
+    membership_rows, unattributable = task_membership(tax, classes, tasks, node_counts)
+    if unattributable and pcfg.tasks_required:
+        u = unattributable[0]
+        raise UserError(f"training class {u.class_name!r} cannot be attributed to task {u.task!r}: its images "
+                        f"straddle task class(es) {', '.join(u.task_classes)}; lower partition.max_class_size or "
+                        "change the tasks")
+    storage.write_table(_classes_table(classes), paths["training_classes"])
+    storage.write_table(pa.table({
+        "task": pa.array([r[0] for r in membership_rows], pa.string()),
+        "task_class": pa.array([r[1] for r in membership_rows], pa.string()),
+        "class_index": pa.array([r[2] for r in membership_rows], pa.int32()),
+        "node_id": pa.array([classes[r[2]].node_id for r in membership_rows], pa.string()),
+    }, schema=schemas.TASK_MEMBERSHIP.arrow()), paths["task_membership"])
+    ci, fi = np.nonzero(fold_counts)
+    storage.write_table(pa.table({"class_index": pa.array(ci, pa.int32()), "fold": pa.array(fi, pa.int32()),
+                                  "n_images": pa.array(fold_counts[ci, fi], pa.int64())}), paths["fold_counts"])
+    summary = {
+        "stage": STAGE,
+        "run_id": cfg.run_id,
+        "manifest": storage.redact(manifest_uri),
+        "taxonomy": storage.redact(cfg.data.taxonomy),
+        "max_class_size": pcfg.max_class_size,
+        "folds": pcfg.folds,
+        "seed": seed,
+        "input_rows": int(n_input),
+        "assigned": int(n_labels),
+        "quarantined": int(n_quarantined),
+        "duplicates": int(len(dup_rows)),
+        "training_classes": n_classes,
+        "node_only_classes": sum(c.scope == "node" for c in classes),
+        "big_leaf_classes": sum(c.scope == "subtree" and tax.is_leaf(c.node) and c.n_images >= pcfg.max_class_size
+                                for c in classes),
+        "groups_spanning_classes": int(len(mixed_groups)),
+        "images_per_fold": fold_counts.sum(axis=0).tolist(),
+        "unattributable": [u.__dict__ | {"task_classes": list(u.task_classes)} for u in unattributable],
+        "chunks": len(chunks),
+        "seconds": {"pass1": round(t_pass1, 3), "pass2_and_write": round(t_pass2, 3),
+                    "total": round(time.perf_counter() - t_start, 3)},
+        "outputs": paths,
+    }
+    storage.write_text(paths["summary"], json.dumps(summary, indent=2))
+    return summary
+
+
+def _classes_table(classes: list[TrainingClass]) -> pa.Table:
+    return pa.table({
+        "class_index": pa.array([c.class_index for c in classes], pa.int32()),
+        "node_id": pa.array([c.node_id for c in classes], pa.string()),
+        "name": pa.array([c.name for c in classes], pa.string()),
+        "n_images": pa.array([c.n_images for c in classes], pa.int64()),
+        "scope": pa.array([c.scope for c in classes], pa.string()),
+    }, schema=schemas.TRAINING_CLASSES.arrow())
+
+
+def format_summary(s: dict) -> str:
+    lines = [
+        f"partition: {s['input_rows']} input rows = {s['assigned']} assigned + {s['quarantined']} quarantined",
+        f"  {s['training_classes']} training classes (max_class_size {s['max_class_size']}; "
+        f"{s['node_only_classes']} node-only, {s['big_leaf_classes']} big leaves), {s['folds']} folds: "
+        f"{s['images_per_fold']} images per fold",
+    ]
+    if s["groups_spanning_classes"]:
+        lines.append(f"  {s['groups_spanning_classes']} groups span several classes (kept whole in one fold)")
+    for u in s["unattributable"]:
+        lines.append(f"  warning: training class {u['class_name']!r} cannot be attributed to task {u['task']!r} "
+                     f"(its images straddle {', '.join(u['task_classes'])})")
+    lines.append(f"  outputs: {storage.parent(s['outputs']['labels'])}  ({s['seconds']['total']} s)")
+    return "\n".join(lines)

@@ -1,0 +1,41 @@
+"""Starting or joining Ray: the embedded default (in-process local Ray) or a cluster address."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None):
+    """Use the running Ray if there is one; else join ``address`` (or ``RAY_ADDRESS``); else start a local Ray in
+    this process, and stop it on exit. Progress bars are turned off when stdout is not a terminal."""
+    import ray
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    if not sys.stdout.isatty():
+        ctx.enable_progress_bars = False
+    if ray.is_initialized():
+        yield ray
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs = dict(logging_level=logging.WARNING, log_to_driver=True)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def cluster_cpus(default: int = 1) -> int:
+    import ray
+
+    try:
+        return max(1, int(ray.cluster_resources().get("CPU", default)))
+    except Exception:  # noqa: BLE001 - resources are advisory here
+        return default

@@ -1,0 +1,251 @@
+"""One place for every byte dermray reads or writes: local paths, ``file://`` and ``s3://`` URIs.
+
+The S3 endpoint comes from the standard ``AWS_ENDPOINT_URL`` variable (and credentials from the usual AWS chain);
+no credential ever appears in a message. Table writes are atomic for readers: the table is written to a temporary
+object beside its final name and then moved into place in one step (``os.replace`` locally, a single server-side
+copy on S3), so a reader sees the old table or the new one, never half of one; re-running replaces.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import posixpath
+import uuid
+from typing import Iterable, Iterator
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dermray.errors import UserError
+
+SUPPORTED_SCHEMES = ("", "file", "s3")
+
+
+def _check_scheme(uri: str) -> str:
+    scheme = urlparse(str(uri)).scheme
+    # A one-letter scheme is a Windows drive letter, i.e. a local path.
+    if len(scheme) == 1:
+        return ""
+    if scheme not in SUPPORTED_SCHEMES:
+        raise UserError(f"unsupported URI scheme {scheme!r} in {redact(uri)!r}: use a local path, file:// or s3://")
+    return scheme
+
+
+def redact(uri: str) -> str:
+    """The URI with any user:password@ part removed, for messages."""
+    parsed = urlparse(str(uri))
+    if parsed.username or parsed.password:
+        return parsed._replace(netloc=parsed.hostname or "").geturl()
+    return str(uri)
+
+
+def is_s3(uri: str) -> bool:
+    return _check_scheme(uri) == "s3"
+
+
+def local_path(uri: str) -> str:
+    """The filesystem path of a local path or ``file://`` URI."""
+    scheme = _check_scheme(uri)
+    if scheme == "s3":
+        raise ValueError(f"{uri} is not local")
+    if scheme == "file":
+        parsed = urlparse(uri)
+        return parsed.path if not parsed.netloc else f"//{parsed.netloc}{parsed.path}"
+    return os.fspath(uri)
+
+
+def s3_filesystem():
+    """An s3fs filesystem honouring ``AWS_ENDPOINT_URL`` (a fresh instance: safe across forks and Ray workers)."""
+    import s3fs
+
+    client_kwargs = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    if endpoint:
+        client_kwargs["endpoint_url"] = endpoint
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        client_kwargs["region_name"] = region
+    return s3fs.S3FileSystem(client_kwargs=client_kwargs, skip_instance_cache=True, use_listings_cache=False)
+
+
+def filesystem(uri: str):
+    """(fsspec filesystem, path within it) for a URI."""
+    scheme = _check_scheme(uri)
+    if scheme == "s3":
+        return s3_filesystem(), str(uri)[len("s3://"):]
+    import fsspec
+
+    return fsspec.filesystem("file"), os.path.abspath(local_path(uri))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or URI."""
+    if _check_scheme(base) in ("s3", "file"):
+        return posixpath.join(str(base).rstrip("/"), *parts)
+    return os.path.join(base, *parts)
+
+
+def parent(uri: str) -> str:
+    if _check_scheme(uri) in ("s3", "file"):
+        return posixpath.dirname(str(uri).rstrip("/"))
+    return os.path.dirname(os.path.abspath(uri))
+
+
+def resolve(uri: str, base_dir: str) -> str:
+    """A URI relative to ``base_dir`` made absolute; absolute paths and URIs are returned unchanged."""
+    scheme = _check_scheme(uri)
+    if scheme or os.path.isabs(uri):
+        return uri
+    return join(base_dir, uri)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return _wrap_io(uri, "check", lambda: fs.exists(path))
+
+
+def _wrap_io(uri: str, verb: str, fn):
+    try:
+        return fn()
+    except FileNotFoundError as e:
+        raise UserError(f"cannot {verb} {redact(uri)}: no such file or object") from e
+    except PermissionError as e:
+        raise UserError(f"cannot {verb} {redact(uri)}: permission denied") from e
+    except UserError:
+        raise
+    except OSError as e:
+        # botocore messages may quote request details but never secrets; strip to the class and first line.
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot {verb} {redact(uri)}: {first}") from e
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    return _wrap_io(uri, "read", lambda: fs.cat_file(path))
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` to ``uri`` atomically (temporary object, then one move)."""
+    with _atomic_target(uri) as (fs, tmp):
+        _wrap_io(uri, "write", lambda: fs.pipe_file(tmp, data))
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def delete(uri: str) -> None:
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+@contextlib.contextmanager
+def _atomic_target(uri: str):
+    """Yield (fs, temporary path) beside ``uri``; on success move it onto ``uri``, on failure remove it."""
+    fs, path = filesystem(uri)
+    directory = posixpath.dirname(path) if is_s3(uri) else os.path.dirname(path)
+    if not is_s3(uri):
+        os.makedirs(directory, exist_ok=True)
+    tmp = posixpath.join(directory, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+    try:
+        yield fs, tmp
+        if is_s3(uri):
+            # A server-side copy creates the final object in one step; then drop the temporary one.
+            _wrap_io(uri, "write", lambda: fs.copy(tmp, path))
+            fs.rm(tmp)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        raise
+
+
+def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """Read a Parquet file (or a directory / prefix of Parquet files) into an Arrow table."""
+    fs, path = filesystem(uri)
+
+    def _read():
+        if fs.isdir(path):
+            import pyarrow.dataset as ds
+
+            return ds.dataset(path, filesystem=_arrow_fs(fs), format="parquet").to_table(columns=columns)
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=columns)
+
+    try:
+        return _wrap_io(uri, "read", _read)
+    except pa.ArrowInvalid as e:
+        raise UserError(f"cannot read {redact(uri)} as Parquet: {e}") from e
+    except KeyError as e:
+        raise UserError(f"{redact(uri)}: missing column {e}") from e
+
+
+def _arrow_fs(fs):
+    from pyarrow.fs import PyFileSystem, FSSpecHandler
+
+    return PyFileSystem(FSSpecHandler(fs))
+
+
+def parquet_file(uri: str) -> pq.ParquetFile:
+    """An open ParquetFile (metadata and row groups on demand). Raises UserError for a corrupt or missing file."""
+    fs, path = filesystem(uri)
+    try:
+        data = _wrap_io(uri, "read", lambda: fs.open(path, "rb"))
+        return pq.ParquetFile(data)
+    except pa.ArrowInvalid as e:
+        raise UserError(f"cannot read {redact(uri)} as Parquet: {e}") from e
+
+
+def write_table(table: pa.Table, uri: str) -> None:
+    """Write one Arrow table as a single Parquet file, atomically."""
+    write_table_batches(table.schema, [table], uri)
+
+
+def write_table_batches(schema: pa.Schema, tables: Iterable[pa.Table], uri: str) -> int:
+    """Stream Arrow tables (each cast to ``schema``) into one Parquet file, atomically. Returns rows written.
+
+    Memory stays at one input table: this is how a driver writes a table whose rows it never holds at once.
+    """
+    rows = 0
+    with _atomic_target(uri) as (fs, tmp):
+        def _write():
+            nonlocal rows
+            with fs.open(tmp, "wb") as f, pq.ParquetWriter(f, schema, compression="zstd") as writer:
+                for t in tables:
+                    if t.num_rows:
+                        writer.write_table(t.select(schema.names).cast(schema))
+                        rows += t.num_rows
+        _wrap_io(uri, "write", _write)
+    return rows
+
+
+def read_table_any(uri: str) -> pa.Table:
+    """Read Parquet or CSV (by extension) into an Arrow table."""
+    if str(uri).lower().endswith(".csv"):
+        import pyarrow.csv as pcsv
+
+        data = read_bytes(uri)
+        try:
+            return pcsv.read_csv(io.BytesIO(data))
+        except pa.ArrowInvalid as e:
+            raise UserError(f"cannot read {redact(uri)} as CSV: {e}") from e
+    return read_table(uri)
+
+
+def list_files(uri: str, suffixes: tuple[str, ...] = ()) -> Iterator[str]:
+    """URIs of the files under a folder or prefix, optionally filtered by suffix (case-insensitive)."""
+    fs, path = filesystem(uri)
+    found = _wrap_io(uri, "list", lambda: fs.find(path))
+    for p in sorted(found):
+        if suffixes and not p.lower().endswith(suffixes):
+            continue
+        yield f"s3://{p}" if is_s3(uri) else p
