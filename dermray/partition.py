@@ -16,6 +16,7 @@ Rows are numbered from 0 in manifest order; quarantine reasons name the row.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -125,45 +126,69 @@ def count_chunk(table: pa.Table, row_offset: int, node_ids: pa.Array, seed: int,
         m = part_img == p
         img_parts.append((h1[m], h2[m], rows[m], labels[m], buckets[m]))
         m = part_grp == p
-        grp_parts.append((g[m], labels[m]))
+        grp_parts.append((g[m], labels[m], rows[m]))
     return ChunkStats(node_counts, keys, counts.astype(np.int64), table.num_rows), img_parts, grp_parts
 
 
-def find_duplicates(parts) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Reduce: duplicate image_ids within one hash partition. Returns (row, first_row, label, bucket) of every
-    row after the first (in manifest order) with the same image_id fingerprint."""
+def _sparse_counts(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    k, c = np.unique(keys.astype(np.int64), return_counts=True)
+    return k, c.astype(np.int64)
+
+
+@dataclass
+class Duplicates:
+    """Rows repeating an earlier image_id (sorted by row), and where the first one was."""
+    rows: np.ndarray  # int64
+    first: np.ndarray  # int64
+
+    @staticmethod
+    def merge(parts: "list[Duplicates]") -> "Duplicates":
+        rows = np.concatenate([p.rows for p in parts]) if parts else np.zeros(0, np.int64)
+        first = np.concatenate([p.first for p in parts]) if parts else np.zeros(0, np.int64)
+        order = np.argsort(rows, kind="stable")
+        return Duplicates(rows[order], first[order])
+
+
+def find_duplicates(parts, n_nodes: int):
+    """Reduce: duplicate image_ids within one hash partition (the first row in manifest order is kept).
+
+    Returns (small summary for the driver: per-node counts and sparse (node, bucket) counts of the duplicate rows,
+    to take out of the class counts; Duplicates, which stays in the object store for the tasks that need it)."""
     h1 = np.concatenate([p[0] for p in parts])
     h2 = np.concatenate([p[1] for p in parts])
     rows = np.concatenate([p[2] for p in parts])
-    labels = np.concatenate([p[3] for p in parts])
+    labels = np.concatenate([p[3] for p in parts]).astype(np.int64)
     buckets = np.concatenate([p[4] for p in parts])
-    empty = np.zeros(0, np.int64)
-    if len(rows) == 0:
-        return empty, empty, empty, empty
     order = np.lexsort((rows, h2, h1))
     h1, h2, rows, labels, buckets = h1[order], h2[order], rows[order], labels[order], buckets[order]
     same = np.zeros(len(rows), dtype=bool)
     same[1:] = (h1[1:] == h1[:-1]) & (h2[1:] == h2[:-1])
-    if not same.any():
-        return empty, empty, empty, empty
     start = np.flatnonzero(~same)
     first_of = np.repeat(rows[start], np.diff(np.append(start, len(rows))))
-    return rows[same], first_of[same], labels[same].astype(np.int64), buckets[same].astype(np.int64)
+    summary = (np.bincount(labels[same], minlength=n_nodes).astype(np.int64),
+               _sparse_counts(labels[same] * HASH_BUCKETS + buckets[same]))
+    return summary, Duplicates.merge([Duplicates(rows[same], first_of[same])])
 
 
-def find_multilabel_groups(parts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Reduce: groups whose images carry more than one label. Returns (group hash, label, n rows) per pair."""
+def find_mixed_groups(parts, lookup: np.ndarray, duplicates: Duplicates, n_classes: int):
+    """Reduce (after the classes are known): groups whose images fall in more than one training class.
+
+    Returns (small summary for the driver: sparse (stratum, bucket) count changes that move those groups' images
+    from their classes' strata to the mixed stratum, row ``n_classes``, and the number of mixed groups; the sorted
+    uint64 hashes of the mixed groups, which stay in the object store for pass 2)."""
     g = np.concatenate([p[0] for p in parts])
-    labels = np.concatenate([p[1] for p in parts]).astype(np.int64)
-    if len(g) == 0:
-        return np.zeros(0, np.uint64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    pairs = np.stack([g.view(np.int64), labels], axis=1)
-    uniq, counts = np.unique(pairs, axis=0, return_counts=True)
-    gs = uniq[:, 0]
-    multi = np.zeros(len(gs), dtype=bool)
-    multi[1:] |= gs[1:] == gs[:-1]
-    multi[:-1] |= gs[1:] == gs[:-1]
-    return gs[multi].view(np.uint64), uniq[multi, 1], counts[multi].astype(np.int64)
+    labels = np.concatenate([p[1] for p in parts])
+    rows = np.concatenate([p[2] for p in parts])
+    keep = ~np.isin(rows, duplicates.rows)
+    g, cls = g[keep], lookup[labels[keep]].astype(np.int64)
+    pairs = np.unique(np.stack([g.view(np.int64), cls], axis=1), axis=0)
+    gs, n_cls = np.unique(pairs[:, 0], return_counts=True)
+    mixed = np.sort(gs[n_cls > 1].view(np.uint64))
+    moving = np.isin(g, mixed)
+    b = hash_bucket(g[moving]).astype(np.int64)
+    out_k, out_c = _sparse_counts(cls[moving] * HASH_BUCKETS + b)
+    in_k, in_c = _sparse_counts(n_classes * HASH_BUCKETS + b)
+    return (np.concatenate([out_k, in_k]), np.concatenate([-out_c, in_c]), len(mixed)), mixed
 
 
 @dataclass
@@ -171,18 +196,15 @@ class AssignPlan:
     """What the driver decided after pass 1, shipped to every pass-2 task."""
     lookup: np.ndarray  # int32 [n_nodes]: training class of an image labelled with each node
     folds_by_stratum: np.ndarray  # int8 [n_classes + 1, HASH_BUCKETS]; the last row is the mixed stratum
-    mixed_groups: np.ndarray  # sorted uint64 hashes of groups spanning several classes
-    dup_rows: np.ndarray  # sorted int64 rows that repeat an earlier image_id
-    dup_first: np.ndarray  # int64, aligned with dup_rows: the row of the first occurrence
     n_classes: int
     folds: int
 
 
-def assign_chunk(table: pa.Table, row_offset: int, node_ids: pa.Array, seed: int, plan: AssignPlan
-                 ) -> tuple[pa.Table, pa.Table, np.ndarray]:
+def assign_chunk(table: pa.Table, row_offset: int, node_ids: pa.Array, seed: int, plan: AssignPlan,
+                 mixed_groups: np.ndarray, duplicates: Duplicates) -> tuple[pa.Table, pa.Table, np.ndarray]:
     """Pass 2 on one chunk: (labels rows, quarantine rows, int64 [n_classes, folds] images per class and fold)."""
-    lookup, folds_by_stratum, mixed_groups = plan.lookup, plan.folds_by_stratum, plan.mixed_groups
-    dup_rows, dup_first = plan.dup_rows, plan.dup_first
+    lookup, folds_by_stratum = plan.lookup, plan.folds_by_stratum
+    dup_rows, dup_first = duplicates.rows, duplicates.first
     reason, label_idx = validate_chunk(table, node_ids)
     n = table.num_rows
     rows = np.arange(row_offset, row_offset + n, dtype=np.int64)
@@ -295,37 +317,44 @@ def run(cfg: RunConfig) -> dict:
             stats, img_parts, grp_parts = count_chunk(table, offset, ray.get(node_ids_ref), seed, partitions)
             return (stats, *img_parts, *grp_parts)
 
-        @ray.remote
+        @ray.remote(num_returns=2)
         def dup_reduce(*parts):
-            return find_duplicates(parts)
+            return find_duplicates(parts, len(tax))
+
+        @ray.remote(num_returns=2)
+        def group_reduce(lookup_, duplicates_, n_classes_, *parts):
+            return find_mixed_groups(parts, lookup_, duplicates_, n_classes_)
 
         @ray.remote
-        def group_reduce(*parts):
-            return find_multilabel_groups(parts)
+        def merge_duplicates(*parts):
+            return Duplicates.merge(list(parts))
+
+        @ray.remote(num_returns=3)
+        def pass2(row_groups, offset, plan_, duplicates_, *mixed_parts):
+            table = read_chunk(manifest_uri, row_groups, columns)
+            mixed = np.sort(np.concatenate(mixed_parts)) if mixed_parts else np.zeros(0, np.uint64)
+            return assign_chunk(table, offset, ray.get(node_ids_ref), seed, plan_, mixed, duplicates_)
 
         t0 = time.perf_counter()
         refs = [pass1.remote(rg, off) for rg, off, _ in chunks]
         dup_refs = [dup_reduce.remote(*[r[1 + p] for r in refs]) for p in range(partitions)]
-        grp_red = [group_reduce.remote(*[r[1 + partitions + p] for r in refs]) for p in range(partitions)]
         node_counts = np.zeros(len(tax), np.int64)
-        hist_keys, hist_vals = [], []
+        # Dense (node, bucket) counts: a fixed size whatever the number of rows.
+        node_hist = np.zeros(len(tax) * HASH_BUCKETS, np.int64)
         for r in refs:
             stats: ChunkStats = ray.get(r[0])
             node_counts += stats.node_counts
-            hist_keys.append(stats.hist_keys)
-            hist_vals.append(stats.hist_counts)
-        dups = [ray.get(r) for r in dup_refs]
-        multi = [ray.get(r) for r in grp_red]
-        del refs
-        t_pass1 = time.perf_counter() - t0
-
-        dup_rows = np.concatenate([d[0] for d in dups])
-        order = np.argsort(dup_rows)
-        dup_rows, dup_first = dup_rows[order], np.concatenate([d[1] for d in dups])[order]
-        dup_labels = np.concatenate([d[2] for d in dups])[order]
-        dup_buckets = np.concatenate([d[3] for d in dups])[order]
+            np.add.at(node_hist, stats.hist_keys, stats.hist_counts)
+            del stats
         # Quarantined duplicates do not count towards classes.
-        node_counts -= np.bincount(dup_labels, minlength=len(tax)).astype(np.int64)
+        n_duplicates = 0
+        for summary_ref, _ in dup_refs:
+            dup_counts, (k, c) = ray.get(summary_ref)
+            node_counts -= dup_counts
+            np.add.at(node_hist, k, -c)
+            n_duplicates += int(dup_counts.sum())
+        duplicates = merge_duplicates.remote(*[d[1] for d in dup_refs])
+        t_pass1 = time.perf_counter() - t0
 
         classes = partition_classes(tax, node_counts, pcfg.max_class_size)
         if not classes:
@@ -336,47 +365,43 @@ def run(cfg: RunConfig) -> dict:
         n_classes = len(classes)
 
         # Per-stratum bucket histograms: strata are the classes, plus the mixed stratum as the last row.
-        hist = np.zeros((n_classes + 1, HASH_BUCKETS), np.int64)
-        keys = np.concatenate(hist_keys)
-        vals = np.concatenate(hist_vals)
-        np.add.at(hist, (lookup[keys // HASH_BUCKETS], keys % HASH_BUCKETS), vals)
-        np.add.at(hist, (lookup[dup_labels], dup_buckets), -1)
-        mg = np.concatenate([m[0] for m in multi])
-        ml = np.concatenate([m[1] for m in multi])
-        mc = np.concatenate([m[2] for m in multi])
-        mixed_groups = np.zeros(0, np.uint64)
-        if len(mg):
-            mcls = lookup[ml]
-            pairs = np.unique(np.stack([mg.view(np.int64), mcls.astype(np.int64)], axis=1), axis=0)
-            gs, n_cls = np.unique(pairs[:, 0], return_counts=True)
-            mixed_groups = np.sort(gs[n_cls > 1].view(np.uint64))
-            move = np.isin(mg, mixed_groups)
-            b = hash_bucket(mg[move])
-            np.add.at(hist, (mcls[move], b), -mc[move])
-            np.add.at(hist, (np.full(int(move.sum()), n_classes), b), mc[move])
-        folds_by_stratum = fold_table(hist, pcfg.folds)
-
-        @ray.remote(num_returns=3)
-        def pass2(row_groups, offset, plan_):
-            table = read_chunk(manifest_uri, row_groups, columns)
-            return assign_chunk(table, offset, ray.get(node_ids_ref), seed, plan_)
-
+        hist = np.zeros((n_classes + 1) * HASH_BUCKETS, np.int64)
+        keys = np.flatnonzero(node_hist)
+        np.add.at(hist, lookup[keys // HASH_BUCKETS].astype(np.int64) * HASH_BUCKETS + keys % HASH_BUCKETS,
+                  node_hist[keys])
+        del node_hist, keys
         t0 = time.perf_counter()
-        plan = ray.put(AssignPlan(lookup, folds_by_stratum, mixed_groups, dup_rows, dup_first, n_classes,
-                                  pcfg.folds))
-        refs2 = [pass2.remote(rg, off, plan) for rg, off, _ in chunks]
+        lookup_ref = ray.put(lookup)
+        grp_refs = [group_reduce.remote(lookup_ref, duplicates, n_classes, *[r[1 + partitions + p] for r in refs])
+                    for p in range(partitions)]
+        del refs  # the hash partitions are no longer needed once the reducers hold them
+        n_mixed = 0
+        for move_ref, _ in grp_refs:
+            k, c, n = ray.get(move_ref)
+            np.add.at(hist, k, c)
+            n_mixed += n
+        mixed_refs = [m for _, m in grp_refs]
+        folds_by_stratum = fold_table(hist.reshape(n_classes + 1, HASH_BUCKETS), pcfg.folds)
+
+        plan = ray.put(AssignPlan(lookup, folds_by_stratum, n_classes, pcfg.folds))
+        pending = iter(chunks)
+        window = 2 * cpus  # chunks in flight: bounds the object store (and the driver's mapped pages) at any size
+        refs2 = [pass2.remote(rg, off, plan, duplicates, *mixed_refs) for rg, off, _ in itertools.islice(
+            pending, window)]
         paths = outputs(cfg.output)
         fold_counts = np.zeros((n_classes, pcfg.folds), np.int64)
-
-        def stream(index):
-            for r in refs2:
-                yield ray.get(r[index])
-
-        n_labels = storage.write_table_batches(schemas.LABELS.arrow(), stream(0), paths["labels"])
-        n_quarantined = storage.write_table_batches(schemas.QUARANTINE.arrow(), stream(1), paths["quarantine"])
-        for r in refs2:
-            fold_counts += ray.get(r[2])
-        del refs2
+        # Chunks are written in manifest order and released one by one, so the driver holds one at a time.
+        with storage.table_sink(paths["labels"], schemas.LABELS.arrow()) as labels_sink, \
+                storage.table_sink(paths["quarantine"], schemas.QUARANTINE.arrow()) as quarantine_sink:
+            while refs2:
+                for rg, off, _ in itertools.islice(pending, 1):
+                    refs2.append(pass2.remote(rg, off, plan, duplicates, *mixed_refs))
+                ref_labels, ref_quarantine, ref_counts = refs2.pop(0)
+                labels_sink.write(ray.get(ref_labels))
+                quarantine_sink.write(ray.get(ref_quarantine))
+                fold_counts += ray.get(ref_counts)
+                del ref_labels, ref_quarantine, ref_counts
+        n_labels, n_quarantined = labels_sink.rows, quarantine_sink.rows
         t_pass2 = time.perf_counter() - t0
 
     n_input = pf.metadata.num_rows
@@ -410,12 +435,12 @@ def run(cfg: RunConfig) -> dict:
         "input_rows": int(n_input),
         "assigned": int(n_labels),
         "quarantined": int(n_quarantined),
-        "duplicates": int(len(dup_rows)),
+        "duplicates": n_duplicates,
         "training_classes": n_classes,
         "node_only_classes": sum(c.scope == "node" for c in classes),
         "big_leaf_classes": sum(c.scope == "subtree" and tax.is_leaf(c.node) and c.n_images >= pcfg.max_class_size
                                 for c in classes),
-        "groups_spanning_classes": int(len(mixed_groups)),
+        "groups_spanning_classes": n_mixed,
         "images_per_fold": fold_counts.sum(axis=0).tolist(),
         "unattributable": [u.__dict__ | {"task_classes": list(u.task_classes)} for u in unattributable],
         "chunks": len(chunks),

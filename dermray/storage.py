@@ -106,19 +106,21 @@ def exists(uri: str) -> bool:
     return _wrap_io(uri, "check", lambda: fs.exists(path))
 
 
+def _io_error(uri: str, verb: str, e: OSError) -> UserError:
+    if isinstance(e, FileNotFoundError):
+        return UserError(f"cannot {verb} {redact(uri)}: no such file or object")
+    if isinstance(e, PermissionError):
+        return UserError(f"cannot {verb} {redact(uri)}: permission denied")
+    # botocore messages may quote request details but never secrets; keep the first line.
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return UserError(f"cannot {verb} {redact(uri)}: {first}")
+
+
 def _wrap_io(uri: str, verb: str, fn):
     try:
         return fn()
-    except FileNotFoundError as e:
-        raise UserError(f"cannot {verb} {redact(uri)}: no such file or object") from e
-    except PermissionError as e:
-        raise UserError(f"cannot {verb} {redact(uri)}: permission denied") from e
-    except UserError:
-        raise
     except OSError as e:
-        # botocore messages may quote request details but never secrets; strip to the class and first line.
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"cannot {verb} {redact(uri)}: {first}") from e
+        raise _io_error(uri, verb, e) from e
 
 
 def read_bytes(uri: str) -> bytes:
@@ -210,22 +212,37 @@ def write_table(table: pa.Table, uri: str) -> None:
     write_table_batches(table.schema, [table], uri)
 
 
-def write_table_batches(schema: pa.Schema, tables: Iterable[pa.Table], uri: str) -> int:
-    """Stream Arrow tables (each cast to ``schema``) into one Parquet file, atomically. Returns rows written.
+class TableSink:
+    """An open Parquet file being streamed to; see ``table_sink``."""
 
-    Memory stays at one input table: this is how a driver writes a table whose rows it never holds at once.
-    """
-    rows = 0
+    def __init__(self, writer: pq.ParquetWriter, schema: pa.Schema):
+        self._writer, self.schema, self.rows = writer, schema, 0
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self._writer.write_table(table.select(self.schema.names).cast(self.schema))
+            self.rows += table.num_rows
+
+
+@contextlib.contextmanager
+def table_sink(uri: str, schema: pa.Schema):
+    """Stream Arrow tables into one Parquet file at ``uri``; it appears atomically when the block ends without an
+    error (and not at all otherwise). Memory stays at one input table: this is how a driver writes a table whose
+    rows it never holds at once."""
     with _atomic_target(uri) as (fs, tmp):
-        def _write():
-            nonlocal rows
+        try:
             with fs.open(tmp, "wb") as f, pq.ParquetWriter(f, schema, compression="zstd") as writer:
-                for t in tables:
-                    if t.num_rows:
-                        writer.write_table(t.select(schema.names).cast(schema))
-                        rows += t.num_rows
-        _wrap_io(uri, "write", _write)
-    return rows
+                yield TableSink(writer, schema)
+        except OSError as e:
+            raise _io_error(uri, "write", e) from e
+
+
+def write_table_batches(schema: pa.Schema, tables: Iterable[pa.Table], uri: str) -> int:
+    """Stream Arrow tables (each cast to ``schema``) into one Parquet file, atomically. Returns rows written."""
+    with table_sink(uri, schema) as sink:
+        for t in tables:
+            sink.write(t)
+    return sink.rows
 
 
 def read_table_any(uri: str) -> pa.Table:
