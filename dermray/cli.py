@@ -47,6 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, help="config: partition.folds (paper: 9)")
     p.add_argument("--seed", type=int, help="config: partition.seed")
 
+    p = sub.add_parser("evaluate", help="ROC/AUC with CIs, rates, confusion, calibration, readers: tables + report")
+    _add_config_args(p)
+    p.add_argument("--predictions", help="predictions Parquet URI (config: evaluate.predictions)")
+    p.add_argument("--tasks", help="evaluation tasks YAML (config: data.tasks)")
+    p.add_argument("--taxonomy", help="taxonomy Parquet/CSV (config: data.taxonomy)")
+    p.add_argument("--partition", help="partition outputs with task_membership.parquet (default <output>/partition)")
+    p.add_argument("--readers", help="readers table: reader_id, image_id, task, decision/score")
+    p.add_argument("--compare", help="another run's predictions: DeLong test of the AUC difference")
+    p.add_argument("--model-id", help="which model's predictions, when the table holds several")
+    p.add_argument("--distributed", action="store_const", const="true",
+                   help="AUCs from per-block histograms over Ray Data (inputs larger than memory)")
+
     p = sub.add_parser("import", help="turn public dataset metadata into manifest, taxonomy and tasks")
     p.add_argument("dataset", choices=["ham10000", "isic"])
     p.add_argument("--metadata", required=True, help="metadata CSV (HAM10000 labels / ISIC Archive metadata)")
@@ -70,6 +82,20 @@ def cmd_partition(args) -> dict:
     return summary
 
 
+def cmd_evaluate(args) -> dict:
+    from dermray import evaluate
+    from dermray.config import load_config
+
+    overrides = list(args.overrides) + _flag_overrides(args, COMMON_FLAGS | {
+        "predictions": "evaluate.predictions", "tasks": "data.tasks", "taxonomy": "data.taxonomy",
+        "partition": "evaluate.partition", "readers": "evaluate.readers", "compare": "evaluate.compare",
+        "model_id": "evaluate.model_id", "distributed": "evaluate.distributed"})
+    cfg = load_config(args.config, overrides)
+    summary = evaluate.run(cfg)
+    print(json.dumps(summary, indent=2, default=str) if args.json else evaluate.format_summary(summary))
+    return summary
+
+
 def cmd_import(args) -> dict:
     from dermray import importers
 
@@ -86,7 +112,7 @@ def cmd_import(args) -> dict:
     return summary
 
 
-COMMANDS = {"partition": cmd_partition, "import": cmd_import}
+COMMANDS = {"partition": cmd_partition, "evaluate": cmd_evaluate, "import": cmd_import}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import yaml
 
@@ -32,6 +32,24 @@ class PartitionConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    predictions: Optional[str] = None  # predictions Parquet URI (file or folder)
+    partition: Optional[str] = None  # partition outputs (task_membership); default <output>/partition
+    readers: Optional[str] = None  # readers table: reader_id, image_id, task, decision and/or score
+    compare: Optional[str] = None  # another run's predictions: DeLong test of the AUC difference
+    model_id: Optional[str] = None  # which model's predictions, when the table holds several
+    subgroups: List[str] = field(default_factory=list)  # columns; "age:0/40/60/120" bins a numeric column
+    thresholds: List[float] = field(default_factory=lambda: [0.5])
+    target_sensitivity: float = 0.95
+    n_bootstrap: int = 1000
+    ci_level: float = 0.95
+    seed: int = 0
+    calibration_bins: int = 10
+    distributed: bool = False  # AUCs from per-block score histograms over Ray Data (inputs larger than memory)
+    histogram_bins: int = 65536
+
+
+@dataclass
 class RayConfig:
     address: Optional[str] = None  # None: in-process local Ray; else a cluster address (or RAY_ADDRESS)
     num_cpus: Optional[int] = None  # for the in-process local Ray only
@@ -43,6 +61,7 @@ class RunConfig:
     output: str = "outputs"
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self) -> dict:

@@ -125,6 +125,7 @@ METRICS = TableSchema(
         Column("ci_low", pa.float64(), nullable=True),
         Column("ci_high", pa.float64(), nullable=True),
         Column("n", pa.int64()),
+        _s("note", required=False, nullable=True, doc="why a value is undefined (null when it is defined)"),
     ),
 )
 
@@ -139,10 +140,33 @@ READERS = TableSchema(
     (_s("reader_id"), _s("image_id"), _s("task"),
      Column("decision", pa.int8(), required=False, nullable=True),
      Column("score", pa.float64(), required=False, nullable=True)),
+    doc="Dermatologists' answers: decision 1 = called positive (the task's positive class).",
+)
+
+READER_POINTS = TableSchema(
+    "reader_points",
+    (_s("run_id"), _s("task"), _s("subset"), _s("reader_id"), Column("n", pa.int64()),
+     Column("sensitivity", pa.float64(), nullable=True), Column("specificity", pa.float64(), nullable=True),
+     Column("model_sensitivity_at_specificity", pa.float64(), nullable=True),
+     Column("below_model_curve", pa.bool_(), nullable=True)),
+    doc="Each reader's operating point on a task and subset, against the model's ROC curve.",
+)
+
+CONFUSION = TableSchema(
+    "confusion",
+    (_s("run_id"), _s("task"), _s("subset"), _s("true_class"), _s("predicted_class"), Column("n", pa.int64())),
+    doc="Multi-class confusion counts; predicted_class 'undecided' for argmax ties.",
+)
+
+CALIBRATION = TableSchema(
+    "calibration",
+    (_s("run_id"), _s("task"), _s("subset"), Column("bin_low", pa.float64()), Column("bin_high", pa.float64()),
+     Column("n", pa.int64()), Column("mean_predicted", pa.float64(), nullable=True),
+     Column("observed", pa.float64(), nullable=True)),
 )
 
 ALL = {s.name: s for s in (TAXONOMY, MANIFEST, TRAINING_CLASSES, LABELS, TASK_MEMBERSHIP, QUARANTINE,
-                           PREDICTIONS, METRICS, ROC, READERS)}
+                           PREDICTIONS, METRICS, ROC, READERS, READER_POINTS, CONFUSION, CALIBRATION)}
 
 
 def _type_ok(actual: pa.DataType, expected: pa.DataType) -> bool:

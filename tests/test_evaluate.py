@@ -1,0 +1,230 @@
+"""The evaluation stage on a synthetic but complete study: taxonomy, partition membership, predictions with
+subsets, readers; values checked against scikit-learn computed independently in the test."""
+import io
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from dermray import evaluate, storage
+from dermray.cli import main
+from dermray.config import load_config
+from dermray.partitioning import node_to_class, partition_classes, task_membership
+from dermray.tasks import parse_tasks
+from dermray.taxonomy import Taxonomy
+
+LEAVES = ["Benign:Nevus:Blue", "Benign:Nevus:Common", "Benign:SK", "Malignant:Melanoma:Invasive",
+          "Malignant:Melanoma:InSitu", "Malignant:BCC", "Other:Eczema"]
+TASKS = {"tasks": {
+    "mel_vs_nev": {"positive": "melanoma", "classes": {"melanoma": ["Malignant:Melanoma"],
+                                                       "nevus": ["Benign:Nevus"]}},
+    "three": {"classes": {"benign": ["Benign"], "malignant": ["Malignant"], "other": ["Other"]}},
+}}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    d = tmp_path_factory.mktemp("study")
+    tax = Taxonomy.from_paths(LEAVES)
+    pq.write_table(tax.to_table(), d / "taxonomy.parquet")
+    (d / "tasks.yaml").write_text(yaml.safe_dump(TASKS))
+    tasks = parse_tasks(TASKS, tax)
+    rng = np.random.default_rng(0)
+    n = 800
+    leaf = rng.choice(LEAVES, n, p=[0.2, 0.25, 0.15, 0.12, 0.08, 0.1, 0.1])
+    own = np.zeros(len(tax), np.int64)
+    for lab in leaf:
+        own[tax.index[lab]] += 1
+    classes = partition_classes(tax, own, 150)
+    lookup = node_to_class(tax, classes)
+    rows, bad = task_membership(tax, classes, tasks, own)
+    assert not bad
+    (d / "partition").mkdir()
+    pq.write_table(pa.table({"task": [r[0] for r in rows], "task_class": [r[1] for r in rows],
+                             "class_index": pa.array([r[2] for r in rows], pa.int32()),
+                             "node_id": [classes[r[2]].node_id for r in rows]}), d / "partition" / "task_membership.parquet")
+    true_class = lookup[[tax.index[x] for x in leaf]]
+    logits = rng.normal(0, 1.0, (n, len(classes)))
+    logits[np.arange(n), true_class] += 1.6
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    groups = [f"L{i // 2}" for i in range(n)]
+    modality = np.where(rng.random(n) < 0.5, "dermoscopy", "clinical")
+    # The clinical photos in this study are all of nevi or eczema: no melanoma there (an undefined AUC).
+    modality[np.isin(leaf, ["Malignant:Melanoma:Invasive", "Malignant:Melanoma:InSitu"])] = "dermoscopy"
+    df = pd.DataFrame({"image_id": [f"img{i}" for i in range(n)], "model_id": "m1", "label": leaf,
+                       "label_source": np.where(rng.random(n) < 0.6, "biopsy", "clinical"),
+                       "modality": modality, "group_id": groups, "sex": rng.choice(["female", "male"], n),
+                       "age": rng.integers(20, 90, n).astype(float)})
+    # Ten nevi to which the model gives no melanoma and no nevus probability at all.
+    eczema = [c.class_index for c in classes if c.node_id.startswith("Other")]
+    nevus_rows = np.flatnonzero(np.char.startswith(leaf.astype(str), "Benign:Nevus"))[:10]
+    probs[nevus_rows] = 0.0
+    probs[nevus_rows, eczema[0]] = 1.0
+    table = pa.Table.from_pandas(df, preserve_index=False).append_column(
+        "probs", pa.array(list(probs.astype(np.float32)), pa.list_(pa.float32())))
+    pq.write_table(table, d / "predictions.parquet")
+    # Readers: 6 dermatologists on 200 melanoma/nevus images.
+    mel_nev = df[np.char.startswith(leaf.astype(str), "Malignant:Melanoma") |
+                 np.char.startswith(leaf.astype(str), "Benign:Nevus")].head(200)
+    truth = mel_nev["label"].str.startswith("Malignant").to_numpy()
+    readers = []
+    for r in range(6):
+        sens, spec = 0.6 + 0.05 * r, 0.85 - 0.05 * r
+        called = np.where(truth, rng.random(len(truth)) < sens, rng.random(len(truth)) > spec)
+        readers += [{"reader_id": f"derm{r}", "image_id": i, "task": "mel_vs_nev", "decision": int(c)}
+                    for i, c in zip(mel_nev["image_id"], called)]
+    pq.write_table(pa.Table.from_pylist(readers), d / "readers.parquet")
+    return {"dir": d, "df": df, "probs": probs, "classes": classes, "tax": tax, "rows": rows}
+
+
+def independent_score(study, task, positive, negative):
+    """P(pos) / (P(pos) + P(neg)) computed from the training classes' nodes, without the stage's code."""
+    tax = study["tax"]
+
+    def under(node_id, prefix):
+        return node_id == prefix or node_id.startswith(prefix + ":")
+
+    p = study["probs"]
+    pos = sum(p[:, c.class_index] for c in study["classes"] if under(c.node_id, positive))
+    neg = sum(p[:, c.class_index] for c in study["classes"] if under(c.node_id, negative))
+    with np.errstate(invalid="ignore"):
+        return pos / (pos + neg)
+
+
+def run_eval(study, tmp_path, *extra):
+    d = study["dir"]
+    out = tmp_path / "out"
+    cfg = load_config(None, [f"evaluate.predictions={d / 'predictions.parquet'}", f"data.tasks={d / 'tasks.yaml'}",
+                             f"data.taxonomy={d / 'taxonomy.parquet'}", f"evaluate.partition={d / 'partition'}",
+                             f"output={out}", "run_id=r1", "evaluate.n_bootstrap=200", *extra])
+    summary = evaluate.run(cfg)
+    base = out / "metrics" / "r1"
+    metrics = pd.read_parquet(base / "metrics.parquet")
+    return summary, metrics, base
+
+
+def value(metrics, task, subset, metric):
+    row = metrics[(metrics.task == task) & (metrics.subset == subset) & (metrics.metric == metric)]
+    assert len(row) == 1, (task, subset, metric)
+    return row.iloc[0]
+
+
+def test_binary_metrics_match_sklearn_on_every_subset(study, tmp_path):
+    summary, metrics, base = run_eval(study, tmp_path, f"evaluate.readers={study['dir'] / 'readers.parquet'}",
+                                      "evaluate.subgroups=[sex, 'age:0/50/120']")
+    df = study["df"]
+    score = independent_score(study, "mel_vs_nev", "Malignant:Melanoma", "Benign:Nevus")
+    in_task = df["label"].str.startswith("Malignant:Melanoma") | df["label"].str.startswith("Benign:Nevus")
+    y = df["label"].str.startswith("Malignant").to_numpy()
+    for subset, mask in [("all", in_task), ("biopsy", in_task & (df.label_source == "biopsy")),
+                         ("sex=male", in_task & (df.sex == "male")), ("age=[50,120)", in_task & (df.age >= 50))]:
+        m = mask.to_numpy() & ~np.isnan(score)
+        row = value(metrics, "mel_vs_nev", subset, "auc")
+        assert abs(row.value - roc_auc_score(y[m], score[m])) < 1e-9, subset
+        assert row.ci_low < row.value < row.ci_high and row.n == m.sum()
+        sens = value(metrics, "mel_vs_nev", subset, "sensitivity@0.5").value
+        assert abs(sens - (score[m][y[m]] >= 0.5).mean()) < 1e-12
+    undefined = value(metrics, "mel_vs_nev", "modality=clinical", "auc")
+    assert pd.isna(undefined.value) and "no positives" in undefined.note
+    excluded = value(metrics, "mel_vs_nev", "all", "excluded_undefined_score")
+    assert excluded.value == 10 and "no probability" in excluded.note
+    assert summary["excluded"]["mel_vs_nev"]["undefined_score"] == 10
+    # No value is NaN without a note saying why.
+    assert metrics.loc[metrics.value.isna(), "note"].notna().all()
+    # Readers: one point each, and the stage's count of readers below the curve agrees with its own table.
+    readers = pd.read_parquet(base / "readers.parquet")
+    all_readers = readers[readers.subset == "all"]
+    assert len(all_readers) == 6
+    assert value(metrics, "mel_vs_nev", "all", "readers_below_model_curve").value == all_readers.below_model_curve.sum()
+    assert abs(value(metrics, "mel_vs_nev", "all", "readers_mean_specificity").value
+               - all_readers.specificity.mean()) < 1e-12
+    roc = pd.read_parquet(base / "roc.parquet")
+    assert {"threshold", "fpr", "tpr"} <= set(roc.columns) and (roc.groupby(["task", "subset"]).size() > 2).all()
+
+
+def test_multiclass_accuracy_confusion_and_calibration(study, tmp_path):
+    _, metrics, base = run_eval(study, tmp_path)
+    df, p = study["df"], study["probs"]
+    top = {"Benign": 0, "Malignant": 1, "Other": 2}
+    tp = np.zeros((len(df), 3))
+    for c in study["classes"]:
+        tp[:, top[c.node_id.split(":")[0]]] += p[:, c.class_index]
+    y = df["label"].str.split(":").str[0].map(top).to_numpy()
+    ties = (tp == tp.max(1, keepdims=True)).sum(1) > 1
+    acc = ((tp.argmax(1) == y) & ~ties).mean()
+    row = value(metrics, "three", "all", "accuracy")
+    assert abs(row.value - acc) < 1e-12 and row.ci_low <= row.value <= row.ci_high
+    confusion = pd.read_parquet(base / "confusion.parquet")
+    assert confusion[(confusion.task == "three") & (confusion.subset == "all")]["n"].sum() == len(df)
+    cal = pd.read_parquet(base / "calibration.parquet")
+    assert cal[(cal.task == "mel_vs_nev") & (cal.subset == "all")]["n"].sum() == value(
+        metrics, "mel_vs_nev", "all", "auc").n
+
+
+def test_report_renders_with_images(study, tmp_path):
+    summary, _, base = run_eval(study, tmp_path, f"evaluate.readers={study['dir'] / 'readers.parquet'}")
+    page = (base / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 3 and "mel_vs_nev" in page
+    md = (base / "report.md").read_text()
+    assert "| mel_vs_nev | all | auc |" in md
+    pngs = list((base / "plots").glob("*.png"))
+    assert any(p.name == "roc_mel_vs_nev_all.png" for p in pngs)
+    for png in pngs:
+        Image.open(io.BytesIO(png.read_bytes())).verify()
+    assert "mel_vs_nev" in evaluate.format_summary(summary)
+
+
+def test_delong_comparison_of_two_runs(study, tmp_path):
+    d = study["dir"]
+    t = pq.read_table(d / "predictions.parquet")
+    noisy = np.asarray(t.column("probs").combine_chunks().flatten()).reshape(t.num_rows, -1)
+    noisy = noisy + np.random.default_rng(1).uniform(0, 0.2, noisy.shape).astype(np.float32)
+    other = t.set_column(t.column_names.index("probs"), "probs",
+                         pa.array(list(noisy / noisy.sum(1, keepdims=True)), pa.list_(pa.float32())))
+    pq.write_table(other, tmp_path / "other.parquet")
+    _, metrics, _ = run_eval(study, tmp_path, f"evaluate.compare={tmp_path / 'other.parquet'}")
+    p = value(metrics, "mel_vs_nev", "all", "delong_p_value").value
+    diff = value(metrics, "mel_vs_nev", "all", "delong_auc_diff")
+    assert 0 <= p <= 1 and diff.ci_low < diff.value < diff.ci_high
+
+
+def test_distributed_histogram_path_agrees_with_exact_auc(study, tmp_path, ray_local):
+    _, exact, _ = run_eval(study, tmp_path)
+    out = tmp_path / "dist"
+    d = study["dir"]
+    cfg = load_config(None, [f"evaluate.predictions={d / 'predictions.parquet'}", f"data.tasks={d / 'tasks.yaml'}",
+                             f"data.taxonomy={d / 'taxonomy.parquet'}", f"evaluate.partition={d / 'partition'}",
+                             f"output={out}", "run_id=r1", "evaluate.distributed=true"])
+    s = evaluate.run(cfg)
+    dist = pd.read_parquet(out / "metrics" / "r1" / "metrics.parquet")
+    for subset in ("all", "biopsy", "modality=dermoscopy"):
+        a = value(exact, "mel_vs_nev", subset, "auc").value
+        b = value(dist, "mel_vs_nev", subset, "auc").value
+        assert abs(a - b) < 1e-4, (subset, a, b)
+        assert value(dist, "mel_vs_nev", subset, "sensitivity@0.5").value == pytest.approx(
+            value(exact, "mel_vs_nev", subset, "sensitivity@0.5").value, abs=1e-12)
+    assert s["mode"] == "distributed"
+
+
+def test_bad_inputs_give_one_line_errors(study, tmp_path, capsys):
+    d = study["dir"]
+    t = pq.read_table(d / "predictions.parquet")
+    pq.write_table(t.drop_columns(["label"]), tmp_path / "nolabel.parquet")
+    two = pa.concat_tables([t, t.set_column(1, "model_id", pa.array(["m2"] * t.num_rows))])
+    pq.write_table(two, tmp_path / "two.parquet")
+    base = ["evaluate", "--tasks", str(d / "tasks.yaml"), "--taxonomy", str(d / "taxonomy.parquet"),
+            "--partition", str(d / "partition"), "--output", str(tmp_path / "o"), "--set", "evaluate.n_bootstrap=20"]
+    cases = [("nolabel.parquet", [], "need the manifest's 'label' column"),
+             ("two.parquet", [], "choose one with evaluate.model_id"),
+             ("missing.parquet", [], "no such file"),
+             ("two.parquet", ["--model-id", "m9"], "no predictions of model_id 'm9'")]
+    for name, extra, fragment in cases:
+        assert main([*base, "--predictions", str(tmp_path / name), *extra]) == 2
+        err = capsys.readouterr().err
+        assert fragment in err and len(err.strip().splitlines()) == 1, err
+    assert main([*base, "--predictions", str(tmp_path / "two.parquet"), "--model-id", "m2"]) == 0
