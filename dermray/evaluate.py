@@ -271,15 +271,13 @@ def evaluate_multiclass(t: Tables, run_id: str, task: Task, subset: str, y: np.n
 
 
 def _bootstrap_mean(values: np.ndarray, groups: np.ndarray, cfg: EvaluateConfig) -> tuple[float, float]:
-    """Group-bootstrap CI of a mean (accuracy), vectorised over resamples in blocks."""
+    """Group-bootstrap CI of a mean (accuracy): per-group sums and sizes against batches of resample weights."""
     _, g = np.unique(groups, return_inverse=True)
     n_groups = int(g.max()) + 1
     sums = np.bincount(g, weights=values, minlength=n_groups)
     sizes = np.bincount(g, minlength=n_groups).astype(float)
-    reps = []
-    for rng in np.random.default_rng(cfg.seed).spawn(cfg.n_bootstrap):
-        c = M.resample_counts(rng, n_groups)
-        reps.append((c @ sums) / max(c @ sizes, 1))
+    reps = np.concatenate([(sums @ w) / np.maximum(sizes @ w, 1)
+                           for w in M.resample_weight_batches(n_groups, cfg.n_bootstrap, cfg.seed)])
     alpha = 1 - cfg.ci_level
     lo, hi = np.quantile(reps, [alpha / 2, 1 - alpha / 2])
     return float(lo), float(hi)

@@ -36,13 +36,15 @@ def _tied_counts(y, score, w):
     return s[starts], pos, neg
 
 
-def auc_from_counts(pos: np.ndarray, neg: np.ndarray) -> float:
-    """AUC from positive and negative weights per ordered score value (or per bin, ascending); ties count half."""
-    p, n = pos.sum(), neg.sum()
-    if p <= 0 or n <= 0:
-        return float("nan")
-    neg_below = np.cumsum(neg) - neg
-    return float((pos * (neg_below + 0.5 * neg)).sum() / (p * n))
+def auc_from_counts(pos: np.ndarray, neg: np.ndarray):
+    """AUC from positive and negative weights per ordered score value (or per bin, ascending); ties count half.
+    1-d inputs give a float; 2-d inputs [bins, r] give the r AUCs (NaN without positives or negatives)."""
+    p, n = pos.sum(axis=0), neg.sum(axis=0)
+    neg_below = np.cumsum(neg, axis=0) - neg
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (pos * (neg_below + 0.5 * neg)).sum(axis=0) / (p * n)
+    auc = np.where((p > 0) & (n > 0), auc, np.nan)
+    return float(auc) if np.ndim(auc) == 0 else auc
 
 
 def roc_auc(y, score, weight=None) -> float:
@@ -137,17 +139,65 @@ def sensitivity_at_specificity(y, score, specificity: float) -> float:
 
 
 # ---- bootstrap -------------------------------------------------------------------------------------------------
-MAX_BOOTSTRAP_BINS = 1 << 20
+BOOTSTRAP_BINS = 1 << 16  # replicate AUCs are exact up to this many distinct scores, else within ~1e-5
+POISSON_ABOVE = 1 << 20  # groups; above this, Poisson(1) resampling weights (see resample_weight_batches)
 
 
-def _rank_bins(score: np.ndarray, max_bins: int) -> tuple[np.ndarray, int]:
-    """Each score's rank among the distinct scores (exact ties), or its quantile bin when there are more than
-    ``max_bins`` distinct scores (then the AUC of a resample is exact up to pairs within one bin, < 1e-6)."""
-    uniq, inv = np.unique(score, return_inverse=True)
-    if len(uniq) <= max_bins:
-        return inv.astype(np.int64), len(uniq)
-    edges = np.unique(np.quantile(uniq, np.linspace(0, 1, max_bins + 1)[1:-1]))
-    return np.searchsorted(edges, score, side="right").astype(np.int64), len(edges) + 1
+def _rank_bins(score: np.ndarray, y: np.ndarray, max_bins: int) -> tuple[np.ndarray, int, float]:
+    """(bin of each score, number of bins, exact AUC). A score's bin is its rank among the distinct scores (ties
+    share a rank) or, with more than ``max_bins`` distinct scores, its quantile bin by rank (ties still share a
+    bin); bins are ordered like the scores. One sort serves the bins and the exact AUC."""
+    n = len(score)
+    order = np.argsort(score, kind="stable")
+    s = score[order]
+    new = np.r_[True, s[1:] != s[:-1]]
+    starts = np.flatnonzero(new)
+    ys = y[order].astype(np.float64)
+    pos = np.add.reduceat(ys, starts)
+    neg = np.diff(np.r_[starts, n]) - pos
+    exact = auc_from_counts(pos, neg)
+    if len(starts) <= max_bins:
+        sorted_bins, n_bins = np.cumsum(new) - 1, len(starts)
+    else:
+        first_of_run = np.maximum.accumulate(np.where(new, np.arange(n), 0))
+        sorted_bins, n_bins = (first_of_run * max_bins) // n, max_bins
+    bins = np.empty(n, dtype=np.int64)
+    bins[order] = sorted_bins
+    return bins, n_bins, exact
+
+
+_POISSON_LUT = None
+WEIGHT_BUDGET_BYTES = 1 << 27  # group-weight matrix of one batch of resamples
+
+
+def _poisson_lut() -> np.ndarray:
+    global _POISSON_LUT
+    if _POISSON_LUT is None:
+        from scipy.stats import poisson
+
+        _POISSON_LUT = poisson.ppf((np.arange(1 << 16) + 0.5) / (1 << 16), 1.0).astype(np.float64)
+    return _POISSON_LUT
+
+
+def resample_weight_batches(n_groups: int, n_boot: int, seed: int, dtype=np.float64):
+    """Group weights of the bootstrap resamples, in batches: arrays [n_groups, r] of ``dtype``, r resamples each.
+
+    Up to ``POISSON_ABOVE`` groups, a resample draws ``n_groups`` groups with replacement (the classical
+    bootstrap: weight = times drawn). Above it, each group's weight is an independent Poisson(1) count (the
+    Poisson bootstrap, equal to the multinomial to O(1/n_groups), one 16-bit random number per group). Batches
+    keep the weights under ``WEIGHT_BUDGET_BYTES``; the draws depend only on (n_groups, n_boot, seed).
+    """
+    # The batch size must not depend on dtype: the draws would change with it.
+    batch = int(np.clip(WEIGHT_BUDGET_BYTES // (4 * max(n_groups, 1)), 1, 32))
+    n_batches = -(-n_boot // batch)
+    for i, rng in enumerate(np.random.default_rng(seed).spawn(n_batches)):
+        r = min(batch, n_boot - i * batch)
+        if n_groups <= POISSON_ABOVE:
+            draws = rng.integers(0, n_groups, (r, n_groups)) + (np.arange(r) * n_groups)[:, None]
+            counts = np.bincount(draws.ravel(), minlength=r * n_groups).reshape(r, n_groups)
+            yield np.ascontiguousarray(counts.T, dtype=dtype)
+        else:
+            yield _poisson_lut().astype(dtype)[rng.integers(0, 1 << 16, (n_groups, r), dtype=np.uint16)]
 
 
 @dataclass(frozen=True)
@@ -159,38 +209,38 @@ class BootstrapResult:
     n_groups: int
 
 
-def resample_counts(rng: np.random.Generator, n_groups: int) -> np.ndarray:
-    """How often each of ``n_groups`` groups is drawn in one bootstrap resample (n_groups draws with replacement)."""
-    return np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)
+def _group_index(groups, n: int) -> np.ndarray:
+    if groups is None:
+        return np.arange(n)
+    return np.unique(np.asarray(groups), return_inverse=True)[1].reshape(-1)
 
 
 def bootstrap_auc(y, score, groups=None, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
-                  max_bins: int = MAX_BOOTSTRAP_BINS) -> BootstrapResult:
+                  max_bins: int = BOOTSTRAP_BINS) -> BootstrapResult:
     """Percentile bootstrap CI of the AUC, resampling groups (lesions/patients) rather than images.
 
-    Vectorised: the scores are ranked once; each resample is a vector of group weights, turned into weighted
-    positive/negative counts per rank with one ``bincount`` (O(n) per resample, no sort, no Python loop over
-    images). The resample of replicate b is ``resample_counts(np.random.default_rng(seed).spawn(n_boot)[b], G)``.
+    Vectorised: the scores are sorted once (which also gives the exact AUC); a resample is a vector of group
+    weights, and the weighted positive/negative counts per rank of a batch of resamples come from one sparse
+    product over the images: O(n) per resample, no sort, no Python loop over images. The resamples are those of
+    ``resample_weight_batches`` (``bootstrap_weights`` yields them per image, to check another implementation).
     """
+    import scipy.sparse as sp
+
     y, score, _ = _check_binary(y, score)
-    if groups is None:
-        group_idx = np.arange(len(y))
-    else:
-        _, group_idx = np.unique(np.asarray(groups), return_inverse=True)
+    group_idx = _group_index(groups, len(y))
     n_groups = int(group_idx.max()) + 1 if len(group_idx) else 0
-    estimate = roc_auc(y, score)
-    if n_groups == 0 or np.isnan(estimate):
+    if n_groups == 0:
+        return BootstrapResult(float("nan"), float("nan"), float("nan"), np.zeros(0), 0)
+    bins, n_bins, estimate = _rank_bins(score, y, max_bins)
+    if np.isnan(estimate):
         return BootstrapResult(estimate, float("nan"), float("nan"), np.zeros(0), n_groups)
-    bins, n_bins = _rank_bins(score, max_bins)
-    # Sort by group once so a resample's per-image weights are one np.repeat of the group counts.
-    order = np.argsort(group_idx, kind="stable")
-    key = (bins[order] * 2 + y[order]).astype(np.int64)
-    group_sizes = np.bincount(group_idx, minlength=n_groups)
-    reps = np.empty(n_boot)
-    for b, rng in enumerate(np.random.default_rng(seed).spawn(n_boot)):
-        w = np.repeat(resample_counts(rng, n_groups).astype(np.float64), group_sizes)
-        h = np.bincount(key, weights=w, minlength=2 * n_bins)
-        reps[b] = auc_from_counts(h[1::2], h[0::2])
+    # counts[rank bin * 2 + label, group] @ group weights = a resample's weighted counts per rank. The weights are
+    # small integers, so float32 sums are exact while a bin's weighted count stays below 2**24 (checked).
+    dtype = np.float32 if np.bincount(bins).max() < (1 << 24) // 64 else np.float64
+    counts = sp.csc_matrix((np.ones(len(y), dtype), (bins * 2 + y, group_idx)), shape=(2 * n_bins, n_groups))
+    counts.sum_duplicates()
+    reps = np.concatenate([auc_from_counts(h[1::2].astype(np.float64), h[0::2].astype(np.float64))
+                           for h in (counts @ w for w in resample_weight_batches(n_groups, n_boot, seed, dtype))])
     ok = reps[~np.isnan(reps)]
     if len(ok) == 0:
         return BootstrapResult(estimate, float("nan"), float("nan"), reps, n_groups)
@@ -199,12 +249,11 @@ def bootstrap_auc(y, score, groups=None, n_boot: int = 1000, seed: int = 0, alph
 
 
 def bootstrap_weights(n: int, groups, n_boot: int, seed: int):
-    """Per-image weights of each bootstrap resample, in the order ``bootstrap_auc`` draws them (for checking it
-    against another implementation on the same resamples)."""
-    _, group_idx = np.unique(np.asarray(groups) if groups is not None else np.arange(n), return_inverse=True)
-    n_groups = int(group_idx.max()) + 1
-    for rng in np.random.default_rng(seed).spawn(n_boot):
-        yield resample_counts(rng, n_groups)[group_idx].astype(np.float64)
+    """Per-image weights of each bootstrap resample, in the order ``bootstrap_auc`` draws them."""
+    group_idx = _group_index(groups, n)
+    for weights in resample_weight_batches(int(group_idx.max()) + 1, n_boot, seed):
+        for j in range(weights.shape[1]):
+            yield weights[group_idx, j]
 
 
 # ---- DeLong ----------------------------------------------------------------------------------------------------
