@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, help="config: partition.folds (paper: 9)")
     p.add_argument("--seed", type=int, help="config: partition.seed")
 
+    p = sub.add_parser("train", help="fine-tune the CNN, one Ray Train TorchTrainer per fold, folds concurrently")
+    _add_config_args(p)
+    p.add_argument("--manifest", help="manifest Parquet URI (config: data.manifest)")
+    p.add_argument("--partition", help="partition outputs (default <output>/partition)")
+    p.add_argument("--arch", help="config: train.arch")
+    p.add_argument("--epochs", type=int, help="config: train.epochs")
+
     p = sub.add_parser("evaluate", help="ROC/AUC with CIs, rates, confusion, calibration, readers: tables + report")
     _add_config_args(p)
     p.add_argument("--predictions", help="predictions Parquet URI (config: evaluate.predictions)")
@@ -82,6 +89,18 @@ def cmd_partition(args) -> dict:
     return summary
 
 
+def cmd_train(args) -> dict:
+    from dermray import train
+    from dermray.config import load_config
+
+    overrides = list(args.overrides) + _flag_overrides(args, COMMON_FLAGS | {
+        "manifest": "data.manifest", "partition": "train.partition", "arch": "train.arch", "epochs": "train.epochs"})
+    cfg = load_config(args.config, overrides)
+    summary = train.run(cfg)
+    print(json.dumps(summary, indent=2, default=str) if args.json else train.format_summary(summary))
+    return summary
+
+
 def cmd_evaluate(args) -> dict:
     from dermray import evaluate
     from dermray.config import load_config
@@ -112,7 +131,7 @@ def cmd_import(args) -> dict:
     return summary
 
 
-COMMANDS = {"partition": cmd_partition, "evaluate": cmd_evaluate, "import": cmd_import}
+COMMANDS = {"partition": cmd_partition, "train": cmd_train, "evaluate": cmd_evaluate, "import": cmd_import}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,36 @@ class PartitionConfig:
 
 
 @dataclass
+class TrainConfig:
+    partition: Optional[str] = None  # partition outputs (labels, training_classes, task_membership)
+    arch: str = "inception_v3"  # inception_v3 | efficientnet_lite0 | resnet50 | mobilenet_v3_small
+    weights: str = "imagenet"  # imagenet | none | URI of a state_dict
+    freeze: str = "none"  # none | head | K (the first K stages stay fixed)
+    image_size: Optional[int] = None  # pixels; default: the model's (299 for inception_v3)
+    epochs: int = 60
+    batch_size: int = 32
+    optimizer: str = "rmsprop"  # rmsprop (the paper) | adamw
+    lr: float = 0.001
+    lr_decay_epochs: int = 30  # the paper: divide the learning rate by 16 every 30 epochs
+    lr_decay_factor: float = 16.0
+    weight_decay: float = 0.0
+    aux_loss_weight: float = 0.4  # inception_v3's auxiliary classifier, as torchvision trains it
+    folds: List[int] = field(default_factory=list)  # which folds to train; empty: all
+    final_model: bool = False  # also train one model on all folds (no validation)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    data_cpus: float = 1.0  # CPUs per Ray Data decode/augment task
+    torch_threads: Optional[int] = None  # default: the worker's CPUs
+    channels_last: bool = False
+    amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off
+    max_failures: int = 2  # worker deaths survived per fold (resumed from the last checkpoint)
+    keep_checkpoints: int = 2  # best N by checkpoint_metric, plus the latest
+    checkpoint_metric: str = "val_loss"
+    max_pixels: int = 50_000_000
+    seed: int = 0
+
+
+@dataclass
 class EvaluateConfig:
     predictions: Optional[str] = None  # predictions Parquet URI (file or folder)
     partition: Optional[str] = None  # partition outputs (task_membership); default <output>/partition
@@ -61,6 +91,7 @@ class RunConfig:
     output: str = "outputs"
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 

@@ -266,3 +266,22 @@ def list_files(uri: str, suffixes: tuple[str, ...] = ()) -> Iterator[str]:
         if suffixes and not p.lower().endswith(suffixes):
             continue
         yield f"s3://{p}" if is_s3(uri) else p
+
+
+def arrow_filesystem(uri: str):
+    """(pyarrow filesystem or None, path) for libraries that take pyarrow filesystems (Ray Train, Ray Data).
+    Local paths give (None, absolute path); S3 honours AWS_ENDPOINT_URL."""
+    if not is_s3(uri):
+        return None, os.path.abspath(local_path(uri))
+    from pyarrow import fs as pafs
+
+    kwargs = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or endpoint
+        kwargs["scheme"] = parsed.scheme or "https"
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs), str(uri)[len("s3://"):]

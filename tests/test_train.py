@@ -1,0 +1,132 @@
+"""Real Ray Train runs on a small real subset of HAM10000 (tiny model, small images, 2 folds, 1-3 epochs)."""
+import json
+import os
+import signal
+import threading
+import time
+
+import pandas as pd
+import pytest
+
+from dermray import evaluate, models, storage, train
+from dermray.cli import main
+from dermray.config import load_config
+from dermray.errors import UserError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def small_study(ham_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("train_study")
+    labels = pd.read_csv(ham_dir / "labels.csv")
+    subset = pd.concat([labels[labels.dx == dx].head(30) for dx in ("nv", "mel", "bkl", "bcc")])
+    subset.to_csv(d / "labels.csv", index=False)
+    assert main(["import", "ham10000", "--metadata", str(d / "labels.csv"), "--images", str(ham_dir / "images"),
+                 "--output", str(d / "in")]) == 0
+    assert main(["partition", "--manifest", str(d / "in" / "manifest.parquet"), "--taxonomy",
+                 str(d / "in" / "taxonomy.parquet"), "--tasks", str(d / "in" / "tasks.yaml"), "--max-class-size",
+                 "20", "--folds", "2", "--output", str(d / "out")]) == 0
+    return d
+
+
+def config(d, *extra):
+    return load_config(None, [
+        f"data.manifest={d / 'in' / 'manifest.parquet'}", f"data.taxonomy={d / 'in' / 'taxonomy.parquet'}",
+        f"data.tasks={d / 'in' / 'tasks.yaml'}", f"output={d / 'out'}", "train.arch=mobilenet_v3_small",
+        "train.weights=none", "train.image_size=64", "train.batch_size=16", "train.cpus_per_worker=0.5",
+        "train.data_cpus=0.5", *extra])
+
+
+def test_two_folds_train_concurrently_and_write_their_outputs(small_study, ray_local):
+    d = small_study
+    s = train.run(config(d, "run_id=cv", "train.epochs=2"))
+    assert s["folds"] == ["0", "1"] and s["trained_on"] == 120 and s["quarantined"] == 0
+    f0, f1 = s["per_fold"]
+    # The folds ran at the same time: their training windows overlap.
+    assert f0["t_start"] < f1["t_end"] and f1["t_start"] < f0["t_end"], (f0, f1)
+    run_dir = d / "out" / "train" / "cv"
+    n_classes = len(pd.read_parquet(d / "out" / "partition" / "training_classes.parquet"))
+    for fold in ("fold=0", "fold=1"):
+        metrics = pd.read_parquet(run_dir / fold / "metrics.parquet")
+        assert set(metrics["epoch"]) == {0, 1}
+        assert {"loss", "top1", "acc_melanoma_vs_nevus", "acc_three_class"} <= set(
+            metrics.loc[metrics.split == "val", "metric"])
+        card = json.loads((run_dir / fold / "model_card.json").read_text())
+        assert card["architecture"] == "mobilenet_v3_small" and card["input_size"] == 64
+        assert len(card["training_classes"]) == n_classes and card["epochs_trained"] == 2
+        assert {"torch", "ray", "dermray"} <= set(card["versions"])
+        model = models.build_model("mobilenet_v3_small", n_classes, weights=str(run_dir / fold / "best" / "model.pt"))
+        assert model.classifier[3].out_features == n_classes
+        preds = pd.read_parquet(run_dir / fold / "val_predictions.parquet")
+        assert len(preds) == (pd.read_parquet(d / "out" / "partition" / "labels.parquet")["fold"]
+                              == int(fold[-1])).sum()
+        assert len(preds["probs"].iloc[0]) == n_classes
+        assert {"label", "label_source", "group_id", "model_id"} <= set(preds.columns)
+    summary = pd.read_parquet(run_dir / "train_summary.parquet")
+    row = summary.set_index("metric").loc["val_acc_three_class"]
+    assert row["folds"] == 2 and 0 <= row["mean"] <= 1
+    # The cross-validation predictions feed the evaluation stage (the paper's first round).
+    all_preds = pd.concat([pd.read_parquet(run_dir / f / "val_predictions.parquet") for f in ("fold=0", "fold=1")])
+    all_preds["model_id"] = "cv"
+    all_preds.to_parquet(d / "cv_predictions.parquet")
+    ev = evaluate.run(load_config(None, [f"evaluate.predictions={d / 'cv_predictions.parquet'}",
+                                         f"data.tasks={d / 'in' / 'tasks.yaml'}",
+                                         f"data.taxonomy={d / 'in' / 'taxonomy.parquet'}",
+                                         f"output={d / 'out'}", "run_id=cv", "evaluate.n_bootstrap=50"]))
+    assert any(h["metric"] == "auc" and h["task"] == "melanoma_vs_nevus" for h in ev["headline"])
+
+
+def test_a_killed_worker_resumes_from_its_checkpoint_and_a_rerun_continues(small_study, ray_local, tmp_path):
+    d = small_study
+    pid_file, events = tmp_path / "pid", tmp_path / "events"
+
+    snapshot = d / "out" / "train" / "resume" / "fold=0" / "checkpoint_manager_snapshot.json"
+
+    def killer():
+        # Kill the worker inside epoch 1, once Ray Train has registered epoch 0's checkpoint.
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            try:
+                registered = len(json.loads(snapshot.read_text())["checkpoint_results"])
+            except (OSError, ValueError, KeyError):
+                registered = 0
+            if registered >= 1 and "1" in events.read_text().split():
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    s = train.run(config(d, "run_id=resume", "train.folds=[0]", "train.epochs=3", "train.max_failures=2"),
+                  _extra={"pid_file": str(pid_file), "events_file": str(events), "slow_batches_s": 0.5})
+    thread.join(timeout=1)
+    started = [int(x) for x in events.read_text().split()]
+    # Epoch 0 was not redone; the epoch the kill interrupted was started again; the fold ended at epoch 2.
+    assert started.count(0) == 1 and len(started) == 4 and sorted(set(started)) == [0, 1, 2], started
+    assert s["per_fold"][0]["epochs"] == 3
+    # Re-running the same run with more epochs continues from the last checkpoint.
+    s = train.run(config(d, "run_id=resume", "train.folds=[0]", "train.epochs=4"),
+                  _extra={"events_file": str(events)})
+    assert [int(x) for x in events.read_text().split()][len(started):] == [3]
+    metrics = pd.read_parquet(d / "out" / "train" / "resume" / "fold=0" / "metrics.parquet")
+    assert sorted(set(metrics["epoch"])) == [0, 1, 2, 3]
+
+
+def test_a_run_trained_on_other_classes_is_refused(small_study, ray_local, tmp_path):
+    d = small_study
+    run_dir = d / "out" / "train" / "mismatch" / "fold=0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"classes_hash": "0123456789abcdef"}))
+    with pytest.raises(UserError, match="trained on other training classes"):
+        train.run(config(d, "run_id=mismatch", "train.folds=[0]", "train.epochs=1"))
+
+
+def test_bad_train_settings_are_user_errors(small_study):
+    d = small_study
+    with pytest.raises(UserError, match="unknown model 'vgg16'"):
+        train.run(config(d, "train.arch=vgg16"))
+    with pytest.raises(UserError, match="optimizer must be rmsprop or adamw"):
+        train.run(config(d, "train.optimizer=sgd"))
+    with pytest.raises(UserError, match=r"train.folds \[7\] are not in the labels"):
+        train.run(config(d, "train.folds=[7]"))
