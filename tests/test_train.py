@@ -130,3 +130,28 @@ def test_bad_train_settings_are_user_errors(small_study):
         train.run(config(d, "train.optimizer=sgd"))
     with pytest.raises(UserError, match=r"train.folds \[7\] are not in the labels"):
         train.run(config(d, "train.folds=[7]"))
+
+
+def test_checkpoints_and_outputs_on_s3_and_a_final_model(small_study, ray_local, s3_bucket):
+    d = small_study
+    out = f"{s3_bucket}/dermray"
+    s = train.run(config(d, "run_id=s3run", "train.folds=[1]", "train.final_model=true", "train.epochs=1",
+                         f"output={out}", f"train.partition={d / 'out' / 'partition'}"))
+    assert s["folds"] == ["1", "all"]
+    run_dir = f"{out}/train/s3run"
+    for fold in ("fold=1", "fold=all"):
+        card = json.loads(storage.read_text(f"{run_dir}/{fold}/model_card.json"))
+        assert card["epochs_trained"] == 1
+        assert storage.exists(f"{run_dir}/{fold}/best/model.pt")
+        assert any("checkpoint_" in p for p in storage.list_files(f"{run_dir}/{fold}"))
+    assert card["held_out_fold"] is None  # the final model saw every fold
+    assert storage.exists(f"{run_dir}/fold=1/val_predictions.parquet")
+    assert not storage.exists(f"{run_dir}/fold=all/val_predictions.parquet")
+
+
+def test_cli_train_user_error_exits_2(small_study, capsys):
+    d = small_study
+    code = main(["train", "--manifest", str(d / "in" / "manifest.parquet"), "--output", str(d / "out"),
+                 "--arch", "alexnet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown model 'alexnet'" in err and len(err.strip().splitlines()) == 1
