@@ -23,8 +23,8 @@ import pandas as pd
 HAM = pathlib.Path(os.environ.get("DERMRAY_SHARED_DATA", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data")) / "ham10000"
 THREADS = 2
 CASES = {  # model: (images per class, epochs, batch size)
-    "mobilenet_v3_small": (60, 3, 32),
-    "inception_v3": (10, 2, 8),
+    "mobilenet_v3_small": (120, 3, 32),
+    "inception_v3": (20, 2, 8),
 }
 
 
@@ -51,7 +51,7 @@ def run_dermray(tmp: pathlib.Path, arch: str, epochs: int, batch: int) -> dict:
     cfg = load_config(None, [f"data.manifest={tmp / 'in' / 'manifest.parquet'}", f"output={tmp / 'out'}",
                              f"run_id=bench-{arch}", f"train.arch={arch}", "train.weights=none",
                              f"train.epochs={epochs}", f"train.batch_size={batch}", "train.folds=[0]",
-                             "train.cpus_per_worker=1", "train.data_cpus=1", f"train.torch_threads={THREADS}"])
+                             "train.cpus_per_worker=1", f"train.torch_threads={THREADS}"])
     train.run(cfg)
     m = pd.read_parquet(tmp / "out" / "train" / f"bench-{arch}" / "fold=0" / "metrics.parquet")
     last = m[(m.epoch == epochs - 1) & (m.split == "train")].set_index("metric")["value"]

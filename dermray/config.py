@@ -50,7 +50,7 @@ class TrainConfig:
     final_model: bool = False  # also train one model on all folds (no validation)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    data_cpus: float = 1.0  # CPUs per Ray Data decode/augment task
+    data_cpus: float = 0.5  # CPUs per Ray Data decode/augment task (fractional: decoding overlaps training)
     torch_threads: Optional[int] = None  # default: the worker's CPUs
     channels_last: bool = False
     amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off
