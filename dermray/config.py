@@ -54,6 +54,7 @@ class TrainConfig:
     torch_threads: Optional[int] = None  # default: the worker's CPUs
     channels_last: bool = False
     amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off
+    max_minutes: Optional[float] = None  # training-time budget per fold: stop (mid-epoch if need be) when spent
     max_failures: int = 2  # worker deaths survived per fold (resumed from the last checkpoint)
     keep_checkpoints: int = 2  # best N by checkpoint_metric, plus the latest
     checkpoint_metric: str = "val_loss"

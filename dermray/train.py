@@ -156,14 +156,14 @@ def _autocast(tc: dict, device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def train_one_epoch(model, optimizer, batches, tc: dict, device) -> dict:
+def train_one_epoch(model, optimizer, batches, tc: dict, device, deadline: float | None = None) -> dict:
     import torch
     import torch.nn.functional as F
 
     from dermray.models import logits_of, train_mode
 
     train_mode(model)
-    n, loss_sum, correct, wait, compute = 0, 0.0, 0, 0.0, 0.0
+    n, loss_sum, correct, wait, compute, stopped = 0, 0.0, 0, 0.0, 0.0, False
     t = time.perf_counter()
     for batch in batches:
         t_data = time.perf_counter()
@@ -183,6 +183,9 @@ def train_one_epoch(model, optimizer, batches, tc: dict, device) -> dict:
         optimizer.step()
         if tc.get("slow_batches_s"):  # tests: stretch an epoch so a fault can land inside it
             time.sleep(tc["slow_batches_s"])
+        if deadline is not None and time.time() > deadline:
+            stopped = True  # the training-time budget is spent
+            break
         b = len(y)
         n += b
         loss_sum += float(loss.detach()) * b
@@ -190,7 +193,7 @@ def train_one_epoch(model, optimizer, batches, tc: dict, device) -> dict:
         t = time.perf_counter()
         compute += t - t_data
     return {"loss": loss_sum / max(n, 1), "top1": correct / max(n, 1), "images": n, "data_wait_s": wait,
-            "compute_s": compute, "images_per_s": n / max(wait + compute, 1e-9)}
+            "compute_s": compute, "images_per_s": n / max(wait + compute, 1e-9), "stopped_by_budget": stopped}
 
 
 def evaluate(model, batches, tc: dict, device, matrices: dict, task_names: list[str]) -> tuple[dict, dict]:
@@ -293,13 +296,21 @@ def train_loop_per_worker(config: dict) -> None:
             best = state.get("best")
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if tc["has_val"] else None
+    # The budget counts training seconds across resumptions (they are in the history).
+    spent = sum(h.get("train_seconds", 0.0) for h in history)
+    budget = tc["max_minutes"] * 60.0 if tc.get("max_minutes") else None
     for epoch in range(start_epoch, tc["epochs"]):
+        if budget is not None and spent >= budget:
+            break
         t0 = time.time()
         if tc.get("events_file"):  # tests: which epochs a worker started, to see what resuming skipped
             with open(tc["events_file"], "a") as f:
                 f.write(f"{epoch}\n")
+        deadline = t0 + (budget - spent) if budget is not None else None
         tr = train_one_epoch(model, optimizer, _batches(train_shard, tc["batch_size"], tc["mean"], tc["std"]), tc,
-                             device)
+                             device, deadline)
+        tr["seconds"] = time.time() - t0
+        spent += tr["seconds"]
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         metrics = {"epoch": epoch, "lr": lr, "t_start": t0, **{f"train_{k}": v for k, v in tr.items()}}
@@ -322,6 +333,8 @@ def train_loop_per_worker(config: dict) -> None:
                 json.dump(history, f)
             ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                              checkpoint=Checkpoint.from_directory(d))
+        if tr["stopped_by_budget"]:
+            break
 
 
 def _write_predictions(preds: dict, tc: dict, epoch: int) -> None:

@@ -155,3 +155,12 @@ def test_cli_train_user_error_exits_2(small_study, capsys):
                  "--arch", "alexnet"])
     err = capsys.readouterr().err
     assert code == 2 and "unknown model 'alexnet'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_training_time_budget_stops_the_fold(small_study, ray_local):
+    d = small_study
+    s = train.run(config(d, "run_id=budget", "train.folds=[0]", "train.epochs=5", "train.max_minutes=0.005",
+                         "train.checkpoint_metric=train_loss"), _extra={"slow_batches_s": 0.4})
+    assert s["per_fold"][0]["epochs"] == 1
+    metrics = pd.read_parquet(d / "out" / "train" / "budget" / "fold=0" / "metrics.parquet").set_index("metric")
+    assert metrics.loc["stopped_by_budget", "value"] == 1.0
