@@ -156,6 +156,15 @@ def _autocast(tc: dict, device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+def _inputs(batch: dict, tc: dict, device):
+    import torch
+
+    x = batch["image"].to(device)
+    if tc["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, batch["label"].to(device)
+
+
 def train_one_epoch(model, optimizer, batches, tc: dict, device, deadline: float | None = None) -> dict:
     import torch
     import torch.nn.functional as F
@@ -168,10 +177,7 @@ def train_one_epoch(model, optimizer, batches, tc: dict, device, deadline: float
     for batch in batches:
         t_data = time.perf_counter()
         wait += t_data - t
-        x = batch["image"].to(device)
-        if tc["channels_last"]:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = batch["label"].to(device)
+        x, y = _inputs(batch, tc, device)
         with _autocast(tc, device):
             out = model(x)
             logits = logits_of(out)
@@ -183,15 +189,15 @@ def train_one_epoch(model, optimizer, batches, tc: dict, device, deadline: float
         optimizer.step()
         if tc.get("slow_batches_s"):  # tests: stretch an epoch so a fault can land inside it
             time.sleep(tc["slow_batches_s"])
-        if deadline is not None and time.time() > deadline:
-            stopped = True  # the training-time budget is spent
-            break
         b = len(y)
         n += b
         loss_sum += float(loss.detach()) * b
         correct += int((logits.detach().argmax(1) == y).sum())
         t = time.perf_counter()
         compute += t - t_data
+        if deadline is not None and time.time() > deadline:
+            stopped = True  # the training-time budget is spent
+            break
     return {"loss": loss_sum / max(n, 1), "top1": correct / max(n, 1), "images": n, "data_wait_s": wait,
             "compute_s": compute, "images_per_s": n / max(wait + compute, 1e-9), "stopped_by_budget": stopped}
 
@@ -211,10 +217,7 @@ def evaluate(model, batches, tc: dict, device, matrices: dict, task_names: list[
     ids, probs_all = [], []
     with torch.inference_mode():
         for batch in batches:
-            x = batch["image"].to(device)
-            if tc["channels_last"]:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = batch["label"].to(device)
+            x, y = _inputs(batch, tc, device)
             with _autocast(tc, device):
                 logits = model(x)
             logits = logits.float()
