@@ -39,3 +39,9 @@ def test_bad_keys_name_the_key_and_the_file(tmp_path, text, overrides, fragment)
     assert fragment in str(e.value)
     if not overrides:
         assert "run.yaml" in str(e.value)
+
+
+@pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).parents[1] / "configs").glob("*.yaml")))
+def test_shipped_configs_load(path):
+    cfg = load_config(str(path))
+    assert cfg.run_id and cfg.data.manifest
