@@ -59,7 +59,7 @@ def main() -> None:
             preds = pd.read_parquet(fold / "val_predictions.parquet")
             preds["model_id"] = name
             preds.to_parquet(tmp / f"{name}.parquet")
-            ev = evaluate.run(load_config(None, [f"evaluate.predictions={tmp / f'{name}.parquet'}",
+            evaluate.run(load_config(None, [f"evaluate.predictions={tmp / f'{name}.parquet'}",
                                                  f"data.tasks={tmp / 'in' / 'tasks.yaml'}",
                                                  f"data.taxonomy={tmp / 'in' / 'taxonomy.parquet'}",
                                                  f"output={tmp / 'out'}", f"run_id={name}"]))

@@ -32,7 +32,7 @@ from dermray.config import RunConfig
 from dermray.errors import UserError
 from dermray.partitioning import (HASH_BUCKETS, MIXED_STRATUM, TrainingClass, fold_table, hash_bucket,
                                   hash_strings, node_to_class, partition_classes, task_membership)
-from dermray.taxonomy import Taxonomy, load_taxonomy
+from dermray.taxonomy import load_taxonomy
 from dermray.tasks import Task, load_tasks
 
 log = logging.getLogger("dermray.partition")
@@ -102,13 +102,12 @@ class ChunkStats:
     node_counts: np.ndarray  # int64 [n_nodes]
     hist_keys: np.ndarray  # int64 node * HASH_BUCKETS + bucket
     hist_counts: np.ndarray  # int64
-    rows: int
 
 
 def count_chunk(table: pa.Table, row_offset: int, node_ids: pa.Array, seed: int, partitions: int):
     """Pass 1 on one chunk: (ChunkStats, [image-hash partitions], [group-hash partitions])."""
     n_nodes = len(node_ids)
-    reason, label_idx = validate_chunk(table, node_ids)
+    _, label_idx = validate_chunk(table, node_ids)
     ok = label_idx >= 0
     rows = np.flatnonzero(ok).astype(np.int64) + row_offset
     labels = label_idx[ok]
@@ -127,7 +126,7 @@ def count_chunk(table: pa.Table, row_offset: int, node_ids: pa.Array, seed: int,
         img_parts.append((h1[m], h2[m], rows[m], labels[m], buckets[m]))
         m = part_grp == p
         grp_parts.append((g[m], labels[m], rows[m]))
-    return ChunkStats(node_counts, keys, counts.astype(np.int64), table.num_rows), img_parts, grp_parts
+    return ChunkStats(node_counts, keys, counts.astype(np.int64)), img_parts, grp_parts
 
 
 def _sparse_counts(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

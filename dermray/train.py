@@ -166,7 +166,6 @@ def _inputs(batch: dict, tc: dict, device):
 
 
 def train_one_epoch(model, optimizer, batches, tc: dict, device, deadline: float | None = None) -> dict:
-    import torch
     import torch.nn.functional as F
 
     from dermray.models import logits_of, train_mode

@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from dermray import evaluate, storage
+from dermray import evaluate
 from dermray.cli import main
 from dermray.config import load_config
 from dermray.partitioning import node_to_class, partition_classes, task_membership
@@ -84,8 +84,6 @@ def study(tmp_path_factory):
 
 def independent_score(study, task, positive, negative):
     """P(pos) / (P(pos) + P(neg)) computed from the training classes' nodes, without the stage's code."""
-    tax = study["tax"]
-
     def under(node_id, prefix):
         return node_id == prefix or node_id.startswith(prefix + ":")
 

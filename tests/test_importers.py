@@ -1,5 +1,4 @@
 import pandas as pd
-import pytest
 
 from dermray import importers
 from dermray.cli import main

@@ -3,7 +3,6 @@ bad rows, a real S3 server, the CLI's exit codes."""
 import json
 import os
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
