@@ -54,6 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", help="config: train.arch")
     p.add_argument("--epochs", type=int, help="config: train.epochs")
 
+    p = sub.add_parser("score", help="score images with trained fold models (Ray Data actor pool) -> predictions")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", help="fold dir, model.pt or train run dir; comma-separated = ensemble "
+                   "(config: score.checkpoints)")
+    p.add_argument("--input", help="manifest Parquet, image folder/prefix, or .tar shards (config: score.input)")
+    p.add_argument("--labels", help="folder input: labels CSV/Parquet with image_id, label (config: score.labels)")
+    p.add_argument("--tasks", help="evaluation tasks YAML for task columns (config: data.tasks)")
+    p.add_argument("--taxonomy", help="taxonomy Parquet/CSV for task columns (config: data.taxonomy)")
+    p.add_argument("--partition", help="partition outputs with task_membership.parquet (config: score.partition)")
+    p.add_argument("--incremental", action="store_const", const="true",
+                   help="score only images this model has not scored in this run yet (config: score.incremental)")
+    p.add_argument("--tta", help="test-time augmentation: none | flips | dihedral (config: score.tta)")
+
     p = sub.add_parser("evaluate", help="ROC/AUC with CIs, rates, confusion, calibration, readers: tables + report")
     _add_config_args(p)
     p.add_argument("--predictions", help="predictions Parquet URI (config: evaluate.predictions)")
@@ -101,6 +114,20 @@ def cmd_train(args) -> dict:
     return summary
 
 
+def cmd_score(args) -> dict:
+    from dermray import score
+    from dermray.config import load_config
+
+    overrides = list(args.overrides) + _flag_overrides(args, COMMON_FLAGS | {
+        "checkpoint": "score.checkpoints", "input": "score.input", "labels": "score.labels", "tasks": "data.tasks",
+        "taxonomy": "data.taxonomy", "partition": "score.partition", "incremental": "score.incremental",
+        "tta": "score.tta"})
+    cfg = load_config(args.config, overrides)
+    summary = score.run(cfg)
+    print(json.dumps(summary, indent=2, default=str) if args.json else score.format_summary(summary))
+    return summary
+
+
 def cmd_evaluate(args) -> dict:
     from dermray import evaluate
     from dermray.config import load_config
@@ -131,7 +158,7 @@ def cmd_import(args) -> dict:
     return summary
 
 
-COMMANDS = {"partition": cmd_partition, "train": cmd_train, "evaluate": cmd_evaluate, "import": cmd_import}
+COMMANDS = {"partition": cmd_partition, "train": cmd_train, "score": cmd_score, "evaluate": cmd_evaluate, "import": cmd_import}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,349 @@
+"""The scoring stage on real HAM10000 JPEGs, through real Ray Data, locally and on a real S3 (moto)."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import torch
+
+from dermray import models, score, storage, train
+from dermray.cli import main
+from dermray.config import load_config
+from dermray.errors import UserError
+from dermray.transforms import decode_image, eval_transform, to_array
+
+pytestmark = pytest.mark.slow
+SIZE = 64
+
+
+def _write_fold(fold_dir, classes: pa.Table, seed: int) -> None:
+    """A fold directory as `dermray train` writes it (weights + model card), with a model whose outputs depend on
+    the image (batch-norm statistics set, a sharper head) so that a mix-up of images would show."""
+    torch.manual_seed(seed)
+    m = models.build_model("mobilenet_v3_small", classes.num_rows, weights="none")
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.reset_running_stats()
+            mod.momentum = None
+    m.train()
+    with torch.no_grad():
+        for _ in range(2):
+            m(torch.randn(16, 3, SIZE, SIZE))
+        m.classifier[3].weight.mul_(20)
+    os.makedirs(fold_dir / "best", exist_ok=True)
+    torch.save(m.state_dict(), fold_dir / "best" / "model.pt")
+    (fold_dir / "model_card.json").write_text(json.dumps({
+        "model_id": f"r1/{fold_dir.name}", "architecture": "mobilenet_v3_small", "input_size": SIZE,
+        "normalisation": {"mean": list(models.IMAGENET_MEAN), "std": list(models.IMAGENET_STD)},
+        "training_classes": classes.to_pandas().to_dict(orient="records"), "classes_hash": train.classes_hash(classes)}))
+
+
+def _shard(samples: list[tuple[str, bytes, dict]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for key, data, meta in samples:
+            for name, payload in ((f"{key}.jpg", data), (f"{key}.json", json.dumps(meta).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def study(ham_dir, tmp_path_factory):
+    """40 real images (4 diagnoses) imported and partitioned; two fold models; the 24-image archive in three forms."""
+    d = tmp_path_factory.mktemp("score_study")
+    labels = pd.read_csv(ham_dir / "labels.csv")
+    subset = pd.concat([labels[labels.dx == dx].head(10) for dx in ("nv", "mel", "bkl", "bcc")])
+    subset.to_csv(d / "labels.csv", index=False)
+    assert main(["import", "ham10000", "--metadata", str(d / "labels.csv"), "--images", str(ham_dir / "images"),
+                 "--output", str(d / "in")]) == 0
+    assert main(["partition", "--manifest", str(d / "in" / "manifest.parquet"), "--taxonomy",
+                 str(d / "in" / "taxonomy.parquet"), "--tasks", str(d / "in" / "tasks.yaml"), "--max-class-size",
+                 "8", "--folds", "2", "--output", str(d / "out")]) == 0
+    classes = pa.parquet.read_table(d / "out" / "partition" / "training_classes.parquet")
+    for k in (0, 1):
+        _write_fold(d / "out" / "train" / "r1" / f"fold={k}", classes, seed=k)
+    # The archive: 24 of the images, as a manifest with relative URIs, a folder + labels CSV, and two tar shards.
+    manifest = pd.read_parquet(d / "in" / "manifest.parquet").sort_values("image_id").head(24)
+    arch = d / "archive"
+    (arch / "images").mkdir(parents=True)
+    samples = []
+    for r in manifest.itertuples():
+        data = open(r.uri, "rb").read()
+        (arch / "images" / f"{r.image_id}.jpg").write_bytes(data)
+        samples.append((r.image_id, data, {"label": r.label, "label_source": r.label_source,
+                                           "modality": r.modality, "group_id": r.group_id}))
+    m = manifest.assign(uri=[f"images/{i}.jpg" for i in manifest.image_id])
+    m.to_parquet(arch / "manifest.parquet", index=False)
+    m[["image_id", "label", "label_source", "modality", "group_id"]].to_csv(arch / "labels.csv", index=False)
+    (arch / "shards").mkdir()
+    (arch / "shards" / "shard-000.tar").write_bytes(_shard(samples[:12]))
+    (arch / "shards" / "shard-001.tar").write_bytes(_shard(samples[12:]))
+    return d
+
+
+def cfg(d, *extra):
+    return load_config(None, [
+        f"data.tasks={d / 'in' / 'tasks.yaml'}", f"data.taxonomy={d / 'in' / 'taxonomy.parquet'}",
+        f"score.partition={d / 'out' / 'partition'}", f"score.checkpoints={d / 'out' / 'train' / 'r1'}",
+        "score.batch_size=8", "score.rows_per_file=10", "score.decode_cpus=0.5", "score.cpus_per_actor=0.5",
+        *extra])
+
+
+def eager_probs(d, uris: list[str], folds=(0, 1), flips=False) -> np.ndarray:
+    """A plain PyTorch forward of the same models on the same files (no Ray, no channels_last)."""
+    n_classes = len(pd.read_parquet(d / "out" / "partition" / "training_classes.parquet"))
+    x = torch.from_numpy(np.stack([to_array(eval_transform(decode_image(storage.read_bytes(u)), SIZE),
+                                            models.IMAGENET_MEAN, models.IMAGENET_STD) for u in uris]))
+    views = [x, torch.flip(x, dims=[3]), torch.flip(x, dims=[2])] if flips else [x]
+    total = 0
+    for k in folds:
+        m = models.build_model("mobilenet_v3_small", n_classes,
+                               weights=str(d / "out" / "train" / "r1" / f"fold={k}" / "best" / "model.pt")).eval()
+        with torch.no_grad():
+            for v in views:
+                total = total + torch.softmax(m(v), 1)
+    return (total / (len(folds) * len(views))).numpy()
+
+
+def read_preds(uri) -> pd.DataFrame:
+    return storage.read_table(uri).to_pandas().sort_values("image_id").reset_index(drop=True)
+
+
+def test_manifest_predictions_equal_an_eager_forward_and_carry_the_manifest(study, ray_local, tmp_path):
+    d = study
+    s = score.run(cfg(d, f"score.input={d / 'archive' / 'manifest.parquet'}", f"output={tmp_path}", "run_id=m"))
+    assert (s["input"], s["scored"], s["quarantined"], s["already_done"]) == (24, 24, 0, 0)
+    assert s["files_written"] == 3 and s["models"] == 2
+    df = read_preds(tmp_path / "predictions" / "m" / "predictions")
+    assert len(df) == 24 and df["image_id"].is_unique
+    expected = eager_probs(d, [str(d / "archive" / "images" / f"{i}.jpg") for i in df["image_id"]])
+    np.testing.assert_allclose(np.stack(df["probs"]), expected, atol=1e-5)
+    assert df["model_id"].unique().tolist() == ["r1/ensemble(fold=0,1)"]
+    man = pd.read_parquet(d / "archive" / "manifest.parquet").set_index("image_id").loc[df["image_id"]]
+    for col in ("label", "label_source", "modality", "group_id", "dx"):
+        assert df[col].tolist() == man[col].tolist()
+    # Task columns through the inference algorithm: sums of training-class probabilities.
+    tm = pd.read_parquet(d / "out" / "partition" / "task_membership.parquet")
+    mvn = tm[tm.task == "melanoma_vs_nevus"]
+    probs = np.stack(df["probs"])
+    p_mel = probs[:, mvn.loc[mvn.task_class == "melanoma", "class_index"]].sum(1)
+    p_nev = probs[:, mvn.loc[mvn.task_class == "nevus", "class_index"]].sum(1)
+    np.testing.assert_allclose(np.stack(df["melanoma_vs_nevus_probs"]), np.c_[p_mel, p_nev], atol=1e-6)
+    np.testing.assert_allclose(df["melanoma_vs_nevus_score"], p_mel / (p_mel + p_nev), atol=1e-6)
+    assert np.stack(df["three_class_probs"]).shape == (24, 3)
+    assert (df["top_class"] == probs.argmax(1)).all()
+    # The predictions feed the evaluation stage as they are.
+    from dermray import evaluate
+    ev = evaluate.run(load_config(None, [f"evaluate.predictions={tmp_path / 'predictions' / 'm' / 'predictions'}",
+                                         f"data.tasks={d / 'in' / 'tasks.yaml'}",
+                                         f"data.taxonomy={d / 'in' / 'taxonomy.parquet'}",
+                                         f"evaluate.partition={d / 'out' / 'partition'}",
+                                         f"output={tmp_path}", "run_id=m", "evaluate.n_bootstrap=20"]))
+    assert any(h["task"] == "melanoma_vs_nevus" and h["metric"] == "auc" for h in ev["headline"])
+
+
+def test_three_input_kinds_locally_and_on_s3_give_identical_predictions(study, ray_local, tmp_path, s3_bucket):
+    d = study
+    arch = d / "archive"
+    for f in arch.rglob("*"):
+        if f.is_file():
+            storage.write_bytes(f"{s3_bucket}/archive/{f.relative_to(arch)}", f.read_bytes())
+    inputs = {
+        "manifest": [f"score.input={arch / 'manifest.parquet'}"],
+        "folder": [f"score.input={arch / 'images'}", f"score.labels={arch / 'labels.csv'}"],
+        "shards": [f"score.input={arch / 'shards'}"],
+        "s3_manifest": [f"score.input={s3_bucket}/archive/manifest.parquet"],
+        "s3_folder": [f"score.input={s3_bucket}/archive/images", f"score.labels={s3_bucket}/archive/labels.csv"],
+        "s3_shards": [f"score.input={s3_bucket}/archive/shards/shard-{{000..001}}.tar"],
+    }
+    frames = {}
+    for name, args in inputs.items():
+        out = f"{s3_bucket}/out" if name.startswith("s3") else str(tmp_path)
+        s = score.run(cfg(d, *args, f"output={out}", f"run_id={name}"))
+        assert s["scored"] == 24 and s["quarantined"] == 0, (name, s)
+        frames[name] = read_preds(storage.join(out, "predictions", name, "predictions"))
+    ref = frames["manifest"]
+    for name, df in frames.items():
+        assert df["image_id"].tolist() == ref["image_id"].tolist(), name
+        np.testing.assert_array_equal(np.stack(df["probs"]), np.stack(ref["probs"]), err_msg=name)
+        for col in ("label", "label_source", "modality", "group_id"):
+            assert df[col].tolist() == ref[col].tolist(), (name, col)
+    assert frames["s3_shards"]["uri"].str.startswith(f"{s3_bucket}/archive/shards/shard-00").all()
+
+
+def test_bad_files_are_quarantined_with_their_reason_and_the_rest_is_scored(study, ray_local, tmp_path):
+    d = study
+    good = sorted((d / "archive" / "images").glob("*.jpg"))[:6]
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in good:
+        (folder / p.name).write_bytes(p.read_bytes())
+    jpeg = good[0].read_bytes()
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+    (folder / "notimage.jpg").write_bytes(b"%PDF-1.4 this is not an image\n" * 20)
+    (folder / "corrupt.jpg").write_bytes(jpeg[:200] + bytes(range(256)) * 20)
+    big = tmp_path / "big.png"
+    from PIL import Image
+    Image.new("RGB", (600, 600), (200, 100, 50)).save(big)
+    (folder / "oversized.png").write_bytes(big.read_bytes())
+    rows = [{"image_id": p.stem, "uri": str(folder / p.name), "label": "x"} for p in sorted(folder.iterdir())]
+    rows.append({"image_id": "missing", "uri": str(folder / "missing.jpg"), "label": "x"})
+    rows.append({"image_id": good[1].stem, "uri": str(folder / good[1].name), "label": "x"})  # a repeated id
+    pd.DataFrame(rows).to_parquet(tmp_path / "m.parquet", index=False)
+    s = score.run(cfg(d, f"score.input={tmp_path / 'm.parquet'}", f"output={tmp_path}", "run_id=bad",
+                      "score.max_pixels=250000", "data.tasks=", "data.taxonomy="))
+    assert s["input"] == 13 and s["scored"] == 6 and s["quarantined"] == 7
+    assert s["input"] == s["scored"] + s["quarantined"] + s["already_done"]
+    q = pd.read_parquet(tmp_path / "predictions" / "bad" / "quarantine.parquet").set_index("image_id")
+    reasons = q["reason"].to_dict()
+    assert "empty file" in reasons["zero"]
+    assert "truncated" in reasons["truncated"] or "corrupt" in reasons["truncated"]
+    assert "not an image" in reasons["notimage"]
+    assert "corrupt" in reasons["corrupt"] or "truncated" in reasons["corrupt"] or "not an image" in reasons["corrupt"]
+    assert "too large" in reasons["oversized"]
+    assert "no such file" in reasons["missing"]
+    assert "duplicate image_id (first seen at row" in reasons[good[1].stem]
+    assert (q["stage"] == "score").all()
+    df = read_preds(tmp_path / "predictions" / "bad" / "predictions")
+    assert sorted(df["image_id"]) == sorted(p.stem for p in good)
+    assert "melanoma_vs_nevus_score" not in df.columns  # no tasks configured: training-class probabilities only
+
+
+def test_unsafe_tar_members_are_quarantined_and_never_extracted(study, ray_local, tmp_path):
+    d = study
+    imgs = sorted((d / "archive" / "images").glob("*.jpg"))[:3]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        def add(name, payload=b"", **kw):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            for k, v in kw.items():
+                setattr(info, k, v)
+            tar.addfile(info, io.BytesIO(payload))
+        add(f"{imgs[0].stem}.jpg", imgs[0].read_bytes())
+        add("../escape.jpg", imgs[1].read_bytes())
+        add("/etc/absolute.jpg", imgs[1].read_bytes())
+        add("link.jpg", type=tarfile.SYMTYPE, linkname="/etc/passwd")
+        add(f"sub/{imgs[2].stem}.jpg", imgs[2].read_bytes())
+        add(f"sub/{imgs[2].stem}.json", json.dumps({"image_id": imgs[2].stem, "label": "y"}).encode())
+        add("nolabel.json", b'{"label": "z"}')
+    (tmp_path / "s.tar").write_bytes(buf.getvalue())
+    s = score.run(cfg(d, f"score.input={tmp_path / 's.tar'}", f"output={tmp_path}", "run_id=tar"))
+    assert s["scored"] == 2 and s["quarantined"] == 4 and s["input"] == 6
+    q = pd.read_parquet(tmp_path / "predictions" / "tar" / "quarantine.parquet")
+    text = " | ".join(q["reason"])
+    assert text.count("unsafe member path") == 2 and "symlink" in text and "no image member" in text
+    assert not (tmp_path / "escape.jpg").exists() and not (tmp_path.parent / "escape.jpg").exists()
+    df = read_preds(tmp_path / "predictions" / "tar" / "predictions")
+    assert sorted(df["image_id"]) == sorted([imgs[0].stem, imgs[2].stem])
+    assert df.set_index("image_id").loc[imgs[2].stem, "label"] == "y"
+
+
+def test_rerun_is_idempotent_incremental_adds_only_new_images_and_tta_matches_eager(study, ray_local, tmp_path):
+    d = study
+    man = pd.read_parquet(d / "archive" / "manifest.parquet")
+    man.head(14).to_parquet(tmp_path / "night1.parquet", index=False)
+    man.to_parquet(tmp_path / "night2.parquet", index=False)
+    for p in (tmp_path / "night1.parquet", tmp_path / "night2.parquet"):  # URIs relative to the archive
+        t = pd.read_parquet(p)
+        t["uri"] = [str(d / "archive" / u) for u in t["uri"]]
+        t.to_parquet(p, index=False)
+    one = [f"score.checkpoints={d / 'out' / 'train' / 'r1' / 'fold=0'}", f"output={tmp_path}", "run_id=nightly"]
+    s1 = score.run(cfg(d, *one, f"score.input={tmp_path / 'night1.parquet'}"))
+    assert s1["scored"] == 14 and s1["model_id"] == "r1/fold=0"
+    again = score.run(cfg(d, *one, f"score.input={tmp_path / 'night1.parquet'}"))
+    assert again["scored"] == 0 and again["already_done"] == 14 and again["files_written"] == 0
+    s2 = score.run(cfg(d, *one, f"score.input={tmp_path / 'night2.parquet'}", "score.incremental=true"))
+    assert s2["scored"] == 10 and s2["already_done"] == 14 and s2["run_scored_total"] == 24
+    df = read_preds(tmp_path / "predictions" / "nightly" / "predictions")
+    assert len(df) == 24 and df["image_id"].is_unique
+    np.testing.assert_allclose(np.stack(df["probs"]), eager_probs(d, list(df["uri"]), folds=(0,)), atol=1e-5)
+    # Without --incremental, another input replaces the run's output.
+    s3 = score.run(cfg(d, *one, f"score.input={tmp_path / 'night1.parquet'}", "score.tta=flips"))
+    assert s3["scored"] == 14 and s3["run_scored_total"] == 14
+    df = read_preds(tmp_path / "predictions" / "nightly" / "predictions")
+    np.testing.assert_allclose(np.stack(df["probs"]), eager_probs(d, list(df["uri"]), folds=(0,), flips=True),
+                               atol=1e-5)
+
+
+def _descendants(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_a_driver_killed_part_way_and_rerun_scores_each_image_exactly_once(study, tmp_path):
+    """A separate `dermray score` process (its own Ray) is SIGKILLed after its first chunk is written."""
+    import psutil
+
+    d = study
+    args = [sys.executable, "-m", "dermray.cli", "score", "--input", str(d / "archive" / "manifest.parquet"),
+            "--checkpoint", str(d / "out" / "train" / "r1"), "--output", str(tmp_path), "--run-id", "k",
+            "--set", "score.rows_per_file=4", "--set", "score.batch_size=4", "--set", "ray.num_cpus=2"]
+    env = dict(os.environ, DERMRAY_TEST_SLOW_BATCH_S="0.4")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    parts = tmp_path / "predictions" / "k" / "predictions"
+    children = []
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (parts.exists() and any(parts.glob("part-*.parquet"))):
+            children = _descendants(proc.pid) or children
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            time.sleep(0.05)
+        children = _descendants(proc.pid) or children
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        for pid in [proc.pid, *children]:  # the killed driver's own Ray processes, by PID
+            try:
+                psutil.Process(pid).kill()
+            except psutil.NoSuchProcess:
+                pass
+    done_before = len(read_preds(parts))
+    assert 0 < done_before < 24, done_before
+    rerun = subprocess.run(args + ["--json"], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    s = json.loads(rerun.stdout[rerun.stdout.index("{"):])
+    assert s["already_done"] == done_before and s["scored"] == 24 - done_before
+    df = read_preds(parts)
+    assert len(df) == 24 and df["image_id"].is_unique
+
+
+def test_user_errors(study, tmp_path, capsys):
+    d = study
+    with pytest.raises(UserError, match="no checkpoint given"):
+        score.run(load_config(None, [f"score.input={d / 'archive' / 'manifest.parquet'}"]))
+    with pytest.raises(UserError, match="no fold=<k>/model_card.json below it"):
+        score.load_ensemble([str(tmp_path)])
+    with pytest.raises(UserError, match="no model_card.json for checkpoint"):
+        score.load_ensemble([str(tmp_path / "model.pt")])
+    with pytest.raises(UserError, match="score.tta"):
+        score.run(cfg(d, f"score.input={d / 'archive' / 'manifest.parquet'}", "score.tta=rot45"))
+    assert main(["score", "--input", str(tmp_path / "nothing"), "--checkpoint", str(d / "out" / "train" / "r1"),
+                 "--output", str(tmp_path)]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_read_shard_and_brace_patterns_are_pure_functions():
+    assert score.expand_braces("s3://b/shard-{08..11}.tar") == [f"s3://b/shard-{i:02d}.tar" for i in (8, 9, 10, 11)]
+    assert score.expand_braces("a.tar") == ["a.tar"]
+    samples, problems = score.read_shard(b"not a tar at all", "x.tar")
+    assert samples == [] and "not a readable tar archive" in problems[0]["reason"]
+    data = _shard([("a", b"\xff\xd8jpeg", {"label": "L", "image_id": "img-a"}), ("b", b"\xff\xd8", {})])
+    samples, problems = score.read_shard(data, "x.tar")
+    assert [s["image_id"] for s in samples] == ["img-a", "b"] and problems == []
+    assert samples[0]["meta"]["label"] == "L" and samples[0]["data"] == b"\xff\xd8jpeg"
