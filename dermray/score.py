@@ -424,6 +424,7 @@ class Predictor:
 
         from dermray.models import logits_of
 
+        t_start = time.time()
         ok = np.array([e == "" for e in batch["error"]], dtype=bool)
         probs = np.zeros((len(ok), self.n_classes), np.float32)
         if ok.any():
@@ -443,6 +444,8 @@ class Predictor:
             time.sleep(self.slow_batch_s)
         out = {k: v for k, v in batch.items() if k != "image"}
         out["probs"] = probs
+        # When this batch's model work ran (wall clock): the steady rate excludes start-up and output bunching.
+        out["t_model"] = np.tile(np.array([[t_start, time.time()]]), (len(ok), 1))
         return out
 
 
@@ -530,9 +533,13 @@ class _Writer:
         self.pending: dict[str, list[dict]] = {}
         self.received: dict[str, int] = {}
         self.scored = self.quarantined = self.skipped = self.files = 0
+        self.t_model = [np.inf, -np.inf]  # first model batch start, last model batch end (epoch seconds)
         self.node_ids = [c["node_id"] for c in ens.classes]
 
     def add(self, batch: dict) -> None:
+        if len(batch["t_model"]):
+            self.t_model = [min(self.t_model[0], float(batch["t_model"][:, 0].min())),
+                            max(self.t_model[1], float(batch["t_model"][:, 1].max()))]
         chunks = batch["chunk"]
         for chunk in pd.unique(chunks):
             sel = chunks == chunk
@@ -659,11 +666,10 @@ def run(cfg: RunConfig) -> dict:
     summary = {"stage": STAGE, "run_id": cfg.run_id, "model_id": ens.model_id, "input_kind": kind,
                "models": len(ens.weights), "arch": ens.arch, "tta": sc.tta}
     writer = _Writer(rdir, ens, items, tasks, membership, scored_ids | quarantined_ids)
-    t_first = t_end = None
-    first_rows = 0
+    t_wall = time.time()
     if work:
         with ray_session(cfg.ray.address, cfg.ray.num_cpus):
-            t_first, first_rows, t_end = _stream(work, kind, ens, sc, writer)
+            _stream(work, kind, ens, sc, writer)
     quarantine = _merge_quarantine(rdir)
     scored_total = sum(storage.parquet_file(f).metadata.num_rows
                        for f in storage.list_files(storage.join(rdir, "predictions"), (".parquet",))
@@ -678,11 +684,12 @@ def run(cfg: RunConfig) -> dict:
         "already_done": done_before if items is not None else writer.skipped,
         "scored": writer.scored, "quarantined": writer.quarantined + len(input_q),
         "files_written": writer.files, "run_scored_total": scored_total, "run_quarantined_total": quarantine,
-        "startup_s": round(t_first - t_start, 2) if t_first else None,
-        "images_per_s": round(processed / max(t_end - t_start, 1e-9), 2) if t_end else None,
-        # After the first results: the pipeline's rate once started (the benchmark's figure).
-        "steady_images_per_s": round((processed - first_rows) / (t_end - t_first), 2)
-        if t_end and t_end > t_first and processed > first_rows else None,
+        "images_per_s": round(processed / (time.perf_counter() - t_start), 2) if work else None,
+        # From the first model batch's start to the last one's end: the pipeline's rate once running (the
+        # benchmark's figure); start-up (Ray, actors, models, first decode) is the time before it.
+        "steady_images_per_s": round(processed / (writer.t_model[1] - writer.t_model[0]), 2)
+        if work and writer.t_model[1] > writer.t_model[0] else None,
+        "startup_s": round(writer.t_model[0] - t_wall, 2) if work and np.isfinite(writer.t_model[0]) else None,
         "seconds": round(time.perf_counter() - t_start, 2),
         "outputs": {"predictions": storage.join(rdir, "predictions"),
                     "quarantine": storage.join(rdir, "quarantine.parquet")},
@@ -700,8 +707,8 @@ def _decode_memory(sc: ScoreConfig, size: int) -> int:
     return int(sc.batch_size * size * size * 3 * 2 + 32 * 2**20)
 
 
-def _stream(work: list[pa.Table], kind: str, ens: Ensemble, sc: ScoreConfig, writer: _Writer):
-    """Run the Ray Data pipeline and hand every result batch to the writer. Returns (first result time, end time)."""
+def _stream(work: list[pa.Table], kind: str, ens: Ensemble, sc: ScoreConfig, writer: _Writer) -> None:
+    """Run the Ray Data pipeline and hand every result batch to the writer."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
@@ -725,15 +732,10 @@ def _stream(work: list[pa.Table], kind: str, ens: Ensemble, sc: ScoreConfig, wri
         fn_constructor_kwargs={"ensemble": ens, "threads": _threads(sc), "channels_last": sc.channels_last,
                                "tta": sc.tta, "use_gpu": sc.num_gpus > 0,
                                "slow_batch_s": float(os.environ.get("DERMRAY_TEST_SLOW_BATCH_S", "0"))})
-    t_first, first_rows = None, 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-        if t_first is None:
-            t_first = time.perf_counter()
-            first_rows = len(batch["chunk"])
         writer.add(batch)
     if writer.pending:
         raise RuntimeError(f"score: chunks {sorted(writer.pending)} did not complete")
-    return t_first, first_rows, time.perf_counter()
 
 
 def _merge_quarantine(rdir: str) -> int:
