@@ -9,6 +9,7 @@ import sys
 from dermray.errors import UserError
 
 EXIT_USER_ERROR = 2
+EXIT_FLOOR_MISSED = 3  # dermray nightly: the run finished, a quality floor was not met
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -66,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--incremental", action="store_const", const="true",
                    help="score only images this model has not scored in this run yet (config: score.incremental)")
     p.add_argument("--tta", help="test-time augmentation: none | flips | dihedral (config: score.tta)")
+
+    p = sub.add_parser("nightly", help="score new images incrementally, evaluate, keep the night's metrics, check "
+                       "floors (exit 3 when one is missed)")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", help="config: score.checkpoints")
+    p.add_argument("--input", help="tonight's archive: manifest, folder or shards (config: score.input)")
+    p.add_argument("--date", help="YYYY-MM-DD of this night's metrics partition (config: nightly.date)")
 
     p = sub.add_parser("evaluate", help="ROC/AUC with CIs, rates, confusion, calibration, readers: tables + report")
     _add_config_args(p)
@@ -128,6 +136,18 @@ def cmd_score(args) -> dict:
     return summary
 
 
+def cmd_nightly(args) -> dict:
+    from dermray import nightly
+    from dermray.config import load_config
+
+    overrides = list(args.overrides) + _flag_overrides(args, COMMON_FLAGS | {
+        "checkpoint": "score.checkpoints", "input": "score.input", "date": "nightly.date"})
+    cfg = load_config(args.config, overrides)
+    summary = nightly.run(cfg)
+    print(json.dumps(summary, indent=2, default=str) if args.json else nightly.format_summary(summary))
+    return summary
+
+
 def cmd_evaluate(args) -> dict:
     from dermray import evaluate
     from dermray.config import load_config
@@ -158,7 +178,7 @@ def cmd_import(args) -> dict:
     return summary
 
 
-COMMANDS = {"partition": cmd_partition, "train": cmd_train, "score": cmd_score, "evaluate": cmd_evaluate, "import": cmd_import}
+COMMANDS = {"partition": cmd_partition, "train": cmd_train, "score": cmd_score, "nightly": cmd_nightly, "evaluate": cmd_evaluate, "import": cmd_import}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,8 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dermray.nightly import FloorMissed
+
     try:
         COMMANDS[args.command](args)
+    except FloorMissed as e:
+        print(f"dermray {args.command}: floor missed: {e}", file=sys.stderr)
+        return EXIT_FLOOR_MISSED
     except UserError as e:
         print(f"dermray {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -9,7 +9,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import yaml
 
@@ -102,6 +102,14 @@ class ScoreConfig:
 
 
 @dataclass
+class NightlyConfig:
+    date: Optional[str] = None  # YYYY-MM-DD of this night's metrics partition; default: today (UTC)
+    min_auc: Dict[str, float] = field(default_factory=dict)  # task -> floor; missed -> the job fails
+    auc_subset: str = "all"  # which subset's AUC the floors apply to (e.g. biopsy)
+    max_quarantined_share: Optional[float] = None  # of tonight's input; above it -> the job fails
+
+
+@dataclass
 class RayConfig:
     address: Optional[str] = None  # None: in-process local Ray; else a cluster address (or RAY_ADDRESS)
     num_cpus: Optional[int] = None  # for the in-process local Ray only
@@ -116,6 +124,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    nightly: NightlyConfig = field(default_factory=NightlyConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self) -> dict:

@@ -5,7 +5,10 @@ import os
 import pathlib
 import socket
 
+import pandas as pd
+import pyarrow.parquet
 import pytest
+from helpers import shard_bytes, write_fold
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(os.environ.get("DERMRAY_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -85,3 +88,44 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ---- the scoring study (tests/helpers.py builds the fold models) ----
+
+
+@pytest.fixture(scope="session")
+def score_study(ham_dir, tmp_path_factory):
+    """40 real images (4 diagnoses) imported and partitioned; two fold models; the 24-image archive in three forms."""
+    from dermray.cli import main
+
+    d = tmp_path_factory.mktemp("score_study")
+    labels = pd.read_csv(ham_dir / "labels.csv")
+    subset = pd.concat([labels[labels.dx == dx].head(10) for dx in ("nv", "mel", "bkl", "bcc")])
+    subset.to_csv(d / "labels.csv", index=False)
+    assert main(["import", "ham10000", "--metadata", str(d / "labels.csv"), "--images", str(ham_dir / "images"),
+                 "--output", str(d / "in")]) == 0
+    assert main(["partition", "--manifest", str(d / "in" / "manifest.parquet"), "--taxonomy",
+                 str(d / "in" / "taxonomy.parquet"), "--tasks", str(d / "in" / "tasks.yaml"), "--max-class-size",
+                 "8", "--folds", "2", "--output", str(d / "out")]) == 0
+    classes = pyarrow.parquet.read_table(d / "out" / "partition" / "training_classes.parquet")
+    for k in (0, 1):
+        write_fold(d / "out" / "train" / "r1" / f"fold={k}", classes, seed=k)
+    # The archive: 24 of the images, as a manifest with relative URIs, a folder + labels CSV, and two tar shards.
+    manifest = pd.read_parquet(d / "in" / "manifest.parquet").sort_values("image_id").head(24)
+    arch = d / "archive"
+    (arch / "images").mkdir(parents=True)
+    samples = []
+    for r in manifest.itertuples():
+        data = open(r.uri, "rb").read()
+        (arch / "images" / f"{r.image_id}.jpg").write_bytes(data)
+        samples.append((r.image_id, data, {"label": r.label, "label_source": r.label_source,
+                                           "modality": r.modality, "group_id": r.group_id}))
+    m = manifest.assign(uri=[f"images/{i}.jpg" for i in manifest.image_id])
+    m.to_parquet(arch / "manifest.parquet", index=False)
+    m[["image_id", "label", "label_source", "modality", "group_id"]].to_csv(arch / "labels.csv", index=False)
+    (arch / "shards").mkdir()
+    (arch / "shards" / "shard-000.tar").write_bytes(shard_bytes(samples[:12]))
+    (arch / "shards" / "shard-001.tar").write_bytes(shard_bytes(samples[12:]))
+    return d
+
+

@@ -19,76 +19,9 @@ from dermray.cli import main
 from dermray.config import load_config
 from dermray.errors import UserError
 from dermray.transforms import decode_image, eval_transform, to_array
+from helpers import SIZE, shard_bytes as _shard
 
 pytestmark = pytest.mark.slow
-SIZE = 64
-
-
-def _write_fold(fold_dir, classes: pa.Table, seed: int) -> None:
-    """A fold directory as `dermray train` writes it (weights + model card), with a model whose outputs depend on
-    the image (batch-norm statistics set, a sharper head) so that a mix-up of images would show."""
-    torch.manual_seed(seed)
-    m = models.build_model("mobilenet_v3_small", classes.num_rows, weights="none")
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            mod.reset_running_stats()
-            mod.momentum = None
-    m.train()
-    with torch.no_grad():
-        for _ in range(2):
-            m(torch.randn(16, 3, SIZE, SIZE))
-        m.classifier[3].weight.mul_(20)
-    os.makedirs(fold_dir / "best", exist_ok=True)
-    torch.save(m.state_dict(), fold_dir / "best" / "model.pt")
-    (fold_dir / "model_card.json").write_text(json.dumps({
-        "model_id": f"r1/{fold_dir.name}", "architecture": "mobilenet_v3_small", "input_size": SIZE,
-        "normalisation": {"mean": list(models.IMAGENET_MEAN), "std": list(models.IMAGENET_STD)},
-        "training_classes": classes.to_pandas().to_dict(orient="records"), "classes_hash": train.classes_hash(classes)}))
-
-
-def _shard(samples: list[tuple[str, bytes, dict]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for key, data, meta in samples:
-            for name, payload in ((f"{key}.jpg", data), (f"{key}.json", json.dumps(meta).encode())):
-                info = tarfile.TarInfo(name)
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-    return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def study(ham_dir, tmp_path_factory):
-    """40 real images (4 diagnoses) imported and partitioned; two fold models; the 24-image archive in three forms."""
-    d = tmp_path_factory.mktemp("score_study")
-    labels = pd.read_csv(ham_dir / "labels.csv")
-    subset = pd.concat([labels[labels.dx == dx].head(10) for dx in ("nv", "mel", "bkl", "bcc")])
-    subset.to_csv(d / "labels.csv", index=False)
-    assert main(["import", "ham10000", "--metadata", str(d / "labels.csv"), "--images", str(ham_dir / "images"),
-                 "--output", str(d / "in")]) == 0
-    assert main(["partition", "--manifest", str(d / "in" / "manifest.parquet"), "--taxonomy",
-                 str(d / "in" / "taxonomy.parquet"), "--tasks", str(d / "in" / "tasks.yaml"), "--max-class-size",
-                 "8", "--folds", "2", "--output", str(d / "out")]) == 0
-    classes = pa.parquet.read_table(d / "out" / "partition" / "training_classes.parquet")
-    for k in (0, 1):
-        _write_fold(d / "out" / "train" / "r1" / f"fold={k}", classes, seed=k)
-    # The archive: 24 of the images, as a manifest with relative URIs, a folder + labels CSV, and two tar shards.
-    manifest = pd.read_parquet(d / "in" / "manifest.parquet").sort_values("image_id").head(24)
-    arch = d / "archive"
-    (arch / "images").mkdir(parents=True)
-    samples = []
-    for r in manifest.itertuples():
-        data = open(r.uri, "rb").read()
-        (arch / "images" / f"{r.image_id}.jpg").write_bytes(data)
-        samples.append((r.image_id, data, {"label": r.label, "label_source": r.label_source,
-                                           "modality": r.modality, "group_id": r.group_id}))
-    m = manifest.assign(uri=[f"images/{i}.jpg" for i in manifest.image_id])
-    m.to_parquet(arch / "manifest.parquet", index=False)
-    m[["image_id", "label", "label_source", "modality", "group_id"]].to_csv(arch / "labels.csv", index=False)
-    (arch / "shards").mkdir()
-    (arch / "shards" / "shard-000.tar").write_bytes(_shard(samples[:12]))
-    (arch / "shards" / "shard-001.tar").write_bytes(_shard(samples[12:]))
-    return d
 
 
 def cfg(d, *extra):
@@ -119,8 +52,8 @@ def read_preds(uri) -> pd.DataFrame:
     return storage.read_table(uri).to_pandas().sort_values("image_id").reset_index(drop=True)
 
 
-def test_manifest_predictions_equal_an_eager_forward_and_carry_the_manifest(study, ray_local, tmp_path):
-    d = study
+def test_manifest_predictions_equal_an_eager_forward_and_carry_the_manifest(score_study, ray_local, tmp_path):
+    d = score_study
     s = score.run(cfg(d, f"score.input={d / 'archive' / 'manifest.parquet'}", f"output={tmp_path}", "run_id=m"))
     assert (s["input"], s["scored"], s["quarantined"], s["already_done"]) == (24, 24, 0, 0)
     assert s["files_written"] == 3 and s["models"] == 2
@@ -152,8 +85,8 @@ def test_manifest_predictions_equal_an_eager_forward_and_carry_the_manifest(stud
     assert any(h["task"] == "melanoma_vs_nevus" and h["metric"] == "auc" for h in ev["headline"])
 
 
-def test_three_input_kinds_locally_and_on_s3_give_identical_predictions(study, ray_local, tmp_path, s3_bucket):
-    d = study
+def test_three_input_kinds_locally_and_on_s3_give_identical_predictions(score_study, ray_local, tmp_path, s3_bucket):
+    d = score_study
     arch = d / "archive"
     for f in arch.rglob("*"):
         if f.is_file():
@@ -181,8 +114,8 @@ def test_three_input_kinds_locally_and_on_s3_give_identical_predictions(study, r
     assert frames["s3_shards"]["uri"].str.startswith(f"{s3_bucket}/archive/shards/shard-00").all()
 
 
-def test_bad_files_are_quarantined_with_their_reason_and_the_rest_is_scored(study, ray_local, tmp_path):
-    d = study
+def test_bad_files_are_quarantined_with_their_reason_and_the_rest_is_scored(score_study, ray_local, tmp_path):
+    d = score_study
     good = sorted((d / "archive" / "images").glob("*.jpg"))[:6]
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -220,8 +153,8 @@ def test_bad_files_are_quarantined_with_their_reason_and_the_rest_is_scored(stud
     assert "melanoma_vs_nevus_score" not in df.columns  # no tasks configured: training-class probabilities only
 
 
-def test_unsafe_tar_members_are_quarantined_and_never_extracted(study, ray_local, tmp_path):
-    d = study
+def test_unsafe_tar_members_are_quarantined_and_never_extracted(score_study, ray_local, tmp_path):
+    d = score_study
     imgs = sorted((d / "archive" / "images").glob("*.jpg"))[:3]
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
@@ -250,8 +183,8 @@ def test_unsafe_tar_members_are_quarantined_and_never_extracted(study, ray_local
     assert df.set_index("image_id").loc[imgs[2].stem, "label"] == "y"
 
 
-def test_rerun_is_idempotent_incremental_adds_only_new_images_and_tta_matches_eager(study, ray_local, tmp_path):
-    d = study
+def test_rerun_is_idempotent_incremental_adds_only_new_images_and_tta_matches_eager(score_study, ray_local, tmp_path):
+    d = score_study
     man = pd.read_parquet(d / "archive" / "manifest.parquet")
     man.head(14).to_parquet(tmp_path / "night1.parquet", index=False)
     man.to_parquet(tmp_path / "night2.parquet", index=False)
@@ -286,11 +219,11 @@ def _descendants(pid: int) -> list[int]:
         return []
 
 
-def test_a_driver_killed_part_way_and_rerun_scores_each_image_exactly_once(study, tmp_path):
+def test_a_driver_killed_part_way_and_rerun_scores_each_image_exactly_once(score_study, tmp_path):
     """A separate `dermray score` process (its own Ray) is SIGKILLed after its first chunk is written."""
     import psutil
 
-    d = study
+    d = score_study
     args = [sys.executable, "-m", "dermray.cli", "score", "--input", str(d / "archive" / "manifest.parquet"),
             "--checkpoint", str(d / "out" / "train" / "r1"), "--output", str(tmp_path), "--run-id", "k",
             "--set", "score.rows_per_file=4", "--set", "score.batch_size=4", "--set", "ray.num_cpus=2"]
@@ -323,8 +256,8 @@ def test_a_driver_killed_part_way_and_rerun_scores_each_image_exactly_once(study
     assert len(df) == 24 and df["image_id"].is_unique
 
 
-def test_user_errors(study, tmp_path, capsys):
-    d = study
+def test_user_errors(score_study, tmp_path, capsys):
+    d = score_study
     with pytest.raises(UserError, match="no checkpoint given"):
         score.run(load_config(None, [f"score.input={d / 'archive' / 'manifest.parquet'}"]))
     with pytest.raises(UserError, match="no fold=<k>/model_card.json below it"):

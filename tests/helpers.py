@@ -1,0 +1,47 @@
+"""Helpers shared by the tests: fold directories as `dermray train` writes them, WebDataset shards."""
+import io
+import json
+import os
+import tarfile
+
+import pyarrow as pa
+import torch
+
+from dermray import models, train
+
+SIZE = 64  # input pixels of the test models
+
+
+def write_fold(fold_dir, classes: pa.Table, seed: int) -> None:
+    """A fold directory as `dermray train` writes it (weights + model card), with a model whose outputs depend on
+    the image (batch-norm statistics set, a sharper head) so that a mix-up of images would show."""
+    torch.manual_seed(seed)
+    m = models.build_model("mobilenet_v3_small", classes.num_rows, weights="none")
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.reset_running_stats()
+            mod.momentum = None
+    m.train()
+    with torch.no_grad():
+        for _ in range(2):
+            m(torch.randn(16, 3, SIZE, SIZE))
+        m.classifier[3].weight.mul_(20)
+    os.makedirs(fold_dir / "best", exist_ok=True)
+    torch.save(m.state_dict(), fold_dir / "best" / "model.pt")
+    (fold_dir / "model_card.json").write_text(json.dumps({
+        "model_id": f"r1/{fold_dir.name}", "architecture": "mobilenet_v3_small", "input_size": SIZE,
+        "normalisation": {"mean": list(models.IMAGENET_MEAN), "std": list(models.IMAGENET_STD)},
+        "training_classes": classes.to_pandas().to_dict(orient="records"), "classes_hash": train.classes_hash(classes)}))
+
+
+def shard_bytes(samples: list[tuple[str, bytes, dict]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for key, data, meta in samples:
+            for name, payload in ((f"{key}.jpg", data), (f"{key}.json", json.dumps(meta).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return buf.getvalue()
+
+
