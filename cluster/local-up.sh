@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Start a local Ray head on loopback with token authentication, for trying `ray job submit` on one machine.
+# Run it from dermray's virtual environment (the head starts job drivers with the `python` on PATH).
+#
+#   bash cluster/local-up.sh            # then, in the shell that submits:
+#   export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$HOME/.dermray/local-ray/auth_token
+#   ray job submit --address http://127.0.0.1:8265 --runtime-env cluster/runtime_env.yaml --working-dir . -- \
+#       python jobs/partition.py --config configs/demo.yaml
+#   bash cluster/local-down.sh
+#
+# Settings (environment): DERMRAY_RAY_DIR (state: token, pid, logs; default ~/.dermray/local-ray), RAY_PORT (6379),
+# DASHBOARD_PORT (8265), NUM_CPUS (all), RAY_AUTH_MODE (token; "disabled" turns authentication off).
+# The token is generated once into $DERMRAY_RAY_DIR/auth_token (mode 600) and never printed.
+set -euo pipefail
+DIR="${DERMRAY_RAY_DIR:-$HOME/.dermray/local-ray}"
+RAY_PORT="${RAY_PORT:-6379}"
+DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+mkdir -p "$DIR"
+chmod 700 "$DIR"
+if [[ -f "$DIR/head.pid" ]] && kill -0 "$(cat "$DIR/head.pid")" 2>/dev/null; then
+  echo "a local head started by this script is already running (pid $(cat "$DIR/head.pid")); cluster/local-down.sh stops it" >&2
+  exit 1
+fi
+if [[ "$RAY_AUTH_MODE" == "token" ]]; then
+  if [[ ! -s "$DIR/auth_token" ]]; then
+    (umask 077; python -c 'import secrets; print(secrets.token_hex(32), end="")' > "$DIR/auth_token")
+  fi
+  export RAY_AUTH_TOKEN_PATH="$DIR/auth_token"
+fi
+args=(--head --block --node-ip-address 127.0.0.1 --port "$RAY_PORT" --dashboard-host 127.0.0.1
+      --dashboard-port "$DASHBOARD_PORT" --include-dashboard true --disable-usage-stats
+      --temp-dir "$DIR/tmp")
+[[ -n "${NUM_CPUS:-}" ]] && args+=(--num-cpus "$NUM_CPUS")
+# --block keeps `ray start` in the foreground as the parent of the head's processes: stopping that one process
+# (local-down.sh, by its PID) stops this head and nothing else on the machine.
+nohup ray start "${args[@]}" > "$DIR/head.log" 2>&1 &
+echo $! > "$DIR/head.pid"
+for _ in $(seq 1 120); do
+  if python - "$DASHBOARD_PORT" <<'PY' 2>/dev/null; then
+import sys, urllib.error, urllib.request
+try:  # any HTTP answer means the dashboard is up (401 without a token is one)
+    urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/api/version", timeout=2)
+except urllib.error.HTTPError:
+    pass
+PY
+    echo "Ray head up: dashboard and job API at http://127.0.0.1:$DASHBOARD_PORT (pid $(cat "$DIR/head.pid"), log $DIR/head.log)"
+    if [[ "$RAY_AUTH_MODE" == "token" ]]; then
+      echo "clients: export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$DIR/auth_token"
+    fi
+    exit 0
+  fi
+  if ! kill -0 "$(cat "$DIR/head.pid")" 2>/dev/null; then
+    echo "the Ray head exited while starting; see $DIR/head.log" >&2
+    exit 1
+  fi
+  sleep 1
+done
+echo "the Ray head did not answer within 120 s; see $DIR/head.log" >&2
+exit 1

@@ -1,0 +1,117 @@
+"""`ray job submit` against a real local Ray head on loopback, started and stopped with cluster/local-up.sh and
+cluster/local-down.sh (token authentication on, as Ray 2.60's `ray start` has it)."""
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import pandas as pd
+import psutil
+import pytest
+from conftest import free_port
+
+pytestmark = pytest.mark.slow
+REPO = pathlib.Path(__file__).resolve().parents[1]
+BIN = pathlib.Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A head started by cluster/local-up.sh in a private state folder; stopped by local-down.sh, and every process
+    it started is checked gone (and killed by PID if not)."""
+    state = pathlib.Path(tempfile.mkdtemp(prefix="dr-ray-", dir="/tmp"))  # short: Ray's socket paths are limited
+    dashboard = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", DERMRAY_RAY_DIR=str(state), RAY_PORT=str(free_port()),
+               DASHBOARD_PORT=str(dashboard), NUM_CPUS="2", RAY_AUTH_MODE="token")
+    up = subprocess.run(["bash", str(REPO / "cluster" / "local-up.sh")], env=env, capture_output=True, text=True,
+                        timeout=180)
+    pid = int((state / "head.pid").read_text()) if (state / "head.pid").exists() else None
+    procs = []
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr + (state / "head.log").read_text()
+        token = (state / "auth_token").read_text()
+        assert token not in up.stdout + up.stderr  # never printed
+        assert oct((state / "auth_token").stat().st_mode & 0o777) == "0o600"
+        client = dict(env, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(state / "auth_token"))
+        yield {"address": f"http://127.0.0.1:{dashboard}", "env": client, "state": state, "pid": pid}
+        procs = psutil.Process(pid).children(recursive=True)
+        down = subprocess.run(["bash", str(REPO / "cluster" / "local-down.sh")], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert down.returncode == 0, down.stderr
+        gone, alive = psutil.wait_procs(procs, timeout=30)
+        assert not alive, f"processes left behind by the head: {[p.pid for p in alive]}"
+    finally:
+        for p in procs + ([psutil.Process(pid)] if pid and psutil.pid_exists(pid) else []):
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+def submit(head, *entrypoint, wait_s=300) -> tuple[str, str]:
+    """`ray job submit` with the project's runtime env; polls `ray job status` to a terminal state.
+    Returns (status, logs)."""
+    sid = f"dermray-test-{time.time_ns()}"
+    ray = str(BIN / "ray")
+    for _ in range(30):  # a fresh head's job agent takes a few seconds more than its dashboard
+        out = subprocess.run([ray, "job", "submit", "--address", head["address"], "--submission-id", sid,
+                              "--no-wait", "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"),
+                              "--working-dir", str(REPO), "--", *entrypoint], env=head["env"], capture_output=True,
+                             text=True, timeout=120, cwd=REPO)
+        if "No available agent" not in out.stderr:
+            break
+        time.sleep(2)
+    assert out.returncode == 0, out.stdout + out.stderr
+    deadline = time.time() + wait_s
+    status = ""
+    while time.time() < deadline:
+        st = subprocess.run([ray, "job", "status", "--address", head["address"], sid], env=head["env"],
+                            capture_output=True, text=True, timeout=60)
+        # `ray job status` ends with "Job '<id>' succeeded" (or failed / stopped) once the job is over.
+        m = re.search(r"Job '[^']+' (succeeded|failed|stopped)", st.stdout + st.stderr)
+        status = m.group(1).upper() if m else ""
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(2)
+    logs = subprocess.run([ray, "job", "logs", "--address", head["address"], sid], env=head["env"],
+                          capture_output=True, text=True, timeout=60).stdout
+    return status, logs
+
+
+def test_submitted_partition_and_score_jobs_succeed_and_a_bad_config_fails_clearly(head, score_study, tmp_path):
+    d = score_study
+    out = tmp_path / "out"
+    status, logs = submit(head, "python", "jobs/partition.py", "--manifest", str(d / "in" / "manifest.parquet"),
+                          "--taxonomy", str(d / "in" / "taxonomy.parquet"), "--tasks", str(d / "in" / "tasks.yaml"),
+                          "--max-class-size", "8", "--folds", "2", "--output", str(out))
+    assert status == "SUCCEEDED", logs
+    assert "partition: 40 input rows = 40 assigned + 0 quarantined" in logs
+    assert len(pd.read_parquet(out / "partition" / "labels.parquet")) == 40
+    assert "\r" not in logs  # no progress bars redrawn into the log
+
+    status, logs = submit(head, "python", "jobs/score.py", "--checkpoint", str(d / "out" / "train" / "r1"),
+                          "--input", str(d / "archive" / "manifest.parquet"), "--output", str(out), "--run-id", "job",
+                          "--set", "score.batch_size=8", "--set", "score.cpus_per_actor=0.5", "--json")
+    assert status == "SUCCEEDED", logs
+    summary = json.loads(logs[logs.index("{\n"):logs.rindex("}") + 1])
+    assert summary["scored"] == 24 and summary["quarantined"] == 0
+    assert len(pd.read_parquet(out / "predictions" / "job" / "predictions")) == 24
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("partition:\n  max_class_sise: 10\n")
+    status, logs = submit(head, "python", "jobs/partition.py", "--config", str(bad))
+    assert status == "FAILED"
+    assert "unknown key 'partition.max_class_sise'" in logs and "Traceback" not in logs
+
+
+def test_a_client_without_the_token_is_refused(head):
+    env = {k: v for k, v in head["env"].items() if not k.startswith("RAY_AUTH")}
+    out = subprocess.run([str(BIN / "ray"), "job", "list", "--address", head["address"]], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "token" in (out.stdout + out.stderr).lower()
