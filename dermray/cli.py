@@ -68,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score only images this model has not scored in this run yet (config: score.incremental)")
     p.add_argument("--tta", help="test-time augmentation: none | flips | dihedral (config: score.tta)")
 
+    p = sub.add_parser("saliency", help="attribution maps (gradient, smoothgrad, integrated gradients, Grad-CAM) "
+                       "for chosen images, with sanity checks and a gallery")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", help="one fold directory or model.pt (config: saliency.checkpoints)")
+    p.add_argument("--predictions", help="predictions Parquet from dermray score (config: saliency.predictions)")
+    p.add_argument("--method", help="comma-separated: gradient, smoothgrad, integrated_gradients, gradcam "
+                   "(config: saliency.methods)")
+    p.add_argument("--tasks", help="evaluation tasks YAML (config: data.tasks)")
+    p.add_argument("--taxonomy", help="taxonomy Parquet/CSV (config: data.taxonomy)")
+    p.add_argument("--masks", help="lesion-mask URI pattern with {image_id} (config: saliency.masks)")
+
     p = sub.add_parser("nightly", help="score new images incrementally, evaluate, keep the night's metrics, check "
                        "floors (exit 3 when one is missed)")
     _add_config_args(p)
@@ -136,6 +147,19 @@ def cmd_score(args) -> dict:
     return summary
 
 
+def cmd_saliency(args) -> dict:
+    from dermray import saliency
+    from dermray.config import load_config
+
+    overrides = list(args.overrides) + _flag_overrides(args, COMMON_FLAGS | {
+        "checkpoint": "saliency.checkpoints", "predictions": "saliency.predictions", "method": "saliency.methods",
+        "tasks": "data.tasks", "taxonomy": "data.taxonomy", "masks": "saliency.masks"})
+    cfg = load_config(args.config, overrides)
+    summary = saliency.run(cfg)
+    print(json.dumps(summary, indent=2, default=str) if args.json else saliency.format_summary(summary))
+    return summary
+
+
 def cmd_nightly(args) -> dict:
     from dermray import nightly
     from dermray.config import load_config
@@ -178,7 +202,7 @@ def cmd_import(args) -> dict:
     return summary
 
 
-COMMANDS = {"partition": cmd_partition, "train": cmd_train, "score": cmd_score, "nightly": cmd_nightly, "evaluate": cmd_evaluate, "import": cmd_import}
+COMMANDS = {"partition": cmd_partition, "train": cmd_train, "score": cmd_score, "saliency": cmd_saliency, "nightly": cmd_nightly, "evaluate": cmd_evaluate, "import": cmd_import}
 
 
 def main(argv: list[str] | None = None) -> int:

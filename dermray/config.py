@@ -102,6 +102,33 @@ class ScoreConfig:
 
 
 @dataclass
+class SaliencyConfig:
+    checkpoints: List[str] = field(default_factory=list)  # one model: a fold directory or its best/model.pt
+    predictions: Optional[str] = None  # predictions Parquet (file or folder) with image_id, probs, label, uri
+    methods: List[str] = field(default_factory=lambda: ["gradient"])  # gradient | smoothgrad | integrated_gradients | gradcam
+    target: str = "positive"  # positive (the task's positive class) | predicted (task class) | training_class
+    tasks: List[str] = field(default_factory=list)  # which tasks; default: every binary task
+    select: str = "top_bottom"  # top_bottom | misclassified | ids
+    k: int = 8  # images per task and end (top_bottom) or per task (misclassified)
+    image_ids: List[str] = field(default_factory=list)  # select=ids
+    masks: Optional[str] = None  # lesion-mask URI pattern with {image_id}, e.g. .../masks/{image_id}_segmentation.png
+    partition: Optional[str] = None  # task_membership; default <output>/partition
+    sanity: bool = True  # model-parameter randomisation test on the audit set
+    audit_size: int = 6  # images in the sanity audit set (the first selected, by image_id)
+    sanity_levels: int = 4  # randomisation levels from the head down to the whole network
+    flag_similarity: float = 0.5  # flag a method whose fully randomised maps still correlate above this
+    smooth_samples: int = 16
+    smooth_noise: float = 0.15  # noise sd as a share of the input's range
+    ig_steps: int = 32
+    batch_size: int = 4
+    actors: int = 1
+    cpus_per_actor: float = 1.0
+    num_gpus: float = 0.0
+    torch_threads: Optional[int] = None
+    seed: int = 0
+
+
+@dataclass
 class NightlyConfig:
     date: Optional[str] = None  # YYYY-MM-DD of this night's metrics partition; default: today (UTC)
     min_auc: Dict[str, float] = field(default_factory=dict)  # task -> floor; missed -> the job fails
@@ -124,6 +151,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
     nightly: NightlyConfig = field(default_factory=NightlyConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 

@@ -701,10 +701,10 @@ def run(cfg: RunConfig) -> dict:
 
 
 def _decode_memory(sc: ScoreConfig, size: int) -> int:
-    """Bytes a decode task holds (its decoded batch, twice over while stacking, plus the files). Declaring it also
+    """Bytes a decode task holds (a worker process, its decoded batch a few times over). Declaring it also
     keeps decoding in its own tasks: Ray Data fuses a task step into the next actor step when their resource
     requests match, and the model actor would then decode and infer one after the other."""
-    return int(sc.batch_size * size * size * 3 * 2 + 32 * 2**20)
+    return int(sc.batch_size * size * size * 3 * 4 + 128 * 2**20)
 
 
 def _stream(work: list[pa.Table], kind: str, ens: Ensemble, sc: ScoreConfig, writer: _Writer) -> None:

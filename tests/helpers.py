@@ -45,3 +45,33 @@ def shard_bytes(samples: list[tuple[str, bytes, dict]]) -> bytes:
     return buf.getvalue()
 
 
+
+
+def train_small_fold(fold_dir, classes: pa.Table, images: list[str], labels: list[int], steps: int = 40,
+                     seed: int = 0) -> None:
+    """A quickly fine-tuned mobilenet_v3_small (from random weights, SIZE px) written as a fold directory: a model
+    that has learned something from real images, for the saliency sanity checks."""
+    import numpy as np
+
+    from dermray.transforms import decode_image, eval_transform, to_array
+
+    torch.manual_seed(seed)
+    x = torch.from_numpy(np.stack([to_array(eval_transform(decode_image(open(u, "rb").read()), SIZE),
+                                            models.IMAGENET_MEAN, models.IMAGENET_STD) for u in images]))
+    y = torch.tensor(labels)
+    m = models.build_model("mobilenet_v3_small", classes.num_rows, weights="none")
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    m.train()
+    for step in range(steps):
+        idx = torch.randint(0, len(y), (16,))
+        loss = torch.nn.functional.cross_entropy(m(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    os.makedirs(fold_dir / "best", exist_ok=True)
+    torch.save(m.state_dict(), fold_dir / "best" / "model.pt")
+    (fold_dir / "model_card.json").write_text(json.dumps({
+        "model_id": f"trained/{fold_dir.name}", "architecture": "mobilenet_v3_small", "input_size": SIZE,
+        "normalisation": {"mean": list(models.IMAGENET_MEAN), "std": list(models.IMAGENET_STD)},
+        "training_classes": classes.to_pandas().to_dict(orient="records"), "classes_hash": train.classes_hash(classes)}))

@@ -1,0 +1,394 @@
+"""Saliency stage: attribution maps for chosen images, computed over Ray Data, written to object storage, with the
+sanity checks that say whether a method's maps mean anything.
+
+Images come from a predictions table (``dermray score`` output): the top-K and bottom-K scored images of each task,
+the misclassified ones, or listed ids. Each Ray Data actor builds the model once and, for every image and method
+(``dermray/attribution.py``), writes under ``<output>/saliency/<run_id>/<method>/`` a PNG (the image beside its
+overlay) and the raw map as float16 ``.npy`` at the image's own size. Also under ``<output>/saliency/<run_id>/``:
+``saliency_index.parquet`` (image_id, task, method, target, score, png_uri, npy_uri, inside_lesion when masks are
+given, label, true_class, reason), ``sanity.parquet`` (the model-parameter randomisation test per method and level),
+``gallery.html`` (one row per class, the paper's saliency-figure form, and the sanity results) and
+``saliency_summary.json``.
+"""
+from __future__ import annotations
+
+import copy
+import html
+import json
+import logging
+import re
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from dermray import storage
+from dermray.attribution import METHODS
+from dermray.config import RunConfig, SaliencyConfig
+from dermray.errors import UserError
+
+log = logging.getLogger("dermray.saliency")
+STAGE = "saliency"
+TRAINING_CLASS = "__training_class__"
+
+
+def run_dir(cfg: RunConfig) -> str:
+    return storage.join(cfg.output, "saliency", cfg.run_id)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+# ---- selection (pure) --------------------------------------------------------------------------------------------
+def targets_matrix(n_classes: int, tasks, membership: pd.DataFrame) -> tuple[np.ndarray, dict]:
+    """[n_classes, n_classes + sum of task classes]: the identity (training classes) then each task's membership;
+    and the column offset of each task (TRAINING_CLASS -> 0)."""
+    from dermray.evaluate import task_probabilities
+
+    blocks, offsets, col = [np.eye(n_classes)], {TRAINING_CLASS: 0}, n_classes
+    for task in tasks:
+        offsets[task.name] = col
+        blocks.append(task_probabilities(np.eye(n_classes), membership, task))
+        col += len(task.classes)
+    return np.concatenate(blocks, axis=1).astype(np.float32), offsets
+
+
+def select_images(df: pd.DataFrame, probs: np.ndarray, tasks, membership: pd.DataFrame, tax, sc: SaliencyConfig
+                  ) -> pd.DataFrame:
+    """One row per (image, task) to explain: image_id, uri, label, task, true_class, score, target, target_col
+    (column within the task, or the training class with target=training_class), reason."""
+    from dermray.evaluate import binary_score, task_probabilities, truth_for_task
+
+    rows = []
+    for task in tasks:
+        tp = task_probabilities(probs, membership, task)
+        truth = truth_for_task(tax, task, df["label"].to_numpy())
+        if task.is_binary:
+            pos = task.class_names.index(task.positive)
+            score = binary_score(tp, pos)
+            predicted = np.where(score >= 0.5, pos, 1 - pos)
+        else:
+            score = tp.max(axis=1)
+            predicted = tp.argmax(axis=1)
+        ok = (truth >= 0) & np.isfinite(score)
+        idx = np.flatnonzero(ok)
+        if sc.select == "top_bottom":
+            order = idx[np.argsort(-score[idx], kind="stable")]
+            picks = [(i, "top") for i in order[:sc.k]] + [(i, "bottom") for i in order[::-1][:sc.k]]
+        elif sc.select == "misclassified":
+            wrong = idx[predicted[idx] != truth[idx]]
+            confidence = np.abs(score[wrong] - 0.5) if task.is_binary else score[wrong]
+            picks = [(i, "misclassified") for i in wrong[np.argsort(-confidence, kind="stable")][:sc.k]]
+        elif sc.select == "ids":
+            wanted = set(sc.image_ids)
+            picks = [(i, "listed") for i in idx if df["image_id"].iloc[i] in wanted]
+        else:
+            raise UserError(f"saliency.select must be top_bottom, misclassified or ids, got {sc.select!r}")
+        seen = set()
+        for i, reason in picks:
+            if i in seen:
+                continue
+            seen.add(i)
+            if sc.target == "positive" and task.is_binary:
+                target, col = task.positive, task.class_names.index(task.positive)
+            elif sc.target in ("positive", "predicted"):
+                target, col = task.class_names[int(predicted[i])], int(predicted[i])
+            elif sc.target == "training_class":
+                col = int(probs[i].argmax())
+                target = f"training class {col}"
+            else:
+                raise UserError(f"saliency.target must be positive, predicted or training_class, got {sc.target!r}")
+            rows.append({"image_id": df["image_id"].iloc[i], "uri": df["uri"].iloc[i], "label": df["label"].iloc[i],
+                         "task": task.name, "true_class": task.class_names[int(truth[i])],
+                         "score": float(score[i]), "target": target, "target_col": col, "reason": reason})
+    if sc.select == "ids":
+        found = {r["image_id"] for r in rows}
+        missing = [i for i in sc.image_ids if i not in found]
+        if missing:
+            raise UserError(f"saliency.image_ids not in the predictions (or in no selected task): {missing[:5]}")
+    return pd.DataFrame(rows, columns=["image_id", "uri", "label", "task", "true_class", "score", "target",
+                                       "target_col", "reason"])
+
+
+# ---- the Ray Data actor --------------------------------------------------------------------------------------------
+def _build(ens, matrix: np.ndarray, threads: int, use_gpu: bool):
+    import torch
+
+    from dermray.attribution import TargetLogProb
+    from dermray.models import _get, build_model, spec
+
+    torch.set_num_threads(max(1, threads))
+    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    model = build_model(ens.arch, ens.n_classes, weights=ens.weights[0]).to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)  # gradients flow to the input only
+    f = TargetLogProb(model, matrix).to(device).eval()
+    return f, _get(model, spec(ens.arch).last_conv), device
+
+
+def _inputs(uris, ens, device):
+    """Original RGB images (uint8 [H, W, 3]) and the model's input batch [B, 3, S, S]."""
+    import torch
+
+    from dermray.transforms import decode_image, eval_transform, to_array
+
+    originals, xs = [], []
+    for uri in uris:
+        img = decode_image(storage.read_bytes(uri))
+        originals.append(np.asarray(img, dtype=np.uint8))
+        xs.append(to_array(eval_transform(img, ens.size), ens.mean, ens.std))
+    return originals, torch.from_numpy(np.stack(xs)).to(device)
+
+
+class Explainer:
+    """Ray Data actor: the model built once; ``__call__`` computes every method's maps for a batch of selected
+    images, writes the PNGs and .npy files, and returns their index rows."""
+
+    def __init__(self, ens, matrix: np.ndarray, methods: list[str], sc: dict, out_dir: str, threads: int,
+                 use_gpu: bool):
+        self.f, self.layer, self.device = _build(ens, matrix, threads, use_gpu)
+        self.ens, self.methods, self.sc, self.out_dir = ens, methods, sc, out_dir
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        from dermray.attribution import attribute, inside_fraction, npy_bytes, overlay_png, resize_map
+
+        originals, x = _inputs(list(batch["uri"]), self.ens, self.device)
+        targets = torch.as_tensor(batch["col"].astype(np.int64), device=self.device)
+        out = {k: [] for k in ("image_id", "task", "method", "png_uri", "npy_uri", "inside_lesion")}
+        for method in self.methods:
+            maps = attribute(self.f, x, targets, method, layer=self.layer, smooth_samples=self.sc["smooth_samples"],
+                             smooth_noise=self.sc["smooth_noise"], ig_steps=self.sc["ig_steps"], seed=self.sc["seed"])
+            for i, (image_id, task) in enumerate(zip(batch["image_id"], batch["task"])):
+                img = originals[i]
+                m = resize_map(maps[i], img.shape[0], img.shape[1])
+                stem = f"{_safe(image_id)}__{_safe(task)}"
+                png = storage.join(self.out_dir, method, f"{stem}.png")
+                npy = storage.join(self.out_dir, method, f"{stem}.npy")
+                storage.write_bytes(png, overlay_png(img, m))
+                storage.write_bytes(npy, npy_bytes(m))
+                inside = np.nan
+                if self.sc["masks"]:
+                    inside = inside_fraction(m, _mask(self.sc["masks"], image_id, img.shape[:2]))
+                for k, v in (("image_id", image_id), ("task", task), ("method", method), ("png_uri", png),
+                             ("npy_uri", npy), ("inside_lesion", inside)):
+                    out[k].append(v)
+        return {k: np.array(v, dtype=np.float64 if k == "inside_lesion" else object) for k, v in out.items()}
+
+
+def _mask(pattern: str, image_id: str, shape: tuple[int, int]) -> np.ndarray:
+    """The lesion mask of an image (any image whose non-zero pixels are the lesion), at the image's size."""
+    from PIL import Image
+
+    from dermray.transforms import decode_image
+
+    img = decode_image(storage.read_bytes(pattern.format(image_id=image_id))).convert("L")
+    if img.size != (shape[1], shape[0]):
+        img = img.resize((shape[1], shape[0]), Image.NEAREST)
+    return np.asarray(img) > 127
+
+
+# ---- sanity checks -------------------------------------------------------------------------------------------------
+def sanity_rows(ens, matrix: np.ndarray, audit: pd.DataFrame, methods: list[str], sc: dict, threads: int,
+                use_gpu: bool) -> list[dict]:
+    """The cascading model-parameter randomisation test on the audit images: per method and level, the mean
+    Spearman rank correlation and SSIM between the original maps and the randomised model's maps."""
+    import torch
+
+    from dermray.attribution import TargetLogProb, attribute, cascade, randomise, spearman, ssim
+    from dermray.models import _get, spec
+
+    f, layer, device = _build(ens, matrix, threads, use_gpu)
+    _, x = _inputs(list(audit["uri"]), ens, device)
+    targets = torch.as_tensor(audit["col"].to_numpy(np.int64), device=device)
+    s = spec(ens.arch)
+    kw = dict(smooth_samples=sc["smooth_samples"], smooth_noise=sc["smooth_noise"], ig_steps=sc["ig_steps"],
+              seed=sc["seed"])
+    rows = []
+    for method in methods:
+        original = attribute(f, x, targets, method, layer=layer, **kw)
+        model = f.model
+        n_levels = len(cascade(s.stages(model), [_get(model, h) for h in s.heads], sc["sanity_levels"]))
+        for level in range(n_levels):
+            rmodel = copy.deepcopy(model)
+            name, modules = cascade(s.stages(rmodel), [_get(rmodel, h) for h in s.heads], sc["sanity_levels"])[level]
+            randomise(modules, seed=sc["seed"] + 1)
+            rf = TargetLogProb(rmodel, matrix).to(device).eval()
+            rmaps = attribute(rf, x, targets, method, layer=_get(rmodel, s.last_conv), **kw)
+            sp = [spearman(a, b) for a, b in zip(original, rmaps)]
+            ss = [ssim(a, b) for a, b in zip(original, rmaps)]
+            rows.append({"method": method, "level": level, "randomised": name, "spearman": float(np.nanmean(sp))
+                         if np.isfinite(sp).any() else float("nan"), "ssim": float(np.nanmean(ss)),
+                         "n_images": len(audit)})
+    return rows
+
+
+def flag_methods(rows: list[dict], threshold: float) -> dict[str, str]:
+    """Methods whose maps at full randomisation still resemble the originals (Spearman or SSIM above threshold)."""
+    flags = {}
+    for method in {r["method"] for r in rows}:
+        last = max((r for r in rows if r["method"] == method), key=lambda r: r["level"])
+        if last["spearman"] > threshold or last["ssim"] > threshold:
+            flags[method] = (f"maps barely change when every layer is randomised (Spearman {last['spearman']:.2f}, "
+                             f"SSIM {last['ssim']:.2f}): they do not depend on what the model learned")
+    return flags
+
+
+# ---- the stage -----------------------------------------------------------------------------------------------------
+def run(cfg: RunConfig) -> dict:
+    import ray
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from dermray.evaluate import load_predictions
+    from dermray.raysession import ray_session
+    from dermray.score import load_ensemble
+    from dermray.tasks import load_tasks
+    from dermray.taxonomy import load_taxonomy
+
+    sc = cfg.saliency
+    t_start = time.perf_counter()
+    unknown = [m for m in sc.methods if m not in METHODS]
+    if unknown or not sc.methods:
+        raise UserError(f"saliency.methods: unknown {unknown} (choose from {', '.join(METHODS)})")
+    if not sc.predictions:
+        raise UserError("no predictions given: pass --predictions URI (config: saliency.predictions)")
+    if not (cfg.data.tasks and cfg.data.taxonomy):
+        raise UserError("saliency needs the tasks YAML and the taxonomy: set data.tasks and data.taxonomy")
+    ens = load_ensemble(sc.checkpoints)
+    if len(ens.weights) != 1:
+        raise UserError(f"saliency explains one model, got {len(ens.weights)} checkpoints: pass one fold directory")
+    tax = load_taxonomy(cfg.data.taxonomy)
+    tasks = load_tasks(cfg.data.tasks, tax)
+    if sc.tasks:
+        names = {t.name for t in tasks}
+        missing = [t for t in sc.tasks if t not in names]
+        if missing:
+            raise UserError(f"saliency.tasks {missing} are not in {storage.redact(cfg.data.tasks)}")
+        tasks = [t for t in tasks if t.name in sc.tasks]
+    else:
+        tasks = [t for t in tasks if t.is_binary]
+    part = sc.partition or storage.join(cfg.output, "partition")
+    membership = storage.read_table(storage.join(part, "task_membership.parquet")).to_pandas()
+    df = load_predictions(sc.predictions, cfg.evaluate.model_id)
+    if "uri" not in df.columns:
+        raise UserError(f"{storage.redact(sc.predictions)}: predictions need a 'uri' column (dermray score writes it)")
+    probs = df.attrs["probs"]
+    if probs.shape[1] != ens.n_classes:
+        raise UserError(f"the predictions have {probs.shape[1]} training classes, the model {ens.n_classes}")
+    chosen = select_images(df, probs, tasks, membership, tax, sc)
+    matrix, offsets = targets_matrix(ens.n_classes, tasks, membership)
+    chosen["col"] = [int(c) if sc.target == "training_class" else offsets[t] + int(c)
+                     for t, c in zip(chosen["task"], chosen["target_col"])]
+    rdir = run_dir(cfg)
+    sc_dict = {k: getattr(sc, k) for k in ("smooth_samples", "smooth_noise", "ig_steps", "seed", "masks",
+                                           "sanity_levels")}
+    sanity = []
+    with ray_session(cfg.ray.address, cfg.ray.num_cpus):
+        threads = sc.torch_threads or max(1, int(ray.cluster_resources().get("CPU", 1)) // max(1, sc.actors))
+        use_gpu = sc.num_gpus > 0
+        work = pa.Table.from_pandas(chosen[["image_id", "uri", "task", "col"]], preserve_index=False)
+        blocks = [work.slice(i, sc.batch_size) for i in range(0, work.num_rows, sc.batch_size)]
+        index_rows = []
+        if blocks:
+            ds = ray.data.from_arrow(blocks).map_batches(
+                Explainer, batch_size=sc.batch_size, compute=ActorPoolStrategy(size=sc.actors),
+                num_cpus=sc.cpus_per_actor, num_gpus=sc.num_gpus or None,
+                fn_constructor_kwargs={"ens": ens, "matrix": matrix, "methods": list(sc.methods), "sc": sc_dict,
+                                       "out_dir": rdir, "threads": threads, "use_gpu": use_gpu})
+            for b in ds.iter_batches(batch_size=None, batch_format="pandas"):
+                index_rows.append(b)
+        if sc.sanity and len(chosen):
+            audit = chosen.sort_values(["image_id", "task"]).drop_duplicates("image_id").head(sc.audit_size)
+            remote = ray.remote(num_cpus=sc.cpus_per_actor, num_gpus=sc.num_gpus or None)(sanity_rows)
+            sanity = ray.get(remote.remote(ens, matrix, audit, list(sc.methods), sc_dict, threads, use_gpu))
+    index = (pd.concat(index_rows, ignore_index=True) if index_rows else
+             pd.DataFrame(columns=["image_id", "task", "method", "png_uri", "npy_uri", "inside_lesion"]))
+    index = index.merge(chosen.drop(columns=["uri", "col", "target_col"]), on=["image_id", "task"], how="left")
+    index = index[["image_id", "task", "method", "target", "score", "png_uri", "npy_uri", "inside_lesion", "label",
+                   "true_class", "reason"]].sort_values(["task", "method", "image_id"]).reset_index(drop=True)
+    storage.write_table(pa.Table.from_pandas(index, preserve_index=False),
+                        storage.join(rdir, "saliency_index.parquet"))
+    flags = flag_methods(sanity, sc.flag_similarity) if sanity else {}
+    sanity_df = pd.DataFrame(sanity, columns=["method", "level", "randomised", "spearman", "ssim", "n_images"])
+    sanity_df["flagged"] = sanity_df["method"].map(lambda m: m in flags)
+    storage.write_table(pa.Table.from_pandas(sanity_df, preserve_index=False), storage.join(rdir, "sanity.parquet"))
+    storage.write_text(storage.join(rdir, "gallery.html"), gallery_html(cfg, index, sanity_df, flags, tasks, rdir))
+    summary = {"stage": STAGE, "run_id": cfg.run_id, "model_id": ens.model_id, "methods": list(sc.methods),
+               "selected": len(chosen), "maps": len(index), "tasks": [t.name for t in tasks],
+               "inside_lesion_mean": {m: float(g.mean()) for m, g in index.groupby("method")["inside_lesion"]
+                                      if g.notna().any()},
+               "sanity": sanity, "flagged": flags,
+               "outputs": {"index": storage.join(rdir, "saliency_index.parquet"),
+                           "sanity": storage.join(rdir, "sanity.parquet"),
+                           "gallery": storage.join(rdir, "gallery.html")},
+               "seconds": round(time.perf_counter() - t_start, 2)}
+    storage.write_text(storage.join(rdir, "saliency_summary.json"), json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _relative(uri: str, base: str) -> str:
+    return uri[len(base):].lstrip("/") if uri.startswith(base) else uri
+
+
+def gallery_html(cfg: RunConfig, index: pd.DataFrame, sanity: pd.DataFrame, flags: dict, tasks, rdir: str) -> str:
+    """The paper's saliency-figure form: per task, one row per class (the images whose truth is that class), each
+    image with every method's overlay; then the sanity-check table. Links are relative: the page works where the
+    folder is (local, or an S3 static site)."""
+    e = html.escape
+    parts = [f"<!doctype html><meta charset='utf-8'><title>dermray saliency {e(cfg.run_id)}</title>",
+             "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 8px;vertical-align:top}"
+             "img{height:150px}.flag{color:#b00;font-weight:bold}table{border-collapse:collapse}"
+             "th{background:#eee}</style>",
+             f"<h1>Saliency maps — run {e(cfg.run_id)}</h1>",
+             "<p>Each image is shown beside its map (brighter = the pixels whose change moves the target's "
+             "log-probability most). Maps explain one model; the sanity checks below say whether a method's maps "
+             "depend on what the model learned.</p>"]
+    for task in tasks:
+        sub = index[index["task"] == task.name]
+        if sub.empty:
+            continue
+        parts.append(f"<h2>{e(task.name)}</h2><table>")
+        for cls in task.class_names:
+            rows = sub[sub["true_class"] == cls]
+            cells = []
+            for image_id, g in rows.groupby("image_id", sort=True):
+                r0 = g.iloc[0]
+                imgs = "".join(f"<div>{e(m)}<br><img src='{e(_relative(u, rdir))}' alt='{e(image_id)} {e(m)}'></div>"
+                               for m, u in zip(g["method"], g["png_uri"]))
+                cells.append(f"<td><b>{e(image_id)}</b><br>score {r0['score']:.3f} ({e(r0['reason'])}), target "
+                             f"{e(str(r0['target']))}{imgs}</td>")
+            parts.append(f"<tr><th>{e(cls)}<br>({len(cells)} images)</th>{''.join(cells) or '<td>none</td>'}</tr>")
+        parts.append("</table>")
+    parts.append("<h2>Sanity checks: model-parameter randomisation (Adebayo et al. 2018)</h2>")
+    if sanity.empty:
+        parts.append("<p>Not run.</p>")
+    else:
+        parts.append("<table><tr><th>method</th><th>randomised</th><th>Spearman</th><th>SSIM</th><th>images</th></tr>")
+        for r in sanity.itertuples():
+            parts.append(f"<tr><td>{e(r.method)}</td><td>{e(r.randomised)}</td><td>{r.spearman:.3f}</td>"
+                         f"<td>{r.ssim:.3f}</td><td>{r.n_images}</td></tr>")
+        parts.append("</table><p>Similarity should fall as more of the network is randomised.</p>")
+        for m, why in flags.items():
+            parts.append(f"<p class='flag'>{e(m)}: {e(why)}</p>")
+    return "\n".join(parts)
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"saliency: {s['selected']} selected (image, task) pairs -> {s['maps']} maps "
+             f"({', '.join(s['methods'])}) with {s['model_id']} ({s['seconds']} s)"]
+    for m, v in s["inside_lesion_mean"].items():
+        lines.append(f"  {m}: {v:.1%} of the attribution inside the lesion on average")
+    for m, why in s["flagged"].items():
+        lines.append(f"  FLAGGED {m}: {why}")
+    if s["sanity"]:
+        last = {}
+        for r in s["sanity"]:
+            last[r["method"]] = r
+        for m, r in last.items():
+            lines.append(f"  sanity {m}: fully randomised Spearman {r['spearman']:.2f}, SSIM {r['ssim']:.2f}")
+    lines.append(f"  gallery: {s['outputs']['gallery']}")
+    return "\n".join(lines)
