@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: test install bench-partition clean
+.PHONY: test demo install bench-partition clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The embedded demo: synthetic data, the whole pipeline on an in-process Ray, the report's path at the end.
+demo: $(STAMP)
+	$(VENV)/bin/dermray synth --output outputs/demo/data
+	$(VENV)/bin/dermray pipeline --config configs/demo.yaml
 
 bench-partition: $(STAMP)
 	$(PY) benchmarks/partition.py

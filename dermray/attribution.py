@@ -146,11 +146,17 @@ def cascade(stages: list[list[nn.Module]], heads: list[nn.Module], levels: int) 
     return out
 
 
-def overlay_png(image: np.ndarray, m: np.ndarray, cmap: str = "inferno") -> bytes:
-    """PNG of the image beside the image overlaid with the map (scaled to its 99th percentile), legible colours."""
+def overlay_png(image: np.ndarray, m: np.ndarray, cmap: str = "inferno", min_height: int = 256) -> bytes:
+    """PNG of the image beside the image overlaid with the map (scaled to its 99th percentile), legible colours;
+    small images are enlarged to ``min_height`` pixels so that the map can be read."""
     import matplotlib
     from PIL import Image
 
+    if image.shape[0] < min_height:
+        factor = int(np.ceil(min_height / image.shape[0]))
+        size = (image.shape[1] * factor, image.shape[0] * factor)
+        image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+        m = resize_map(m.astype(np.float32), size[1], size[0])
     a = np.abs(m.astype(np.float32))
     hi = float(np.percentile(a, 99)) or float(a.max()) or 1.0
     a = np.clip(a / hi, 0.0, 1.0)

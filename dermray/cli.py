@@ -98,6 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distributed", action="store_const", const="true",
                    help="AUCs from per-block histograms over Ray Data (inputs larger than memory)")
 
+    p = sub.add_parser("pipeline", help="partition -> train -> score -> evaluate -> saliency, skipping stages "
+                       "already done for this run")
+    _add_config_args(p)
+    p.add_argument("--force", action="store_const", const="true", help="re-run stages whose outputs exist")
+
+    p = sub.add_parser("synth", help="write a synthetic demo dataset (images, manifests, taxonomy, tasks, readers)")
+    p.add_argument("--output", required=True, help="folder or s3:// prefix")
+    p.add_argument("--lesions", type=int, default=1200, help="training/validation lesions (1-3 images each)")
+    p.add_argument("--test-lesions", type=int, default=300, help="held-out lesions")
+    p.add_argument("--size", type=int, default=96, help="image size in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("import", help="turn public dataset metadata into manifest, taxonomy and tasks")
     p.add_argument("dataset", choices=["ham10000", "isic"])
     p.add_argument("--metadata", required=True, help="metadata CSV (HAM10000 labels / ISIC Archive metadata)")
@@ -186,6 +199,34 @@ def cmd_evaluate(args) -> dict:
     return summary
 
 
+def cmd_pipeline(args) -> dict:
+    from dermray import pipeline
+    from dermray.config import load_config
+
+    overrides = list(args.overrides) + _flag_overrides(args, COMMON_FLAGS | {"force": "pipeline.force"})
+    cfg = load_config(args.config, overrides)
+    summary = pipeline.run(cfg)
+    print(json.dumps(summary, indent=2, default=str) if args.json else pipeline.format_summary(summary))
+    return summary
+
+
+def cmd_synth(args) -> dict:
+    from dermray import synth
+
+    if args.lesions < 10 or args.test_lesions < 10 or args.size < 32:
+        raise UserError("synth: --lesions and --test-lesions must be at least 10 and --size at least 32")
+    summary = synth.write(args.output, synth.SynthSpec(n_lesions=args.lesions, n_test_lesions=args.test_lesions,
+                                                       size=args.size, seed=args.seed))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"synth: {summary['images']} images of {summary['lesions']} lesions ({summary['leaves']} diseases): "
+              f"{summary['train_images']} for training, {summary['test_images']} held out "
+              f"({summary['test_biopsy_images']} biopsy-proven), {summary['readers']} simulated readers\n"
+              f"  outputs: {args.output}")
+    return summary
+
+
 def cmd_import(args) -> dict:
     from dermray import importers
 
@@ -202,7 +243,9 @@ def cmd_import(args) -> dict:
     return summary
 
 
-COMMANDS = {"partition": cmd_partition, "train": cmd_train, "score": cmd_score, "saliency": cmd_saliency, "nightly": cmd_nightly, "evaluate": cmd_evaluate, "import": cmd_import}
+COMMANDS = {"partition": cmd_partition, "train": cmd_train, "score": cmd_score, "evaluate": cmd_evaluate,
+            "saliency": cmd_saliency, "nightly": cmd_nightly, "pipeline": cmd_pipeline, "synth": cmd_synth,
+            "import": cmd_import}
 
 
 def main(argv: list[str] | None = None) -> int:

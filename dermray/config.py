@@ -129,6 +129,14 @@ class SaliencyConfig:
 
 
 @dataclass
+class PipelineConfig:
+    stages: List[str] = field(default_factory=lambda: ["partition", "train", "score", "evaluate", "saliency"])
+    test_manifest: Optional[str] = None  # held-out images to score and evaluate (the paper's test sets)
+    biopsy_only: bool = True  # score and evaluate only the biopsy-proven test images
+    force: bool = False  # re-run stages whose outputs exist
+
+
+@dataclass
 class NightlyConfig:
     date: Optional[str] = None  # YYYY-MM-DD of this night's metrics partition; default: today (UTC)
     min_auc: Dict[str, float] = field(default_factory=dict)  # task -> floor; missed -> the job fails
@@ -152,6 +160,7 @@ class RunConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     nightly: NightlyConfig = field(default_factory=NightlyConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 

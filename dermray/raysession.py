@@ -6,6 +6,8 @@ import logging
 import os
 import sys
 
+import pyarrow as pa
+
 
 @contextlib.contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None):
@@ -39,3 +41,12 @@ def cluster_cpus(default: int = 1) -> int:
         return max(1, int(ray.cluster_resources().get("CPU", default)))
     except Exception:  # noqa: BLE001 - resources are advisory here
         return default
+
+
+def blocks_of(table: pa.Table, rows: int) -> list[pa.Table]:
+    """``table`` cut into blocks of ``rows`` rows (copies, so each block ships only its own rows). Made on the driver
+    rather than with Dataset.repartition: a repartition is a shuffle whose tasks each want a whole CPU, and with the
+    fold workers holding the rest of a small cluster they would never be scheduled (a silent hang)."""
+    if table.num_rows == 0:
+        return [table]
+    return [table.take(pa.array(range(i, min(i + rows, table.num_rows)))) for i in range(0, table.num_rows, rows)]

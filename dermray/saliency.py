@@ -244,7 +244,7 @@ def run(cfg: RunConfig) -> dict:
     from ray.data import ActorPoolStrategy
 
     from dermray.evaluate import load_predictions
-    from dermray.raysession import ray_session
+    from dermray.raysession import blocks_of, ray_session
     from dermray.score import load_ensemble
     from dermray.tasks import load_tasks
     from dermray.taxonomy import load_taxonomy
@@ -291,10 +291,9 @@ def run(cfg: RunConfig) -> dict:
         threads = sc.torch_threads or max(1, int(ray.cluster_resources().get("CPU", 1)) // max(1, sc.actors))
         use_gpu = sc.num_gpus > 0
         work = pa.Table.from_pandas(chosen[["image_id", "uri", "task", "col"]], preserve_index=False)
-        blocks = [work.slice(i, sc.batch_size) for i in range(0, work.num_rows, sc.batch_size)]
         index_rows = []
-        if blocks:
-            ds = ray.data.from_arrow(blocks).map_batches(
+        if work.num_rows:
+            ds = ray.data.from_arrow(blocks_of(work, sc.batch_size)).map_batches(
                 Explainer, batch_size=sc.batch_size, compute=ActorPoolStrategy(size=sc.actors),
                 num_cpus=sc.cpus_per_actor, num_gpus=sc.num_gpus or None,
                 fn_constructor_kwargs={"ens": ens, "matrix": matrix, "methods": list(sc.methods), "sc": sc_dict,

@@ -712,6 +712,8 @@ def _stream(work: list[pa.Table], kind: str, ens: Ensemble, sc: ScoreConfig, wri
     import ray.data
     from ray.data import ActorPoolStrategy
 
+    from dermray.raysession import blocks_of
+
     ctx = ray.data.DataContext.get_current()
     ctx.enable_operator_progress_bars = ctx.enable_progress_bars
     if kind == "webdataset":
@@ -721,9 +723,7 @@ def _stream(work: list[pa.Table], kind: str, ens: Ensemble, sc: ScoreConfig, wri
     else:
         # One block per model batch: the decode tasks spread over every free CPU (one big block would be decoded
         # by one task on one core while the model waits: the naive pipeline's problem).
-        table = pa.concat_tables(work)
-        blocks = [table.slice(i, sc.batch_size) for i in range(0, table.num_rows, sc.batch_size)]
-        ds = ray.data.from_arrow(blocks).map_batches(
+        ds = ray.data.from_arrow(blocks_of(pa.concat_tables(work), sc.batch_size)).map_batches(
             decode_rows, batch_size=None, num_cpus=sc.decode_cpus, memory=_decode_memory(sc, ens.size),
             fn_kwargs={"size": ens.size, "max_pixels": sc.max_pixels})
     ds = ds.map_batches(

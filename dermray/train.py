@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dermray import schemas, storage
+from dermray.raysession import blocks_of
 from dermray.config import RunConfig, TrainConfig
 from dermray.errors import UserError
 
@@ -426,8 +427,7 @@ def _datasets_for(fold, table: pa.Table, cfg: RunConfig, inputs: dict) -> dict:
 
     def pipeline(rows: pa.Table, train: bool):
         # Blocks of a few batches: decoding spreads over the cluster's free CPUs while the worker trains.
-        n_blocks = max(1, math.ceil(rows.num_rows / (4 * tcfg.batch_size)))
-        return ray.data.from_arrow(rows).repartition(n_blocks).map_batches(
+        return ray.data.from_arrow(blocks_of(rows, 4 * tcfg.batch_size)).map_batches(
             decode_transform, fn_kwargs=args | {"train": train}, batch_size=tcfg.batch_size,
             num_cpus=tcfg.data_cpus)
 
@@ -459,8 +459,7 @@ def run(cfg: RunConfig, _extra: dict | None = None) -> dict:
     with ray_session(cfg.ray.address, cfg.ray.num_cpus) as ray:
         import ray.data
 
-        n_blocks = max(1, math.ceil(table.num_rows / 512))
-        bad = ray.data.from_arrow(table.select(["image_id", "uri"])).repartition(n_blocks).map_batches(
+        bad = ray.data.from_arrow(blocks_of(table.select(["image_id", "uri"]), 512)).map_batches(
             find_undecodable, fn_kwargs={"max_pixels": tcfg.max_pixels}, batch_size=256).take_all()
         storage.write_table(pa.Table.from_pylist([{"stage": STAGE, "image_id": b["image_id"], "row": None,
                                                    "uri": b["uri"], "reason": b["reason"]} for b in bad],

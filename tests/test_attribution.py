@@ -118,8 +118,10 @@ def test_overlay_is_a_png_of_image_and_map_side_by_side():
     img = np.full((30, 40, 3), 120, np.uint8)
     m = np.zeros((30, 40))
     m[10:20, 10:20] = 1
-    png = A.overlay_png(img, m)
+    png = A.overlay_png(img, m, min_height=0)
     out = Image.open(io.BytesIO(png))
     assert out.format == "PNG" and out.size == (84, 30)
     arr = np.asarray(out)
     assert not np.array_equal(arr[15, 44 + 15], arr[2, 44 + 2])  # the hot square is coloured differently
+    big = Image.open(io.BytesIO(A.overlay_png(img, m)))  # small images are enlarged to be legible
+    assert big.size == (2 * 40 * 9 + 4, 30 * 9)

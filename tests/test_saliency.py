@@ -58,7 +58,8 @@ def test_maps_index_gallery_and_sanity_written_to_s3(score_study, ham_dir, train
     for r in index.itertuples():
         png = Image.open(io.BytesIO(storage.read_bytes(r.png_uri)))
         original = Image.open(ham_dir / "images" / f"{r.image_id}.jpg")
-        assert png.format == "PNG" and png.size == (2 * original.size[0] + 4, original.size[1])
+        factor = -(-256 // original.size[1])  # small images are enlarged to 256 px or more
+        assert png.format == "PNG" and png.size == (2 * original.size[0] * factor + 4, original.size[1] * factor)
         m = np.load(io.BytesIO(storage.read_bytes(r.npy_uri)))
         assert m.dtype == np.float16 and m.shape == (original.size[1], original.size[0])
         assert 0.0 <= r.inside_lesion <= 1.0

@@ -10,11 +10,10 @@ import time
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pytest
 import torch
 
-from dermray import models, score, storage, train
+from dermray import models, score, storage
 from dermray.cli import main
 from dermray.config import load_config
 from dermray.errors import UserError

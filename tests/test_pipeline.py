@@ -1,0 +1,85 @@
+"""The demo pipeline end to end at a reduced size (the CI's integration test), and resuming after training."""
+import json
+
+import pandas as pd
+import pytest
+
+from dermray import pipeline, storage
+from dermray.cli import main
+from dermray.config import load_config
+
+pytestmark = pytest.mark.slow
+REPO_CONFIG = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("demo")
+    assert main(["synth", "--output", str(d / "data"), "--lesions", "350", "--test-lesions", "150"]) == 0
+    return d
+
+
+def demo_config(d, *extra):
+    return load_config(str(REPO_CONFIG), [
+        f"output={d / 'out'}", f"data.manifest={d / 'data' / 'manifest.parquet'}",
+        f"data.taxonomy={d / 'data' / 'taxonomy.parquet'}", f"data.tasks={d / 'data' / 'tasks.yaml'}",
+        f"evaluate.readers={d / 'data' / 'readers.parquet'}", f"pipeline.test_manifest={d / 'data' / 'test_manifest.parquet'}",
+        "partition.max_class_size=40", "train.epochs=3", "evaluate.n_bootstrap=100", "saliency.k=2",
+        "saliency.audit_size=2", *extra])
+
+
+def test_demo_pipeline_end_to_end_then_a_rerun_skips_every_stage(demo_data, ray_local, capsys):
+    d = demo_data
+    s = pipeline.run(demo_config(d))
+    stages = {r["stage"]: r for r in s["stages"]}
+    assert list(stages) == ["partition", "train", "score", "evaluate", "saliency"]
+    assert all(r["status"] == "ran" for r in stages.values())
+    manifest = pd.read_parquet(d / "data" / "manifest.parquet")
+    test = pd.read_parquet(d / "data" / "test_manifest.parquet")
+    # Counts add up: every training image assigned or quarantined; every biopsy-proven test image scored or
+    # quarantined.
+    assert stages["partition"]["in"] == len(manifest) == stages["partition"]["out"] + stages["partition"]["quarantined"]
+    biopsy = int((test.label_source == "biopsy").sum())
+    assert stages["score"]["in"] == biopsy == stages["score"]["out"] + stages["score"]["quarantined"]
+    out = d / "out"
+    for table in ("partition/training_classes.parquet", "partition/labels.parquet", "partition/task_membership.parquet",
+                  "train/demo/train_summary.parquet", "train/demo/fold=0/best/model.pt", "train/demo/fold=2/model_card.json",
+                  "predictions/demo/quarantine.parquet", "metrics/demo/metrics.parquet", "metrics/demo/roc.parquet",
+                  "metrics/demo/readers.parquet", "metrics/demo/report.html", "saliency/demo/saliency_index.parquet",
+                  "saliency/demo/sanity.parquet", "saliency/demo/gallery.html"):
+        assert (out / table).exists(), table
+    preds = pd.read_parquet(out / "predictions" / "demo" / "predictions")
+    assert len(preds) == stages["score"]["out"] and preds.model_id.str.contains("ensemble").all()
+    m = pd.read_parquet(out / "metrics" / "demo" / "metrics.parquet")
+    auc = m.query("task == 'melanoma_vs_nevus' and subset == 'all' and metric == 'auc'")["value"].iloc[0]
+    assert auc > 0.65, auc  # clearly above chance after a minute of training on the demo data
+    readers = pd.read_parquet(out / "metrics" / "demo" / "readers.parquet")
+    assert readers.reader_id.nunique() >= 20
+    first_fold_mtime = (out / "train" / "demo" / "fold=0" / "best" / "model.pt").stat().st_mtime
+
+    again = pipeline.run(demo_config(d))
+    assert all(r["status"] == "skipped (done)" for r in again["stages"])
+    assert (out / "train" / "demo" / "fold=0" / "best" / "model.pt").stat().st_mtime == first_fold_mtime
+    assert again["report"] == s["report"]
+
+
+def test_a_pipeline_interrupted_after_training_resumes_without_retraining(demo_data, ray_local):
+    d = demo_data
+    cfg = demo_config(d, "run_id=resume", "pipeline.stages=[partition,train]", "train.epochs=1")
+    first = pipeline.run(cfg)
+    assert [r["stage"] for r in first["stages"]] == ["partition", "train"]
+    model = d / "out" / "train" / "resume" / "fold=1" / "best" / "model.pt"
+    mtime = model.stat().st_mtime
+    full = pipeline.run(demo_config(d, "run_id=resume", "train.epochs=1", "saliency.sanity=false"))
+    status = {r["stage"]: r["status"] for r in full["stages"]}
+    assert status == {"partition": "skipped (done)", "train": "skipped (done)", "score": "ran", "evaluate": "ran",
+                      "saliency": "ran"}
+    assert model.stat().st_mtime == mtime
+    assert json.loads(storage.read_text(str(d / "out" / "pipeline" / "resume" / "pipeline_summary.json")))["report"]
+
+
+def test_pipeline_config_errors(tmp_path, capsys):
+    assert main(["pipeline", "--set", "pipeline.stages=[partition,fit]", "--output", str(tmp_path)]) == 2
+    assert "unknown ['fit']" in capsys.readouterr().err
+    assert main(["pipeline", "--output", str(tmp_path)]) == 2
+    assert "pipeline.test_manifest" in capsys.readouterr().err
