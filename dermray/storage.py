@@ -106,7 +106,19 @@ def exists(uri: str) -> bool:
     return _wrap_io(uri, "check", lambda: fs.exists(path))
 
 
-def _io_error(uri: str, verb: str, e: OSError) -> UserError:
+def _io_errors() -> tuple:
+    # s3fs passes some botocore errors through unwrapped (e.g. EndpointConnectionError when the endpoint is down).
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return (OSError,)
+    return (OSError, BotoCoreError, ClientError)
+
+
+IO_ERRORS = _io_errors()
+
+
+def _io_error(uri: str, verb: str, e: Exception) -> UserError:
     if isinstance(e, FileNotFoundError):
         return UserError(f"cannot {verb} {redact(uri)}: no such file or object")
     if isinstance(e, PermissionError):
@@ -119,7 +131,7 @@ def _io_error(uri: str, verb: str, e: OSError) -> UserError:
 def _wrap_io(uri: str, verb: str, fn):
     try:
         return fn()
-    except OSError as e:
+    except IO_ERRORS as e:
         raise _io_error(uri, verb, e) from e
 
 
@@ -233,7 +245,7 @@ def table_sink(uri: str, schema: pa.Schema):
         try:
             with fs.open(tmp, "wb") as f, pq.ParquetWriter(f, schema, compression="zstd") as writer:
                 yield TableSink(writer, schema)
-        except OSError as e:
+        except IO_ERRORS as e:
             raise _io_error(uri, "write", e) from e
 
 

@@ -279,3 +279,37 @@ def test_read_shard_and_brace_patterns_are_pure_functions():
     samples, problems = score.read_shard(data, "x.tar")
     assert [s["image_id"] for s in samples] == ["img-a", "b"] and problems == []
     assert samples[0]["meta"]["label"] == "L" and samples[0]["data"] == b"\xff\xd8jpeg"
+
+
+def test_a_killed_scoring_actor_is_replaced_and_the_output_is_complete(score_study, ray_local, tmp_path, monkeypatch):
+    """SIGKILL the Ray Data actor holding the model part-way: Ray restarts it, its batches are retried, and every
+    image is scored exactly once."""
+    import threading
+
+    import psutil
+
+    d = score_study
+    monkeypatch.setenv("DERMRAY_TEST_SLOW_BATCH_S", "0.5")
+    result, killed = {}, []
+
+    def run():
+        result["s"] = score.run(cfg(d, f"score.input={d / 'archive' / 'manifest.parquet'}", f"output={tmp_path}",
+                                    "run_id=ak", "score.batch_size=4", "score.rows_per_file=4"))
+
+    t = threading.Thread(target=run)
+    t.start()
+    parts = tmp_path / "predictions" / "ak" / "predictions"
+    deadline = time.time() + 120
+    while time.time() < deadline and not killed:
+        if parts.exists() and any(parts.glob("part-*.parquet")):
+            for p in psutil.Process().children(recursive=True):  # this test's Ray only
+                if any("MapWorker(MapBatches(Predictor))" in c for c in p.cmdline()):
+                    p.kill()
+                    killed.append(p.pid)
+        time.sleep(0.05)
+    t.join(300)
+    assert killed, "no scoring actor was found to kill"
+    s = result["s"]
+    assert s["scored"] == 24 and s["quarantined"] == 0
+    df = read_preds(tmp_path / "predictions" / "ak" / "predictions")
+    assert len(df) == 24 and df["image_id"].is_unique
