@@ -1,6 +1,9 @@
 """The nightly job over a growing archive: only new images are scored, each night gets its metrics partition, and a
 missed floor fails the job with its reason."""
 import json
+import pathlib
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -8,6 +11,7 @@ import pytest
 from dermray.cli import EXIT_FLOOR_MISSED, main
 
 pytestmark = pytest.mark.slow
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _night_manifest(d, tmp_path, name, n, missing=False):
@@ -32,11 +36,15 @@ def test_two_nights_score_only_new_images_and_a_missed_floor_fails_the_job(score
     s1 = json.loads(capsys.readouterr().out)
     assert s1["scored_tonight"] == 14 and s1["already_scored"] == 0 and s1["floors_missed"] == []
 
+    # The second night through the job script itself (its own process and Ray), as the CronJob runs it.
     night2 = _night_manifest(d, tmp_path, "night2", 24, missing=True)
-    rc = main(["nightly", "--input", str(night2), "--date", "2026-11-25", *common,
-               "--set", "nightly.max_quarantined_share=0.05", "--set", "nightly.min_auc={melanoma_vs_nevus: 1.01}"])
-    err = capsys.readouterr().err
-    assert rc == EXIT_FLOOR_MISSED
+    job = subprocess.run([sys.executable, str(REPO / "jobs" / "nightly_score.py"), "--input", str(night2), "--date",
+                          "2026-11-25", *common, "--set", "nightly.max_quarantined_share=0.05", "--set",
+                          "nightly.min_auc={melanoma_vs_nevus: 1.01}", "--set", "ray.num_cpus=2"],
+                         capture_output=True, text=True, timeout=600, cwd=REPO)
+    err = job.stderr
+    assert job.returncode == EXIT_FLOOR_MISSED, err[-3000:]
+    assert "Traceback" not in err and "dermray nightly: floor missed: nightly 2026-11-25" in err
     assert "1 of tonight's 11 images were quarantined" in err and "melanoma_vs_nevus AUC (all)" in err
     assert "below the floor 1.01" in err
     summary = json.loads((tmp_path / "out" / "metrics" / "nightly" / "date=2026-11-25" / "nightly_summary.json")
