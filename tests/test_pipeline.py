@@ -15,7 +15,7 @@ REPO_CONFIG = __import__("pathlib").Path(__file__).resolve().parents[1] / "confi
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("demo")
-    assert main(["synth", "--output", str(d / "data"), "--lesions", "350", "--test-lesions", "150"]) == 0
+    assert main(["synth", "--output", str(d / "data"), "--lesions", "700", "--test-lesions", "200"]) == 0
     return d
 
 
@@ -24,7 +24,7 @@ def demo_config(d, *extra):
         f"output={d / 'out'}", f"data.manifest={d / 'data' / 'manifest.parquet'}",
         f"data.taxonomy={d / 'data' / 'taxonomy.parquet'}", f"data.tasks={d / 'data' / 'tasks.yaml'}",
         f"evaluate.readers={d / 'data' / 'readers.parquet'}", f"pipeline.test_manifest={d / 'data' / 'test_manifest.parquet'}",
-        "partition.max_class_size=40", "train.epochs=3", "evaluate.n_bootstrap=100", "saliency.k=2",
+        "train.epochs=3", "evaluate.n_bootstrap=100", "saliency.k=2",
         "saliency.audit_size=2", *extra])
 
 
@@ -52,7 +52,7 @@ def test_demo_pipeline_end_to_end_then_a_rerun_skips_every_stage(demo_data, ray_
     assert len(preds) == stages["score"]["out"] and preds.model_id.str.contains("ensemble").all()
     m = pd.read_parquet(out / "metrics" / "demo" / "metrics.parquet")
     auc = m.query("task == 'melanoma_vs_nevus' and subset == 'all' and metric == 'auc'")["value"].iloc[0]
-    assert auc > 0.65, auc  # clearly above chance after a minute of training on the demo data
+    assert auc > 0.6, auc  # clearly above chance after two minutes of training on half the demo data
     readers = pd.read_parquet(out / "metrics" / "demo" / "readers.parquet")
     assert readers.reader_id.nunique() >= 20
     first_fold_mtime = (out / "train" / "demo" / "fold=0" / "best" / "model.pt").stat().st_mtime
