@@ -9,7 +9,9 @@
 #   bash cluster/local-down.sh
 #
 # Settings (environment): DERMRAY_RAY_DIR (state: token, pid, logs; default ~/.dermray/local-ray), RAY_PORT (6379),
-# DASHBOARD_PORT (8265), NUM_CPUS (all), RAY_AUTH_MODE (token; "disabled" turns authentication off).
+# DASHBOARD_PORT (8265), NUM_CPUS (all), RAY_AUTH_MODE (token; "disabled" turns authentication off), and for a
+# machine that already runs another Ray: AGENT_PORT (the dashboard agent, Ray's default 52365; the job API needs
+# it), METRICS_PORT, CLIENT_PORT (10001).
 # The token is generated once into $DERMRAY_RAY_DIR/auth_token (mode 600) and never printed.
 set -euo pipefail
 DIR="${DERMRAY_RAY_DIR:-$HOME/.dermray/local-ray}"
@@ -32,6 +34,9 @@ args=(--head --block --node-ip-address 127.0.0.1 --port "$RAY_PORT" --dashboard-
       --dashboard-port "$DASHBOARD_PORT" --include-dashboard true --disable-usage-stats
       --temp-dir "$DIR/tmp")
 [[ -n "${NUM_CPUS:-}" ]] && args+=(--num-cpus "$NUM_CPUS")
+[[ -n "${AGENT_PORT:-}" ]] && args+=(--dashboard-agent-listen-port "$AGENT_PORT")
+[[ -n "${METRICS_PORT:-}" ]] && args+=(--metrics-export-port "$METRICS_PORT")
+[[ -n "${CLIENT_PORT:-}" ]] && args+=(--ray-client-server-port "$CLIENT_PORT")
 # --block keeps `ray start` in the foreground as the parent of the head's processes: stopping that one process
 # (local-down.sh, by its PID) stops this head and nothing else on the machine.
 nohup ray start "${args[@]}" > "$DIR/head.log" 2>&1 &

@@ -27,7 +27,9 @@ def head():
     dashboard = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", DERMRAY_RAY_DIR=str(state), RAY_PORT=str(free_port()),
-               DASHBOARD_PORT=str(dashboard), NUM_CPUS="2", RAY_AUTH_MODE="token")
+               DASHBOARD_PORT=str(dashboard), NUM_CPUS="2", RAY_AUTH_MODE="token",
+               # Ports of their own: the suite's in-process Ray already holds Ray's default agent and client ports.
+               AGENT_PORT=str(free_port()), METRICS_PORT=str(free_port()), CLIENT_PORT=str(free_port()))
     up = subprocess.run(["bash", str(REPO / "cluster" / "local-up.sh")], env=env, capture_output=True, text=True,
                         timeout=180)
     pid = int((state / "head.pid").read_text()) if (state / "head.pid").exists() else None
