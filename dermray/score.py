@@ -400,7 +400,7 @@ class Predictor:
     models and views (float32 [B, n_classes]); rows with an ``error`` are passed through unscored."""
 
     def __init__(self, ensemble: Ensemble, threads: int, channels_last: bool, tta: str, use_gpu: bool,
-                 slow_batch_s: float = 0.0):
+                 amp: str = "off", slow_batch_s: float = 0.0):
         import torch
 
         from dermray.models import build_model
@@ -414,6 +414,9 @@ class Predictor:
                 m = m.to(memory_format=torch.channels_last)
             self.models.append(m)
         self.channels_last, self.tta = channels_last, tta
+        if amp == "auto":
+            amp = "bf16" if self.device.type == "cuda" else "off"
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.mean = torch.tensor(ensemble.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(ensemble.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
         self.n_classes = ensemble.n_classes
@@ -430,14 +433,18 @@ class Predictor:
         if ok.any():
             with torch.inference_mode():
                 # NHWC uint8 -> NCHW float32 whose memory stays NHWC: channels_last with no copy.
-                x = torch.from_numpy(np.ascontiguousarray(batch["image"][ok])).to(self.device).permute(0, 3, 1, 2)
+                images = batch["image"] if ok.all() else batch["image"][ok]  # a mask copies the whole batch
+                x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2)
                 x = (x.float() - self.mean) / self.std
                 if not self.channels_last:
                     x = x.contiguous()
                 total = None
                 for view in tta_views(x, self.tta):
                     for m in self.models:
-                        p = torch.softmax(logits_of(m(view)).float(), dim=1)
+                        with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                            enabled=self.autocast_dtype is not None):
+                            logits = logits_of(m(view))
+                        p = torch.softmax(logits.float(), dim=1)
                         total = p if total is None else total + p
                 probs[ok] = (total / (len(self.models) * len(tta_views(x[:0], self.tta)))).cpu().numpy()
         if self.slow_batch_s:
@@ -614,6 +621,8 @@ def run(cfg: RunConfig) -> dict:
         raise UserError("no input given: pass --input URI (config: score.input)")
     if sc.tta not in ("none", "flips", "dihedral"):
         raise UserError(f"score.tta must be none, flips or dihedral, got {sc.tta!r}")
+    if sc.amp not in ("auto", "bf16", "fp16", "off"):
+        raise UserError(f"score.amp must be auto, bf16, fp16 or off, got {sc.amp!r}")
     if sc.batch_size < 1 or sc.actors < 1 or sc.rows_per_file < 1:
         raise UserError("score.batch_size, score.actors and score.rows_per_file must be at least 1")
     ens = load_ensemble(sc.checkpoints, sc.model_id)
@@ -730,7 +739,7 @@ def _stream(work: list[pa.Table], kind: str, ens: Ensemble, sc: ScoreConfig, wri
         Predictor, batch_size=sc.batch_size, compute=ActorPoolStrategy(size=sc.actors),
         num_cpus=sc.cpus_per_actor, num_gpus=sc.num_gpus or None,
         fn_constructor_kwargs={"ensemble": ens, "threads": _threads(sc), "channels_last": sc.channels_last,
-                               "tta": sc.tta, "use_gpu": sc.num_gpus > 0,
+                               "tta": sc.tta, "use_gpu": sc.num_gpus > 0, "amp": sc.amp,
                                "slow_batch_s": float(os.environ.get("DERMRAY_TEST_SLOW_BATCH_S", "0"))})
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
         writer.add(batch)

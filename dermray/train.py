@@ -15,6 +15,7 @@ Across folds: ``train_summary.parquet`` with mean and sd of each task's validati
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import hashlib
 import json
 import logging
@@ -144,26 +145,41 @@ def make_scheduler(optimizer, tc: dict):
                                            gamma=1.0 / tc["lr_decay_factor"])
 
 
+def _amp(tc: dict, device) -> str:
+    """bf16 | fp16 | off: ``auto`` is bf16 on a GPU and off on CPU (bf16 is ~8x slower than fp32 on AVX2)."""
+    if tc["amp"] == "auto":
+        return "bf16" if device.type == "cuda" else "off"
+    return tc["amp"]
+
+
 def _autocast(tc: dict, device):
     import contextlib
 
     import torch
 
-    amp = tc["amp"]
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "off"
+    amp = _amp(tc, device)
     if amp == "off":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def _inputs(batch: dict, tc: dict, device):
+@functools.lru_cache(maxsize=8)
+def _norm(mean: tuple, std: tuple, device: str):
     import torch
 
-    x = batch["image"].to(device)
-    if tc["channels_last"]:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, batch["label"].to(device)
+    return (torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0,
+            torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0)
+
+
+def _inputs(batch: dict, tc: dict, device):
+    """uint8 NHWC images -> normalised float32 [B, 3, S, S] on ``device``: the copy to a GPU moves a quarter of the
+    bytes, and the permuted uint8 tensor is already channels_last in memory (no copy when channels_last is on)."""
+    import torch
+
+    mean, std = _norm(tuple(tc["mean"]), tuple(tc["std"]), str(device))
+    x = (batch["image"].to(device, non_blocking=True).permute(0, 3, 1, 2).float() - mean) / std
+    x = x.contiguous(memory_format=torch.channels_last if tc["channels_last"] else torch.contiguous_format)
+    return x, batch["label"].to(device, non_blocking=True)
 
 
 def train_one_epoch(model, optimizer, batches, tc: dict, device, deadline: float | None = None) -> dict:
@@ -171,7 +187,11 @@ def train_one_epoch(model, optimizer, batches, tc: dict, device, deadline: float
 
     from dermray.models import logits_of, train_mode
 
+    import torch
+
     train_mode(model)
+    # fp16 gradients underflow without loss scaling; for bf16 and fp32 the scaler is a pass-through.
+    scaler = torch.amp.GradScaler(device.type, enabled=_amp(tc, device) == "fp16")
     n, loss_sum, correct, wait, compute, stopped = 0, 0.0, 0, 0.0, 0.0, False
     t = time.perf_counter()
     for batch in batches:
@@ -185,8 +205,9 @@ def train_one_epoch(model, optimizer, batches, tc: dict, device, deadline: float
             if getattr(out, "aux_logits", None) is not None:
                 loss = loss + tc["aux_loss_weight"] * F.cross_entropy(out.aux_logits, y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         if tc.get("slow_batches_s"):  # tests: stretch an epoch so a fault can land inside it
             time.sleep(tc["slow_batches_s"])
         b = len(y)
@@ -240,20 +261,17 @@ def evaluate(model, batches, tc: dict, device, matrices: dict, task_names: list[
     return out, {"image_id": ids, "probs": np.concatenate(probs_all) if probs_all else np.zeros((0, 0))}
 
 
-def _batches(shard, batch_size: int, mean, std):
-    """Normalised float32 [B, 3, S, S] images and int64 labels as torch tensors; image ids stay strings."""
+def _batches(shard, batch_size: int):
+    """uint8 [B, S, S, 3] images and int64 labels as torch tensors (``_inputs`` normalises them on the model's
+    device); image ids stay strings."""
     import warnings
 
     import torch
 
     # Ray hands out read-only arrays; the tensors made from them are model inputs, never written to.
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
     for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2):
-        image = (torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).float() - mean_t) / std_t
-        out = {"image": image.contiguous(), "label": torch.from_numpy(batch["label"]),
+        out = {"image": torch.from_numpy(batch["image"]), "label": torch.from_numpy(batch["label"]),
                "image_id": list(batch["image_id"])}
         if "task_truth" in batch:
             out["task_truth"] = torch.from_numpy(batch["task_truth"])
@@ -310,7 +328,7 @@ def train_loop_per_worker(config: dict) -> None:
             with open(tc["events_file"], "a") as f:
                 f.write(f"{epoch}\n")
         deadline = t0 + (budget - spent) if budget is not None else None
-        tr = train_one_epoch(model, optimizer, _batches(train_shard, tc["batch_size"], tc["mean"], tc["std"]), tc,
+        tr = train_one_epoch(model, optimizer, _batches(train_shard, tc["batch_size"]), tc,
                              device, deadline)
         tr["seconds"] = time.time() - t0
         spent += tr["seconds"]
@@ -318,7 +336,7 @@ def train_loop_per_worker(config: dict) -> None:
         scheduler.step()
         metrics = {"epoch": epoch, "lr": lr, "t_start": t0, **{f"train_{k}": v for k, v in tr.items()}}
         if val_shard is not None:
-            va, preds = evaluate(model, _batches(val_shard, tc["batch_size"], tc["mean"], tc["std"]), tc, device,
+            va, preds = evaluate(model, _batches(val_shard, tc["batch_size"]), tc, device,
                                  tc["matrices"], tc["task_names"])
             metrics.update({f"val_{k}": v for k, v in va.items()})
             score = metrics[tc["checkpoint_metric"]]
@@ -447,6 +465,8 @@ def run(cfg: RunConfig, _extra: dict | None = None) -> dict:
     spec(tcfg.arch)  # unknown model -> clear error before anything starts
     if tcfg.optimizer not in ("rmsprop", "adamw"):
         raise UserError(f"train.optimizer must be rmsprop or adamw, got {tcfg.optimizer!r}")
+    if tcfg.amp not in ("auto", "bf16", "fp16", "off"):
+        raise UserError(f"train.amp must be auto, bf16, fp16 or off, got {tcfg.amp!r}")
     if tcfg.epochs < 1 or tcfg.batch_size < 1:
         raise UserError("train.epochs and train.batch_size must be at least 1")
     inputs = load_inputs(cfg)

@@ -265,9 +265,29 @@ def test_user_errors(score_study, tmp_path, capsys):
         score.load_ensemble([str(tmp_path / "model.pt")])
     with pytest.raises(UserError, match="score.tta"):
         score.run(cfg(d, f"score.input={d / 'archive' / 'manifest.parquet'}", "score.tta=rot45"))
+    with pytest.raises(UserError, match="score.amp must be auto, bf16, fp16 or off"):
+        score.run(cfg(d, f"score.input={d / 'archive' / 'manifest.parquet'}", "score.amp=fp8"))
     assert main(["score", "--input", str(tmp_path / "nothing"), "--checkpoint", str(d / "out" / "train" / "r1"),
                  "--output", str(tmp_path)]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_predictor_masks_error_rows_and_bf16_autocast_stays_close_to_fp32(score_study):
+    """The actor's own code, without Ray: rows with an error pass through unscored (the rest scored as in a clean
+    batch), and score.amp=bf16 (opt-in) moves no probability by more than 0.05."""
+    ens = score.load_ensemble([str(score_study / "out" / "train" / "r1")])
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, ens.size, ens.size, 3), dtype=np.uint8)
+    clean = {"image": images, "error": np.array([""] * 6, dtype=object), "image_id": np.arange(6).astype(str)}
+    fp32 = score.Predictor(ens, 1, channels_last=True, tta="none", use_gpu=False, amp="off")
+    p = fp32(clean)["probs"]
+    np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-5)
+    broken = clean | {"error": np.array(["", "truncated", "", "", "", ""], dtype=object)}
+    q = fp32(broken)["probs"]
+    assert (q[1] == 0).all()
+    np.testing.assert_allclose(np.delete(q, 1, 0), np.delete(p, 1, 0), atol=1e-6)
+    bf16 = score.Predictor(ens, 1, channels_last=True, tta="none", use_gpu=False, amp="bf16")(clean)["probs"]
+    assert np.abs(bf16 - p).max() < 0.05 and not np.array_equal(bf16, p)
 
 
 def test_read_shard_and_brace_patterns_are_pure_functions():
