@@ -36,7 +36,7 @@ class FakeShard:
     def __init__(self, images: np.ndarray, labels: np.ndarray, steps: int):
         self.images, self.labels, self.steps = images, labels, steps
 
-    def iter_batches(self, batch_size, batch_format="numpy", prefetch_batches=0):
+    def iter_batches(self, batch_size, batch_format="numpy", prefetch_batches=0, **shuffle):
         for i in range(self.steps):
             yield {"image": self.images, "label": self.labels,
                    "image_id": np.array([f"{i}-{j}" for j in range(len(self.labels))], dtype=object)}

@@ -31,7 +31,7 @@ class TargetLogProb(nn.Module):
     def __init__(self, model: nn.Module, matrix: np.ndarray):
         super().__init__()
         self.model = model
-        self.register_buffer("matrix", torch.as_tensor(np.asarray(matrix), dtype=torch.float32))
+        self.register_buffer("matrix", torch.from_numpy(np.array(matrix, dtype=np.float32)))  # a copy: Ray's are read-only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from dermray.models import logits_of

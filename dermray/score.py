@@ -29,6 +29,7 @@ import posixpath
 import re
 import tarfile
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -406,6 +407,8 @@ class Predictor:
         from dermray.models import build_model
 
         torch.set_num_threads(max(1, threads))
+        # Ray hands out read-only arrays; the tensors made from them are only read (a float copy is normalised).
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.models = []
         for w in ensemble.weights:

@@ -23,6 +23,7 @@ import math
 import os
 import tempfile
 import time
+import zlib
 from dataclasses import asdict
 
 import numpy as np
@@ -192,11 +193,17 @@ def train_one_epoch(model, optimizer, batches, tc: dict, device, deadline: float
     train_mode(model)
     # fp16 gradients underflow without loss scaling; for bf16 and fp32 the scaler is a pass-through.
     scaler = torch.amp.GradScaler(device.type, enabled=_amp(tc, device) == "fp16")
-    n, loss_sum, correct, wait, compute, stopped = 0, 0.0, 0, 0.0, 0.0, False
+    n, loss_sum, correct, wait, compute, stopped, skipped = 0, 0.0, 0, 0.0, 0.0, False, 0
     t = time.perf_counter()
     for batch in batches:
         t_data = time.perf_counter()
         wait += t_data - t
+        if len(batch["label"]) < 2:
+            # Batch norm cannot train on one image (inception_v3's aux head raised on a fold whose size left
+            # a last batch of one); that image is seen again next epoch, shuffled into another batch.
+            skipped += len(batch["label"])
+            t = time.perf_counter()
+            continue
         x, y = _inputs(batch, tc, device)
         with _autocast(tc, device):
             out = model(x)
@@ -220,7 +227,8 @@ def train_one_epoch(model, optimizer, batches, tc: dict, device, deadline: float
             stopped = True  # the training-time budget is spent
             break
     return {"loss": loss_sum / max(n, 1), "top1": correct / max(n, 1), "images": n, "data_wait_s": wait,
-            "compute_s": compute, "images_per_s": n / max(wait + compute, 1e-9), "stopped_by_budget": stopped}
+            "compute_s": compute, "images_per_s": n / max(wait + compute, 1e-9), "stopped_by_budget": stopped,
+            "images_skipped": skipped}
 
 
 def evaluate(model, batches, tc: dict, device, matrices: dict, task_names: list[str]) -> tuple[dict, dict]:
@@ -261,21 +269,28 @@ def evaluate(model, batches, tc: dict, device, matrices: dict, task_names: list[
     return out, {"image_id": ids, "probs": np.concatenate(probs_all) if probs_all else np.zeros((0, 0))}
 
 
-def _batches(shard, batch_size: int):
+def _batches(shard, batch_size: int, shuffle_seed: int | None = None):
     """uint8 [B, S, S, 3] images and int64 labels as torch tensors (``_inputs`` normalises them on the model's
-    device); image ids stay strings."""
+    device); image ids stay strings. With ``shuffle_seed``, images are drawn at random from a buffer of four
+    batches (the rows were also permuted once on the driver), so each epoch's batches differ."""
     import warnings
 
     import torch
 
     # Ray hands out read-only arrays; the tensors made from them are model inputs, never written to.
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2):
+    shuffle = {} if shuffle_seed is None else {"local_shuffle_buffer_size": 4 * batch_size,
+                                                "local_shuffle_seed": shuffle_seed}
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2, **shuffle):
         out = {"image": torch.from_numpy(batch["image"]), "label": torch.from_numpy(batch["label"]),
                "image_id": list(batch["image_id"])}
         if "task_truth" in batch:
             out["task_truth"] = torch.from_numpy(batch["task_truth"])
         yield out
+
+
+def worker_threads(torch_threads: int | None, cpus_per_worker: float) -> int:
+    return torch_threads or max(1, int(cpus_per_worker))
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -292,8 +307,7 @@ def train_loop_per_worker(config: dict) -> None:
     if tc.get("pid_file"):
         storage.write_text(tc["pid_file"], str(os.getpid()))
     torch.manual_seed(tc["seed"])
-    threads = tc["torch_threads"] or max(1, int(tc["cpus_per_worker"]))
-    torch.set_num_threads(threads)
+    torch.set_num_threads(worker_threads(tc["torch_threads"], tc["cpus_per_worker"]))
     device = torch.device("cuda" if tc["use_gpu"] and torch.cuda.is_available() else "cpu")
     model = build_model(tc["arch"], tc["n_classes"], tc["weights"], tc["freeze"]).to(device)
     if tc["channels_last"]:
@@ -328,8 +342,8 @@ def train_loop_per_worker(config: dict) -> None:
             with open(tc["events_file"], "a") as f:
                 f.write(f"{epoch}\n")
         deadline = t0 + (budget - spent) if budget is not None else None
-        tr = train_one_epoch(model, optimizer, _batches(train_shard, tc["batch_size"]), tc,
-                             device, deadline)
+        batches = _batches(train_shard, tc["batch_size"], shuffle_seed=tc["seed"] + epoch)
+        tr = train_one_epoch(model, optimizer, batches, tc, device, deadline)
         tr["seconds"] = time.time() - t0
         spent += tr["seconds"]
         lr = optimizer.param_groups[0]["lr"]
@@ -420,6 +434,11 @@ def fit_fold(fold, inputs: dict, datasets: dict, cfg: RunConfig, extra: dict):
                 num_to_keep=tcfg.keep_checkpoints, checkpoint_score_attribute=tcfg.checkpoint_metric
                 if "val" in datasets else "train_loss",
                 checkpoint_score_order="min" if tcfg.checkpoint_metric.endswith("loss") else "max"),
+            # Ray starts workers with OMP_NUM_THREADS=1 unless told; torch.set_num_threads alone left the worker's
+            # intra-op pools narrower than a plain process's (measured in benchmarks/train_throughput.py).
+            worker_runtime_env={"env_vars": {
+                v: str(worker_threads(tcfg.torch_threads, tcfg.cpus_per_worker))
+                for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}},
         ),
         datasets=datasets,
     )
@@ -441,6 +460,10 @@ def _datasets_for(fold, table: pa.Table, cfg: RunConfig, inputs: dict) -> dict:
     else:
         is_val = pc.equal(table.column("fold"), fold)
         train_rows, val_rows = table.filter(pc.invert(is_val)), table.filter(is_val)
+    # The table is sorted by image_id, which in real archives follows upload batches (and so diagnoses): training
+    # blocks get a seeded random order of rows, mixed again per epoch by the worker's shuffle buffer.
+    order = np.random.default_rng([tcfg.seed, zlib.crc32(str(fold).encode())]).permutation(train_rows.num_rows)
+    train_rows = train_rows.take(pa.array(order))
     args = dict(size=size, max_pixels=tcfg.max_pixels)
 
     def pipeline(rows: pa.Table, train: bool):

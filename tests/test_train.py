@@ -5,6 +5,7 @@ import signal
 import threading
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -111,6 +112,16 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_a_rerun_continues(small
     assert [int(x) for x in events.read_text().split()][len(started):] == [3]
     metrics = pd.read_parquet(d / "out" / "train" / "resume" / "fold=0" / "metrics.parquet")
     assert sorted(set(metrics["epoch"])) == [0, 1, 2, 3]
+    # The resumed fold's model scores real images.
+    from dermray import score
+    from dermray.transforms import decode_image, eval_transform
+
+    ens = score.load_ensemble([str(d / "out" / "train" / "resume")])
+    uris = pd.read_parquet(d / "in" / "manifest.parquet")["uri"].head(4)
+    images = np.stack([np.asarray(eval_transform(decode_image(storage.read_bytes(u)), ens.size)) for u in uris])
+    probs = score.Predictor(ens, 2, channels_last=True, tta="none", use_gpu=False)(
+        {"image": images, "error": np.array([""] * 4, dtype=object)})["probs"]
+    assert probs.shape == (4, ens.n_classes) and np.allclose(probs.sum(1), 1, atol=1e-5)
 
 
 def test_a_run_trained_on_other_classes_is_refused(small_study, ray_local, tmp_path):
@@ -164,3 +175,21 @@ def test_a_training_time_budget_stops_the_fold(small_study, ray_local):
     assert s["per_fold"][0]["epochs"] == 1
     metrics = pd.read_parquet(d / "out" / "train" / "budget" / "fold=0" / "metrics.parquet").set_index("metric")
     assert metrics.loc["stopped_by_budget", "value"] == 1.0
+
+
+def test_a_last_batch_of_one_image_is_skipped_not_fatal():
+    """Batch norm cannot train on one image (inception_v3's aux head raised on such a last batch): it is skipped."""
+    import torch
+
+    from dataclasses import asdict
+
+    from dermray.config import TrainConfig
+
+    s = models.spec("inception_v3")
+    tc = asdict(TrainConfig(arch="inception_v3", weights="none")) | {"mean": list(s.mean), "std": list(s.std)}
+    model = models.build_model("inception_v3", 3, weights="none")
+    rng = np.random.default_rng(0)
+    batches = [{"image": torch.from_numpy(rng.integers(0, 256, (n, 299, 299, 3), dtype=np.uint8)),
+                "label": torch.tensor([0, 1][:n])} for n in (2, 1)]
+    r = train.train_one_epoch(model, train.make_optimizer(model.parameters(), tc), batches, tc, torch.device("cpu"))
+    assert (r["images"], r["images_skipped"]) == (2, 1) and np.isfinite(r["loss"])
