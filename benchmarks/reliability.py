@@ -10,7 +10,7 @@
 3. Load: scores 100,000 small generated images (mobilenet_v3_small, 32 px) and reports images/s and the peak RSS
    of the driver and of all of Ray's processes together, sampled every 0.5 s.
 
-Run with no arguments: .venv/bin/python benchmarks/reliability.py   (about 15 minutes on 2 cores; set
+Run with no arguments: .venv/bin/python benchmarks/reliability.py   (about 5 minutes on 2 cores; set
 DERMRAY_RELIABILITY_IMAGES to change the load size). Last line JSON: faults_injected, faults_survived,
 bad_inputs_tried, bad_inputs_handled, rows_lost, peak_rss_mb (plus the load's images_per_s).
 """
