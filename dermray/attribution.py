@@ -31,7 +31,8 @@ class TargetLogProb(nn.Module):
     def __init__(self, model: nn.Module, matrix: np.ndarray):
         super().__init__()
         self.model = model
-        self.register_buffer("matrix", torch.from_numpy(np.array(matrix, dtype=np.float32)))  # a copy: Ray's are read-only
+        # A copy: arrays from Ray are read-only.
+        self.register_buffer("matrix", torch.from_numpy(np.array(matrix, dtype=np.float32)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from dermray.models import logits_of

@@ -52,8 +52,8 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     data_cpus: float = 0.5  # CPUs per Ray Data decode/augment task (fractional: decoding overlaps training)
     torch_threads: Optional[int] = None  # default: the worker's CPUs
-    # on CPU a training step ran 1.78x (mobilenet_v3_small) and 1.12x (inception_v3) faster channels_last
-    # (benchmarks/train_throughput.py); tensor-core GPUs want it too
+    # on CPU a training step ran 1.5-1.8x (mobilenet_v3_small) and 1.1-1.4x (inception_v3) faster channels_last
+    # (benchmarks/train_throughput.py, two runs); tensor-core GPUs want it too
     channels_last: bool = True
     amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off
     max_minutes: Optional[float] = None  # training-time budget per fold: stop (mid-epoch if need be) when spent
@@ -98,7 +98,7 @@ class ScoreConfig:
     torch_threads: Optional[int] = None  # default: the node's CPUs shared between the actors
     channels_last: bool = True  # faster on CPU (+40 % for inception_v3 here) and on tensor-core GPUs
     tta: str = "none"  # test-time augmentation averaged: none | flips (3 views) | dihedral (8 views)
-    # off | bf16 | fp16 | auto (bf16 on GPU, off on CPU): bf16 scored inception_v3 1.25x faster on an H100 but
+    # off | bf16 | fp16 | auto (bf16 on GPU, off on CPU): bf16 scored inception_v3 1.3x faster on an H100 but
     # moved probabilities by up to a few hundredths, so the published numbers stay fp32 unless asked
     amp: str = "off"
     incremental: bool = False  # score only images this model_id has not scored in this run yet
