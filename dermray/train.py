@@ -289,6 +289,85 @@ def _batches(shard, batch_size: int, shuffle_seed: int | None = None):
         yield out
 
 
+class EpochBatches:
+    """The training batches of epochs ``first`` .. ``stop - 1``, pulled by one background thread into a queue of
+    ``queue_batches``: when an epoch's last batch is queued the thread starts the next epoch's Ray Data execution,
+    so its start-up (2-3 s on 2 CPUs until the first decoded block arrives: measured in
+    benchmarks/train_throughput.py) overlaps the training of those queued batches and the validation pass instead of
+    stalling the model. ``make_batches(epoch)`` returns that epoch's batch iterator; an error in it is raised in the
+    consumer. Use as a context manager: leaving it stops the thread (e.g. when the time budget ends an epoch)."""
+
+    _END = object()
+
+    def __init__(self, make_batches, first: int, stop: int, queue_batches: int = 4):
+        import queue
+        import threading
+
+        self._make, self._first, self._stop_epoch = make_batches, first, stop
+        self._queue = queue.Queue(maxsize=queue_batches)
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._fill, name="dermray-epoch-batches", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        import queue
+
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self) -> None:
+        try:
+            for epoch in range(self._first, self._stop_epoch):
+                batches = self._make(epoch)
+                try:
+                    for batch in batches:
+                        if not self._put((epoch, batch)):
+                            return
+                finally:
+                    if hasattr(batches, "close"):
+                        batches.close()  # ends that epoch's Ray Data execution when we stop early
+                if not self._put((epoch, self._END)):
+                    return
+        except BaseException as e:  # handed to the consumer, raised there
+            self._put((None, e))
+
+    def epoch(self, epoch: int):
+        """Yields the batches of ``epoch`` (those an earlier epoch left unread are dropped)."""
+        while True:
+            e, item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if e < epoch:
+                continue
+            if e > epoch:
+                raise RuntimeError(f"epoch {epoch} was asked for after epoch {e} had started")
+            if item is self._END:
+                return
+            yield item
+
+    def close(self) -> None:
+        import queue
+
+        self._closed.set()
+        give_up = time.monotonic() + 60.0  # a thread stuck in Ray is left behind (daemon) rather than hang training
+        while self._thread.is_alive() and time.monotonic() < give_up:
+            try:  # unblocks a put; its batch is not needed
+                self._queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def worker_threads(torch_threads: int | None, cpus_per_worker: float) -> int:
     return torch_threads or max(1, int(cpus_per_worker))
 
@@ -334,42 +413,45 @@ def train_loop_per_worker(config: dict) -> None:
     # The budget counts training seconds across resumptions (they are in the history).
     spent = sum(h.get("train_seconds", 0.0) for h in history)
     budget = tc["max_minutes"] * 60.0 if tc.get("max_minutes") else None
-    for epoch in range(start_epoch, tc["epochs"]):
-        if budget is not None and spent >= budget:
-            break
-        t0 = time.time()
-        if tc.get("events_file"):  # tests: which epochs a worker started, to see what resuming skipped
-            with open(tc["events_file"], "a") as f:
-                f.write(f"{epoch}\n")
-        deadline = t0 + (budget - spent) if budget is not None else None
-        batches = _batches(train_shard, tc["batch_size"], shuffle_seed=tc["seed"] + epoch)
-        tr = train_one_epoch(model, optimizer, batches, tc, device, deadline)
-        tr["seconds"] = time.time() - t0
-        spent += tr["seconds"]
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        metrics = {"epoch": epoch, "lr": lr, "t_start": t0, **{f"train_{k}": v for k, v in tr.items()}}
-        if val_shard is not None:
-            va, preds = evaluate(model, _batches(val_shard, tc["batch_size"]), tc, device,
-                                 tc["matrices"], tc["task_names"])
-            metrics.update({f"val_{k}": v for k, v in va.items()})
-            score = metrics[tc["checkpoint_metric"]]
-            better = best is None or (score < best if tc["checkpoint_metric"].endswith("loss") else score > best)
-            if better and ray.train.get_context().get_world_rank() == 0:
-                best = score
-                _write_predictions(preds, tc, epoch)
-        metrics["t_end"] = time.time()
-        history.append(metrics)
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(model.state_dict(), os.path.join(d, "model.pt"))
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
-                        "classes_hash": tc["classes_hash"], "best": best}, os.path.join(d, "train_state.pt"))
-            with open(os.path.join(d, "history.json"), "w") as f:
-                json.dump(history, f)
-            ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                             checkpoint=Checkpoint.from_directory(d))
-        if tr["stopped_by_budget"]:
-            break
+    epoch_batches = EpochBatches(
+        lambda epoch: _batches(train_shard, tc["batch_size"], shuffle_seed=tc["seed"] + epoch),
+        start_epoch, tc["epochs"])
+    with epoch_batches:
+        for epoch in range(start_epoch, tc["epochs"]):
+            if budget is not None and spent >= budget:
+                break
+            t0 = time.time()
+            if tc.get("events_file"):  # tests: which epochs a worker started, to see what resuming skipped
+                with open(tc["events_file"], "a") as f:
+                    f.write(f"{epoch}\n")
+            deadline = t0 + (budget - spent) if budget is not None else None
+            tr = train_one_epoch(model, optimizer, epoch_batches.epoch(epoch), tc, device, deadline)
+            tr["seconds"] = time.time() - t0
+            spent += tr["seconds"]
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            metrics = {"epoch": epoch, "lr": lr, "t_start": t0, **{f"train_{k}": v for k, v in tr.items()}}
+            if val_shard is not None:
+                va, preds = evaluate(model, _batches(val_shard, tc["batch_size"]), tc, device,
+                                     tc["matrices"], tc["task_names"])
+                metrics.update({f"val_{k}": v for k, v in va.items()})
+                score = metrics[tc["checkpoint_metric"]]
+                better = best is None or (score < best if tc["checkpoint_metric"].endswith("loss") else score > best)
+                if better and ray.train.get_context().get_world_rank() == 0:
+                    best = score
+                    _write_predictions(preds, tc, epoch)
+            metrics["t_end"] = time.time()
+            history.append(metrics)
+            with tempfile.TemporaryDirectory() as d:
+                torch.save(model.state_dict(), os.path.join(d, "model.pt"))
+                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
+                            "classes_hash": tc["classes_hash"], "best": best}, os.path.join(d, "train_state.pt"))
+                with open(os.path.join(d, "history.json"), "w") as f:
+                    json.dump(history, f)
+                ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                                 checkpoint=Checkpoint.from_directory(d))
+            if tr["stopped_by_budget"]:
+                break
 
 
 def _write_predictions(preds: dict, tc: dict, epoch: int) -> None:
@@ -404,7 +486,7 @@ def _check_run_classes(fold_dir: str, hash_: str) -> None:
 
 
 def fit_fold(fold, inputs: dict, datasets: dict, cfg: RunConfig, extra: dict):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from dermray.models import spec
@@ -441,6 +523,8 @@ def fit_fold(fold, inputs: dict, datasets: dict, cfg: RunConfig, extra: dict):
                 for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}},
         ),
         datasets=datasets,
+        # One worker per fold: a split would only put a coordinator actor between Ray Data and the worker.
+        dataset_config=DataConfig(datasets_to_split=[]),
     )
     t0 = time.time()
     result = trainer.fit()

@@ -193,3 +193,54 @@ def test_a_last_batch_of_one_image_is_skipped_not_fatal():
                 "label": torch.tensor([0, 1][:n])} for n in (2, 1)]
     r = train.train_one_epoch(model, train.make_optimizer(model.parameters(), tc), batches, tc, torch.device("cpu"))
     assert (r["images"], r["images_skipped"]) == (2, 1) and np.isfinite(r["loss"])
+
+
+class _Epochs:
+    """make_batches for EpochBatches: epoch e yields (e, 0) .. (e, n - 1); records when each epoch was started and
+    whether its iterator was closed."""
+
+    def __init__(self, n: int, fail_at: int | None = None):
+        self.n, self.fail_at, self.started, self.closed = n, fail_at, {}, set()
+
+    def __call__(self, epoch: int):
+        self.started[epoch] = time.monotonic()
+        try:
+            for i in range(self.n):
+                if epoch == self.fail_at and i == 2:
+                    raise OSError(f"cannot read a block of epoch {epoch}")
+                yield (epoch, i)
+        finally:
+            self.closed.add(epoch)
+
+
+def test_epoch_batches_hand_out_every_epoch_in_order_and_start_the_next_one_early():
+    make = _Epochs(10)
+    seen, finished = [], {}
+    with train.EpochBatches(make, 2, 5, queue_batches=3) as epochs:
+        for epoch in range(2, 5):
+            for batch in epochs.epoch(epoch):
+                time.sleep(0.01)  # a training step
+                seen.append(batch)
+            finished[epoch] = time.monotonic()
+    assert seen == [(e, i) for e in range(2, 5) for i in range(10)]
+    # The next epoch's data was started while the current epoch still had queued batches to train.
+    assert make.started[3] < finished[2] and make.started[4] < finished[3]
+    assert make.closed == {2, 3, 4}
+
+
+def test_epoch_batches_stopped_mid_epoch_close_the_running_epoch():
+    make = _Epochs(1000)
+    t0 = time.monotonic()
+    with train.EpochBatches(make, 0, 3, queue_batches=2) as epochs:
+        got = [b for _, b in zip(range(5), epochs.epoch(0))]  # the time budget ends the epoch after 5 batches
+    assert got == [(0, i) for i in range(5)]
+    assert make.closed == {0} and 1 not in make.started and time.monotonic() - t0 < 5
+
+
+def test_epoch_batches_skip_what_an_unfinished_epoch_left_and_raise_errors_in_the_trainer():
+    make = _Epochs(6, fail_at=2)
+    with train.EpochBatches(make, 0, 3, queue_batches=2) as epochs:
+        assert next(epochs.epoch(0)) == (0, 0)
+        assert list(epochs.epoch(1)) == [(1, i) for i in range(6)]
+        with pytest.raises(OSError, match="epoch 2"):
+            list(epochs.epoch(2))
