@@ -94,6 +94,7 @@ def main() -> int:
         "train_images": int(len(train)), "train_minutes": TRAIN_MINUTES, "partition_folds": 9, "tta": "dihedral",
         "epochs": epochs,
         "saliency_sanity_spearman_all_randomised": {k: round(float(v), 3) for k, v in last["spearman"].items()},
+        "saliency_sanity_constant_maps_all_randomised": {k: int(v) for k, v in last["constant_maps"].items()},
         "saliency_inside_lesion": {k: round(float(v), 3) for k, v in index.groupby("method")["inside_lesion"].mean().items()},
         "stages": s["stages"], "target_met": mel >= 0.85, "minutes": round((time.perf_counter() - t0) / 60, 1),
     }

@@ -40,8 +40,12 @@ class TargetLogProb(nn.Module):
         logits = logits_of(self.model(x))
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
-        probs = torch.softmax(logits, dim=1)
-        return torch.log((probs @ self.matrix.to(probs.dtype)).clamp_min(1e-12))
+        # log(sum of the target's softmax probabilities) = logsumexp(target logits) - logsumexp(all logits): exact
+        # where the probabilities underflow (a clamped log had a zero gradient there, so a confidently rejected
+        # target - a bottom-K image, a randomised network - got a blank map).
+        member_log = torch.log(self.matrix.to(logits.dtype))  # 0 for a member class, -inf otherwise
+        return (torch.logsumexp(logits.unsqueeze(2) + member_log.unsqueeze(0), dim=1)
+                - torch.logsumexp(logits, dim=1, keepdim=True))
 
 
 def attribute(f: TargetLogProb, x: torch.Tensor, targets: torch.Tensor, method: str, *, layer: nn.Module | None = None,

@@ -220,9 +220,12 @@ def sanity_rows(ens, matrix: np.ndarray, audit: pd.DataFrame, methods: list[str]
             rmaps = attribute(rf, x, targets, method, layer=_get(rmodel, s.last_conv), **kw)
             sp = [spearman(a, b) for a, b in zip(original, rmaps)]
             ss = [ssim(a, b) for a, b in zip(original, rmaps)]
+            # A randomised network can be dead (its activations saturated): its maps are then constant, which
+            # scores 0 - the test passes, but for that reason; counted so that the report says so.
+            constant = sum(int(np.ptp(np.abs(m)) == 0) for m in rmaps)
             rows.append({"method": method, "level": level, "randomised": name, "spearman": float(np.nanmean(sp))
                          if np.isfinite(sp).any() else float("nan"), "ssim": float(np.nanmean(ss)),
-                         "n_images": len(audit)})
+                         "n_images": len(audit), "constant_maps": constant})
     return rows
 
 
@@ -312,7 +315,8 @@ def run(cfg: RunConfig) -> dict:
     storage.write_table(pa.Table.from_pandas(index, preserve_index=False),
                         storage.join(rdir, "saliency_index.parquet"))
     flags = flag_methods(sanity, sc.flag_similarity) if sanity else {}
-    sanity_df = pd.DataFrame(sanity, columns=["method", "level", "randomised", "spearman", "ssim", "n_images"])
+    sanity_df = pd.DataFrame(sanity, columns=["method", "level", "randomised", "spearman", "ssim", "n_images",
+                                              "constant_maps"])
     sanity_df["flagged"] = sanity_df["method"].map(lambda m: m in flags)
     storage.write_table(pa.Table.from_pandas(sanity_df, preserve_index=False), storage.join(rdir, "sanity.parquet"))
     storage.write_text(storage.join(rdir, "gallery.html"), gallery_html(cfg, index, sanity_df, flags, tasks, rdir))
@@ -366,11 +370,13 @@ def gallery_html(cfg: RunConfig, index: pd.DataFrame, sanity: pd.DataFrame, flag
     if sanity.empty:
         parts.append("<p>Not run.</p>")
     else:
-        parts.append("<table><tr><th>method</th><th>randomised</th><th>Spearman</th><th>SSIM</th><th>images</th></tr>")
+        parts.append("<table><tr><th>method</th><th>randomised</th><th>Spearman</th><th>SSIM</th><th>images</th>"
+                     "<th>constant maps</th></tr>")
         for r in sanity.itertuples():
             parts.append(f"<tr><td>{e(r.method)}</td><td>{e(r.randomised)}</td><td>{r.spearman:.3f}</td>"
-                         f"<td>{r.ssim:.3f}</td><td>{r.n_images}</td></tr>")
-        parts.append("</table><p>Similarity should fall as more of the network is randomised.</p>")
+                         f"<td>{r.ssim:.3f}</td><td>{r.n_images}</td><td>{r.constant_maps}</td></tr>")
+        parts.append("</table><p>Similarity should fall as more of the network is randomised. A constant map (the "
+                     "randomised network's activations saturated, so its gradients are zero) scores 0.</p>")
         for m, why in flags.items():
             parts.append(f"<p class='flag'>{e(m)}: {e(why)}</p>")
     return "\n".join(parts)
@@ -388,6 +394,7 @@ def format_summary(s: dict) -> str:
         for r in s["sanity"]:
             last[r["method"]] = r
         for m, r in last.items():
-            lines.append(f"  sanity {m}: fully randomised Spearman {r['spearman']:.2f}, SSIM {r['ssim']:.2f}")
+            constant = f" ({r['constant_maps']} of {r['n_images']} maps constant)" if r.get("constant_maps") else ""
+            lines.append(f"  sanity {m}: fully randomised Spearman {r['spearman']:.2f}, SSIM {r['ssim']:.2f}{constant}")
     lines.append(f"  gallery: {s['outputs']['gallery']}")
     return "\n".join(lines)

@@ -60,6 +60,31 @@ def test_task_targets_are_the_gradients_of_summed_probabilities():
                                        "gradient"), expected, rtol=1e-3)
 
 
+def test_a_confidently_rejected_target_still_gets_its_gradient():
+    """Where the target's probability is tiny (a bottom-K image, a randomised network) the map is still the gradient
+    of its log (a float64 reference), not a blank map (a log clamped at 1e-12 had no gradient there)."""
+    import copy
+
+    model = Tiny().eval()
+    with torch.no_grad():
+        model.fc.weight.mul_(2000)
+    matrix = np.zeros((5, 2))
+    matrix[[0, 1], 0] = 1
+    matrix[[2, 3, 4], 1] = 1
+    torch.manual_seed(2)
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    f64 = A.TargetLogProb(model, matrix).double()
+    with torch.no_grad():
+        log_p = f64(x)[0]
+    target = int(log_p.argmin())
+    assert float(log_p[target]) < np.log(1e-20)  # a probability of 1e-20 or less
+    expected = A.attribute(f64, x, torch.tensor([target]), "gradient")
+    got = A.attribute(A.TargetLogProb(copy.deepcopy(model).float(), matrix), x.float(), torch.tensor([target]),
+                      "gradient")
+    assert np.ptp(got) > 0
+    np.testing.assert_allclose(got / got.max(), expected / expected.max(), atol=1e-3)
+
+
 @pytest.mark.parametrize("method", A.METHODS)
 def test_every_method_gives_one_non_negative_value_per_pixel(method):
     model = Tiny().eval()

@@ -70,6 +70,13 @@ def test_maps_index_gallery_and_sanity_written_to_s3(score_study, ham_dir, train
         rows = sanity[sanity.method == method].sort_values("level")
         assert rows["spearman"].iloc[-1] < 0.5 and rows["ssim"].iloc[-1] < 0.5, rows
         assert not rows["flagged"].any()
+        assert rows["constant_maps"].between(0, rows["n_images"]).all()
+    # Plain gradients have no ReLU at the end (Grad-CAM's zeroes a map whose weighted activations are all
+    # negative): with the head randomised their maps still vary over the image (they were blank while the
+    # log-probability was clamped), and they resemble the originals less as more of the network is randomised.
+    gradient = sanity[sanity.method == "gradient"].sort_values("level")
+    assert gradient["constant_maps"].iloc[0] == 0, gradient
+    assert gradient["spearman"].is_monotonic_decreasing and gradient["spearman"].iloc[-1] < gradient["spearman"].iloc[0]
     gallery = storage.read_text(f"{rdir}/gallery.html")
     assert "<th>melanoma" in gallery and "<th>nevus" in gallery and "Sanity checks" in gallery
     assert "gradient/" in gallery and s3_bucket not in gallery  # relative links
