@@ -121,93 +121,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_partition(args) -> dict:
-    from dermray import partition
+def _run_stage(stage: str, args, flags: dict[str, str]) -> dict:
+    """The stage commands' common shape: the config file with --set overrides and the command's flags (``flags``:
+    flag name -> config key), the stage module's ``run``, and its summary printed (as JSON with --json)."""
+    import importlib
+
     from dermray.config import load_config
 
-    overrides = list(args.overrides) + _flag_overrides(args, COMMON_FLAGS | {
+    module = importlib.import_module(f"dermray.{stage}")
+    cfg = load_config(args.config, list(args.overrides) + _flag_overrides(args, COMMON_FLAGS | flags))
+    summary = module.run(cfg)
+    print(json.dumps(summary, indent=2, default=str) if args.json else module.format_summary(summary))
+    return summary
+
+
+def cmd_partition(args) -> dict:
+    return _run_stage("partition", args, {
         "manifest": "data.manifest", "taxonomy": "data.taxonomy", "tasks": "data.tasks",
         "max_class_size": "partition.max_class_size", "folds": "partition.folds", "seed": "partition.seed"})
-    cfg = load_config(args.config, overrides)
-    summary = partition.run(cfg)
-    print(json.dumps(summary, indent=2) if args.json else partition.format_summary(summary))
-    return summary
 
 
 def cmd_train(args) -> dict:
-    from dermray import train
-    from dermray.config import load_config
-
-    overrides = list(args.overrides) + _flag_overrides(args, COMMON_FLAGS | {
+    return _run_stage("train", args, {
         "manifest": "data.manifest", "partition": "train.partition", "arch": "train.arch", "epochs": "train.epochs"})
-    cfg = load_config(args.config, overrides)
-    summary = train.run(cfg)
-    print(json.dumps(summary, indent=2, default=str) if args.json else train.format_summary(summary))
-    return summary
 
 
 def cmd_score(args) -> dict:
-    from dermray import score
-    from dermray.config import load_config
-
-    overrides = list(args.overrides) + _flag_overrides(args, COMMON_FLAGS | {
+    return _run_stage("score", args, {
         "checkpoint": "score.checkpoints", "input": "score.input", "labels": "score.labels", "tasks": "data.tasks",
         "taxonomy": "data.taxonomy", "partition": "score.partition", "incremental": "score.incremental",
         "tta": "score.tta"})
-    cfg = load_config(args.config, overrides)
-    summary = score.run(cfg)
-    print(json.dumps(summary, indent=2, default=str) if args.json else score.format_summary(summary))
-    return summary
 
 
 def cmd_saliency(args) -> dict:
-    from dermray import saliency
-    from dermray.config import load_config
-
-    overrides = list(args.overrides) + _flag_overrides(args, COMMON_FLAGS | {
+    return _run_stage("saliency", args, {
         "checkpoint": "saliency.checkpoints", "predictions": "saliency.predictions", "method": "saliency.methods",
         "tasks": "data.tasks", "taxonomy": "data.taxonomy", "masks": "saliency.masks"})
-    cfg = load_config(args.config, overrides)
-    summary = saliency.run(cfg)
-    print(json.dumps(summary, indent=2, default=str) if args.json else saliency.format_summary(summary))
-    return summary
 
 
 def cmd_nightly(args) -> dict:
-    from dermray import nightly
-    from dermray.config import load_config
-
-    overrides = list(args.overrides) + _flag_overrides(args, COMMON_FLAGS | {
+    return _run_stage("nightly", args, {
         "checkpoint": "score.checkpoints", "input": "score.input", "date": "nightly.date"})
-    cfg = load_config(args.config, overrides)
-    summary = nightly.run(cfg)
-    print(json.dumps(summary, indent=2, default=str) if args.json else nightly.format_summary(summary))
-    return summary
 
 
 def cmd_evaluate(args) -> dict:
-    from dermray import evaluate
-    from dermray.config import load_config
-
-    overrides = list(args.overrides) + _flag_overrides(args, COMMON_FLAGS | {
+    return _run_stage("evaluate", args, {
         "predictions": "evaluate.predictions", "tasks": "data.tasks", "taxonomy": "data.taxonomy",
         "partition": "evaluate.partition", "readers": "evaluate.readers", "compare": "evaluate.compare",
         "model_id": "evaluate.model_id", "distributed": "evaluate.distributed"})
-    cfg = load_config(args.config, overrides)
-    summary = evaluate.run(cfg)
-    print(json.dumps(summary, indent=2, default=str) if args.json else evaluate.format_summary(summary))
-    return summary
 
 
 def cmd_pipeline(args) -> dict:
-    from dermray import pipeline
-    from dermray.config import load_config
-
-    overrides = list(args.overrides) + _flag_overrides(args, COMMON_FLAGS | {"force": "pipeline.force"})
-    cfg = load_config(args.config, overrides)
-    summary = pipeline.run(cfg)
-    print(json.dumps(summary, indent=2, default=str) if args.json else pipeline.format_summary(summary))
-    return summary
+    return _run_stage("pipeline", args, {"force": "pipeline.force"})
 
 
 def cmd_synth(args) -> dict:

@@ -27,11 +27,19 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        ray.init(num_cpus=num_cpus, include_dashboard=False,
+                 runtime_env={"worker_process_setup_hook": "dermray.raysession.quiet_embedded_workers"}, **kwargs)
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+def quiet_embedded_workers() -> None:
+    """Worker set-up for the embedded Ray, which runs without a dashboard and so without the State API: Ray Train's
+    placement-group cleaner (a safety net for a controller that dies) asks the State API about its controller every
+    second and would log a warning each time, for as long as training runs."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def cluster_cpus(default: int = 1) -> int:

@@ -12,6 +12,16 @@ from dermray import models, train
 SIZE = 64  # input pixels of the test models
 
 
+def _save_fold(fold_dir, model, classes: pa.Table, run: str) -> None:
+    """Weights and model card of a SIZE-px mobilenet_v3_small, laid out as `dermray train` writes a fold."""
+    os.makedirs(fold_dir / "best", exist_ok=True)
+    torch.save(model.state_dict(), fold_dir / "best" / "model.pt")
+    (fold_dir / "model_card.json").write_text(json.dumps({
+        "model_id": f"{run}/{fold_dir.name}", "architecture": "mobilenet_v3_small", "input_size": SIZE,
+        "normalisation": {"mean": list(models.IMAGENET_MEAN), "std": list(models.IMAGENET_STD)},
+        "training_classes": classes.to_pandas().to_dict(orient="records"), "classes_hash": train.classes_hash(classes)}))
+
+
 def write_fold(fold_dir, classes: pa.Table, seed: int) -> None:
     """A fold directory as `dermray train` writes it (weights + model card), with a model whose outputs depend on
     the image (batch-norm statistics set, a sharper head) so that a mix-up of images would show."""
@@ -26,12 +36,7 @@ def write_fold(fold_dir, classes: pa.Table, seed: int) -> None:
         for _ in range(2):
             m(torch.randn(16, 3, SIZE, SIZE))
         m.classifier[3].weight.mul_(20)
-    os.makedirs(fold_dir / "best", exist_ok=True)
-    torch.save(m.state_dict(), fold_dir / "best" / "model.pt")
-    (fold_dir / "model_card.json").write_text(json.dumps({
-        "model_id": f"r1/{fold_dir.name}", "architecture": "mobilenet_v3_small", "input_size": SIZE,
-        "normalisation": {"mean": list(models.IMAGENET_MEAN), "std": list(models.IMAGENET_STD)},
-        "training_classes": classes.to_pandas().to_dict(orient="records"), "classes_hash": train.classes_hash(classes)}))
+    _save_fold(fold_dir, m, classes, run="r1")
 
 
 def shard_bytes(samples: list[tuple[str, bytes, dict]]) -> bytes:
@@ -43,8 +48,6 @@ def shard_bytes(samples: list[tuple[str, bytes, dict]]) -> bytes:
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
     return buf.getvalue()
-
-
 
 
 def train_small_fold(fold_dir, classes: pa.Table, images: list[str], labels: list[int], steps: int = 40,
@@ -69,9 +72,4 @@ def train_small_fold(fold_dir, classes: pa.Table, images: list[str], labels: lis
         loss.backward()
         opt.step()
     m.eval()
-    os.makedirs(fold_dir / "best", exist_ok=True)
-    torch.save(m.state_dict(), fold_dir / "best" / "model.pt")
-    (fold_dir / "model_card.json").write_text(json.dumps({
-        "model_id": f"trained/{fold_dir.name}", "architecture": "mobilenet_v3_small", "input_size": SIZE,
-        "normalisation": {"mean": list(models.IMAGENET_MEAN), "std": list(models.IMAGENET_STD)},
-        "training_classes": classes.to_pandas().to_dict(orient="records"), "classes_hash": train.classes_hash(classes)}))
+    _save_fold(fold_dir, m, classes, run="trained")
