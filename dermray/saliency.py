@@ -220,8 +220,8 @@ def sanity_rows(ens, matrix: np.ndarray, audit: pd.DataFrame, methods: list[str]
             rmaps = attribute(rf, x, targets, method, layer=_get(rmodel, s.last_conv), **kw)
             sp = [spearman(a, b) for a, b in zip(original, rmaps)]
             ss = [ssim(a, b) for a, b in zip(original, rmaps)]
-            # A randomised network can be dead (its activations saturated): its maps are then constant, which
-            # scores 0 - the test passes, but for that reason; counted so that the report says so.
+            # A constant map (Grad-CAM's final ReLU blanks a map whose weighted activations are all negative)
+            # scores 0: a low similarity built on such maps says little, so they are counted for the report.
             constant = sum(int(np.ptp(np.abs(m)) == 0) for m in rmaps)
             rows.append({"method": method, "level": level, "randomised": name, "spearman": float(np.nanmean(sp))
                          if np.isfinite(sp).any() else float("nan"), "ssim": float(np.nanmean(ss)),
@@ -375,8 +375,9 @@ def gallery_html(cfg: RunConfig, index: pd.DataFrame, sanity: pd.DataFrame, flag
         for r in sanity.itertuples():
             parts.append(f"<tr><td>{e(r.method)}</td><td>{e(r.randomised)}</td><td>{r.spearman:.3f}</td>"
                          f"<td>{r.ssim:.3f}</td><td>{r.n_images}</td><td>{r.constant_maps}</td></tr>")
-        parts.append("</table><p>Similarity should fall as more of the network is randomised. A constant map (the "
-                     "randomised network's activations saturated, so its gradients are zero) scores 0.</p>")
+        parts.append("</table><p>Similarity should fall as more of the network is randomised. A constant map "
+                     "(Grad-CAM's final ReLU blanks a map whose weighted activations are all negative) scores 0, so "
+                     "a low similarity built on constant maps says little.</p>")
         for m, why in flags.items():
             parts.append(f"<p class='flag'>{e(m)}: {e(why)}</p>")
     return "\n".join(parts)
