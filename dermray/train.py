@@ -21,7 +21,9 @@ import json
 import logging
 import math
 import os
+import queue
 import tempfile
+import threading
 import time
 import zlib
 from dataclasses import asdict
@@ -300,9 +302,6 @@ class EpochBatches:
     _END = object()
 
     def __init__(self, make_batches, first: int, stop: int, queue_batches: int = 4):
-        import queue
-        import threading
-
         self._make, self._first, self._stop_epoch = make_batches, first, stop
         self._queue = queue.Queue(maxsize=queue_batches)
         self._closed = threading.Event()
@@ -310,8 +309,6 @@ class EpochBatches:
         self._thread.start()
 
     def _put(self, item) -> bool:
-        import queue
-
         while not self._closed.is_set():
             try:
                 self._queue.put(item, timeout=0.1)
@@ -351,8 +348,6 @@ class EpochBatches:
             yield item
 
     def close(self) -> None:
-        import queue
-
         self._closed.set()
         give_up = time.monotonic() + 60.0  # a thread stuck in Ray is left behind (daemon) rather than hang training
         while self._thread.is_alive() and time.monotonic() < give_up:
