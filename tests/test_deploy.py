@@ -61,14 +61,27 @@ def _cluster_spec_ok(spec: dict, where: str) -> list[str]:
     return images
 
 
+NIGHTLY_WRAPPER = "python /etc/dermray-nightly/nightly_window.py "  # the nightly's starting deadline (test_kuberay)
+
+
 def _entrypoint_ok(entrypoint: str, configs: dict[str, str], tmp_path) -> None:
-    m = re.fullmatch(r"python /app/(jobs/\w+\.py) --config /etc/dermray/(\S+)", entrypoint)
+    command = entrypoint.removeprefix(NIGHTLY_WRAPPER)
+    m = re.fullmatch(r"python /app/(jobs/\w+\.py) --config /etc/dermray/(\S+)", command)
     assert m, entrypoint
     assert (REPO / m.group(1)).exists(), f"{entrypoint}: {m.group(1)} does not exist"
     assert m.group(2) in configs, f"{entrypoint}: {m.group(2)} is not in the dermray-config ConfigMap"
     f = tmp_path / m.group(2)
     f.write_text(configs[m.group(2)])
     load_config(str(f))  # raises on an unknown or mistyped key
+
+
+def _cleans_up(spec: dict) -> bool:
+    """A finished RayJob's cluster goes: shutdownAfterJobFinishes, or deletion rules deleting it on both outcomes."""
+    if spec.get("shutdownAfterJobFinishes") is True:
+        return spec.get("ttlSecondsAfterFinished", 0) > 0
+    rules = spec.get("deletionStrategy", {}).get("deletionRules", [])
+    gone = {r["condition"].get("jobStatus") for r in rules if r["policy"] in ("DeleteCluster", "DeleteSelf")}
+    return {"SUCCEEDED", "FAILED"} <= gone and any(r["condition"].get("jobDeploymentStatus") == "Failed" for r in rules)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -78,6 +91,7 @@ def test_overlays_build_and_carry_what_kuberay_needs(overlay, tmp_path):
     for d in docs:
         by_kind.setdefault(d["kind"], []).append(d)
         assert d["metadata"].get("namespace") == ("dermray-dev" if overlay == "dev" else "dermray"), d["kind"]
+        assert d["metadata"].get("labels", {}).get("app.kubernetes.io/name") == "dermray", d["kind"]
     configs = next(c for c in by_kind["ConfigMap"] if c["metadata"]["name"] == "dermray-config")["data"]
     for text in configs.values():
         (tmp_path / "c.yaml").write_text(text)
@@ -91,30 +105,32 @@ def test_overlays_build_and_carry_what_kuberay_needs(overlay, tmp_path):
     assert spec["activeDeadlineSeconds"] > 0
     _entrypoint_ok(spec["entrypoint"], configs, tmp_path)
     images += _cluster_spec_ok(spec["rayClusterSpec"], "RayJob train")
-    nightly_specs = []
+    # One nightly spec (the RayCronJob's jobTemplate) and one mechanism that runs it per overlay.
+    (cron,) = by_kind["RayCronJob"]
+    assert cron["apiVersion"] == "ray.io/v1" and len(cron["spec"]["schedule"].split()) == 5
     if overlay == "prod":
-        (cron,) = by_kind["RayCronJob"]
-        assert cron["apiVersion"] == "ray.io/v1" and len(cron["spec"]["schedule"].split()) == 5
-        nightly_specs.append(cron["spec"]["jobTemplate"])
-        assert "CronJob" not in by_kind  # one nightly mechanism per overlay
+        assert cron["spec"]["suspend"] is False and "CronJob" not in by_kind
     else:
-        (cron,) = by_kind["CronJob"]
-        assert cron["spec"]["concurrencyPolicy"] == "Forbid" and "RayCronJob" not in by_kind
-        pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-        assert pod["serviceAccountName"] == "dermray-launcher"
-        holder = next(c for c in by_kind["ConfigMap"] if c["metadata"]["name"] == pod["volumes"][0]["configMap"]["name"])
+        assert cron["spec"]["suspend"] is True  # only the launcher's template
+        (launcher,) = by_kind["CronJob"]
+        assert launcher["spec"]["concurrencyPolicy"] == "Forbid" and launcher["spec"]["startingDeadlineSeconds"] > 0
+        pod = launcher["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        assert pod["serviceAccountName"] == "dermray-launcher" and pod["restartPolicy"] == "Never"
+        cm_name = pod["volumes"][0]["configMap"]["name"]
+        holder = next(c for c in by_kind["ConfigMap"] if c["metadata"]["name"] == cm_name)
         (name,) = holder["data"]
-        assert pod["containers"][0]["command"][-1].endswith(name)
-        rayjob = yaml.safe_load(holder["data"][name])
-        assert rayjob["kind"] == "RayJob" and rayjob["metadata"]["generateName"]
-        nightly_specs.append(rayjob["spec"])
+        assert pod["containers"][0]["command"][-1].endswith("/" + name)
+        images.append(pod["containers"][0]["image"])
         role = next(r for r in by_kind["Role"] if r["metadata"]["name"] == "dermray-launcher")
-        assert role["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get", "list"]}]
-    for spec in nightly_specs:
-        assert spec["shutdownAfterJobFinishes"] is True and spec["activeDeadlineSeconds"] > 0
-        assert "jobs/nightly_score.py" in spec["entrypoint"]
-        _entrypoint_ok(spec["entrypoint"], configs, tmp_path)
-        images += _cluster_spec_ok(spec["rayClusterSpec"], "nightly RayJob")
+        assert role["rules"] == [
+            {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get", "list"]},
+            {"apiGroups": ["ray.io"], "resources": ["raycronjobs"], "resourceNames": [cron["metadata"]["name"]],
+             "verbs": ["get"]}]
+    nightly = cron["spec"]["jobTemplate"]
+    assert _cleans_up(nightly) and 0 < nightly["activeDeadlineSeconds"] < 24 * 3600
+    assert "jobs/nightly_score.py" in nightly["entrypoint"]
+    _entrypoint_ok(nightly["entrypoint"], configs, tmp_path)
+    images += _cluster_spec_ok(nightly["rayClusterSpec"], "nightly RayJob")
     assert len(set(images)) == 1, f"pods run different images: {set(images)}"
     assert images[0].split(":")[-1].split()[0] == _dockerfile_tag_hint()
 
