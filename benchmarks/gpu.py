@@ -1,6 +1,6 @@
 """The GPU path, checked and timed on a CUDA machine (exits 0 with a note where there is none): Inception v3 at 299 px
 
-1. training through dermray's own step code (``train._batches`` -> ``train.train_one_epoch`` fed uint8 NHWC batches
+1. training through dermray's own step code (``trainloop.torch_batches`` -> ``trainloop.train_one_epoch`` fed uint8 NHWC batches
    the way Ray Data hands them to the worker; ``train.amp=auto`` -> bf16 autocast, channels_last) vs a bare PyTorch
    loop doing the same steps (images already on the GPU, no per-step host sync), and dermray's step in fp32;
 2. scoring through dermray's ``score.Predictor`` (what each Ray Data actor runs) with ``score.amp=bf16`` vs a bare
@@ -57,30 +57,29 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def train_config(amp: str) -> dict:
-    from dataclasses import asdict
-
-    from dermray import models
+def fold_job(amp: str):
+    from dermray import models, trainloop
     from dermray.config import TrainConfig
 
     s = models.spec(ARCH)
-    return asdict(TrainConfig(arch=ARCH, weights="none", amp=amp, channels_last=True, batch_size=TRAIN_BATCH)) | {
-        "mean": list(s.mean), "std": list(s.std)}
+    tc = TrainConfig(arch=ARCH, weights="none", amp=amp, channels_last=True, batch_size=TRAIN_BATCH)
+    return trainloop.FoldJob(train=tc, n_classes=N_CLASSES, image_size=s.input_size, mean=s.mean, std=s.std)
 
 
 def dermray_train(images, labels, amp: str) -> float:
     import torch
 
-    from dermray import models, train
+    from dermray import models, trainloop
 
-    tc = train_config(amp)
+    job = fold_job(amp)
     device = torch.device(DEVICE)
     model = models.build_model(ARCH, N_CLASSES, weights="none").to(device).to(memory_format=torch.channels_last)
-    opt = train.make_optimizer(model.parameters(), tc)
-    train.train_one_epoch(model, opt, train._batches(FakeShard(images, labels, 10), TRAIN_BATCH), tc, device)
-    _sync()
-    r = train.train_one_epoch(model, opt, train._batches(FakeShard(images, labels, TRAIN_STEPS), TRAIN_BATCH), tc,
+    opt = trainloop.make_optimizer(model.parameters(), job.train)
+    trainloop.train_one_epoch(model, opt, trainloop.torch_batches(FakeShard(images, labels, 10), TRAIN_BATCH), job,
                               device)
+    _sync()
+    r = trainloop.train_one_epoch(model, opt, trainloop.torch_batches(FakeShard(images, labels, TRAIN_STEPS),
+                                                                      TRAIN_BATCH), job, device)
     _sync()
     assert np.isfinite(r["loss"]), r
     return r["images_per_s"]

@@ -98,7 +98,7 @@ def run_baseline(manifest: str, out: str) -> dict:
 
     from dermray.partitioning import (HASH_BUCKETS, fold_table, hash_bucket, hash_strings, node_to_class,
                                       partition_classes)
-    from dermray.taxonomy import load_taxonomy
+    from dermray.definitions import load_taxonomy
 
     t0 = time.perf_counter()
     tax = load_taxonomy(os.path.join(os.path.dirname(manifest), "taxonomy.parquet"))

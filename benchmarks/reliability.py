@@ -233,16 +233,18 @@ def tiny_model(tmp: pathlib.Path) -> pathlib.Path:
     """An untrained mobilenet_v3_small fold (32 px, 2 classes) with its model card: what scoring needs."""
     import torch
 
-    from dermray import models
+    from dermray import artifacts, models
 
     fold = tmp / "train" / "m" / "fold=0"
     (fold / "best").mkdir(parents=True)
     torch.save(models.build_model("mobilenet_v3_small", 2, weights="none").state_dict(), fold / "best" / "model.pt")
-    (fold / "model_card.json").write_text(json.dumps({
-        "model_id": "reliability/m", "architecture": "mobilenet_v3_small", "input_size": 32,
-        "normalisation": {"mean": list(models.IMAGENET_MEAN), "std": list(models.IMAGENET_STD)},
-        "training_classes": [{"class_index": i, "node_id": f"c{i}", "name": f"c{i}", "n_images": 1,
-                              "scope": "subtree"} for i in range(2)], "classes_hash": "x"}))
+    classes = [{"class_index": i, "node_id": f"c{i}", "name": f"c{i}", "n_images": 1, "scope": "subtree"}
+               for i in range(2)]
+    artifacts.write_card(artifacts.ModelCard(
+        model_id="reliability/m", architecture="mobilenet_v3_small", input_size=32,
+        normalisation={"mean": list(models.IMAGENET_MEAN), "std": list(models.IMAGENET_STD)},
+        training_classes=classes, classes_hash=artifacts.classes_hash(classes),
+        weights_sha256=artifacts.weights_sha256(str(fold / "best" / "model.pt"))), str(fold))
     return fold
 
 

@@ -31,7 +31,7 @@ def make_fold(tmp: pathlib.Path, arch: str) -> pathlib.Path:
     """A fold directory as `dermray train` writes it; random weights (speed does not depend on them)."""
     import torch
 
-    from dermray import models
+    from dermray import artifacts, models
 
     s = models.spec(arch)
     classes = [{"class_index": i, "node_id": f"c{i}", "name": f"c{i}", "n_images": 1, "scope": "subtree"}
@@ -39,10 +39,11 @@ def make_fold(tmp: pathlib.Path, arch: str) -> pathlib.Path:
     fold = tmp / "train" / arch / "fold=0"
     (fold / "best").mkdir(parents=True)
     torch.save(models.build_model(arch, len(classes), weights="none").state_dict(), fold / "best" / "model.pt")
-    (fold / "model_card.json").write_text(json.dumps({
-        "model_id": f"bench/{arch}", "architecture": arch, "input_size": s.input_size,
-        "normalisation": {"mean": list(s.mean), "std": list(s.std)}, "training_classes": classes,
-        "classes_hash": "bench"}))
+    artifacts.write_card(artifacts.ModelCard(
+        model_id=f"bench/{arch}", architecture=arch, input_size=s.input_size,
+        normalisation={"mean": list(s.mean), "std": list(s.std)}, training_classes=classes,
+        classes_hash=artifacts.classes_hash(classes),
+        weights_sha256=artifacts.weights_sha256(str(fold / "best" / "model.pt"))), str(fold))
     return fold
 
 
@@ -69,17 +70,16 @@ def run_naive(fold: pathlib.Path, manifest: pathlib.Path, arch: str) -> dict:
     import ray
     import ray.data
 
-    from dermray import score
+    from dermray import artifacts, score, storage
 
-    ens = score.load_ensemble([str(fold)])
+    ens = artifacts.load_ensemble([str(fold)])
     t0 = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         ds = (ray.data.read_parquet(str(manifest), columns=["image_id", "uri"])
-              .map_batches(lambda b: b | {"row": np.full(len(b["uri"]), -1), "chunk": np.array(["c"] * len(b["uri"])),
-                                          "chunk_total": np.full(len(b["uri"]), 0)})
-              .map_batches(score.decode_rows, batch_size=BATCH, fn_kwargs={"size": ens.size, "max_pixels": 10**8})
+              .map_batches(score.decode_rows, batch_size=BATCH, fn_kwargs={"size": ens.size, "max_pixels": 10**8,
+                                                                           "retry": storage.DEFAULT_RETRY})
               .map_batches(score.Predictor, batch_size=BATCH, compute=ray.data.ActorPoolStrategy(size=1),
                            fn_constructor_kwargs={"ensemble": ens, "threads": 1, "channels_last": True,
                                                   "tta": "none", "use_gpu": False}))

@@ -38,8 +38,8 @@ def prepare(tmp: pathlib.Path, per_class: int) -> tuple[pathlib.Path, pd.DataFra
                  "--output", str(tmp / "in")]) == 0
     assert main(["partition", "--manifest", str(tmp / "in" / "manifest.parquet"), "--taxonomy",
                  str(tmp / "in" / "taxonomy.parquet"), "--max-class-size", str(per_class // 2), "--folds", "2",
-                 "--output", str(tmp / "out")]) == 0
-    lab = pd.read_parquet(tmp / "out" / "partition" / "labels.parquet")
+                 "--output", str(tmp / "out"), "--run-id", "bench"]) == 0
+    lab = pd.read_parquet(tmp / "out" / "partition" / "bench" / "labels.parquet")
     man = pd.read_parquet(tmp / "in" / "manifest.parquet")
     return tmp, lab.merge(man[["image_id", "uri"]], on="image_id")
 
@@ -51,7 +51,8 @@ def run_dermray(tmp: pathlib.Path, arch: str, epochs: int, batch: int) -> dict:
     cfg = load_config(None, [f"data.manifest={tmp / 'in' / 'manifest.parquet'}", f"output={tmp / 'out'}",
                              f"run_id=bench-{arch}", f"train.arch={arch}", "train.weights=none",
                              f"train.epochs={epochs}", f"train.batch_size={batch}", "train.folds=[0]",
-                             "train.cpus_per_worker=1", f"train.torch_threads={THREADS}"])
+                             "train.cpus_per_worker=1", f"train.torch_threads={THREADS}",
+                             f"train.partition={tmp / 'out' / 'partition' / 'bench'}"])
     train.run(cfg)
     m = pd.read_parquet(tmp / "out" / "train" / f"bench-{arch}" / "fold=0" / "metrics.parquet")
     last = m[(m.epoch == epochs - 1) & (m.split == "train")].set_index("metric")["value"]
@@ -156,7 +157,7 @@ def main() -> None:
     for arch, (per_class, epochs, batch) in CASES.items():
         with tempfile.TemporaryDirectory() as t:
             tmp, rows = prepare(pathlib.Path(t), per_class)
-            n_classes = len(pd.read_parquet(tmp / "out" / "partition" / "training_classes.parquet"))
+            n_classes = len(pd.read_parquet(tmp / "out" / "partition" / "bench" / "training_classes.parquet"))
             d = run_dermray(tmp, arch, epochs, batch)
             b = run_bare(rows[rows.fold != 0], n_classes, arch, epochs, batch)
             results[arch] = {"dermray": d, "bare": b, "ratio": d["images_per_s"] / b["images_per_s"]}

@@ -35,6 +35,7 @@ COMMON_FLAGS = {"run_id": "run_id", "output": "output", "address": "ray.address"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # long: one declaration per command and flag, read top to bottom like the --help it produces
     parser = argparse.ArgumentParser(prog="dermray", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", help="partition outputs (default <output>/partition)")
     p.add_argument("--arch", help="config: train.arch")
     p.add_argument("--epochs", type=int, help="config: train.epochs")
+    p.add_argument("--force", action="store_const", const="true",
+                   help="folds whose checkpoints have another lineage are trained afresh (config: train.force)")
 
     p = sub.add_parser("score", help="score images with trained fold models (Ray Data actor pool) -> predictions")
     _add_config_args(p)
@@ -101,7 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="partition -> train -> score -> evaluate -> saliency, skipping stages "
                        "already done for this run")
     _add_config_args(p)
-    p.add_argument("--force", action="store_const", const="true", help="re-run stages whose outputs exist")
+    p.add_argument("--force", action="store_const", const="true",
+                   help="run every stage, whatever its recorded lineage (config: pipeline.force)")
+
+    p = sub.add_parser("lineage", help="the chain behind a run's numbers: manifest -> partition -> models -> "
+                       "predictions -> metrics -> saliency, with fingerprints and whether each link holds")
+    p.add_argument("--output", required=True, help="the run's output root URI")
+    p.add_argument("--run-id", required=True)
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("synth", help="write a synthetic demo dataset (images, manifests, taxonomy, tasks, readers)")
     p.add_argument("--output", required=True, help="folder or s3:// prefix")
@@ -143,7 +153,8 @@ def cmd_partition(args) -> dict:
 
 def cmd_train(args) -> dict:
     return _run_stage("train", args, {
-        "manifest": "data.manifest", "partition": "train.partition", "arch": "train.arch", "epochs": "train.epochs"})
+        "manifest": "data.manifest", "partition": "train.partition", "arch": "train.arch", "epochs": "train.epochs",
+        "force": "train.force"})
 
 
 def cmd_score(args) -> dict:
@@ -173,6 +184,14 @@ def cmd_evaluate(args) -> dict:
 
 def cmd_pipeline(args) -> dict:
     return _run_stage("pipeline", args, {"force": "pipeline.force"})
+
+
+def cmd_lineage(args) -> dict:
+    from dermray import lineage_report
+
+    c = lineage_report.chain(args.output, args.run_id)
+    print(json.dumps(c, indent=2, default=str) if args.json else lineage_report.format_chain(c))
+    return c
 
 
 def cmd_synth(args) -> dict:
@@ -209,7 +228,8 @@ def cmd_import(args) -> dict:
 
 
 COMMANDS = {"partition": cmd_partition, "train": cmd_train, "score": cmd_score, "evaluate": cmd_evaluate,
-            "saliency": cmd_saliency, "nightly": cmd_nightly, "pipeline": cmd_pipeline, "synth": cmd_synth,
+            "saliency": cmd_saliency, "nightly": cmd_nightly, "pipeline": cmd_pipeline, "lineage": cmd_lineage,
+            "synth": cmd_synth,
             "import": cmd_import}
 
 

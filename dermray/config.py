@@ -1,278 +1,373 @@
-"""Typed run configuration: YAML file + ``--set section.key=value`` overrides.
+"""Typed run configuration: YAML file + ``--set section.key=value`` overrides, validated when it loads.
 
-Every key is declared here with its type; an unknown or mistyped key is an error that names the key and the file.
-Later stages add their own section dataclass to ``RunConfig``.
+Every key is declared here with its type, its allowed values or range, and the rules between keys (pydantic v2
+models); a config that breaks one fails in ``load_config`` - before Ray starts - with one line naming the key and
+the file. ``--set`` values are parsed as YAML scalars (``null``, numbers, booleans; a comma-separated string for a
+list key). The stages receive these objects (the Ray Train worker too), never untyped dicts.
 """
 from __future__ import annotations
 
-import dataclasses
-import types
+import copy
+import re
 import typing
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Annotated, Any, Dict, List, Literal, Optional
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dermray.errors import ConfigError
 
 
-@dataclass
-class DataConfig:
+def _comma_list(value):
+    """A list key given as one string (``--set score.checkpoints=a,b``) is split at commas."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip() != ""]
+    return value
+
+
+StrList = Annotated[List[str], BeforeValidator(_comma_list)]
+IntList = Annotated[List[int], BeforeValidator(_comma_list)]
+FloatList = Annotated[List[float], BeforeValidator(_comma_list)]
+
+ARCHS = ("inception_v3", "efficientnet_lite0", "resnet50", "mobilenet_v3_small")
+# Feature stages of each architecture (models.ModelSpec.stages; a test keeps the two equal): train.freeze=K <= this.
+FREEZE_STAGES = {"inception_v3": 12, "efficientnet_lite0": 9, "resnet50": 5, "mobilenet_v3_small": 13}
+AMP = Literal["auto", "bf16", "fp16", "off"]
+STAGE_NAMES = ("partition", "train", "score", "evaluate", "saliency")
+SALIENCY_METHODS = ("gradient", "smoothgrad", "integrated_gradients", "gradcam")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, validate_default=True)
+
+
+class DataConfig(Section):
     manifest: Optional[str] = None  # URI of manifest.parquet
     taxonomy: Optional[str] = None  # URI of taxonomy.parquet (or .csv in the ISIC path form)
     tasks: Optional[str] = None  # URI of the evaluation tasks YAML
 
 
-@dataclass
-class PartitionConfig:
-    max_class_size: int = 1000  # the paper's threshold: a node becomes a class below this many images
-    folds: int = 9  # cross-validation folds (the paper: 9)
+class PartitionConfig(Section):
+    max_class_size: int = Field(1000, ge=1)  # the paper's threshold: a node becomes a class below this many images
+    folds: int = Field(9, ge=2, le=100)  # cross-validation folds (the paper: 9)
     seed: int = 0  # fold assignment is deterministic for a seed
     tasks_required: bool = False  # fail (rather than report) when a training class cannot be attributed to a task
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(Section):
     partition: Optional[str] = None  # partition outputs (labels, training_classes, task_membership)
-    arch: str = "inception_v3"  # inception_v3 | efficientnet_lite0 | resnet50 | mobilenet_v3_small
+    arch: Literal[ARCHS] = "inception_v3"
     weights: str = "imagenet"  # imagenet | none | URI of a state_dict
     freeze: str = "none"  # none | head | K (the first K stages stay fixed)
-    image_size: Optional[int] = None  # pixels; default: the model's (299 for inception_v3)
-    epochs: int = 60
-    batch_size: int = 32
-    optimizer: str = "rmsprop"  # rmsprop (the paper) | adamw
-    lr: float = 0.001
-    lr_decay_epochs: int = 30  # the paper: divide the learning rate by 16 every 30 epochs
-    lr_decay_factor: float = 16.0
-    weight_decay: float = 0.0
-    aux_loss_weight: float = 0.4  # inception_v3's auxiliary classifier, as torchvision trains it
-    folds: List[int] = field(default_factory=list)  # which folds to train; empty: all
+    image_size: Optional[int] = Field(None, ge=16)  # pixels; default: the model's (299 for inception_v3)
+    epochs: int = Field(60, ge=1)
+    batch_size: int = Field(32, ge=2)  # batch norm cannot train on one image
+    optimizer: Literal["rmsprop", "adamw"] = "rmsprop"  # rmsprop: the paper
+    lr: float = Field(0.001, gt=0)
+    lr_decay_epochs: int = Field(30, ge=1)  # the paper: divide the learning rate by 16 every 30 epochs
+    lr_decay_factor: float = Field(16.0, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    aux_loss_weight: float = Field(0.4, ge=0)  # inception_v3's auxiliary classifier, as torchvision trains it
+    folds: IntList = Field(default_factory=list)  # which folds to train; empty: all
     final_model: bool = False  # also train one model on all folds (no validation)
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    data_cpus: float = 0.5  # CPUs per Ray Data decode/augment task (fractional: decoding overlaps training)
-    torch_threads: Optional[int] = None  # default: the worker's CPUs
+    cpus_per_worker: float = Field(1.0, gt=0)
+    data_cpus: float = Field(0.5, gt=0)  # CPUs per Ray Data decode/augment task (fractional: overlaps training)
+    torch_threads: Optional[int] = Field(None, ge=1)  # default: the worker's CPUs
     # on CPU a training step ran 1.5-1.8x (mobilenet_v3_small) and 1.1-1.4x (inception_v3) faster channels_last
     # (benchmarks/train_throughput.py, two runs); tensor-core GPUs want it too
     channels_last: bool = True
-    amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off
-    max_minutes: Optional[float] = None  # training-time budget per fold: stop (mid-epoch if need be) when spent
-    max_failures: int = 2  # worker deaths survived per fold (resumed from the last checkpoint)
-    keep_checkpoints: int = 2  # best N by checkpoint_metric, plus the latest
-    checkpoint_metric: str = "val_loss"
-    max_pixels: int = 50_000_000
+    amp: AMP = "auto"  # auto: bf16 on GPU, off on CPU
+    max_minutes: Optional[float] = Field(None, gt=0)  # training-time budget per fold (stops mid-epoch if need be)
+    max_failures: int = Field(2, ge=0)  # worker deaths survived per fold (resumed from the last checkpoint)
+    keep_checkpoints: int = Field(2, ge=1)  # best N by checkpoint_metric, plus the latest
+    checkpoint_metric: str = "val_loss"  # val_loss | val_top1 | val_acc_<task> | train_loss | train_top1
+    max_pixels: int = Field(50_000_000, ge=1)
     seed: int = 0
+    force: bool = False  # a fold whose checkpoints have another lineage is trained afresh instead of refused
+
+    @field_validator("freeze")
+    @classmethod
+    def _freeze(cls, v: str) -> str:
+        if v in ("none", "head") or re.fullmatch(r"\d+", v):
+            return v
+        raise ValueError("must be none, head or a number of stages")
+
+    @field_validator("checkpoint_metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        if v in ("val_loss", "val_top1", "train_loss", "train_top1") or re.fullmatch(r"val_acc_\w+", v):
+            return v
+        raise ValueError("must be val_loss, val_top1, val_acc_<task>, train_loss or train_top1")
+
+    @model_validator(mode="after")
+    def _freeze_depth(self):
+        if self.freeze.isdigit() and int(self.freeze) > FREEZE_STAGES[self.arch]:
+            raise ValueError(f"freeze: {self.arch} has {FREEZE_STAGES[self.arch]} stages, got {self.freeze}")
+        return self
 
 
-@dataclass
-class EvaluateConfig:
+class EvaluateConfig(Section):
     predictions: Optional[str] = None  # predictions Parquet URI (file or folder)
-    partition: Optional[str] = None  # partition outputs (task_membership); default <output>/partition
+    partition: Optional[str] = None  # partition outputs (task_membership); default: the predictions' lineage
     readers: Optional[str] = None  # readers table: reader_id, image_id, task, decision and/or score
     compare: Optional[str] = None  # another run's predictions: DeLong test of the AUC difference
     model_id: Optional[str] = None  # which model's predictions, when the table holds several
-    subgroups: List[str] = field(default_factory=list)  # columns; "age:0/40/60/120" bins a numeric column
-    thresholds: List[float] = field(default_factory=lambda: [0.5])
-    target_sensitivity: float = 0.95
-    n_bootstrap: int = 1000
-    ci_level: float = 0.95
+    subgroups: StrList = Field(default_factory=list)  # columns; "age:0/40/60/120" bins a numeric column
+    thresholds: FloatList = Field(default_factory=lambda: [0.5])
+    target_sensitivity: float = Field(0.95, gt=0, le=1)
+    n_bootstrap: int = Field(1000, ge=10)
+    ci_level: float = Field(0.95, gt=0, lt=1)
     seed: int = 0
-    calibration_bins: int = 10
+    calibration_bins: int = Field(10, ge=2)
     distributed: bool = False  # AUCs from per-block score histograms over Ray Data (inputs larger than memory)
-    histogram_bins: int = 65536
+    histogram_bins: int = Field(65536, ge=16)
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds(cls, v: list[float]) -> list[float]:
+        bad = [t for t in v if not 0 <= t <= 1]
+        if bad:
+            raise ValueError(f"every threshold must lie in [0, 1] ({bad[0]} does not)")
+        return v
 
 
-@dataclass
-class ScoreConfig:
-    checkpoints: List[str] = field(default_factory=list)  # fold dirs, model.pt files or a train run dir (ensemble)
+class ScoreConfig(Section):
+    checkpoints: StrList = Field(default_factory=list)  # fold dirs, model.pt files or a train run dir (ensemble)
     input: Optional[str] = None  # manifest Parquet | folder/prefix of images | .tar shard(s) (WebDataset layout)
-    input_kind: str = "auto"  # auto | manifest | folder | webdataset
+    input_kind: Literal["auto", "manifest", "folder", "webdataset"] = "auto"
     labels: Optional[str] = None  # folder input: CSV/Parquet with image_id and label columns (optional)
-    partition: Optional[str] = None  # task_membership for task columns; default <output>/partition
-    model_id: Optional[str] = None  # default: from the model card(s)
-    batch_size: int = 32  # images per model forward
-    actors: int = 1  # model replicas (Ray Data actor pool size)
-    cpus_per_actor: float = 1.0
-    num_gpus: float = 0.0  # per actor; > 0 runs the models on GPU
-    decode_cpus: float = 0.5  # CPUs per decode task (fractional: decoding overlaps inference)
-    torch_threads: Optional[int] = None  # default: the node's CPUs shared between the actors
+    partition: Optional[str] = None  # task_membership for task columns; default: the model card's partition
+    model_id: Optional[str] = None  # default: from the model card(s); the weights' hash is always appended
+    batch_size: int = Field(32, ge=1)  # images per model forward
+    actors: int = Field(1, ge=1)  # model replicas (Ray Data actor pool size)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)  # per actor; > 0 runs the models on GPU
+    decode_cpus: float = Field(0.5, gt=0)  # CPUs per decode task (fractional: decoding overlaps inference)
+    torch_threads: Optional[int] = Field(None, ge=1)  # default: the node's CPUs shared between the actors
     channels_last: bool = True  # faster on CPU (+40 % for inception_v3 here) and on tensor-core GPUs
-    tta: str = "none"  # test-time augmentation averaged: none | flips (3 views) | dihedral (8 views)
-    # off | bf16 | fp16 | auto (bf16 on GPU, off on CPU): bf16 scored inception_v3 1.3x faster on an H100 but
-    # moved probabilities by up to a few hundredths, so the published numbers stay fp32 unless asked
-    amp: str = "off"
+    tta: Literal["none", "flips", "dihedral"] = "none"  # test-time augmentation views averaged
+    # bf16 scored inception_v3 1.3x faster on an H100 but moved probabilities by up to a few hundredths, so the
+    # published numbers stay fp32 unless asked
+    amp: AMP = "off"
     incremental: bool = False  # score only images this model_id has not scored in this run yet
-    rows_per_file: int = 10000  # images per predictions part file (also the unit of resumption)
-    max_pixels: int = 50_000_000
+    rows_per_file: int = Field(10000, ge=1)  # images per predictions part file (also the unit of resumption)
+    max_pixels: int = Field(50_000_000, ge=1)
 
 
-@dataclass
-class SaliencyConfig:
-    checkpoints: List[str] = field(default_factory=list)  # one model: a fold directory or its best/model.pt
+class SaliencyConfig(Section):
+    checkpoints: StrList = Field(default_factory=list)  # one model: a fold directory or its best/model.pt
     predictions: Optional[str] = None  # predictions Parquet (file or folder) with image_id, probs, label, uri
-    methods: List[str] = field(default_factory=lambda: ["gradient"])  # gradient | smoothgrad | integrated_gradients | gradcam
-    target: str = "positive"  # positive (the task's positive class) | predicted (task class) | training_class
-    tasks: List[str] = field(default_factory=list)  # which tasks; default: every binary task
-    select: str = "top_bottom"  # top_bottom | misclassified | ids
-    k: int = 8  # images per task and end (top_bottom) or per task (misclassified)
-    image_ids: List[str] = field(default_factory=list)  # select=ids
+    methods: Annotated[List[Literal[SALIENCY_METHODS]], BeforeValidator(_comma_list)] = Field(
+        default_factory=lambda: ["gradient"], min_length=1)
+    target: Literal["positive", "predicted", "training_class"] = "positive"
+    tasks: StrList = Field(default_factory=list)  # which tasks; default: every binary task
+    select: Literal["top_bottom", "misclassified", "ids"] = "top_bottom"
+    k: int = Field(8, ge=1)  # images per task and end (top_bottom) or per task (misclassified)
+    image_ids: StrList = Field(default_factory=list)  # select=ids
     masks: Optional[str] = None  # lesion-mask URI pattern with {image_id}, e.g. .../masks/{image_id}_segmentation.png
-    partition: Optional[str] = None  # task_membership; default <output>/partition
+    partition: Optional[str] = None  # task_membership; default: the model card's partition
     sanity: bool = True  # model-parameter randomisation test on the audit set
-    audit_size: int = 6  # images in the sanity audit set (the first selected, by image_id)
-    sanity_levels: int = 4  # randomisation levels from the head down to the whole network
-    flag_similarity: float = 0.5  # flag a method whose fully randomised maps still correlate above this
-    smooth_samples: int = 16
-    smooth_noise: float = 0.15  # noise sd as a share of the input's range
-    ig_steps: int = 32
-    batch_size: int = 4
-    actors: int = 1
-    cpus_per_actor: float = 1.0
-    num_gpus: float = 0.0
-    torch_threads: Optional[int] = None
+    audit_size: int = Field(6, ge=1)  # images in the sanity audit set (the first selected, by image_id)
+    sanity_levels: int = Field(4, ge=1)  # randomisation levels from the head down to the whole network
+    flag_similarity: float = Field(0.5, ge=0, le=1)  # flag a method whose fully randomised maps correlate above
+    smooth_samples: int = Field(16, ge=1)
+    smooth_noise: float = Field(0.15, ge=0)  # noise sd as a share of the input's range
+    ig_steps: int = Field(32, ge=1)
+    batch_size: int = Field(4, ge=1)
+    actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    torch_threads: Optional[int] = Field(None, ge=1)
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _ids_given(self):
+        if self.select == "ids" and not self.image_ids:
+            raise ValueError("select: ids needs saliency.image_ids")
+        if self.masks and "{image_id}" not in self.masks:
+            raise ValueError("masks: the pattern must contain {image_id}")
+        return self
 
-@dataclass
-class PipelineConfig:
-    stages: List[str] = field(default_factory=lambda: ["partition", "train", "score", "evaluate", "saliency"])
+
+class PipelineConfig(Section):
+    stages: Annotated[List[Literal[STAGE_NAMES]], BeforeValidator(_comma_list)] = Field(
+        default_factory=lambda: list(STAGE_NAMES), min_length=1)
     test_manifest: Optional[str] = None  # held-out images to score and evaluate (the paper's test sets)
     biopsy_only: bool = True  # score and evaluate only the biopsy-proven test images
-    force: bool = False  # re-run stages whose outputs exist
+    force: bool = False  # re-run stages whatever their recorded lineage
 
 
-@dataclass
-class NightlyConfig:
+class NightlyConfig(Section):
     date: Optional[str] = None  # YYYY-MM-DD of this night's metrics partition; default: today (UTC)
-    min_auc: Dict[str, float] = field(default_factory=dict)  # task -> floor; missed -> the job fails
+    min_auc: Dict[str, float] = Field(default_factory=dict)  # task -> floor; missed -> the job fails
     auc_subset: str = "all"  # which subset's AUC the floors apply to (e.g. biopsy)
-    max_quarantined_share: Optional[float] = None  # of tonight's input; above it -> the job fails
+    max_quarantined_share: Optional[float] = Field(None, ge=0, le=1)  # of tonight's input; above it -> fails
+
+    @field_validator("date")
+    @classmethod
+    def _date(cls, v: Optional[str]) -> Optional[str]:
+        import datetime as dt
+
+        if v is None:
+            return v
+        try:
+            dt.date.fromisoformat(v)
+        except ValueError:
+            raise ValueError("must be YYYY-MM-DD") from None
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", v):
+            raise ValueError("must be YYYY-MM-DD")
+        return v
 
 
-@dataclass
-class RayConfig:
+class StorageConfig(Section):
+    retries: int = Field(5, ge=0)  # more attempts after a transient read error (connection, timeout, S3 5xx)
+    retry_base_s: float = Field(0.25, gt=0)  # first backoff; doubled per attempt, at most 8 s
+    # A local output or image path is on a filesystem every node mounts (NFS, a CSI volume): allowed on a cluster
+    # of several nodes, where node-local paths are refused.
+    shared_filesystem: bool = False
+
+    def retry(self):
+        from dermray.storage import Retry
+
+        return Retry(retries=self.retries, base_s=self.retry_base_s)
+
+
+class RayConfig(Section):
     address: Optional[str] = None  # None: in-process local Ray; else a cluster address (or RAY_ADDRESS)
-    num_cpus: Optional[int] = None  # for the in-process local Ray only
+    num_cpus: Optional[int] = Field(None, ge=1)  # for the in-process local Ray only
 
 
-@dataclass
-class RunConfig:
-    run_id: str = "default"
-    output: str = "outputs"
-    data: DataConfig = field(default_factory=DataConfig)
-    partition: PartitionConfig = field(default_factory=PartitionConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    score: ScoreConfig = field(default_factory=ScoreConfig)
-    saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
-    nightly: NightlyConfig = field(default_factory=NightlyConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
+class RunConfig(Section):
+    run_id: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._=/-]*$")
+    output: str = Field("outputs", min_length=1)
+    data: DataConfig = Field(default_factory=DataConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    saliency: SaliencyConfig = Field(default_factory=SaliencyConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    nightly: NightlyConfig = Field(default_factory=NightlyConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, v: str) -> str:
+        if ".." in v.split("/"):
+            raise ValueError("must not contain '..'")
+        return v
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return self.model_dump(mode="json")
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+# ---- errors ------------------------------------------------------------------------------------------------------
+_TYPE_WORDS = {"int": "int", "float": "float", "bool": "bool", "string": "str", "list": "a list",
+               "dict": "a mapping", "model": "a mapping"}
 
 
-def _coerce(value: Any, tp, key: str, source: str) -> Any:
-    """Check (and, for strings from --set, convert) ``value`` against annotation ``tp``."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
+def _section_at(loc: tuple) -> type[BaseModel] | None:
+    cls: Any = RunConfig
+    for part in loc:
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or part not in cls.model_fields:
             return None
-        return _coerce(value, args[0], key, source)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    elif origin in (list, typing.List):
-        (item_tp,) = typing.get_args(tp) or (str,)
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v != ""]
-        if isinstance(value, list):
-            return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    elif origin in (dict, typing.Dict):
-        if isinstance(value, dict):
-            return value
-    else:
-        return value
-    raise ConfigError(f"{source}: key {key!r} must be {_type_name(tp)}, got {value!r}")
+        ann = cls.model_fields[part].annotation
+        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return cls
 
 
-def _build(cls, data: dict, prefix: str, source: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: key {prefix.rstrip('.') or '<top>'!r} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        raise ConfigError(f"{source}: unknown key {prefix + str(unknown[0])!r} "
-                          f"(known under {prefix.rstrip('.') or 'the top level'}: {', '.join(fields)})")
-    kwargs = {}
-    for name, value in data.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value if value is not None else {}, f"{prefix}{name}.", source)
-        else:
-            kwargs[name] = _coerce(value, tp, prefix + name, source)
-    return cls(**kwargs)
+def _message(err: dict, source: str) -> str:
+    loc = tuple(str(p) for p in err["loc"] if not isinstance(p, int))
+    key = ".".join(loc) or "<top>"
+    kind, value = err["type"], err.get("input")
+    if kind == "extra_forbidden":
+        parent = loc[:-1]
+        section = _section_at(parent)
+        known = ", ".join(section.model_fields) if section else ""
+        return (f"{source}: unknown key {key!r} (known under {'.'.join(parent) or 'the top level'}: {known})")
+    for word, name in _TYPE_WORDS.items():
+        if kind in (f"{word}_type", f"{word}_parsing", f"{word}_from_float"):
+            return f"{source}: key {key!r} must be {name}, got {value!r}"
+    if kind == "literal_error":
+        allowed = err.get("ctx", {}).get("expected", "")
+        return f"{source}: key {key!r} must be one of {allowed}, got {value!r}"
+    msg = err["msg"]
+    if kind == "value_error" and isinstance(value, dict):
+        # A rule between keys (a model validator) says "<key>: what is wrong".
+        msg = msg[len("Value error, "):]
+        field, _, msg = msg.partition(": ")
+        return f"{source}: key {'.'.join(loc + (field,))!r}: {msg}"
+    msg = msg[len("Value error, "):] if msg.startswith("Value error, ") else msg[0].lower() + msg[1:]
+    return f"{source}: key {key!r}: {msg}, got {value!r}"
 
 
-def _apply_override(tree: dict, assignment: str, cls=RunConfig) -> None:
+def validate(tree: dict, source: str) -> RunConfig:
+    """A RunConfig from a nested dict, or a ConfigError naming the first bad key and ``source``."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: the config must be a mapping of keys, got {type(tree).__name__}")
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_message(e.errors()[0], source)) from None
+
+
+# ---- overrides ---------------------------------------------------------------------------------------------------
+def _field_type(cls: type[BaseModel], name: str):
+    return cls.model_fields[name].annotation
+
+
+def _is_section(tp) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _unwrap(tp):
+    """The type inside Annotated[...] and Optional[...]."""
+    if typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)) and args:
+        tp = args[0]
+    return tp
+
+
+def _takes_raw_string(tp) -> bool:
+    """Keys whose value is text take what follows ``=`` as it is: "001" stays "001" and "off" stays "off" (YAML
+    would read a number and a boolean); list keys split it at commas."""
+    tp = _unwrap(tp)
+    if tp is str or typing.get_origin(tp) in (list, List):
+        return True
+    return typing.get_origin(tp) is Literal and all(isinstance(a, str) for a in typing.get_args(tp))
+
+
+def _apply_override(tree: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected key=value")
     key, raw = assignment.split("=", 1)
     parts = key.strip().split(".")
-    node, node_cls = tree, cls
+    node, cls = tree, RunConfig
     for i, part in enumerate(parts):
-        hints = typing.get_type_hints(node_cls)
-        if part not in hints:
-            known = ", ".join(hints)
+        if part not in cls.model_fields:
             raise ConfigError(f"--set: unknown key {key!r} (known under {'.'.join(parts[:i]) or 'the top level'}: "
-                              f"{known})")
-        tp = hints[part]
+                              f"{', '.join(cls.model_fields)})")
+        tp = _field_type(cls, part)
         if i == len(parts) - 1:
-            if dataclasses.is_dataclass(tp):
+            if _is_section(tp):
                 raise ConfigError(f"--set: key {key!r} is a section; set one of its keys")
-            # YAML parsing gives null/true/numbers/lists; typed coercion then checks it.
             parsed = yaml.safe_load(raw) if raw.strip() else ""
-            node[part] = raw if tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType)
-                                              and str in typing.get_args(tp) and parsed is not None) else parsed
+            raw_text = _takes_raw_string(tp) and parsed is not None and not isinstance(parsed, list)
+            node[part] = raw if raw_text else parsed
         else:
-            if not dataclasses.is_dataclass(tp):
+            if not _is_section(tp):
                 raise ConfigError(f"--set: key {'.'.join(parts[:i + 1])!r} is not a section")
             if not isinstance(node.get(part), dict):
                 node[part] = {}
-            node = node[part]
-            node_cls = tp
+            node, cls = node[part], tp
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a RunConfig from a YAML file (local or URI) and ``key=value`` overrides."""
+    """Load and validate a RunConfig from a YAML file (local path or URI) and ``key=value`` overrides."""
     from dermray import storage
 
     tree: dict = {}
@@ -280,16 +375,29 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     if path:
         source = path
         try:
-            text = storage.read_text(path)
-            tree = yaml.safe_load(text) or {}
+            tree = yaml.safe_load(storage.read_text(path)) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the config must be a mapping of keys, got {type(tree).__name__}")
     for assignment in overrides or []:
         _apply_override(tree, assignment)
-    return _build(RunConfig, tree, "", source)
+    if overrides and path:
+        source = f"{path} (with --set)"
+    return validate(tree, source)
 
 
-def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+def derive(cfg: RunConfig, changes: dict) -> RunConfig:
+    """``cfg`` with ``changes`` (a nested dict: {"score": {"input": ...}}) applied and the result validated again:
+    how the pipeline and the nightly job wire one stage's outputs into the next stage's config."""
+    tree = cfg.model_dump()
+
+    def merge(into: dict, new: dict) -> None:
+        for k, v in new.items():
+            if isinstance(v, dict) and isinstance(into.get(k), dict):
+                merge(into[k], v)
+            else:
+                into[k] = copy.deepcopy(v)
+
+    merge(tree, changes)
+    return validate(tree, "derived config")

@@ -1,20 +1,17 @@
 """Evaluation stage: predictions -> the paper's results, as long-form tables for analysts, plots and a report.
 
 For each task (tasks YAML) and subset (all, biopsy-proven, each modality, each value of the configured subgroup
-columns) the stage derives the ground truth from each image's taxonomy label (the task class whose nodes lie at
-or above it; images outside every class are not part of the task) and the model's task-class probabilities from
-the training-class probabilities (the paper's inference algorithm: sum over the training classes in each task
-class, via the partition stage's task_membership table). Binary tasks score P(pos) / (P(pos) + P(neg)).
+columns) the stage derives the ground truth from each image's taxonomy label and the model's task-class
+probabilities from the training-class probabilities (the paper's inference algorithm, ``dermray/inference.py``,
+through the partition stage's task_membership table). Binary tasks score P(pos) / (P(pos) + P(neg)).
 
 Outputs under ``<output>/metrics/<run_id>/``: metrics.parquet (long form), roc.parquet, confusion.parquet,
-readers.parquet, calibration.parquet, plots/*.png, report.html (self-contained) and report.md.
+readers.parquet, calibration.parquet, plots/*.png, report.html (self-contained), report.md and
+evaluate_summary.json (with the lineage: which predictions, model and partition the numbers come from).
 """
 from __future__ import annotations
 
-import base64
 import dataclasses
-import html
-import io
 import json
 import logging
 import math
@@ -25,88 +22,36 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from dermray import layout, lineage, schemas, storage
 from dermray import metrics as M
-from dermray import schemas, storage
 from dermray.config import EvaluateConfig, RunConfig
 from dermray.errors import UserError
-from dermray.tasks import Task, load_tasks
-from dermray.taxonomy import Taxonomy, load_taxonomy
+from dermray.inference import NOT_IN_TASK, binary_score, node_task_class, probs_matrix, task_probabilities, \
+    truth_for_task
+from dermray.predictions import load_predictions
+from dermray.report import fmt, render_plots, render_report
+from dermray.definitions import load_tasks
+from dermray.tasks import Task
+from dermray.definitions import load_taxonomy
+from dermray.taxonomy import Taxonomy
 
 log = logging.getLogger("dermray.evaluate")
 STAGE = "evaluate"
-NOT_IN_TASK = -1
 
 
 # ---- inputs ------------------------------------------------------------------------------------------------------
-def truth_for_task(tax: Taxonomy, task: Task, labels: np.ndarray) -> np.ndarray:
-    """Task class index of each image from its taxonomy label (node_id); NOT_IN_TASK where none applies."""
-    node_class = np.full(len(tax), NOT_IN_TASK, dtype=np.int64)
-    for k, cls in enumerate(task.classes):
-        for node in cls.nodes:
-            node_class[tax.descendants(node)] = k
-    idx = pd.Series(np.arange(len(tax)), index=tax.node_ids).reindex(labels).to_numpy()
-    out = np.full(len(labels), NOT_IN_TASK, dtype=np.int64)
-    known = ~np.isnan(idx)
-    out[known] = node_class[idx[known].astype(np.int64)]
-    return out
-
-
-def task_probabilities(probs: np.ndarray, membership: pd.DataFrame, task: Task) -> np.ndarray:
-    """[n, K] probability of each task class: the sum over its training classes (the inference algorithm)."""
-    m = np.zeros((probs.shape[1], len(task.classes)))
-    rows = membership[membership["task"] == task.name]
-    col = {c: j for j, c in enumerate(task.class_names)}
-    for ci, tc in zip(rows["class_index"], rows["task_class"]):
-        if ci >= probs.shape[1]:
-            raise UserError(f"task_membership names training class {ci} but the predictions have "
-                            f"{probs.shape[1]} probabilities: the partition and the model do not match")
-        m[ci, col[tc]] = 1.0
-    return probs @ m
-
-
-def binary_score(task_probs: np.ndarray, positive: int) -> np.ndarray:
-    """P(pos) / (P(pos) + P(neg)); NaN where both are zero."""
-    pos = task_probs[:, positive]
-    total = task_probs.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 0, pos / np.where(total > 0, total, 1), np.nan)
-
-
-def probs_matrix(column: pa.ChunkedArray) -> np.ndarray:
-    """list<float32> column -> float64 [n, C]; rows of unequal length are an error."""
-    arr = column.combine_chunks()
-    if len(arr) == 0:
-        return np.zeros((0, 0))
-    lengths = np.asarray(pa.compute.list_value_length(arr).fill_null(-1))
-    if (lengths != lengths[0]).any() or lengths[0] < 0:
-        bad = int(np.flatnonzero(lengths != lengths[0])[0]) if (lengths != lengths[0]).any() else 0
-        raise UserError(f"predictions: 'probs' has rows of different lengths (row {bad} has {lengths[bad]}, "
-                        f"row 0 has {lengths[0]}) or nulls")
-    return np.asarray(arr.flatten(), dtype=np.float64).reshape(len(arr), int(lengths[0]))
-
-
-def load_predictions(uri: str, model_id: str | None) -> pd.DataFrame:
-    table = storage.read_table(uri)
-    source = storage.redact(uri)
-    schemas.check_columns(table.schema, schemas.PREDICTIONS, source)
-    if "label" not in table.column_names:
-        raise UserError(f"{source}: predictions need the manifest's 'label' column to be evaluated")
-    models = pd.unique(table.column("model_id").to_numpy(zero_copy_only=False))
-    if model_id is None and len(models) > 1:
-        raise UserError(f"{source}: predictions of {len(models)} models ({', '.join(map(str, models[:5]))}); "
-                        "choose one with evaluate.model_id")
-    if model_id is not None:
-        table = table.filter(pa.compute.equal(table.column("model_id"), model_id))
-        if table.num_rows == 0:
-            raise UserError(f"{source}: no predictions of model_id {model_id!r} (has: {', '.join(map(str, models))})")
-    probs = probs_matrix(table.column("probs"))
-    df = table.drop_columns(["probs"]).to_pandas()
-    dup = df["image_id"].duplicated()
-    if dup.any():
-        raise UserError(f"{source}: image_id {df.loc[dup, 'image_id'].iloc[0]!r} is predicted more than once "
-                        f"for one model")
-    df.attrs["probs"] = probs
-    return df
+def default_partition(cfg: RunConfig) -> str:
+    """evaluate.partition, else the partition the predictions' score run recorded, else this run's."""
+    if cfg.evaluate.partition:
+        return cfg.evaluate.partition
+    pred = cfg.evaluate.predictions.rstrip("/")
+    for candidate in (storage.join(storage.parent(pred), layout.SUMMARY_FILES["score"]),
+                      storage.join(pred, layout.SUMMARY_FILES["score"])):
+        if storage.exists(candidate):
+            recorded = json.loads(storage.read_text(candidate)).get("partition")
+            if recorded:
+                return recorded
+    return layout.partition_dir(cfg.output, cfg.run_id)
 
 
 # ---- subsets -----------------------------------------------------------------------------------------------------
@@ -284,20 +229,11 @@ def _bootstrap_mean(values: np.ndarray, groups: np.ndarray, cfg: EvaluateConfig)
 
 
 # ---- the stage ----------------------------------------------------------------------------------------------------
-def outputs(output: str, run_id: str) -> dict[str, str]:
-    base = storage.join(output, "metrics", run_id)
-    out = {name: storage.join(base, f"{name}.parquet")
-           for name in ("metrics", "roc", "confusion", "readers", "calibration")}
-    out |= {"report_html": storage.join(base, "report.html"), "report_md": storage.join(base, "report.md"),
-            "plots": storage.join(base, "plots"), "summary": storage.join(base, "evaluate_summary.json")}
-    return out
-
-
 def _load_readers(uri: str | None) -> pd.DataFrame | None:
     if not uri:
         return None
     table = storage.read_table_any(uri)
-    schemas.check_columns(table.schema, schemas.READERS, storage.redact(uri))
+    schemas.check_table(table, schemas.READERS, storage.redact(uri))
     df = table.to_pandas()
     if "decision" not in df.columns and "score" not in df.columns:
         raise UserError(f"{storage.redact(uri)}: readers need a 'decision' (0/1) or a 'score' column")
@@ -308,74 +244,131 @@ def _load_readers(uri: str | None) -> pd.DataFrame | None:
     return df
 
 
-def run(cfg: RunConfig) -> dict:
-    t_start = time.perf_counter()
-    ecfg = cfg.evaluate
-    if not ecfg.predictions:
+@dataclass
+class EvalInputs:
+    """Everything the numbers are computed from (read before any is computed)."""
+    tax: Taxonomy
+    tasks: list[Task]
+    membership: pd.DataFrame
+    partition: str
+    fingerprints: dict  # name -> lineage.Fingerprint
+
+
+def read_definitions(cfg: RunConfig) -> EvalInputs:
+    if not cfg.evaluate.predictions:
         raise UserError("no predictions given: set evaluate.predictions (or --predictions)")
     if not cfg.data.tasks or not cfg.data.taxonomy:
         raise UserError("evaluation needs the tasks YAML and the taxonomy: set data.tasks and data.taxonomy")
-    if not 0 < ecfg.ci_level < 1 or ecfg.n_bootstrap < 10:
-        raise UserError("evaluate.ci_level must be in (0, 1) and evaluate.n_bootstrap at least 10")
     tax = load_taxonomy(cfg.data.taxonomy)
     tasks = load_tasks(cfg.data.tasks, tax)
-    partition_dir = ecfg.partition or storage.join(cfg.output, "partition")
-    membership = storage.read_table(storage.join(partition_dir, "task_membership.parquet")).to_pandas()
-    if ecfg.distributed:
-        return run_distributed(cfg, tax, tasks, membership, t_start)
-    df = load_predictions(ecfg.predictions, ecfg.model_id)
-    probs = df.attrs["probs"]
-    readers = _load_readers(ecfg.readers)
-    groups = (df["group_id"].fillna(df["image_id"]) if "group_id" in df.columns else df["image_id"]).to_numpy()
-    labels = df["label"].to_numpy()
-    unknown_label = int((~pd.Series(labels).isin(tax.index.keys())).sum())
-    compare = load_predictions(ecfg.compare, None) if ecfg.compare else None
-    t = Tables()
-    run_id = cfg.run_id
-    subset_masks = subsets(df, ecfg.subgroups)
-    excluded = {}
-    for task in tasks:
-        y_task = truth_for_task(tax, task, labels)
-        tprobs = task_probabilities(probs, membership, task)
+    partition = default_partition(cfg)
+    tm_uri = layout.partition_outputs(partition)["task_membership"]
+    table = storage.read_table(tm_uri)
+    fps = {"tasks": lineage.file_fingerprint(cfg.data.tasks), "taxonomy": lineage.file_fingerprint(cfg.data.taxonomy),
+           "task_membership": lineage.columns_fingerprint(tm_uri, table, table.column_names)}
+    return EvalInputs(tax, tasks, table.to_pandas(), partition, fps)
+
+
+def evaluate_task(t: Tables, run_id: str, task: Task, df: pd.DataFrame, inp: EvalInputs, subset_masks, groups,
+                  readers, compare, ecfg: EvaluateConfig) -> tuple[dict, np.ndarray]:
+    """Every subset's metrics of one task; returns how many images the task left out and why, and which images
+    it evaluated."""
+    probs, labels = df.attrs["probs"], df["label"].to_numpy()
+    y_task = truth_for_task(inp.tax, task, labels)
+    tprobs = task_probabilities(probs, inp.membership, task)
+    in_task = y_task != NOT_IN_TASK
+    pos = task.class_names.index(task.positive) if task.is_binary else None
+    score = binary_score(tprobs, pos) if task.is_binary else None
+    nan_scores = in_task & np.isnan(score) if task.is_binary else np.zeros(len(df), bool)
+    use = in_task & ~nan_scores
+    image_ids = df["image_id"].to_numpy()
+    for subset_name, mask in subset_masks:
+        m = use & mask
         if task.is_binary:
-            pos = task.class_names.index(task.positive)
-            score = binary_score(tprobs, pos)
-        in_task = y_task != NOT_IN_TASK
-        nan_scores = in_task & np.isnan(score) if task.is_binary else np.zeros(len(df), bool)
-        excluded[task.name] = {"not_in_task": int((~in_task).sum()), "undefined_score": int(nan_scores.sum())}
-        use = in_task & ~nan_scores
-        for subset_name, mask in subset_masks:
-            m = use & mask
-            if task.is_binary:
-                y = (y_task[m] == pos).astype(int)
-                evaluate_binary(t, run_id, task, subset_name, y, score[m], groups[m],
-                                df["image_id"].to_numpy()[m], ecfg, readers)
-            else:
-                evaluate_multiclass(t, run_id, task, subset_name, y_task[m], tprobs[m], groups[m], ecfg)
-        if task.is_binary and nan_scores.any():
-            _metric(t, run_id, task.name, "all", "excluded_undefined_score", int(nan_scores.sum()), int(in_task.sum()),
-                    note="P(pos) + P(neg) is 0: the model gives these images no probability in either class")
-        if compare is not None and task.is_binary:
-            delong_rows(t, run_id, task, compare, df, score, y_task, pos, tax, membership, use)
-    paths = outputs(cfg.output, run_id)
+            evaluate_binary(t, run_id, task, subset_name, (y_task[m] == pos).astype(int), score[m], groups[m],
+                            image_ids[m], ecfg, readers)
+        else:
+            evaluate_multiclass(t, run_id, task, subset_name, y_task[m], tprobs[m], groups[m], ecfg)
+    if task.is_binary and nan_scores.any():
+        _metric(t, run_id, task.name, "all", "excluded_undefined_score", int(nan_scores.sum()), int(in_task.sum()),
+                note="P(pos) + P(neg) is 0: the model gives these images no probability in either class")
+    if compare is not None and task.is_binary:
+        delong_rows(t, run_id, task, compare, df, score, y_task, pos, inp.membership, use, groups, ecfg)
+    return {"not_in_task": int((~in_task).sum()), "undefined_score": int(nan_scores.sum())}, use
+
+
+def evaluation_lineage(inp: EvalInputs, predictions_fp, readers_fp, compare_fp, ecfg: EvaluateConfig):
+    inputs = dict(inp.fingerprints) | {"predictions": predictions_fp}
+    if readers_fp is not None:
+        inputs["readers"] = readers_fp
+    if compare_fp is not None:
+        inputs["compare"] = compare_fp
+    config = ecfg.model_dump(mode="json", exclude={"predictions", "partition", "readers", "compare", "distributed"})
+    return lineage.Lineage.of(STAGE, inputs, config)
+
+
+def lineage_now(cfg: RunConfig, recorded: lineage.Lineage | None = None) -> lineage.Lineage:
+    ecfg = cfg.evaluate
+    inp = read_definitions(cfg)
+
+    pred = lineage.reuse(recorded, "predictions", ecfg.predictions,
+                         lambda: load_predictions(ecfg.predictions, ecfg.model_id).attrs["fingerprint"])
+    compare = lineage.reuse(recorded, "compare", ecfg.compare, lambda: load_predictions(
+        ecfg.compare, None).attrs["fingerprint"]) if ecfg.compare else None
+    readers = lineage.file_fingerprint(ecfg.readers) if ecfg.readers else None
+    return evaluation_lineage(inp, pred, readers, compare, ecfg)
+
+
+def write_outputs(t: Tables, tasks: list[Task], paths: dict, summary: dict) -> None:
     write_tables(t, paths)
     plots = render_plots(t, tasks)
     for name, png in plots.items():
         storage.write_bytes(storage.join(paths["plots"], name), png)
-    summary = {
-        "stage": STAGE, "run_id": run_id, "predictions": storage.redact(ecfg.predictions), "images": len(df),
-        "unknown_labels": unknown_label, "excluded": excluded, "tasks": [t_.name for t_ in tasks],
-        "subsets": [s for s, _ in subset_masks], "headline": headline(t), "outputs": paths,
-        "seconds": round(time.perf_counter() - t_start, 3),
-    }
     md, page = render_report(summary, t, plots)
     storage.write_text(paths["report_md"], md)
     storage.write_text(paths["report_html"], page)
     storage.write_text(paths["summary"], json.dumps(summary, indent=2, default=str))
+
+
+def run(cfg: RunConfig, base: str | None = None) -> dict:
+    """Evaluate ``evaluate.predictions``; ``base`` overrides where the outputs go (the nightly job's date folder)."""
+    t_start = time.perf_counter()
+    ecfg = cfg.evaluate
+    inp = read_definitions(cfg)
+    paths = layout.evaluate_outputs(base or layout.metrics_dir(cfg.output, cfg.run_id))
+    if ecfg.distributed:
+        return run_distributed(cfg, inp, paths, t_start)
+    df = load_predictions(ecfg.predictions, ecfg.model_id)
+    readers = _load_readers(ecfg.readers)
+    compare = load_predictions(ecfg.compare, None) if ecfg.compare else None
+    groups = (df["group_id"].fillna(df["image_id"]) if "group_id" in df.columns else df["image_id"]).to_numpy()
+    unknown_label = int((~df["label"].isin(inp.tax.index.keys())).sum())
+    subset_masks = subsets(df, ecfg.subgroups)
+    t = Tables()
+    excluded, evaluated = {}, np.zeros(len(df), bool)
+    for task in inp.tasks:
+        excluded[task.name], used = evaluate_task(t, cfg.run_id, task, df, inp, subset_masks, groups, readers,
+                                                  compare, ecfg)
+        evaluated |= used
+    now = evaluation_lineage(inp, df.attrs["fingerprint"], lineage.file_fingerprint(ecfg.readers) if ecfg.readers
+                             else None, compare.attrs["fingerprint"] if compare is not None else None, ecfg)
+    summary = {
+        "stage": STAGE, "run_id": cfg.run_id, "predictions": storage.redact(ecfg.predictions), "images": len(df),
+        # Every prediction is evaluated by some task or lies outside every task (its label in no task class).
+        "evaluated": int(evaluated.sum()), "outside_every_task": int((~evaluated).sum()),
+        "model_ids": sorted(df["model_id"].unique().tolist()), "partition": storage.redact(inp.partition),
+        "unknown_labels": unknown_label, "excluded": excluded, "tasks": [t_.name for t_ in inp.tasks],
+        "subsets": [s for s, _ in subset_masks], "headline": headline(t), "lineage": now.to_dict(), "outputs": paths,
+        "seconds": round(time.perf_counter() - t_start, 3),
+    }
+    write_outputs(t, inp.tasks, paths, summary)
     return summary
 
 
-def delong_rows(t: Tables, run_id, task, compare: pd.DataFrame, df, score, y_task, pos, tax, membership, use):
+def delong_rows(t: Tables, run_id, task, compare: pd.DataFrame, df, score, y_task, pos, membership, use, groups,
+                ecfg: EvaluateConfig):
+    """The paired comparison with another run's predictions on the images both scored: the AUC difference with
+    its ``ci_level`` interval and p-value, lesions (groups) as clusters (Obuchowski 1997)."""
     other = compare.set_index("image_id")
     common = df["image_id"].isin(other.index).to_numpy() & use
     if common.sum() < 4:
@@ -386,11 +379,11 @@ def delong_rows(t: Tables, run_id, task, compare: pd.DataFrame, df, score, y_tas
     other_score = binary_score(task_probabilities(compare.attrs["probs"], membership, task), pos)[order]
     y = (y_task[common] == pos).astype(int)
     ok = ~np.isnan(other_score)
-    r = M.delong_test(y[ok], score[common][ok], other_score[ok])
+    r = M.delong_test(y[ok], score[common][ok], other_score[ok], groups=groups[common][ok], ci_level=ecfg.ci_level)
     n = int(ok.sum())
-    _metric(t, run_id, task.name, "all", "delong_auc_diff", r["diff"], n, r["diff"] - 1.96 * r["se"],
-            r["diff"] + 1.96 * r["se"])
+    _metric(t, run_id, task.name, "all", "delong_auc_diff", r["diff"], n, r["ci_low"], r["ci_high"])
     _metric(t, run_id, task.name, "all", "delong_p_value", r["p_value"], n)
+    _metric(t, run_id, task.name, "all", "delong_clusters", r["clusters"], n)
 
 
 def write_tables(t: Tables, paths: dict) -> None:
@@ -409,189 +402,86 @@ def headline(t: Tables) -> list[dict]:
             for r in t.metrics if r["metric"] in keep and r["subset"] in ("all", "biopsy")]
 
 
-# ---- plots and report ---------------------------------------------------------------------------------------------
-def render_plots(t: Tables, tasks: list[Task]) -> dict[str, bytes]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = {}
-    for task in tasks:
-        for subset in ("all", "biopsy"):
-            c = t.curves.get((task.name, subset))
-            if not c:
-                continue
-            if task.is_binary:
-                fig, ax = plt.subplots(figsize=(5, 5))
-                ax.plot(c["fpr"], c["tpr"], color="#1f4e9c", lw=2,
-                        label=f"CNN (AUC {c['auc']:.3f}, 95% CI {c['ci'][0]:.3f}-{c['ci'][1]:.3f})")
-                ax.plot([0, 1], [0, 1], color="#bbbbbb", lw=1, ls="--")
-                if c["readers"]:
-                    rs = np.array([[p[1], p[2]] for p in c["readers"]], dtype=float)
-                    ax.scatter(1 - rs[:, 1], rs[:, 0], color="#d62728", s=25, label="Dermatologists", zorder=3)
-                    ax.scatter([1 - np.nanmean(rs[:, 1])], [np.nanmean(rs[:, 0])], color="#2ca02c", s=80,
-                               marker="P", label="Average dermatologist", zorder=4)
-                ax.set_xlabel("1 - specificity (false positive rate)")
-                ax.set_ylabel("Sensitivity (true positive rate)")
-                ax.set_title(f"{task.name} ({subset}: {c['n_pos']} pos, {c['n_neg']} neg)", fontsize=10)
-                ax.set_xlim(-0.01, 1.01)
-                ax.set_ylim(-0.01, 1.01)
-                ax.legend(loc="lower right", fontsize=8)
-                out[f"roc_{task.name}_{subset}.png"] = _png(fig)
-                cal = [r for r in c["calibration"] if r["n"]]
-                if cal:
-                    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-                    ax.plot([0, 1], [0, 1], color="#bbbbbb", ls="--", lw=1)
-                    ax.plot([r["mean_predicted"] for r in cal], [r["observed"] for r in cal], "o-", color="#1f4e9c")
-                    ax.set_xlabel("Mean predicted probability")
-                    ax.set_ylabel("Observed frequency")
-                    ax.set_title(f"Reliability: {task.name} ({subset})", fontsize=10)
-                    out[f"reliability_{task.name}_{subset}.png"] = _png(fig)
-            else:
-                cm = c["confusion"].astype(float)
-                k = cm.shape[0]
-                norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-                fig, ax = plt.subplots(figsize=(1.0 + 0.7 * (k + 1), 1.0 + 0.6 * k))
-                ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-                for i in range(k):
-                    for j in range(k + 1):
-                        ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                                color="white" if norm[i, j] > 0.6 else "black")
-                ax.set_xticks(range(k + 1), c["names"], rotation=45, ha="right", fontsize=8)
-                ax.set_yticks(range(k), c["names"][:k], fontsize=8)
-                ax.set_xlabel("Predicted")
-                ax.set_ylabel("True")
-                ax.set_title(f"{task.name} ({subset}), accuracy {c['accuracy']:.3f}", fontsize=10)
-                out[f"confusion_{task.name}_{subset}.png"] = _png(fig)
-    return out
-
-
-def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _fmt(v) -> str:
-    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
-
-
-def render_report(summary: dict, t: Tables, plots: dict[str, bytes]) -> tuple[str, str]:
-    rows = [r for r in t.metrics if r["metric"] in ("auc", "accuracy", "balanced_accuracy", "sensitivity@0.5",
-                                                    "specificity@0.5", "ece", "readers_below_model_curve",
-                                                    "model_sensitivity_at_readers_mean_specificity")]
-    md = [f"# dermray evaluation — run `{summary['run_id']}`", "",
-          f"Predictions: `{summary['predictions']}` ({summary['images']} images). Subsets: "
-          + ", ".join(summary["subsets"]) + ".", "",
-          "| task | subset | metric | value | 95% CI | n | note |", "|---|---|---|---:|---|---:|---|"]
-    for r in rows:
-        ci = f"{_fmt(r['ci_low'])}–{_fmt(r['ci_high'])}" if r["ci_low"] is not None else ""
-        md.append(f"| {r['task']} | {r['subset']} | {r['metric']} | {_fmt(r['value'])} | {ci} | {r['n']} | "
-                  f"{r['note'] or ''} |")
-    md += ["", "Full tables: metrics.parquet, roc.parquet, confusion.parquet, readers.parquet, calibration.parquet.",
-           ""]
-    md += [f"![{name}](plots/{name})" for name in plots]
-    table_html = "".join(
-        f"<tr><td>{html.escape(r['task'])}</td><td>{html.escape(r['subset'])}</td><td>{html.escape(r['metric'])}</td>"
-        f"<td>{_fmt(r['value'])}</td><td>{_fmt(r['ci_low'])}–{_fmt(r['ci_high'])}</td><td>{r['n']}</td>"
-        f"<td>{html.escape(r['note'] or '')}</td></tr>" for r in rows)
-    images = "".join(f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,"
-                     f"{base64.b64encode(png).decode()}'/><figcaption>{html.escape(name)}</figcaption></figure>"
-                     for name, png in plots.items())
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>dermray evaluation {html.escape(summary['run_id'])}</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}figure{{display:inline-block;margin:8px}}
-img{{max-width:480px}}</style></head><body>
-<h1>dermray evaluation — run {html.escape(summary['run_id'])}</h1>
-<p>Predictions: {html.escape(summary['predictions'])} ({summary['images']} images). Subsets: {html.escape(', '.join(summary['subsets']))}.</p>
-<table><tr><th>task</th><th>subset</th><th>metric</th><th>value</th><th>95% CI</th><th>n</th><th>note</th></tr>{table_html}</table>
-<h2>Figures</h2>{images}</body></html>"""
-    return "\n".join(md) + "\n", page
-
-
 # ---- distributed path -----------------------------------------------------------------------------------------------
-def run_distributed(cfg: RunConfig, tax: Taxonomy, tasks: list[Task], membership: pd.DataFrame,
-                    t_start: float) -> dict:
+SUBSET_NAMES = ("all", "biopsy", "modality=clinical", "modality=dermoscopy")
+
+
+def block_histograms(batch: pa.Table, node_ids: list[str], truth: list[tuple[int, np.ndarray]],
+                     matrices: list[np.ndarray], bins: int) -> dict:
+    """Ray Data batch fn: per binary task, subset and truth (negative, positive), the histogram of the scores of
+    one block of predictions: int64 [1, tasks, subsets, 2, bins]."""
+    probs = probs_matrix(batch.column("probs"))
+    labels = batch.column("label").to_numpy(zero_copy_only=False)
+    idx = pd.Series(np.arange(len(node_ids)), index=node_ids).reindex(labels).fillna(-1).to_numpy(np.int64)
+    n = len(labels)
+    source = (batch.column("label_source").to_numpy(zero_copy_only=False) if "label_source" in batch.column_names
+              else np.full(n, None))
+    modality = (batch.column("modality").to_numpy(zero_copy_only=False) if "modality" in batch.column_names
+                else np.full(n, None))
+    masks = [np.ones(n, bool), source == "biopsy", modality == "clinical", modality == "dermoscopy"]
+    h = np.zeros((len(truth), len(SUBSET_NAMES), 2, bins), np.int64)
+    for ti, ((pos, node_class), m) in enumerate(zip(truth, matrices)):
+        y = np.where(idx >= 0, node_class[np.maximum(idx, 0)], NOT_IN_TASK)
+        score = binary_score(probs @ m, pos)
+        ok = (y != NOT_IN_TASK) & ~np.isnan(score)
+        b = np.clip((np.nan_to_num(score) * bins).astype(np.int64), 0, bins - 1)
+        for si, mask in enumerate(masks):
+            sel = ok & mask
+            np.add.at(h[ti, si], ((y[sel] == pos).astype(np.int64), b[sel]), 1)
+    return {"hist": h[None]}
+
+
+def histogram_metrics(t: Tables, run_id: str, task: Task, subset: str, neg: np.ndarray, posh: np.ndarray,
+                      thresholds: list[float]) -> None:
+    bins = len(neg)
+    n = int(neg.sum() + posh.sum())
+    if n == 0:
+        return
+    _metric(t, run_id, task.name, subset, "n_positive", posh.sum(), n)
+    _metric(t, run_id, task.name, subset, "n_negative", neg.sum(), n)
+    note = None if posh.sum() and neg.sum() else "undefined: no positives or no negatives in this subset"
+    _metric(t, run_id, task.name, subset, "auc", M.auc_from_counts(posh, neg), n, note=note)
+    for thr in thresholds:
+        k = int(np.clip(math.ceil(thr * bins - 1e-9), 0, bins))
+        sens = posh[k:].sum() / posh.sum() if posh.sum() else float("nan")
+        spec = neg[:k].sum() / neg.sum() if neg.sum() else float("nan")
+        _metric(t, run_id, task.name, subset, f"sensitivity@{thr:g}", sens, n)
+        _metric(t, run_id, task.name, subset, f"specificity@{thr:g}", spec, n)
+
+
+def run_distributed(cfg: RunConfig, inp: EvalInputs, paths: dict, t_start: float) -> dict:
     """AUC and rates at fixed thresholds per binary task and subset (all, biopsy, each modality) from per-block
     histograms of the scores merged on the driver: memory is bins x tasks x subsets, whatever the row count."""
+    import ray.data
+
+    from dermray.inference import membership_matrix
     from dermray.raysession import ray_session
 
     ecfg = cfg.evaluate
-    bins = int(ecfg.histogram_bins)
-    binary = [task for task in tasks if task.is_binary]
+    binary = [task for task in inp.tasks if task.is_binary]
     if not binary:
         raise UserError("evaluate.distributed computes binary tasks only; the tasks YAML has none")
-    subset_names = ["all", "biopsy", "modality=clinical", "modality=dermoscopy"]
-    tax_ids = tax.node_ids
-    node_truth = []
-    for task in binary:
-        pos = task.class_names.index(task.positive)
-        node_class = np.full(len(tax), NOT_IN_TASK, np.int64)
-        for k, c in enumerate(task.classes):
-            for node in c.nodes:
-                node_class[tax.descendants(node)] = k
-        node_truth.append((task, pos, node_class))
-    node_index = {n: i for i, n in enumerate(tax_ids)}
-
-    def block_hist(batch: pa.Table) -> dict:
-        probs = probs_matrix(batch.column("probs"))
-        labels = batch.column("label").to_numpy(zero_copy_only=False)
-        idx = np.array([node_index.get(l, -1) for l in labels])
-        source = (batch.column("label_source").to_numpy(zero_copy_only=False) if "label_source" in
-                  batch.column_names else np.full(len(labels), None))
-        modality = (batch.column("modality").to_numpy(zero_copy_only=False) if "modality" in batch.column_names
-                    else np.full(len(labels), None))
-        masks = [np.ones(len(labels), bool), source == "biopsy", modality == "clinical", modality == "dermoscopy"]
-        h = np.zeros((len(binary), len(subset_names), 2, bins), np.int64)
-        for ti, (task, pos, node_class) in enumerate(node_truth):
-            y = np.where(idx >= 0, node_class[np.maximum(idx, 0)], NOT_IN_TASK)
-            score = binary_score(task_probabilities(probs, membership, task), pos)
-            ok = (y != NOT_IN_TASK) & ~np.isnan(score)
-            b = np.clip((np.nan_to_num(score) * bins).astype(np.int64), 0, bins - 1)
-            for si, m in enumerate(masks):
-                sel = ok & m
-                yy = (y[sel] == pos).astype(np.int64)
-                np.add.at(h[ti, si], (yy, b[sel]), 1)
-        return {"hist": h[None]}
-
-    import ray.data
-
+    truth = [(task.class_names.index(task.positive), node_task_class(inp.tax, task)) for task in binary]
     with ray_session(cfg.ray.address, cfg.ray.num_cpus):
         fs, path = storage.filesystem(ecfg.predictions)
-        ds = ray.data.read_parquet(path if not storage.is_s3(ecfg.predictions) else ecfg.predictions,
-                                   filesystem=storage._arrow_fs(fs) if storage.is_s3(ecfg.predictions) else None)
-        ds = ds.select_columns([c for c in ("probs", "label", "label_source", "modality")
-                                if c in ds.schema().names])
-        total = np.zeros((len(binary), len(subset_names), 2, bins), np.int64)
-        for batch in ds.map_batches(block_hist, batch_format="pyarrow", batch_size=None).iter_batches(
-                batch_format="numpy", batch_size=1):
+        ds = ray.data.read_parquet(path, filesystem=storage.pyarrow_fs(fs) if storage.is_s3(ecfg.predictions) else None)
+        if ds.count() == 0:
+            raise UserError(f"{storage.redact(ecfg.predictions)}: no predictions to evaluate")
+        n_classes = len(ds.take(1)[0]["probs"])
+        matrices = [membership_matrix(inp.membership, task, n_classes) for task in binary]
+        ds = ds.select_columns([c for c in ("probs", "label", "label_source", "modality") if c in ds.schema().names])
+        total = np.zeros((len(binary), len(SUBSET_NAMES), 2, ecfg.histogram_bins), np.int64)
+        kwargs = {"node_ids": inp.tax.node_ids, "truth": truth, "matrices": matrices, "bins": ecfg.histogram_bins}
+        for batch in ds.map_batches(block_histograms, batch_format="pyarrow", batch_size=None,
+                                    fn_kwargs=kwargs).iter_batches(batch_format="numpy", batch_size=1):
             total += batch["hist"].reshape(total.shape)
     t = Tables()
-    thresholds = [float(x) for x in ecfg.thresholds]
-    for ti, (task, pos, _) in enumerate(node_truth):
-        for si, subset in enumerate(subset_names):
-            neg, posh = total[ti, si, 0].astype(float), total[ti, si, 1].astype(float)
-            n = int(neg.sum() + posh.sum())
-            if n == 0:
-                continue
-            _metric(t, cfg.run_id, task.name, subset, "n_positive", posh.sum(), n)
-            _metric(t, cfg.run_id, task.name, subset, "n_negative", neg.sum(), n)
-            note = None if posh.sum() and neg.sum() else "undefined: no positives or no negatives in this subset"
-            _metric(t, cfg.run_id, task.name, subset, "auc", M.auc_from_counts(posh, neg), n, note=note)
-            for thr in thresholds:
-                k = int(np.clip(math.ceil(thr * bins - 1e-9), 0, bins))
-                sens = posh[k:].sum() / posh.sum() if posh.sum() else float("nan")
-                spec = neg[:k].sum() / neg.sum() if neg.sum() else float("nan")
-                _metric(t, cfg.run_id, task.name, subset, f"sensitivity@{thr:g}", sens, n)
-                _metric(t, cfg.run_id, task.name, subset, f"specificity@{thr:g}", spec, n)
-    paths = outputs(cfg.output, cfg.run_id)
+    for ti, task in enumerate(binary):
+        for si, subset in enumerate(SUBSET_NAMES):
+            histogram_metrics(t, cfg.run_id, task, subset, total[ti, si, 0].astype(float),
+                              total[ti, si, 1].astype(float), [float(x) for x in ecfg.thresholds])
     write_tables(t, paths)
-    summary = {"stage": STAGE, "run_id": cfg.run_id, "mode": "distributed", "histogram_bins": bins,
+    summary = {"stage": STAGE, "run_id": cfg.run_id, "mode": "distributed", "histogram_bins": ecfg.histogram_bins,
                "predictions": storage.redact(ecfg.predictions), "tasks": [x.name for x in binary],
                "headline": headline(t), "outputs": {k: paths[k] for k in ("metrics", "summary")},
                "seconds": round(time.perf_counter() - t_start, 3)}
@@ -599,11 +489,18 @@ def run_distributed(cfg: RunConfig, tax: Taxonomy, tasks: list[Task], membership
     return summary
 
 
+def counts(s: dict) -> dict:
+    """Predictions in = evaluated by a task + outside every task (none is dropped silently)."""
+    if s.get("mode") == "distributed":
+        return {"in": None, "out": None, "quarantined": 0, "seconds": s["seconds"]}
+    return {"in": s["images"], "out": s["evaluated"], "quarantined": s["outside_every_task"], "seconds": s["seconds"]}
+
+
 def format_summary(s: dict) -> str:
     lines = [f"evaluate: run {s['run_id']}" + (f", {s['images']} images" if "images" in s else "")]
     for h in s["headline"]:
-        ci = f" [{_fmt(h['ci_low'])}, {_fmt(h['ci_high'])}]" if h["ci_low"] is not None else ""
-        lines.append(f"  {h['task']:<32} {h['subset']:<8} {h['metric']:<18} {_fmt(h['value'])}{ci}  n={h['n']}")
+        ci = f" [{fmt(h['ci_low'])}, {fmt(h['ci_high'])}]" if h["ci_low"] is not None else ""
+        lines.append(f"  {h['task']:<32} {h['subset']:<8} {h['metric']:<18} {fmt(h['value'])}{ci}  n={h['n']}")
     for task, ex in s.get("excluded", {}).items():
         if ex["undefined_score"]:
             lines.append(f"  warning: {task}: {ex['undefined_score']} images have no probability in either class")

@@ -268,33 +268,60 @@ def _midranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def delong_test(y, score_a, score_b) -> dict:
-    """DeLong et al. (1988) test of two correlated AUCs on the same cases (fast midrank form, Sun & Xu 2014).
-    Returns auc_a, auc_b, diff (a - b), se, z and the two-sided p-value."""
+def _placements(y: np.ndarray, s: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """(AUC, V10 per positive, V01 per negative): the structural components of DeLong et al. (1988)."""
+    pos, neg = s[y], s[~y]
+    m, n = len(pos), len(neg)
+    tx, ty, tz = _midranks(pos), _midranks(neg), _midranks(np.r_[pos, neg])
+    auc = (tz[:m].sum() - m * (m + 1) / 2) / (m * n)
+    return auc, (tz[:m] - tx) / n, 1.0 - (tz[m:] - ty) / m
+
+
+def delong_test(y, score_a, score_b, groups=None, ci_level: float = 0.95) -> dict:
+    """Test of two correlated AUCs on the same cases: DeLong et al. (1988) in the fast midrank form (Sun & Xu
+    2014), and with ``groups`` (lesions or patients with several images) Obuchowski's (1997) variance for
+    clustered data, which sums each cluster's structural components before taking their covariance. With one
+    image per group the two are equal. Returns auc_a, auc_b, diff (a - b), se, z, the two-sided p-value and the
+    ``ci_level`` confidence interval of diff (ci_low, ci_high)."""
     from scipy.stats import norm
 
     y = np.asarray(y).astype(bool)
     a, b = np.asarray(score_a, float), np.asarray(score_b, float)
     m, n = int(y.sum()), int((~y).sum())
+    nan = float("nan")
     if m < 2 or n < 2:
-        nan = float("nan")
-        return {"auc_a": nan, "auc_b": nan, "diff": nan, "se": nan, "z": nan, "p_value": nan}
-    aucs, v01, v10 = [], [], []
+        return {"auc_a": nan, "auc_b": nan, "diff": nan, "se": nan, "z": nan, "p_value": nan, "ci_low": nan,
+                "ci_high": nan, "clusters": 0}
+    g = np.arange(len(y)) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1].reshape(-1)
+    k = int(g.max()) + 1
+    gp, gn = g[y], g[~y]
+    m_i, n_i = np.bincount(gp, minlength=k).astype(float), np.bincount(gn, minlength=k).astype(float)
+    aucs, d10, d01 = [], [], []
     for s in (a, b):
-        pos, neg = s[y], s[~y]
-        tx, ty, tz = _midranks(pos), _midranks(neg), _midranks(np.r_[pos, neg])
-        aucs.append((tz[:m].sum() - m * (m + 1) / 2) / (m * n))
-        v10.append((tz[:m] - tx) / n)
-        v01.append(1.0 - (tz[m:] - ty) / m)
-    s10, s01 = np.cov(np.array(v10)), np.cov(np.array(v01))
-    cov = s10 / m + s01 / n
-    var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
+        auc, v10, v01 = _placements(y, s)
+        aucs.append(auc)
+        # Per-cluster sums of the components, centred: Obuchowski's (V10_i - m_i * AUC) and (V01_i - n_i * AUC).
+        d10.append(np.bincount(gp, weights=v10, minlength=k) - m_i * auc)
+        d01.append(np.bincount(gn, weights=v01, minlength=k) - n_i * auc)
+    k10, k01 = int((m_i > 0).sum()), int((n_i > 0).sum())
+    if k10 < 2 or k01 < 2:
+        return {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "diff": float(aucs[0] - aucs[1]), "se": nan,
+                "z": nan, "p_value": nan, "ci_low": nan, "ci_high": nan, "clusters": k}
+
+    def cov(i: int, j: int) -> float:
+        s10 = k10 / ((k10 - 1) * m) * np.dot(d10[i], d10[j])
+        s01 = k01 / ((k01 - 1) * n) * np.dot(d01[i], d01[j])
+        s11 = k / (k - 1) * (np.dot(d10[i], d01[j]) + np.dot(d10[j], d01[i])) / 2
+        return s10 / m + s01 / n + 2 * s11 / (m * n)
+
+    var = cov(0, 0) + cov(1, 1) - 2 * cov(0, 1)
     diff = aucs[0] - aucs[1]
     se = float(np.sqrt(max(var, 0.0)))
     z = diff / se if se > 0 else (0.0 if diff == 0 else float("inf") * np.sign(diff))
     p = float(2 * norm.sf(abs(z))) if np.isfinite(z) else 0.0
+    half = float(norm.ppf(1 - (1 - ci_level) / 2)) * se
     return {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "diff": float(diff), "se": se, "z": float(z),
-            "p_value": p}
+            "p_value": p, "ci_low": float(diff - half), "ci_high": float(diff + half), "clusters": k}
 
 
 # ---- multi-class -----------------------------------------------------------------------------------------------

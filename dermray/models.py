@@ -127,9 +127,15 @@ def load_state_dict(uri: str) -> dict:
     """A state_dict from a local path or URI, loaded safely (tensors only, no pickled code)."""
     from dermray import storage
 
-    data = storage.read_bytes(uri)
+    return state_dict_from_bytes(io.BytesIO(storage.read_bytes(uri)), uri)
+
+
+def state_dict_from_bytes(data: io.BytesIO, uri: str) -> dict:
+    """A state_dict from the bytes of a weights file (``uri`` names it in errors), loaded with weights_only."""
+    from dermray import storage
+
     try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        obj = torch.load(data, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - UnpicklingError for crafted pickles, RuntimeError for junk
         raise UserError(f"cannot load weights from {storage.redact(uri)}: not a plain tensor state_dict "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from e
@@ -140,7 +146,8 @@ def load_state_dict(uri: str) -> dict:
     return obj
 
 
-def _get(module: nn.Module, path: str) -> nn.Module:
+def get_module(module: nn.Module, path: str) -> nn.Module:
+    """The submodule at a dotted path ("features.12", "AuxLogits.fc")."""
     for part in path.split("."):
         module = module[int(part)] if part.isdigit() else getattr(module, part)
     return module
@@ -148,7 +155,7 @@ def _get(module: nn.Module, path: str) -> nn.Module:
 
 def _set(module: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, last = path.rpartition(".")
-    parent = _get(module, parent_path) if parent_path else module
+    parent = get_module(module, parent_path) if parent_path else module
     if last.isdigit():
         parent[int(last)] = new
     else:
@@ -157,28 +164,31 @@ def _set(module: nn.Module, path: str, new: nn.Module) -> None:
 
 def replace_heads(model: nn.Module, s: ModelSpec, n_classes: int) -> None:
     for path in s.heads:
-        old = _get(model, path)
+        old = get_module(model, path)
         _set(model, path, nn.Linear(old.in_features, n_classes))
 
 
-def build_model(arch: str, n_classes: int, weights: str = "imagenet", freeze: str | int = "none") -> nn.Module:
+def build_model(arch: str, n_classes: int, weights: str | dict = "imagenet", freeze: str | int = "none") -> nn.Module:
     """The network ``arch`` with ``n_classes`` outputs, weights loaded, early stages frozen as asked.
 
-    A state_dict from ``weights`` may be the ImageNet network (1000 outputs: its final layer is dropped and
-    replaced) or a network with ``n_classes`` outputs (loaded whole)."""
+    ``weights``: "imagenet", "none", a URI of a state_dict or a state_dict already loaded. The state_dict may be
+    the ImageNet network (1000 outputs: its final layer is dropped and replaced) or a network with ``n_classes``
+    outputs (loaded whole)."""
     if n_classes < 2:
         raise UserError(f"a classifier needs at least 2 training classes, got {n_classes}")
     s = spec(arch)
     model = s.build()
-    if weights not in ("none", None, ""):
-        state = s.imagenet() if weights == "imagenet" else load_state_dict(weights)
+    if isinstance(weights, dict) or weights not in ("none", None, ""):
+        state = weights if isinstance(weights, dict) else s.imagenet() if weights == "imagenet" else \
+            load_state_dict(weights)
+        source = "a state_dict" if isinstance(weights, dict) else weights
         head_keys = {f"{h}.{p}" for h in s.heads for p in ("weight", "bias")}
         head_shape = state.get(f"{s.heads[0]}.weight")
         if head_shape is not None and head_shape.shape[0] == n_classes:
             replace_heads(model, s, n_classes)
-            _load(model, state, set(), weights)
+            _load(model, state, set(), source)
         else:
-            _load(model, {k: v for k, v in state.items() if k not in head_keys}, head_keys, weights)
+            _load(model, {k: v for k, v in state.items() if k not in head_keys}, head_keys, source)
             replace_heads(model, s, n_classes)
     else:
         replace_heads(model, s, n_classes)
@@ -201,7 +211,7 @@ def apply_freeze(model: nn.Module, s: ModelSpec, freeze: str | int) -> None:
     if freeze in ("none", None, "", 0, "0"):
         pass
     elif freeze == "head":
-        heads = [_get(model, h) for h in s.heads]
+        heads = [get_module(model, h) for h in s.heads]
         head_params = {id(p) for h in heads for p in h.parameters()}
         for p in model.parameters():
             p.requires_grad_(id(p) in head_params)

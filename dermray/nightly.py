@@ -9,17 +9,16 @@ full evaluation under ``<output>/metrics/<run_id>/date=<YYYY-MM-DD>/``, and the 
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import logging
-import re
 
 import pandas as pd
 
-from dermray import evaluate, score, storage
-from dermray.config import RunConfig
+from dermray import evaluate, layout, score, storage
+from dermray.config import RunConfig, derive
 from dermray.errors import UserError
+from dermray.report import fmt
 
 log = logging.getLogger("dermray.nightly")
 STAGE = "nightly"
@@ -30,10 +29,8 @@ class FloorMissed(UserError):
 
 
 def night(cfg: RunConfig) -> str:
-    d = cfg.nightly.date or dt.datetime.now(dt.timezone.utc).date().isoformat()
-    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", d):
-        raise UserError(f"nightly.date must be YYYY-MM-DD, got {d!r}")
-    return d
+    """nightly.date (checked when the config loads), else today in UTC."""
+    return cfg.nightly.date or dt.datetime.now(dt.timezone.utc).date().isoformat()
 
 
 def check_floors(cfg: RunConfig, scored: dict, metrics: pd.DataFrame) -> list[str]:
@@ -41,8 +38,6 @@ def check_floors(cfg: RunConfig, scored: dict, metrics: pd.DataFrame) -> list[st
     nc = cfg.nightly
     missed = []
     for task, floor in nc.min_auc.items():
-        if not isinstance(floor, (int, float)):
-            raise UserError(f"nightly.min_auc.{task} must be a number, got {floor!r}")
         row = metrics[(metrics["task"] == task) & (metrics["subset"] == nc.auc_subset) & (metrics["metric"] == "auc")]
         if row.empty:
             raise UserError(f"nightly.min_auc names task {task!r}, subset {nc.auc_subset!r}, which the evaluation "
@@ -64,14 +59,12 @@ def run(cfg: RunConfig) -> dict:
     date = night(cfg)
     log.info("nightly %s: scoring %s incrementally into run %s", date, storage.redact(cfg.score.input or "?"),
              cfg.run_id)
-    scored = score.run(dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, incremental=True)))
+    scored = score.run(derive(cfg, {"score": {"incremental": True}}))
     log.info("nightly %s: %s", date, score.format_summary(scored).splitlines()[0])
-    ev_cfg = dataclasses.replace(
-        cfg, run_id=f"{cfg.run_id}/date={date}",
-        evaluate=dataclasses.replace(cfg.evaluate, predictions=scored["outputs"]["predictions"],
-                                     model_id=scored["model_id"],
-                                     partition=cfg.evaluate.partition or cfg.score.partition))
-    ev = evaluate.run(ev_cfg)
+    ev_cfg = derive(cfg, {"evaluate": {"predictions": scored["outputs"]["predictions"], "model_id": scored["model_id"],
+                                       "partition": cfg.evaluate.partition or scored.get("partition")}})
+    night_dir = storage.join(layout.metrics_dir(cfg.output, cfg.run_id), f"date={date}")
+    ev = evaluate.run(ev_cfg, base=night_dir)
     metrics = storage.read_table(ev["outputs"]["metrics"]).to_pandas()
     history = storage.join(cfg.output, "metrics", cfg.run_id, "history", f"date={date}", "metrics.parquet")
     storage.write_table(storage.read_table(ev["outputs"]["metrics"]), history)
@@ -82,7 +75,7 @@ def run(cfg: RunConfig) -> dict:
                "headline": ev["headline"], "floors_missed": missed,
                "outputs": {"predictions": scored["outputs"]["predictions"], "report": ev["outputs"]["report_html"],
                            "metrics_history": storage.parent(storage.parent(history))}}
-    storage.write_text(storage.join(cfg.output, "metrics", cfg.run_id, f"date={date}", "nightly_summary.json"),
+    storage.write_text(storage.join(night_dir, "nightly_summary.json"),
                        json.dumps(summary, indent=2, default=str))
     if missed:
         raise FloorMissed(f"nightly {date}: " + "; ".join(missed) + f" (report: {ev['outputs']['report_html']})")
@@ -94,7 +87,7 @@ def format_summary(s: dict) -> str:
              f"{s['already_scored']} already scored; {s['predictions_total']} predictions by {s['model_id']}"]
     for h in s["headline"]:
         if h["metric"] == "auc":
-            lines.append(f"  {h['task']:<32} {h['subset']:<8} AUC {evaluate._fmt(h['value'])}  n={h['n']}")
+            lines.append(f"  {h['task']:<32} {h['subset']:<8} AUC {fmt(h['value'])}  n={h['n']}")
     lines.append(f"  report: {s['outputs']['report']}")
     lines.append(f"  metrics by night: {s['outputs']['metrics_history']}")
     return "\n".join(lines)

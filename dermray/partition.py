@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 
@@ -27,19 +26,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dermray import schemas, storage
+from dermray import layout, lineage, progress, schemas, storage
 from dermray.config import RunConfig
 from dermray.errors import UserError
+from dermray.ids import SEEDS as ID_SEEDS
 from dermray.partitioning import (HASH_BUCKETS, MIXED_STRATUM, TrainingClass, fold_table, hash_bucket,
                                   hash_strings, node_to_class, partition_classes, task_membership)
-from dermray.taxonomy import load_taxonomy
-from dermray.tasks import Task, load_tasks
+from dermray.definitions import load_taxonomy
+from dermray.definitions import load_tasks
+from dermray.tasks import Task
 
 log = logging.getLogger("dermray.partition")
 
 STAGE = "partition"
 CHUNK_ROWS = 500_000  # target rows per map task (row groups are never split)
-_IMAGE_SEEDS = (0x5EED_0001, 0x5EED_0002)  # two independent 64-bit hashes: a 128-bit image_id fingerprint
 
 
 # ---- per-chunk logic (pure numpy/arrow; Ray only calls it) ---------------------------------------------------
@@ -113,7 +113,7 @@ def count_chunk(table: pa.Table, row_offset: int, node_ids: pa.Array, seed: int,
     labels = label_idx[ok]
     ids = table.column("image_id").filter(pa.array(ok)).to_numpy(zero_copy_only=False)
     groups = _group_keys(table).filter(pa.array(ok)).to_numpy(zero_copy_only=False)
-    h1, h2 = (hash_strings(ids, s) for s in _IMAGE_SEEDS)
+    h1, h2 = (hash_strings(ids, s) for s in ID_SEEDS)
     g = hash_strings(groups, seed)
     buckets = hash_bucket(g)
     node_counts = np.bincount(labels, minlength=n_nodes).astype(np.int64)
@@ -247,25 +247,6 @@ def assign_chunk(table: pa.Table, row_offset: int, node_ids: pa.Array, seed: int
 
 
 # ---- the stage ----------------------------------------------------------------------------------------------
-def plan_chunks(pf, target_rows: int = CHUNK_ROWS, min_chunks: int = 1) -> list[tuple[list[int], int, int]]:
-    """Group row groups into chunks: (row group indices, first row, rows)."""
-    md = pf.metadata
-    total = md.num_rows
-    target = max(1, min(target_rows, math.ceil(total / max(1, min_chunks))))
-    chunks, current, start, size, offset = [], [], 0, 0, 0
-    for i in range(md.num_row_groups):
-        n = md.row_group(i).num_rows
-        if current and size + n > target:
-            chunks.append((current, start, size))
-            current, start, size = [], offset, 0
-        current.append(i)
-        size += n
-        offset += n
-    if current:
-        chunks.append((current, start, size))
-    return chunks
-
-
 def read_chunk(uri: str, row_groups: list[int], columns: list[str]) -> pa.Table:
     table = storage.parquet_file(uri).read_row_groups(row_groups, columns=columns)
     # Dictionary-encoded strings compare and hash as plain strings.
@@ -273,142 +254,229 @@ def read_chunk(uri: str, row_groups: list[int], columns: list[str]) -> pa.Table:
                          else table.column(c)) for c in table.column_names})
 
 
-def outputs(output: str) -> dict[str, str]:
-    base = storage.join(output, "partition")
-    return {name: storage.join(base, f"{name}.parquet")
-            for name in ("training_classes", "labels", "quarantine", "task_membership", "fold_counts")} | {
-        "summary": storage.join(base, "partition_summary.json")}
+# Ray tasks (module level: defined once, shipped by reference). Each hash partition of pass 1 is its own object,
+# so a reducer fetches only its share of every chunk.
+def pass1(uri, row_groups, offset, columns, node_ids, seed, partitions):
+    table = read_chunk(uri, row_groups, columns)
+    stats, img_parts, grp_parts = count_chunk(table, offset, node_ids, seed, partitions)
+    hasher = lineage.TableHasher(columns)
+    hasher.add(table, offset)
+    return (stats, hasher.partial(), *img_parts, *grp_parts)
 
 
-def run(cfg: RunConfig) -> dict:
-    """Run the partition stage for ``cfg``; returns the summary (also written as partition_summary.json)."""
-    from dermray.raysession import cluster_cpus, ray_session
+def dup_reduce(n_nodes, *parts):
+    return find_duplicates(parts, n_nodes)
 
-    t_start = time.perf_counter()
-    pcfg = cfg.partition
+
+def group_reduce(lookup, duplicates, n_classes, *parts):
+    return find_mixed_groups(parts, lookup, duplicates, n_classes)
+
+
+def merge_duplicates(*parts):
+    return Duplicates.merge(list(parts))
+
+
+def pass2(uri, row_groups, offset, columns, node_ids, seed, plan, duplicates, *mixed_parts):
+    table = read_chunk(uri, row_groups, columns)
+    mixed = np.sort(np.concatenate(mixed_parts)) if mixed_parts else np.zeros(0, np.uint64)
+    return assign_chunk(table, offset, node_ids, seed, plan, mixed, duplicates)
+
+
+@dataclass
+class Inputs:
+    """What the stage reads before Ray starts: the manifest's metadata, the taxonomy, the tasks, their
+    fingerprints (the manifest's is computed while pass 1 reads it)."""
+    manifest: str
+    pf: object
+    columns: list[str]
+    tax: object
+    tasks: list
+    fingerprints: dict
+
+
+def read_inputs(cfg: RunConfig) -> Inputs:
     if not cfg.data.manifest:
         raise UserError("no manifest given: set data.manifest (or --manifest)")
     if not cfg.data.taxonomy:
         raise UserError("no taxonomy given: set data.taxonomy (or --taxonomy)")
-    if pcfg.max_class_size < 1:
-        raise UserError(f"partition.max_class_size must be at least 1, got {pcfg.max_class_size}")
-    if not 2 <= pcfg.folds <= 100:
-        raise UserError(f"partition.folds must be between 2 and 100, got {pcfg.folds}")
-    manifest_uri = cfg.data.manifest
     tax = load_taxonomy(cfg.data.taxonomy)
     tasks: list[Task] = load_tasks(cfg.data.tasks, tax) if cfg.data.tasks else []
-    pf = storage.parquet_file(manifest_uri)
-    schemas.check_columns(pf.schema_arrow, schemas.MANIFEST, storage.redact(manifest_uri))
-    columns = manifest_columns(pf.schema_arrow)
-    node_ids = pa.array(tax.node_ids, pa.string())
-    seed = pcfg.seed
+    pf = storage.parquet_file(cfg.data.manifest)
+    schemas.check_columns(pf.schema_arrow, schemas.MANIFEST, storage.redact(cfg.data.manifest))
+    fps = {"taxonomy": lineage.file_fingerprint(cfg.data.taxonomy)}
+    if cfg.data.tasks:
+        fps["tasks"] = lineage.file_fingerprint(cfg.data.tasks)
+    return Inputs(cfg.data.manifest, pf, manifest_columns(pf.schema_arrow), tax, tasks, fps)
 
+
+@dataclass
+class Counts:
+    """Pass 1's merged counts: images per node (duplicates taken out) and per (node, group bucket)."""
+    node_counts: np.ndarray
+    node_hist: np.ndarray
+    duplicates: int
+
+
+def count_pass(ray, inp: Inputs, chunks, partitions: int, node_ids_ref, seed: int):
+    """Pass 1 and the duplicate reducers: (Counts, the duplicates' object ref, the group partitions' refs,
+    the manifest's fingerprint)."""
+    n_nodes = len(inp.tax)
+    p1 = ray.remote(num_returns=2 + 2 * partitions)(pass1)
+    refs = [p1.remote(inp.manifest, rg, off, inp.columns, node_ids_ref, seed, partitions) for rg, off, _ in chunks]
+    dup_refs = [ray.remote(num_returns=2)(dup_reduce).remote(n_nodes, *[r[2 + p] for r in refs])
+                for p in range(partitions)]
+    node_counts = np.zeros(n_nodes, np.int64)
+    # Dense (node, bucket) counts: a fixed size whatever the number of rows.
+    node_hist = np.zeros(n_nodes * HASH_BUCKETS, np.int64)
+    for r in refs:
+        stats: ChunkStats = ray.get(r[0])
+        node_counts += stats.node_counts
+        np.add.at(node_hist, stats.hist_keys, stats.hist_counts)
+    content, rows = lineage.TableHasher.merge(ray.get([r[1] for r in refs])) if refs else ("empty", 0)
+    fingerprint = lineage.Fingerprint(uri=storage.redact(inp.manifest), method="columns", content=content,
+                                      columns=inp.columns, rows=rows, identity=storage.identity(inp.manifest))
+    # Quarantined duplicates do not count towards classes.
+    n_duplicates = 0
+    for summary_ref, _ in dup_refs:
+        dup_counts, (k, c) = ray.get(summary_ref)
+        node_counts -= dup_counts
+        np.add.at(node_hist, k, -c)
+        n_duplicates += int(dup_counts.sum())
+    duplicates = ray.remote(merge_duplicates).remote(*[d[1] for d in dup_refs])
+    group_parts = [[r[2 + partitions + p] for r in refs] for p in range(partitions)]
+    return Counts(node_counts, node_hist, n_duplicates), duplicates, group_parts, fingerprint
+
+
+def fold_plan(ray, counts: Counts, classes, lookup, duplicates, group_parts, folds: int, seed: int):
+    """Move groups spanning classes to the mixed stratum, then cut every stratum into folds: (AssignPlan, the
+    mixed groups' refs, the number of mixed groups)."""
+    n_classes = len(classes)
+    # Per-stratum bucket histograms: strata are the classes, plus the mixed stratum as the last row.
+    hist = np.zeros((n_classes + 1) * HASH_BUCKETS, np.int64)
+    keys = np.flatnonzero(counts.node_hist)
+    np.add.at(hist, lookup[keys // HASH_BUCKETS].astype(np.int64) * HASH_BUCKETS + keys % HASH_BUCKETS,
+              counts.node_hist[keys])
+    lookup_ref = ray.put(lookup)
+    grp_refs = [ray.remote(num_returns=2)(group_reduce).remote(lookup_ref, duplicates, n_classes, *parts)
+                for parts in group_parts]
+    n_mixed = 0
+    for move_ref, _ in grp_refs:
+        k, c, n = ray.get(move_ref)
+        np.add.at(hist, k, c)
+        n_mixed += n
+    folds_by_stratum = fold_table(hist.reshape(n_classes + 1, HASH_BUCKETS), folds, seed)
+    return AssignPlan(lookup, folds_by_stratum, n_classes, folds), [m for _, m in grp_refs], n_mixed
+
+
+def assign_pass(ray, inp: Inputs, chunks, cpus: int, node_ids_ref, seed: int, plan: AssignPlan, duplicates,
+                mixed_refs, paths: dict) -> tuple[int, int, np.ndarray]:
+    """Pass 2, a bounded window of chunks in flight, streamed into labels.parquet and quarantine.parquet in
+    manifest order: (labels rows, quarantined rows, images per class and fold)."""
+    p2 = ray.remote(num_returns=3)(pass2)
+    plan_ref = ray.put(plan)
+    pending = iter(chunks)
+    window = 2 * cpus  # chunks in flight: bounds the object store (and the driver's mapped pages) at any size
+
+    def submit(n):
+        return [p2.remote(inp.manifest, rg, off, inp.columns, node_ids_ref, seed, plan_ref, duplicates, *mixed_refs)
+                for rg, off, _ in itertools.islice(pending, n)]
+
+    refs = submit(window)
+    fold_counts = np.zeros((plan.n_classes, plan.folds), np.int64)
+    meter = progress.Meter("partition: assigning", inp.pf.metadata.num_rows, unit="rows")
+    with storage.table_sink(paths["labels"], schemas.LABELS.arrow()) as labels_sink, \
+            storage.table_sink(paths["quarantine"], schemas.QUARANTINE.arrow()) as quarantine_sink:
+        while refs:
+            refs += submit(1)
+            ref_labels, ref_quarantine, ref_counts = refs.pop(0)
+            labels, quarantine = ray.get(ref_labels), ray.get(ref_quarantine)
+            labels_sink.write(labels)
+            quarantine_sink.write(quarantine)
+            fold_counts += ray.get(ref_counts)
+            meter.update(labels.num_rows + quarantine.num_rows)
+    return labels_sink.rows, quarantine_sink.rows, fold_counts
+
+
+def partition_lineage(inp: Inputs, manifest_fp: lineage.Fingerprint, cfg: RunConfig) -> lineage.Lineage:
+    return lineage.Lineage.of(STAGE, {"manifest": manifest_fp, **inp.fingerprints},
+                              cfg.partition.model_dump(mode="json"))
+
+
+def lineage_now(cfg: RunConfig, recorded: lineage.Lineage | None = None) -> lineage.Lineage:
+    inp = read_inputs(cfg)
+    uri = inp.manifest
+
+    def content():
+        table = pa.concat_tables([read_chunk(uri, rg, inp.columns) for rg, _, _ in
+                                  storage.row_group_chunks(inp.pf, CHUNK_ROWS)]) if inp.pf.metadata.num_rows else None
+        if table is None:
+            return lineage.Fingerprint(uri=storage.redact(uri), method="columns", content="empty", rows=0)
+        return lineage.columns_fingerprint(uri, table, inp.columns, identity=storage.identity(uri))
+
+    return partition_lineage(inp, lineage.reuse(recorded, "manifest", uri, content), cfg)
+
+
+def run(cfg: RunConfig) -> dict:
+    """Run the partition stage for ``cfg``; returns the summary (also written as partition_summary.json)."""
+    from dermray.raysession import check_shared_storage, cluster_cpus, ray_session
+
+    t_start = time.perf_counter()
+    pcfg = cfg.partition
+    inp = read_inputs(cfg)
+    node_ids = pa.array(inp.tax.node_ids, pa.string())
+    paths = layout.partition_outputs(layout.partition_dir(cfg.output, cfg.run_id))
     with ray_session(cfg.ray.address, cfg.ray.num_cpus) as ray:
+        check_shared_storage(cfg.storage, {"output": cfg.output, "data.manifest": inp.manifest})
         cpus = cluster_cpus()
-        chunks = plan_chunks(pf, min_chunks=2 * cpus)
+        chunks = storage.row_group_chunks(inp.pf, CHUNK_ROWS, min_chunks=2 * cpus)
         partitions = max(1, min(2 * cpus, len(chunks)))
         node_ids_ref = ray.put(node_ids)
-
-        # Each hash partition is its own object, so a reducer fetches only its share of every chunk.
-        @ray.remote(num_returns=1 + 2 * partitions)
-        def pass1(row_groups, offset):
-            table = read_chunk(manifest_uri, row_groups, columns)
-            stats, img_parts, grp_parts = count_chunk(table, offset, ray.get(node_ids_ref), seed, partitions)
-            return (stats, *img_parts, *grp_parts)
-
-        @ray.remote(num_returns=2)
-        def dup_reduce(*parts):
-            return find_duplicates(parts, len(tax))
-
-        @ray.remote(num_returns=2)
-        def group_reduce(lookup_, duplicates_, n_classes_, *parts):
-            return find_mixed_groups(parts, lookup_, duplicates_, n_classes_)
-
-        @ray.remote
-        def merge_duplicates(*parts):
-            return Duplicates.merge(list(parts))
-
-        @ray.remote(num_returns=3)
-        def pass2(row_groups, offset, plan_, duplicates_, *mixed_parts):
-            table = read_chunk(manifest_uri, row_groups, columns)
-            mixed = np.sort(np.concatenate(mixed_parts)) if mixed_parts else np.zeros(0, np.uint64)
-            return assign_chunk(table, offset, ray.get(node_ids_ref), seed, plan_, mixed, duplicates_)
-
         t0 = time.perf_counter()
-        refs = [pass1.remote(rg, off) for rg, off, _ in chunks]
-        dup_refs = [dup_reduce.remote(*[r[1 + p] for r in refs]) for p in range(partitions)]
-        node_counts = np.zeros(len(tax), np.int64)
-        # Dense (node, bucket) counts: a fixed size whatever the number of rows.
-        node_hist = np.zeros(len(tax) * HASH_BUCKETS, np.int64)
-        for r in refs:
-            stats: ChunkStats = ray.get(r[0])
-            node_counts += stats.node_counts
-            np.add.at(node_hist, stats.hist_keys, stats.hist_counts)
-            del stats
-        # Quarantined duplicates do not count towards classes.
-        n_duplicates = 0
-        for summary_ref, _ in dup_refs:
-            dup_counts, (k, c) = ray.get(summary_ref)
-            node_counts -= dup_counts
-            np.add.at(node_hist, k, -c)
-            n_duplicates += int(dup_counts.sum())
-        duplicates = merge_duplicates.remote(*[d[1] for d in dup_refs])
+        counts, duplicates, group_parts, manifest_fp = count_pass(ray, inp, chunks, partitions, node_ids_ref,
+                                                                 pcfg.seed)
         t_pass1 = time.perf_counter() - t0
-
-        classes = partition_classes(tax, node_counts, pcfg.max_class_size)
+        classes = partition_classes(inp.tax, counts.node_counts, pcfg.max_class_size)
         if not classes:
-            raise UserError(f"{storage.redact(manifest_uri)}: no valid rows to partition "
-                            "(see quarantine for each row's reason)" if pf.metadata.num_rows else
-                            f"{storage.redact(manifest_uri)}: the manifest has no rows")
-        lookup = node_to_class(tax, classes)
-        n_classes = len(classes)
-
-        # Per-stratum bucket histograms: strata are the classes, plus the mixed stratum as the last row.
-        hist = np.zeros((n_classes + 1) * HASH_BUCKETS, np.int64)
-        keys = np.flatnonzero(node_hist)
-        np.add.at(hist, lookup[keys // HASH_BUCKETS].astype(np.int64) * HASH_BUCKETS + keys % HASH_BUCKETS,
-                  node_hist[keys])
-        del node_hist, keys
+            raise UserError(f"{storage.redact(inp.manifest)}: no valid rows to partition "
+                            "(see quarantine for each row's reason)" if inp.pf.metadata.num_rows else
+                            f"{storage.redact(inp.manifest)}: the manifest has no rows")
+        progress.say("partition: %d training classes from %s images", len(classes), f"{int(counts.node_counts.sum()):,}")
         t0 = time.perf_counter()
-        lookup_ref = ray.put(lookup)
-        grp_refs = [group_reduce.remote(lookup_ref, duplicates, n_classes, *[r[1 + partitions + p] for r in refs])
-                    for p in range(partitions)]
-        del refs  # the hash partitions are no longer needed once the reducers hold them
-        n_mixed = 0
-        for move_ref, _ in grp_refs:
-            k, c, n = ray.get(move_ref)
-            np.add.at(hist, k, c)
-            n_mixed += n
-        mixed_refs = [m for _, m in grp_refs]
-        folds_by_stratum = fold_table(hist.reshape(n_classes + 1, HASH_BUCKETS), pcfg.folds)
-
-        plan = ray.put(AssignPlan(lookup, folds_by_stratum, n_classes, pcfg.folds))
-        pending = iter(chunks)
-        window = 2 * cpus  # chunks in flight: bounds the object store (and the driver's mapped pages) at any size
-        refs2 = [pass2.remote(rg, off, plan, duplicates, *mixed_refs) for rg, off, _ in itertools.islice(
-            pending, window)]
-        paths = outputs(cfg.output)
-        fold_counts = np.zeros((n_classes, pcfg.folds), np.int64)
-        # Chunks are written in manifest order and released one by one, so the driver holds one at a time.
-        with storage.table_sink(paths["labels"], schemas.LABELS.arrow()) as labels_sink, \
-                storage.table_sink(paths["quarantine"], schemas.QUARANTINE.arrow()) as quarantine_sink:
-            while refs2:
-                for rg, off, _ in itertools.islice(pending, 1):
-                    refs2.append(pass2.remote(rg, off, plan, duplicates, *mixed_refs))
-                ref_labels, ref_quarantine, ref_counts = refs2.pop(0)
-                labels_sink.write(ray.get(ref_labels))
-                quarantine_sink.write(ray.get(ref_quarantine))
-                fold_counts += ray.get(ref_counts)
-                del ref_labels, ref_quarantine, ref_counts
-        n_labels, n_quarantined = labels_sink.rows, quarantine_sink.rows
+        lookup = node_to_class(inp.tax, classes)
+        plan, mixed_refs, n_mixed = fold_plan(ray, counts, classes, lookup, duplicates, group_parts, pcfg.folds,
+                                              pcfg.seed)
+        n_labels, n_quarantined, fold_counts = assign_pass(ray, inp, chunks, cpus, node_ids_ref, pcfg.seed, plan,
+                                                           duplicates, mixed_refs, paths)
         t_pass2 = time.perf_counter() - t0
-
-    n_input = pf.metadata.num_rows
+    n_input = inp.pf.metadata.num_rows
     if n_labels + n_quarantined != n_input:
         raise RuntimeError(f"partition lost rows: {n_input} in, {n_labels} assigned + {n_quarantined} quarantined")
+    unattributable = write_class_tables(inp, classes, counts, fold_counts, paths, pcfg.tasks_required)
+    summary = {
+        "stage": STAGE, "run_id": cfg.run_id, "manifest": storage.redact(inp.manifest),
+        "taxonomy": storage.redact(cfg.data.taxonomy), "max_class_size": pcfg.max_class_size, "folds": pcfg.folds,
+        "seed": pcfg.seed, "input_rows": int(n_input), "assigned": int(n_labels), "quarantined": int(n_quarantined),
+        "duplicates": counts.duplicates, "training_classes": len(classes),
+        "node_only_classes": sum(c.scope == "node" for c in classes),
+        "big_leaf_classes": sum(c.scope == "subtree" and inp.tax.is_leaf(c.node) and c.n_images >= pcfg.max_class_size
+                                for c in classes),
+        "groups_spanning_classes": n_mixed, "images_per_fold": fold_counts.sum(axis=0).tolist(),
+        "unattributable": [u.__dict__ | {"task_classes": list(u.task_classes)} for u in unattributable],
+        "chunks": len(chunks),
+        "lineage": partition_lineage(inp, manifest_fp, cfg).to_dict(),
+        "seconds": {"pass1": round(t_pass1, 3), "pass2_and_write": round(t_pass2, 3),
+                    "total": round(time.perf_counter() - t_start, 3)},
+        "outputs": paths,
+    }
+    storage.write_text(paths["summary"], json.dumps(summary, indent=2))
+    return summary
 
-    membership_rows, unattributable = task_membership(tax, classes, tasks, node_counts)
-    if unattributable and pcfg.tasks_required:
+
+def write_class_tables(inp: Inputs, classes, counts: Counts, fold_counts: np.ndarray, paths: dict,
+                       tasks_required: bool) -> list:
+    """training_classes, task_membership and fold_counts; returns the classes no task can attribute."""
+    membership_rows, unattributable = task_membership(inp.tax, classes, inp.tasks, counts.node_counts)
+    if unattributable and tasks_required:
         u = unattributable[0]
         raise UserError(f"training class {u.class_name!r} cannot be attributed to task {u.task!r}: its images "
                         f"straddle task class(es) {', '.join(u.task_classes)}; lower partition.max_class_size or "
@@ -423,32 +491,7 @@ def run(cfg: RunConfig) -> dict:
     ci, fi = np.nonzero(fold_counts)
     storage.write_table(pa.table({"class_index": pa.array(ci, pa.int32()), "fold": pa.array(fi, pa.int32()),
                                   "n_images": pa.array(fold_counts[ci, fi], pa.int64())}), paths["fold_counts"])
-    summary = {
-        "stage": STAGE,
-        "run_id": cfg.run_id,
-        "manifest": storage.redact(manifest_uri),
-        "taxonomy": storage.redact(cfg.data.taxonomy),
-        "max_class_size": pcfg.max_class_size,
-        "folds": pcfg.folds,
-        "seed": seed,
-        "input_rows": int(n_input),
-        "assigned": int(n_labels),
-        "quarantined": int(n_quarantined),
-        "duplicates": n_duplicates,
-        "training_classes": n_classes,
-        "node_only_classes": sum(c.scope == "node" for c in classes),
-        "big_leaf_classes": sum(c.scope == "subtree" and tax.is_leaf(c.node) and c.n_images >= pcfg.max_class_size
-                                for c in classes),
-        "groups_spanning_classes": n_mixed,
-        "images_per_fold": fold_counts.sum(axis=0).tolist(),
-        "unattributable": [u.__dict__ | {"task_classes": list(u.task_classes)} for u in unattributable],
-        "chunks": len(chunks),
-        "seconds": {"pass1": round(t_pass1, 3), "pass2_and_write": round(t_pass2, 3),
-                    "total": round(time.perf_counter() - t_start, 3)},
-        "outputs": paths,
-    }
-    storage.write_text(paths["summary"], json.dumps(summary, indent=2))
-    return summary
+    return unattributable
 
 
 def _classes_table(classes: list[TrainingClass]) -> pa.Table:
@@ -475,3 +518,8 @@ def format_summary(s: dict) -> str:
                      f"(its images straddle {', '.join(u['task_classes'])})")
     lines.append(f"  outputs: {storage.parent(s['outputs']['labels'])}  ({s['seconds']['total']} s)")
     return "\n".join(lines)
+
+
+def counts(s: dict) -> dict:
+    return {"in": s["input_rows"], "out": s["assigned"], "quarantined": s["quarantined"],
+            "seconds": s["seconds"]["total"]}

@@ -108,16 +108,6 @@ def task_membership(tax: Taxonomy, classes: list[TrainingClass], tasks: list[Tas
     return rows, bad
 
 
-def membership_matrix(rows: list[tuple[str, str, int]], task: Task, n_classes: int) -> np.ndarray:
-    """Float32 matrix [n_classes, n_task_classes]: 1 where a training class counts towards a task class."""
-    m = np.zeros((n_classes, len(task.classes)), dtype=np.float32)
-    col = {k.name: j for j, k in enumerate(task.classes)}
-    for tname, kname, ci in rows:
-        if tname == task.name:
-            m[ci, col[kname]] = 1.0
-    return m
-
-
 # ---- folds ------------------------------------------------------------------------------------------------------
 HASH_BUCKETS = 4096  # fold resolution: a class is cut into folds at bucket granularity (< 0.03 % of its images)
 MIXED_STRATUM = -1  # groups whose images fall in more than one class share this stratum
@@ -144,16 +134,21 @@ def hash_bucket(h: np.ndarray) -> np.ndarray:
     return (h >> np.uint64(64 - 12)).astype(np.int32)  # top 12 bits: HASH_BUCKETS = 4096
 
 
-def fold_table(hist: np.ndarray, folds: int) -> np.ndarray:
+def fold_table(hist: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
     """Fold of each (stratum, bucket): int8 [strata, HASH_BUCKETS].
 
-    ``hist[s, b]`` counts images of stratum s whose group hashes to bucket b. Buckets are cut at the quantiles of
-    each stratum's mass (a bucket goes to the fold holding its midpoint), so every stratum is spread over the folds
-    as evenly as its groups allow, and a group, hashing to one bucket, never spans two folds.
+    ``hist[s, b]`` counts images of stratum s whose group hashes to bucket b. A stratum's buckets, in order, are
+    laid on a circle of circumference 1 by their share of its mass, rotated by a seeded offset drawn per stratum,
+    and the circle is cut into ``folds`` equal arcs; a bucket goes to the arc holding its mass midpoint. So every
+    stratum is spread over the folds as evenly as its groups allow (a large one to within a bucket), a group,
+    hashing to one bucket, never spans two folds, and a small stratum's few groups land in folds that change with
+    the seed: without the rotation a class of one group would always fall in the middle fold and a class of two
+    in the same two folds, starving the first and last folds of small classes (a biased validation).
     """
     hist = np.asarray(hist, dtype=np.float64)
     total = hist.sum(axis=1, keepdims=True)
     mid = np.cumsum(hist, axis=1) - hist / 2.0
+    offset = np.random.default_rng([seed, 0xF01D]).random((hist.shape[0], 1))
     with np.errstate(invalid="ignore", divide="ignore"):
         frac = np.where(total > 0, mid / np.maximum(total, 1), 0.0)
-    return np.clip(np.floor(frac * folds), 0, folds - 1).astype(np.int8)
+    return np.clip(np.floor(((frac + offset) % 1.0) * folds), 0, folds - 1).astype(np.int8)

@@ -42,6 +42,32 @@ def quiet_embedded_workers() -> None:
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
+def alive_nodes() -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def check_shared_storage(storage_cfg, uris: dict[str, str | None]) -> None:
+    """On a cluster of more than one node, refuse local paths (each node would read and write its own disk, and
+    the driver would not see what a worker wrote), unless ``storage.shared_filesystem`` declares them shared.
+    ``uris``: config key -> URI, for the message."""
+    from dermray import storage
+    from dermray.errors import UserError
+
+    if storage_cfg.shared_filesystem:
+        return
+    local = {k: u for k, u in uris.items() if u and not storage.is_s3(u)}
+    if not local:
+        return
+    nodes = alive_nodes()
+    if nodes > 1:
+        key, uri = next(iter(local.items()))
+        raise UserError(f"{key} {storage.redact(uri)} is a local path, and this Ray cluster has {nodes} nodes: each "
+                        "node would see its own disk. Use an s3:// URI, or set storage.shared_filesystem: true if the "
+                        "path is on a filesystem every node mounts (NFS)")
+
+
 def cluster_cpus(default: int = 1) -> int:
     import ray
 

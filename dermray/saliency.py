@@ -23,18 +23,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from dermray import storage
-from dermray.attribution import METHODS
+from dermray import artifacts, layout, lineage, storage
 from dermray.config import RunConfig, SaliencyConfig
 from dermray.errors import UserError
+from dermray.inference import binary_score, membership_matrix, task_probabilities, truth_for_task
 
 log = logging.getLogger("dermray.saliency")
 STAGE = "saliency"
 TRAINING_CLASS = "__training_class__"
-
-
-def run_dir(cfg: RunConfig) -> str:
-    return storage.join(cfg.output, "saliency", cfg.run_id)
 
 
 def _safe(name: str) -> str:
@@ -45,12 +41,10 @@ def _safe(name: str) -> str:
 def targets_matrix(n_classes: int, tasks, membership: pd.DataFrame) -> tuple[np.ndarray, dict]:
     """[n_classes, n_classes + sum of task classes]: the identity (training classes) then each task's membership;
     and the column offset of each task (TRAINING_CLASS -> 0)."""
-    from dermray.evaluate import task_probabilities
-
     blocks, offsets, col = [np.eye(n_classes)], {TRAINING_CLASS: 0}, n_classes
     for task in tasks:
         offsets[task.name] = col
-        blocks.append(task_probabilities(np.eye(n_classes), membership, task))
+        blocks.append(membership_matrix(membership, task, n_classes))
         col += len(task.classes)
     return np.concatenate(blocks, axis=1).astype(np.float32), offsets
 
@@ -59,8 +53,6 @@ def select_images(df: pd.DataFrame, probs: np.ndarray, tasks, membership: pd.Dat
                   ) -> pd.DataFrame:
     """One row per (image, task) to explain: image_id, uri, label, task, true_class, score, target, target_col
     (column within the task, or the training class with target=training_class), reason."""
-    from dermray.evaluate import binary_score, task_probabilities, truth_for_task
-
     rows = []
     for task in tasks:
         tp = task_probabilities(probs, membership, task)
@@ -81,11 +73,9 @@ def select_images(df: pd.DataFrame, probs: np.ndarray, tasks, membership: pd.Dat
             wrong = idx[predicted[idx] != truth[idx]]
             confidence = np.abs(score[wrong] - 0.5) if task.is_binary else score[wrong]
             picks = [(i, "misclassified") for i in wrong[np.argsort(-confidence, kind="stable")][:sc.k]]
-        elif sc.select == "ids":
+        else:  # ids
             wanted = set(sc.image_ids)
             picks = [(i, "listed") for i in idx if df["image_id"].iloc[i] in wanted]
-        else:
-            raise UserError(f"saliency.select must be top_bottom, misclassified or ids, got {sc.select!r}")
         seen = set()
         for i, reason in picks:
             if i in seen:
@@ -95,11 +85,9 @@ def select_images(df: pd.DataFrame, probs: np.ndarray, tasks, membership: pd.Dat
                 target, col = task.positive, task.class_names.index(task.positive)
             elif sc.target in ("positive", "predicted"):
                 target, col = task.class_names[int(predicted[i])], int(predicted[i])
-            elif sc.target == "training_class":
+            else:  # training_class
                 col = int(probs[i].argmax())
                 target = f"training class {col}"
-            else:
-                raise UserError(f"saliency.target must be positive, predicted or training_class, got {sc.target!r}")
             rows.append({"image_id": df["image_id"].iloc[i], "uri": df["uri"].iloc[i], "label": df["label"].iloc[i],
                          "task": task.name, "true_class": task.class_names[int(truth[i])],
                          "score": float(score[i]), "target": target, "target_col": col, "reason": reason})
@@ -113,22 +101,23 @@ def select_images(df: pd.DataFrame, probs: np.ndarray, tasks, membership: pd.Dat
 
 
 # ---- the Ray Data actor --------------------------------------------------------------------------------------------
-def _build(ens, matrix: np.ndarray, threads: int, use_gpu: bool):
+def build_explainer(ens, matrix: np.ndarray, threads: int, use_gpu: bool):
+    """(the model wrapped as the target's log-probability, its last convolutional block for Grad-CAM, device)."""
     import torch
 
     from dermray.attribution import TargetLogProb
-    from dermray.models import _get, build_model, spec
+    from dermray.models import get_module, spec
 
     torch.set_num_threads(max(1, threads))
     device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-    model = build_model(ens.arch, ens.n_classes, weights=ens.weights[0]).to(device).eval()
+    model = artifacts.load_member(ens, 0, device)
     for p in model.parameters():
         p.requires_grad_(False)  # gradients flow to the input only
     f = TargetLogProb(model, matrix).to(device).eval()
-    return f, _get(model, spec(ens.arch).last_conv), device
+    return f, get_module(model, spec(ens.arch).last_conv), device
 
 
-def _inputs(uris, ens, device):
+def load_images(uris, ens, device):
     """Original RGB images (uint8 [H, W, 3]) and the model's input batch [B, 3, S, S]."""
     import torch
 
@@ -148,7 +137,7 @@ class Explainer:
 
     def __init__(self, ens, matrix: np.ndarray, methods: list[str], sc: dict, out_dir: str, threads: int,
                  use_gpu: bool):
-        self.f, self.layer, self.device = _build(ens, matrix, threads, use_gpu)
+        self.f, self.layer, self.device = build_explainer(ens, matrix, threads, use_gpu)
         self.ens, self.methods, self.sc, self.out_dir = ens, methods, sc, out_dir
 
     def __call__(self, batch: dict) -> dict:
@@ -156,7 +145,7 @@ class Explainer:
 
         from dermray.attribution import attribute, inside_fraction, npy_bytes, overlay_png, resize_map
 
-        originals, x = _inputs(list(batch["uri"]), self.ens, self.device)
+        originals, x = load_images(list(batch["uri"]), self.ens, self.device)
         targets = torch.as_tensor(batch["col"].astype(np.int64), device=self.device)
         out = {k: [] for k in ("image_id", "task", "method", "png_uri", "npy_uri", "inside_lesion")}
         for method in self.methods:
@@ -199,10 +188,10 @@ def sanity_rows(ens, matrix: np.ndarray, audit: pd.DataFrame, methods: list[str]
     import torch
 
     from dermray.attribution import TargetLogProb, attribute, cascade, randomise, spearman, ssim
-    from dermray.models import _get, spec
+    from dermray.models import get_module, spec
 
-    f, layer, device = _build(ens, matrix, threads, use_gpu)
-    _, x = _inputs(list(audit["uri"]), ens, device)
+    f, layer, device = build_explainer(ens, matrix, threads, use_gpu)
+    _, x = load_images(list(audit["uri"]), ens, device)
     targets = torch.as_tensor(audit["col"].to_numpy(np.int64), device=device)
     s = spec(ens.arch)
     kw = dict(smooth_samples=sc["smooth_samples"], smooth_noise=sc["smooth_noise"], ig_steps=sc["ig_steps"],
@@ -211,13 +200,13 @@ def sanity_rows(ens, matrix: np.ndarray, audit: pd.DataFrame, methods: list[str]
     for method in methods:
         original = attribute(f, x, targets, method, layer=layer, **kw)
         model = f.model
-        n_levels = len(cascade(s.stages(model), [_get(model, h) for h in s.heads], sc["sanity_levels"]))
+        n_levels = len(cascade(s.stages(model), [get_module(model, h) for h in s.heads], sc["sanity_levels"]))
         for level in range(n_levels):
             rmodel = copy.deepcopy(model)
-            name, modules = cascade(s.stages(rmodel), [_get(rmodel, h) for h in s.heads], sc["sanity_levels"])[level]
+            name, modules = cascade(s.stages(rmodel), [get_module(rmodel, h) for h in s.heads], sc["sanity_levels"])[level]
             randomise(modules, seed=sc["seed"] + 1)
             rf = TargetLogProb(rmodel, matrix).to(device).eval()
-            rmaps = attribute(rf, x, targets, method, layer=_get(rmodel, s.last_conv), **kw)
+            rmaps = attribute(rf, x, targets, method, layer=get_module(rmodel, s.last_conv), **kw)
             sp = [spearman(a, b) for a, b in zip(original, rmaps)]
             ss = [ssim(a, b) for a, b in zip(original, rmaps)]
             # A constant map (Grad-CAM's final ReLU blanks a map whose weighted activations are all negative)
@@ -241,42 +230,43 @@ def flag_methods(rows: list[dict], threshold: float) -> dict[str, str]:
 
 
 # ---- the stage -----------------------------------------------------------------------------------------------------
-def run(cfg: RunConfig) -> dict:
-    import ray
-    import ray.data
-    from ray.data import ActorPoolStrategy
+def lineage_now(cfg: RunConfig, recorded: lineage.Lineage | None = None) -> lineage.Lineage:
+    return lineage.Lineage.of(STAGE, read_inputs(cfg)[4], lineage_config(cfg.saliency))
 
-    from dermray.evaluate import load_predictions
-    from dermray.raysession import blocks_of, ray_session
-    from dermray.score import load_ensemble
-    from dermray.tasks import load_tasks
-    from dermray.taxonomy import load_taxonomy
+
+def lineage_config(sc: SaliencyConfig) -> dict:
+    return sc.model_dump(mode="json", exclude={"checkpoints", "predictions", "partition", "masks", "actors",
+                                               "cpus_per_actor", "num_gpus", "torch_threads", "batch_size"})
+
+
+def read_inputs(cfg: RunConfig):
+    """(model, tasks, membership, predictions, the selected (image, task) rows, target matrix, lineage inputs):
+    everything read and checked before Ray starts."""
+    from dermray.definitions import load_tasks
+    from dermray.definitions import load_taxonomy
 
     sc = cfg.saliency
-    t_start = time.perf_counter()
-    unknown = [m for m in sc.methods if m not in METHODS]
-    if unknown or not sc.methods:
-        raise UserError(f"saliency.methods: unknown {unknown} (choose from {', '.join(METHODS)})")
     if not sc.predictions:
         raise UserError("no predictions given: pass --predictions URI (config: saliency.predictions)")
     if not (cfg.data.tasks and cfg.data.taxonomy):
         raise UserError("saliency needs the tasks YAML and the taxonomy: set data.tasks and data.taxonomy")
-    ens = load_ensemble(sc.checkpoints)
+    ens = artifacts.load_ensemble(sc.checkpoints)
     if len(ens.weights) != 1:
         raise UserError(f"saliency explains one model, got {len(ens.weights)} checkpoints: pass one fold directory")
     tax = load_taxonomy(cfg.data.taxonomy)
     tasks = load_tasks(cfg.data.tasks, tax)
     if sc.tasks:
-        names = {t.name for t in tasks}
-        missing = [t for t in sc.tasks if t not in names]
+        missing = [t for t in sc.tasks if t not in {t_.name for t_ in tasks}]
         if missing:
             raise UserError(f"saliency.tasks {missing} are not in {storage.redact(cfg.data.tasks)}")
         tasks = [t for t in tasks if t.name in sc.tasks]
     else:
         tasks = [t for t in tasks if t.is_binary]
-    part = sc.partition or storage.join(cfg.output, "partition")
-    membership = storage.read_table(storage.join(part, "task_membership.parquet")).to_pandas()
-    df = load_predictions(sc.predictions, cfg.evaluate.model_id)
+    part = sc.partition or ens.first.lineage.get("partition") or layout.partition_dir(cfg.output, cfg.run_id)
+    tm_uri = layout.partition_outputs(part)["task_membership"]
+    tm = storage.read_table(tm_uri)
+    membership = tm.to_pandas()
+    df = read_predictions(sc.predictions, cfg.evaluate.model_id)
     if "uri" not in df.columns:
         raise UserError(f"{storage.redact(sc.predictions)}: predictions need a 'uri' column (dermray score writes it)")
     probs = df.attrs["probs"]
@@ -286,32 +276,69 @@ def run(cfg: RunConfig) -> dict:
     matrix, offsets = targets_matrix(ens.n_classes, tasks, membership)
     chosen["col"] = [int(c) if sc.target == "training_class" else offsets[t] + int(c)
                      for t, c in zip(chosen["task"], chosen["target_col"])]
-    rdir = run_dir(cfg)
+    inputs = {"model": lineage.value_fingerprint(ens.model_id), "predictions": df.attrs["fingerprint"],
+              "task_membership": lineage.columns_fingerprint(tm_uri, tm, tm.column_names),
+              "tasks": lineage.file_fingerprint(cfg.data.tasks)}
+    if sc.masks:
+        inputs["masks"] = lineage.value_fingerprint(storage.redact(sc.masks))
+    return ens, tasks, chosen, matrix, inputs
+
+
+def read_predictions(uri: str, model_id: str | None):
+    from dermray.predictions import load_predictions
+
+    return load_predictions(uri, model_id, extra_columns=("uri",))
+
+
+def explain(chosen: pd.DataFrame, ens, matrix, sc: SaliencyConfig, sc_dict: dict, rdir: str, threads: int):
+    """The maps of every selected (image, task), computed and written by a Ray Data actor pool; their index rows."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from dermray.raysession import blocks_of
+
+    work = pa.Table.from_pandas(chosen[["image_id", "uri", "task", "col"]], preserve_index=False)
+    if not work.num_rows:
+        return pd.DataFrame(columns=["image_id", "task", "method", "png_uri", "npy_uri", "inside_lesion"])
+    ds = ray.data.from_arrow(blocks_of(work, sc.batch_size)).map_batches(
+        Explainer, batch_size=sc.batch_size, compute=ActorPoolStrategy(size=sc.actors),
+        num_cpus=sc.cpus_per_actor, num_gpus=sc.num_gpus or None,
+        fn_constructor_kwargs={"ens": ens, "matrix": matrix, "methods": list(sc.methods), "sc": sc_dict,
+                               "out_dir": rdir, "threads": threads, "use_gpu": sc.num_gpus > 0})
+    return pd.concat(list(ds.iter_batches(batch_size=None, batch_format="pandas")), ignore_index=True)
+
+
+def index_table(index: pd.DataFrame, chosen: pd.DataFrame) -> pd.DataFrame:
+    index = index.merge(chosen.drop(columns=["uri", "col", "target_col"]), on=["image_id", "task"], how="left")
+    return index[["image_id", "task", "method", "target", "score", "png_uri", "npy_uri", "inside_lesion", "label",
+                  "true_class", "reason"]].sort_values(["task", "method", "image_id"]).reset_index(drop=True)
+
+
+def run(cfg: RunConfig) -> dict:
+    import ray
+
+    from dermray.raysession import check_shared_storage, ray_session
+
+    sc = cfg.saliency
+    t_start = time.perf_counter()
+    ens, tasks, chosen, matrix, inputs = read_inputs(cfg)
+    rdir = layout.saliency_dir(cfg.output, cfg.run_id)
     sc_dict = {k: getattr(sc, k) for k in ("smooth_samples", "smooth_noise", "ig_steps", "seed", "masks",
                                            "sanity_levels")}
     sanity = []
     with ray_session(cfg.ray.address, cfg.ray.num_cpus):
+        check_shared_storage(cfg.storage, {"output": cfg.output})
         threads = sc.torch_threads or max(1, int(ray.cluster_resources().get("CPU", 1)) // max(1, sc.actors))
-        use_gpu = sc.num_gpus > 0
-        work = pa.Table.from_pandas(chosen[["image_id", "uri", "task", "col"]], preserve_index=False)
-        index_rows = []
-        if work.num_rows:
-            ds = ray.data.from_arrow(blocks_of(work, sc.batch_size)).map_batches(
-                Explainer, batch_size=sc.batch_size, compute=ActorPoolStrategy(size=sc.actors),
-                num_cpus=sc.cpus_per_actor, num_gpus=sc.num_gpus or None,
-                fn_constructor_kwargs={"ens": ens, "matrix": matrix, "methods": list(sc.methods), "sc": sc_dict,
-                                       "out_dir": rdir, "threads": threads, "use_gpu": use_gpu})
-            for b in ds.iter_batches(batch_size=None, batch_format="pandas"):
-                index_rows.append(b)
+        index = index_table(explain(chosen, ens, matrix, sc, sc_dict, rdir, threads), chosen)
         if sc.sanity and len(chosen):
             audit = chosen.sort_values(["image_id", "task"]).drop_duplicates("image_id").head(sc.audit_size)
             remote = ray.remote(num_cpus=sc.cpus_per_actor, num_gpus=sc.num_gpus or None)(sanity_rows)
-            sanity = ray.get(remote.remote(ens, matrix, audit, list(sc.methods), sc_dict, threads, use_gpu))
-    index = (pd.concat(index_rows, ignore_index=True) if index_rows else
-             pd.DataFrame(columns=["image_id", "task", "method", "png_uri", "npy_uri", "inside_lesion"]))
-    index = index.merge(chosen.drop(columns=["uri", "col", "target_col"]), on=["image_id", "task"], how="left")
-    index = index[["image_id", "task", "method", "target", "score", "png_uri", "npy_uri", "inside_lesion", "label",
-                   "true_class", "reason"]].sort_values(["task", "method", "image_id"]).reset_index(drop=True)
+            sanity = ray.get(remote.remote(ens, matrix, audit, list(sc.methods), sc_dict, threads, sc.num_gpus > 0))
+    return write_outputs(cfg, ens, tasks, chosen, index, sanity, inputs, rdir, t_start)
+
+
+def write_outputs(cfg: RunConfig, ens, tasks, chosen, index, sanity, inputs, rdir, t_start) -> dict:
+    sc = cfg.saliency
     storage.write_table(pa.Table.from_pandas(index, preserve_index=False),
                         storage.join(rdir, "saliency_index.parquet"))
     flags = flag_methods(sanity, sc.flag_similarity) if sanity else {}
@@ -320,17 +347,26 @@ def run(cfg: RunConfig) -> dict:
     sanity_df["flagged"] = sanity_df["method"].map(lambda m: m in flags)
     storage.write_table(pa.Table.from_pandas(sanity_df, preserve_index=False), storage.join(rdir, "sanity.parquet"))
     storage.write_text(storage.join(rdir, "gallery.html"), gallery_html(cfg, index, sanity_df, flags, tasks, rdir))
+    config = lineage_config(sc)
     summary = {"stage": STAGE, "run_id": cfg.run_id, "model_id": ens.model_id, "methods": list(sc.methods),
-               "selected": len(chosen), "maps": len(index), "tasks": [t.name for t in tasks],
+               "selected": len(chosen), "maps": len(index),
+               "explained": int(index[["image_id", "task"]].drop_duplicates().shape[0]) if len(index) else 0,
+               "tasks": [t.name for t in tasks],
                "inside_lesion_mean": {m: float(g.mean()) for m, g in index.groupby("method")["inside_lesion"]
                                       if g.notna().any()},
-               "sanity": sanity, "flagged": flags,
+               "sanity": sanity, "flagged": flags, "lineage": lineage.Lineage.of(STAGE, inputs, config).to_dict(),
                "outputs": {"index": storage.join(rdir, "saliency_index.parquet"),
                            "sanity": storage.join(rdir, "sanity.parquet"),
                            "gallery": storage.join(rdir, "gallery.html")},
                "seconds": round(time.perf_counter() - t_start, 2)}
-    storage.write_text(storage.join(rdir, "saliency_summary.json"), json.dumps(summary, indent=2, default=str))
+    storage.write_text(layout.summary_uri(cfg.output, STAGE, cfg.run_id), json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def counts(s: dict) -> dict:
+    """Selected (image, task) pairs in = pairs explained (each by every method) + 0 (an unreadable image fails the
+    stage: it was scored, so it was readable)."""
+    return {"in": s["selected"], "out": s["explained"], "quarantined": 0, "seconds": s["seconds"]}
 
 
 def _relative(uri: str, base: str) -> str:

@@ -165,8 +165,44 @@ CALIBRATION = TableSchema(
      Column("observed", pa.float64(), nullable=True)),
 )
 
+FOLD_COUNTS = TableSchema(
+    "fold_counts",
+    (Column("class_index", pa.int32()), Column("fold", pa.int32()), Column("n_images", pa.int64())),
+    doc="Images per training class and fold (the partition's stratification, for a reviewer).",
+)
+
+TRAINING_METRICS = TableSchema(
+    "training_metrics",
+    (Column("epoch", pa.int64()), _s("split", allowed=("train", "val")), _s("metric"),
+     Column("value", pa.float64(), nullable=True)),
+    doc="Per fold and epoch: loss, top-1, task accuracies, data-wait and compute seconds, images/s.",
+)
+
+TRAIN_SUMMARY = TableSchema(
+    "train_summary",
+    (_s("metric"), Column("mean", pa.float64(), nullable=True), Column("sd", pa.float64(), nullable=True),
+     Column("folds", pa.int64())),
+    doc="Mean and sd over the cross-validation folds of each validation metric.",
+)
+
+SALIENCY_INDEX = TableSchema(
+    "saliency_index",
+    (_s("image_id"), _s("task"), _s("method"), _s("target"), Column("score", pa.float64(), nullable=True),
+     _s("png_uri"), _s("npy_uri"), Column("inside_lesion", pa.float64(), nullable=True),
+     _s("label", nullable=True), _s("true_class", nullable=True), _s("reason")),
+)
+
+SANITY = TableSchema(
+    "sanity",
+    (_s("method"), Column("level", pa.int64()), _s("randomised"), Column("spearman", pa.float64(), nullable=True),
+     Column("ssim", pa.float64(), nullable=True), Column("n_images", pa.int64()), Column("constant_maps", pa.int64()),
+     Column("flagged", pa.bool_())),
+    doc="The model-parameter randomisation test: per method and level, similarity to the trained model's maps.",
+)
+
 ALL = {s.name: s for s in (TAXONOMY, MANIFEST, TRAINING_CLASSES, LABELS, TASK_MEMBERSHIP, QUARANTINE,
-                           PREDICTIONS, METRICS, ROC, READERS, READER_POINTS, CONFUSION, CALIBRATION)}
+                           PREDICTIONS, METRICS, ROC, READERS, READER_POINTS, CONFUSION, CALIBRATION, FOLD_COUNTS,
+                           TRAINING_METRICS, TRAIN_SUMMARY, SALIENCY_INDEX, SANITY)}
 
 
 def _type_ok(actual: pa.DataType, expected: pa.DataType) -> bool:
@@ -212,9 +248,10 @@ def check_columns(schema: pa.Schema, table: TableSchema, source: str) -> list[st
     return present
 
 
-def first_bad_rows(table: pa.Table, schema: TableSchema, source: str, limit: int = 5) -> None:
-    """Raise SchemaError naming up to ``limit`` rows whose values break the schema (nulls in non-nullable columns,
-    values outside an enumeration). For tables that are refused whole rather than quarantined row by row."""
+def check_table(table: pa.Table, schema: TableSchema, source: str, limit: int = 5) -> None:
+    """Columns and types (``check_columns``), then values: raise SchemaError naming up to ``limit`` rows whose values
+    break the schema (nulls in non-nullable columns, values outside an enumeration). For tables that are refused
+    whole rather than quarantined row by row (readers, labels, every output table in the contract tests)."""
     check_columns(table.schema, schema, source)
     for col in schema.columns:
         if col.name not in table.column_names:
@@ -229,7 +266,3 @@ def first_bad_rows(table: pa.Table, schema: TableSchema, source: str, limit: int
         if rows:
             what = "null" if col.allowed is None else f"not one of {', '.join(col.allowed)}"
             raise SchemaError(f"{source}: column {col.name!r} is {what} at row(s) {', '.join(map(str, rows))}")
-
-
-def empty(schema: TableSchema, present: list[str] | None = None) -> pa.Table:
-    return schema.arrow(present).empty_table()

@@ -1,33 +1,30 @@
 """Scoring stage: trained fold models over an archive of images with Ray Data -> predictions Parquet.
 
-Pipeline: the driver builds the list of work (manifest rows, a folder's images, or tar shards) and splits it into
-chunks of ``score.rows_per_file`` images (one tar shard per chunk); Ray Data tasks read, decode and resize the
-images (uint8, the evaluation transform of training); an actor pool (``map_batches(Predictor,
-compute=ActorPoolStrategy)``) holds the model(s), built once per actor from the checkpoint(s), and averages the
-softmax of every fold model (the ensemble) and every test-time-augmentation view; the driver streams the results
-and writes each chunk, once complete, as one Parquet part (atomically), its quarantined images beside it.
+Steps (``run``): identify the models (``artifacts.load_ensemble``: the model id carries the weights' sha256) ->
+plan the work in Ray tasks over the manifest's row groups (fingerprint the input, quarantine rows without an id or
+URI and repeated ids, leave out what this model has already scored in this run, cut the rest into parts of
+``score.rows_per_file`` images; one part per tar shard) -> compare the run's recorded lineage (replace the run's
+output when the input or model changed, refuse in incremental mode when the model changed) -> Ray Data: decode
+tasks (the training's evaluation transform, uint8) -> an actor pool holding the models (``Predictor``: mean softmax
+over the fold models and the test-time-augmentation views) -> the driver writes each part, once all its images are
+back, atomically.
+
+The driver holds per-part metadata and the results of the parts in flight, never per-image state of the whole
+archive: planning, deduplication and "already scored" are answered in tasks (``dermray/ids.py``).
 
 Outputs under ``<output>/predictions/<run_id>/``: ``predictions/part-*.parquet`` (one table: read the folder),
-``quarantine.parquet``, ``score_summary.json``; ``_state/`` holds what a re-run needs. A re-run of the same run
-skips the images already written (a crash loses at most the chunks in flight, never duplicates); a run with another
-input or model replaces the old output, unless ``score.incremental``, which only adds the images this model_id has
-not scored yet (the nightly case).
-
-Columns: ``image_id``, ``model_id``, ``probs`` (list<float32> over training classes, class_index order),
-``top_class``, per task ``<task>_probs`` (task-class probabilities through the paper's inference algorithm) and
-for binary tasks ``<task>_score`` (P(pos) / (P(pos) + P(neg))), then the manifest's columns (label, label_source,
-modality, group_id, uri, ...) carried through.
+``quarantine.parquet``, ``score_summary.json`` (with the lineage); ``_state/`` holds what a re-run needs. Columns:
+``image_id``, ``model_id``, ``probs`` (list<float32> over training classes), ``top_class``, ``top_node``, per task
+``<task>_probs`` and for binary tasks ``<task>_score``, then the input's columns (label, label_source, modality,
+group_id, uri, ``row`` = input row, ...).
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
-import os
 import posixpath
 import re
-import tarfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -37,196 +34,197 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dermray import schemas, storage
+from dermray import archive, artifacts, ids, layout, lineage, progress, schemas, storage
+from dermray.archive import TRANSIENT, WDS_META
+from dermray.artifacts import Ensemble
 from dermray.config import RunConfig, ScoreConfig
 from dermray.errors import UserError
+from dermray.faults import from_env as fault_hooks
 
 log = logging.getLogger("dermray.score")
 STAGE = "score"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
-WDS_META = ("label", "label_source", "modality", "group_id")  # WebDataset .json keys that become columns
-MAX_MEMBER_BYTES = 256 * 1024 * 1024
+END_OF_SHARD = "<end of shard>"  # a marker row: its part total is the shard's sample count
+# Columns the work rows carry besides the input's own: the input row, the part, the part's size.
+ROW, CHUNK, TOTAL = "__row", "__chunk", "__chunk_total"
+INTERNAL = (ROW, CHUNK, TOTAL, "row")
 
 
-# ---- models ------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Ensemble:
-    """The fold models to average: their weights files and what their model cards say."""
-    weights: tuple[str, ...]
-    cards: tuple[dict, ...]
-    arch: str
-    n_classes: int
-    size: int  # input pixels, square
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    classes_hash: str
-    model_id: str
-
-    @property
-    def classes(self) -> list[dict]:
-        return self.cards[0]["training_classes"]
+# ---- planning: tasks over the manifest's row groups ----------------------------------------------------------------
+def _read(uri: str, row_groups: list[int], columns: list[str] | None = None) -> pa.Table:
+    table = storage.parquet_file(uri).read_row_groups(row_groups, columns=columns)
+    return pa.table({c: (pc.cast(table.column(c), pa.string()) if pa.types.is_dictionary(table.column(c).type)
+                         else table.column(c)) for c in table.column_names})
 
 
-def _card_for(uri: str) -> tuple[str, dict]:
-    """(weights URI, model card) for a fold directory or a model.pt inside one."""
-    if uri.endswith(".pt"):
-        here = storage.parent(uri)
-        candidates = [storage.join(here, "model_card.json"), storage.join(storage.parent(here), "model_card.json")]
-        weights = uri
-    else:
-        candidates = [storage.join(uri, "model_card.json")]
-        weights = storage.join(uri, "best", "model.pt")
-    for c in candidates:
-        if storage.exists(c):
-            return weights, json.loads(storage.read_text(c))
-    raise UserError(f"no model_card.json for checkpoint {storage.redact(uri)}: pass a fold directory written by "
-                    "`dermray train` (…/train/<run>/fold=<k>), its best/model.pt, or the run directory")
-
-
-def resolve_checkpoints(uris: list[str]) -> list[tuple[str, dict]]:
-    """Expand each URI (a train run directory -> its cross-validation folds) to (weights, card) pairs."""
-    out = []
-    for uri in uris:
-        uri = uri.strip().rstrip("/")
-        if not uri:
-            continue
-        if not uri.endswith(".pt") and not storage.exists(storage.join(uri, "model_card.json")):
-            cards = [c for c in storage.list_files(uri, ("model_card.json",))
-                     if posixpath.basename(posixpath.dirname(c)).startswith("fold=")]
-            cv = [c for c in cards if not c.endswith("fold=all/model_card.json")]
-            if not (cv or cards):
-                raise UserError(f"checkpoint {storage.redact(uri)}: no fold=<k>/model_card.json below it (is it a "
-                                "`dermray train` output?)")
-            out.extend(_card_for(storage.parent(c)) for c in (cv or cards))
-        else:
-            out.append(_card_for(uri))
-    if not out:
-        raise UserError("no checkpoint given: pass --checkpoint URI[,URI...] (config: score.checkpoints)")
-    return out
-
-
-def load_ensemble(uris: list[str], model_id: str | None = None) -> Ensemble:
-    from dermray.models import spec
-
-    pairs = resolve_checkpoints(uris)
-    cards = [c for _, c in pairs]
-    first = cards[0]
-    for (w, c) in pairs[1:]:
-        for key in ("classes_hash", "architecture", "input_size"):
-            if c.get(key) != first.get(key):
-                raise UserError(f"checkpoints cannot be averaged: {storage.redact(w)} has {key} {c.get(key)!r}, "
-                                f"the first has {first.get(key)!r}")
-    s = spec(first["architecture"])
-    if model_id is None:
-        ids = [c.get("model_id", "?") for c in cards]
-        if len(ids) == 1:
-            model_id = ids[0]
-        else:
-            runs = {i.rsplit("/", 1)[0] for i in ids}
-            folds = ",".join(i.rsplit("fold=", 1)[-1] for i in ids)
-            model_id = f"{runs.pop() if len(runs) == 1 else 'models'}/ensemble(fold={folds})"
-    norm = first.get("normalisation", {})
-    return Ensemble(tuple(w for w, _ in pairs), tuple(cards), s.name, len(first["training_classes"]),
-                    int(first.get("input_size") or s.input_size), tuple(norm.get("mean", s.mean)),
-                    tuple(norm.get("std", s.std)), first["classes_hash"], model_id)
-
-
-# ---- inputs ------------------------------------------------------------------------------------------------------
-def expand_braces(pattern: str) -> list[str]:
-    """WebDataset shard patterns: ``shard-{000..009}.tar`` -> ten names (zero padding kept)."""
-    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
-    if not m:
-        return [pattern]
-    lo, hi = m.group(1), m.group(2)
-    width = len(lo)
-    head, tail = pattern[:m.start()], pattern[m.end():]
-    return [x for i in range(int(lo), int(hi) + 1) for x in expand_braces(f"{head}{i:0{width}d}{tail}")]
-
-
-def detect_kind(uri: str, kind: str) -> str:
-    if kind != "auto":
-        if kind not in ("manifest", "folder", "webdataset"):
-            raise UserError(f"score.input_kind must be auto, manifest, folder or webdataset, got {kind!r}")
-        return kind
-    low = uri.lower()
-    if low.endswith(".parquet"):
-        return "manifest"
-    if low.endswith((".tar", ".txt")) or re.search(r"\{\d+\.\.\d+\}", uri):
-        return "webdataset"
-    if not storage.exists(uri):
-        raise UserError(f"score input {storage.redact(uri)}: no such file, folder or prefix")
-    fs, path = storage.filesystem(uri)
-    names = [posixpath.basename(p).lower() for p in fs.ls(path, detail=False)]
-    if any(n.endswith(".tar") for n in names):
-        return "webdataset"
-    return "folder"
-
-
-def shard_list(uri: str) -> list[str]:
-    """Shard URIs from a .tar, a brace pattern, a .txt list (one URI per line, relative to the list) or a folder."""
-    if re.search(r"\{\d+\.\.\d+\}", uri):
-        return expand_braces(uri)
-    if uri.lower().endswith(".tar"):
-        return [uri]
-    if uri.lower().endswith(".txt"):
-        base = storage.parent(uri)
-        lines = [ln.strip() for ln in storage.read_text(uri).splitlines()]
-        return [storage.resolve(ln, base) for ln in lines if ln and not ln.startswith("#")]
-    shards = list(storage.list_files(uri, (".tar",)))
-    if not shards:
-        raise UserError(f"score input {storage.redact(uri)}: no .tar shards in it")
-    return shards
-
-
-def _quarantine_rows(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist([{"stage": STAGE, **r} for r in rows], schema=schemas.QUARANTINE.arrow())
-
-
-def manifest_items(uri: str) -> tuple[pa.Table, list[dict]]:
-    """(items, quarantine rows): the manifest with resolved URIs and its row numbers; rows with a missing id or uri
-    and repeated image_ids are quarantined (the first occurrence is scored)."""
-    table = storage.read_table(uri)
-    source = storage.redact(uri)
-    missing = [c for c in ("image_id", "uri") if c not in table.column_names]
-    if missing:
-        raise UserError(f"{source}: the manifest has no {missing[0]!r} column (columns: {', '.join(table.column_names)})")
+def _usable(table: pa.Table) -> np.ndarray:
+    ok = np.ones(table.num_rows, bool)
     for c in ("image_id", "uri"):
-        if not pa.types.is_string(table.schema.field(c).type) and not pa.types.is_large_string(table.schema.field(c).type):
-            raise UserError(f"{source}: column {c!r} must be strings, got {table.schema.field(c).type}")
+        ok &= ~pc.fill_null(pc.equal(table.column(c), ""), True).to_numpy(zero_copy_only=False)
+    return ok
+
+
+def plan_read(uri: str, row_groups: list[int], offset: int, partitions: int):
+    """Pass 1 over one chunk: (rows, fingerprint partial, *id hash partitions of the usable rows)."""
+    table = _read(uri, row_groups)
+    hasher = lineage.TableHasher(table.column_names)
+    hasher.add(table, offset)
+    ok = _usable(table)
+    fp = ids.fingerprints(table.column("image_id").filter(pa.array(ok)).to_numpy(zero_copy_only=False))
+    rows = np.flatnonzero(ok).astype(np.int64) + offset
+    part = ids.partition_of(fp, partitions)
+    return (table.num_rows, hasher.partial(), *[(fp[part == p], rows[part == p]) for p in range(partitions)])
+
+
+def repeated_ids(*parts) -> tuple[np.ndarray, np.ndarray]:
+    """Reduce over one hash partition: rows repeating an earlier image_id, and where it was first seen."""
+    fp = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, ids.FINGERPRINT)
+    rows = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
+    return ids.repeated(fp, rows)
+
+
+def merge_repeats(*arrays) -> tuple[np.ndarray, np.ndarray]:
+    """The reducers' (repeated rows, first rows) pairs, given as all rows arrays then all first arrays, merged and
+    sorted by row (what plan_work's binary search needs)."""
+    half = len(arrays) // 2
+    rows = np.concatenate(arrays[:half]) if half else np.zeros(0, np.int64)
+    first = np.concatenate(arrays[half:]) if half else np.zeros(0, np.int64)
+    order = np.argsort(rows, kind="stable")
+    return rows[order], first[order]
+
+
+def done_ids(part_files: list[str], model_id: str, quarantine_files: list[str]) -> np.ndarray:
+    """The sorted fingerprints of the images this model already has in the run's parts, and of those earlier
+    chunks quarantined for a permanent reason (transient ones are tried again)."""
+    found = []
+    for f in part_files:
+        t = storage.read_table(f, columns=["image_id", "model_id"])
+        found.append(ids.fingerprints(t.filter(pc.equal(t.column("model_id"), model_id)).column("image_id")
+                                      .to_numpy(zero_copy_only=False)))
+    for f in quarantine_files:
+        t = storage.read_table(f, columns=["image_id", "reason"])
+        keep = pc.and_(pc.is_valid(t.column("image_id")),
+                       pc.invert(pc.starts_with(t.column("reason"), TRANSIENT)))
+        found.append(ids.fingerprints(t.column("image_id").filter(keep).to_numpy(zero_copy_only=False)))
+    return ids.sorted_set(found)
+
+
+def plan_work(uri: str, row_groups: list[int], offset: int, repeats: tuple, done: np.ndarray, prefix: str,
+              rows_per_part: int):
+    """Pass 2 over one chunk: (work rows to score, quarantined input rows, counts). Work rows carry the manifest's
+    columns, the resolved URI, the input row, their part name and the part's size."""
+    table = _read(uri, row_groups)
+    n = table.num_rows
+    rows = np.arange(offset, offset + n, dtype=np.int64)
+    reason = np.full(n, None, dtype=object)
+    usable = _usable(table)
+    image_ids = table.column("image_id").to_numpy(zero_copy_only=False)
+    reason[~usable] = np.where(pc.fill_null(pc.equal(table.column("image_id"), ""), True).to_numpy(
+        zero_copy_only=False)[~usable], "missing image_id", "missing uri")
+    dup_rows, first_rows = repeats
+    pos = np.clip(np.searchsorted(dup_rows, rows), 0, max(len(dup_rows) - 1, 0))
+    is_dup = (dup_rows[pos] == rows) & usable if len(dup_rows) else np.zeros(n, bool)
+    for i in np.flatnonzero(is_dup):
+        reason[i] = f"duplicate image_id (first seen at row {int(first_rows[pos[i]])})"
+    bad = reason != None  # noqa: E711 - elementwise
+    quarantine = pa.table({"stage": pa.array([STAGE] * int(bad.sum()), pa.string()),
+                           "image_id": pa.array([i or None for i in image_ids[bad]], pa.string()),
+                           "row": pa.array(rows[bad], pa.int64()),
+                           "uri": pa.array([storage.redact(u) if u else None for u in
+                                            table.column("uri").to_numpy(zero_copy_only=False)[bad]], pa.string()),
+                           "reason": pa.array(reason[bad].tolist(), pa.string())},
+                          schema=schemas.QUARANTINE.arrow())
+    keep = ~bad
+    already = np.zeros(n, bool)
+    already[keep] = ids.isin(ids.fingerprints(image_ids[keep]), done)
+    todo = keep & ~already
+    work = table.filter(pa.array(todo))
     base = storage.parent(uri)
-    ids = table.column("image_id").to_pylist()
-    uris = table.column("uri").to_pylist()
-    quarantine, keep, first_row = [], [], {}
-    for i, (image_id, u) in enumerate(zip(ids, uris)):
-        if image_id is None or image_id == "":
-            quarantine.append({"image_id": None, "row": i, "uri": u, "reason": "missing image_id"})
-        elif u is None or u == "":
-            quarantine.append({"image_id": image_id, "row": i, "uri": None, "reason": "missing uri"})
-        elif image_id in first_row:
-            quarantine.append({"image_id": image_id, "row": i, "uri": u,
-                               "reason": f"duplicate image_id (first seen at row {first_row[image_id]})"})
-        else:
-            first_row[image_id] = i
-            keep.append(i)
-    table = table.take(pa.array(keep, pa.int64()))
-    resolved = [storage.resolve(u, base) for u in table.column("uri").to_pylist()]
-    table = table.set_column(table.column_names.index("uri"), "uri", pa.array(resolved, pa.string()))
-    return table.append_column("row", pa.array(keep, pa.int64())), quarantine
+    resolved = [storage.resolve(u, base) for u in work.column("uri").to_pylist()]
+    work = work.set_column(work.column_names.index("uri"), "uri", pa.array(resolved, pa.string()))
+    k = np.arange(work.num_rows) // rows_per_part
+    sizes = np.bincount(k, minlength=k.max() + 1 if len(k) else 0)
+    work = work.drop_columns([c for c in INTERNAL if c in work.column_names])
+    work = work.append_column(ROW, pa.array(rows[todo], pa.int64()))
+    work = work.append_column(CHUNK, pa.array([f"{prefix}-{j:03d}" for j in k], pa.string()))
+    work = work.append_column(TOTAL, pa.array(sizes[k] if len(k) else [], pa.int64()))
+    return work, quarantine, {"rows": n, "quarantined": int(bad.sum()), "already_done": int(already.sum()),
+                              "todo": int(todo.sum()), "parts": int(len(sizes))}
 
 
-def folder_items(uri: str, labels_uri: str | None) -> tuple[pa.Table, list[dict]]:
-    """Images under a folder/prefix (image_id = file name without extension), joined with an optional labels table;
-    labelled images that are not in the folder are quarantined as missing."""
-    files = list(storage.list_files(uri, IMAGE_SUFFIXES))
-    ids = [posixpath.splitext(posixpath.basename(f))[0] for f in files]
-    table = pa.table({"image_id": pa.array(ids, pa.string()), "uri": pa.array(files, pa.string())})
-    quarantine = []
-    dup = pd.Series(ids).duplicated().to_numpy()
-    if dup.any():
-        for i in np.flatnonzero(dup):
-            quarantine.append({"image_id": ids[i], "row": None, "uri": files[i],
-                               "reason": "another file in the folder has the same image_id (name without extension)"})
-        table = table.filter(pa.array(~dup))
+@dataclass
+class WorkPlan:
+    kind: str
+    refs: list  # object refs of work tables (manifest) or the shard rows (webdataset)
+    input_rows: int | None  # None for shards (counted as they are read)
+    quarantine: pa.Table  # input rows refused before scoring
+    already_done: int
+    parts: int
+    fingerprint: lineage.Fingerprint
+
+
+def _run_state(rdir: str) -> tuple[list[str], list[str], int]:
+    """(the run's part files, its chunk quarantine files, the highest batch number used so far)."""
+    pdir, sdir = storage.join(rdir, "predictions"), storage.join(rdir, "_state")
+    parts = [f for f in (storage.list_files(pdir, (".parquet",)) if storage.exists(pdir) else [])
+             if posixpath.basename(f).startswith("part-")]
+    quar = [f for f in (storage.list_files(sdir, (".parquet",)) if storage.exists(sdir) else [])
+            if re.match(r"quarantine-[bs]", posixpath.basename(f))]
+    batches = [int(m.group(1)) for f in parts + quar if (m := re.search(r"-b(\d+)-", posixpath.basename(f)))]
+    return parts, quar, max(batches, default=0)
+
+
+def fingerprint_manifest(uri: str) -> tuple[list, lineage.Fingerprint, list, int]:
+    """Pass 1 as Ray tasks: (chunks, the manifest's content fingerprint, the refs of the repeated-id reducers,
+    rows)."""
+    import ray
+
+    from dermray.raysession import cluster_cpus
+
+    pf = storage.parquet_file(uri)
+    if pf.metadata.num_rows == 0:
+        empty = lineage.Fingerprint(uri=storage.redact(uri), method="columns", content="empty", rows=0)
+        return [], empty, [], 0
+    chunks = storage.row_group_chunks(pf, 100_000, min_chunks=2 * cluster_cpus())
+    partitions = max(1, min(2 * cluster_cpus(), len(chunks)))
+    read = ray.remote(num_returns=2 + partitions)(plan_read)
+    reduce = ray.remote(num_returns=2)(repeated_ids)
+    refs = [read.remote(uri, rg, off, partitions) for rg, off, _ in chunks]
+    repeats = [reduce.remote(*[r[2 + p] for r in refs]) for p in range(partitions)]
+    content, rows = lineage.TableHasher.merge(ray.get([r[1] for r in refs]))
+    fp = lineage.Fingerprint(uri=storage.redact(uri), method="columns", content=content,
+                             columns=pf.schema_arrow.names, rows=rows, identity=storage.identity(uri))
+    return chunks, fp, repeats, rows
+
+
+def plan_manifest(uri: str, chunks: list, repeats: list, rdir: str, model_id: str, sc: ScoreConfig) -> WorkPlan:
+    """Pass 2 as Ray tasks: the work tables (left in the object store), the input's quarantine, the counts."""
+    import ray
+
+    parts, quar, batch = _run_state(rdir)
+    done = ray.remote(done_ids).remote(parts, model_id, quar)
+    rep = ray.remote(merge_repeats).remote(*[r[0] for r in repeats], *[r[1] for r in repeats])
+    work = ray.remote(num_returns=3)(plan_work)
+    refs = [work.remote(uri, rg, off, rep, done, f"b{batch + 1:04d}-{k:05d}", sc.rows_per_file)
+            for k, (rg, off, _) in enumerate(chunks)]
+    counts = ray.get([r[2] for r in refs])
+    quarantine = pa.concat_tables(ray.get([r[1] for r in refs])) if refs else _quarantine_rows([])
+    return WorkPlan("manifest", [r[0] for r, c in zip(refs, counts) if c["todo"]], sum(c["rows"] for c in counts),
+                    quarantine, sum(c["already_done"] for c in counts), sum(c["parts"] for c in counts), None)
+
+
+def folder_table(uri: str, labels_uri: str | None) -> tuple[pa.Table, pa.Table]:
+    """A folder/prefix of images as a manifest table (image_id = file name without extension, joined with an
+    optional labels table), and the files or labels that cannot be scored (a second file with the same image_id,
+    a labelled image with no file)."""
+    files = list(storage.list_files(uri, archive.IMAGE_SUFFIXES))
+    names = [posixpath.splitext(posixpath.basename(f))[0] for f in files]
+    table = pa.table({"image_id": pa.array(names, pa.string()), "uri": pa.array(files, pa.string())})
+    problems = []
+    dup = pd.Series(names).duplicated().to_numpy()
+    for i in np.flatnonzero(dup):
+        problems.append({"stage": STAGE, "image_id": names[i], "row": None, "uri": files[i],
+                         "reason": "another file in the folder has the same image_id (name without extension)"})
+    table = table.filter(pa.array(~dup))
     if labels_uri:
         labels = storage.read_table_any(labels_uri)
         if "image_id" not in labels.column_names:
@@ -234,152 +232,116 @@ def folder_items(uri: str, labels_uri: str | None) -> tuple[pa.Table, list[dict]
         labels = labels.set_column(labels.column_names.index("image_id"), "image_id",
                                    pc.cast(labels.column("image_id"), pa.string()))
         labels = labels.drop_columns([c for c in ("uri", "row") if c in labels.column_names])
-        present = set(table.column("image_id").to_pylist())
-        for i, image_id in enumerate(labels.column("image_id").to_pylist()):
-            if image_id not in present:
-                quarantine.append({"image_id": image_id, "row": i, "uri": None,
-                                   "reason": f"listed in {posixpath.basename(labels_uri)} but no image file in the folder"})
-        labels = labels.filter(pc.invert(pd.Series(labels.column("image_id").to_pylist()).duplicated().to_numpy()))
-        table = table.join(labels, "image_id", join_type="left outer").sort_by("image_id")
-    return table.append_column("row", pa.array([None] * table.num_rows, pa.int64())), quarantine
+        present = pc.is_in(labels.column("image_id"), table.column("image_id"))
+        for i in np.flatnonzero(~present.to_numpy(zero_copy_only=False)):
+            problems.append({"stage": STAGE, "image_id": labels.column("image_id")[i].as_py(), "row": int(i),
+                             "uri": None, "reason": f"listed in {posixpath.basename(labels_uri)} but no image file "
+                                                    "in the folder"})
+        first = ~pd.Series(labels.column("image_id").to_pylist()).duplicated().to_numpy()
+        table = table.join(labels.filter(pa.array(first)), "image_id", join_type="left outer")
+    return table.sort_by("image_id"), pa.Table.from_pylist(problems, schema=schemas.QUARANTINE.arrow())
 
 
-# ---- Ray Data functions (run in tasks and actors) ------------------------------------------------------------------
-def _fetch_all(uris: list[str]) -> list:
-    """Bytes of each URI, or the UserError that reading it raised. Object stores are latency-bound: fetch in threads."""
-    def fetch(u):
-        try:
-            return storage.read_bytes(u)
-        except UserError as e:
-            return e
-    if uris and storage.is_s3(uris[0]):
-        import concurrent.futures
-
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            return list(pool.map(fetch, uris))
-    return [fetch(u) for u in uris]
+def folder_manifest(uri: str, labels_uri: str | None, rdir: str) -> tuple[str, pa.Table]:
+    """``folder_table`` written under ``_state/``, so that the folder is planned like any manifest."""
+    table, problems = folder_table(uri, labels_uri)
+    out = storage.join(rdir, "_state", "folder_manifest.parquet")
+    storage.write_table(table, out)
+    return out, problems
 
 
-def _decode_one(data, size: int, max_pixels: int):
-    """(uint8 [size, size, 3] or None, error or "")."""
-    from dermray.transforms import ImageDecodeError, decode_image, eval_transform
-
-    if isinstance(data, Exception):
-        return None, str(data)
-    try:
-        img = eval_transform(decode_image(data, max_pixels), size)
-        return np.asarray(img, dtype=np.uint8), ""
-    except ImageDecodeError as e:
-        return None, str(e)
+def plan_shards(shards: list[str], rdir: str) -> WorkPlan:
+    """One work row per shard whose part is not written yet."""
+    present = {posixpath.basename(f) for f in _run_state(rdir)[0]}
+    todo = [(s, _shard_chunk(s)) for s in shards if f"part-{_shard_chunk(s)}.parquet" not in present]
+    refs = [pa.table({"uri": [s for s, _ in todo], CHUNK: [c for _, c in todo]})] if todo else []
+    return WorkPlan("webdataset", refs, None, _quarantine_rows([]), len(shards) - len(todo), len(todo),
+                    shards_fingerprint(shards))
 
 
-def _stack(images: list, size: int) -> np.ndarray:
-    blank = np.zeros((size, size, 3), np.uint8)
-    return np.stack([blank if im is None else im for im in images]) if images else np.zeros((0, size, size, 3),
-                                                                                           np.uint8)
+def shards_fingerprint(shards: list[str]) -> lineage.Fingerprint:
+    """Shards are not read twice: their URIs with what storage says of each (ETag and size, or size and mtime)."""
+    return lineage.Fingerprint(method="etag+size", content=lineage.config_hash(
+        [[storage.redact(s), storage.identity(s)] for s in shards]), rows=len(shards))
 
 
-def decode_rows(batch: dict, size: int, max_pixels: int) -> dict:
-    """Ray Data batch fn over work rows (image_id, uri, row, chunk, chunk_total): read + decode + resize ->
-    ``image`` uint8 [B, size, size, 3], ``error`` ("" when the image is usable); other columns pass through."""
-    decoded = [_decode_one(d, size, max_pixels) for d in _fetch_all(list(batch["uri"]))]
-    out = {k: v for k, v in batch.items()}
-    out["image"] = _stack([d[0] for d in decoded], size)
+def _shard_chunk(shard: str) -> str:
+    return "s" + hashlib.sha1(shard.encode()).hexdigest()[:12]
+
+
+def _quarantine_rows(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist([{"stage": STAGE, **r} for r in rows], schema=schemas.QUARANTINE.arrow())
+
+
+# ---- Ray Data functions (tasks and actors) -------------------------------------------------------------------------
+def decode_rows(batch: dict, size: int, max_pixels: int, retry: storage.Retry) -> dict:
+    """Ray Data batch fn over work rows: read + decode + resize -> ``image`` uint8 [B, size, size, 3], ``error``
+    ("" when the image is usable); the other columns pass through."""
+    decoded = [archive.decode_one(d, size, max_pixels) for d in archive.fetch_all(list(batch["uri"]), retry)]
+    out = dict(batch)
+    out["image"] = archive.stack_images([d[0] for d in decoded], size)
     out["error"] = np.array([d[1] for d in decoded], dtype=object)
     out["meta"] = np.array([""] * len(decoded), dtype=object)
     return out
 
 
-def read_shard(data: bytes, shard: str) -> tuple[list[dict], list[dict]]:
-    """A WebDataset tar in memory -> (samples {key, image_id, member, data, meta}, problems {key, member, reason}).
-
-    Nothing is extracted to disk; members that are not regular files (symlinks, devices), have absolute or ``..``
-    paths, or are larger than 256 MB are reported, not read. A sample is the files sharing a key (the member path
-    up to the first dot of its base name); its image is the first image member, its labels the ``.json`` member."""
-    samples: dict[str, dict] = {}
-    problems = []
-    try:
-        tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:*")
-        members = tar.getmembers()
-    except (tarfile.TarError, EOFError, OSError) as e:
-        return [], [{"key": None, "member": None, "reason": f"not a readable tar archive: {e}"}]
-    for m in members:
-        name = m.name
-        if m.isdir():
-            continue
-        norm = posixpath.normpath(name)
-        if name.startswith("/") or norm.startswith("..") or "/../" in f"/{name}/":
-            problems.append({"key": name, "member": name, "reason": "unsafe member path (absolute or '..'): not read"})
-            continue
-        if not m.isfile():
-            kind = "symlink" if m.issym() else "hard link" if m.islnk() else "special file"
-            problems.append({"key": name, "member": name, "reason": f"tar member is a {kind}, not a regular file"})
-            continue
-        base = posixpath.basename(norm)
-        if base.startswith("."):
-            continue
-        stem, _, ext = base.partition(".")
-        key = posixpath.join(posixpath.dirname(norm), stem)
-        s = samples.setdefault(key, {"key": key, "image": None, "json": None})
-        ext = "." + ext.lower()
-        if m.size > MAX_MEMBER_BYTES:
-            problems.append({"key": key, "member": name, "reason": f"tar member larger than {MAX_MEMBER_BYTES} bytes"})
-            s["too_big"] = True
-            continue
-        if ext in IMAGE_SUFFIXES and s["image"] is None:
-            s["image"] = m
-        elif ext == ".json":
-            s["json"] = m
-    out = []
-    for key, s in samples.items():
-        meta = {}
-        if s["json"] is not None:
-            try:
-                meta = json.loads(tar.extractfile(s["json"]).read().decode("utf-8"))
-                if not isinstance(meta, dict):
-                    raise ValueError("not an object")
-            except (ValueError, UnicodeDecodeError) as e:
-                problems.append({"key": key, "member": s["json"].name, "reason": f"unreadable labels JSON: {e}"})
-                continue
-        image_id = str(meta.get("image_id") or key)
-        if s["image"] is None:
-            if not s.get("too_big"):
-                problems.append({"key": image_id, "member": key, "reason": "no image member for this key in the shard"})
-            continue
-        out.append({"key": key, "image_id": image_id, "member": s["image"].name,
-                    "data": tar.extractfile(s["image"]).read(), "meta": meta})
-    return out, problems
-
-
-def decode_shards(batch: dict, size: int, max_pixels: int, rows_per_batch: int):
-    """Ray Data batch fn over shard rows (uri, chunk): yields decoded samples in batches of ``rows_per_batch`` (a
-    shard is read once, whole; its sample count is every row's ``chunk_total``, so the driver knows when it is done)."""
-    for shard, chunk in zip(batch["uri"], batch["chunk"]):
+def _shard_rows(shard: str, retry: storage.Retry):
+    """(image_id, uri, data or None, error, meta JSON) of every sample and problem of a shard, streamed. A read
+    that fails part-way for a transient reason is retried from the start, skipping what was already yielded."""
+    emitted, delays = 0, retry.delays()
+    while True:
+        seen = 0
         try:
-            samples, problems = read_shard(storage.read_bytes(shard), shard)
+            with storage.open_read(shard, retry) as f:
+                for kind, item in archive.iter_shard(f):
+                    seen += 1
+                    if seen <= emitted:
+                        continue
+                    emitted += 1
+                    if kind == "problem":
+                        member = item["member"]
+                        yield (item["key"] or "", f"{shard}#{member}" if member else shard, None, item["reason"], "")
+                    else:
+                        yield (item["image_id"], f"{shard}#{item['member']}", item["data"], "",
+                               json.dumps(item["meta"], default=str))
+            return
         except UserError as e:
-            samples, problems = [], [{"key": None, "member": None, "reason": str(e)}]
-        total = len(samples) + len(problems)
-        rows = [{"image_id": p["key"] or "", "uri": f"{shard}#{p['member']}" if p["member"] else shard,
-                 "data": None, "error": p["reason"], "meta": ""} for p in problems]
-        rows += [{"image_id": s["image_id"], "uri": f"{shard}#{s['member']}", "data": s["data"], "error": "",
-                  "meta": json.dumps({k: s["meta"].get(k) for k in s["meta"]}, default=str)} for s in samples]
-        for i in range(0, len(rows), rows_per_batch):
-            part = rows[i:i + rows_per_batch]
-            decoded = [_decode_one(r["data"], size, max_pixels) if not r["error"] else (None, r["error"])
-                       for r in part]
-            yield {"image_id": np.array([r["image_id"] for r in part], dtype=object),
-                   "uri": np.array([r["uri"] for r in part], dtype=object),
-                   "row": np.full(len(part), -1, np.int64), "chunk": np.array([chunk] * len(part), dtype=object),
-                   "chunk_total": np.full(len(part), total, np.int64),
-                   "image": _stack([d[0] for d in decoded], size),
-                   "error": np.array([d[1] for d in decoded], dtype=object),
-                   "meta": np.array([r["meta"] for r in part], dtype=object)}
-        if total == 0:  # an empty shard still completes its chunk
-            yield {"image_id": np.array([""], dtype=object), "uri": np.array([shard], dtype=object),
-                   "row": np.array([-1], np.int64), "chunk": np.array([chunk], dtype=object),
-                   "chunk_total": np.array([0], np.int64), "image": _stack([None], size),
-                   "error": np.array(["<empty shard>"], dtype=object), "meta": np.array([""], dtype=object)}
+            yield ("", shard, None, archive.reason_of(e), "")
+            return
+        except storage.IO_ERRORS as e:
+            delay = next(delays, None) if storage.is_transient(e) else None
+            if delay is None:
+                yield ("", shard, None, TRANSIENT + f"cannot read {storage.redact(shard)}: {e}", "")
+                return
+            time.sleep(delay)
+
+
+def decode_shards(batch: dict, size: int, max_pixels: int, rows_per_batch: int, retry: storage.Retry):
+    """Ray Data batch fn over shard rows (uri, chunk): yields decoded samples in batches of ``rows_per_batch``,
+    reading each shard as a stream; the last row of a shard is an END_OF_SHARD marker carrying its count."""
+    for shard, chunk in zip(batch["uri"], batch[CHUNK]):
+        total, buf = 0, []
+
+        def emit(rows, end: int | None = None):
+            decoded = [archive.decode_one(r[2], size, max_pixels) if not r[3] else (None, r[3]) for r in rows]
+            n = len(rows)
+            return {"image_id": np.array([r[0] for r in rows], dtype=object),
+                    "uri": np.array([r[1] for r in rows], dtype=object), ROW: np.full(n, -1, np.int64),
+                    CHUNK: np.array([chunk] * n, dtype=object),
+                    TOTAL: np.full(n, -1 if end is None else end, np.int64),
+                    "image": archive.stack_images([d[0] for d in decoded], size),
+                    "error": np.array([d[1] for d in decoded], dtype=object),
+                    "meta": np.array([r[4] for r in rows], dtype=object)}
+
+        for row in _shard_rows(shard, retry):
+            buf.append(row)
+            total += 1
+            if len(buf) == rows_per_batch:
+                yield emit(buf)
+                buf = []
+        if buf:
+            yield emit(buf)
+        yield emit([("", shard, None, END_OF_SHARD, "")], end=total)
 
 
 def tta_views(x, mode: str) -> list:
@@ -390,32 +352,30 @@ def tta_views(x, mode: str) -> list:
         return [x]
     if mode == "flips":
         return [x, torch.flip(x, dims=[3]), torch.flip(x, dims=[2])]
-    if mode == "dihedral":
-        rots = [torch.rot90(x, k, dims=[2, 3]) for k in range(4)]
-        return rots + [torch.flip(r, dims=[3]) for r in rots]
-    raise ValueError(mode)
+    rots = [torch.rot90(x, k, dims=[2, 3]) for k in range(4)]  # dihedral
+    return rots + [torch.flip(r, dims=[3]) for r in rots]
+
+
+TTA_VIEWS = {"none": 1, "flips": 3, "dihedral": 8}
 
 
 class Predictor:
-    """Ray Data actor: the ensemble's models, built once; ``__call__`` maps decoded images to the mean softmax over
-    models and views (float32 [B, n_classes]); rows with an ``error`` are passed through unscored."""
+    """Ray Data actor: the ensemble's models, built once (weights checked against their sha256); ``__call__`` maps
+    decoded images to the mean softmax over models and views (float32 [B, n_classes]); rows with an ``error`` pass
+    through unscored."""
 
     def __init__(self, ensemble: Ensemble, threads: int, channels_last: bool, tta: str, use_gpu: bool,
                  amp: str = "off", slow_batch_s: float = 0.0):
         import torch
-
-        from dermray.models import build_model
 
         torch.set_num_threads(max(1, threads))
         # Ray hands out read-only arrays; the tensors made from them are only read (a float copy is normalised).
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.models = []
-        for w in ensemble.weights:
-            m = build_model(ensemble.arch, ensemble.n_classes, weights=w).to(self.device).eval()
-            if channels_last:
-                m = m.to(memory_format=torch.channels_last)
-            self.models.append(m)
+        for i in range(len(ensemble.weights)):
+            m = artifacts.load_member(ensemble, i, self.device)
+            self.models.append(m.to(memory_format=torch.channels_last) if channels_last else m)
         self.channels_last, self.tta = channels_last, tta
         if amp == "auto":
             amp = "bf16" if self.device.type == "cuda" else "off"
@@ -425,31 +385,34 @@ class Predictor:
         self.n_classes = ensemble.n_classes
         self.slow_batch_s = slow_batch_s  # tests: stretch a run so that a fault can land inside it
 
-    def __call__(self, batch: dict) -> dict:
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """float32 [B, n_classes] for uint8 NHWC images."""
         import torch
 
         from dermray.models import logits_of
 
+        with torch.inference_mode():
+            # NHWC uint8 -> NCHW float32 whose memory stays NHWC: channels_last with no copy.
+            x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2)
+            x = (x.float() - self.mean) / self.std
+            if not self.channels_last:
+                x = x.contiguous()
+            total = None
+            for view in tta_views(x, self.tta):
+                for m in self.models:
+                    with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                        enabled=self.autocast_dtype is not None):
+                        logits = logits_of(m(view))
+                    p = torch.softmax(logits.float(), dim=1)
+                    total = p if total is None else total + p
+            return (total / (len(self.models) * TTA_VIEWS[self.tta])).cpu().numpy()
+
+    def __call__(self, batch: dict) -> dict:
         t_start = time.time()
         ok = np.array([e == "" for e in batch["error"]], dtype=bool)
         probs = np.zeros((len(ok), self.n_classes), np.float32)
         if ok.any():
-            with torch.inference_mode():
-                # NHWC uint8 -> NCHW float32 whose memory stays NHWC: channels_last with no copy.
-                images = batch["image"] if ok.all() else batch["image"][ok]  # a mask copies the whole batch
-                x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2)
-                x = (x.float() - self.mean) / self.std
-                if not self.channels_last:
-                    x = x.contiguous()
-                total = None
-                for view in tta_views(x, self.tta):
-                    for m in self.models:
-                        with torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                                            enabled=self.autocast_dtype is not None):
-                            logits = logits_of(m(view))
-                        p = torch.softmax(logits.float(), dim=1)
-                        total = p if total is None else total + p
-                probs[ok] = (total / (len(self.models) * len(tta_views(x[:0], self.tta)))).cpu().numpy()
+            probs[ok] = self.probabilities(batch["image"] if ok.all() else batch["image"][ok])
         if self.slow_batch_s:
             time.sleep(self.slow_batch_s)
         out = {k: v for k, v in batch.items() if k != "image"}
@@ -459,67 +422,190 @@ class Predictor:
         return out
 
 
+# ---- writing the parts ----------------------------------------------------------------------------------------------
+class PartWriter:
+    """Collects the streamed rows of each part and writes the part (and its quarantine) once all its rows are
+    back: then the rows leave the driver."""
+
+    def __init__(self, rdir: str, ens: Ensemble, tasks, membership, carry: pa.Schema | None, meter):
+        from dermray.inference import binary_score, membership_matrix
+
+        self.rdir, self.ens, self.carry, self.meter = rdir, ens, carry, meter
+        self.task_columns = []
+        for task in tasks:
+            m = membership_matrix(membership, task, ens.n_classes)
+            pos = task.class_names.index(task.positive) if task.is_binary else None
+            self.task_columns.append((task, m, pos))
+        self._binary_score = binary_score
+        self.pending: dict[str, list[dict]] = {}
+        self.received: dict[str, int] = {}
+        self.totals: dict[str, int] = {}
+        self.scored = self.quarantined = self.files = 0
+        self.t_model = [np.inf, -np.inf]  # first model batch start, last model batch end (epoch seconds)
+        self.node_ids = [c["node_id"] for c in ens.classes]
+
+    def add(self, batch: dict) -> None:
+        if len(batch["t_model"]):
+            self.t_model = [min(self.t_model[0], float(batch["t_model"][:, 0].min())),
+                            max(self.t_model[1], float(batch["t_model"][:, 1].max()))]
+        chunks = batch[CHUNK]
+        for chunk in pd.unique(chunks):
+            sel = chunks == chunk
+            rows = {k: v[sel] for k, v in batch.items()}
+            marker = rows["error"] == END_OF_SHARD
+            if marker.any():
+                self.totals[chunk] = int(rows[TOTAL][marker][0])
+                rows = {k: v[~marker] for k, v in rows.items()}
+            elif len(rows[TOTAL]) and rows[TOTAL][0] >= 0:
+                self.totals[chunk] = int(rows[TOTAL][0])
+            self.pending.setdefault(chunk, []).append(rows)
+            self.received[chunk] = self.received.get(chunk, 0) + len(rows["error"])
+            self.meter.update(len(rows["error"]))
+            if chunk in self.totals and self.received[chunk] >= self.totals[chunk]:
+                self.flush(chunk)
+
+    def flush(self, chunk: str) -> None:
+        parts = self.pending.pop(chunk)
+        cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        bad = np.array([e != "" for e in cols["error"]], bool)
+        qrows = [{"image_id": i or None, "row": int(r) if r >= 0 else None, "uri": storage.redact(u), "reason": e}
+                 for i, r, u, e in zip(cols["image_id"][bad], cols[ROW][bad], cols["uri"][bad], cols["error"][bad])]
+        storage.write_table(_quarantine_rows(qrows), storage.join(self.rdir, "_state", f"quarantine-{chunk}.parquet"))
+        table = self.predictions_table({k: v[~bad] for k, v in cols.items()})
+        storage.write_table(table, storage.join(self.rdir, "predictions", f"part-{chunk}.parquet"))
+        self.scored += table.num_rows
+        self.quarantined += len(qrows)
+        self.files += 1
+        log.debug("score: part %s written: %d scored, %d quarantined", chunk, table.num_rows, len(qrows))
+
+    def predictions_table(self, cols: dict) -> pa.Table:
+        n = len(cols["image_id"])
+        order = np.argsort(cols["image_id"].astype(str), kind="stable")
+        cols = {k: v[order] for k, v in cols.items()}
+        probs = np.asarray(cols["probs"], np.float32).reshape(n, self.ens.n_classes)
+        top = probs.argmax(axis=1) if n else np.zeros(0, np.int64)
+        data = {
+            "image_id": pa.array(cols["image_id"].tolist(), pa.string()),
+            "model_id": pa.array([self.ens.model_id] * n, pa.string()),
+            "probs": pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), self.ens.n_classes)
+            .cast(pa.list_(pa.float32())),
+            "top_class": pa.array(top, pa.int32()),
+            "top_node": pa.array([self.node_ids[i] for i in top], pa.string()),
+        }
+        for task, m, pos in self.task_columns:
+            tp = (probs.astype(np.float64) @ m).astype(np.float32)
+            data[f"{task.name}_probs"] = pa.FixedSizeListArray.from_arrays(
+                pa.array(tp.reshape(-1)), len(task.classes)).cast(pa.list_(pa.float32()))
+            if pos is not None:
+                data[f"{task.name}_score"] = pa.array(self._binary_score(tp, pos).astype(np.float32))
+        if self.carry is not None:
+            for f in self.carry:
+                if f.name not in data:
+                    data[f.name] = pa.array(cols[f.name].tolist(), type=f.type, from_pandas=True)
+            data["row"] = pa.array(cols[ROW], pa.int64())
+        else:
+            metas = [json.loads(m) if m else {} for m in cols["meta"]]
+            for key in WDS_META:
+                data[key] = pa.array([None if m.get(key) is None else str(m[key]) for m in metas], pa.string())
+            data["uri"] = pa.array(cols["uri"].tolist(), pa.string())
+        return pa.table(data)
+
+
 # ---- the stage ----------------------------------------------------------------------------------------------------
-def run_dir(cfg: RunConfig) -> str:
-    return storage.join(cfg.output, "predictions", cfg.run_id)
-
-
-def _done(rdir: str, model_id: str) -> tuple[set, set, int]:
-    """(image_ids already scored by model_id, image_ids quarantined by earlier chunks, last batch number)."""
-    scored, quarantined, batch = set(), set(), 0
-    pdir = storage.join(rdir, "predictions")
-    for f in (storage.list_files(pdir, (".parquet",)) if storage.exists(pdir) else []):
-        name = posixpath.basename(f)
-        if name.startswith("."):
-            continue
-        m = re.match(r"part-b(\d+)-", name)
-        if m:
-            batch = max(batch, int(m.group(1)))
-        t = storage.read_table(f, columns=["image_id", "model_id"])
-        scored.update(t.filter(pc.equal(t.column("model_id"), model_id)).column("image_id").to_pylist())
-    sdir = storage.join(rdir, "_state")
-    for f in (storage.list_files(sdir, (".parquet",)) if storage.exists(sdir) else []):
-        name = posixpath.basename(f)
-        if name.startswith("quarantine-b") or name.startswith("quarantine-s"):
-            m = re.match(r"quarantine-b(\d+)-", name)
-            if m:
-                batch = max(batch, int(m.group(1)))
-            quarantined.update(x for x in storage.read_table(f, columns=["image_id"]).column("image_id").to_pylist()
-                               if x is not None)
-    return scored, quarantined, batch
-
-
-def _signature(kind: str, items: pa.Table | None, shards: list[str] | None, ens: Ensemble, sc: ScoreConfig) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps([kind, ens.model_id, list(ens.weights), sc.tta, ens.size]).encode())
-    if items is not None:
-        h.update(pd.util.hash_pandas_object(items.select(["image_id", "uri"]).to_pandas(), index=False)
-                 .to_numpy().tobytes())
-    else:
-        h.update("\n".join(shards).encode())
-    return h.hexdigest()[:16]
-
-
-def _task_setup(cfg: RunConfig, ens: Ensemble):
-    """Tasks and membership for the task columns, or ([], None) when no tasks are configured."""
+def task_setup(cfg: RunConfig, ens: Ensemble):
+    """(tasks, task_membership, the partition used, its fingerprint) for the task columns; ([], None, None, None)
+    when no tasks are configured. The partition defaults to the one the model card records."""
     if not (cfg.data.tasks and cfg.data.taxonomy):
         log.info("no data.tasks / data.taxonomy: writing training-class probabilities only")
-        return [], None
-    from dermray.tasks import load_tasks
-    from dermray.taxonomy import load_taxonomy
-    from dermray.train import classes_hash
+        return [], None, None, None
+    from dermray.definitions import load_tasks
+    from dermray.definitions import load_taxonomy
 
-    part = cfg.score.partition or storage.join(cfg.output, "partition")
-    tm_uri = storage.join(part, "task_membership.parquet")
-    if not storage.exists(tm_uri):
+    part = cfg.score.partition or ens.first.lineage.get("partition") or layout.partition_dir(cfg.output, cfg.run_id)
+    paths = layout.partition_outputs(part)
+    if not storage.exists(paths["task_membership"]):
         raise UserError(f"task columns need the partition's task_membership.parquet, not found at "
-                        f"{storage.redact(tm_uri)} (set score.partition)")
-    classes = storage.read_table(storage.join(part, "training_classes.parquet"))
-    if classes_hash(classes) != ens.classes_hash:
+                        f"{storage.redact(paths['task_membership'])} (set score.partition)")
+    classes = storage.read_table(paths["training_classes"])
+    if artifacts.classes_hash(classes) != ens.classes_hash:
         raise UserError(f"the model was trained on other training classes than {storage.redact(part)} holds "
-                        f"(hash {ens.classes_hash} vs {classes_hash(classes)}): set score.partition to its partition")
+                        f"(hash {ens.classes_hash} vs {artifacts.classes_hash(classes)}): set score.partition to "
+                        "its partition")
     tasks = load_tasks(cfg.data.tasks, load_taxonomy(cfg.data.taxonomy))
-    return tasks, storage.read_table(tm_uri).to_pandas()
+    membership = storage.read_table(paths["task_membership"])
+    return tasks, membership.to_pandas(), part, lineage.columns_fingerprint(
+        paths["task_membership"], membership, membership.column_names)
+
+
+def score_lineage(ens: Ensemble, input_fp: lineage.Fingerprint, membership_fp, sc: ScoreConfig) -> lineage.Lineage:
+    inputs = {"model": lineage.value_fingerprint(ens.model_id), "input": input_fp}
+    if membership_fp is not None:
+        inputs["task_membership"] = membership_fp
+    return lineage.Lineage.of(STAGE, inputs, {"tta": sc.tta, "amp": sc.amp, "input_size": ens.size,
+                                              "max_pixels": sc.max_pixels})
+
+
+def reconcile(rdir: str, now: lineage.Lineage, incremental: bool) -> None:
+    """Keep, replace or refuse the run's existing output given its recorded lineage: the same lineage resumes;
+    another input or model replaces the output; in incremental mode another model or setting is refused (one
+    run, one model: a history must never mix two models' predictions)."""
+    spec_uri = storage.join(rdir, "_state", "spec.json")
+    before = lineage.read(spec_uri)
+    if before is None and storage.exists(storage.join(rdir, "predictions")):
+        before = lineage.Lineage(stage=STAGE, id="unknown (no lineage recorded)")
+    if before is not None and before.id != now.id:
+        if incremental:
+            old_model = before.inputs.get("model")
+            changed = [c for c in now.changes_from(before) if not c.startswith("input ")]
+            if changed:
+                raise UserError(f"{storage.redact(rdir)} holds predictions of model "
+                                f"{old_model.content if old_model else 'unknown'}, not of "
+                                f"{now.inputs['model'].content} ({'; '.join(changed)}): incremental scoring never "
+                                "mixes two models in one run; use a new run id for the new model")
+        else:
+            log.info("score: %s holds other predictions (%s): replacing them", storage.redact(rdir),
+                     "; ".join(now.changes_from(before)))
+            for sub in ("predictions", "_state", "quarantine.parquet", layout.SUMMARY_FILES[STAGE]):
+                storage.delete(storage.join(rdir, sub))
+    storage.write_text(spec_uri, json.dumps(now.to_dict(), indent=2))
+
+
+def stream(plan: WorkPlan, ens: Ensemble, sc: ScoreConfig, retry: storage.Retry, writer: PartWriter) -> None:
+    """Run the Ray Data pipeline and hand every result batch to the writer."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_operator_progress_bars = ctx.enable_progress_bars
+    memory = _decode_memory(sc, ens.size)
+    if plan.kind == "webdataset":
+        ds = ray.data.from_arrow(plan.refs).repartition(target_num_rows_per_block=1).map_batches(
+            decode_shards, batch_size=1, num_cpus=sc.decode_cpus, memory=memory,
+            fn_kwargs={"size": ens.size, "max_pixels": sc.max_pixels, "rows_per_batch": sc.batch_size,
+                       "retry": retry})
+    else:
+        # Blocks of one model batch: the decode tasks spread over every free CPU (a big block would be decoded by
+        # one task on one core while the model waits).
+        ds = ray.data.from_arrow_refs(plan.refs).repartition(target_num_rows_per_block=sc.batch_size).map_batches(
+            decode_rows, batch_size=None, num_cpus=sc.decode_cpus, memory=memory,
+            fn_kwargs={"size": ens.size, "max_pixels": sc.max_pixels, "retry": retry})
+    ds = ds.map_batches(
+        Predictor, batch_size=sc.batch_size, compute=ActorPoolStrategy(size=sc.actors),
+        num_cpus=sc.cpus_per_actor, num_gpus=sc.num_gpus or None,
+        fn_constructor_kwargs={"ensemble": ens, "threads": _threads(sc), "channels_last": sc.channels_last,
+                               "tta": sc.tta, "use_gpu": sc.num_gpus > 0, "amp": sc.amp,
+                               "slow_batch_s": fault_hooks().slow_batch_s})
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        writer.add(batch)
+    if writer.pending:
+        raise RuntimeError(f"score: parts {sorted(writer.pending)} did not complete")
+
+
+def _decode_memory(sc: ScoreConfig, size: int) -> int:
+    """Bytes a decode task holds (a worker process, its decoded batch a few times over). Declaring it also
+    keeps decoding in its own tasks: Ray Data fuses a task step into the next actor step when their resource
+    requests match, and the model actor would then decode and infer one after the other."""
+    return int(sc.batch_size * size * size * 3 * 4 + 128 * 2**20)
 
 
 def _threads(sc: ScoreConfig) -> int:
@@ -534,236 +620,152 @@ def _threads(sc: ScoreConfig) -> int:
     return max(int(sc.cpus_per_actor), int(per_node // max(1, min(sc.actors, len(nodes) * per_node))))
 
 
-class _Writer:
-    """Collects the streamed rows of each chunk and writes the chunk when all its rows have arrived."""
+def merge_quarantine(rdir: str, input_quarantine: pa.Table) -> int:
+    """The input's quarantine and every part's -> quarantine.parquet (atomically, streamed). Returns its rows."""
+    storage.write_table(input_quarantine, storage.join(rdir, "_state", "quarantine-input.parquet"))
+    sdir = storage.join(rdir, "_state")
+    files = [f for f in storage.list_files(sdir, (".parquet",)) if posixpath.basename(f).startswith("quarantine-")]
+    return storage.write_table_batches(schemas.QUARANTINE.arrow(), (storage.read_table(f) for f in files),
+                                       storage.join(rdir, "quarantine.parquet"))
 
-    def __init__(self, rdir: str, ens: Ensemble, items: pa.Table | None, tasks, membership, skip_ids: set):
-        self.rdir, self.ens, self.items, self.tasks, self.membership = rdir, ens, items, tasks, membership
-        self.skip_ids = skip_ids
-        self.pending: dict[str, list[dict]] = {}
-        self.received: dict[str, int] = {}
-        self.scored = self.quarantined = self.skipped = self.files = 0
-        self.t_model = [np.inf, -np.inf]  # first model batch start, last model batch end (epoch seconds)
-        self.node_ids = [c["node_id"] for c in ens.classes]
 
-    def add(self, batch: dict) -> None:
-        if len(batch["t_model"]):
-            self.t_model = [min(self.t_model[0], float(batch["t_model"][:, 0].min())),
-                            max(self.t_model[1], float(batch["t_model"][:, 1].max()))]
-        chunks = batch["chunk"]
-        for chunk in pd.unique(chunks):
-            sel = chunks == chunk
-            self.pending.setdefault(chunk, []).append({k: v[sel] for k, v in batch.items()})
-            self.received[chunk] = self.received.get(chunk, 0) + int(sel.sum())
-            if self.received[chunk] >= int(batch["chunk_total"][sel][0]):
-                self.flush(chunk)
+def run_totals(rdir: str) -> int:
+    """Predictions in the run (from the parts' footers, not their rows)."""
+    return sum(storage.parquet_file(f).metadata.num_rows for f in _run_state(rdir)[0])
 
-    def flush(self, chunk: str) -> None:
-        parts = self.pending.pop(chunk)
-        cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        real = np.array([not (e == "<empty shard>") for e in cols["error"]], bool)
-        cols = {k: v[real] for k, v in cols.items()}
-        bad = np.array([e != "" for e in cols["error"]], bool)
-        skip = np.array([i in self.skip_ids for i in cols["image_id"]], bool) & ~bad
-        good = ~bad & ~skip
-        qrows = [{"image_id": i or None, "row": int(r) if r >= 0 else None, "uri": storage.redact(u), "reason": e}
-                 for i, r, u, e in zip(cols["image_id"][bad], cols["row"][bad], cols["uri"][bad], cols["error"][bad])]
-        storage.write_table(_quarantine_rows(qrows), storage.join(self.rdir, "_state", f"quarantine-{chunk}.parquet"))
-        table = self.predictions_table({k: v[good] for k, v in cols.items()})
-        storage.write_table(table, storage.join(self.rdir, "predictions", f"part-{chunk}.parquet"))
-        self.scored += table.num_rows
-        self.quarantined += len(qrows)
-        self.skipped += int(skip.sum())
-        self.files += 1
-        log.info("score: chunk %s written: %d scored, %d quarantined", chunk, table.num_rows, len(qrows))
 
-    def predictions_table(self, cols: dict) -> pa.Table:
-        from dermray.evaluate import binary_score, task_probabilities
+def check_input(sc: ScoreConfig) -> str:
+    """The input's kind (manifest | folder | webdataset), with a manifest's columns checked: before Ray starts."""
+    kind = archive.detect_kind(sc.input, sc.input_kind)
+    if kind != "manifest":
+        return kind
+    schema = storage.parquet_file(sc.input).schema_arrow
+    missing = [c for c in ("image_id", "uri") if c not in schema.names]
+    if missing:
+        raise UserError(f"{storage.redact(sc.input)}: the manifest has no {missing[0]!r} column (columns: "
+                        f"{', '.join(schema.names)})")
+    for c in ("image_id", "uri"):
+        t = schema.field(c).type
+        t = t.value_type if pa.types.is_dictionary(t) else t
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+            raise UserError(f"{storage.redact(sc.input)}: column {c!r} must be strings, got {t}")
+    return kind
 
-        n = len(cols["image_id"])
-        probs = np.asarray(cols["probs"], np.float32).reshape(n, self.ens.n_classes)
-        order = np.argsort(cols["image_id"].astype(str), kind="stable")
-        probs = probs[order]
-        cols = {k: v[order] for k, v in cols.items()}
-        top = probs.argmax(axis=1) if n else np.zeros(0, np.int64)
-        data = {
-            "image_id": pa.array(cols["image_id"].tolist(), pa.string()),
-            "model_id": pa.array([self.ens.model_id] * n, pa.string()),
-            "probs": pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), self.ens.n_classes)
-            .cast(pa.list_(pa.float32())),
-            "top_class": pa.array(top, pa.int32()),
-            "top_node": pa.array([self.node_ids[i] for i in top], pa.string()),
-        }
-        for task in self.tasks:
-            tp = task_probabilities(probs.astype(np.float64), self.membership, task).astype(np.float32)
-            data[f"{task.name}_probs"] = pa.FixedSizeListArray.from_arrays(
-                pa.array(tp.reshape(-1)), len(task.classes)).cast(pa.list_(pa.float32()))
-            if task.is_binary:
-                pos = task.class_names.index(task.positive)
-                data[f"{task.name}_score"] = pa.array(binary_score(tp, pos).astype(np.float32))
-        if self.items is not None:
-            carry = self.items.take(pa.array(cols["item"].astype(np.int64)))
-            for name in carry.column_names:
-                if name not in data and name != "item":
-                    data[name] = carry.column(name)
-        else:
-            metas = [json.loads(m) if m else {} for m in cols["meta"]]
-            for key in WDS_META:
-                data[key] = pa.array([None if m.get(key) is None else str(m[key]) for m in metas], pa.string())
-            data["uri"] = pa.array(cols["uri"].tolist(), pa.string())
-        return pa.table(data)
+
+def plan(cfg: RunConfig, kind: str, rdir: str, ens: Ensemble, membership_fp) -> tuple[WorkPlan, lineage.Lineage]:
+    """Fingerprint the input, reconcile the run's existing output with the lineage, then plan what to score."""
+    sc = cfg.score
+    if kind == "webdataset":
+        shards = archive.shard_list(sc.input)
+        now = score_lineage(ens, shards_fingerprint(shards), membership_fp, sc)
+        reconcile(rdir, now, sc.incremental)
+        return plan_shards(shards, rdir), now
+    uri, problems = (sc.input, _quarantine_rows([])) if kind == "manifest" else folder_manifest(
+        sc.input, sc.labels, rdir)
+    chunks, fp, repeats, _ = fingerprint_manifest(uri)
+    now = score_lineage(ens, fp, membership_fp, sc)
+    reconcile(rdir, now, sc.incremental)
+    work = plan_manifest(uri, chunks, repeats, rdir, ens.model_id, sc)
+    work.kind = kind
+    work.quarantine = pa.concat_tables([problems, work.quarantine])
+    work.input_rows += problems.num_rows
+    return work, now
+
+
+def lineage_now(cfg: RunConfig, recorded: lineage.Lineage | None = None) -> lineage.Lineage:
+    sc = cfg.score
+    if not sc.input:
+        raise UserError("no input given: pass --input URI (config: score.input)")
+    ens = artifacts.load_ensemble(sc.checkpoints, sc.model_id)
+    membership_fp = task_setup(cfg, ens)[3]
+    kind = archive.detect_kind(sc.input, sc.input_kind)
+    if kind == "webdataset":
+        fp = shards_fingerprint(archive.shard_list(sc.input))
+    elif kind == "folder":
+        fp = lineage.columns_fingerprint(None, table := folder_table(sc.input, sc.labels)[0], table.column_names)
+    else:
+        def content():
+            table = storage.read_table(sc.input)
+            table = pa.table({c: (pc.cast(table.column(c), pa.string()) if pa.types.is_dictionary(
+                table.column(c).type) else table.column(c)) for c in table.column_names})
+            return lineage.columns_fingerprint(sc.input, table, table.column_names)
+        fp = lineage.reuse(recorded, "input", sc.input, content)
+    return score_lineage(ens, fp, membership_fp, sc)
 
 
 def run(cfg: RunConfig) -> dict:
     """Score ``score.input`` with the ``score.checkpoints`` ensemble; returns the summary (also written as JSON)."""
-    from dermray.raysession import ray_session
+    from dermray.raysession import check_shared_storage, ray_session
 
     sc = cfg.score
     t_start = time.perf_counter()
     if not sc.input:
         raise UserError("no input given: pass --input URI (config: score.input)")
-    if sc.tta not in ("none", "flips", "dihedral"):
-        raise UserError(f"score.tta must be none, flips or dihedral, got {sc.tta!r}")
-    if sc.amp not in ("auto", "bf16", "fp16", "off"):
-        raise UserError(f"score.amp must be auto, bf16, fp16 or off, got {sc.amp!r}")
-    if sc.batch_size < 1 or sc.actors < 1 or sc.rows_per_file < 1:
-        raise UserError("score.batch_size, score.actors and score.rows_per_file must be at least 1")
-    ens = load_ensemble(sc.checkpoints, sc.model_id)
-    tasks, membership = _task_setup(cfg, ens)
-    kind = detect_kind(sc.input, sc.input_kind)
-    rdir = run_dir(cfg)
-    items, shards, input_q = None, None, []
-    if kind == "manifest":
-        items, input_q = manifest_items(sc.input)
-    elif kind == "folder":
-        items, input_q = folder_items(sc.input, sc.labels)
-    else:
-        shards = shard_list(sc.input)
-    n_input = (items.num_rows if items is not None else 0) + len(input_q)
-    signature = _signature(kind, items, shards, ens, sc)
-    spec_uri = storage.join(rdir, "_state", "spec.json")
-    if storage.exists(spec_uri) and not sc.incremental:
-        if json.loads(storage.read_text(spec_uri)).get("signature") != signature:
-            log.info("score: %s holds another input or model: replacing it", storage.redact(rdir))
-            for sub in ("predictions", "_state", "quarantine.parquet", "score_summary.json"):
-                storage.delete(storage.join(rdir, sub))
-    storage.write_text(spec_uri, json.dumps({"signature": signature, "model_id": ens.model_id, "kind": kind,
-                                             "input": storage.redact(sc.input)}))
-    storage.write_table(_quarantine_rows(input_q), storage.join(rdir, "_state", "quarantine-input.parquet"))
-    scored_ids, quarantined_ids, last_batch = _done(rdir, ens.model_id)
-    batch_no = last_batch + 1
-    work, done_before = [], 0
-    if items is not None:
-        items = items.append_column("item", pa.array(np.arange(items.num_rows), pa.int64()))
-        done_mask = np.array([i in scored_ids or i in quarantined_ids for i in items.column("image_id").to_pylist()],
-                             bool)
-        done_before = int(done_mask.sum())
-        todo = items.filter(pa.array(~done_mask)) if done_before else items
-        for k, start in enumerate(range(0, todo.num_rows, sc.rows_per_file)):
-            chunk = todo.slice(start, sc.rows_per_file)
-            name = f"b{batch_no:04d}-{k:05d}"
-            work.append(pa.table({"image_id": chunk.column("image_id"), "uri": chunk.column("uri"),
-                                  "row": pc.fill_null(chunk.column("row"), -1), "item": chunk.column("item"),
-                                  "chunk": pa.array([name] * chunk.num_rows, pa.string()),
-                                  "chunk_total": pa.array([chunk.num_rows] * chunk.num_rows, pa.int64())}))
-    else:
-        present = {posixpath.basename(f) for f in (storage.list_files(storage.join(rdir, "predictions"), (".parquet",))
-                                                     if storage.exists(storage.join(rdir, "predictions")) else [])}
-        for shard in shards:
-            name = "s" + hashlib.sha1(shard.encode()).hexdigest()[:12]
-            if f"part-{name}.parquet" in present:
-                done_before += 1
-                continue
-            work.append(pa.table({"uri": [shard], "chunk": [name]}))
-    summary = {"stage": STAGE, "run_id": cfg.run_id, "model_id": ens.model_id, "input_kind": kind,
-               "models": len(ens.weights), "arch": ens.arch, "tta": sc.tta}
-    writer = _Writer(rdir, ens, items, tasks, membership, scored_ids | quarantined_ids)
-    t_wall = time.time()
-    if work:
-        with ray_session(cfg.ray.address, cfg.ray.num_cpus):
-            _stream(work, kind, ens, sc, writer)
-    quarantine = _merge_quarantine(rdir)
-    scored_total = sum(storage.parquet_file(f).metadata.num_rows
-                       for f in storage.list_files(storage.join(rdir, "predictions"), (".parquet",))
-                       if not posixpath.basename(f).startswith(".")) if storage.exists(
-                           storage.join(rdir, "predictions")) else 0
-    if kind == "webdataset":
-        n_input = writer.scored + writer.quarantined + writer.skipped
-    processed = writer.scored + writer.quarantined + writer.skipped
-    summary.update({
-        "input": n_input, "shards": len(shards) if shards else None,
-        "shards_done_before": done_before if shards else None,
-        "already_done": done_before if items is not None else writer.skipped,
-        "scored": writer.scored, "quarantined": writer.quarantined + len(input_q),
-        "files_written": writer.files, "run_scored_total": scored_total, "run_quarantined_total": quarantine,
-        "images_per_s": round(processed / (time.perf_counter() - t_start), 2) if work else None,
-        # From the first model batch's start to the last one's end: the pipeline's rate once running (the
-        # benchmark's figure); start-up (Ray, actors, models, first decode) is the time before it.
-        "steady_images_per_s": round(processed / (writer.t_model[1] - writer.t_model[0]), 2)
-        if work and writer.t_model[1] > writer.t_model[0] else None,
-        "startup_s": round(writer.t_model[0] - t_wall, 2) if work and np.isfinite(writer.t_model[0]) else None,
-        "seconds": round(time.perf_counter() - t_start, 2),
-        "outputs": {"predictions": storage.join(rdir, "predictions"),
-                    "quarantine": storage.join(rdir, "quarantine.parquet")},
-    })
-    if items is not None and summary["input"] != summary["already_done"] + summary["scored"] + summary["quarantined"]:
-        raise RuntimeError(f"score: counts do not add up: {summary}")  # a bug, never a user error
-    storage.write_text(storage.join(rdir, "score_summary.json"), json.dumps(summary, indent=2, default=str))
+    ens = artifacts.load_ensemble(sc.checkpoints, sc.model_id)
+    tasks, membership, partition, membership_fp = task_setup(cfg, ens)
+    kind = check_input(sc)
+    rdir = layout.predictions_dir(cfg.output, cfg.run_id)
+    with ray_session(cfg.ray.address, cfg.ray.num_cpus):
+        check_shared_storage(cfg.storage, {"output": cfg.output, "score.input": sc.input})
+        work, now = plan(cfg, kind, rdir, ens, membership_fp)
+        progress.say("score: %s images to score with %s (%d part(s)); %s already scored", "?" if work.input_rows is
+                     None else f"{work.input_rows - work.already_done - work.quarantine.num_rows:,}", ens.model_id,
+                     work.parts, f"{work.already_done:,}")
+        carry = None
+        if work.kind != "webdataset":
+            carry = pa.schema([f for f in storage.parquet_file(
+                sc.input if work.kind == "manifest" else storage.join(rdir, "_state", "folder_manifest.parquet"))
+                .schema_arrow if f.name not in INTERNAL])
+        total = None if work.input_rows is None else work.input_rows - work.already_done - work.quarantine.num_rows
+        meter = progress.Meter("score", total, every_s=5.0)
+        writer = PartWriter(rdir, ens, tasks, membership, carry, meter)
+        t_wall = time.time()
+        if work.refs:
+            stream(work, ens, sc, cfg.storage.retry(), writer)
+    quarantined_total = merge_quarantine(rdir, work.quarantine)
+    summary = summarise(cfg, ens, work, writer, now, partition, rdir, t_start, t_wall, quarantined_total)
+    storage.write_text(layout.summary_uri(cfg.output, STAGE, cfg.run_id), json.dumps(summary, indent=2, default=str))
     return summary
 
 
-def _decode_memory(sc: ScoreConfig, size: int) -> int:
-    """Bytes a decode task holds (a worker process, its decoded batch a few times over). Declaring it also
-    keeps decoding in its own tasks: Ray Data fuses a task step into the next actor step when their resource
-    requests match, and the model actor would then decode and infer one after the other."""
-    return int(sc.batch_size * size * size * 3 * 4 + 128 * 2**20)
+def summarise(cfg, ens, work: WorkPlan, writer: PartWriter, now, partition, rdir, t_start, t_wall,
+              quarantined_total) -> dict:
+    sc = cfg.score
+    processed = writer.scored + writer.quarantined
+    n_input = work.input_rows if work.input_rows is not None else processed + work.already_done
+    summary = {
+        "stage": STAGE, "run_id": cfg.run_id, "model_id": ens.model_id, "input_kind": work.kind,
+        "models": len(ens.weights), "arch": ens.arch, "tta": sc.tta, "input": n_input,
+        "shards": work.parts + work.already_done if work.kind == "webdataset" else None,
+        "already_done": work.already_done, "scored": writer.scored,
+        "quarantined": writer.quarantined + work.quarantine.num_rows, "files_written": writer.files,
+        "run_scored_total": run_totals(rdir), "run_quarantined_total": quarantined_total,
+        "images_per_s": round(processed / (time.perf_counter() - t_start), 2) if work.refs else None,
+        # From the first model batch's start to the last one's end: the pipeline's rate once running (the
+        # benchmark's figure); start-up (Ray, actors, models, first decode) is the time before it.
+        "steady_images_per_s": round(processed / (writer.t_model[1] - writer.t_model[0]), 2)
+        if work.refs and writer.t_model[1] > writer.t_model[0] else None,
+        "startup_s": round(writer.t_model[0] - t_wall, 2) if work.refs and np.isfinite(writer.t_model[0]) else None,
+        "seconds": round(time.perf_counter() - t_start, 2), "partition": storage.redact(partition) if partition else None,
+        "lineage": now.to_dict(),
+        "outputs": {"predictions": storage.join(rdir, "predictions"),
+                    "quarantine": storage.join(rdir, "quarantine.parquet")},
+    }
+    if work.kind != "webdataset" and summary["input"] != summary["already_done"] + summary["scored"] + summary[
+            "quarantined"]:
+        raise RuntimeError(f"score: counts do not add up: {summary}")  # a bug, never a user error
+    return summary
 
 
-def _stream(work: list[pa.Table], kind: str, ens: Ensemble, sc: ScoreConfig, writer: _Writer) -> None:
-    """Run the Ray Data pipeline and hand every result batch to the writer."""
-    import ray.data
-    from ray.data import ActorPoolStrategy
-
-    from dermray.raysession import blocks_of
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_operator_progress_bars = ctx.enable_progress_bars
-    if kind == "webdataset":
-        ds = ray.data.from_arrow(work).map_batches(
-            decode_shards, batch_size=1, num_cpus=sc.decode_cpus, memory=_decode_memory(sc, ens.size),
-            fn_kwargs={"size": ens.size, "max_pixels": sc.max_pixels, "rows_per_batch": sc.batch_size})
-    else:
-        # One block per model batch: the decode tasks spread over every free CPU (one big block would be decoded
-        # by one task on one core while the model waits: the naive pipeline's problem).
-        ds = ray.data.from_arrow(blocks_of(pa.concat_tables(work), sc.batch_size)).map_batches(
-            decode_rows, batch_size=None, num_cpus=sc.decode_cpus, memory=_decode_memory(sc, ens.size),
-            fn_kwargs={"size": ens.size, "max_pixels": sc.max_pixels})
-    ds = ds.map_batches(
-        Predictor, batch_size=sc.batch_size, compute=ActorPoolStrategy(size=sc.actors),
-        num_cpus=sc.cpus_per_actor, num_gpus=sc.num_gpus or None,
-        fn_constructor_kwargs={"ensemble": ens, "threads": _threads(sc), "channels_last": sc.channels_last,
-                               "tta": sc.tta, "use_gpu": sc.num_gpus > 0, "amp": sc.amp,
-                               "slow_batch_s": float(os.environ.get("DERMRAY_TEST_SLOW_BATCH_S", "0"))})
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-        writer.add(batch)
-    if writer.pending:
-        raise RuntimeError(f"score: chunks {sorted(writer.pending)} did not complete")
-
-
-def _merge_quarantine(rdir: str) -> int:
-    """All quarantine parts of the run -> quarantine.parquet (atomically). Returns its rows."""
-    sdir = storage.join(rdir, "_state")
-    parts = [f for f in storage.list_files(sdir, (".parquet",)) if posixpath.basename(f).startswith("quarantine-")]
-    tables = [storage.read_table(f) for f in parts]
-    table = pa.concat_tables(tables) if tables else _quarantine_rows([])
-    storage.write_table(table, storage.join(rdir, "quarantine.parquet"))
-    return table.num_rows
+def counts(s: dict) -> dict:
+    return {"in": s["input"], "out": s["run_scored_total"], "quarantined": s["run_quarantined_total"],
+            "seconds": s["seconds"]}
 
 
 def format_summary(s: dict) -> str:
     if s["input_kind"] == "webdataset":
-        head = (f"score: {s['shards']} shards ({s['shards_done_before']} done before): {s['scored']} scored + "
-                f"{s['quarantined']} quarantined + {s['already_done']} already scored")
+        head = (f"score: {s['shards']} shards: {s['scored']} scored + {s['quarantined']} quarantined; "
+                f"{s['already_done']} shards done before")
     else:
         head = (f"score: {s['input']} images = {s['scored']} scored + {s['quarantined']} quarantined + "
                 f"{s['already_done']} done before")

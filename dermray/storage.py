@@ -4,14 +4,24 @@ The S3 endpoint comes from the standard ``AWS_ENDPOINT_URL`` variable (and crede
 no credential ever appears in a message. Table writes are atomic for readers: the table is written to a temporary
 object beside its final name and then moved into place in one step (``os.replace`` locally, a single server-side
 copy on S3), so a reader sees the old table or the new one, never half of one; re-running replaces.
+
+Reads are retried with exponential backoff when the error is transient (a refused or dropped connection, a
+timeout, an S3 5xx or throttling answer): ``Retry`` says how often (``storage.retries`` in the run config, handed
+to the workers). What is still failing after the retries raises ``TransientReadError``; a permanent failure (no
+such object, permission denied) raises a plain ``UserError`` at once. Callers that quarantine tell the two apart,
+so a re-run retries what was transient.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import posixpath
+import random
+import time
 import uuid
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 from urllib.parse import urlparse
 
@@ -103,7 +113,7 @@ def resolve(uri: str, base_dir: str) -> str:
 
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
-    return _wrap_io(uri, "check", lambda: fs.exists(path))
+    return _wrap_io(uri, "check", lambda: fs.exists(path), DEFAULT_RETRY)
 
 
 def _io_errors() -> tuple:
@@ -118,26 +128,110 @@ def _io_errors() -> tuple:
 IO_ERRORS = _io_errors()
 
 
-def _io_error(uri: str, verb: str, e: Exception) -> UserError:
+class TransientReadError(UserError):
+    """A read that kept failing for a reason that may pass (connection, timeout, S3 5xx or throttling)."""
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How transient read errors are retried: ``retries`` more attempts after the first, waiting
+    ``base_s * 2**k`` (with jitter, at most ``max_s``) before attempt k + 1."""
+    retries: int = 5
+    base_s: float = 0.25
+    max_s: float = 8.0
+
+    def delays(self):
+        for k in range(self.retries):
+            yield min(self.max_s, self.base_s * 2 ** k) * (0.75 + 0.5 * random.random())
+
+
+DEFAULT_RETRY = Retry()
+NO_RETRY = Retry(retries=0)
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+_TRANSIENT_CODES = {"RequestTimeout", "RequestTimeTooSkewed", "SlowDown", "Throttling", "ThrottlingException",
+                    "TooManyRequests", "InternalError", "ServiceUnavailable", "RequestLimitExceeded"}
+
+
+def is_transient(e: BaseException) -> bool:
+    """Whether an I/O error may pass when retried: connections and timeouts, HTTP 5xx, 408 and 429, S3's
+    throttling codes. Missing objects, permissions and other 4xx answers are permanent."""
+    if isinstance(e, _PERMANENT):
+        return False
+    for err in (e, e.__cause__, e.__context__):
+        response = getattr(err, "response", None)
+        if isinstance(response, dict) and "Error" in response:
+            code = str(response["Error"].get("Code", ""))
+            status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            if code in ("NoSuchKey", "NoSuchBucket", "404", "AccessDenied", "403"):
+                return False
+            return status >= 500 or status in (408, 429) or code in _TRANSIENT_CODES or code.startswith("5")
+    if isinstance(e, OSError) and e.errno in (errno.ENOENT, errno.EACCES, errno.EISDIR, errno.ENOTDIR):
+        return False
+    return True  # connection refused/reset, timeouts, botocore connection errors, an OSError from a hiccup
+
+
+def _io_error(uri: str, verb: str, e: Exception, attempts: int = 1) -> UserError:
     if isinstance(e, FileNotFoundError):
         return UserError(f"cannot {verb} {redact(uri)}: no such file or object")
     if isinstance(e, PermissionError):
         return UserError(f"cannot {verb} {redact(uri)}: permission denied")
     # botocore messages may quote request details but never secrets; keep the first line.
     first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if attempts > 1 and is_transient(e):
+        return TransientReadError(f"cannot {verb} {redact(uri)} after {attempts} attempts: {first}")
     return UserError(f"cannot {verb} {redact(uri)}: {first}")
 
 
-def _wrap_io(uri: str, verb: str, fn):
-    try:
-        return fn()
-    except IO_ERRORS as e:
-        raise _io_error(uri, verb, e) from e
+def _wrap_io(uri: str, verb: str, fn, retry: Retry = NO_RETRY):
+    """``fn()``, retried per ``retry`` on transient errors; I/O errors become UserErrors naming ``uri``."""
+    delays = retry.delays()
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            return fn()
+        except IO_ERRORS as e:
+            delay = next(delays, None) if is_transient(e) else None
+            if delay is None:
+                raise _io_error(uri, verb, e, attempts) from e
+            time.sleep(delay)
 
 
-def read_bytes(uri: str) -> bytes:
+def read_bytes(uri: str, retry: Retry = DEFAULT_RETRY) -> bytes:
     fs, path = filesystem(uri)
-    return _wrap_io(uri, "read", lambda: fs.cat_file(path))
+    return _wrap_io(uri, "read", lambda: fs.cat_file(path), retry)
+
+
+@contextlib.contextmanager
+def open_read(uri: str, retry: Retry = DEFAULT_RETRY):
+    """A binary file object for streaming reads (opened with retries; later reads are the caller's)."""
+    fs, path = filesystem(uri)
+    f = _wrap_io(uri, "read", lambda: fs.open(path, "rb"), retry)
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+def identity(uri: str) -> str | None:
+    """What storage says identifies an object's version without reading it: S3's ETag and size, a local file's
+    size and modification time (ns); for a folder, the same of every file below it. None when it does not exist."""
+    fs, path = filesystem(uri)
+
+    def one(p: str, info: dict) -> str:
+        if is_s3(uri):
+            return f"{posixpath.basename(p)}:{str(info.get('ETag', '')).strip(chr(34))}:{info.get('size')}"
+        st = os.stat(p)
+        return f"{os.path.basename(p)}:{st.st_size}:{st.st_mtime_ns}"
+
+    def read():
+        if not fs.exists(path):
+            return None
+        if fs.isdir(path):
+            return ";".join(one(p, i) for p, i in sorted(fs.find(path, detail=True).items()))
+        return one(path, fs.info(path))
+
+    return _wrap_io(uri, "check", read, DEFAULT_RETRY)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -191,19 +285,20 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
         if fs.isdir(path):
             import pyarrow.dataset as ds
 
-            return ds.dataset(path, filesystem=_arrow_fs(fs), format="parquet").to_table(columns=columns)
+            return ds.dataset(path, filesystem=pyarrow_fs(fs), format="parquet").to_table(columns=columns)
         with fs.open(path, "rb") as f:
             return pq.read_table(f, columns=columns)
 
     try:
-        return _wrap_io(uri, "read", _read)
+        return _wrap_io(uri, "read", _read, DEFAULT_RETRY)
     except pa.ArrowInvalid as e:
         raise UserError(f"cannot read {redact(uri)} as Parquet: {e}") from e
     except KeyError as e:
         raise UserError(f"{redact(uri)}: missing column {e}") from e
 
 
-def _arrow_fs(fs):
+def pyarrow_fs(fs):
+    """An fsspec filesystem wrapped for pyarrow (datasets, Ray Data's readers)."""
     from pyarrow.fs import PyFileSystem, FSSpecHandler
 
     return PyFileSystem(FSSpecHandler(fs))
@@ -213,10 +308,29 @@ def parquet_file(uri: str) -> pq.ParquetFile:
     """An open ParquetFile (metadata and row groups on demand). Raises UserError for a corrupt or missing file."""
     fs, path = filesystem(uri)
     try:
-        data = _wrap_io(uri, "read", lambda: fs.open(path, "rb"))
+        data = _wrap_io(uri, "read", lambda: fs.open(path, "rb"), DEFAULT_RETRY)
         return pq.ParquetFile(data)
     except pa.ArrowInvalid as e:
         raise UserError(f"cannot read {redact(uri)} as Parquet: {e}") from e
+
+
+def row_group_chunks(pf: pq.ParquetFile, target_rows: int, min_chunks: int = 1) -> list[tuple[list[int], int, int]]:
+    """A Parquet file's row groups grouped into chunks of about ``target_rows`` rows (at least ``min_chunks`` when
+    there are enough row groups; a row group is never split): (row group indices, first row, rows) each."""
+    md = pf.metadata
+    target = max(1, min(target_rows, -(-md.num_rows // max(1, min_chunks))))
+    chunks, current, start, size, offset = [], [], 0, 0, 0
+    for i in range(md.num_row_groups):
+        n = md.row_group(i).num_rows
+        if current and size + n > target:
+            chunks.append((current, start, size))
+            current, start, size = [], offset, 0
+        current.append(i)
+        size += n
+        offset += n
+    if current:
+        chunks.append((current, start, size))
+    return chunks
 
 
 def write_table(table: pa.Table, uri: str) -> None:
@@ -273,7 +387,7 @@ def read_table_any(uri: str) -> pa.Table:
 def list_files(uri: str, suffixes: tuple[str, ...] = ()) -> Iterator[str]:
     """URIs of the files under a folder or prefix, optionally filtered by suffix (case-insensitive)."""
     fs, path = filesystem(uri)
-    found = _wrap_io(uri, "list", lambda: fs.find(path))
+    found = _wrap_io(uri, "list", lambda: fs.find(path), DEFAULT_RETRY)
     for p in sorted(found):
         if suffixes and not p.lower().endswith(suffixes):
             continue

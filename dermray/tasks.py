@@ -104,9 +104,3 @@ def _check_disjoint(tname: str, classes: list[TaskClass], tax: Taxonomy, source:
                             f"{source}: task {tname!r}: classes {a.name!r} and {b.name!r} overlap "
                             f"({tax.node_ids[na]!r} and {tax.node_ids[nb]!r} are the same node or one lies below "
                             f"the other)")
-
-
-def load_tasks(uri: str, taxonomy: Taxonomy) -> list[Task]:
-    from dermray import storage
-
-    return parse_tasks(storage.read_text(uri), taxonomy, uri)

@@ -231,10 +231,3 @@ class Taxonomy:
             raise TaxonomyError(f"{source}: node name {ref!r} is ambiguous; use one of the node_ids "
                                 f"{_show([self.node_ids[i] for i in hits])}")
         raise TaxonomyError(f"{source}: unknown taxonomy node {ref!r}")
-
-
-def load_taxonomy(uri: str) -> Taxonomy:
-    """Read a taxonomy table (Parquet, or CSV by extension) in either form."""
-    from dermray import storage
-
-    return Taxonomy.from_table(storage.read_table_any(uri), source=storage.redact(uri))

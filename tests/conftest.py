@@ -106,10 +106,10 @@ def score_study(ham_dir, tmp_path_factory):
                  "--output", str(d / "in")]) == 0
     assert main(["partition", "--manifest", str(d / "in" / "manifest.parquet"), "--taxonomy",
                  str(d / "in" / "taxonomy.parquet"), "--tasks", str(d / "in" / "tasks.yaml"), "--max-class-size",
-                 "8", "--folds", "2", "--output", str(d / "out")]) == 0
-    classes = pyarrow.parquet.read_table(d / "out" / "partition" / "training_classes.parquet")
+                 "8", "--folds", "2", "--output", str(d / "out"), "--run-id", "r1"]) == 0
+    classes = pyarrow.parquet.read_table(d / "out" / "partition" / "r1" / "training_classes.parquet")
     for k in (0, 1):
-        write_fold(d / "out" / "train" / "r1" / f"fold={k}", classes, seed=k)
+        write_fold(d / "out" / "train" / "r1" / f"fold={k}", classes, seed=k, partition=d / "out" / "partition" / "r1")
     # The archive: 24 of the images, as a manifest with relative URIs, a folder + labels CSV, and two tar shards.
     manifest = pd.read_parquet(d / "in" / "manifest.parquet").sort_values("image_id").head(24)
     arch = d / "archive"

@@ -7,22 +7,26 @@ import tarfile
 import pyarrow as pa
 import torch
 
-from dermray import models, train
+from dermray import artifacts, models
 
 SIZE = 64  # input pixels of the test models
 
 
-def _save_fold(fold_dir, model, classes: pa.Table, run: str) -> None:
-    """Weights and model card of a SIZE-px mobilenet_v3_small, laid out as `dermray train` writes a fold."""
+def _save_fold(fold_dir, model, classes: pa.Table, run: str, partition=None) -> None:
+    """Weights and model card of a SIZE-px mobilenet_v3_small, laid out as `dermray train` writes a fold (through
+    dermray.artifacts, as train does)."""
     os.makedirs(fold_dir / "best", exist_ok=True)
     torch.save(model.state_dict(), fold_dir / "best" / "model.pt")
-    (fold_dir / "model_card.json").write_text(json.dumps({
-        "model_id": f"{run}/{fold_dir.name}", "architecture": "mobilenet_v3_small", "input_size": SIZE,
-        "normalisation": {"mean": list(models.IMAGENET_MEAN), "std": list(models.IMAGENET_STD)},
-        "training_classes": classes.to_pandas().to_dict(orient="records"), "classes_hash": train.classes_hash(classes)}))
+    card = artifacts.ModelCard(
+        model_id=f"{run}/{fold_dir.name}", architecture="mobilenet_v3_small", input_size=SIZE,
+        normalisation={"mean": list(models.IMAGENET_MEAN), "std": list(models.IMAGENET_STD)},
+        training_classes=classes.to_pylist(), classes_hash=artifacts.classes_hash(classes),
+        weights_sha256=artifacts.weights_sha256(str(fold_dir / "best" / "model.pt")),
+        lineage={"partition": str(partition)} if partition else {})
+    artifacts.write_card(card, str(fold_dir))
 
 
-def write_fold(fold_dir, classes: pa.Table, seed: int) -> None:
+def write_fold(fold_dir, classes: pa.Table, seed: int, partition=None) -> None:
     """A fold directory as `dermray train` writes it (weights + model card), with a model whose outputs depend on
     the image (batch-norm statistics set, a sharper head) so that a mix-up of images would show."""
     torch.manual_seed(seed)
@@ -36,7 +40,7 @@ def write_fold(fold_dir, classes: pa.Table, seed: int) -> None:
         for _ in range(2):
             m(torch.randn(16, 3, SIZE, SIZE))
         m.classifier[3].weight.mul_(20)
-    _save_fold(fold_dir, m, classes, run="r1")
+    _save_fold(fold_dir, m, classes, run="r1", partition=partition)
 
 
 def shard_bytes(samples: list[tuple[str, bytes, dict]]) -> bytes:

@@ -2,8 +2,8 @@ import pandas as pd
 
 from dermray import importers
 from dermray.cli import main
-from dermray.taxonomy import load_taxonomy
-from dermray.tasks import load_tasks
+from dermray.definitions import load_taxonomy
+from dermray.definitions import load_tasks
 
 
 def test_dx_map_points_at_real_isic_nodes():

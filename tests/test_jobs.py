@@ -93,7 +93,7 @@ def test_submitted_partition_and_score_jobs_succeed_and_a_bad_config_fails_clear
                           "--max-class-size", "8", "--folds", "2", "--output", str(out))
     assert status == "SUCCEEDED", logs
     assert "partition: 40 input rows = 40 assigned + 0 quarantined" in logs
-    assert len(pd.read_parquet(out / "partition" / "labels.parquet")) == 40
+    assert len(pd.read_parquet(out / "partition" / "default" / "labels.parquet")) == 40
     assert "\r" not in logs  # no progress bars redrawn into the log
 
     status, logs = submit(head, "python", "jobs/score.py", "--checkpoint", str(d / "out" / "train" / "r1"),

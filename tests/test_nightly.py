@@ -29,7 +29,7 @@ def test_two_nights_score_only_new_images_and_a_missed_floor_fails_the_job(score
     common = ["--checkpoint", str(d / "out" / "train" / "r1" / "fold=0"), "--output", str(tmp_path / "out"),
               "--run-id", "nightly", "--set", f"data.tasks={d / 'in' / 'tasks.yaml'}",
               "--set", f"data.taxonomy={d / 'in' / 'taxonomy.parquet'}",
-              "--set", f"score.partition={d / 'out' / 'partition'}", "--set", "evaluate.n_bootstrap=20",
+              "--set", f"score.partition={d / 'out' / 'partition' / 'r1'}", "--set", "evaluate.n_bootstrap=20",
               "--set", "score.batch_size=8", "--set", "score.cpus_per_actor=0.5", "--json"]
     night1 = _night_manifest(d, tmp_path, "night1", 14)
     assert main(["nightly", "--input", str(night1), "--date", "2026-11-24", *common]) == 0
@@ -61,4 +61,4 @@ def test_two_nights_score_only_new_images_and_a_missed_floor_fails_the_job(score
 
 def test_nightly_config_errors_are_user_errors(score_study, tmp_path, capsys):
     assert main(["nightly", "--date", "25/11/2026", "--input", "x.parquet", "--output", str(tmp_path)]) == 2
-    assert "nightly.date must be YYYY-MM-DD" in capsys.readouterr().err
+    assert "key 'nightly.date': must be YYYY-MM-DD, got '25/11/2026'" in capsys.readouterr().err

@@ -32,7 +32,7 @@ def run_partition(ray_local, manifest, taxonomy, output, tasks=None, **settings)
 
 
 def read(output, name):
-    return storage.read_table(storage.join(output, "partition", f"{name}.parquet")).to_pandas()
+    return storage.read_table(storage.join(output, "partition", "default", f"{name}.parquet")).to_pandas()
 
 
 def check_folds(labels: pd.DataFrame, manifest: pd.DataFrame, k: int):
@@ -67,7 +67,7 @@ def test_ham10000_on_isic_taxonomy(ray_local, ham_import, tmp_path, capsys):
     membership = read(out, "task_membership")
     mel_nev = membership[membership["task"] == "melanoma_vs_nevus"]
     assert set(mel_nev["task_class"]) == {"melanoma", "nevus"}
-    summary = json.loads((out / "partition" / "partition_summary.json").read_text())
+    summary = json.loads((out / "partition" / "default" / "partition_summary.json").read_text())
     assert summary["input_rows"] == summary["assigned"] + summary["quarantined"] == 10015
     assert summary["unattributable"] == []
 
@@ -98,7 +98,7 @@ def test_same_seed_same_folds_and_rerun_replaces(ray_local, ham_import, tmp_path
     first = read(out, "labels")
     run_partition(*args, folds=4, seed=1)
     assert read(out, "labels").equals(first)
-    assert sorted(os.listdir(out / "partition")) == sorted(
+    assert sorted(os.listdir(out / "partition" / "default")) == sorted(
         ["training_classes.parquet", "labels.parquet", "quarantine.parquet", "task_membership.parquet",
          "fold_counts.parquet", "partition_summary.json"])
     run_partition(*args, folds=4, seed=2)
@@ -162,7 +162,7 @@ def test_s3_and_local_give_identical_tables(ray_local, ham_import, s3_bucket, tm
     assert s["outputs"]["labels"].startswith("s3://")
     for name in ("training_classes", "labels", "quarantine", "task_membership", "fold_counts"):
         assert read(local_out, name).equals(read(s3_out, name)), name
-    assert json.loads(storage.read_text(f"{s3_out}/partition/partition_summary.json"))["assigned"] == 10015
+    assert json.loads(storage.read_text(f"{s3_out}/partition/default/partition_summary.json"))["assigned"] == 10015
 
 
 @pytest.mark.parametrize("case, fragment", [
@@ -171,7 +171,7 @@ def test_s3_and_local_give_identical_tables(ray_local, ham_import, s3_bucket, tm
     ("corrupt", "as Parquet"),
     ("absent", "no such file"),
     ("cycle", "cycle through node(s)"),
-    ("bad_folds", "partition.folds must be between 2 and 100"),
+    ("bad_folds", "key 'partition.folds': input should be greater than or equal to 2, got 1"),
     ("unknown_key", "unknown key 'partition.fold'"),
 ])
 def test_user_errors_exit_2_with_one_line(ray_local, tmp_path, capsys, case, fragment):

@@ -1,9 +1,11 @@
 """The partitioning algorithm against a brute-force reference, and its invariants, over random trees."""
 import numpy as np
+import pandas as pd
 from hypothesis import given, settings, strategies as st
 
+from dermray.inference import membership_matrix
 from dermray.partitioning import (HASH_BUCKETS, NODE, SUBTREE, fold_table, hash_bucket, hash_strings,
-                                  membership_matrix, node_to_class, partition_classes, task_membership)
+                                  node_to_class, partition_classes, task_membership)
 from dermray.tasks import parse_tasks
 from dermray.taxonomy import Taxonomy
 
@@ -103,7 +105,7 @@ def test_membership_sums_descendants_and_reports_straddling_classes():
     assert {r[2] for r in rows if r[:2] == ("mel_nev", "nev")} == {names["Nev:Blue"], names["Nev:Common"]}
     # "Mel" holds in-situ and invasive images: it straddles task class "inv".
     assert [(b.task, b.class_name, b.task_classes) for b in bad] == [("inv", "Mel", ("inv",))]
-    m = membership_matrix(rows, tasks[0], len(classes))
+    m = membership_matrix(pd.DataFrame(rows, columns=["task", "task_class", "class_index"]), tasks[0], len(classes))
     assert m.shape == (len(classes), 2) and m[names["SK"]].sum() == 0 and m[names["Mel"], 0] == 1
 
 
@@ -124,9 +126,38 @@ def test_fold_table_spreads_each_stratum_evenly(group_sizes, k, seed):
     b = hash_bucket(hash_strings(groups, seed))
     hist = np.zeros((1, HASH_BUCKETS), np.int64)
     np.add.at(hist[0], b, group_sizes)
-    table = fold_table(hist, k)
+    table = fold_table(hist, k, seed)
     folds = table[0, b]
     per_fold = np.bincount(folds, weights=group_sizes, minlength=k)
     total = sum(group_sizes)
     assert per_fold.sum() == total
     assert np.abs(per_fold - total / k).max() <= hist.max() + 1e-9
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.lists(st.integers(1, 3), min_size=100, max_size=400), st.integers(2, 12), st.integers(0, 10_000))
+def test_small_strata_are_spread_over_every_fold(groups_per_class, k, seed):
+    """Many classes of 1-3 groups (the paper's many small classes): every fold gets its even share of the groups
+    within 5 binomial sds (a class of one group lands in a uniformly drawn fold; without the seeded rotation every
+    such class fell in the middle fold, and the first and last folds never validated a small class)."""
+    strata = len(groups_per_class)
+    hist = np.zeros((strata, HASH_BUCKETS), np.int64)
+    owner = []
+    for s_, n in enumerate(groups_per_class):
+        b = hash_bucket(hash_strings([f"c{s_}g{i}" for i in range(n)], seed))
+        np.add.at(hist[s_], b, 1)
+        owner += [(s_, x) for x in b]
+    table = fold_table(hist, k, seed)
+    per_fold = np.bincount([table[s_, x] for s_, x in owner], minlength=k)
+    n = len(owner)
+    assert per_fold.sum() == n
+    assert np.abs(per_fold - n / k).max() <= 5 * np.sqrt(n * (1 / k) * (1 - 1 / k)) + 3, per_fold
+
+
+def test_small_strata_placement_changes_with_the_seed():
+    hist = np.zeros((200, HASH_BUCKETS), np.int64)
+    hist[:, 100] = 1  # 200 classes of one group each
+    a, b = fold_table(hist, 9, 0)[:, 100], fold_table(hist, 9, 1)[:, 100]
+    assert (a != b).mean() > 0.5
+    # Every fold validates some single-group class (the midpoint rule put all 200 in fold 4).
+    assert set(a.tolist()) == set(range(9)) and np.bincount(a, minlength=9).max() < 50

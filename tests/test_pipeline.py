@@ -42,7 +42,8 @@ def test_demo_pipeline_end_to_end_then_a_rerun_skips_every_stage(demo_data, ray_
     biopsy = int((test.label_source == "biopsy").sum())
     assert stages["score"]["in"] == biopsy == stages["score"]["out"] + stages["score"]["quarantined"]
     out = d / "out"
-    for table in ("partition/training_classes.parquet", "partition/labels.parquet", "partition/task_membership.parquet",
+    for table in ("partition/demo/training_classes.parquet", "partition/demo/labels.parquet",
+                  "partition/demo/task_membership.parquet",
                   "train/demo/train_summary.parquet", "train/demo/fold=0/best/model.pt", "train/demo/fold=2/model_card.json",
                   "predictions/demo/quarantine.parquet", "metrics/demo/metrics.parquet", "metrics/demo/roc.parquet",
                   "metrics/demo/readers.parquet", "metrics/demo/report.html", "saliency/demo/saliency_index.parquet",
@@ -80,6 +81,6 @@ def test_a_pipeline_interrupted_after_training_resumes_without_retraining(demo_d
 
 def test_pipeline_config_errors(tmp_path, capsys):
     assert main(["pipeline", "--set", "pipeline.stages=[partition,fit]", "--output", str(tmp_path)]) == 2
-    assert "unknown ['fit']" in capsys.readouterr().err
+    assert "key 'pipeline.stages' must be one of" in capsys.readouterr().err
     assert main(["pipeline", "--output", str(tmp_path)]) == 2
     assert "pipeline.test_manifest" in capsys.readouterr().err

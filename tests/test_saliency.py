@@ -22,14 +22,14 @@ def trained(score_study, ray_local, tmp_path_factory):
     """A mobilenet fine-tuned a little on the study's 40 images, and its predictions on the 24-image archive."""
     d = score_study
     t = tmp_path_factory.mktemp("saliency")
-    labels = pd.read_parquet(d / "out" / "partition" / "labels.parquet").merge(
+    labels = pd.read_parquet(d / "out" / "partition" / "r1" / "labels.parquet").merge(
         pd.read_parquet(d / "in" / "manifest.parquet")[["image_id", "uri"]], on="image_id")
-    classes = pq.read_table(d / "out" / "partition" / "training_classes.parquet")
+    classes = pq.read_table(d / "out" / "partition" / "r1" / "training_classes.parquet")
     train_small_fold(t / "fold=0", classes, labels["uri"].tolist(), labels["class_index"].tolist(), steps=60)
     score.run(load_config(None, [
         f"score.input={d / 'archive' / 'manifest.parquet'}", f"score.checkpoints={t / 'fold=0'}", f"output={t}",
         "run_id=p", f"data.tasks={d / 'in' / 'tasks.yaml'}", f"data.taxonomy={d / 'in' / 'taxonomy.parquet'}",
-        f"score.partition={d / 'out' / 'partition'}", "score.batch_size=8", "score.cpus_per_actor=0.5"]))
+        f"score.partition={d / 'out' / 'partition' / 'r1'}", "score.batch_size=8", "score.cpus_per_actor=0.5"]))
     return t
 
 
@@ -37,7 +37,7 @@ def cfg(d, t, *extra):
     return load_config(None, [
         f"saliency.checkpoints={t / 'fold=0'}", f"saliency.predictions={t / 'predictions' / 'p' / 'predictions'}",
         f"data.tasks={d / 'in' / 'tasks.yaml'}", f"data.taxonomy={d / 'in' / 'taxonomy.parquet'}",
-        f"saliency.partition={d / 'out' / 'partition'}", "saliency.cpus_per_actor=0.5", "saliency.k=2",
+        f"saliency.partition={d / 'out' / 'partition' / 'r1'}", "saliency.cpus_per_actor=0.5", "saliency.k=2",
         "saliency.smooth_samples=4", "saliency.ig_steps=8", *extra])
 
 
@@ -97,13 +97,13 @@ def test_misclassified_and_listed_selection_and_errors(score_study, trained, tmp
     assert main(["saliency", "--checkpoint", str(t / "fold=0"), "--predictions", str(t / "predictions" / "p" /
                  "predictions"), "--method", "gradcam", "--tasks", str(d / "in" / "tasks.yaml"), "--taxonomy",
                  str(d / "in" / "taxonomy.parquet"), "--output", str(tmp_path), "--run-id", "ids", "--set",
-                 f"saliency.partition={d / 'out' / 'partition'}", "--set", "saliency.select=ids", "--set",
+                 f"saliency.partition={d / 'out' / 'partition' / 'r1'}", "--set", "saliency.select=ids", "--set",
                  f"saliency.image_ids=[{','.join(ids)}]", "--set", "saliency.sanity=false", "--set",
                  "saliency.target=predicted", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     index = pd.read_parquet(tmp_path / "saliency" / "ids" / "saliency_index.parquet")
     assert set(index["image_id"]) == set(ids) and out["maps"] == len(index)
-    with pytest.raises(UserError, match="unknown"):
+    with pytest.raises(UserError, match="key 'saliency.methods' must be one of"):
         saliency.run(cfg(d, t, "saliency.methods=[occlusion]"))
     with pytest.raises(UserError, match="explains one model"):
         saliency.run(cfg(d, t, f"saliency.checkpoints={d / 'out' / 'train' / 'r1'}"))

@@ -21,12 +21,12 @@ def test_closed_tables_refuse_extra_columns_and_bad_values():
     bad = pa.table({"image_id": ["a", None], "uri": ["u", "v"], "label": ["l", "l"],
                     "modality": ["dermoscopy", "xray"]})
     with pytest.raises(SchemaError, match=r"column 'image_id' is null at row\(s\) 1"):
-        schemas.first_bad_rows(bad, schemas.MANIFEST, "m")
+        schemas.check_table(bad, schemas.MANIFEST, "m")
     with pytest.raises(SchemaError, match=r"column 'modality' is not one of clinical, dermoscopy at row\(s\) 1"):
-        schemas.first_bad_rows(bad.set_column(0, "image_id", pa.array(["a", "b"])), schemas.MANIFEST, "m")
+        schemas.check_table(bad.set_column(0, "image_id", pa.array(["a", "b"])), schemas.MANIFEST, "m")
 
 
 def test_every_table_has_an_arrow_schema():
     for table in schemas.ALL.values():
         assert table.arrow().names == table.required_names
-        assert schemas.empty(table).num_rows == 0
+        assert table.arrow().empty_table().num_rows == 0

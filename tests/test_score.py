@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from dermray import models, score, storage
+from dermray import archive, artifacts, faults, models, score, storage
 from dermray.cli import main
 from dermray.config import load_config
 from dermray.errors import UserError
@@ -26,14 +26,14 @@ pytestmark = pytest.mark.slow
 def cfg(d, *extra):
     return load_config(None, [
         f"data.tasks={d / 'in' / 'tasks.yaml'}", f"data.taxonomy={d / 'in' / 'taxonomy.parquet'}",
-        f"score.partition={d / 'out' / 'partition'}", f"score.checkpoints={d / 'out' / 'train' / 'r1'}",
+        f"score.partition={d / 'out' / 'partition' / 'r1'}", f"score.checkpoints={d / 'out' / 'train' / 'r1'}",
         "score.batch_size=8", "score.rows_per_file=10", "score.decode_cpus=0.5", "score.cpus_per_actor=0.5",
         *extra])
 
 
 def eager_probs(d, uris: list[str], folds=(0, 1), flips=False) -> np.ndarray:
     """A plain PyTorch forward of the same models on the same files (no Ray, no channels_last)."""
-    n_classes = len(pd.read_parquet(d / "out" / "partition" / "training_classes.parquet"))
+    n_classes = len(pd.read_parquet(d / "out" / "partition" / "r1" / "training_classes.parquet"))
     x = torch.from_numpy(np.stack([to_array(eval_transform(decode_image(storage.read_bytes(u)), SIZE),
                                             models.IMAGENET_MEAN, models.IMAGENET_STD) for u in uris]))
     views = [x, torch.flip(x, dims=[3]), torch.flip(x, dims=[2])] if flips else [x]
@@ -60,12 +60,15 @@ def test_manifest_predictions_equal_an_eager_forward_and_carry_the_manifest(scor
     assert len(df) == 24 and df["image_id"].is_unique
     expected = eager_probs(d, [str(d / "archive" / "images" / f"{i}.jpg") for i in df["image_id"]])
     np.testing.assert_allclose(np.stack(df["probs"]), expected, atol=1e-5)
-    assert df["model_id"].unique().tolist() == ["r1/ensemble(fold=0,1)"]
+    # The model id names the models and their weights' content.
+    (model_id,) = df["model_id"].unique().tolist()
+    assert __import__("re").fullmatch(r"r1/ensemble\(fold=0,1\)@[0-9a-f]{12}", model_id), model_id
+    assert model_id == artifacts.load_ensemble([str(d / "out" / "train" / "r1")]).model_id
     man = pd.read_parquet(d / "archive" / "manifest.parquet").set_index("image_id").loc[df["image_id"]]
     for col in ("label", "label_source", "modality", "group_id", "dx"):
         assert df[col].tolist() == man[col].tolist()
     # Task columns through the inference algorithm: sums of training-class probabilities.
-    tm = pd.read_parquet(d / "out" / "partition" / "task_membership.parquet")
+    tm = pd.read_parquet(d / "out" / "partition" / "r1" / "task_membership.parquet")
     mvn = tm[tm.task == "melanoma_vs_nevus"]
     probs = np.stack(df["probs"])
     p_mel = probs[:, mvn.loc[mvn.task_class == "melanoma", "class_index"]].sum(1)
@@ -79,7 +82,7 @@ def test_manifest_predictions_equal_an_eager_forward_and_carry_the_manifest(scor
     ev = evaluate.run(load_config(None, [f"evaluate.predictions={tmp_path / 'predictions' / 'm' / 'predictions'}",
                                          f"data.tasks={d / 'in' / 'tasks.yaml'}",
                                          f"data.taxonomy={d / 'in' / 'taxonomy.parquet'}",
-                                         f"evaluate.partition={d / 'out' / 'partition'}",
+                                         f"evaluate.partition={d / 'out' / 'partition' / 'r1'}",
                                          f"output={tmp_path}", "run_id=m", "evaluate.n_bootstrap=20"]))
     assert any(h["task"] == "melanoma_vs_nevus" and h["metric"] == "auc" for h in ev["headline"])
 
@@ -193,7 +196,7 @@ def test_rerun_is_idempotent_incremental_adds_only_new_images_and_tta_matches_ea
         t.to_parquet(p, index=False)
     one = [f"score.checkpoints={d / 'out' / 'train' / 'r1' / 'fold=0'}", f"output={tmp_path}", "run_id=nightly"]
     s1 = score.run(cfg(d, *one, f"score.input={tmp_path / 'night1.parquet'}"))
-    assert s1["scored"] == 14 and s1["model_id"] == "r1/fold=0"
+    assert s1["scored"] == 14 and s1["model_id"].startswith("r1/fold=0@")
     again = score.run(cfg(d, *one, f"score.input={tmp_path / 'night1.parquet'}"))
     assert again["scored"] == 0 and again["already_done"] == 14 and again["files_written"] == 0
     s2 = score.run(cfg(d, *one, f"score.input={tmp_path / 'night2.parquet'}", "score.incremental=true"))
@@ -226,7 +229,7 @@ def test_a_driver_killed_part_way_and_rerun_scores_each_image_exactly_once(score
     args = [sys.executable, "-m", "dermray.cli", "score", "--input", str(d / "archive" / "manifest.parquet"),
             "--checkpoint", str(d / "out" / "train" / "r1"), "--output", str(tmp_path), "--run-id", "k",
             "--set", "score.rows_per_file=4", "--set", "score.batch_size=4", "--set", "ray.num_cpus=2"]
-    env = dict(os.environ, DERMRAY_TEST_SLOW_BATCH_S="0.4")
+    env = dict(os.environ, **{faults.ENV: json.dumps({"slow_batch_s": 0.4})})
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     parts = tmp_path / "predictions" / "k" / "predictions"
     children = []
@@ -260,12 +263,12 @@ def test_user_errors(score_study, tmp_path, capsys):
     with pytest.raises(UserError, match="no checkpoint given"):
         score.run(load_config(None, [f"score.input={d / 'archive' / 'manifest.parquet'}"]))
     with pytest.raises(UserError, match="no fold=<k>/model_card.json below it"):
-        score.load_ensemble([str(tmp_path)])
+        artifacts.load_ensemble([str(tmp_path)])
     with pytest.raises(UserError, match="no model_card.json for checkpoint"):
-        score.load_ensemble([str(tmp_path / "model.pt")])
+        artifacts.load_ensemble([str(tmp_path / "model.pt")])
     with pytest.raises(UserError, match="score.tta"):
         score.run(cfg(d, f"score.input={d / 'archive' / 'manifest.parquet'}", "score.tta=rot45"))
-    with pytest.raises(UserError, match="score.amp must be auto, bf16, fp16 or off"):
+    with pytest.raises(UserError, match="key 'score.amp' must be one of 'auto', 'bf16', 'fp16' or 'off'"):
         score.run(cfg(d, f"score.input={d / 'archive' / 'manifest.parquet'}", "score.amp=fp8"))
     assert main(["score", "--input", str(tmp_path / "nothing"), "--checkpoint", str(d / "out" / "train" / "r1"),
                  "--output", str(tmp_path)]) == 2
@@ -275,7 +278,7 @@ def test_user_errors(score_study, tmp_path, capsys):
 def test_predictor_masks_error_rows_and_bf16_autocast_stays_close_to_fp32(score_study):
     """The actor's own code, without Ray: rows with an error pass through unscored (the rest scored as in a clean
     batch), and score.amp=bf16 (opt-in) moves no probability by more than 0.05."""
-    ens = score.load_ensemble([str(score_study / "out" / "train" / "r1")])
+    ens = artifacts.load_ensemble([str(score_study / "out" / "train" / "r1")])
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (6, ens.size, ens.size, 3), dtype=np.uint8)
     clean = {"image": images, "error": np.array([""] * 6, dtype=object), "image_id": np.arange(6).astype(str)}
@@ -290,15 +293,50 @@ def test_predictor_masks_error_rows_and_bf16_autocast_stays_close_to_fp32(score_
     assert np.abs(bf16 - p).max() < 0.05 and not np.array_equal(bf16, p)
 
 
-def test_read_shard_and_brace_patterns_are_pure_functions():
-    assert score.expand_braces("s3://b/shard-{08..11}.tar") == [f"s3://b/shard-{i:02d}.tar" for i in (8, 9, 10, 11)]
-    assert score.expand_braces("a.tar") == ["a.tar"]
-    samples, problems = score.read_shard(b"not a tar at all", "x.tar")
+def _read_shard(data: bytes):
+    items = list(archive.iter_shard(io.BytesIO(data)))
+    return [i for k, i in items if k == "sample"], [i for k, i in items if k == "problem"]
+
+
+def test_shards_stream_and_brace_patterns_are_pure_functions():
+    assert archive.expand_braces("s3://b/shard-{08..11}.tar") == [f"s3://b/shard-{i:02d}.tar" for i in (8, 9, 10, 11)]
+    assert archive.expand_braces("a.tar") == ["a.tar"]
+    samples, problems = _read_shard(b"not a tar at all")
     assert samples == [] and "not a readable tar archive" in problems[0]["reason"]
     data = _shard([("a", b"\xff\xd8jpeg", {"label": "L", "image_id": "img-a"}), ("b", b"\xff\xd8", {})])
-    samples, problems = score.read_shard(data, "x.tar")
+    samples, problems = _read_shard(data)
     assert [s["image_id"] for s in samples] == ["img-a", "b"] and problems == []
     assert samples[0]["meta"]["label"] == "L" and samples[0]["data"] == b"\xff\xd8jpeg"
+
+
+class _OneReadStream(io.RawIOBase):
+    """A file object that hands out at most ``chunk`` bytes per read and records the largest read: a shard read
+    as a stream never asks for the whole shard at once."""
+
+    def __init__(self, data: bytes, chunk: int = 4096):
+        self.data, self.pos, self.chunk, self.largest = data, 0, chunk, 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        n = min(len(b), self.chunk, len(self.data) - self.pos)
+        b[:n] = self.data[self.pos:self.pos + n]
+        self.pos += n
+        self.largest = max(self.largest, n)
+        return n
+
+
+def test_a_shard_is_read_one_member_at_a_time():
+    big = [(f"k{i:03d}", bytes([i % 256]) * 50_000, {"label": "L"}) for i in range(40)]  # a 2 MB shard
+    stream = _OneReadStream(_shard(big))
+    seen = 0
+    for kind, item in archive.iter_shard(io.BufferedReader(stream, buffer_size=16384)):
+        assert kind == "sample"
+        seen += 1
+        # When a sample is handed out, the stream has read at most one more member beyond it.
+        assert stream.pos <= (seen + 1) * 2 * 51_200 + 10_240 * 2, (seen, stream.pos)
+    assert seen == 40 and stream.largest <= 16384
 
 
 def test_a_killed_scoring_actor_is_replaced_and_the_output_is_complete(score_study, ray_local, tmp_path, monkeypatch):
@@ -309,7 +347,7 @@ def test_a_killed_scoring_actor_is_replaced_and_the_output_is_complete(score_stu
     import psutil
 
     d = score_study
-    monkeypatch.setenv("DERMRAY_TEST_SLOW_BATCH_S", "0.5")
+    monkeypatch.setenv(faults.ENV, json.dumps({"slow_batch_s": 0.5}))
     result, killed = {}, []
 
     def run():

@@ -23,10 +23,10 @@ def test_planted_credentials_appear_in_nothing_a_run_writes(score_study, ray_loc
     common = ["--set", f"data.tasks={d / 'in' / 'tasks.yaml'}", "--set", f"data.taxonomy={d / 'in' / 'taxonomy.parquet'}"]
     assert main(["score", "--checkpoint", str(d / "out" / "train" / "r1" / "fold=0"), "--input",
                  f"{s3_bucket}/archive/manifest.parquet", "--output", str(out), "--run-id", "sec", *common,
-                 "--set", f"score.partition={d / 'out' / 'partition'}", "--set", "score.cpus_per_actor=0.5",
+                 "--set", f"score.partition={d / 'out' / 'partition' / 'r1'}", "--set", "score.cpus_per_actor=0.5",
                  "--json"]) == 0
     assert main(["evaluate", "--predictions", str(out / "predictions" / "sec" / "predictions"), "--partition",
-                 str(d / "out" / "partition"), "--output", str(out), "--run-id", "sec", "--set",
+                 str(d / "out" / "partition" / "r1"), "--output", str(out), "--run-id", "sec", "--set",
                  "evaluate.n_bootstrap=20", *common]) == 0
     # A failing run's message names the object, not the credentials.
     assert main(["score", "--checkpoint", str(d / "out" / "train" / "r1" / "fold=0"), "--input",

@@ -8,8 +8,8 @@ from PIL import Image
 
 from dermray.cli import main
 from dermray.partitioning import partition_classes  # noqa: F401 - the algorithm the taxonomy must exercise
-from dermray.tasks import load_tasks
-from dermray.taxonomy import load_taxonomy
+from dermray.definitions import load_tasks
+from dermray.definitions import load_taxonomy
 
 
 def _digest(folder) -> str:

@@ -4,7 +4,8 @@ import pyarrow as pa
 import pytest
 
 from dermray.errors import TaxonomyError
-from dermray.taxonomy import ROOT_ID, Taxonomy, load_taxonomy
+from dermray.definitions import load_taxonomy
+from dermray.taxonomy import ROOT_ID, Taxonomy
 
 
 def tree(rows):

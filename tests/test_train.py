@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dermray import evaluate, models, storage, train
+from dermray import artifacts, evaluate, faults, models, storage, train, trainloop
 from dermray.cli import main
 from dermray.config import load_config
 from dermray.errors import UserError
@@ -27,7 +27,7 @@ def small_study(ham_dir, tmp_path_factory):
                  "--output", str(d / "in")]) == 0
     assert main(["partition", "--manifest", str(d / "in" / "manifest.parquet"), "--taxonomy",
                  str(d / "in" / "taxonomy.parquet"), "--tasks", str(d / "in" / "tasks.yaml"), "--max-class-size",
-                 "20", "--folds", "2", "--output", str(d / "out")]) == 0
+                 "20", "--folds", "2", "--output", str(d / "out"), "--run-id", "p"]) == 0
     return d
 
 
@@ -36,7 +36,7 @@ def config(d, *extra):
         f"data.manifest={d / 'in' / 'manifest.parquet'}", f"data.taxonomy={d / 'in' / 'taxonomy.parquet'}",
         f"data.tasks={d / 'in' / 'tasks.yaml'}", f"output={d / 'out'}", "train.arch=mobilenet_v3_small",
         "train.weights=none", "train.image_size=64", "train.batch_size=16", "train.cpus_per_worker=0.5",
-        "train.data_cpus=0.5", *extra])
+        "train.data_cpus=0.5", f"train.partition={d / 'out' / 'partition' / 'p'}", *extra])
 
 
 def test_two_folds_train_concurrently_and_write_their_outputs(small_study, ray_local):
@@ -47,7 +47,7 @@ def test_two_folds_train_concurrently_and_write_their_outputs(small_study, ray_l
     # The folds ran at the same time: their training windows overlap.
     assert f0["t_start"] < f1["t_end"] and f1["t_start"] < f0["t_end"], (f0, f1)
     run_dir = d / "out" / "train" / "cv"
-    n_classes = len(pd.read_parquet(d / "out" / "partition" / "training_classes.parquet"))
+    n_classes = len(pd.read_parquet(d / "out" / "partition" / "p" / "training_classes.parquet"))
     for fold in ("fold=0", "fold=1"):
         metrics = pd.read_parquet(run_dir / fold / "metrics.parquet")
         assert set(metrics["epoch"]) == {0, 1}
@@ -60,7 +60,7 @@ def test_two_folds_train_concurrently_and_write_their_outputs(small_study, ray_l
         model = models.build_model("mobilenet_v3_small", n_classes, weights=str(run_dir / fold / "best" / "model.pt"))
         assert model.classifier[3].out_features == n_classes
         preds = pd.read_parquet(run_dir / fold / "val_predictions.parquet")
-        assert len(preds) == (pd.read_parquet(d / "out" / "partition" / "labels.parquet")["fold"]
+        assert len(preds) == (pd.read_parquet(d / "out" / "partition" / "p" / "labels.parquet")["fold"]
                               == int(fold[-1])).sum()
         assert len(preds["probs"].iloc[0]) == n_classes
         assert {"label", "label_source", "group_id", "model_id"} <= set(preds.columns)
@@ -74,11 +74,13 @@ def test_two_folds_train_concurrently_and_write_their_outputs(small_study, ray_l
     ev = evaluate.run(load_config(None, [f"evaluate.predictions={d / 'cv_predictions.parquet'}",
                                          f"data.tasks={d / 'in' / 'tasks.yaml'}",
                                          f"data.taxonomy={d / 'in' / 'taxonomy.parquet'}",
+                                         f"evaluate.partition={d / 'out' / 'partition' / 'p'}",
                                          f"output={d / 'out'}", "run_id=cv", "evaluate.n_bootstrap=50"]))
     assert any(h["metric"] == "auc" and h["task"] == "melanoma_vs_nevus" for h in ev["headline"])
 
 
-def test_a_killed_worker_resumes_from_its_checkpoint_and_a_rerun_continues(small_study, ray_local, tmp_path):
+def test_a_killed_worker_resumes_from_its_checkpoint_and_a_rerun_continues(small_study, ray_local, tmp_path,
+                                                                           monkeypatch):
     d = small_study
     pid_file, events = tmp_path / "pid", tmp_path / "events"
 
@@ -99,24 +101,28 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_a_rerun_continues(small
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    s = train.run(config(d, "run_id=resume", "train.folds=[0]", "train.epochs=3", "train.max_failures=2"),
-                  _extra={"pid_file": str(pid_file), "events_file": str(events), "slow_batches_s": 0.5})
+    monkeypatch.setenv(faults.ENV, json.dumps({"pid_file": str(pid_file), "events_file": str(events),
+                                               "slow_batch_s": 0.5}))
+    s = train.run(config(d, "run_id=resume", "train.folds=[0]", "train.epochs=3", "train.max_failures=2"))
     thread.join(timeout=1)
     started = [int(x) for x in events.read_text().split()]
     # Epoch 0 was not redone; the epoch the kill interrupted was started again; the fold ended at epoch 2.
     assert started.count(0) == 1 and len(started) == 4 and sorted(set(started)) == [0, 1, 2], started
     assert s["per_fold"][0]["epochs"] == 3
-    # Re-running the same run with more epochs continues from the last checkpoint.
-    s = train.run(config(d, "run_id=resume", "train.folds=[0]", "train.epochs=4"),
-                  _extra={"events_file": str(events)})
-    assert [int(x) for x in events.read_text().split()][len(started):] == [3]
+    # Re-running the same run resumes nothing new; another epoch count is another recipe: refused in one line,
+    # then trained afresh under --force.
+    monkeypatch.setenv(faults.ENV, json.dumps({"events_file": str(events)}))
+    s = train.run(config(d, "run_id=resume", "train.folds=[0]", "train.epochs=3"))
+    assert [int(x) for x in events.read_text().split()][len(started):] == []
+    with pytest.raises(UserError, match=r"fold 0: epochs 3 -> 4; use a new run id, or --force"):
+        train.run(config(d, "run_id=resume", "train.folds=[0]", "train.epochs=4"))
     metrics = pd.read_parquet(d / "out" / "train" / "resume" / "fold=0" / "metrics.parquet")
-    assert sorted(set(metrics["epoch"])) == [0, 1, 2, 3]
+    assert sorted(set(metrics["epoch"])) == [0, 1, 2]
     # The resumed fold's model scores real images.
     from dermray import score
     from dermray.transforms import decode_image, eval_transform
 
-    ens = score.load_ensemble([str(d / "out" / "train" / "resume")])
+    ens = artifacts.load_ensemble([str(d / "out" / "train" / "resume")])
     uris = pd.read_parquet(d / "in" / "manifest.parquet")["uri"].head(4)
     images = np.stack([np.asarray(eval_transform(decode_image(storage.read_bytes(u)), ens.size)) for u in uris])
     probs = score.Predictor(ens, 2, channels_last=True, tta="none", use_gpu=False)(
@@ -124,30 +130,33 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_a_rerun_continues(small
     assert probs.shape == (4, ens.n_classes) and np.allclose(probs.sum(1), 1, atol=1e-5)
 
 
-def test_a_run_trained_on_other_classes_is_refused(small_study, ray_local, tmp_path):
+def test_a_fold_directory_without_a_lineage_record_is_refused(small_study, tmp_path):
     d = small_study
     run_dir = d / "out" / "train" / "mismatch" / "fold=0"
     run_dir.mkdir(parents=True)
-    (run_dir / "run.json").write_text(json.dumps({"classes_hash": "0123456789abcdef"}))
-    with pytest.raises(UserError, match="trained on other training classes"):
+    (run_dir / "checkpoint_000000").mkdir()
+    (run_dir / "checkpoint_000000" / "model.pt").write_bytes(b"old")
+    with pytest.raises(UserError, match="holds files with no lineage record"):
         train.run(config(d, "run_id=mismatch", "train.folds=[0]", "train.epochs=1"))
 
 
 def test_bad_train_settings_are_user_errors(small_study):
     d = small_study
-    with pytest.raises(UserError, match="unknown model 'vgg16'"):
+    with pytest.raises(UserError, match="key 'train.arch' must be one of"):
         train.run(config(d, "train.arch=vgg16"))
-    with pytest.raises(UserError, match="optimizer must be rmsprop or adamw"):
+    with pytest.raises(UserError, match="key 'train.optimizer' must be one of 'rmsprop' or 'adamw'"):
         train.run(config(d, "train.optimizer=sgd"))
     with pytest.raises(UserError, match=r"train.folds \[7\] are not in the labels"):
         train.run(config(d, "train.folds=[7]"))
+    with pytest.raises(UserError, match="checkpoint_metric 'val_acc_nope' names no task"):
+        train.run(config(d, "train.checkpoint_metric=val_acc_nope"))
 
 
 def test_checkpoints_and_outputs_on_s3_and_a_final_model(small_study, ray_local, s3_bucket):
     d = small_study
     out = f"{s3_bucket}/dermray"
     s = train.run(config(d, "run_id=s3run", "train.folds=[1]", "train.final_model=true", "train.epochs=1",
-                         f"output={out}", f"train.partition={d / 'out' / 'partition'}"))
+                         f"output={out}", f"train.partition={d / 'out' / 'partition' / 'p'}"))
     assert s["folds"] == ["1", "all"]
     run_dir = f"{out}/train/s3run"
     for fold in ("fold=1", "fold=all"):
@@ -165,13 +174,14 @@ def test_cli_train_user_error_exits_2(small_study, capsys):
     code = main(["train", "--manifest", str(d / "in" / "manifest.parquet"), "--output", str(d / "out"),
                  "--arch", "alexnet"])
     err = capsys.readouterr().err
-    assert code == 2 and "unknown model 'alexnet'" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "key 'train.arch'" in err and "'alexnet'" in err and len(err.strip().splitlines()) == 1
 
 
-def test_a_training_time_budget_stops_the_fold(small_study, ray_local):
+def test_a_training_time_budget_stops_the_fold(small_study, ray_local, monkeypatch):
     d = small_study
+    monkeypatch.setenv(faults.ENV, json.dumps({"slow_batch_s": 0.4}))
     s = train.run(config(d, "run_id=budget", "train.folds=[0]", "train.epochs=5", "train.max_minutes=0.005",
-                         "train.checkpoint_metric=train_loss"), _extra={"slow_batches_s": 0.4})
+                         "train.checkpoint_metric=train_loss"))
     assert s["per_fold"][0]["epochs"] == 1
     metrics = pd.read_parquet(d / "out" / "train" / "budget" / "fold=0" / "metrics.parquet").set_index("metric")
     assert metrics.loc["stopped_by_budget", "value"] == 1.0
@@ -181,17 +191,17 @@ def test_a_last_batch_of_one_image_is_skipped_not_fatal():
     """Batch norm cannot train on one image (inception_v3's aux head raised on such a last batch): it is skipped."""
     import torch
 
-    from dataclasses import asdict
-
     from dermray.config import TrainConfig
 
     s = models.spec("inception_v3")
-    tc = asdict(TrainConfig(arch="inception_v3", weights="none")) | {"mean": list(s.mean), "std": list(s.std)}
+    tc = TrainConfig(arch="inception_v3", weights="none")
+    job = trainloop.FoldJob(train=tc, n_classes=3, image_size=299, mean=s.mean, std=s.std)
     model = models.build_model("inception_v3", 3, weights="none")
     rng = np.random.default_rng(0)
     batches = [{"image": torch.from_numpy(rng.integers(0, 256, (n, 299, 299, 3), dtype=np.uint8)),
                 "label": torch.tensor([0, 1][:n])} for n in (2, 1)]
-    r = train.train_one_epoch(model, train.make_optimizer(model.parameters(), tc), batches, tc, torch.device("cpu"))
+    r = trainloop.train_one_epoch(model, trainloop.make_optimizer(model.parameters(), tc), batches, job,
+                                  torch.device("cpu"))
     assert (r["images"], r["images_skipped"]) == (2, 1) and np.isfinite(r["loss"])
 
 
@@ -216,7 +226,7 @@ class _Epochs:
 def test_epoch_batches_hand_out_every_epoch_in_order_and_start_the_next_one_early():
     make = _Epochs(10)
     seen, finished = [], {}
-    with train.EpochBatches(make, 2, 5, queue_batches=3) as epochs:
+    with trainloop.EpochBatches(make, 2, 5, queue_batches=3) as epochs:
         for epoch in range(2, 5):
             for batch in epochs.epoch(epoch):
                 time.sleep(0.01)  # a training step
@@ -231,7 +241,7 @@ def test_epoch_batches_hand_out_every_epoch_in_order_and_start_the_next_one_earl
 def test_epoch_batches_stopped_mid_epoch_close_the_running_epoch():
     make = _Epochs(1000)
     t0 = time.monotonic()
-    with train.EpochBatches(make, 0, 3, queue_batches=2) as epochs:
+    with trainloop.EpochBatches(make, 0, 3, queue_batches=2) as epochs:
         got = [b for _, b in zip(range(5), epochs.epoch(0))]  # the time budget ends the epoch after 5 batches
     assert got == [(0, i) for i in range(5)]
     assert make.closed == {0} and 1 not in make.started and time.monotonic() - t0 < 5
@@ -239,7 +249,7 @@ def test_epoch_batches_stopped_mid_epoch_close_the_running_epoch():
 
 def test_epoch_batches_skip_what_an_unfinished_epoch_left_and_raise_errors_in_the_trainer():
     make = _Epochs(6, fail_at=2)
-    with train.EpochBatches(make, 0, 3, queue_batches=2) as epochs:
+    with trainloop.EpochBatches(make, 0, 3, queue_batches=2) as epochs:
         assert next(epochs.epoch(0)) == (0, 0)
         assert list(epochs.epoch(1)) == [(1, i) for i in range(6)]
         with pytest.raises(OSError, match="epoch 2"):

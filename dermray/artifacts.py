@@ -1,0 +1,315 @@
+"""A trained model on storage, defined once: where its files lie, its model card (a typed, validated record), the
+hashes that identify it, and loading the fold models of an ensemble. ``dermray train`` writes through this module;
+``dermray score``, ``dermray saliency``, ``dermray evaluate`` and ``dermray lineage`` read through it.
+
+A fold directory (``<output>/train/<run_id>/fold=<k>/``) holds ``best/model.pt`` (a plain state_dict, loaded with
+``weights_only=True``) and ``model_card.json``. The card says what the weights are (architecture, input size,
+normalisation, training classes, their hash, the weights' sha256), how they were made (config, lineage, versions)
+and how well they did (validation metrics, operating points, calibration). ``schema_version`` changes when a field
+changes meaning; cards of version 1 (before the sha256 and lineage fields) are still read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dermray import layout, storage
+from dermray.errors import UserError
+
+CARD_FILE = "model_card.json"
+CARD_MD = "model_card.md"
+WEIGHTS_FILE = posixpath.join("best", "model.pt")
+CARD_SCHEMA_VERSION = 2
+
+
+# ---- hashes ------------------------------------------------------------------------------------------------------
+def classes_hash(classes: pa.Table | list[dict]) -> str:
+    """16 hex digits identifying a set of training classes (index, node and scope of each, in order)."""
+    if isinstance(classes, pa.Table):
+        rows = zip(classes.column("class_index").to_pylist(), classes.column("node_id").to_pylist(),
+                   classes.column("scope").to_pylist())
+    else:
+        rows = ((c["class_index"], c["node_id"], c.get("scope", "subtree")) for c in classes)
+    return hashlib.sha256(json.dumps([list(r) for r in rows]).encode()).hexdigest()[:16]
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def weights_sha256(uri: str) -> str:
+    """sha256 of a weights file's bytes (read once; the file is the model)."""
+    return sha256_hex(storage.read_bytes(uri))
+
+
+# ---- the model card ----------------------------------------------------------------------------------------------
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainingClassRecord(_Record):
+    class_index: int
+    node_id: str
+    name: str
+    scope: Literal["subtree", "node"] = "subtree"
+    n_images: Optional[int] = None
+
+
+class Normalisation(_Record):
+    mean: list[float] = Field(min_length=3, max_length=3)
+    std: list[float] = Field(min_length=3, max_length=3)
+
+
+class OperatingPoint(_Record):
+    """A decision threshold on a binary task's score, locked when the model was trained."""
+    task: str
+    name: str  # e.g. "sens0.95", "youden", "readers_specificity"
+    threshold: float
+    # What it gave on the data that chose it (the trained folds' held-out predictions)
+    sensitivity: Optional[float] = None
+    specificity: Optional[float] = None
+    chosen_on: str = "out_of_fold"
+    n: Optional[int] = None
+
+
+class Calibration(_Record):
+    """Temperature scaling of the logits (softmax(logits / T)), fitted on out-of-fold predictions."""
+    method: Literal["temperature"] = "temperature"
+    temperature: float = Field(gt=0)
+    fitted_on: str = "out_of_fold"
+    n: Optional[int] = None
+    nll_before: Optional[float] = None
+    nll_after: Optional[float] = None
+
+
+class ModelCard(_Record):
+    """What a fold model is, how it was made and how well it did (MONAI's metadata.json in spirit)."""
+    schema_version: int = CARD_SCHEMA_VERSION
+    model_id: str
+    architecture: str
+    input_size: int = Field(ge=8)
+    normalisation: Normalisation
+    training_classes: list[TrainingClassRecord] = Field(min_length=2)
+    classes_hash: str
+    weights_sha256: Optional[str] = None  # of best/model.pt
+    weights_source: Optional[str] = None  # what training started from: imagenet | none | a (redacted) URI
+    freeze: Optional[str] = None
+    fold: Optional[str] = None
+    held_out_fold: Optional[int] = None  # None for the model trained on all folds
+    config: dict[str, Any] = Field(default_factory=dict)  # the effective train config
+    config_hash: Optional[str] = None
+    versions: dict[str, Optional[str]] = Field(default_factory=dict)
+    epochs_trained: Optional[int] = None
+    best_epoch: Optional[int] = None
+    selection: Optional[str] = None  # how the best epoch was chosen
+    validation: dict[str, Optional[float]] = Field(default_factory=dict)
+    checkpoint: Optional[str] = None  # where best/model.pt lies
+    data_hash: Optional[str] = None  # of (image_id, class_index, fold): the labels trained on
+    lineage: dict[str, Any] = Field(default_factory=dict)
+    operating_points: list[OperatingPoint] = Field(default_factory=list)
+    calibration: Optional[Calibration] = None
+    precision: Optional[str] = None  # fp32 | bf16 | fp16: what training computed in
+    # The reviewer's part (issue 19): intended use, data, limitations, metrics written back by evaluate
+    description: dict[str, Any] = Field(default_factory=dict)
+    test_metrics: list[dict[str, Any]] = Field(default_factory=list)
+    changelog: list[dict[str, Any]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _classes_consistent(self):
+        indices = [c.class_index for c in self.training_classes]
+        if indices != list(range(len(indices))):
+            raise ValueError("training_classes must be numbered 0..n-1 in order")
+        if classes_hash([c.model_dump() for c in self.training_classes]) != self.classes_hash:
+            raise ValueError("classes_hash does not match training_classes")
+        return self
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.training_classes)
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "model card") -> "ModelCard":
+        if not isinstance(data, dict):
+            raise UserError(f"{source}: a model card must be a JSON object")
+        data = dict(data)
+        version = data.setdefault("schema_version", 1)
+        if not isinstance(version, int) or version > CARD_SCHEMA_VERSION:
+            raise UserError(f"{source}: model card schema_version {version!r} is newer than this dermray reads "
+                            f"({CARD_SCHEMA_VERSION}): upgrade dermray")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "<card>"
+            raise UserError(f"{source}: invalid model card: {where}: {err['msg']}") from None
+
+
+def read_card(uri: str) -> ModelCard:
+    try:
+        data = json.loads(storage.read_text(uri))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{storage.redact(uri)}: not valid JSON: {e}") from None
+    return ModelCard.from_dict(data, storage.redact(uri))
+
+
+def write_card(card: ModelCard, fold_dir: str) -> str:
+    uri = storage.join(fold_dir, CARD_FILE)
+    storage.write_text(uri, json.dumps(card.to_dict(), indent=2))
+    return uri
+
+
+# ---- where models lie --------------------------------------------------------------------------------------------
+def weights_uri(fold_dir: str) -> str:
+    return storage.join(fold_dir, "best", "model.pt")
+
+
+def _card_for(uri: str) -> tuple[str, ModelCard]:
+    """(weights URI, model card) for a fold directory or a model.pt inside one."""
+    if uri.endswith(".pt"):
+        here = storage.parent(uri)
+        candidates = [storage.join(here, CARD_FILE), storage.join(storage.parent(here), CARD_FILE)]
+        weights = uri
+    else:
+        candidates = [storage.join(uri, CARD_FILE)]
+        weights = weights_uri(uri)
+    for c in candidates:
+        if storage.exists(c):
+            return weights, read_card(c)
+    raise UserError(f"no {CARD_FILE} for checkpoint {storage.redact(uri)}: pass a fold directory written by "
+                    "`dermray train` (…/train/<run>/fold=<k>), its best/model.pt, or the run directory")
+
+
+def fold_dirs(run_dir: str, include_final: bool = False) -> list[str]:
+    """The fold directories of a train run that hold a model card: the cross-validation folds (and the model
+    trained on all folds only when asked, or when it is the only one)."""
+    if not storage.exists(run_dir):
+        return []
+    cards = [c for c in storage.list_files(run_dir, (CARD_FILE,))
+             if posixpath.basename(posixpath.dirname(c)).startswith("fold=")]
+    final = f"fold={layout.FINAL_FOLD}/{CARD_FILE}"
+    cv = [storage.parent(c) for c in cards if not c.endswith(final)]
+    everything = [storage.parent(c) for c in cards]
+    return everything if include_final or not cv else cv
+
+
+def resolve_checkpoints(uris: list[str]) -> list[tuple[str, ModelCard]]:
+    """Expand each URI (a fold directory, a model.pt, or a train run directory -> its cross-validation folds) to
+    (weights URI, card) pairs."""
+    out = []
+    for uri in uris:
+        uri = uri.strip().rstrip("/")
+        if not uri:
+            continue
+        if not uri.endswith(".pt") and not storage.exists(storage.join(uri, CARD_FILE)):
+            dirs = fold_dirs(uri)
+            if not dirs:
+                raise UserError(f"checkpoint {storage.redact(uri)}: no fold=<k>/{CARD_FILE} below it (is it a "
+                                "`dermray train` output?)")
+            out.extend(_card_for(d) for d in dirs)
+        else:
+            out.append(_card_for(uri))
+    if not out:
+        raise UserError("no checkpoint given: pass --checkpoint URI[,URI...] (config: score.checkpoints)")
+    return out
+
+
+# ---- ensembles ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ensemble:
+    """The fold models to average: their weights files, what their cards say, and one model id that names them
+    and their weights' content (``<run>/<fold or ensemble(...)>@<12 hex digits of the weights' sha256>``)."""
+    weights: tuple[str, ...]
+    cards: tuple[ModelCard, ...]
+    weights_sha256: tuple[str, ...]
+    model_id: str
+
+    @property
+    def first(self) -> ModelCard:
+        return self.cards[0]
+
+    @property
+    def arch(self) -> str:
+        return self.first.architecture
+
+    @property
+    def n_classes(self) -> int:
+        return self.first.n_classes
+
+    @property
+    def size(self) -> int:
+        return self.first.input_size
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(self.first.normalisation.mean)
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.first.normalisation.std)
+
+    @property
+    def classes_hash(self) -> str:
+        return self.first.classes_hash
+
+    @property
+    def classes(self) -> list[dict]:
+        return [c.model_dump() for c in self.first.training_classes]
+
+    @property
+    def weights_digest(self) -> str:
+        """One sha256 over the members' weights (in order): what the model id's suffix abbreviates."""
+        return sha256_hex("\n".join(self.weights_sha256).encode())
+
+
+def _ensemble_name(cards: list[ModelCard]) -> str:
+    ids = [c.model_id.split("@", 1)[0] for c in cards]
+    if len(ids) == 1:
+        return ids[0]
+    runs = {i.rsplit("/", 1)[0] for i in ids}
+    folds = ",".join(i.rsplit("fold=", 1)[-1] for i in ids)
+    return f"{runs.pop() if len(runs) == 1 else 'models'}/ensemble(fold={folds})"
+
+
+def load_ensemble(uris: list[str], name: str | None = None) -> Ensemble:
+    """The ensemble of the models ``uris`` name (see ``resolve_checkpoints``); they must share training classes,
+    architecture and input size. The weights' sha256 comes from each card (verified when a worker loads the
+    weights) or, for a card without one, from reading the file."""
+    pairs = resolve_checkpoints(uris)
+    first_w, first = pairs[0]
+    for w, c in pairs[1:]:
+        for key in ("classes_hash", "architecture", "input_size"):
+            if getattr(c, key) != getattr(first, key):
+                raise UserError(f"checkpoints cannot be averaged: {storage.redact(w)} has {key} {getattr(c, key)!r}, "
+                                f"{storage.redact(first_w)} has {getattr(first, key)!r}")
+    shas = tuple(c.weights_sha256 or weights_sha256(w) for w, c in pairs)
+    cards = [c for _, c in pairs]
+    ens = Ensemble(tuple(w for w, _ in pairs), tuple(cards), shas, "")
+    base = (name or _ensemble_name(cards)).split("@", 1)[0]
+    return Ensemble(ens.weights, ens.cards, shas, f"{base}@{ens.weights_digest[:12]}")
+
+
+def load_member(ens: Ensemble, i: int, device=None):
+    """Model ``i`` of the ensemble, in eval mode, from weights whose sha256 is checked against the card's: weights
+    replaced after the card was written (a retrain in place, a copy gone wrong) are refused, not scored."""
+    import io
+
+
+    from dermray.models import build_model, state_dict_from_bytes
+
+    data = storage.read_bytes(ens.weights[i])
+    if sha256_hex(data) != ens.weights_sha256[i]:
+        raise UserError(f"{storage.redact(ens.weights[i])}: the weights changed since they were identified "
+                        f"(sha256 {sha256_hex(data)[:12]}, expected {ens.weights_sha256[i][:12]}): re-run the "
+                        "stage so that it identifies the current model")
+    state = state_dict_from_bytes(io.BytesIO(data), ens.weights[i])
+    model = build_model(ens.arch, ens.n_classes, weights=state).eval()
+    return model.to(device) if device is not None else model

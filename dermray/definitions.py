@@ -1,0 +1,17 @@
+"""Reading the definitions a run is made of - the disease taxonomy and the evaluation tasks - from storage. The
+parsing and checking is pure (``dermray/taxonomy.py``, ``dermray/tasks.py``); this is the I/O around it."""
+from __future__ import annotations
+
+from dermray import storage
+from dermray.tasks import Task, parse_tasks
+from dermray.taxonomy import Taxonomy
+
+
+def load_taxonomy(uri: str) -> Taxonomy:
+    """Read a taxonomy table (Parquet, or CSV by extension) in either form (node rows or ISIC paths)."""
+    return Taxonomy.from_table(storage.read_table_any(uri), source=storage.redact(uri))
+
+
+def load_tasks(uri: str, taxonomy: Taxonomy) -> list[Task]:
+    """Read and check a tasks YAML against ``taxonomy``."""
+    return parse_tasks(storage.read_text(uri), taxonomy, uri)

@@ -1,0 +1,61 @@
+"""Progress of long work, as a person wants to see it: what runs, how far, how fast, how long is left.
+
+Every stage reports through ``Meter`` (counts of a known or unknown total) and ``say`` (one line). The lines go to
+the ``dermray.progress`` logger, which the CLI shows on the console (plain lines in job logs; a terminal gets the
+same lines) and writes to the stage's log file; at most one line per ``every_s`` seconds per meter, plus the last.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+log = logging.getLogger("dermray.progress")
+
+
+def duration(seconds: float) -> str:
+    """12s, 4m05s, 2h13m."""
+    if seconds != seconds or seconds < 0:  # NaN
+        return "?"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def say(message: str, *args) -> None:
+    log.info(message, *args)
+
+
+class Meter:
+    """Counts towards ``total`` (None when unknown) of ``unit``; ``update(n)`` logs at most every ``every_s``."""
+
+    def __init__(self, label: str, total: int | None, unit: str = "images", every_s: float = 5.0):
+        self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
+        self.done = 0
+        self.t0 = time.monotonic()
+        self._last = self.t0
+        self.extra = ""
+
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.t0
+        return self.done / elapsed if elapsed > 0 else 0.0
+
+    def line(self) -> str:
+        rate = self.rate()
+        if self.total:
+            pct = 100.0 * self.done / self.total
+            left = (self.total - self.done) / rate if rate > 0 else float("nan")
+            head = f"{self.label}: {self.done:,} / {self.total:,} {self.unit} ({pct:.0f}%)"
+            tail = f", ETA {duration(left)}" if self.done < self.total else f", {duration(time.monotonic() - self.t0)}"
+        else:
+            head, tail = f"{self.label}: {self.done:,} {self.unit}", ""
+        return f"{head}, {rate:.1f} {self.unit}/s{tail}{self.extra}"
+
+    def update(self, n: int = 1, force: bool = False) -> None:
+        self.done += n
+        now = time.monotonic()
+        if force or now - self._last >= self.every_s or (self.total and self.done >= self.total):
+            self._last = now
+            log.info("%s", self.line())
