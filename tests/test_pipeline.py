@@ -57,6 +57,19 @@ def test_demo_pipeline_end_to_end_then_a_rerun_skips_every_stage(demo_data, ray_
     readers = pd.read_parquet(out / "metrics" / "demo" / "readers.parquet")
     assert readers.reader_id.nunique() >= 20
     first_fold_mtime = (out / "train" / "demo" / "fold=0" / "best" / "model.pt").stat().st_mtime
+    # The whole chain behind the numbers, each link holding.
+    capsys.readouterr()
+    assert main(["lineage", "--output", str(out), "--run-id", "demo", "--json"]) == 0
+    chain = json.loads(capsys.readouterr().out)
+    assert list(chain["stages"]) == ["partition", "train", "score", "evaluate", "saliency"]
+    assert chain["stages"]["partition"]["inputs"]["manifest"]["rows"] == len(manifest)
+    assert [f["fold"] for f in chain["stages"]["train"]["folds"]] == ["0", "1", "2"]
+    assert [link["link"] for link in chain["links"]] == ["partition -> train", "train -> predictions",
+                                                         "predictions -> metrics", "model -> saliency"]
+    assert all(link["holds"] for link in chain["links"]), chain["links"]
+    assert main(["lineage", "--output", str(out), "--run-id", "demo"]) == 0
+    text = capsys.readouterr().out
+    assert "BROKEN" not in text and preds.model_id.iloc[0] in text
 
     again = pipeline.run(demo_config(d))
     assert all(r["status"] == "skipped (done)" for r in again["stages"])
