@@ -184,10 +184,13 @@ def _mask(pattern: str, image_id: str, shape: tuple[int, int]) -> np.ndarray:
 def sanity_rows(ens, matrix: np.ndarray, audit: pd.DataFrame, methods: list[str], sc: dict, threads: int,
                 use_gpu: bool) -> list[dict]:
     """The cascading model-parameter randomisation test on the audit images: per method and level, the mean
-    Spearman rank correlation and SSIM between the original maps and the randomised model's maps."""
+    Spearman rank correlation and SSIM between the original maps and the randomised model's maps, and how many of
+    the randomised maps are blank (a level with a blank map is inconclusive: a low similarity to nothing proves
+    nothing)."""
     import torch
 
-    from dermray.attribution import TargetLogProb, attribute, cascade, randomise, spearman, ssim
+    from dermray.attribution import (TargetLogProb, attribute, blank, cascade, randomise, recalibrate_batchnorm,
+                                     spearman, ssim)
     from dermray.models import get_module, spec
 
     f, layer, device = build_explainer(ens, matrix, threads, use_gpu)
@@ -205,13 +208,12 @@ def sanity_rows(ens, matrix: np.ndarray, audit: pd.DataFrame, methods: list[str]
             rmodel = copy.deepcopy(model)
             name, modules = cascade(s.stages(rmodel), [get_module(rmodel, h) for h in s.heads], sc["sanity_levels"])[level]
             randomise(modules, seed=sc["seed"] + 1)
+            recalibrate_batchnorm(rmodel, modules, x)
             rf = TargetLogProb(rmodel, matrix).to(device).eval()
             rmaps = attribute(rf, x, targets, method, layer=get_module(rmodel, s.last_conv), **kw)
             sp = [spearman(a, b) for a, b in zip(original, rmaps)]
             ss = [ssim(a, b) for a, b in zip(original, rmaps)]
-            # A constant map (Grad-CAM's final ReLU blanks a map whose weighted activations are all negative)
-            # scores 0: a low similarity built on such maps says little, so they are counted for the report.
-            constant = sum(int(np.ptp(np.abs(m)) == 0) for m in rmaps)
+            constant = sum(int(blank(m, o)) for m, o in zip(rmaps, original))
             rows.append({"method": method, "level": level, "randomised": name, "spearman": float(np.nanmean(sp))
                          if np.isfinite(sp).any() else float("nan"), "ssim": float(np.nanmean(ss)),
                          "n_images": len(audit), "constant_maps": constant})
@@ -219,14 +221,27 @@ def sanity_rows(ens, matrix: np.ndarray, audit: pd.DataFrame, methods: list[str]
 
 
 def flag_methods(rows: list[dict], threshold: float) -> dict[str, str]:
-    """Methods whose maps at full randomisation still resemble the originals (Spearman or SSIM above threshold)."""
+    """Methods that fail the test: maps at full randomisation that still resemble the originals (Spearman or SSIM
+    above threshold), or an inconclusive test (blank maps at full randomisation)."""
     flags = {}
     for method in {r["method"] for r in rows}:
         last = max((r for r in rows if r["method"] == method), key=lambda r: r["level"])
-        if last["spearman"] > threshold or last["ssim"] > threshold:
+        if last["constant_maps"]:
+            flags[method] = (f"inconclusive: {last['constant_maps']} of {last['n_images']} maps are blank when every "
+                             "layer is randomised, so their low similarity proves nothing")
+        elif last["spearman"] > threshold or last["ssim"] > threshold:
             flags[method] = (f"maps barely change when every layer is randomised (Spearman {last['spearman']:.2f}, "
                              f"SSIM {last['ssim']:.2f}): they do not depend on what the model learned")
     return flags
+
+
+def conclusive(rows: list[dict]) -> bool:
+    """The sanity test decided something: it ran, and no method's fully randomised maps are blank."""
+    lasts = {}
+    for r in rows:
+        if r["method"] not in lasts or r["level"] > lasts[r["method"]]["level"]:
+            lasts[r["method"]] = r
+    return bool(lasts) and all(r["constant_maps"] == 0 for r in lasts.values())
 
 
 # ---- the stage -----------------------------------------------------------------------------------------------------
@@ -327,7 +342,8 @@ def run(cfg: RunConfig) -> dict:
                                            "sanity_levels")}
     sanity = []
     with ray_session(cfg.ray.address, cfg.ray.num_cpus):
-        check_shared_storage(cfg.storage, {"output": cfg.output})
+        first_local = next((u for u in chosen["uri"] if not storage.is_s3(u)), None)
+        check_shared_storage(cfg.storage, {"output": cfg.output, "image URI (in the predictions)": first_local})
         threads = sc.torch_threads or max(1, int(ray.cluster_resources().get("CPU", 1)) // max(1, sc.actors))
         index = index_table(explain(chosen, ens, matrix, sc, sc_dict, rdir, threads), chosen)
         if sc.sanity and len(chosen):
@@ -354,7 +370,7 @@ def write_outputs(cfg: RunConfig, ens, tasks, chosen, index, sanity, inputs, rdi
                "tasks": [t.name for t in tasks],
                "inside_lesion_mean": {m: float(g.mean()) for m, g in index.groupby("method")["inside_lesion"]
                                       if g.notna().any()},
-               "sanity": sanity, "flagged": flags, "lineage": lineage.Lineage.of(STAGE, inputs, config).to_dict(),
+               "sanity": sanity, "sanity_conclusive": conclusive(sanity), "flagged": flags, "lineage": lineage.Lineage.of(STAGE, inputs, config).to_dict(),
                "outputs": {"index": storage.join(rdir, "saliency_index.parquet"),
                            "sanity": storage.join(rdir, "sanity.parquet"),
                            "gallery": storage.join(rdir, "gallery.html")},
@@ -407,13 +423,13 @@ def gallery_html(cfg: RunConfig, index: pd.DataFrame, sanity: pd.DataFrame, flag
         parts.append("<p>Not run.</p>")
     else:
         parts.append("<table><tr><th>method</th><th>randomised</th><th>Spearman</th><th>SSIM</th><th>images</th>"
-                     "<th>constant maps</th></tr>")
+                     "<th>blank maps</th></tr>")
         for r in sanity.itertuples():
             parts.append(f"<tr><td>{e(r.method)}</td><td>{e(r.randomised)}</td><td>{r.spearman:.3f}</td>"
                          f"<td>{r.ssim:.3f}</td><td>{r.n_images}</td><td>{r.constant_maps}</td></tr>")
-        parts.append("</table><p>Similarity should fall as more of the network is randomised. A constant map "
+        parts.append("</table><p>Similarity should fall as more of the network is randomised. A blank map "
                      "(Grad-CAM's final ReLU blanks a map whose weighted activations are all negative) scores 0, so "
-                     "a low similarity built on constant maps says little.</p>")
+                     "a low similarity built on blank maps says nothing: such a level is inconclusive.</p>")
         for m, why in flags.items():
             parts.append(f"<p class='flag'>{e(m)}: {e(why)}</p>")
     return "\n".join(parts)
@@ -431,7 +447,9 @@ def format_summary(s: dict) -> str:
         for r in s["sanity"]:
             last[r["method"]] = r
         for m, r in last.items():
-            constant = f" ({r['constant_maps']} of {r['n_images']} maps constant)" if r.get("constant_maps") else ""
+            constant = f" ({r['constant_maps']} of {r['n_images']} maps blank)" if r.get("constant_maps") else ""
             lines.append(f"  sanity {m}: fully randomised Spearman {r['spearman']:.2f}, SSIM {r['ssim']:.2f}{constant}")
+        lines.append("  sanity test: " + ("conclusive" if s.get("sanity_conclusive") else
+                                          "INCONCLUSIVE (blank maps at full randomisation)"))
     lines.append(f"  gallery: {s['outputs']['gallery']}")
     return "\n".join(lines)

@@ -150,3 +150,45 @@ def test_overlay_is_a_png_of_image_and_map_side_by_side():
     assert not np.array_equal(arr[15, 44 + 15], arr[2, 44 + 2])  # the hot square is coloured differently
     big = Image.open(io.BytesIO(A.overlay_png(img, m)))  # small images are enlarged to be legible
     assert big.size == (2 * 40 * 9 + 4, 30 * 9)
+
+
+def test_a_fully_randomised_network_gives_maps_not_blanks(ham_dir):
+    """The saliency sanity test must not pass on blank maps. With every layer of the ImageNet EfficientNet-Lite0
+    re-drawn but the trained batch-norm statistics kept, the network gave every image the same log-probability and
+    gradient maps of ~5e-7 (blank: the HAM10000 benchmark's "Spearman 0.00"); with the statistics re-estimated on
+    the audit batch the randomised network responds to its input and its maps are not blank."""
+    import copy
+
+    from dermray import models
+    from dermray.attribution import (TargetLogProb, attribute, blank, cascade, randomise, recalibrate_batchnorm)
+    from dermray.transforms import decode_image, eval_transform, to_array
+
+    s = models.spec("efficientnet_lite0")
+    trained = models.build_model("efficientnet_lite0", 7, weights="imagenet").eval()
+    files = sorted((ham_dir / "images").glob("*.jpg"))[:4]
+    x = torch.from_numpy(np.stack([to_array(eval_transform(decode_image(f.read_bytes()), 128), s.mean, s.std)
+                                   for f in files]))
+    targets = torch.zeros(4, dtype=torch.long)
+    original = attribute(TargetLogProb(trained, np.eye(7)).eval(), x, targets, "gradient")
+    results = {}
+    for recal in (False, True):
+        model = copy.deepcopy(trained)
+        _, modules = cascade(s.stages(model), [models.get_module(model, h) for h in s.heads], 2)[-1]  # "all"
+        randomise(modules, seed=1)
+        if recal:
+            recalibrate_batchnorm(model, modules, x)
+        f = TargetLogProb(model, np.eye(7)).eval()
+        with torch.no_grad():
+            logp = f(x)[:, 0].numpy()
+        maps = attribute(f, x, targets, "gradient")
+        results[recal] = (np.ptp(logp), sum(blank(m, o) for m, o in zip(maps, original)))
+    assert results[False][1] == 4 and results[False][0] < 1e-3  # the defect, reproduced: blank maps
+    assert results[True][1] == 0 and results[True][0] > 1e-3  # fixed
+
+
+def test_blank_maps_are_recognised():
+    from dermray.attribution import blank
+
+    ref = np.random.default_rng(0).random((8, 8))
+    assert blank(np.zeros((8, 8)), ref) and blank(np.full((8, 8), 3.0), ref) and blank(ref * 1e-6, ref)
+    assert not blank(ref * 0.5, ref)
