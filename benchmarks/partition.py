@@ -79,7 +79,7 @@ def run_dermray(manifest: str, out: str) -> dict:
     from dermray.config import load_config
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     startup = time.perf_counter() - t0
     cfg = load_config(None, [f"data.manifest={manifest}",
                              f"data.taxonomy={os.path.join(os.path.dirname(manifest), 'taxonomy.parquet')}",

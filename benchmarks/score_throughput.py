@@ -74,7 +74,7 @@ def run_naive(fold: pathlib.Path, manifest: pathlib.Path, arch: str) -> dict:
 
     ens = artifacts.load_ensemble([str(fold)])
     t0 = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         ds = (ray.data.read_parquet(str(manifest), columns=["image_id", "uri"])

@@ -152,7 +152,7 @@ def main() -> None:
 
     if not (HAM / "labels.csv").exists():
         sys.exit(f"HAM10000 not found at {HAM}")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     results = {}
     for arch, (per_class, epochs, batch) in CASES.items():
         with tempfile.TemporaryDirectory() as t:

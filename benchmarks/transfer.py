@@ -46,7 +46,7 @@ def main() -> None:
         assert cli(["partition", "--manifest", str(tmp / "in" / "manifest.parquet"), "--taxonomy",
                     str(tmp / "in" / "taxonomy.parquet"), "--tasks", str(tmp / "in" / "tasks.yaml"),
                     "--max-class-size", "1000", "--folds", "5", "--seed", "0", "--output", str(tmp / "out")]) == 0
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         base = [f"data.manifest={tmp / 'in' / 'manifest.parquet'}", f"data.taxonomy={tmp / 'in' / 'taxonomy.parquet'}",
                 f"data.tasks={tmp / 'in' / 'tasks.yaml'}", f"output={tmp / 'out'}", "train.arch=efficientnet_lite0",
                 f"train.image_size={IMAGE_SIZE}", "train.folds=[0]", "train.epochs=100", "train.batch_size=32",

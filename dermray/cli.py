@@ -140,6 +140,7 @@ def _run_stage(stage: str, args, flags: dict[str, str]) -> dict:
 
     module = importlib.import_module(f"dermray.{stage}")
     cfg = load_config(args.config, list(args.overrides) + _flag_overrides(args, COMMON_FLAGS | flags))
+    importlib.import_module("dermray.jobpaths").check_paths(cfg, stage)  # in a Ray job: paths that cannot work
     summary = module.run(cfg)
     print(json.dumps(summary, indent=2, default=str) if args.json else module.format_summary(summary))
     return summary

@@ -72,6 +72,8 @@ class TrainConfig(Section):
     final_model: bool = False  # also train one model on all folds (no validation)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    # Custom Ray resources each fold's worker asks for ({"trainer": 1}: place folds on nodes that offer it)
+    worker_resources: Dict[str, float] = Field(default_factory=dict)
     data_cpus: float = Field(0.5, gt=0)  # CPUs per Ray Data decode/augment task (fractional: overlaps training)
     torch_threads: Optional[int] = Field(None, ge=1)  # default: the worker's CPUs
     # on CPU a training step ran 1.5-1.8x (mobilenet_v3_small) and 1.1-1.4x (inception_v3) faster channels_last
@@ -81,7 +83,13 @@ class TrainConfig(Section):
     max_minutes: Optional[float] = Field(None, gt=0)  # training-time budget per fold (stops mid-epoch if need be)
     max_failures: int = Field(2, ge=0)  # worker deaths survived per fold (resumed from the last checkpoint)
     keep_checkpoints: int = Field(2, ge=1)  # best N by checkpoint_metric, plus the latest
-    checkpoint_metric: str = "val_loss"  # val_loss | val_top1 | val_acc_<task> | train_loss | train_top1
+    # Which epoch's weights are the fold's model. inner: the best checkpoint_metric on an inner, lesion-grouped
+    # split of the fold's training data (selection_fraction of its lesions, not trained on); the held-out fold
+    # only measures the chosen model, so the cross-validation estimate never saw the selection. last: the last
+    # epoch.
+    selection: Literal["inner", "last"] = "inner"
+    selection_fraction: float = Field(0.1, gt=0, le=0.5)
+    checkpoint_metric: str = "loss"  # on the selection split: loss | top1 | acc_<task>; or train_loss | train_top1
     max_pixels: int = Field(50_000_000, ge=1)
     seed: int = 0
     force: bool = False  # a fold whose checkpoints have another lineage is trained afresh instead of refused
@@ -96,9 +104,10 @@ class TrainConfig(Section):
     @field_validator("checkpoint_metric")
     @classmethod
     def _metric(cls, v: str) -> str:
-        if v in ("val_loss", "val_top1", "train_loss", "train_top1") or re.fullmatch(r"val_acc_\w+", v):
+        v = v[len("val_"):] if v.startswith("val_") else v  # the older name: measured on the validation data
+        if v in ("loss", "top1", "train_loss", "train_top1") or re.fullmatch(r"acc_\w+", v):
             return v
-        raise ValueError("must be val_loss, val_top1, val_acc_<task>, train_loss or train_top1")
+        raise ValueError("must be loss, top1, acc_<task> (on the selection split), train_loss or train_top1")
 
     @model_validator(mode="after")
     def _freeze_depth(self):
@@ -143,6 +152,7 @@ class ScoreConfig(Section):
     actors: int = Field(1, ge=1)  # model replicas (Ray Data actor pool size)
     cpus_per_actor: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)  # per actor; > 0 runs the models on GPU
+    actor_resources: Dict[str, float] = Field(default_factory=dict)  # custom Ray resources per model actor
     decode_cpus: float = Field(0.5, gt=0)  # CPUs per decode task (fractional: decoding overlaps inference)
     torch_threads: Optional[int] = Field(None, ge=1)  # default: the node's CPUs shared between the actors
     channels_last: bool = True  # faster on CPU (+40 % for inception_v3 here) and on tensor-core GPUs

@@ -11,8 +11,10 @@ import pyarrow as pa
 
 @contextlib.contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None):
-    """Use the running Ray if there is one; else join ``address`` (or ``RAY_ADDRESS``); else start a local Ray in
-    this process, and stop it on exit. Progress bars are turned off when stdout is not a terminal."""
+    """Use the running Ray if there is one; else join ``address`` (or ``RAY_ADDRESS``; "auto" finds a cluster
+    started with ``ray start`` on this machine); else start a local Ray of its own in this process - never
+    silently joining another one - and stop it on exit. Progress bars are turned off when stdout is not a
+    terminal."""
     import ray
     import ray.data
 
@@ -27,7 +29,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False,
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                  runtime_env={"worker_process_setup_hook": "dermray.raysession.quiet_embedded_workers"}, **kwargs)
     try:
         yield ray
@@ -64,8 +66,8 @@ def check_shared_storage(storage_cfg, uris: dict[str, str | None]) -> None:
     if nodes > 1:
         key, uri = next(iter(local.items()))
         raise UserError(f"{key} {storage.redact(uri)} is a local path, and this Ray cluster has {nodes} nodes: each "
-                        "node would see its own disk. Use an s3:// URI, or set storage.shared_filesystem: true if the "
-                        "path is on a filesystem every node mounts (NFS)")
+                        "node would see its own disk. Use an s3:// URI, or an absolute path on a filesystem every node "
+                        "mounts (NFS) with storage.shared_filesystem: true")
 
 
 def cluster_cpus(default: int = 1) -> int:

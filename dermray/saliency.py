@@ -323,6 +323,18 @@ def explain(chosen: pd.DataFrame, ens, matrix, sc: SaliencyConfig, sc_dict: dict
     return pd.concat(list(ds.iter_batches(batch_size=None, batch_format="pandas")), ignore_index=True)
 
 
+def check_written(index: pd.DataFrame, rdir: str) -> None:
+    """Every map the actors say they wrote is visible here: a file written to a node-local disk of another node (or
+    lost) is an error naming it, never a silently broken gallery."""
+    if index.empty:
+        return
+    present = set(storage.list_files(rdir)) if storage.exists(rdir) else set()
+    for uri in list(index["png_uri"]) + list(index["npy_uri"]):
+        if uri not in present and not storage.exists(uri):
+            raise RuntimeError(f"saliency: the map {storage.redact(uri)} that an actor wrote is not visible to the "
+                               "driver (is the output on a node-local path of a multi-node cluster?)")
+
+
 def index_table(index: pd.DataFrame, chosen: pd.DataFrame) -> pd.DataFrame:
     index = index.merge(chosen.drop(columns=["uri", "col", "target_col"]), on=["image_id", "task"], how="left")
     return index[["image_id", "task", "method", "target", "score", "png_uri", "npy_uri", "inside_lesion", "label",
@@ -346,6 +358,7 @@ def run(cfg: RunConfig) -> dict:
         check_shared_storage(cfg.storage, {"output": cfg.output, "image URI (in the predictions)": first_local})
         threads = sc.torch_threads or max(1, int(ray.cluster_resources().get("CPU", 1)) // max(1, sc.actors))
         index = index_table(explain(chosen, ens, matrix, sc, sc_dict, rdir, threads), chosen)
+        check_written(index, rdir)
         if sc.sanity and len(chosen):
             audit = chosen.sort_values(["image_id", "task"]).drop_duplicates("image_id").head(sc.audit_size)
             remote = ray.remote(num_cpus=sc.cpus_per_actor, num_gpus=sc.num_gpus or None)(sanity_rows)

@@ -173,7 +173,7 @@ FOLD_COUNTS = TableSchema(
 
 TRAINING_METRICS = TableSchema(
     "training_metrics",
-    (Column("epoch", pa.int64()), _s("split", allowed=("train", "val")), _s("metric"),
+    (Column("epoch", pa.int64()), _s("split", allowed=("train", "select")), _s("metric"),
      Column("value", pa.float64(), nullable=True)),
     doc="Per fold and epoch: loss, top-1, task accuracies, data-wait and compute seconds, images/s.",
 )

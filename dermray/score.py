@@ -64,15 +64,19 @@ def _usable(table: pa.Table) -> np.ndarray:
 
 
 def plan_read(uri: str, row_groups: list[int], offset: int, partitions: int):
-    """Pass 1 over one chunk: (rows, fingerprint partial, *id hash partitions of the usable rows)."""
+    """Pass 1 over one chunk: ((rows, its first local image URI or None), fingerprint partial, *id hash
+    partitions of the usable rows)."""
     table = _read(uri, row_groups)
     hasher = lineage.TableHasher(table.column_names)
     hasher.add(table, offset)
     ok = _usable(table)
+    base = storage.parent(uri)
+    local = next((u for u in table.column("uri").filter(pa.array(ok)).to_pylist()
+                  if not storage.is_s3(storage.resolve(u, base))), None)
     fp = ids.fingerprints(table.column("image_id").filter(pa.array(ok)).to_numpy(zero_copy_only=False))
     rows = np.flatnonzero(ok).astype(np.int64) + offset
     part = ids.partition_of(fp, partitions)
-    return (table.num_rows, hasher.partial(), *[(fp[part == p], rows[part == p]) for p in range(partitions)])
+    return ((table.num_rows, local), hasher.partial(), *[(fp[part == p], rows[part == p]) for p in range(partitions)])
 
 
 def repeated_ids(*parts) -> tuple[np.ndarray, np.ndarray]:
@@ -173,9 +177,11 @@ def _run_state(rdir: str) -> tuple[list[str], list[str], int]:
     return parts, quar, max(batches, default=0)
 
 
-def fingerprint_manifest(uri: str) -> tuple[list, lineage.Fingerprint, list, int]:
+def fingerprint_manifest(uri: str, storage_cfg) -> tuple[list, lineage.Fingerprint, list, int]:
     """Pass 1 as Ray tasks: (chunks, the manifest's content fingerprint, the refs of the repeated-id reducers,
-    rows)."""
+    rows). Local image URIs are refused on a cluster of several nodes (each node would read its own disk)."""
+    from dermray.raysession import check_shared_storage
+
     import ray
 
     from dermray.raysession import cluster_cpus
@@ -191,6 +197,8 @@ def fingerprint_manifest(uri: str) -> tuple[list, lineage.Fingerprint, list, int
     refs = [read.remote(uri, rg, off, partitions) for rg, off, _ in chunks]
     repeats = [reduce.remote(*[r[2 + p] for r in refs]) for p in range(partitions)]
     content, rows = lineage.TableHasher.merge(ray.get([r[1] for r in refs]))
+    local = next((loc for _, loc in ray.get([r[0] for r in refs]) if loc), None)
+    check_shared_storage(storage_cfg, {"image URI (in the manifest)": local})
     fp = lineage.Fingerprint(uri=storage.redact(uri), method="columns", content=content,
                              columns=pf.schema_arrow.names, rows=rows, identity=storage.identity(uri))
     return chunks, fp, repeats, rows
@@ -592,6 +600,7 @@ def stream(plan: WorkPlan, ens: Ensemble, sc: ScoreConfig, retry: storage.Retry,
     ds = ds.map_batches(
         Predictor, batch_size=sc.batch_size, compute=ActorPoolStrategy(size=sc.actors),
         num_cpus=sc.cpus_per_actor, num_gpus=sc.num_gpus or None,
+        **({"resources": dict(sc.actor_resources)} if sc.actor_resources else {}),
         fn_constructor_kwargs={"ensemble": ens, "threads": _threads(sc), "channels_last": sc.channels_last,
                                "tta": sc.tta, "use_gpu": sc.num_gpus > 0, "amp": sc.amp,
                                "slow_batch_s": fault_hooks().slow_batch_s})
@@ -662,7 +671,7 @@ def plan(cfg: RunConfig, kind: str, rdir: str, ens: Ensemble, membership_fp) -> 
         return plan_shards(shards, rdir), now
     uri, problems = (sc.input, _quarantine_rows([])) if kind == "manifest" else folder_manifest(
         sc.input, sc.labels, rdir)
-    chunks, fp, repeats, _ = fingerprint_manifest(uri)
+    chunks, fp, repeats, _ = fingerprint_manifest(uri, cfg.storage)
     now = score_lineage(ens, fp, membership_fp, sc)
     reconcile(rdir, now, sc.incremental)
     work = plan_manifest(uri, chunks, repeats, rdir, ens.model_id, sc)

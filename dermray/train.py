@@ -6,6 +6,10 @@ in Ray Data tasks (the paper's random rotation, inscribed-rectangle crop and ver
 worker (``dermray/trainloop.py``); the held-out fold is the validation set. Images that cannot be decoded are found
 first and quarantined.
 
+Model selection never sees the held-out fold: with ``train.selection: inner`` (the default) an inner split of the
+fold's training lesions picks the epoch, and the held-out fold only measures the chosen model, once, after
+training (``measure_held_out``); its predictions are the cross-validation estimate.
+
 Per fold, under ``<output>/train/<run_id>/fold=<k>/``: Ray Train's checkpoints, ``lineage.json`` (what the fold is
 trained from: its rows, the classes, the recipe), ``metrics.parquet``, ``best/model.pt``, ``model_card.json`` and
 ``val_predictions.parquet``. Re-running the same run resumes each fold from its last checkpoint when its lineage is
@@ -32,7 +36,7 @@ from dermray import artifacts, faults, layout, lineage, schemas, storage
 from dermray.config import RunConfig, TrainConfig
 from dermray.errors import UserError
 from dermray.raysession import blocks_of
-from dermray.trainloop import RAW_PREDICTIONS, FoldJob, train_loop_per_worker, worker_threads
+from dermray.trainloop import FoldJob, train_loop_per_worker, worker_threads
 
 log = logging.getLogger("dermray.train")
 STAGE = "train"
@@ -41,14 +45,14 @@ LINEAGE_FILE = "lineage.json"
 # What a fold's weights depend on; the rest of TrainConfig (CPUs, threads, retries, which folds) does not.
 RECIPE_KEYS = ("arch", "weights", "freeze", "image_size", "epochs", "batch_size", "optimizer", "lr",
                "lr_decay_epochs", "lr_decay_factor", "weight_decay", "aux_loss_weight", "amp", "max_minutes",
-               "checkpoint_metric", "seed")
+               "selection", "selection_fraction", "checkpoint_metric", "seed")
 
 
 # ---- inputs ------------------------------------------------------------------------------------------------------
 @dataclass
 class TrainPlan:
     """What the driver decided before Ray starts: the labelled rows, the classes, the tasks and the folds."""
-    table: pa.Table  # image_id, class_index, fold, uri, label[, task_truth] sorted by image_id
+    table: pa.Table  # image_id, class_index, fold, uri, label, group[, task_truth] sorted by image_id
     classes: pa.Table
     classes_hash: str
     partition: str
@@ -67,10 +71,17 @@ def read_rows(cfg: RunConfig, part: str) -> tuple[pa.Table, pa.Table, dict]:
     labels = storage.read_table(outputs["labels"])
     classes = storage.read_table(outputs["training_classes"])
     schemas.check_table(labels, schemas.LABELS, storage.redact(outputs["labels"]))
-    manifest = storage.read_table(cfg.data.manifest, columns=["image_id", "uri", "label"])
+    present = storage.parquet_file(cfg.data.manifest).schema_arrow.names
+    manifest = storage.read_table(cfg.data.manifest, columns=["image_id", "uri", "label"] +
+                                  (["group_id"] if "group_id" in present else []))
     base = storage.parent(cfg.data.manifest)
     uris = [storage.resolve(u, base) for u in manifest.column("uri").to_pylist()]
     manifest = manifest.set_column(1, "uri", pa.array(uris, pa.string()))
+    # The lesion (or patient) of each image; an image without one is a group of its own.
+    groups = manifest.column("group_id") if "group_id" in manifest.column_names else manifest.column("image_id")
+    empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(groups), ""), True)
+    manifest = manifest.append_column("group", pc.if_else(empty, manifest.column("image_id"), groups))
+    manifest = manifest.drop_columns([c for c in ("group_id",) if c in manifest.column_names])
     table = labels.join(manifest, "image_id", join_type="inner")
     if table.num_rows != labels.num_rows:
         raise UserError(f"{labels.num_rows - table.num_rows} labelled images are not in the manifest "
@@ -127,11 +138,11 @@ def plan(cfg: RunConfig) -> TrainPlan:
                         "(lower partition.max_class_size)")
     table, matrices, task_names = add_task_truth(table, cfg, part, classes.num_rows)
     metric = cfg.train.checkpoint_metric
-    if metric.startswith("val_acc_") and metric[len("val_acc_"):] not in task_names:
+    if metric.startswith("acc_") and metric[len("acc_"):] not in task_names:
         raise UserError(f"train.checkpoint_metric {metric!r} names no task (tasks: {', '.join(task_names) or 'none'})")
     inputs["initial_weights"] = weights_fingerprint(cfg.train)
-    if metric.startswith("val_acc_"):
-        inputs["tasks"] = lineage.value_fingerprint(sorted(matrices[metric[len("val_acc_"):]].nonzero()[0].tolist()))
+    if metric.startswith("acc_") and cfg.train.selection == "inner":
+        inputs["tasks"] = lineage.value_fingerprint(sorted(matrices[metric[len("acc_"):]].nonzero()[0].tolist()))
     return TrainPlan(table, classes, artifacts.classes_hash(classes), part, matrices, task_names,
                      fold_names(table, cfg.train), layout.train_dir(cfg.output, cfg.run_id), inputs)
 
@@ -218,64 +229,114 @@ def quarantine_unreadable(table: pa.Table, tcfg: TrainConfig, run_dir: str) -> t
     return table.filter(pc.invert(pc.is_in(table.column("image_id"), bad_ids))), len(bad)
 
 
-def datasets_for(fold, table: pa.Table, tcfg: TrainConfig, size: int) -> dict:
-    """The fold's Ray Data pipelines: "train" (its training rows, augmented) and "val" (the held-out fold)."""
-    import ray.data
+def inner_selection(rows: pa.Table, fraction: float, seed: int) -> np.ndarray:
+    """bool [n]: the rows of the inner selection split - the images of about ``fraction`` of the lesions (a seeded
+    hash of the group), never split from their lesion; at least one lesion when there are two or more."""
+    from dermray.partitioning import hash_strings
 
+    groups = rows.column("group").to_numpy(zero_copy_only=False)
+    u = (hash_strings(groups, seed ^ 0x5E1EC7) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    chosen = u < fraction
+    if not chosen.any() and len(np.unique(groups)) >= 2:
+        chosen = groups == groups[int(np.argmin(u))]
+    return chosen
+
+
+def split_rows(fold, table: pa.Table, tcfg: TrainConfig) -> dict[str, pa.Table]:
+    """The fold's rows: "train" (what it learns from), "select" (the inner split that picks the epoch, with
+    train.selection: inner) and "val" (the held-out fold, measured after training; none for the final model)."""
     if fold == FINAL:
-        train_rows, val_rows = table, None
+        rest, val = table, None
     else:
         is_val = pc.equal(table.column("fold"), fold)
-        train_rows, val_rows = table.filter(pc.invert(is_val)), table.filter(is_val)
+        rest, val = table.filter(pc.invert(is_val)), table.filter(is_val)
+    out = {}
+    if tcfg.selection == "inner":
+        chosen = inner_selection(rest, tcfg.selection_fraction, tcfg.seed)
+        out["select"] = rest.filter(pa.array(chosen))
+        rest = rest.filter(pa.array(~chosen))
+    out["train"] = rest
+    if val is not None and val.num_rows:
+        out["val"] = val
+    return {k: v for k, v in out.items() if v.num_rows}
+
+
+def image_pipeline(rows: pa.Table, train: bool, tcfg: TrainConfig, size: int):
+    """Ray Data: blocks of a few batches, decoded (and augmented when ``train``) in tasks that spread over the
+    cluster's free CPUs while the worker trains."""
+    import ray.data
+
+    return ray.data.from_arrow(blocks_of(rows, 4 * tcfg.batch_size)).map_batches(
+        decode_transform, fn_kwargs={"size": size, "max_pixels": tcfg.max_pixels, "train": train},
+        batch_size=tcfg.batch_size, num_cpus=tcfg.data_cpus)
+
+
+def datasets_for(fold, rows: dict[str, pa.Table], tcfg: TrainConfig, size: int) -> dict:
+    """The worker's datasets: "train" and, with an inner split, "select" (the held-out fold is not among them)."""
     # The table is sorted by image_id, which in real archives follows upload batches (and so diagnoses): training
     # blocks get a seeded random order of rows, mixed again per epoch by the worker's shuffle buffer.
+    train_rows = rows["train"]
     order = np.random.default_rng([tcfg.seed, zlib.crc32(str(fold).encode())]).permutation(train_rows.num_rows)
-    train_rows = train_rows.take(pa.array(order))
-    args = dict(size=size, max_pixels=tcfg.max_pixels)
-
-    def pipeline(rows: pa.Table, train: bool):
-        # Blocks of a few batches: decoding spreads over the cluster's free CPUs while the worker trains.
-        return ray.data.from_arrow(blocks_of(rows, 4 * tcfg.batch_size)).map_batches(
-            decode_transform, fn_kwargs=args | {"train": train}, batch_size=tcfg.batch_size,
-            num_cpus=tcfg.data_cpus)
-
-    out = {"train": pipeline(train_rows, True)}
-    if val_rows is not None and val_rows.num_rows:
-        out["val"] = pipeline(val_rows, False)
+    out = {"train": image_pipeline(train_rows.take(pa.array(order)), True, tcfg, size)}
+    if "select" in rows:
+        out["select"] = image_pipeline(rows["select"], False, tcfg, size)
     return out
 
 
+def measure_held_out(job: FoldJob, weights: bytes, val) -> tuple[dict, dict]:
+    """Ray task: the chosen model on the held-out fold, once - (loss, top-1, task accuracies; probabilities)."""
+    import io
+
+    import torch
+
+    from dermray.models import build_model, state_dict_from_bytes
+    from dermray.trainloop import torch_batches, validate
+
+    torch.set_num_threads(worker_threads(job.train.torch_threads, job.train.cpus_per_worker))
+    device = torch.device("cuda" if job.train.use_gpu and torch.cuda.is_available() else "cpu")
+    model = build_model(job.train.arch, job.n_classes, state_dict_from_bytes(io.BytesIO(weights), job.fold_dir))
+    model = model.to(device)
+    if job.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    metrics, preds = validate(model, torch_batches(val, job.train.batch_size), job, device)
+    return {f"val_{k}": v for k, v in metrics.items()}, preds
+
+
 # ---- one fold -----------------------------------------------------------------------------------------------------
-def fold_job(fold, p: TrainPlan, cfg: RunConfig, has_val: bool, lineage_id: str, hooks: faults.Faults) -> FoldJob:
+def fold_job(fold, p: TrainPlan, cfg: RunConfig, has_select: bool, lineage_id: str, hooks: faults.Faults) -> FoldJob:
     from dermray.models import spec
 
     s = spec(cfg.train.arch)
     return FoldJob(train=cfg.train, n_classes=p.classes.num_rows, image_size=cfg.train.image_size or s.input_size,
                    mean=tuple(s.mean), std=tuple(s.std), fold=str(fold),
                    fold_dir=layout.fold_dir(cfg.output, cfg.run_id, fold), model_id=f"{cfg.run_id}/fold={fold}",
-                   lineage_id=lineage_id, has_val=has_val, matrices=p.matrices, task_names=tuple(p.task_names),
+                   lineage_id=lineage_id, has_select=has_select, matrices=p.matrices, task_names=tuple(p.task_names),
                    faults=hooks.for_fold(fold))
 
 
-def fit_fold(job: FoldJob, datasets: dict, run_dir: str):
-    """Train one fold with a TorchTrainer; returns (job, Ray Train result, seconds)."""
+def fit_fold(job: FoldJob, datasets: dict, val, run_dir: str):
+    """Train one fold with a TorchTrainer, then measure the chosen checkpoint on the held-out fold ``val`` (a Ray
+    Dataset, or None); returns (job, Ray Train result, the chosen checkpoint's weights, held-out measurement,
+    seconds)."""
+    import ray
+
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     tcfg = job.train
-    metric = tcfg.checkpoint_metric if job.has_val else "train_loss"
     fs, path = storage.arrow_filesystem(run_dir)
     threads = str(worker_threads(tcfg.torch_threads, tcfg.cpus_per_worker))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=1, use_gpu=tcfg.use_gpu,
-                                     resources_per_worker={"CPU": tcfg.cpus_per_worker}),
+                                     resources_per_worker={"CPU": tcfg.cpus_per_worker, **tcfg.worker_resources}),
         run_config=TrainRunConfig(
             name=f"fold={job.fold}", storage_path=path, storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=tcfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=tcfg.keep_checkpoints, checkpoint_score_attribute=metric,
-                                               checkpoint_score_order="min" if metric.endswith("loss") else "max"),
+            checkpoint_config=CheckpointConfig(num_to_keep=tcfg.keep_checkpoints,
+                                               checkpoint_score_attribute=job.score_key,
+                                               checkpoint_score_order=job.score_order),
             # Ray starts workers with OMP_NUM_THREADS=1 unless told; torch.set_num_threads alone left the worker's
             # intra-op pools narrower than a plain process's (measured in benchmarks/train_throughput.py).
             worker_runtime_env={"env_vars": {v: threads for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}},
@@ -288,7 +349,16 @@ def fit_fold(job: FoldJob, datasets: dict, run_dir: str):
     result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"fold {job.fold} failed: {result.error}") from result.error
-    return job, result, time.time() - t0
+    history = read_history(result)
+    checkpoint, chosen = best_checkpoint(result, history, job)
+    with checkpoint.as_directory() as d:
+        with open(os.path.join(d, "model.pt"), "rb") as f:
+            weights = f.read()
+    measured = None
+    if val is not None:
+        task = ray.remote(num_cpus=tcfg.cpus_per_worker, num_gpus=1 if tcfg.use_gpu else None)(measure_held_out)
+        measured = ray.get(task.remote(job, weights, val))
+    return job, (history, chosen), weights, measured, time.time() - t0
 
 
 def read_history(result) -> list[dict]:
@@ -304,44 +374,57 @@ def metrics_rows(history: list[dict]) -> list[dict]:
         for key, value in h.items():
             if key in ("epoch", "t_start", "t_end"):
                 continue
-            split, _, metric = key.partition("_") if key.startswith(("train_", "val_")) else ("", "", key)
+            split, _, metric = key.partition("_") if key.startswith(("train_", "select_")) else ("", "", key)
             rows.append({"epoch": h["epoch"], "split": split or "train", "metric": metric or key,
                          "value": float(value)})
     return rows
 
 
-def best_checkpoint(result, history: list[dict], metric: str):
-    """(checkpoint, its metrics) of the best kept checkpoint by ``metric`` (the latest when none is ranked)."""
-    if not result.best_checkpoints:
+def best_checkpoint(result, history: list[dict], job: FoldJob):
+    """(checkpoint, its epoch's history entry): the best kept checkpoint by the job's ranking key (the latest for
+    train.selection: last)."""
+    if job.score_key == "epoch" or not result.best_checkpoints:
         return result.checkpoint, history[-1]
-    sign = 1 if metric.endswith("loss") else -1
-    return sorted(result.best_checkpoints, key=lambda cm: sign * cm[1].get(metric, math.inf))[0]
+    sign = 1 if job.score_order == "min" else -1
+    ckpt, metrics = sorted(result.best_checkpoints, key=lambda cm: sign * cm[1].get(job.score_key, math.inf))[0]
+    return ckpt, next(h for h in history if h["epoch"] == metrics["epoch"])
 
 
-def write_val_predictions(job: FoldJob, cfg: RunConfig, table: pa.Table) -> str:
-    """The best epoch's validation probabilities joined with the manifest's label columns. The worker wrote them
-    beside the checkpoints; their absence (a node-local path the driver cannot see, a lost write) is an error."""
-    raw = storage.join(job.fold_dir, RAW_PREDICTIONS)
-    if not storage.exists(raw):
-        raise RuntimeError(f"fold {job.fold}: the worker's validation predictions {storage.redact(raw)} are not "
-                           "visible to the driver (is the output on a node-local path of a multi-node cluster?)")
-    preds = storage.read_table(raw).to_pandas()
+def write_val_predictions(job: FoldJob, preds: dict, cfg: RunConfig, table: pa.Table, epoch: int) -> str:
+    """The held-out fold's probabilities under the chosen model, with the manifest's label columns: the input of
+    ``dermray evaluate`` for the paper's first round."""
     present = storage.parquet_file(cfg.data.manifest).schema_arrow.names
     carry = table.select(["image_id", "label", "class_index"]).to_pandas().merge(
         storage.read_table(cfg.data.manifest, columns=[c for c in ("image_id", "label_source", "modality", "group_id")
                                                        if c in present]).to_pandas(),
         on="image_id", how="left")
-    merged = preds.merge(carry, on="image_id", how="left", validate="one_to_one").sort_values("image_id")
-    out = pa.Table.from_pandas(merged.drop(columns=["probs"]), preserve_index=False)
-    out = out.add_column(2, "probs", pa.array([np.asarray(p, np.float32) for p in merged["probs"]],
-                                              pa.list_(pa.float32())))
+    ids = pd.DataFrame({"image_id": preds["image_id"]})
+    if len(ids) and ids["image_id"].duplicated().any():
+        raise RuntimeError(f"fold {job.fold}: the held-out measurement returned an image twice")
+    merged = ids.assign(order=np.arange(len(ids))).merge(carry, on="image_id", how="left", validate="one_to_one")
+    merged = merged.sort_values("image_id")
+    probs = np.asarray(preds["probs"], np.float32)[merged.pop("order").to_numpy()] if len(ids) else \
+        np.zeros((0, job.n_classes), np.float32)
+    out = pa.Table.from_pandas(merged, preserve_index=False)
+    out = out.add_column(1, "model_id", pa.array([job.model_id] * len(merged), pa.string()))
+    out = out.add_column(2, "probs", pa.array(list(probs), pa.list_(pa.float32())))
+    out = out.append_column("epoch", pa.array([epoch] * len(merged), pa.int32()))
     uri = storage.join(job.fold_dir, "val_predictions.parquet")
     storage.write_table(out, uri)
     return uri
 
 
+def selection_text(job: FoldJob, epoch: int) -> str:
+    tc = job.train
+    if job.score_key == "epoch":
+        return f"the last epoch ({epoch})"
+    where = (f"an inner split of {tc.selection_fraction:.0%} of the fold's training lesions (not trained on)"
+             if job.has_select else "the training data")
+    return f"the best {job.score_key} on {where}: epoch {epoch}; the held-out fold only measured it"
+
+
 def model_card(job: FoldJob, p: TrainPlan, fold_lin: lineage.Lineage, history: list[dict], best: dict,
-               weights: bytes) -> artifacts.ModelCard:
+               measured: dict, weights: bytes) -> artifacts.ModelCard:
     tcfg = job.train
     redacted = tcfg.weights if tcfg.weights in ("imagenet", "none") else storage.redact(tcfg.weights)
     config = tcfg.model_dump(mode="json") | {"weights": redacted}
@@ -352,30 +435,26 @@ def model_card(job: FoldJob, p: TrainPlan, fold_lin: lineage.Lineage, history: l
         classes_hash=p.classes_hash, weights_sha256=artifacts.sha256_hex(weights), weights_source=redacted,
         freeze=tcfg.freeze, fold=job.fold, held_out_fold=None if job.fold == FINAL else int(job.fold),
         config=config, config_hash=fold_lin.config_hash, versions=fold_lin.versions,
-        epochs_trained=len(history), best_epoch=int(best.get("epoch", history[-1]["epoch"])),
-        selection=f"best {tcfg.checkpoint_metric if job.has_val else 'train_loss'} over the kept checkpoints",
-        validation={k: v for k, v in best.items() if k.startswith("val_")},
+        epochs_trained=len(history), best_epoch=int(best["epoch"]), selection=selection_text(job, int(best["epoch"])),
+        validation=measured,
         checkpoint=artifacts.weights_uri(job.fold_dir), data_hash=fold_lin.inputs["labels"].content[:16],
         lineage=fold_lin.to_dict() | {"partition": storage.redact(p.partition)})
 
 
-def finish_fold(job: FoldJob, result, seconds: float, cfg: RunConfig, p: TrainPlan, table: pa.Table,
-                fold_lin: lineage.Lineage) -> dict:
+def finish_fold(job: FoldJob, fit: tuple, weights: bytes, measured, seconds: float, cfg: RunConfig, p: TrainPlan,
+                table: pa.Table, fold_lin: lineage.Lineage) -> dict:
     """metrics.parquet, best/model.pt, val_predictions.parquet and model_card.json for one fold."""
-    history = read_history(result)
+    history, best = fit
     storage.write_table(pa.Table.from_pylist(metrics_rows(history)), storage.join(job.fold_dir, "metrics.parquet"))
-    metric = job.train.checkpoint_metric if job.has_val else "train_loss"
-    ckpt, best = best_checkpoint(result, history, metric)
-    with ckpt.as_directory() as d:
-        with open(os.path.join(d, "model.pt"), "rb") as f:
-            weights = f.read()
     storage.write_bytes(artifacts.weights_uri(job.fold_dir), weights)
-    if job.has_val:
-        write_val_predictions(job, cfg, table)
-    artifacts.write_card(model_card(job, p, fold_lin, history, best, weights), job.fold_dir)
-    return {"fold": job.fold, "epochs": len(history), "best_epoch": int(best.get("epoch", history[-1]["epoch"])),
-            "seconds": round(seconds, 1), "t_start": history[0].get("t_start"), "t_end": history[-1].get("t_end"),
-            "lineage_id": fold_lin.id, **{k: v for k, v in best.items() if k.startswith("val_")}}
+    val_metrics = {}
+    if measured is not None:
+        val_metrics, preds = measured
+        write_val_predictions(job, preds, cfg, table, int(best["epoch"]))
+    artifacts.write_card(model_card(job, p, fold_lin, history, best, val_metrics, weights), job.fold_dir)
+    return {"fold": job.fold, "epochs": len(history), "best_epoch": int(best["epoch"]), "seconds": round(seconds, 1),
+            "t_start": history[0].get("t_start"), "t_end": history[-1].get("t_end"), "lineage_id": fold_lin.id,
+            **val_metrics}
 
 
 # ---- the stage ----------------------------------------------------------------------------------------------------
@@ -388,15 +467,16 @@ def train_folds(p: TrainPlan, table: pa.Table, cfg: RunConfig, lineages: dict) -
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(p.folds)) as pool:
         futures = []
         for fold in p.folds:
-            datasets = datasets_for(fold, table, cfg.train, size)
-            job = fold_job(fold, p, cfg, "val" in datasets, lineages[str(fold)].id, hooks)
-            futures.append(pool.submit(fit_fold, job, datasets, p.run_dir))
+            rows = split_rows(fold, table, cfg.train)
+            job = fold_job(fold, p, cfg, "select" in rows, lineages[str(fold)].id, hooks)
+            val = image_pipeline(rows["val"], False, cfg.train, size) if "val" in rows else None
+            futures.append(pool.submit(fit_fold, job, datasets_for(fold, rows, cfg.train, size), val, p.run_dir))
         return [f.result() for f in futures]
 
 
 def run(cfg: RunConfig) -> dict:
     """Train every requested fold (concurrently) and write the per-fold and summary outputs."""
-    from dermray.raysession import ray_session
+    from dermray.raysession import check_shared_storage, ray_session
 
     t_start = time.perf_counter()
     p = plan(cfg)
@@ -404,10 +484,12 @@ def run(cfg: RunConfig) -> dict:
     for fold in p.folds:
         check_fold_lineage(fold, layout.fold_dir(cfg.output, cfg.run_id, fold), lineages[str(fold)], cfg.train.force)
     with ray_session(cfg.ray.address, cfg.ray.num_cpus):
+        first_local = next((u for u in p.table.column("uri").to_pylist() if not storage.is_s3(u)), None)
+        check_shared_storage(cfg.storage, {"output": cfg.output, "image URI (in the manifest)": first_local})
         table, n_bad = quarantine_unreadable(p.table, cfg.train, p.run_dir)
         results = train_folds(p, table, cfg, lineages)
-    fold_rows = [finish_fold(job, result, seconds, cfg, p, table, lineages[job.fold])
-                 for job, result, seconds in results]
+    fold_rows = [finish_fold(job, fit, weights, measured, seconds, cfg, p, table, lineages[job.fold])
+                 for job, fit, weights, measured, seconds in results]
     return summarise(cfg, p, fold_rows, table.num_rows, n_bad, lineages, time.perf_counter() - t_start)
 
 

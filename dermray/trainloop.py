@@ -1,11 +1,13 @@
 """The training of one fold, as it runs inside its Ray Train worker: a typed ``FoldJob`` in, checkpoints and
-metrics out. The driver side (which rows, which folds, the model card) is ``dermray/train.py``.
+metrics out. The driver side (which rows, which folds, measuring the chosen model, the model card) is
+``dermray/train.py``.
 
-Per epoch: the training batches (decoded and augmented by Ray Data, pulled ahead by ``EpochBatches``), the
-validation pass (loss, top-1 on the training classes, accuracy on each task through the inference algorithm), and
-a checkpoint (model, optimizer, scheduler, epoch, lineage id, history) reported to Ray Train, which keeps the best
-``keep_checkpoints`` and restarts a dead worker from the latest. The validation predictions of the best epoch so
-far are written beside the checkpoints for the driver.
+Per epoch: the training batches (decoded and augmented by Ray Data, pulled ahead by ``EpochBatches``), with
+``train.selection: inner`` a pass over the inner selection split (loss, top-1 on the training classes, accuracy on
+each task through the inference algorithm: what picks the epoch), a checkpoint (model, optimizer, scheduler,
+epoch, lineage id, history) reported to Ray Train, which keeps the best ``keep_checkpoints`` and restarts a dead
+worker from the latest, and one progress line. The held-out fold is never seen here: the driver measures the
+chosen model on it afterwards.
 """
 from __future__ import annotations
 
@@ -22,14 +24,12 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow as pa
 
 from dermray import storage
 from dermray.config import TrainConfig
 from dermray.faults import NONE, Faults
 
-log = logging.getLogger("dermray.train")
-RAW_PREDICTIONS = "val_predictions_raw.parquet"
+log = logging.getLogger("dermray.progress")
 
 
 @dataclass(frozen=True)
@@ -41,13 +41,25 @@ class FoldJob:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     fold: str = "0"
-    fold_dir: str = ""  # where the validation predictions go (the checkpoints are Ray Train's)
+    fold_dir: str = ""
     model_id: str = ""
     lineage_id: str = ""  # a checkpoint made under another lineage is never resumed
-    has_val: bool = False
+    has_select: bool = False  # an inner selection split picks the epoch (train.selection: inner)
     matrices: dict = field(default_factory=dict)  # task -> float32 [n_classes, task classes] (inference.py)
     task_names: tuple[str, ...] = ()
     faults: Faults = NONE
+
+    @property
+    def score_key(self) -> str:
+        """The history key that ranks checkpoints: the selection metric, a training metric, or the epoch."""
+        metric = self.train.checkpoint_metric
+        if self.train.selection == "last" or (not self.has_select and not metric.startswith("train_")):
+            return "epoch"
+        return metric if metric.startswith("train_") else f"select_{metric}"
+
+    @property
+    def score_order(self) -> str:
+        return "min" if self.score_key.endswith("loss") else "max"
 
 
 # ---- the model's arithmetic ----------------------------------------------------------------------------------------
@@ -341,28 +353,37 @@ def save_checkpoint(job: FoldJob, model, optimizer, scheduler, epoch: int, progr
                          checkpoint=Checkpoint.from_directory(d))
 
 
-def write_val_predictions(preds: dict, job: FoldJob, epoch: int) -> None:
-    table = pa.table({
-        "image_id": pa.array(preds["image_id"], pa.string()),
-        "model_id": pa.array([job.model_id] * len(preds["image_id"]), pa.string()),
-        "probs": pa.array(list(preds["probs"]), pa.list_(pa.float32())),
-        "epoch": pa.array([epoch] * len(preds["image_id"]), pa.int32()),
-    })
-    storage.write_table(table, storage.join(job.fold_dir, RAW_PREDICTIONS))
+def _better(score: float, best: float | None, order: str) -> bool:
+    return best is None or (score < best if order == "min" else score > best)
 
 
-def _better(score: float, best: float | None, metric: str) -> bool:
-    return best is None or (score < best if metric.endswith("loss") else score > best)
+def epoch_line(job: FoldJob, metrics: dict, spent_s: float, budget_s: float | None) -> str:
+    """One progress line per epoch: fold, epoch of total, losses, the selection metrics, images/s, time left."""
+    from dermray.progress import duration
+
+    epochs = job.train.epochs
+    done = metrics["epoch"] + 1
+    per_epoch = spent_s / max(done, 1)
+    left = (epochs - done) * per_epoch
+    if budget_s is not None:
+        left = min(left, max(budget_s - spent_s, 0.0))
+    parts = [f"train: fold {job.fold} epoch {done}/{epochs}", f"loss {metrics['train_loss']:.3f}"]
+    parts += [f"{k[len('select_'):]} {v:.3f}" for k, v in metrics.items() if k.startswith("select_")
+              and k != "select_images" and isinstance(v, float) and v == v]
+    parts.append(f"{metrics['train_images_per_s']:.1f} img/s")
+    parts.append(f"ETA {duration(left)}" + (" (budget)" if budget_s is not None and left < (epochs - done) *
+                                            per_epoch else ""))
+    return ", ".join(parts)
 
 
 def run_epochs(job: FoldJob, model, optimizer, scheduler, device, progress: Progress) -> None:
     """Train from ``progress.start_epoch`` to ``train.epochs`` (or until the time budget, counted across
-    resumptions, is spent), validating and checkpointing every epoch."""
+    resumptions, is spent), measuring the selection split and checkpointing every epoch."""
     import ray.train
 
     tc = job.train
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val") if job.has_val else None
+    select_shard = ray.train.get_dataset_shard("select") if job.has_select else None
     spent = progress.train_seconds
     budget = tc.max_minutes * 60.0 if tc.max_minutes else None
     epoch_batches = EpochBatches(lambda e: torch_batches(train_shard, tc.batch_size, shuffle_seed=tc.seed + e),
@@ -382,15 +403,15 @@ def run_epochs(job: FoldJob, model, optimizer, scheduler, device, progress: Prog
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             metrics = {"epoch": epoch, "lr": lr, "t_start": t0, **{f"train_{k}": v for k, v in tr.items()}}
-            if val_shard is not None:
-                va, preds = validate(model, torch_batches(val_shard, tc.batch_size), job, device)
-                metrics.update({f"val_{k}": v for k, v in va.items()})
-                if _better(metrics[tc.checkpoint_metric], progress.best, tc.checkpoint_metric):
-                    progress.best = metrics[tc.checkpoint_metric]
-                    write_val_predictions(preds, job, epoch)
+            if select_shard is not None:
+                sel, _ = validate(model, torch_batches(select_shard, tc.batch_size), job, device)
+                metrics.update({f"select_{k}": v for k, v in sel.items()})
+            if _better(metrics[job.score_key], progress.best, job.score_order):
+                progress.best = metrics[job.score_key]
             metrics["t_end"] = time.time()
             progress.history.append(metrics)
             save_checkpoint(job, model, optimizer, scheduler, epoch, progress)
+            log.info("%s", epoch_line(job, metrics, spent, budget))
             if tr["stopped_by_budget"]:
                 break
 

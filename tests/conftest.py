@@ -39,7 +39,8 @@ def ray_local(s3_server):
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     started = False
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        # address="local": a Ray of its own, even when another one runs on the machine (ray.init() would join it).
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         started = True
     yield ray
     if started:

@@ -1,22 +1,88 @@
 """`ray job submit` against a real local Ray head on loopback, started and stopped with cluster/local-up.sh and
-cluster/local-down.sh (token authentication on, as Ray 2.60's `ray start` has it)."""
+cluster/local-down.sh (token authentication on, as Ray 2.60's `ray start` has it); `make demo-cluster` end to end;
+the check of a job's paths (dermray/jobpaths.py)."""
+import contextlib
 import json
 import os
 import pathlib
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 
 import pandas as pd
 import psutil
 import pytest
 from conftest import free_port
 
+from dermray import jobpaths, raysession
+from dermray.config import load_config
+from dermray.errors import UserError
+
 pytestmark = pytest.mark.slow
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BIN = pathlib.Path(sys.executable).parent
+
+
+def marked(mark: str) -> list[psutil.Process]:
+    """Processes whose environment carries DR_TEST_MARK=mark: all that a command started (Ray hands its environment
+    on to the head's processes, its workers and the job drivers)."""
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and p.environ().get("DR_TEST_MARK") == mark:
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return out
+
+
+# First in this file: it starts a head of its own, before the module's `head` fixture starts the other.
+def test_make_demo_cluster_submits_the_demo_pipeline_and_stops_its_head(tmp_path):
+    """`make demo-cluster` as a newcomer runs it, at a reduced size (fewer lesions, one epoch, two folds): the job
+    succeeds, the report's path is printed and exists, and the head and everything it started are gone after."""
+    if not (BIN / "ray").exists():
+        pytest.skip(f"the ray CLI is not installed next to {sys.executable}")
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    venv, mark = BIN.parent, uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(DEMO_DIR=str(tmp_path / "demo"), SYNTH_ARGS="--lesions 150 --test-lesions 60", NUM_CPUS="2",
+               DR_TEST_MARK=mark)
+    small = ("--set train.epochs=1 --set partition.folds=2 --set partition.max_class_size=40 "
+             "--set evaluate.n_bootstrap=50 --set saliency.k=2 --set saliency.audit_size=2 --set saliency.sanity_levels=1")
+    # -o: the installed stamp counts as up to date (a test does not reinstall the environment it runs in)
+    cmd = ["make", "-o", f"{venv}/.installed", "demo-cluster", f"VENV={venv}", f"DEMO_ARGS={small}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        try:
+            out, _ = proc.communicate(timeout=420)
+        except subprocess.TimeoutExpired:
+            for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.send_signal(signal.SIGTERM)  # the script's trap stops the head it started
+            out, _ = proc.communicate(timeout=120)
+            pytest.fail(f"make demo-cluster ran past 420 s:\n{out[-6000:]}")
+        assert proc.returncode == 0, out[-8000:]
+        assert re.search(r"demo-cluster: job dermray-demo-\S+ SUCCEEDED", out), out[-8000:]
+        assert "pipeline: run demo" in out
+        report = re.search(r"^demo-cluster: report: (\S+)$", out, re.MULTILINE)
+        assert report and pathlib.Path(report.group(1)).is_file(), out[-4000:]
+        assert pathlib.Path(report.group(1)).is_relative_to(tmp_path / "demo")
+        state = re.search(r"state in (/tmp/dr-demo-\S+)\)", out).group(1)
+        assert "Ray head stopped" in out and not pathlib.Path(state).exists()  # stopped, its state folder removed
+        _, alive = psutil.wait_procs(marked(mark), timeout=30)
+        assert not alive, f"processes left behind by make demo-cluster: {[p.pid for p in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in marked(mark):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +183,89 @@ def test_a_client_without_the_token_is_refused(head):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert "token" in (out.stdout + out.stderr).lower()
+
+
+def test_the_issue_command_with_the_demo_config_fails_in_one_line_saying_why(head):
+    """The command cluster/local-up.sh's header used to show: configs/demo.yaml's relative paths name nothing in the
+    uploaded copy of the working directory."""
+    status, logs = submit(head, "python", "jobs/partition.py", "--config", "configs/demo.yaml")
+    assert status == "FAILED"
+    line = next(ln for ln in logs.splitlines() if ln.startswith("dermray partition: error:"))
+    assert line.startswith("dermray partition: error: data.manifest outputs/demo/data/manifest.parquet is a relative "
+                           "local path, and this Ray job runs in the uploaded copy of its working directory ("), line
+    assert "cluster/runtime_env.yaml ships without outputs/ and data/" in line and jobpaths.REMEDY in line
+    assert "Traceback" not in logs
+
+
+# ---- dermray/jobpaths.py without a cluster: the job's environment as Ray's job supervisor sets it ---------------
+DEMO = REPO / "configs" / "demo.yaml"
+
+
+def in_a_job(monkeypatch, cwd: pathlib.Path, uploaded: bool = True) -> None:
+    runtime_env = {"working_dir": "gcs://_ray_pkg_0123456789abcdef.zip"} if uploaded else {}
+    monkeypatch.setenv(jobpaths.JOB_ENV, json.dumps({"runtime_env": runtime_env,
+                                                     "metadata": {"job_submission_id": "raysubmit_x"}}))
+    monkeypatch.chdir(cwd)
+
+
+def absolute_demo(d: pathlib.Path, *extra: str):
+    for name in ("manifest.parquet", "taxonomy.parquet", "tasks.yaml", "readers.parquet", "test_manifest.parquet"):
+        (d / name).write_text("x")
+    return load_config(str(DEMO), [f"output={d / 'out'}", f"data.manifest={d / 'manifest.parquet'}",
+                                   f"data.taxonomy={d / 'taxonomy.parquet'}", f"data.tasks={d / 'tasks.yaml'}",
+                                   f"evaluate.readers={d / 'readers.parquet'}",
+                                   f"pipeline.test_manifest={d / 'test_manifest.parquet'}", *extra])
+
+
+def test_in_a_job_relative_inputs_missing_from_the_working_directory_and_a_relative_output_are_refused(
+        monkeypatch, tmp_path):
+    copy = tmp_path / "copy"
+    (copy / "configs").mkdir(parents=True)
+    (copy / "configs" / "tasks.yaml").write_text("x")
+    d = tmp_path / "shared"
+    d.mkdir()
+    in_a_job(monkeypatch, copy)
+    with pytest.raises(UserError) as e:
+        jobpaths.check_paths(load_config(str(DEMO)), "partition")
+    msg = str(e.value)
+    assert msg.startswith("data.manifest outputs/demo/data/manifest.parquet is a relative local path, and this Ray "
+                          f"job runs in the uploaded copy of its working directory ({copy}), which "
+                          "cluster/runtime_env.yaml ships without outputs/ and data/: there is no such file there. ")
+    assert jobpaths.REMEDY in msg and "\n" not in msg
+    # each command's input keys are checked, list keys entry by entry; keys it does not read are not
+    for stage, key, value in (("score", "score.checkpoints", f"{d / 'manifest.parquet'},models/fold=0"),
+                              ("train", "train.weights", "w.pt"), ("evaluate", "evaluate.compare", "runs/b/preds"),
+                              ("saliency", "saliency.masks", "masks/{image_id}.png"),
+                              ("nightly", "score.input", "archive/"),
+                              ("pipeline", "pipeline.test_manifest", "test.parquet")):
+        cfg = absolute_demo(d, f"{key}={value}")
+        with pytest.raises(UserError, match=f"^{re.escape(key)} {re.escape(value.split(',')[-1])} is a relative "):
+            jobpaths.check_paths(cfg, stage)
+        for other in {"partition", "train", "score", "evaluate", "saliency"} - {stage}:
+            if key not in jobpaths.STAGE_INPUTS[other]:
+                jobpaths.check_paths(cfg, other)
+    jobpaths.check_paths(absolute_demo(d, "score.input=archive/"), "pipeline")  # the pipeline wires its own
+    # a relative output is refused (it would be written into the copy)
+    with pytest.raises(UserError) as e:
+        jobpaths.check_paths(absolute_demo(d, "output=outputs/demo"), "partition")
+    assert str(e.value).startswith("output outputs/demo is a relative local path") and "Ray deletes that copy" in str(
+        e.value) and jobpaths.REMEDY in str(e.value)
+    # absolute paths, s3:// URIs and relative paths that exist in the copy pass
+    jobpaths.check_paths(absolute_demo(d, "data.tasks=configs/tasks.yaml", "evaluate.readers=s3://b/readers.parquet",
+                                       "train.weights=imagenet"), "pipeline")
+    # a job whose working directory was not uploaded: the message says where it runs instead
+    in_a_job(monkeypatch, copy, uploaded=False)
+    with pytest.raises(UserError, match=r"runs in .* on the cluster, not in the directory it was submitted from"):
+        jobpaths.check_paths(load_config(str(DEMO)), "partition")
+
+
+def test_outside_a_job_nothing_changes_and_the_multi_node_refusal_gives_the_same_advice(monkeypatch, tmp_path):
+    monkeypatch.delenv(jobpaths.JOB_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    jobpaths.check_paths(load_config(str(DEMO)), "pipeline")  # relative and missing: the stage's own "no such file" later
+    monkeypatch.setattr(raysession, "alive_nodes", lambda: 3)
+    cfg = load_config(str(DEMO), ["output=/mnt/out"])
+    with pytest.raises(UserError) as e:
+        raysession.check_shared_storage(cfg.storage, {"output": cfg.output})
+    assert "this Ray cluster has 3 nodes: each node would see its own disk. " + jobpaths.REMEDY == str(e.value).split(
+        ", and ", 1)[1]

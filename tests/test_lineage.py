@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from dermray import artifacts, faults, layout, lineage, score, train, trainloop
+from dermray import artifacts, faults, layout, lineage, score, train
 from dermray.cli import main
 from dermray.config import load_config
 from dermray.errors import UserError
@@ -116,13 +116,18 @@ def test_retraining_after_a_repartition_is_refused_and_force_trains_without_leak
 
 
 def test_a_worker_output_the_driver_cannot_see_is_an_error(tmp_path):
-    from dermray.config import TrainConfig
+    """A file a Ray worker reports written but the driver cannot see (another node's disk, a lost write) fails the
+    stage naming it (train's held-out predictions no longer travel through a file: the driver measures them)."""
+    from dermray import saliency
 
-    job = trainloop.FoldJob(train=TrainConfig(), n_classes=2, image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
-                            fold="3", fold_dir=str(tmp_path / "fold=3"), has_val=True)
-    with pytest.raises(RuntimeError, match=r"fold 3: the worker's validation predictions .*"
-                                           r"val_predictions_raw\.parquet are not visible to the driver"):
-        train.write_val_predictions(job, load_config(None, []), pa.table({"image_id": ["a"]}))
+    (tmp_path / "gradient").mkdir()
+    (tmp_path / "gradient" / "a__t.png").write_bytes(b"png")
+    (tmp_path / "gradient" / "a__t.npy").write_bytes(b"npy")
+    index = pd.DataFrame({"png_uri": [str(tmp_path / "gradient" / "a__t.png"), str(tmp_path / "gradient" / "b__t.png")],
+                          "npy_uri": [str(tmp_path / "gradient" / "a__t.npy"), str(tmp_path / "gradient" / "b__t.npy")]})
+    saliency.check_written(index.head(1), str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"the map .*b__t\.png that an actor wrote is not visible to the driver"):
+        saliency.check_written(index, str(tmp_path))
 
 
 # ---- score: a retrained model re-scores; weights replaced behind the card are refused ------------------------------

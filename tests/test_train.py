@@ -52,7 +52,7 @@ def test_two_folds_train_concurrently_and_write_their_outputs(small_study, ray_l
         metrics = pd.read_parquet(run_dir / fold / "metrics.parquet")
         assert set(metrics["epoch"]) == {0, 1}
         assert {"loss", "top1", "acc_melanoma_vs_nevus", "acc_three_class"} <= set(
-            metrics.loc[metrics.split == "val", "metric"])
+            metrics.loc[metrics.split == "select", "metric"])
         card = json.loads((run_dir / fold / "model_card.json").read_text())
         assert card["architecture"] == "mobilenet_v3_small" and card["input_size"] == 64
         assert len(card["training_classes"]) == n_classes and card["epochs_trained"] == 2
@@ -148,7 +148,7 @@ def test_bad_train_settings_are_user_errors(small_study):
         train.run(config(d, "train.optimizer=sgd"))
     with pytest.raises(UserError, match=r"train.folds \[7\] are not in the labels"):
         train.run(config(d, "train.folds=[7]"))
-    with pytest.raises(UserError, match="checkpoint_metric 'val_acc_nope' names no task"):
+    with pytest.raises(UserError, match="checkpoint_metric 'acc_nope' names no task"):
         train.run(config(d, "train.checkpoint_metric=val_acc_nope"))
 
 
@@ -254,3 +254,33 @@ def test_epoch_batches_skip_what_an_unfinished_epoch_left_and_raise_errors_in_th
         assert list(epochs.epoch(1)) == [(1, i) for i in range(6)]
         with pytest.raises(OSError, match="epoch 2"):
             list(epochs.epoch(2))
+
+
+def test_the_epoch_is_chosen_on_an_inner_split_and_the_held_out_fold_only_measures(small_study, ray_local, tmp_path,
+                                                                                   monkeypatch):
+    """train.selection: inner (the default): an inner split of the training lesions picks the epoch; the model
+    never trains on it nor on the held-out fold, and the held-out fold's predictions (the cross-validation
+    estimate) come from the chosen epoch, measured once."""
+    d = small_study
+    monkeypatch.setenv(faults.ENV, json.dumps({"consumed_file": str(tmp_path / "consumed-{fold}")}))
+    s = train.run(config(d, "run_id=inner", "train.folds=[1]", "train.epochs=3", "train.selection_fraction=0.25"))
+    fold_dir = d / "out" / "train" / "inner" / "fold=1"
+    metrics = pd.read_parquet(fold_dir / "metrics.parquet")
+    select_loss = metrics[(metrics.split == "select") & (metrics.metric == "loss")].set_index("epoch")["value"]
+    assert len(select_loss) == 3 and s["per_fold"][0]["best_epoch"] == int(select_loss.idxmin())
+    assert not (metrics.split == "val").any()  # the held-out fold is not measured per epoch
+    preds = pd.read_parquet(fold_dir / "val_predictions.parquet")
+    assert set(preds["epoch"]) == {s["per_fold"][0]["best_epoch"]}
+    rows = train.plan(config(d, "run_id=inner", "train.folds=[1]", "train.selection_fraction=0.25")).table
+    split = train.split_rows(1, rows, config(d, "train.selection_fraction=0.25").train)
+    consumed = set((tmp_path / "consumed-1").read_text().split())
+    select_ids = set(split["select"].column("image_id").to_pylist())
+    val_ids = set(split["val"].column("image_id").to_pylist())
+    assert select_ids and consumed == set(split["train"].column("image_id").to_pylist())
+    assert not consumed & (select_ids | val_ids)
+    assert set(preds["image_id"]) == val_ids
+    # Lesion-grouped: no lesion has images both in the selection split and in training.
+    groups = dict(zip(rows.column("image_id").to_pylist(), rows.column("group").to_pylist()))
+    assert not {groups[i] for i in select_ids} & {groups[i] for i in consumed}
+    card = json.loads((fold_dir / "model_card.json").read_text())
+    assert "inner split" in card["selection"] and card["validation"]["val_images"] == len(val_ids)
