@@ -161,6 +161,10 @@ class ScoreConfig(Section):
     # published numbers stay fp32 unless asked
     amp: AMP = "off"
     incremental: bool = False  # score only images this model_id has not scored in this run yet
+    # Which locked operating point of the model card gives <task>_positive: its name (sens0.95, youden,
+    # readers_specificity); default: the first locked for each task (the target sensitivity)
+    operating_point: Optional[str] = None
+    calibrate: bool = True  # apply the model card's temperature (probs_raw keeps the uncalibrated ensemble mean)
     rows_per_file: int = Field(10000, ge=1)  # images per predictions part file (also the unit of resumption)
     max_pixels: int = Field(50_000_000, ge=1)
 

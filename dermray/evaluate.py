@@ -40,18 +40,27 @@ STAGE = "evaluate"
 
 
 # ---- inputs ------------------------------------------------------------------------------------------------------
-def default_partition(cfg: RunConfig) -> str:
-    """evaluate.partition, else the partition the predictions' score run recorded, else this run's."""
-    if cfg.evaluate.partition:
-        return cfg.evaluate.partition
-    pred = cfg.evaluate.predictions.rstrip("/")
+def score_summary_of(predictions: str) -> dict:
+    """The summary of the score run that wrote ``predictions`` (beside its predictions folder), or {}."""
+    pred = predictions.rstrip("/")
     for candidate in (storage.join(storage.parent(pred), layout.SUMMARY_FILES["score"]),
                       storage.join(pred, layout.SUMMARY_FILES["score"])):
         if storage.exists(candidate):
-            recorded = json.loads(storage.read_text(candidate)).get("partition")
-            if recorded:
-                return recorded
-    return layout.partition_dir(cfg.output, cfg.run_id)
+            return json.loads(storage.read_text(candidate))
+    return {}
+
+
+def default_partition(cfg: RunConfig, scored: dict) -> str:
+    """evaluate.partition, else the partition the predictions' score run recorded, else this run's."""
+    return cfg.evaluate.partition or scored.get("partition") or layout.partition_dir(cfg.output, cfg.run_id)
+
+
+def locked_points(scored: dict) -> dict:
+    """The operating points locked in the scoring model's card (out of fold), per binary task."""
+    out: dict = {}
+    for pt in scored.get("operating_points", []):
+        out.setdefault(pt["task"], []).append((pt["name"], float(pt["threshold"])))
+    return out
 
 
 # ---- subsets -----------------------------------------------------------------------------------------------------
@@ -105,9 +114,31 @@ def _metric(t: Tables, run_id, task, subset, metric, value, n, lo=None, hi=None,
                       "ci_high": None if hi is None or math.isnan(hi) else float(hi), "n": int(n), "note": note})
 
 
+def rates_with_ci(t: Tables, run_id: str, task: str, subset: str, label: str, y: np.ndarray, score: np.ndarray,
+                  threshold: float, groups: np.ndarray, cfg: EvaluateConfig) -> None:
+    """Sensitivity, specificity, PPV and NPV when calling ``score >= threshold`` positive, each with its
+    lesion-bootstrap CI (a rate is a mean over its denominator's images, resampled by lesion)."""
+    called = score >= threshold
+    n = len(y)
+    _metric(t, run_id, task, subset, f"threshold@{label}", threshold, n)
+    for metric, among, hit in (("sensitivity", y == 1, called), ("specificity", y == 0, ~called),
+                               ("ppv", called, y == 1), ("npv", ~called, y == 0)):
+        if not among.any():
+            _metric(t, run_id, task, subset, f"{metric}@{label}", None, 0,
+                    note=f"undefined: no {'called ' if metric in ('ppv', 'npv') else ''}images in its denominator")
+            continue
+        values = hit[among].astype(float)
+        lo, hi = _bootstrap_mean(values, groups[among], cfg)
+        _metric(t, run_id, task, subset, f"{metric}@{label}", values.mean(), int(among.sum()), lo, hi)
+
+
 def evaluate_binary(t: Tables, run_id: str, task: Task, subset: str, y: np.ndarray, score: np.ndarray,
                     groups: np.ndarray, image_ids: np.ndarray, cfg: EvaluateConfig,
-                    readers: pd.DataFrame | None) -> None:
+                    readers: pd.DataFrame | None, locked: list[tuple[str, float]] = (),
+                    score_raw: np.ndarray | None = None) -> None:
+    """AUC with its CI, the ROC, rates at the fixed thresholds, at the model's locked operating points (chosen
+    out of fold, with CIs) and at thresholds chosen on these data themselves (marked oracle: optimistic),
+    calibration (before and after the model's temperature) and the readers."""
     n, n_pos = len(y), int(y.sum())
     _metric(t, run_id, task.name, subset, "n_positive", n_pos, n)
     _metric(t, run_id, task.name, subset, "n_negative", n - n_pos, n)
@@ -124,9 +155,12 @@ def evaluate_binary(t: Tables, run_id: str, task: Task, subset: str, y: np.ndarr
     for f, tp_, th in zip(*M.thin_curve(fpr, tpr, thr)):
         t.roc.append({"run_id": run_id, "task": task.name, "subset": subset, "threshold": float(th),
                       "fpr": float(f), "tpr": float(tp_)})
+    for name, thr in locked:
+        rates_with_ci(t, run_id, task.name, subset, f"locked:{name}", y, score, thr, groups, cfg)
     named = [(f"{x:g}", float(x)) for x in cfg.thresholds]
-    named.append(("youden", M.youden_threshold(y, score)))
-    named.append((f"sens{cfg.target_sensitivity:g}", M.threshold_for_sensitivity(y, score, cfg.target_sensitivity)))
+    named.append(("oracle:youden", M.youden_threshold(y, score)))
+    named.append((f"oracle:sens{cfg.target_sensitivity:g}",
+                  M.threshold_for_sensitivity(y, score, cfg.target_sensitivity)))
     for name, thr_value in named:
         r = M.rates_at(y, score, thr_value)
         if not name[0].isdigit():
@@ -135,6 +169,9 @@ def evaluate_binary(t: Tables, run_id: str, task: Task, subset: str, y: np.ndarr
             _metric(t, run_id, task.name, subset, f"{metric}@{name}", getattr(r, metric), n)
     ece, curve = M.reliability(y, score, cfg.calibration_bins)
     _metric(t, run_id, task.name, subset, "ece", ece, n)
+    if score_raw is not None and np.isfinite(score_raw).all():
+        _metric(t, run_id, task.name, subset, "ece_uncalibrated", M.reliability(y, score_raw,
+                                                                                cfg.calibration_bins)[0], n)
     for row in curve:
         t.calibration.append({"run_id": run_id, "task": task.name, "subset": subset} | row)
     points = []
@@ -252,6 +289,7 @@ class EvalInputs:
     membership: pd.DataFrame
     partition: str
     fingerprints: dict  # name -> lineage.Fingerprint
+    locked: dict  # binary task -> [(operating point name, threshold)] the model card locked
 
 
 def read_definitions(cfg: RunConfig) -> EvalInputs:
@@ -261,12 +299,16 @@ def read_definitions(cfg: RunConfig) -> EvalInputs:
         raise UserError("evaluation needs the tasks YAML and the taxonomy: set data.tasks and data.taxonomy")
     tax = load_taxonomy(cfg.data.taxonomy)
     tasks = load_tasks(cfg.data.tasks, tax)
-    partition = default_partition(cfg)
+    scored = score_summary_of(cfg.evaluate.predictions)
+    partition = default_partition(cfg, scored)
     tm_uri = layout.partition_outputs(partition)["task_membership"]
     table = storage.read_table(tm_uri)
     fps = {"tasks": lineage.file_fingerprint(cfg.data.tasks), "taxonomy": lineage.file_fingerprint(cfg.data.taxonomy),
            "task_membership": lineage.columns_fingerprint(tm_uri, table, table.column_names)}
-    return EvalInputs(tax, tasks, table.to_pandas(), partition, fps)
+    locked = locked_points(scored)
+    if locked:
+        fps["operating_points"] = lineage.value_fingerprint(locked)
+    return EvalInputs(tax, tasks, table.to_pandas(), partition, fps, locked)
 
 
 def evaluate_task(t: Tables, run_id: str, task: Task, df: pd.DataFrame, inp: EvalInputs, subset_masks, groups,
@@ -279,6 +321,10 @@ def evaluate_task(t: Tables, run_id: str, task: Task, df: pd.DataFrame, inp: Eva
     in_task = y_task != NOT_IN_TASK
     pos = task.class_names.index(task.positive) if task.is_binary else None
     score = binary_score(tprobs, pos) if task.is_binary else None
+    raw = df.attrs.get("probs_raw")
+    score_raw = binary_score(task_probabilities(raw, inp.membership, task), pos) if (
+        task.is_binary and raw is not None) else None
+    locked = inp.locked.get(task.name, [])
     nan_scores = in_task & np.isnan(score) if task.is_binary else np.zeros(len(df), bool)
     use = in_task & ~nan_scores
     image_ids = df["image_id"].to_numpy()
@@ -286,7 +332,7 @@ def evaluate_task(t: Tables, run_id: str, task: Task, df: pd.DataFrame, inp: Eva
         m = use & mask
         if task.is_binary:
             evaluate_binary(t, run_id, task, subset_name, (y_task[m] == pos).astype(int), score[m], groups[m],
-                            image_ids[m], ecfg, readers)
+                            image_ids[m], ecfg, readers, locked, None if score_raw is None else score_raw[m])
         else:
             evaluate_multiclass(t, run_id, task, subset_name, y_task[m], tprobs[m], groups[m], ecfg)
     if task.is_binary and nan_scores.any():

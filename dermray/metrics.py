@@ -394,6 +394,71 @@ def reliability(y, prob, n_bins: int = 10) -> tuple[float, list[dict]]:
     return (float(ece) if len(y) else float("nan")), curve
 
 
+# ---- temperature scaling ----------------------------------------------------------------------------------------
+def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log(probs) / T) row by row: temperature scaling of the logits, applied to probabilities (log p is
+    the logit up to a per-row constant, which the softmax removes). T = 1 returns the probabilities unchanged."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if temperature == 1.0:
+        return probs
+    z = np.log(np.clip(probs, 1e-300, None)) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def nll(probs: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log-likelihood of class indices ``y`` [n] under ``probs`` [n, C]."""
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-300, None))))
+
+
+def fit_temperature(probs: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """The temperature T in [0.05, 20] minimising the NLL of ``y`` under ``apply_temperature(probs, T)`` (Guo et
+    al. 2017, one scalar, bounded search on log T): (T, NLL before, NLL after)."""
+    from scipy.optimize import minimize_scalar
+
+    y = np.asarray(y, dtype=np.int64)
+    before = nll(probs, y)
+    r = minimize_scalar(lambda lt: nll(apply_temperature(probs, float(np.exp(lt))), y), bounds=(np.log(0.05),
+                        np.log(20.0)), method="bounded", options={"xatol": 1e-4})
+    t = float(np.exp(r.x))
+    after = nll(apply_temperature(probs, t), y)
+    if after > before:  # never worse than no scaling
+        return 1.0, before, before
+    return t, before, after
+
+
+# ---- operating points -------------------------------------------------------------------------------------------
+def operating_points(y, score, target_sensitivity: float, specificities: dict[str, float] | None = None
+                     ) -> list[dict]:
+    """Decision thresholds chosen on (y, score): the highest threshold reaching ``target_sensitivity``
+    ("sens<target>"), Youden's ("youden"), and for each named specificity the threshold whose specificity is the
+    nearest at or above it ("<name>"); each with the sensitivity and specificity it gives on these data."""
+    y, score, _ = _check_binary(y, score)
+    points = [(f"sens{target_sensitivity:g}", threshold_for_sensitivity(y, score, target_sensitivity)),
+              ("youden", youden_threshold(y, score))]
+    for name, spec in (specificities or {}).items():
+        points.append((name, threshold_for_specificity(y, score, spec)))
+    out = []
+    for name, thr in points:
+        if thr != thr:  # NaN: not reachable on these data
+            continue
+        r = rates_at(y, score, thr)
+        out.append({"name": name, "threshold": float(thr), "sensitivity": r.sensitivity,
+                    "specificity": r.specificity, "n": int(len(y))})
+    return out
+
+
+def threshold_for_specificity(y, score, target: float) -> float:
+    """The lowest threshold whose specificity is at least ``target`` (so the best sensitivity that keeps it)."""
+    fpr, tpr, thr = roc_curve(y, score, drop_intermediate=False)
+    ok = np.flatnonzero((1 - fpr) >= target - 1e-12)
+    if len(ok) == 0:
+        return float("nan")
+    t = thr[ok[-1]]
+    return float(t) if np.isfinite(t) else float("nan")
+
+
 # ---- readers ---------------------------------------------------------------------------------------------------
 def reader_comparison(y, score, reader_points: list[tuple[str, float, float]]) -> dict:
     """Readers' (sensitivity, specificity) against the model's ROC curve: how many lie below it (their sensitivity

@@ -10,7 +10,7 @@ from dermray.errors import UserError
 from dermray.inference import probs_matrix
 
 # The prediction columns the evaluation reads (the rest of the table is not an input of its numbers).
-USED_COLUMNS = ("image_id", "model_id", "probs", "label", "label_source", "modality", "group_id")
+USED_COLUMNS = ("image_id", "model_id", "probs", "probs_raw", "label", "label_source", "modality", "group_id")
 
 
 def load_predictions(uri: str, model_id: str | None, extra_columns: tuple[str, ...] = ()) -> pd.DataFrame:
@@ -32,11 +32,13 @@ def load_predictions(uri: str, model_id: str | None, extra_columns: tuple[str, .
     used = [c for c in USED_COLUMNS + tuple(extra_columns) if c in table.column_names]
     fingerprint = lineage.columns_fingerprint(uri, table, used, identity=storage.identity(uri))
     probs = probs_matrix(table.column("probs"))
-    df = table.drop_columns(["probs"]).to_pandas()
+    raw = probs_matrix(table.column("probs_raw")) if "probs_raw" in table.column_names else None
+    df = table.drop_columns([c for c in ("probs", "probs_raw") if c in table.column_names]).to_pandas()
     dup = df["image_id"].duplicated()
     if dup.any():
         raise UserError(f"{source}: image_id {df.loc[dup, 'image_id'].iloc[0]!r} is predicted more than once "
                         f"for one model")
     df.attrs["probs"] = probs
+    df.attrs["probs_raw"] = raw  # before the model card's calibration (None when the table has no such column)
     df.attrs["fingerprint"] = fingerprint
     return df

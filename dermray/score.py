@@ -431,14 +431,45 @@ class Predictor:
 
 
 # ---- writing the parts ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Decisions:
+    """What the model card locked and scoring applies: the temperature and, per binary task, one threshold."""
+    temperature: float
+    thresholds: dict  # task -> (point name, threshold)
+
+    def as_dict(self) -> dict:
+        return {"temperature": self.temperature,
+                "thresholds": {t: {"name": n, "threshold": v} for t, (n, v) in self.thresholds.items()}}
+
+
+def model_decisions(ens: Ensemble, sc: ScoreConfig) -> Decisions:
+    """The ensemble's locked calibration and operating points (one set for the run's folds: they must agree)."""
+    cards = ens.cards
+    if any(c.calibration != cards[0].calibration or c.operating_points != cards[0].operating_points for c in cards):
+        log.warning("score: the models' cards lock different decisions: no calibration, no <task>_positive")
+        return Decisions(1.0, {})
+    card = cards[0]
+    temperature = card.calibration.temperature if card.calibration and sc.calibrate else 1.0
+    thresholds = {}
+    for pt in card.operating_points:
+        if pt.task not in thresholds and (sc.operating_point is None or pt.name == sc.operating_point):
+            thresholds[pt.task] = (pt.name, pt.threshold)
+    if sc.operating_point and card.operating_points and not thresholds:
+        names = sorted({pt.name for pt in card.operating_points})
+        raise UserError(f"score.operating_point {sc.operating_point!r} is not locked in the model card (it has: "
+                        f"{', '.join(names)})")
+    return Decisions(temperature, thresholds)
+
+
 class PartWriter:
     """Collects the streamed rows of each part and writes the part (and its quarantine) once all its rows are
     back: then the rows leave the driver."""
 
-    def __init__(self, rdir: str, ens: Ensemble, tasks, membership, carry: pa.Schema | None, meter):
+    def __init__(self, rdir: str, ens: Ensemble, tasks, membership, carry: pa.Schema | None, meter,
+                 decided: Decisions):
         from dermray.inference import binary_score, membership_matrix
 
-        self.rdir, self.ens, self.carry, self.meter = rdir, ens, carry, meter
+        self.rdir, self.ens, self.carry, self.meter, self.decided = rdir, ens, carry, meter, decided
         self.task_columns = []
         for task in tasks:
             m = membership_matrix(membership, task, ens.n_classes)
@@ -490,13 +521,20 @@ class PartWriter:
         n = len(cols["image_id"])
         order = np.argsort(cols["image_id"].astype(str), kind="stable")
         cols = {k: v[order] for k, v in cols.items()}
-        probs = np.asarray(cols["probs"], np.float32).reshape(n, self.ens.n_classes)
+        from dermray.metrics import apply_temperature
+
+        raw = np.asarray(cols["probs"], np.float32).reshape(n, self.ens.n_classes)
+        probs = apply_temperature(raw, self.decided.temperature).astype(np.float32) if n else raw
         top = probs.argmax(axis=1) if n else np.zeros(0, np.int64)
+
+        def matrix(a):
+            return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1]).cast(pa.list_(pa.float32()))
+
         data = {
             "image_id": pa.array(cols["image_id"].tolist(), pa.string()),
             "model_id": pa.array([self.ens.model_id] * n, pa.string()),
-            "probs": pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), self.ens.n_classes)
-            .cast(pa.list_(pa.float32())),
+            "probs": matrix(probs),
+            "probs_raw": matrix(raw),
             "top_class": pa.array(top, pa.int32()),
             "top_node": pa.array([self.node_ids[i] for i in top], pa.string()),
         }
@@ -505,7 +543,11 @@ class PartWriter:
             data[f"{task.name}_probs"] = pa.FixedSizeListArray.from_arrays(
                 pa.array(tp.reshape(-1)), len(task.classes)).cast(pa.list_(pa.float32()))
             if pos is not None:
-                data[f"{task.name}_score"] = pa.array(self._binary_score(tp, pos).astype(np.float32))
+                score = self._binary_score(tp, pos).astype(np.float32)
+                data[f"{task.name}_score"] = pa.array(score)
+                if task.name in self.decided.thresholds:
+                    data[f"{task.name}_positive"] = pa.array(score >= self.decided.thresholds[task.name][1],
+                                                             pa.bool_())
         if self.carry is not None:
             for f in self.carry:
                 if f.name not in data:
@@ -550,7 +592,8 @@ def score_lineage(ens: Ensemble, input_fp: lineage.Fingerprint, membership_fp, s
     if membership_fp is not None:
         inputs["task_membership"] = membership_fp
     return lineage.Lineage.of(STAGE, inputs, {"tta": sc.tta, "amp": sc.amp, "input_size": ens.size,
-                                              "max_pixels": sc.max_pixels})
+                                              "max_pixels": sc.max_pixels,
+                                              "decisions": model_decisions(ens, sc).as_dict()})
 
 
 def reconcile(rdir: str, now: lineage.Lineage, incremental: bool) -> None:
@@ -727,7 +770,8 @@ def run(cfg: RunConfig) -> dict:
                 .schema_arrow if f.name not in INTERNAL])
         total = None if work.input_rows is None else work.input_rows - work.already_done - work.quarantine.num_rows
         meter = progress.Meter("score", total, every_s=5.0)
-        writer = PartWriter(rdir, ens, tasks, membership, carry, meter)
+        decided = model_decisions(ens, sc)
+        writer = PartWriter(rdir, ens, tasks, membership, carry, meter, decided)
         t_wall = time.time()
         if work.refs:
             stream(work, ens, sc, cfg.storage.retry(), writer)
@@ -756,6 +800,8 @@ def summarise(cfg, ens, work: WorkPlan, writer: PartWriter, now, partition, rdir
         if work.refs and writer.t_model[1] > writer.t_model[0] else None,
         "startup_s": round(writer.t_model[0] - t_wall, 2) if work.refs and np.isfinite(writer.t_model[0]) else None,
         "seconds": round(time.perf_counter() - t_start, 2), "partition": storage.redact(partition) if partition else None,
+        "decisions": writer.decided.as_dict(),
+        "operating_points": [pt.model_dump() for pt in ens.first.operating_points],
         "lineage": now.to_dict(),
         "outputs": {"predictions": storage.join(rdir, "predictions"),
                     "quarantine": storage.join(rdir, "quarantine.parquet")},

@@ -58,6 +58,7 @@ class TrainPlan:
     partition: str
     matrices: dict
     task_names: list[str]
+    positives: dict  # binary task -> index of its positive class
     folds: list
     run_dir: str
     inputs: dict  # name -> lineage.Fingerprint shared by every fold
@@ -93,22 +94,24 @@ def read_rows(cfg: RunConfig, part: str) -> tuple[pa.Table, pa.Table, dict]:
     return table, classes, fingerprints
 
 
-def add_task_truth(table: pa.Table, cfg: RunConfig, part: str, n_classes: int) -> tuple[pa.Table, dict, list[str]]:
+def add_task_truth(table: pa.Table, cfg: RunConfig, part: str, n_classes: int
+                   ) -> tuple[pa.Table, dict, list[str], dict]:
     """The table with each image's task classes (``task_truth``, int32 per task, -1 outside a task), the
-    membership matrices and the task names; unchanged when no tasks are configured."""
+    membership matrices, the task names and the binary tasks' positive class; unchanged without tasks."""
     from dermray import inference
     from dermray.definitions import load_tasks
     from dermray.definitions import load_taxonomy
 
     if not (cfg.data.tasks and cfg.data.taxonomy):
-        return table, {}, []
+        return table, {}, [], {}
     tax = load_taxonomy(cfg.data.taxonomy)
     tasks = load_tasks(cfg.data.tasks, tax)
     membership = storage.read_table(layout.partition_outputs(part)["task_membership"]).to_pandas()
     labels = table.column("label").to_numpy(zero_copy_only=False)
     truth = np.stack([inference.truth_for_task(tax, t, labels) for t in tasks], axis=1).astype(np.int32)
     table = table.append_column("task_truth", pa.array(list(truth), pa.list_(pa.int32())))
-    return table, inference.membership_matrices(membership, tasks, n_classes), [t.name for t in tasks]
+    positives = {t.name: t.class_names.index(t.positive) for t in tasks if t.is_binary}
+    return table, inference.membership_matrices(membership, tasks, n_classes), [t.name for t in tasks], positives
 
 
 def fold_names(table: pa.Table, tcfg: TrainConfig) -> list:
@@ -136,14 +139,14 @@ def plan(cfg: RunConfig) -> TrainPlan:
     if classes.num_rows < 2:
         raise UserError(f"the partition has {classes.num_rows} training class: nothing to classify "
                         "(lower partition.max_class_size)")
-    table, matrices, task_names = add_task_truth(table, cfg, part, classes.num_rows)
+    table, matrices, task_names, positives = add_task_truth(table, cfg, part, classes.num_rows)
     metric = cfg.train.checkpoint_metric
     if metric.startswith("acc_") and metric[len("acc_"):] not in task_names:
         raise UserError(f"train.checkpoint_metric {metric!r} names no task (tasks: {', '.join(task_names) or 'none'})")
     inputs["initial_weights"] = weights_fingerprint(cfg.train)
     if metric.startswith("acc_") and cfg.train.selection == "inner":
         inputs["tasks"] = lineage.value_fingerprint(sorted(matrices[metric[len("acc_"):]].nonzero()[0].tolist()))
-    return TrainPlan(table, classes, artifacts.classes_hash(classes), part, matrices, task_names,
+    return TrainPlan(table, classes, artifacts.classes_hash(classes), part, matrices, task_names, positives,
                      fold_names(table, cfg.train), layout.train_dir(cfg.output, cfg.run_id), inputs)
 
 
@@ -457,6 +460,62 @@ def finish_fold(job: FoldJob, fit: tuple, weights: bytes, measured, seconds: flo
             **val_metrics}
 
 
+# ---- decisions locked with the model -------------------------------------------------------------------------------
+def readers_targets(cfg: RunConfig, p: TrainPlan) -> dict:
+    """The readers' mean specificity per binary task, from the readers' own decisions and the test manifest's
+    labels (when evaluate.readers and pipeline.test_manifest are set): an operating point to lock."""
+    from dermray import decisions, inference
+    from dermray.definitions import load_tasks, load_taxonomy
+
+    if not (cfg.evaluate.readers and cfg.pipeline.test_manifest and p.positives):
+        return {}
+    readers = storage.read_table_any(cfg.evaluate.readers).to_pandas()
+    test = storage.read_table(cfg.pipeline.test_manifest, columns=["image_id", "label"]).to_pandas()
+    tax = load_taxonomy(cfg.data.taxonomy)
+    truth = {}
+    for task in load_tasks(cfg.data.tasks, tax):
+        if task.name in p.positives:
+            t = inference.truth_for_task(tax, task, test["label"].to_numpy())
+            inside = t >= 0
+            truth[task.name] = pd.Series((t[inside] == p.positives[task.name]).astype(int),
+                                         index=test["image_id"].to_numpy()[inside])
+    return decisions.readers_specificity(readers, truth)
+
+
+def lock_decisions(cfg: RunConfig, p: TrainPlan, fold_rows: list[dict]) -> tuple[dict | None, list[dict], str]:
+    """Calibration and operating points chosen on the cross-validation folds' held-out predictions, written into
+    every fold's model card: (calibration, operating points, what they were chosen on)."""
+    from dermray import decisions
+
+    cv = [r["fold"] for r in fold_rows if r["fold"] != FINAL]
+    frames = [storage.read_table(storage.join(layout.fold_dir(cfg.output, cfg.run_id, f), "val_predictions.parquet"))
+              .to_pandas() for f in cv if storage.exists(storage.join(layout.fold_dir(cfg.output, cfg.run_id, f),
+                                                                      "val_predictions.parquet"))]
+    oof = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if len(oof) < 2:
+        return None, [], "no held-out predictions"
+    truth_cols = p.table.select(["image_id", "task_truth"]).to_pandas() if p.task_names else None
+    task_truth = (np.stack(oof[["image_id"]].merge(truth_cols, on="image_id", how="left")["task_truth"])
+                  if truth_cols is not None else None)
+    binary = [(name, p.task_names.index(name), pos, p.matrices[name].astype(np.float64))
+              for name, pos in p.positives.items()]
+    chosen_on = f"out-of-fold predictions of folds {', '.join(cv)} ({len(oof)} images)"
+    calibration, points = decisions.lock(np.stack(oof["probs"]).astype(np.float64), oof["class_index"].to_numpy(),
+                                         task_truth, binary, cfg.evaluate.target_sensitivity,
+                                         readers_targets(cfg, p))
+    return calibration | {"fitted_on": chosen_on}, [pt | {"chosen_on": chosen_on} for pt in points], chosen_on
+
+
+def write_decisions(cfg: RunConfig, folds: list, calibration: dict | None, points: list[dict]) -> None:
+    for fold in folds:
+        d = layout.fold_dir(cfg.output, cfg.run_id, fold)
+        card = artifacts.read_card(storage.join(d, artifacts.CARD_FILE))
+        card = card.model_copy(update={
+            "calibration": artifacts.Calibration(**calibration) if calibration else None,
+            "operating_points": [artifacts.OperatingPoint(**pt) for pt in points]})
+        artifacts.write_card(artifacts.ModelCard.model_validate(card.model_dump()), d)
+
+
 # ---- the stage ----------------------------------------------------------------------------------------------------
 def train_folds(p: TrainPlan, table: pa.Table, cfg: RunConfig, lineages: dict) -> list[tuple]:
     """Every fold's TorchTrainer at once (threads: each fit() blocks while its worker trains)."""
@@ -490,7 +549,11 @@ def run(cfg: RunConfig) -> dict:
         results = train_folds(p, table, cfg, lineages)
     fold_rows = [finish_fold(job, fit, weights, measured, seconds, cfg, p, table, lineages[job.fold])
                  for job, fit, weights, measured, seconds in results]
-    return summarise(cfg, p, fold_rows, table.num_rows, n_bad, lineages, time.perf_counter() - t_start)
+    calibration, points, _ = lock_decisions(cfg, p, fold_rows)
+    write_decisions(cfg, p.folds, calibration, points)
+    summary = summarise(cfg, p, fold_rows, table.num_rows, n_bad, lineages, time.perf_counter() - t_start,
+                        {"calibration": calibration, "operating_points": points})
+    return summary
 
 
 def cv_summary(fold_rows: list[dict], task_names: list[str]) -> pd.DataFrame:
@@ -518,13 +581,13 @@ def lineage_now(cfg: RunConfig, recorded: lineage.Lineage | None = None) -> line
 
 
 def summarise(cfg: RunConfig, p: TrainPlan, fold_rows: list[dict], used: int, n_bad: int, lineages: dict,
-              seconds: float) -> dict:
+              seconds: float, decided: dict) -> dict:
     table = cv_summary(fold_rows, p.task_names)
     storage.write_table(pa.Table.from_pandas(table, preserve_index=False),
                         storage.join(p.run_dir, "train_summary.parquet"))
     summary = {"stage": STAGE, "run_id": cfg.run_id, "arch": cfg.train.arch, "folds": [str(f) for f in p.folds],
                "images": used + n_bad, "trained_on": used, "quarantined": n_bad, "per_fold": fold_rows,
-               "summary": table.to_dict(orient="records"), "partition": storage.redact(p.partition),
+               "summary": table.to_dict(orient="records"), "partition": storage.redact(p.partition), **decided,
                "lineage": run_lineage(lineages).to_dict(),
                "outputs": {"run": p.run_dir, "summary": storage.join(p.run_dir, "train_summary.parquet")},
                "seconds": round(seconds, 1)}
@@ -544,5 +607,11 @@ def format_summary(s: dict) -> str:
                      + ", ".join(f"{k}={v:.3f}" for k, v in r.items() if k.startswith("val_")))
     for r in s["summary"]:
         lines.append(f"  {r['metric']:<32} {r['mean']:.3f} +- {r['sd']:.3f} over {r['folds']} folds")
+    if s.get("calibration"):
+        lines.append(f"  calibration: temperature {s['calibration']['temperature']:.2f} (NLL "
+                     f"{s['calibration']['nll_before']:.3f} -> {s['calibration']['nll_after']:.3f}, out of fold)")
+    for pt in s.get("operating_points", []):
+        lines.append(f"  locked {pt['task']} {pt['name']}: threshold {pt['threshold']:.3f} (out of fold: sensitivity "
+                     f"{pt['sensitivity']:.3f}, specificity {pt['specificity']:.3f})")
     lines.append(f"  outputs: {s['outputs']['run']}")
     return "\n".join(lines)

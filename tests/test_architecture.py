@@ -12,7 +12,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "dermray"
 MODULES = {p.stem: p for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
 # May import stage modules: they compose stages (the stage list itself, the CLI, the pipeline, the nightly job).
 COMPOSITES = {"stages", "cli", "pipeline", "nightly", "lineage_report"}
-PURE = {"taxonomy", "tasks", "partitioning", "inference", "metrics", "transforms", "ids"}
+PURE = {"taxonomy", "tasks", "partitioning", "inference", "metrics", "transforms", "ids", "decisions"}
 MAX_LINES = 60
 
 

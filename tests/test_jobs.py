@@ -69,7 +69,7 @@ def test_make_demo_cluster_submits_the_demo_pipeline_and_stops_its_head(tmp_path
             pytest.fail(f"make demo-cluster ran past 420 s:\n{out[-6000:]}")
         assert proc.returncode == 0, out[-8000:]
         assert re.search(r"demo-cluster: job dermray-demo-\S+ SUCCEEDED", out), out[-8000:]
-        assert "pipeline: run demo" in out
+        assert "pipeline: run demo-cluster" in out
         report = re.search(r"^demo-cluster: report: (\S+)$", out, re.MULTILINE)
         assert report and pathlib.Path(report.group(1)).is_file(), out[-4000:]
         assert pathlib.Path(report.group(1)).is_relative_to(tmp_path / "demo")

@@ -242,3 +242,28 @@ def test_clustered_delong_covers_at_its_nominal_level_where_plain_delong_does_no
     coverage = {k: v / n for k, v in hits.items()}
     assert 0.93 <= coverage["clustered"] <= 0.97, coverage
     assert coverage["plain"] < 0.90, coverage
+
+
+def test_temperature_scaling_recovers_a_known_temperature():
+    """Labels drawn from softmax(z) while the model reports softmax(2.5 z): the fitted T is about 2.5, the NLL
+    falls, and T = 1 leaves the probabilities as they were."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 1.5, (4000, 5))
+    true = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    y = np.array([rng.choice(5, p=p) for p in true])
+    overconfident = np.exp(2.5 * z) / np.exp(2.5 * z).sum(1, keepdims=True)
+    t, before, after = M.fit_temperature(overconfident, y)
+    assert abs(t - 2.5) < 0.25 and after < before
+    np.testing.assert_allclose(M.apply_temperature(overconfident, t), true, atol=0.08)
+    np.testing.assert_array_equal(M.apply_temperature(overconfident, 1.0), overconfident)
+
+
+def test_operating_points_meet_their_targets_on_the_data_that_chose_them():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 2000)
+    s = y + rng.normal(0, 1, 2000)
+    points = {p["name"]: p for p in M.operating_points(y, s, 0.95, {"readers_specificity": 0.8})}
+    assert points["sens0.95"]["sensitivity"] >= 0.95
+    assert points["readers_specificity"]["specificity"] >= 0.8
+    j = points["youden"]["sensitivity"] + points["youden"]["specificity"]
+    assert j >= points["sens0.95"]["sensitivity"] + points["sens0.95"]["specificity"] - 1e-12

@@ -79,6 +79,56 @@ def test_two_folds_train_concurrently_and_write_their_outputs(small_study, ray_l
     assert any(h["metric"] == "auc" and h["task"] == "melanoma_vs_nevus" for h in ev["headline"])
 
 
+def test_calibration_and_operating_points_are_locked_out_of_fold_and_applied_when_scoring(small_study, ray_local):
+    """After training, the folds' held-out predictions fit one temperature and choose per binary task the
+    thresholds (target sensitivity, Youden) written into every model card; scoring applies them (calibrated probs
+    beside probs_raw, <task>_positive at the locked threshold); evaluation measures them with CIs, apart from the
+    thresholds it picks on the test data itself (marked oracle)."""
+    from dermray import metrics as M, score
+
+    d = small_study
+    s = train.run(config(d, "run_id=locked", "train.epochs=1"))
+    card = json.loads((d / "out" / "train" / "locked" / "fold=0" / "model_card.json").read_text())
+    cal, points = card["calibration"], card["operating_points"]
+    assert cal["temperature"] > 0 and cal["nll_after"] <= cal["nll_before"] and "folds 0, 1" in cal["fitted_on"]
+    mvn = {p["name"]: p for p in points if p["task"] == "melanoma_vs_nevus"}
+    assert {"sens0.95", "youden"} <= set(mvn) and mvn["sens0.95"]["sensitivity"] >= 0.95
+    assert json.loads((d / "out" / "train" / "locked" / "fold=1" / "model_card.json").read_text())[
+        "operating_points"] == points  # one set for the run's ensemble
+    # The locked values are what the out-of-fold predictions give (recomputed here from the written files).
+    oof = pd.concat([pd.read_parquet(d / "out" / "train" / "locked" / f / "val_predictions.parquet")
+                     for f in ("fold=0", "fold=1")])
+    t, _, _ = M.fit_temperature(np.stack(oof["probs"]).astype(float), oof["class_index"].to_numpy())
+    assert abs(t - cal["temperature"]) < 1e-6 and s["calibration"]["temperature"] == cal["temperature"]
+    sc = score.run(load_config(None, [
+        f"data.tasks={d / 'in' / 'tasks.yaml'}", f"data.taxonomy={d / 'in' / 'taxonomy.parquet'}",
+        f"score.checkpoints={d / 'out' / 'train' / 'locked'}", f"score.input={d / 'in' / 'manifest.parquet'}",
+        f"output={d / 'out'}", "run_id=locked", "score.batch_size=16", "score.cpus_per_actor=0.5"]))
+    preds = pd.read_parquet(d / "out" / "predictions" / "locked" / "predictions")
+    raw = np.stack(preds["probs_raw"]).astype(float)
+    np.testing.assert_allclose(np.stack(preds["probs"]), M.apply_temperature(raw, cal["temperature"]), atol=1e-5)
+    thr = mvn["sens0.95"]["threshold"]
+    inside = preds["melanoma_vs_nevus_score"].notna()
+    assert ((preds.loc[inside, "melanoma_vs_nevus_score"] >= thr) == preds.loc[inside, "melanoma_vs_nevus_positive"]
+            ).all()
+    assert sc["decisions"]["thresholds"]["melanoma_vs_nevus"]["name"] == "sens0.95"
+    ev = evaluate.run(load_config(None, [
+        f"evaluate.predictions={d / 'out' / 'predictions' / 'locked' / 'predictions'}",
+        f"data.tasks={d / 'in' / 'tasks.yaml'}", f"data.taxonomy={d / 'in' / 'taxonomy.parquet'}",
+        f"output={d / 'out'}", "run_id=locked", "evaluate.n_bootstrap=50"]))
+    m = pd.read_parquet(ev["outputs"]["metrics"]).query("task == 'melanoma_vs_nevus' and subset == 'all'")
+    m = m.set_index("metric")
+    assert m.loc["threshold@locked:sens0.95", "value"] == pytest.approx(thr)
+    for rate in ("sensitivity", "specificity", "ppv", "npv"):
+        row = m.loc[f"{rate}@locked:sens0.95"]
+        if pd.isna(row["value"]):  # e.g. no image called negative: NPV has no denominator
+            assert row["note"].startswith("undefined"), rate
+        else:
+            assert row["ci_low"] <= row["value"] <= row["ci_high"], rate
+    assert "sensitivity@oracle:youden" in m.index and "sensitivity@youden" not in m.index
+    assert {"ece", "ece_uncalibrated"} <= set(m.index)
+
+
 def test_a_killed_worker_resumes_from_its_checkpoint_and_a_rerun_continues(small_study, ray_local, tmp_path,
                                                                            monkeypatch):
     d = small_study
