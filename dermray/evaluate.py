@@ -179,7 +179,36 @@ def evaluate_binary(t: Tables, run_id: str, task: Task, subset: str, y: np.ndarr
         points = reader_points(t, run_id, task, subset, y, score, image_ids, readers)
     t.curves[(task.name, subset)] = {"fpr": fpr, "tpr": tpr, "auc": boot.estimate, "ci": (boot.ci_low, boot.ci_high),
                                      "readers": points, "n_pos": n_pos, "n_neg": n - n_pos,
-                                     "calibration": curve}
+                                     "calibration": curve, "replicates": boot.replicates, "n": n}
+
+
+def subgroup_verdict(t: Tables, run_id: str, task: Task, subset_names: list[str], cfg: EvaluateConfig) -> None:
+    """Per subgroup column (modality, each of evaluate.subgroups): the worst group's AUC (the note names the group)
+    and the largest gap between two groups' AUCs with a bootstrap CI (each group's lesions resampled apart; a
+    replicate's gap is its best minus its worst group)."""
+    by_column: dict[str, list[str]] = {}
+    for name in subset_names:
+        if "=" in name:
+            by_column.setdefault(name.split("=", 1)[0], []).append(name)
+    alpha = 1 - cfg.ci_level
+    for column, names in by_column.items():
+        groups = [(n, t.curves[(task.name, n)]) for n in names if (task.name, n) in t.curves
+                  and "auc" in t.curves[(task.name, n)] and np.isfinite(t.curves[(task.name, n)]["auc"])]
+        if len(groups) < 2:
+            continue
+        aucs = np.array([c["auc"] for _, c in groups])
+        worst = int(np.argmin(aucs))
+        n = sum(c["n"] for _, c in groups)
+        lo_w, hi_w = groups[worst][1]["ci"]
+        _metric(t, run_id, task.name, f"by:{column}", "worst_group_auc", aucs[worst], n, lo_w, hi_w,
+                note=f"worst group: {groups[worst][0]}")
+        reps = np.stack([c["replicates"] for _, c in groups])  # [groups, n_boot]
+        gaps = np.nanmax(reps, axis=0) - np.nanmin(reps, axis=0)
+        gaps = gaps[np.isfinite(gaps)]
+        lo, hi = np.quantile(gaps, [alpha / 2, 1 - alpha / 2]) if len(gaps) else (float("nan"),) * 2
+        best = int(np.argmax(aucs))
+        _metric(t, run_id, task.name, f"by:{column}", "auc_gap", aucs[best] - aucs[worst], n, float(lo), float(hi),
+                note=f"{groups[best][0]} minus {groups[worst][0]}")
 
 
 def reader_points(t: Tables, run_id, task: Task, subset, y, score, image_ids, readers: pd.DataFrame):
@@ -335,6 +364,8 @@ def evaluate_task(t: Tables, run_id: str, task: Task, df: pd.DataFrame, inp: Eva
                             image_ids[m], ecfg, readers, locked, None if score_raw is None else score_raw[m])
         else:
             evaluate_multiclass(t, run_id, task, subset_name, y_task[m], tprobs[m], groups[m], ecfg)
+    if task.is_binary:
+        subgroup_verdict(t, run_id, task, [n for n, _ in subset_masks], ecfg)
     if task.is_binary and nan_scores.any():
         _metric(t, run_id, task.name, "all", "excluded_undefined_score", int(nan_scores.sum()), int(in_task.sum()),
                 note="P(pos) + P(neg) is 0: the model gives these images no probability in either class")

@@ -156,7 +156,9 @@ def import_isic(metadata: str, images: str, group: str = "lesion") -> ImportResu
         "modality": image_type.fillna("").str.lower().str.startswith("dermoscopic").map(
             {True: "dermoscopy", False: "clinical"}),
     })
-    for extra in ("diagnosis_confirm_type", "image_type", "age_approx", "sex", "anatom_site_general"):
+    # fitzpatrick_skin_type: skin tone, the subgroup dermatology AI is judged on (evaluate.subgroups)
+    for extra in ("diagnosis_confirm_type", "image_type", "age_approx", "sex", "anatom_site_general",
+                  "fitzpatrick_skin_type"):
         if extra in df.columns:
             rows[extra] = df[extra]
     reasons = pd.Series([None] * len(df), index=df.index, dtype=object)

@@ -226,3 +226,25 @@ def test_bad_inputs_give_one_line_errors(study, tmp_path, capsys):
         err = capsys.readouterr().err
         assert fragment in err and len(err.strip().splitlines()) == 1, err
     assert main([*base, "--predictions", str(tmp_path / "two.parquet"), "--model-id", "m2"]) == 0
+
+
+def test_subgroups_get_a_verdict_worst_group_and_largest_gap(study, tmp_path):
+    """Per subgroup column: the worst group's AUC (named in the note) and the gap between the best and the worst
+    group with a bootstrap CI - the form in which skin-tone results are judged."""
+    _, metrics, _ = run_eval(study, tmp_path, "evaluate.subgroups=[sex, 'age:0/40/60/120']")
+    df = study["df"]
+    score = independent_score(study, "mel_vs_nev", "Malignant:Melanoma", "Benign:Nevus")
+    in_task = (df["label"].str.startswith("Malignant:Melanoma") | df["label"].str.startswith("Benign:Nevus")).to_numpy()
+    y = df["label"].str.startswith("Malignant").to_numpy()
+    aucs = {}
+    for lo, hi in ((0, 40), (40, 60), (60, 120)):
+        m = in_task & ~np.isnan(score) & (df.age >= lo).to_numpy() & (df.age < hi).to_numpy()
+        aucs[f"age=[{lo},{hi})"] = roc_auc_score(y[m], score[m])
+    worst = value(metrics, "mel_vs_nev", "by:age", "worst_group_auc")
+    assert abs(worst.value - min(aucs.values())) < 1e-9 and min(aucs, key=aucs.get) in worst.note
+    gap = value(metrics, "mel_vs_nev", "by:age", "auc_gap")
+    assert abs(gap.value - (max(aucs.values()) - min(aucs.values()))) < 1e-9
+    assert gap.ci_low <= gap.value <= gap.ci_high and gap.ci_low >= 0
+    assert value(metrics, "mel_vs_nev", "by:sex", "auc_gap").value >= 0
+    # The modality column has one group with an undefined AUC (no melanoma in the clinical photos): no verdict.
+    assert metrics[(metrics.subset == "by:modality")].empty
