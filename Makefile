@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: test demo install bench-partition clean
+.PHONY: test demo demo-cluster install bench-partition clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,13 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/dermray synth --output outputs/demo/data
 	$(VENV)/bin/dermray pipeline --config configs/demo.yaml
+
+# The same pipeline as a Ray job: a local head (cluster/local-up.sh), `ray job submit`, its log followed, its status
+# checked, the report's path printed, the head stopped. After `make demo` (else it draws the data first).
+# DEMO_ARGS: passed to the job, e.g. DEMO_ARGS="--set train.epochs=1"; DEMO_DIR, ports: see cluster/demo-cluster.sh.
+DEMO_ARGS ?=
+demo-cluster: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash cluster/demo-cluster.sh $(DEMO_ARGS)
 
 bench-partition: $(STAMP)
 	$(PY) benchmarks/partition.py

@@ -2,11 +2,10 @@
 # Start a local Ray head on loopback with token authentication, for trying `ray job submit` on one machine.
 # Run it from dermray's virtual environment (the head starts job drivers with the `python` on PATH).
 #
-#   bash cluster/local-up.sh            # then, in the shell that submits:
-#   export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$HOME/.dermray/local-ray/auth_token
-#   ray job submit --address http://127.0.0.1:8265 --runtime-env cluster/runtime_env.yaml --working-dir . -- \
-#       python jobs/partition.py --config configs/demo.yaml
-#   bash cluster/local-down.sh
+# How to submit to it: README.md, "Submit from a laptop" (tests/test_docs.py runs those commands as written);
+# `make demo-cluster` (cluster/demo-cluster.sh) does the whole demo pipeline that way and stops the head again.
+# A job runs in an uploaded copy of the working directory without outputs/ and data/ (cluster/runtime_env.yaml),
+# so its config's paths must be absolute (here: this machine's disk) or s3:// URIs; relative ones are refused.
 #
 # Settings (environment): DERMRAY_RAY_DIR (state: token, pid, logs; default ~/.dermray/local-ray), RAY_PORT (6379),
 # DASHBOARD_PORT (8265), NUM_CPUS (all), RAY_AUTH_MODE (token; "disabled" turns authentication off), and for a
@@ -42,12 +41,15 @@ args=(--head --block --node-ip-address 127.0.0.1 --port "$RAY_PORT" --dashboard-
 nohup ray start "${args[@]}" > "$DIR/head.log" 2>&1 &
 echo $! > "$DIR/head.pid"
 for _ in $(seq 1 120); do
-  if python - "$DASHBOARD_PORT" <<'PY' 2>/dev/null; then
+  # Up = the dashboard and the head's job agent both answer (`ray job submit` needs the agent: without it the head
+  # says "No available agent to submit job").
+  if python - "$DASHBOARD_PORT" "${AGENT_PORT:-52365}" <<'PY' 2>/dev/null; then
 import sys, urllib.error, urllib.request
-try:  # any HTTP answer means the dashboard is up (401 without a token is one)
-    urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/api/version", timeout=2)
-except urllib.error.HTTPError:
-    pass
+for port in sys.argv[1:]:
+    try:  # any HTTP answer means the server is up (401 without a token is one)
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2)
+    except urllib.error.HTTPError:
+        pass
 PY
     echo "Ray head up: dashboard and job API at http://127.0.0.1:$DASHBOARD_PORT (pid $(cat "$DIR/head.pid"), log $DIR/head.log)"
     if [[ "$RAY_AUTH_MODE" == "token" ]]; then
