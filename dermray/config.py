@@ -52,6 +52,13 @@ class PartitionConfig(Section):
     folds: int = Field(9, ge=2, le=100)  # cross-validation folds (the paper: 9)
     seed: int = 0  # fold assignment is deterministic for a seed
     tasks_required: bool = False  # fail (rather than report) when a training class cannot be attributed to a task
+    # Near-duplicate images (the same picture under two ids) join one group before the folds are cut. The
+    # thresholds come from benchmarks/near_duplicates.py on HAM10000: at similarity 0.98, 6 pairs across its
+    # curated lesions (none between two diagnoses) and every re-encoded, resized and centrally cropped copy found.
+    near_duplicates: bool = True
+    near_duplicate_hamming: int = Field(10, ge=0, le=32)  # perceptual-hash bits a candidate pair may differ in
+    near_duplicate_similarity: float = Field(0.98, gt=0, le=1)  # aligned pixel correlation that confirms a pair
+    near_duplicate_max_groups: int = Field(20, ge=2)  # groups one merged group may join (chaining guard)
 
 
 class TrainConfig(Section):

@@ -59,7 +59,7 @@ def pipeline_dir(output: str, run_id: str) -> str:
     return stage_dir(output, "pipeline", run_id)
 
 
-PARTITION_TABLES = ("training_classes", "labels", "quarantine", "task_membership", "fold_counts")
+PARTITION_TABLES = ("training_classes", "labels", "quarantine", "task_membership", "fold_counts", "near_duplicates")
 
 
 def partition_outputs(partition: str) -> dict[str, str]:

@@ -20,6 +20,8 @@ import itertools
 import json
 import logging
 import time
+
+import pandas as pd
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,14 +88,21 @@ def validate_chunk(table: pa.Table, node_ids: pa.Array) -> tuple[np.ndarray, np.
     return reason, label_idx
 
 
-def _group_keys(table: pa.Table) -> pa.Array:
+def _group_keys(table: pa.Table, remap: pa.Table | None = None) -> pa.Array:
+    """Each row's group: its group_id (an image without one is a group of its own), or, for an image the
+    near-duplicate step merged into another group, that group (``remap``: image_id, group)."""
     ids = table.column("image_id")
     if "group_id" not in table.column_names:
-        return ids
-    groups = table.column("group_id")
-    # A missing group means the image is a group of its own.
-    empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(groups), ""), True)
-    return pc.if_else(empty, pc.binary_join_element_wise("image:", ids, ""), groups)
+        keys = ids
+    else:
+        groups = table.column("group_id")
+        # A missing group means the image is a group of its own.
+        empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(groups), ""), True)
+        keys = pc.if_else(empty, pc.binary_join_element_wise("image:", ids, ""), groups)
+    if remap is None or remap.num_rows == 0:
+        return keys
+    pos = pc.index_in(ids, value_set=remap.column("image_id"))
+    return pc.if_else(pc.is_valid(pos), pc.take(remap.column("group"), pc.fill_null(pos, 0)), keys)
 
 
 @dataclass
@@ -104,7 +113,8 @@ class ChunkStats:
     hist_counts: np.ndarray  # int64
 
 
-def count_chunk(table: pa.Table, row_offset: int, node_ids: pa.Array, seed: int, partitions: int):
+def count_chunk(table: pa.Table, row_offset: int, node_ids: pa.Array, seed: int, partitions: int,
+                remap: pa.Table | None = None):
     """Pass 1 on one chunk: (ChunkStats, [image-hash partitions], [group-hash partitions])."""
     n_nodes = len(node_ids)
     _, label_idx = validate_chunk(table, node_ids)
@@ -112,7 +122,7 @@ def count_chunk(table: pa.Table, row_offset: int, node_ids: pa.Array, seed: int,
     rows = np.flatnonzero(ok).astype(np.int64) + row_offset
     labels = label_idx[ok]
     ids = table.column("image_id").filter(pa.array(ok)).to_numpy(zero_copy_only=False)
-    groups = _group_keys(table).filter(pa.array(ok)).to_numpy(zero_copy_only=False)
+    groups = _group_keys(table, remap).filter(pa.array(ok)).to_numpy(zero_copy_only=False)
     h1, h2 = (hash_strings(ids, s) for s in ID_SEEDS)
     g = hash_strings(groups, seed)
     buckets = hash_bucket(g)
@@ -200,7 +210,8 @@ class AssignPlan:
 
 
 def assign_chunk(table: pa.Table, row_offset: int, node_ids: pa.Array, seed: int, plan: AssignPlan,
-                 mixed_groups: np.ndarray, duplicates: Duplicates) -> tuple[pa.Table, pa.Table, np.ndarray]:
+                 mixed_groups: np.ndarray, duplicates: Duplicates, remap: pa.Table | None = None
+                 ) -> tuple[pa.Table, pa.Table, np.ndarray]:
     """Pass 2 on one chunk: (labels rows, quarantine rows, int64 [n_classes, folds] images per class and fold)."""
     lookup, folds_by_stratum = plan.lookup, plan.folds_by_stratum
     dup_rows, dup_first = duplicates.rows, duplicates.first
@@ -221,7 +232,7 @@ def assign_chunk(table: pa.Table, row_offset: int, node_ids: pa.Array, seed: int
     if unassigned.any():  # cannot happen: every counted node has a class
         raise RuntimeError(f"rows {rows[unassigned][:5].tolist()} got no training class")
     okm = pa.array(ok)
-    g = hash_strings(_group_keys(table).filter(okm).to_numpy(zero_copy_only=False), seed)
+    g = hash_strings(_group_keys(table, remap).filter(okm).to_numpy(zero_copy_only=False), seed)
     stratum = cls[ok].astype(np.int64)
     if len(mixed_groups):
         pos = np.clip(np.searchsorted(mixed_groups, g), 0, len(mixed_groups) - 1)
@@ -256,9 +267,9 @@ def read_chunk(uri: str, row_groups: list[int], columns: list[str]) -> pa.Table:
 
 # Ray tasks (module level: defined once, shipped by reference). Each hash partition of pass 1 is its own object,
 # so a reducer fetches only its share of every chunk.
-def pass1(uri, row_groups, offset, columns, node_ids, seed, partitions):
+def pass1(uri, row_groups, offset, columns, node_ids, seed, partitions, remap):
     table = read_chunk(uri, row_groups, columns)
-    stats, img_parts, grp_parts = count_chunk(table, offset, node_ids, seed, partitions)
+    stats, img_parts, grp_parts = count_chunk(table, offset, node_ids, seed, partitions, remap)
     hasher = lineage.TableHasher(columns)
     hasher.add(table, offset)
     return (stats, hasher.partial(), *img_parts, *grp_parts)
@@ -276,10 +287,101 @@ def merge_duplicates(*parts):
     return Duplicates.merge(list(parts))
 
 
-def pass2(uri, row_groups, offset, columns, node_ids, seed, plan, duplicates, *mixed_parts):
+def pass2(uri, row_groups, offset, columns, node_ids, seed, plan, duplicates, remap, *mixed_parts):
     table = read_chunk(uri, row_groups, columns)
     mixed = np.sort(np.concatenate(mixed_parts)) if mixed_parts else np.zeros(0, np.uint64)
-    return assign_chunk(table, offset, node_ids, seed, plan, mixed, duplicates)
+    return assign_chunk(table, offset, node_ids, seed, plan, mixed, duplicates, remap)
+
+
+# ---- near-duplicate images (dermray/neardup.py), before the folds are cut --------------------------------------
+def describe_chunk(uri, row_groups, offset, columns, node_ids, max_pixels):
+    """Ray task: the valid rows of a chunk with their image's sha256 and perceptual hashes (unreadable images are
+    left out: training quarantines them)."""
+    from dermray import neardup
+    from dermray.transforms import ImageDecodeError
+
+    table = read_chunk(uri, row_groups, columns)
+    _, label_idx = validate_chunk(table, node_ids)
+    ok = np.flatnonzero(label_idx >= 0)
+    base = storage.parent(uri)
+    ids = table.column("image_id").to_numpy(zero_copy_only=False)
+    uris = table.column("uri").to_numpy(zero_copy_only=False)
+    groups = _group_keys(table).to_numpy(zero_copy_only=False)
+    rows, shas, hashes, unreadable = [], [], [], 0
+    for i in ok:
+        try:
+            sha, h = neardup.describe(storage.read_bytes(storage.resolve(uris[i], base)), max_pixels)
+        except (UserError, ImageDecodeError):
+            unreadable += 1
+            continue
+        rows.append(i)
+        shas.append(sha)
+        hashes.append(h)
+    rows = np.array(rows, np.int64)
+    return {"image_id": ids[rows], "uri": np.array([storage.resolve(u, base) for u in uris[rows]], dtype=object),
+            "group": groups[rows], "sha": np.array(shas, dtype=object),
+            "hashes": np.array(hashes, np.uint64).reshape(-1, 3), "unreadable": unreadable}
+
+
+def verify_pairs(uris_a, uris_b, max_pixels):
+    """Ray task: the aligned pixel similarity of each candidate pair."""
+    from dermray import neardup
+    from dermray.transforms import ImageDecodeError
+
+    out = []
+    for a, b in zip(uris_a, uris_b):
+        try:
+            out.append(neardup.similarity(storage.read_bytes(a), storage.read_bytes(b), max_pixels))
+        except (UserError, ImageDecodeError):
+            out.append(float("nan"))
+    return np.array(out)
+
+
+def near_duplicates(ray, inp: Inputs, chunks, node_ids_ref, pcfg) -> tuple[pa.Table, pa.Table, dict]:
+    """(remap: image_id -> merged group, the accepted pairs, counts): images whose bytes are equal, or whose
+    perceptual hashes are close and whose pixels align (neardup.similarity >= partition.near_duplicate_similarity),
+    join one group, so that the folds never split them."""
+    from dermray import neardup
+
+    t0 = time.perf_counter()
+    max_pixels = 50_000_000
+    described = ray.get([ray.remote(describe_chunk).remote(inp.manifest, rg, off, inp.columns, node_ids_ref,
+                                                           max_pixels) for rg, off, _ in chunks])
+    cat = {k: np.concatenate([d[k] for d in described]) for k in ("image_id", "uri", "group", "sha")}
+    hashes = np.concatenate([d["hashes"] for d in described]) if described else np.zeros((0, 3), np.uint64)
+    meter_n = len(hashes)
+    cand, skipped = neardup.candidates(hashes, pcfg.near_duplicate_hamming)
+    # Exact copies: the same bytes.
+    order = np.argsort(cat["sha"], kind="stable")
+    same = np.flatnonzero(cat["sha"][order][1:] == cat["sha"][order][:-1])
+    exact = np.stack([order[same], order[same + 1]], axis=1) if len(same) else np.zeros((0, 2), np.int64)
+    exact = np.sort(exact, axis=1)
+    batches = [cand[i:i + 256] for i in range(0, len(cand), 256)]
+    sims = np.concatenate(ray.get([ray.remote(verify_pairs).remote(cat["uri"][b[:, 0]], cat["uri"][b[:, 1]],
+                                                                   max_pixels) for b in batches])) \
+        if batches else np.zeros(0)
+    keep = sims >= pcfg.near_duplicate_similarity
+    pairs = {(int(a), int(b)): (int(d), float(s), False) for (a, b, d), s in zip(cand[keep], sims[keep])}
+    for a, b in exact:
+        pairs[(int(a), int(b))] = (0, 1.0, True)
+    ordered = sorted(pairs)
+    merged_groups, merged = neardup.merge_groups(cat["group"], ordered, pcfg.near_duplicate_max_groups)
+    changed = merged_groups != cat["group"]
+    remap = pa.table({"image_id": pa.array(cat["image_id"][changed].tolist(), pa.string()),
+                      "group": pa.array(merged_groups[changed].tolist(), pa.string())})
+    rows = [{"image_a": cat["image_id"][a], "image_b": cat["image_id"][b], "group_a": str(cat["group"][a]),
+             "group_b": str(cat["group"][b]), "hamming": pairs[(a, b)][0], "similarity": pairs[(a, b)][1],
+             "exact": pairs[(a, b)][2], "crossed_groups": bool(cat["group"][a] != cat["group"][b]), "merged": m}
+            for (a, b), m in zip(ordered, merged)]
+    table = pa.Table.from_pylist(rows, schema=schemas.NEAR_DUPLICATES.arrow())
+    components = pd.Series(merged_groups).groupby(merged_groups).size() if len(merged_groups) else pd.Series([])
+    counts = {"described": meter_n, "unreadable": int(sum(d["unreadable"] for d in described)),
+              "candidates": int(len(cand)), "skipped_buckets": skipped, "pairs": len(rows),
+              "exact": int(len(exact)), "crossed_groups": int(sum(r["crossed_groups"] for r in rows)),
+              "images_regrouped": int(changed.sum()), "refused_merges": int(sum(not m for m in merged)),
+              "largest_component_images": int(components.max()) if len(components) else 0,
+              "seconds": round(time.perf_counter() - t0, 2)}
+    return remap, table, counts
 
 
 @dataclass
@@ -317,12 +419,13 @@ class Counts:
     duplicates: int
 
 
-def count_pass(ray, inp: Inputs, chunks, partitions: int, node_ids_ref, seed: int):
+def count_pass(ray, inp: Inputs, chunks, partitions: int, node_ids_ref, seed: int, remap_ref):
     """Pass 1 and the duplicate reducers: (Counts, the duplicates' object ref, the group partitions' refs,
     the manifest's fingerprint)."""
     n_nodes = len(inp.tax)
     p1 = ray.remote(num_returns=2 + 2 * partitions)(pass1)
-    refs = [p1.remote(inp.manifest, rg, off, inp.columns, node_ids_ref, seed, partitions) for rg, off, _ in chunks]
+    refs = [p1.remote(inp.manifest, rg, off, inp.columns, node_ids_ref, seed, partitions, remap_ref)
+            for rg, off, _ in chunks]
     dup_refs = [ray.remote(num_returns=2)(dup_reduce).remote(n_nodes, *[r[2 + p] for r in refs])
                 for p in range(partitions)]
     node_counts = np.zeros(n_nodes, np.int64)
@@ -369,7 +472,7 @@ def fold_plan(ray, counts: Counts, classes, lookup, duplicates, group_parts, fol
 
 
 def assign_pass(ray, inp: Inputs, chunks, cpus: int, node_ids_ref, seed: int, plan: AssignPlan, duplicates,
-                mixed_refs, paths: dict) -> tuple[int, int, np.ndarray]:
+                mixed_refs, paths: dict, remap_ref) -> tuple[int, int, np.ndarray]:
     """Pass 2, a bounded window of chunks in flight, streamed into labels.parquet and quarantine.parquet in
     manifest order: (labels rows, quarantined rows, images per class and fold)."""
     p2 = ray.remote(num_returns=3)(pass2)
@@ -378,8 +481,8 @@ def assign_pass(ray, inp: Inputs, chunks, cpus: int, node_ids_ref, seed: int, pl
     window = 2 * cpus  # chunks in flight: bounds the object store (and the driver's mapped pages) at any size
 
     def submit(n):
-        return [p2.remote(inp.manifest, rg, off, inp.columns, node_ids_ref, seed, plan_ref, duplicates, *mixed_refs)
-                for rg, off, _ in itertools.islice(pending, n)]
+        return [p2.remote(inp.manifest, rg, off, inp.columns, node_ids_ref, seed, plan_ref, duplicates, remap_ref,
+                          *mixed_refs) for rg, off, _ in itertools.islice(pending, n)]
 
     refs = submit(window)
     fold_counts = np.zeros((plan.n_classes, plan.folds), np.int64)
@@ -431,9 +534,17 @@ def run(cfg: RunConfig) -> dict:
         chunks = storage.row_group_chunks(inp.pf, CHUNK_ROWS, min_chunks=2 * cpus)
         partitions = max(1, min(2 * cpus, len(chunks)))
         node_ids_ref = ray.put(node_ids)
+        remap, near, near_counts = (near_duplicates(ray, inp, chunks, node_ids_ref, pcfg) if pcfg.near_duplicates
+                                    else (None, schemas.NEAR_DUPLICATES.arrow().empty_table(), None))
+        storage.write_table(near, paths["near_duplicates"])
+        if near_counts:
+            progress.say("partition: %d near-duplicate pairs (%d across groups) among %s images; %d images regrouped",
+                         near_counts["pairs"], near_counts["crossed_groups"], f"{near_counts['described']:,}",
+                         near_counts["images_regrouped"])
+        remap_ref = ray.put(remap)
         t0 = time.perf_counter()
         counts, duplicates, group_parts, manifest_fp = count_pass(ray, inp, chunks, partitions, node_ids_ref,
-                                                                 pcfg.seed)
+                                                                 pcfg.seed, remap_ref)
         t_pass1 = time.perf_counter() - t0
         classes = partition_classes(inp.tax, counts.node_counts, pcfg.max_class_size)
         if not classes:
@@ -446,7 +557,7 @@ def run(cfg: RunConfig) -> dict:
         plan, mixed_refs, n_mixed = fold_plan(ray, counts, classes, lookup, duplicates, group_parts, pcfg.folds,
                                               pcfg.seed)
         n_labels, n_quarantined, fold_counts = assign_pass(ray, inp, chunks, cpus, node_ids_ref, pcfg.seed, plan,
-                                                           duplicates, mixed_refs, paths)
+                                                           duplicates, mixed_refs, paths, remap_ref)
         t_pass2 = time.perf_counter() - t0
     n_input = inp.pf.metadata.num_rows
     if n_labels + n_quarantined != n_input:
@@ -461,6 +572,7 @@ def run(cfg: RunConfig) -> dict:
         "big_leaf_classes": sum(c.scope == "subtree" and inp.tax.is_leaf(c.node) and c.n_images >= pcfg.max_class_size
                                 for c in classes),
         "groups_spanning_classes": n_mixed, "images_per_fold": fold_counts.sum(axis=0).tolist(),
+        "near_duplicates": near_counts,
         "unattributable": [u.__dict__ | {"task_classes": list(u.task_classes)} for u in unattributable],
         "chunks": len(chunks),
         "lineage": partition_lineage(inp, manifest_fp, cfg).to_dict(),
@@ -513,6 +625,12 @@ def format_summary(s: dict) -> str:
     ]
     if s["groups_spanning_classes"]:
         lines.append(f"  {s['groups_spanning_classes']} groups span several classes (kept whole in one fold)")
+    nd = s.get("near_duplicates")
+    if nd:
+        lines.append(f"  near duplicates: {nd['pairs']} pairs ({nd['exact']} exact, {nd['crossed_groups']} across "
+                     f"groups) among {nd['described']} images -> {nd['images_regrouped']} images regrouped, "
+                     f"largest group {nd['largest_component_images']} images"
+                     + (f", {nd['refused_merges']} merges refused (component cap)" if nd["refused_merges"] else ""))
     for u in s["unattributable"]:
         lines.append(f"  warning: training class {u['class_name']!r} cannot be attributed to task {u['task']!r} "
                      f"(its images straddle {', '.join(u['task_classes'])})")

@@ -171,6 +171,15 @@ FOLD_COUNTS = TableSchema(
     doc="Images per training class and fold (the partition's stratification, for a reviewer).",
 )
 
+NEAR_DUPLICATES = TableSchema(
+    "near_duplicates",
+    (_s("image_a"), _s("image_b"), _s("group_a"), _s("group_b"), Column("hamming", pa.int64()),
+     Column("similarity", pa.float64()), Column("exact", pa.bool_()), Column("crossed_groups", pa.bool_()),
+     Column("merged", pa.bool_())),
+    doc="Image pairs the partition found to be one picture (equal bytes, or close perceptual hashes confirmed by "
+        "aligned pixel correlation); merged = their groups were joined (False: the component cap refused it).",
+)
+
 TRAINING_METRICS = TableSchema(
     "training_metrics",
     (Column("epoch", pa.int64()), _s("split", allowed=("train", "select")), _s("metric"),
@@ -201,7 +210,7 @@ SANITY = TableSchema(
 )
 
 ALL = {s.name: s for s in (TAXONOMY, MANIFEST, TRAINING_CLASSES, LABELS, TASK_MEMBERSHIP, QUARANTINE,
-                           PREDICTIONS, METRICS, ROC, READERS, READER_POINTS, CONFUSION, CALIBRATION, FOLD_COUNTS,
+                           PREDICTIONS, METRICS, ROC, READERS, READER_POINTS, CONFUSION, CALIBRATION, FOLD_COUNTS, NEAR_DUPLICATES,
                            TRAINING_METRICS, TRAIN_SUMMARY, SALIENCY_INDEX, SANITY)}
 
 

@@ -24,6 +24,9 @@ def ham_import(ham_dir, tmp_path_factory):
 
 
 def run_partition(ray_local, manifest, taxonomy, output, tasks=None, **settings):
+    # Near-duplicate detection reads every image (about 50 s for HAM10000's 10,015 on 2 cores): off in the tests
+    # of other properties, on in its own test and in the stage contract suite.
+    settings.setdefault("near_duplicates", "false")
     overrides = [f"data.manifest={manifest}", f"data.taxonomy={taxonomy}", f"output={output}"]
     if tasks:
         overrides.append(f"data.tasks={tasks}")
@@ -46,7 +49,8 @@ def test_ham10000_on_isic_taxonomy(ray_local, ham_import, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["partition", "--manifest", str(ham_import / "manifest.parquet"), "--taxonomy",
                  str(ham_import / "taxonomy.parquet"), "--tasks", str(ham_import / "tasks.yaml"),
-                 "--max-class-size", "1000", "--folds", "5", "--seed", "7", "--output", str(out)]) == 0
+                 "--max-class-size", "1000", "--folds", "5", "--seed", "7", "--output", str(out),
+                 "--set", "partition.near_duplicates=false"]) == 0
     printed = capsys.readouterr().out
     assert "10015 input rows = 10015 assigned + 0 quarantined" in printed
     manifest = pd.read_parquet(ham_import / "manifest.parquet")
@@ -100,7 +104,7 @@ def test_same_seed_same_folds_and_rerun_replaces(ray_local, ham_import, tmp_path
     assert read(out, "labels").equals(first)
     assert sorted(os.listdir(out / "partition" / "default")) == sorted(
         ["training_classes.parquet", "labels.parquet", "quarantine.parquet", "task_membership.parquet",
-         "fold_counts.parquet", "partition_summary.json"])
+         "fold_counts.parquet", "near_duplicates.parquet", "partition_summary.json"])
     run_partition(*args, folds=4, seed=2)
     assert (read(out, "labels")["fold"] != first["fold"]).mean() > 0.5
 
@@ -203,3 +207,43 @@ def test_user_errors_exit_2_with_one_line(ray_local, tmp_path, capsys, case, fra
     assert code == 2
     assert fragment in err and len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err
+
+
+def test_near_duplicate_copies_under_other_ids_and_groups_land_in_one_fold(ray_local, ham_import, tmp_path):
+    """Re-encoded, resized and slightly cropped copies of real images, planted under new image and lesion ids:
+    the partition finds them (near_duplicates.parquet says they crossed groups) and puts each in its original's
+    fold; different lesions stay apart."""
+    import io
+
+    from PIL import Image
+
+    manifest = pd.read_parquet(ham_import / "manifest.parquet").sort_values("image_id").head(60)
+    originals = manifest.head(4)
+    rows = []
+    for k, r in enumerate(originals.itertuples()):
+        img = Image.open(r.uri).convert("RGB")
+        w, h = img.size
+        copies = {"reencoded": img, "resized": img.resize((int(w * 0.7), int(h * 0.7))),
+                  "cropped": img.crop((int(0.04 * w), int(0.04 * h), w - int(0.04 * w), h - int(0.04 * h)))}
+        for kind, im in copies.items():
+            path = tmp_path / f"copy-{k}-{kind}.jpg"
+            im.save(path, "JPEG", quality=60)
+            rows.append(r._asdict() | {"image_id": f"copy-{k}-{kind}", "uri": str(path),
+                                       "group_id": f"other-lesion-{k}-{kind}"})
+    planted = pd.concat([manifest, pd.DataFrame(rows).drop(columns=["Index"])], ignore_index=True)
+    planted.to_parquet(tmp_path / "manifest.parquet", index=False)
+    out = tmp_path / "out"
+    s = run_partition(ray_local, tmp_path / "manifest.parquet", ham_import / "taxonomy.parquet", out, folds=5,
+                      max_class_size=1000, near_duplicates="true")
+    labels = read(out, "labels").set_index("image_id")["fold"]
+    for k, r in enumerate(originals.itertuples()):
+        for kind in ("reencoded", "resized", "cropped"):
+            assert labels[f"copy-{k}-{kind}"] == labels[r.image_id], (k, kind)
+    pairs = read(out, "near_duplicates")
+    planted_pairs = pairs[pairs.image_a.str.startswith("copy") | pairs.image_b.str.startswith("copy")]
+    assert len(planted_pairs) >= 12 and planted_pairs.crossed_groups.all() and planted_pairs.merged.all()
+    nd = s["near_duplicates"]
+    assert nd["described"] == len(planted) and nd["images_regrouped"] >= 12
+    # The 60 real images are 60 curated lesion ids: none of them merged with another.
+    real = pairs[~pairs.image_a.str.startswith("copy") & ~pairs.image_b.str.startswith("copy")]
+    assert (real.group_a == real.group_b).all(), real

@@ -51,7 +51,7 @@ class Case:
 CASES = {
     "partition": Case({"training_classes.parquet": schemas.TRAINING_CLASSES, "labels.parquet": schemas.LABELS,
                        "quarantine.parquet": schemas.QUARANTINE, "task_membership.parquet": schemas.TASK_MEMBERSHIP,
-                       "fold_counts.parquet": schemas.FOLD_COUNTS},
+                       "fold_counts.parquet": schemas.FOLD_COUNTS, "near_duplicates.parquet": schemas.NEAR_DUPLICATES},
                       {"labels.parquet": ["image_id"]}, "data.manifest={missing}"),
     "train": Case({"quarantine.parquet": schemas.QUARANTINE, "metrics.parquet": schemas.TRAINING_METRICS,
                    "val_predictions.parquet": schemas.PREDICTIONS, "val_predictions_raw.parquet": None,
