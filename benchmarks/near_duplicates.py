@@ -86,7 +86,9 @@ def main() -> int:
     hashes = np.array([h for _, h in described])
     sha = np.array([s for s, _ in described])
     t0 = time.perf_counter()
-    pairs, skipped = neardup.candidates(hashes, 10)
+    from dermray.config import PartitionConfig
+
+    pairs, skipped = neardup.candidates(hashes, PartitionConfig().near_duplicate_hamming)
     t_candidates = time.perf_counter() - t0
     t0 = time.perf_counter()
     sims = parallel_similarity([(every[a], every[b]) for a, b, _ in pairs])
@@ -113,7 +115,10 @@ def main() -> int:
         sweep.append({"similarity": thr, "cross_lesion_pairs": int((ok & cross).sum()),
                       "cross_lesion_other_diagnosis": int((ok & cross & (dx[a] != dx[b])).sum()),
                       "same_lesion_pairs": int((ok & both_ham & ~cross).sum()), "recall": recall})
-    chosen = next(s for s in sweep if s["similarity"] == 0.985)
+    from dermray.config import PartitionConfig
+
+    default = PartitionConfig()
+    chosen = next(s for s in sweep if s["similarity"] == default.near_duplicate_similarity)
     # Hamming alone (what the issue measured): the pairs a pHash threshold of 8 would merge across lesions.
     pairs_h8 = int(((ham <= 8) & cross).sum())
     per_image_ms = 1000 * t_describe / len(every)
@@ -127,7 +132,8 @@ def main() -> int:
                "candidate_pairs": int(len(pairs)), "skipped_buckets": skipped,
                "verify_ms_per_pair": round(verify_ms, 3), "exact_duplicate_sets_ham": exact_ham,
                "cross_lesion_pairs_phash_le8": pairs_h8, "sweep": sweep, "projection_5m": projection,
-               "chosen": {"hamming": 10, "similarity": 0.985}}
+               "chosen": {"hamming": default.near_duplicate_hamming,
+                          "similarity": default.near_duplicate_similarity}}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
     print(f"near duplicates: {len(every):,} images ({n_ham:,} HAM10000 + {len(planted)} planted copies)")
