@@ -36,8 +36,15 @@ COMMON_FLAGS = {"run_id": "run_id", "output": "output", "address": "ray.address"
 
 def build_parser() -> argparse.ArgumentParser:
     # long: one declaration per command and flag, read top to bottom like the --help it produces
+    from dermray import __version__
+    from dermray.lineage import git_commit
+
+    commit = git_commit()
     parser = argparse.ArgumentParser(prog="dermray", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--version", action="version",
+                        version=f"dermray {__version__}" + (f" ({commit})" if commit else ""))
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="everything on the console (Ray's own lines too) instead of in the log file")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("partition", help="build training classes and folds from a manifest and a taxonomy")
@@ -113,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", required=True)
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("doctor", help="what this environment can do before a long run: Ray, auth, CPUs/GPUs, torch "
+                       "threads, bf16, S3 reachable and writable, pretrained weights (one line per check)")
+    _add_config_args(p)
+    p.add_argument("--s3", help="an s3:// prefix to check for reading and writing (default: the config's output "
+                   "when it is on S3)")
+
     p = sub.add_parser("synth", help="write a synthetic demo dataset (images, manifests, taxonomy, tasks, readers)")
     p.add_argument("--output", required=True, help="folder or s3:// prefix")
     p.add_argument("--lesions", type=int, default=1200, help="training/validation lesions (1-3 images each)")
@@ -133,16 +146,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_stage(stage: str, args, flags: dict[str, str]) -> dict:
     """The stage commands' common shape: the config file with --set overrides and the command's flags (``flags``:
-    flag name -> config key), the stage module's ``run``, and its summary printed (as JSON with --json)."""
+    flag name -> config key), the stage module's ``run``, and its summary printed (as JSON with --json); the
+    command's log file is kept beside the stage's outputs."""
     import importlib
 
+    from dermray import console, layout
     from dermray.config import load_config
 
     module = importlib.import_module(f"dermray.{stage}")
     cfg = load_config(args.config, list(args.overrides) + _flag_overrides(args, COMMON_FLAGS | flags))
     importlib.import_module("dermray.jobpaths").check_paths(cfg, stage)  # in a Ray job: paths that cannot work
+    args.stage_dir = layout.stage_dir(cfg.output, stage, cfg.run_id)
     summary = module.run(cfg)
-    print(json.dumps(summary, indent=2, default=str) if args.json else module.format_summary(summary))
+    kept = console.keep_log(args.console, args.stage_dir, stage)
+    args.stage_dir = None  # the log is kept
+    out = args.console.out
+    print(json.dumps(summary, indent=2, default=str) if args.json else module.format_summary(summary), file=out)
+    if kept and not args.json:
+        print(f"  log: {kept}", file=out)
     return summary
 
 
@@ -191,8 +212,20 @@ def cmd_lineage(args) -> dict:
     from dermray import lineage_report
 
     c = lineage_report.chain(args.output, args.run_id)
-    print(json.dumps(c, indent=2, default=str) if args.json else lineage_report.format_chain(c))
+    print(json.dumps(c, indent=2, default=str) if args.json else lineage_report.format_chain(c), file=args.console.out)
     return c
+
+
+def cmd_doctor(args) -> dict:
+    from dermray import doctor
+    from dermray.config import load_config
+
+    cfg = load_config(args.config, list(args.overrides) + _flag_overrides(args, COMMON_FLAGS))
+    checks = doctor.run(cfg, args.s3)
+    print(json.dumps(checks, indent=2) if args.json else doctor.format_checks(checks), file=args.console.out)
+    if any(c["status"] == "fail" for c in checks):
+        raise UserError(f"{sum(c['status'] == 'fail' for c in checks)} check(s) failed (see above)")
+    return {"checks": checks}
 
 
 def cmd_synth(args) -> dict:
@@ -203,12 +236,12 @@ def cmd_synth(args) -> dict:
     summary = synth.write(args.output, synth.SynthSpec(n_lesions=args.lesions, n_test_lesions=args.test_lesions,
                                                        size=args.size, seed=args.seed))
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2), file=args.console.out)
     else:
         print(f"synth: {summary['images']} images of {summary['lesions']} lesions ({summary['leaves']} diseases): "
               f"{summary['train_images']} for training, {summary['test_images']} held out "
               f"({summary['test_biopsy_images']} biopsy-proven), {summary['readers']} simulated readers\n"
-              f"  outputs: {args.output}")
+              f"  outputs: {args.output}", file=args.console.out)
     return summary
 
 
@@ -221,37 +254,56 @@ def cmd_import(args) -> dict:
         result = importers.import_isic(args.metadata, args.images, args.group)
     summary = importers.write_import(result, args.output)
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2), file=args.console.out)
     else:
         print(f"import {args.dataset}: {summary['rows_in']} rows = {summary['manifest_rows']} in the manifest + "
-              f"{summary['quarantined']} quarantined\n  outputs: {args.output}")
+              f"{summary['quarantined']} quarantined\n  outputs: {args.output}", file=args.console.out)
     return summary
 
 
 COMMANDS = {"partition": cmd_partition, "train": cmd_train, "score": cmd_score, "evaluate": cmd_evaluate,
             "saliency": cmd_saliency, "nightly": cmd_nightly, "pipeline": cmd_pipeline, "lineage": cmd_lineage,
-            "synth": cmd_synth,
+            "doctor": cmd_doctor, "synth": cmd_synth,
             "import": cmd_import}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dermray import console
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with console.session(args.command, args.verbose) as con:
+        args.console, args.stage_dir = con, None
+        return _dispatch(args, con)
+
+
+def _dispatch(args, con) -> int:
+    """Run the command; every way it can end is one line on the console (the details are in the log file)."""
+    import traceback
+
+    from dermray import console
     from dermray.nightly import FloorMissed
 
     try:
         COMMANDS[args.command](args)
     except FloorMissed as e:
-        print(f"dermray {args.command}: floor missed: {e}", file=sys.stderr)
+        print(f"dermray {args.command}: floor missed: {e}", file=con.err)
         return EXIT_FLOOR_MISSED
     except UserError as e:
-        print(f"dermray {args.command}: error: {e}", file=sys.stderr)
+        print(f"dermray {args.command}: error: {e}", file=con.err)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print(f"dermray {args.command}: interrupted", file=sys.stderr)
+        print(f"dermray {args.command}: interrupted", file=con.err)
         return 130
+    except Exception as e:  # noqa: BLE001 - a bug or an infrastructure failure: the traceback goes to the log
+        logging.getLogger("dermray.cli").debug("%s", traceback.format_exc())
+        if con.log_path:
+            traceback.print_exc()  # into the log file (stderr is redirected there)
+            where = console.keep_log(con, args.stage_dir, args.command) or con.log_path
+            print(f"dermray {args.command}: failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                  f" (the traceback is in {where})", file=con.err)
+            return 1
+        raise
     return 0
 
 

@@ -179,7 +179,10 @@ def evaluate_binary(t: Tables, run_id: str, task: Task, subset: str, y: np.ndarr
         points = reader_points(t, run_id, task, subset, y, score, image_ids, readers)
     t.curves[(task.name, subset)] = {"fpr": fpr, "tpr": tpr, "auc": boot.estimate, "ci": (boot.ci_low, boot.ci_high),
                                      "readers": points, "n_pos": n_pos, "n_neg": n - n_pos,
-                                     "calibration": curve, "replicates": boot.replicates, "n": n}
+                                     "calibration": curve, "replicates": boot.replicates, "n": n,
+                                     "locked": [(name, r.sensitivity, r.specificity) for name, r in
+                                                sorted(((nm, M.rates_at(y, score, thr)) for nm, thr in locked),
+                                                       key=lambda x: (not x[0].startswith("sens"), x[0]))]}
 
 
 def subgroup_verdict(t: Tables, run_id: str, task: Task, subset_names: list[str], cfg: EvaluateConfig) -> None:
@@ -319,6 +322,7 @@ class EvalInputs:
     partition: str
     fingerprints: dict  # name -> lineage.Fingerprint
     locked: dict  # binary task -> [(operating point name, threshold)] the model card locked
+    scored: dict  # the summary of the score run that wrote the predictions ({} when unknown)
 
 
 def read_definitions(cfg: RunConfig) -> EvalInputs:
@@ -337,7 +341,7 @@ def read_definitions(cfg: RunConfig) -> EvalInputs:
     locked = locked_points(scored)
     if locked:
         fps["operating_points"] = lineage.value_fingerprint(locked)
-    return EvalInputs(tax, tasks, table.to_pandas(), partition, fps, locked)
+    return EvalInputs(tax, tasks, table.to_pandas(), partition, fps, locked, scored)
 
 
 def evaluate_task(t: Tables, run_id: str, task: Task, df: pd.DataFrame, inp: EvalInputs, subset_masks, groups,
@@ -396,12 +400,38 @@ def lineage_now(cfg: RunConfig, recorded: lineage.Lineage | None = None) -> line
     return evaluation_lineage(inp, pred, readers, compare, ecfg)
 
 
+def write_back(summary: dict, scored: dict) -> str | None:
+    """The headline test numbers written into the model cards of the models that scored the predictions (the one
+    place outside <output>/metrics/<run_id> this stage writes, by design: a model card carries its test results).
+    Returns the first card's markdown, for the report's link."""
+    import datetime as dt
+
+    from dermray import artifacts
+
+    entry = {"evaluation": storage.redact(storage.parent(summary["outputs"]["metrics"])), "run_id": summary["run_id"],
+             "model_id": ", ".join(summary["model_ids"]), "headline": summary["headline"],
+             "predictions": summary["lineage"]["inputs"]["predictions"]["content"][:16],
+             "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    first = None
+    for fold_dir in scored.get("checkpoints", []):
+        card_uri = storage.join(fold_dir, artifacts.CARD_FILE)
+        if not storage.exists(card_uri):
+            continue
+        card = artifacts.read_card(card_uri)
+        kept = [t for t in card.test_metrics if t.get("evaluation") != entry["evaluation"]]
+        card = card.model_copy(update={"test_metrics": kept + [entry], "changelog": card.changelog + [
+            {"when": entry["when"], "what": f"test results from {entry['evaluation']}"}]})
+        artifacts.write_card(artifacts.ModelCard.model_validate(card.model_dump()), fold_dir)
+        first = first or storage.join(fold_dir, artifacts.CARD_MD)
+    return first
+
+
 def write_outputs(t: Tables, tasks: list[Task], paths: dict, summary: dict) -> None:
     write_tables(t, paths)
     plots = render_plots(t, tasks)
     for name, png in plots.items():
         storage.write_bytes(storage.join(paths["plots"], name), png)
-    md, page = render_report(summary, t, plots)
+    md, page = render_report(summary, t, plots, tasks, summary.get("model_card"))
     storage.write_text(paths["report_md"], md)
     storage.write_text(paths["report_html"], page)
     storage.write_text(paths["summary"], json.dumps(summary, indent=2, default=str))
@@ -431,6 +461,8 @@ def run(cfg: RunConfig, base: str | None = None) -> dict:
                              else None, compare.attrs["fingerprint"] if compare is not None else None, ecfg)
     summary = {
         "stage": STAGE, "run_id": cfg.run_id, "predictions": storage.redact(ecfg.predictions), "images": len(df),
+        "lesions": int(pd.Series(groups).nunique()),
+        "biopsy_images": int((df["label_source"] == "biopsy").sum()) if "label_source" in df.columns else None,
         # Every prediction is evaluated by some task or lies outside every task (its label in no task class).
         "evaluated": int(evaluated.sum()), "outside_every_task": int((~evaluated).sum()),
         "model_ids": sorted(df["model_id"].unique().tolist()), "partition": storage.redact(inp.partition),
@@ -438,6 +470,7 @@ def run(cfg: RunConfig, base: str | None = None) -> dict:
         "subsets": [s for s, _ in subset_masks], "headline": headline(t), "lineage": now.to_dict(), "outputs": paths,
         "seconds": round(time.perf_counter() - t_start, 3),
     }
+    summary["model_card"] = write_back(summary, inp.scored)
     write_outputs(t, inp.tasks, paths, summary)
     return summary
 

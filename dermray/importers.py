@@ -110,6 +110,7 @@ def import_ham10000(metadata: str, images: str) -> ImportResult:
         "group_id": df["lesion_id"],
         "label_source": (df["dx_type"].str.strip().str.lower() == "histo").map({True: "biopsy", False: "clinical"}),
         "modality": "dermoscopy",
+        "source": "HAM10000",  # where an image comes from: the model card's data sources and licences
     })
     for extra in ("dx", "dx_type", "age", "sex", "localization"):
         if extra in df.columns:
@@ -155,6 +156,7 @@ def import_isic(metadata: str, images: str, group: str = "lesion") -> ImportResu
             {True: "biopsy", False: "clinical"}),
         "modality": image_type.fillna("").str.lower().str.startswith("dermoscopic").map(
             {True: "dermoscopy", False: "clinical"}),
+        "source": "ISIC Archive",
     })
     # fitzpatrick_skin_type: skin tone, the subgroup dermatology AI is judged on (evaluate.subgroups)
     for extra in ("diagnosis_confirm_type", "image_type", "age_approx", "sex", "anatom_site_general",

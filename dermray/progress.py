@@ -59,3 +59,58 @@ class Meter:
         if force or now - self._last >= self.every_s or (self.total and self.done >= self.total):
             self._last = now
             log.info("%s", self.line())
+
+
+class Relay:
+    """Progress lines from Ray workers to the driver's console: workers ``put`` lines on a Ray queue (an actor
+    with no CPU), a driver thread logs them as the driver's own ``dermray.progress`` lines. (Ray forwards worker
+    output to the driver too, but mixed with everything else its workers print; the console shows only these.)"""
+
+    def __init__(self):
+        import threading
+
+        from ray.util.queue import Queue
+
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pump, name="dermray-progress-relay", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        from ray.util.queue import Empty
+
+        while not self._stop.is_set():
+            try:
+                line = self.queue.get(timeout=0.5)
+            except Empty:
+                continue
+            except Exception:  # noqa: BLE001 - the queue's actor is gone: the run is ending
+                return
+            log.info("%s", line)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            for line in self.queue.get_nowait_batch(self.queue.qsize()):
+                log.info("%s", line)
+            self.queue.shutdown()
+        except Exception:  # noqa: BLE001 - best effort at the end of a run
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def relay(queue, line: str) -> None:
+    """Worker side: hand ``line`` to the driver (or log it here when there is no relay)."""
+    if queue is None:
+        log.info("%s", line)
+        return
+    try:
+        queue.put_nowait(line)
+    except Exception:  # noqa: BLE001 - progress must never fail training
+        log.info("%s", line)

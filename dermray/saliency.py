@@ -407,10 +407,10 @@ def gallery_html(cfg: RunConfig, index: pd.DataFrame, sanity: pd.DataFrame, flag
     image with every method's overlay; then the sanity-check table. Links are relative: the page works where the
     folder is (local, or an S3 static site)."""
     e = html.escape
-    parts = [f"<!doctype html><meta charset='utf-8'><title>dermray saliency {e(cfg.run_id)}</title>",
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>dermray saliency {e(cfg.run_id)}</title>",
              "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 8px;vertical-align:top}"
              "img{height:150px}.flag{color:#b00;font-weight:bold}table{border-collapse:collapse}"
-             "th{background:#eee}</style>",
+             "th{background:#eee}</style></head><body>",
              f"<h1>Saliency maps — run {e(cfg.run_id)}</h1>",
              "<p>Each image is shown beside its map (brighter = the pixels whose change moves the target's "
              "log-probability most). Maps explain one model; the sanity checks below say whether a method's maps "
@@ -445,6 +445,7 @@ def gallery_html(cfg: RunConfig, index: pd.DataFrame, sanity: pd.DataFrame, flag
                      "a low similarity built on blank maps says nothing: such a level is inconclusive.</p>")
         for m, why in flags.items():
             parts.append(f"<p class='flag'>{e(m)}: {e(why)}</p>")
+    parts.append("</body></html>")
     return "\n".join(parts)
 
 

@@ -801,6 +801,7 @@ def summarise(cfg, ens, work: WorkPlan, writer: PartWriter, now, partition, rdir
         "startup_s": round(writer.t_model[0] - t_wall, 2) if work.refs and np.isfinite(writer.t_model[0]) else None,
         "seconds": round(time.perf_counter() - t_start, 2), "partition": storage.redact(partition) if partition else None,
         "decisions": writer.decided.as_dict(),
+        "checkpoints": [storage.redact(storage.parent(storage.parent(w))) for w in ens.weights],
         "operating_points": [pt.model_dump() for pt in ens.first.operating_points],
         "lineage": now.to_dict(),
         "outputs": {"predictions": storage.join(rdir, "predictions"),

@@ -242,7 +242,8 @@ def generate(spec: SynthSpec):
             image_id = f"SYN_{lesion:06d}_{k}"
             yield ({"image_id": image_id, "uri": f"images/{image_id}.jpg", "label": node,
                     "group_id": f"LES_{lesion:06d}", "label_source": "biopsy" if biopsy else "clinical",
-                    "modality": modality, "split": split, "profile": profile}, _jpeg(img))
+                    "modality": modality, "split": split, "profile": profile, "source": "dermray synth"},
+                   _jpeg(img))
 
 
 def reader_study(test: pd.DataFrame, n_readers: int, seed: int) -> pd.DataFrame:

@@ -32,7 +32,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dermray import artifacts, faults, layout, lineage, schemas, storage
+from dermray import artifacts, faults, layout, lineage, progress, schemas, storage
 from dermray.config import RunConfig, TrainConfig
 from dermray.errors import UserError
 from dermray.raysession import blocks_of
@@ -74,7 +74,7 @@ def read_rows(cfg: RunConfig, part: str) -> tuple[pa.Table, pa.Table, dict]:
     schemas.check_table(labels, schemas.LABELS, storage.redact(outputs["labels"]))
     present = storage.parquet_file(cfg.data.manifest).schema_arrow.names
     manifest = storage.read_table(cfg.data.manifest, columns=["image_id", "uri", "label"] +
-                                  (["group_id"] if "group_id" in present else []))
+                                  [c for c in ("group_id", "source") if c in present])
     base = storage.parent(cfg.data.manifest)
     uris = [storage.resolve(u, base) for u in manifest.column("uri").to_pylist()]
     manifest = manifest.set_column(1, "uri", pa.array(uris, pa.string()))
@@ -306,7 +306,8 @@ def measure_held_out(job: FoldJob, weights: bytes, val) -> tuple[dict, dict]:
 
 
 # ---- one fold -----------------------------------------------------------------------------------------------------
-def fold_job(fold, p: TrainPlan, cfg: RunConfig, has_select: bool, lineage_id: str, hooks: faults.Faults) -> FoldJob:
+def fold_job(fold, p: TrainPlan, cfg: RunConfig, has_select: bool, lineage_id: str, hooks: faults.Faults,
+             relay=None) -> FoldJob:
     from dermray.models import spec
 
     s = spec(cfg.train.arch)
@@ -314,7 +315,7 @@ def fold_job(fold, p: TrainPlan, cfg: RunConfig, has_select: bool, lineage_id: s
                    mean=tuple(s.mean), std=tuple(s.std), fold=str(fold),
                    fold_dir=layout.fold_dir(cfg.output, cfg.run_id, fold), model_id=f"{cfg.run_id}/fold={fold}",
                    lineage_id=lineage_id, has_select=has_select, matrices=p.matrices, task_names=tuple(p.task_names),
-                   faults=hooks.for_fold(fold))
+                   faults=hooks.for_fold(fold), progress=relay)
 
 
 def fit_fold(job: FoldJob, datasets: dict, val, run_dir: str):
@@ -426,12 +427,36 @@ def selection_text(job: FoldJob, epoch: int) -> str:
     return f"the best {job.score_key} on {where}: epoch {epoch}; the held-out fold only measured it"
 
 
+def data_description(p: TrainPlan, table: pa.Table) -> dict:
+    """Who a reviewer should credit and what the model saw: the data sources (the manifest's ``source`` column)
+    with their licences, and the training data in numbers."""
+    import datetime as dt
+
+    sources = (pd.Series(table.column("source").to_pylist()).fillna("unspecified").value_counts()
+               if "source" in table.column_names else pd.Series({"unspecified": table.num_rows}))
+    return {"intended_use": artifacts.INTENDED_USE,
+            "data_sources": [{"name": str(k), "images": int(v),
+                              "licence": artifacts.LICENCES.get(str(k), "as its provider states")}
+                             for k, v in sources.items()],
+            "training_data": {"images": table.num_rows, "lesions": len(set(table.column("group").to_pylist())),
+                              "classes": p.classes.num_rows, "folds": len(set(table.column("fold").to_pylist()))},
+            "limitations": list(artifacts.LIMITATIONS), "version": 1,
+            "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
 def model_card(job: FoldJob, p: TrainPlan, fold_lin: lineage.Lineage, history: list[dict], best: dict,
-               measured: dict, weights: bytes) -> artifacts.ModelCard:
+               measured: dict, weights: bytes, table: pa.Table) -> artifacts.ModelCard:
     tcfg = job.train
+    description = data_description(p, table)
     redacted = tcfg.weights if tcfg.weights in ("imagenet", "none") else storage.redact(tcfg.weights)
     config = tcfg.model_dump(mode="json") | {"weights": redacted}
+    from types import SimpleNamespace
+
+    from dermray.trainloop import precision
+
+    trained_in = precision(tcfg.amp, SimpleNamespace(type="cuda" if tcfg.use_gpu else "cpu"))
     return artifacts.ModelCard(
+        precision={"off": "fp32"}.get(trained_in, trained_in),
         model_id=job.model_id, architecture=tcfg.arch, input_size=job.image_size,
         normalisation={"mean": list(job.mean), "std": list(job.std)},
         training_classes=p.classes.select(["class_index", "node_id", "name", "scope", "n_images"]).to_pylist(),
@@ -441,7 +466,9 @@ def model_card(job: FoldJob, p: TrainPlan, fold_lin: lineage.Lineage, history: l
         epochs_trained=len(history), best_epoch=int(best["epoch"]), selection=selection_text(job, int(best["epoch"])),
         validation=measured,
         checkpoint=artifacts.weights_uri(job.fold_dir), data_hash=fold_lin.inputs["labels"].content[:16],
-        lineage=fold_lin.to_dict() | {"partition": storage.redact(p.partition)})
+        lineage=fold_lin.to_dict() | {"partition": storage.redact(p.partition)}, description=description,
+        changelog=[{"when": description["trained_at"], "what": f"trained: {job.model_id}, {len(history)} epochs, "
+                    f"{selection_text(job, int(best['epoch']))}"}])
 
 
 def finish_fold(job: FoldJob, fit: tuple, weights: bytes, measured, seconds: float, cfg: RunConfig, p: TrainPlan,
@@ -454,7 +481,7 @@ def finish_fold(job: FoldJob, fit: tuple, weights: bytes, measured, seconds: flo
     if measured is not None:
         val_metrics, preds = measured
         write_val_predictions(job, preds, cfg, table, int(best["epoch"]))
-    artifacts.write_card(model_card(job, p, fold_lin, history, best, val_metrics, weights), job.fold_dir)
+    artifacts.write_card(model_card(job, p, fold_lin, history, best, val_metrics, weights, table), job.fold_dir)
     return {"fold": job.fold, "epochs": len(history), "best_epoch": int(best["epoch"]), "seconds": round(seconds, 1),
             "t_start": history[0].get("t_start"), "t_end": history[-1].get("t_end"), "lineage_id": fold_lin.id,
             **val_metrics}
@@ -506,13 +533,19 @@ def lock_decisions(cfg: RunConfig, p: TrainPlan, fold_rows: list[dict]) -> tuple
     return calibration | {"fitted_on": chosen_on}, [pt | {"chosen_on": chosen_on} for pt in points], chosen_on
 
 
-def write_decisions(cfg: RunConfig, folds: list, calibration: dict | None, points: list[dict]) -> None:
+def write_decisions(cfg: RunConfig, folds: list, calibration: dict | None, points: list[dict],
+                    cv: pd.DataFrame) -> None:
+    """Every fold's card gets the run's decisions and its cross-validation summary."""
     for fold in folds:
         d = layout.fold_dir(cfg.output, cfg.run_id, fold)
         card = artifacts.read_card(storage.join(d, artifacts.CARD_FILE))
+        description = card.description | {"cross_validation": cv.to_dict(orient="records")}
+        changelog = card.changelog + ([{"when": description.get("trained_at"), "what": "calibration and "
+                                        f"{len(points)} operating points locked out of fold"}] if points else [])
         card = card.model_copy(update={
             "calibration": artifacts.Calibration(**calibration) if calibration else None,
-            "operating_points": [artifacts.OperatingPoint(**pt) for pt in points]})
+            "operating_points": [artifacts.OperatingPoint(**pt) for pt in points], "description": description,
+            "changelog": changelog})
         artifacts.write_card(artifacts.ModelCard.model_validate(card.model_dump()), d)
 
 
@@ -523,11 +556,14 @@ def train_folds(p: TrainPlan, table: pa.Table, cfg: RunConfig, lineages: dict) -
 
     size = cfg.train.image_size or spec(cfg.train.arch).input_size
     hooks = faults.from_env()
-    with concurrent.futures.ThreadPoolExecutor(max_workers=len(p.folds)) as pool:
+    with progress.Relay() as lines, concurrent.futures.ThreadPoolExecutor(max_workers=len(p.folds)) as pool:
         futures = []
         for fold in p.folds:
             rows = split_rows(fold, table, cfg.train)
-            job = fold_job(fold, p, cfg, "select" in rows, lineages[str(fold)].id, hooks)
+            progress.say("train: fold %s: %s images to train on, %s to select the epoch, %s held out", fold,
+                         f"{rows['train'].num_rows:,}", f"{rows['select'].num_rows:,}" if "select" in rows else "no",
+                         f"{rows['val'].num_rows:,}" if "val" in rows else "none")
+            job = fold_job(fold, p, cfg, "select" in rows, lineages[str(fold)].id, hooks, lines.queue)
             val = image_pipeline(rows["val"], False, cfg.train, size) if "val" in rows else None
             futures.append(pool.submit(fit_fold, job, datasets_for(fold, rows, cfg.train, size), val, p.run_dir))
         return [f.result() for f in futures]
@@ -550,7 +586,7 @@ def run(cfg: RunConfig) -> dict:
     fold_rows = [finish_fold(job, fit, weights, measured, seconds, cfg, p, table, lineages[job.fold])
                  for job, fit, weights, measured, seconds in results]
     calibration, points, _ = lock_decisions(cfg, p, fold_rows)
-    write_decisions(cfg, p.folds, calibration, points)
+    write_decisions(cfg, p.folds, calibration, points, cv_summary(fold_rows, p.task_names))
     summary = summarise(cfg, p, fold_rows, table.num_rows, n_bad, lineages, time.perf_counter() - t_start,
                         {"calibration": calibration, "operating_points": points})
     return summary

@@ -28,6 +28,7 @@ import numpy as np
 from dermray import storage
 from dermray.config import TrainConfig
 from dermray.faults import NONE, Faults
+from dermray.progress import relay
 
 log = logging.getLogger("dermray.progress")
 
@@ -48,6 +49,7 @@ class FoldJob:
     matrices: dict = field(default_factory=dict)  # task -> float32 [n_classes, task classes] (inference.py)
     task_names: tuple[str, ...] = ()
     faults: Faults = NONE
+    progress: object = None  # a progress.Relay queue: where the epoch lines go (None: this worker's log)
 
     @property
     def score_key(self) -> str:
@@ -367,9 +369,11 @@ def epoch_line(job: FoldJob, metrics: dict, spent_s: float, budget_s: float | No
     left = (epochs - done) * per_epoch
     if budget_s is not None:
         left = min(left, max(budget_s - spent_s, 0.0))
-    parts = [f"train: fold {job.fold} epoch {done}/{epochs}", f"loss {metrics['train_loss']:.3f}"]
-    parts += [f"{k[len('select_'):]} {v:.3f}" for k, v in metrics.items() if k.startswith("select_")
-              and k != "select_images" and isinstance(v, float) and v == v]
+    parts = [f"train: fold {job.fold} epoch {done}/{epochs}", f"train loss {metrics['train_loss']:.3f}"]
+    selected = [f"{k[len('select_'):]} {v:.3f}" for k, v in metrics.items() if k.startswith("select_")
+                and k != "select_images" and isinstance(v, float) and v == v]
+    if selected:
+        parts.append("selection split: " + " ".join(selected))
     parts.append(f"{metrics['train_images_per_s']:.1f} img/s")
     parts.append(f"ETA {duration(left)}" + (" (budget)" if budget_s is not None and left < (epochs - done) *
                                             per_epoch else ""))
@@ -411,7 +415,7 @@ def run_epochs(job: FoldJob, model, optimizer, scheduler, device, progress: Prog
             metrics["t_end"] = time.time()
             progress.history.append(metrics)
             save_checkpoint(job, model, optimizer, scheduler, epoch, progress)
-            log.info("%s", epoch_line(job, metrics, spent, budget))
+            relay(job.progress, epoch_line(job, metrics, spent, budget))
             if tr["stopped_by_budget"]:
                 break
 

@@ -25,7 +25,9 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -159,10 +161,16 @@ class Watcher(threading.Thread):
         self._halt.set()
 
 
-def s3_client():
-    import boto3
+_CLIENT = []
 
-    return boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+
+def s3_client():
+    """One boto3 client (thread-safe) for the polling."""
+    if not _CLIENT:
+        import boto3
+
+        _CLIENT.append(boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]))
+    return _CLIENT[0]
 
 
 def s3_keys(bucket: str, prefix: str) -> list[str]:
@@ -249,6 +257,15 @@ def cfg(*overrides):
     return load_config(None, list(overrides))
 
 
+def partition_keys(*overrides) -> list[str]:
+    """Partition overrides; the near-duplicate search (which reads every image) is off where the config has it:
+    these runs are about nodes dying, and the synthetic manifest's images do not exist."""
+    from dermray.config import PartitionConfig
+
+    extra = ["partition.near_duplicates=false"] if "near_duplicates" in PartitionConfig.model_fields else []
+    return [*overrides, *extra]
+
+
 def set_faults(**kw) -> None:
     from dermray import faults
 
@@ -264,8 +281,8 @@ def scenario_guard(mn: MultiNode, ctx: dict) -> dict:
 
     study, bucket, work = ctx["study"], ctx["bucket"], ctx["work"]
     local_out = os.path.join(work, "guard-local-out")
-    part = [f"data.manifest={study['manifest']}", f"data.taxonomy={study['taxonomy']}",
-            "partition.max_class_size=8", "partition.folds=2"]
+    part = partition_keys(f"data.manifest={study['manifest']}", f"data.taxonomy={study['taxonomy']}",
+                          "partition.max_class_size=8", "partition.folds=2")
     tr = [f"data.manifest={study['manifest']}", "train.arch=mobilenet_v3_small", "train.weights=none",
           "train.image_size=32", "train.epochs=1", f"train.partition={ctx['partition']}"]
     sc = [f"score.input={study['manifest']}", f"score.checkpoints={ctx['fold_models']}"]
@@ -302,9 +319,9 @@ def run_partition(ctx: dict, run_id: str) -> dict:
 
     syn = ctx["synthetic"]
     t0 = now()
-    s = partition.run(cfg(f"data.manifest={syn['manifest']}", f"data.taxonomy={syn['taxonomy']}",
-                          f"output=s3://{ctx['bucket']}/synth-out", f"run_id={run_id}", "partition.max_class_size=5000",
-                          "partition.folds=3"))
+    s = partition.run(cfg(*partition_keys(
+        f"data.manifest={syn['manifest']}", f"data.taxonomy={syn['taxonomy']}", f"output=s3://{ctx['bucket']}/synth-out",
+        f"run_id={run_id}", "partition.max_class_size=5000", "partition.folds=3")))
     return {"t_start": t0, "t_end": now(), "seconds": round(now() - t0, 1), "assigned": s["assigned"],
             "quarantined": s["quarantined"], "duplicates": s["duplicates"], "classes": s["training_classes"],
             "chunks": s["chunks"], "input_rows": s["input_rows"]}
@@ -345,8 +362,7 @@ def train_config(ctx: dict, run_id: str, *extra):
     return cfg(f"data.manifest={study['manifest']}", f"output=s3://{ctx['bucket']}/out", f"run_id={run_id}",
                f"train.partition={ctx['partition']}", "train.arch=mobilenet_v3_small", "train.weights=none",
                "train.image_size=32", "train.batch_size=8", "train.epochs=3", "train.cpus_per_worker=1",
-               "train.data_cpus=0.5", "train.max_failures=2", "train.worker_resources={trainer: 1}",
-               "train.checkpoint_metric=val_loss", *extra)
+               "train.data_cpus=0.5", "train.max_failures=2", "train.worker_resources={trainer: 1}", *extra)
 
 
 def read_lines(path: str) -> list[str]:
@@ -355,6 +371,44 @@ def read_lines(path: str) -> list[str]:
             return f.read().split()
     except OSError:
         return []
+
+
+def run_stage(mn: MultiNode, fn, progress, stall_s: float, timeout_s: float) -> dict:
+    """``fn()`` in a thread, watched: when ``progress()`` (any comparable state) has not changed for ``stall_s``
+    while the cluster has less than half a CPU free, the stage is stalled - a replacement node joins (what an
+    autoscaler would do), once, and the stall is recorded. Returns {"result" | "error", "stall", "seconds"}."""
+    import ray
+
+    out: dict = {"stall": None}
+
+    def target():
+        try:
+            out["result"] = fn()
+        except BaseException:  # noqa: BLE001 - reported
+            out["error"] = traceback.format_exc()
+
+    t0 = now()
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    last, since = None, now()
+    while thread.is_alive():
+        thread.join(0.5)
+        state = progress()
+        free = ray.available_resources().get("CPU", 0.0)
+        if state != last or free >= 0.5:
+            last, since = state, now()
+        elif out["stall"] is None and now() - since > stall_s:
+            titles = {name: [t for t in ("RayTrainWorker", "measure_held_out", "MapWorker(MapBatches(Predictor))")
+                             if mn.processes(name, t)] for name in mn.alive()}
+            out["stall"] = {"t": now(), "after_s": round(now() - t0, 1), "no_progress_s": round(now() - since, 1),
+                            "cpu_free": free, "processes": titles, "replacement": mn.add()}
+            print(f"multinode: stalled {out['stall']['no_progress_s']} s with {free} CPU free ({titles}): a "
+                  f"replacement node joined", flush=True)
+        if now() - t0 > timeout_s:
+            out["error"] = f"did not finish in {timeout_s} s"
+            break
+    out["seconds"] = round(now() - t0, 1)
+    return out
 
 
 def scenario_train(mn: MultiNode, ctx: dict) -> dict:
@@ -389,27 +443,25 @@ def scenario_train(mn: MultiNode, ctx: dict) -> dict:
 
     w = Watcher(ready, lambda node: mn.kill(node, "train: fold 0 inside epoch 1"), timeout_s=400, every_s=0.1)
     w.start()
-    tracker_stop = threading.Event()
 
-    def track():
-        while not tracker_stop.is_set():
-            where()
-            time.sleep(0.2)
+    def progress():
+        where()
+        return (tuple(read_lines(events_file.format(fold=0))), tuple(read_lines(events_file.format(fold=1))),
+                len(s3_keys(bucket, f"out/train/{run_id}/")))
 
-    tracker = threading.Thread(target=track, daemon=True)
-    tracker.start()
-    t0 = now()
     try:
-        s = train.run(train_config(ctx, run_id))
+        run = run_stage(mn, lambda: train.run(train_config(ctx, run_id)), progress, ctx["stall_s"], 400)
     finally:
         w.stop()
-        tracker_stop.set()
         set_faults()
-    tracker.join(2)
-    out = {"seconds": round(now() - t0, 1), "kill": w.result, "watcher_error": w.error,
-           "placement": placement, "per_fold": s["per_fold"],
+    where()
+    s = run.get("result") or {}
+    out = {"seconds": run["seconds"], "error": run.get("error"), "stall": run["stall"], "kill": w.result,
+           "watcher_error": w.error, "placement": placement, "per_fold": s.get("per_fold"),
            "events": {f: [int(x) for x in read_lines(events_file.format(fold=f))] for f in ("0", "1")},
-           "trained_on": s["trained_on"], "quarantined": s["quarantined"]}
+           "trained_on": s.get("trained_on"), "quarantined": s.get("quarantined")}
+    if run.get("error"):
+        return out
     # The resumed fold's model scores real images (loaded from S3 as `dermray score` would).
     from dermray import artifacts, score, storage
     from dermray.transforms import decode_image, eval_transform
@@ -430,7 +482,8 @@ def scenario_score(mn: MultiNode, ctx: dict) -> dict:
     bucket, run_id = ctx["bucket"], "mn-score"
     set_faults(slow_batch_s=ctx["score_slow_batch_s"])
     prefix = f"out/predictions/{run_id}/predictions/part-"
-    actors_by_node = {}
+    actors_by_node: dict[str, int] = {}
+    at_kill: dict[str, int] = {}
 
     def first_part():
         for name in mn.alive():
@@ -438,47 +491,26 @@ def scenario_score(mn: MultiNode, ctx: dict) -> dict:
         if not s3_keys(bucket, prefix):
             return None
         hosts = [n for n, k in actors_by_node.items() if k]
+        at_kill.update(actors_by_node)
         return hosts[0] if hosts else None
 
     w = Watcher(first_part, lambda node: mn.kill(node, "score: first part written"), timeout_s=400, every_s=0.1)
     w.start()
-    result: dict = {}
-    actors_before = {}
-
-    def run():
-        try:
-            result["summary"] = score.run(cfg(
-                f"score.input={ctx['study']['manifest']}", f"score.checkpoints={ctx['train_run']}",
-                f"output=s3://{bucket}/out", f"run_id={run_id}", "score.batch_size=4", "score.rows_per_file=8",
-                "score.actors=2", "score.actor_resources={scorer: 1}", "score.cpus_per_actor=1",
-                "score.decode_cpus=0.5"))
-        except BaseException:  # noqa: BLE001 - reported
-            result["error"] = traceback.format_exc()
-
-    t0 = now()
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    replaced = None
-    while thread.is_alive():
-        thread.join(0.5)
-        if w.result and not actors_before:
-            actors_before = dict(actors_by_node)
-        if w.result and replaced is None and thread.is_alive() and now() - w.result["t"] > ctx["score_replace_after_s"]:
-            replaced = {"node": mn.add(), "t": now(), "after_kill_s": round(now() - w.result["t"], 1)}
-            print(f"multinode: score still running {ctx['score_replace_after_s']} s after the kill: a replacement "
-                  f"node joined", flush=True)
-        if now() - t0 > ctx["score_timeout_s"]:
-            result["error"] = f"score did not finish in {ctx['score_timeout_s']} s"
-            break
-    w.stop()
-    set_faults()
-    s = result.get("summary") or {}
-    return {"seconds": round(now() - t0, 1), "kill": w.result, "watcher_error": w.error, "error": result.get("error"),
-            "actors_by_node_at_kill": actors_before, "replacement": replaced,
+    try:
+        run = run_stage(mn, lambda: score.run(cfg(
+            f"score.input={ctx['study']['manifest']}", f"score.checkpoints={ctx['train_run']}",
+            f"output=s3://{bucket}/out", f"run_id={run_id}", "score.batch_size=4", "score.rows_per_file=8",
+            "score.actors=2", "score.actor_resources={scorer: 1}", "score.cpus_per_actor=1",
+            "score.decode_cpus=0.5")), lambda: len(s3_keys(bucket, prefix)), ctx["stall_s"], 300)
+    finally:
+        w.stop()
+        set_faults()
+    s = run.get("result") or {}
+    return {"seconds": run["seconds"], "kill": w.result, "watcher_error": w.error, "error": run.get("error"),
+            "stall": run["stall"], "actors_by_node_at_kill": at_kill,
             "summary": {k: s.get(k) for k in ("input", "scored", "quarantined", "already_done", "files_written",
                                               "run_scored_total", "models")},
-            "predictions": f"s3://{bucket}/out/predictions/{run_id}/predictions",
-            "finished_after_kill_s": round(now() - w.result["t"], 1) if w.result else None}
+            "predictions": f"s3://{bucket}/out/predictions/{run_id}/predictions"}
 
 
 SCENARIOS = {"guard": scenario_guard, "partition": scenario_partition, "train": scenario_train,
@@ -497,15 +529,18 @@ def main(argv=None) -> int:
     p.add_argument("--synthetic-rows", type=int, default=300_000)
     p.add_argument("--train-slow-batch-s", type=float, default=1.0)
     p.add_argument("--score-slow-batch-s", type=float, default=1.0)
-    p.add_argument("--score-replace-after-s", type=float, default=45.0)
-    p.add_argument("--score-timeout-s", type=float, default=240.0)
+    p.add_argument("--stall-s", type=float, default=25.0)
     a = p.parse_args(argv)
     scenarios = [s for s in a.scenarios.split(",") if s]
     report: dict = {"scenarios": {}, "errors": {}, "seconds": {}}
     ctx = {"work": a.work, "bucket": a.bucket, "train_slow_batch_s": a.train_slow_batch_s,
-           "score_slow_batch_s": a.score_slow_batch_s, "score_replace_after_s": a.score_replace_after_s,
-           "score_timeout_s": a.score_timeout_s}
+           "score_slow_batch_s": a.score_slow_batch_s, "stall_s": a.stall_s}
     t_all = now()
+    # Ray's files (and its "current cluster" address file) in a folder of our own: a cluster started here must
+    # never be found by another process's ray.init("auto") or `ray status` on this shared machine.
+    own_tmp = None
+    if "RAY_TMPDIR" not in os.environ:
+        own_tmp = os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="dmn-", dir="/tmp")
 
     def save() -> None:
         report["seconds"]["total"] = round(now() - t_all, 1)
@@ -529,9 +564,9 @@ def main(argv=None) -> int:
         from dermray import partition
 
         t0 = now()
-        partition.run(cfg(f"data.manifest={ctx['study']['manifest']}", f"data.taxonomy={ctx['study']['taxonomy']}",
-                          f"output=s3://{a.bucket}/out", "run_id=study", "partition.max_class_size=8",
-                          "partition.folds=2"))
+        partition.run(cfg(*partition_keys(
+            f"data.manifest={ctx['study']['manifest']}", f"data.taxonomy={ctx['study']['taxonomy']}",
+            f"output=s3://{a.bucket}/out", "run_id=study", "partition.max_class_size=8", "partition.folds=2")))
         ctx["partition"] = f"s3://{a.bucket}/out/partition/study"
         report["seconds"]["study_partition"] = round(now() - t0, 1)
         ctx["train_run"] = f"s3://{a.bucket}/out/train/mn-train"
@@ -552,6 +587,8 @@ def main(argv=None) -> int:
     finally:
         save()
         mn.shutdown()
+        if own_tmp:
+            shutil.rmtree(own_tmp, ignore_errors=True)
     return 0
 
 

@@ -213,7 +213,6 @@ def test_near_duplicate_copies_under_other_ids_and_groups_land_in_one_fold(ray_l
     """Re-encoded, resized and slightly cropped copies of real images, planted under new image and lesion ids:
     the partition finds them (near_duplicates.parquet says they crossed groups) and puts each in its original's
     fold; different lesions stay apart."""
-    import io
 
     from PIL import Image
 

@@ -71,6 +71,9 @@ def test_demo_pipeline_end_to_end_then_a_rerun_skips_every_stage(demo_data, ray_
     text = capsys.readouterr().out
     assert "BROKEN" not in text and preds.model_id.iloc[0] in text
 
+    # What a person sees: the report leads with the answer, every image loads, the numbers are the table's.
+    look_at_the_report_and_the_gallery(out, m)
+
     again = pipeline.run(demo_config(d))
     assert all(r["status"] == "skipped (done)" for r in again["stages"])
     assert (out / "train" / "demo" / "fold=0" / "best" / "model.pt").stat().st_mtime == first_fold_mtime
@@ -97,3 +100,38 @@ def test_pipeline_config_errors(tmp_path, capsys):
     assert "key 'pipeline.stages' must be one of" in capsys.readouterr().err
     assert main(["pipeline", "--output", str(tmp_path)]) == 2
     assert "pipeline.test_manifest" in capsys.readouterr().err
+
+
+ARTEFACTS = __import__("pathlib").Path(__file__).resolve().parents[1] / "test-artefacts"
+
+
+def look_at_the_report_and_the_gallery(out, metrics: pd.DataFrame) -> None:
+    """report.html and gallery.html in a real headless Chromium: every image loaded, the first screen holds one
+    card per task with the AUC (CI) and the locked operating point's sensitivity and specificity (CIs), equal to
+    metrics.parquet; screenshots kept in test-artefacts/."""
+    import re
+
+    from browser import look
+
+    ARTEFACTS.mkdir(exist_ok=True)
+    seen = look(out / "metrics" / "demo" / "report.html", ARTEFACTS / "report.png")
+    assert seen["images"] and all(i["width"] > 0 for i in seen["images"]), seen["images"]
+    assert seen["first_screen"].startswith("dermray evaluation") and "locked out of fold" in seen["first_screen"]
+    cards = {c["task"]: c["text"] for c in seen["cards"]}
+    assert set(cards) == set(metrics["task"])
+    m = metrics.set_index(["task", "subset", "metric"])
+    for task, text in cards.items():
+        subset = "biopsy" if (task, "biopsy", "n_positive") in m.index or (task, "biopsy", "accuracy") in m.index \
+            else "all"
+        if (task, subset, "auc") in m.index:
+            row = m.loc[(task, subset, "auc")]
+            assert f"AUC {row['value']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]" in text, (task, text)
+            point = re.search(r"locked point (\S+):", text).group(1)
+            for rate in ("sensitivity", "specificity"):
+                r = m.loc[(task, subset, f"{rate}@locked:{point}")]
+                assert f"{rate} {r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" in text, (task, rate)
+        else:
+            row = m.loc[(task, subset, "accuracy")]
+            assert f"accuracy {row['value']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]" in text, (task, text)
+    gallery = look(out / "saliency" / "demo" / "gallery.html", ARTEFACTS / "gallery.png")
+    assert len(gallery["images"]) >= 4 and all(i["width"] > 0 for i in gallery["images"]), gallery["images"]

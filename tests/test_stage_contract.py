@@ -208,11 +208,16 @@ def test_every_output_table_passes_its_schema(study, stage):
             schemas.check_table(pq.read_table(root / name), schema, f"{stage}: {name}")
 
 
+# The documented exception: evaluate writes the test results into the model cards of the models it evaluated.
+ALSO_WRITES = {"evaluate": ("train/*/fold=*/model_card.json", "train/*/fold=*/model_card.md")}
+
+
 @pytest.mark.parametrize("stage", stages.STAGES)
 def test_every_file_lies_under_the_stage_folder_of_the_run(study, stage):
     prefix = str(stage_root(study["out"], stage).relative_to(study["out"]))
     for run in study["runs"][stage]:
-        stray = sorted(f for f in run["changed"] if not f.startswith(prefix + os.sep))
+        stray = sorted(f for f in run["changed"] if not f.startswith(prefix + os.sep)
+                       and not any(fnmatch.fnmatch(f, pattern) for pattern in ALSO_WRITES.get(stage, ())))
         assert not stray, f"{stage} wrote outside {prefix}: {stray[:5]}"
     assert study["runs"][stage][0]["changed"], f"{stage} wrote nothing"
 
