@@ -95,14 +95,15 @@ def reason_of(error: Exception) -> str:
     return (TRANSIENT if isinstance(error, storage.TransientReadError) else "") + str(error)
 
 
-def decode_one(data, size: int, max_pixels: int):
-    """(uint8 [size, size, 3] or None, "" or the reason it cannot be used) for bytes or a read error."""
-    from dermray.transforms import ImageDecodeError, decode_image, eval_transform
+def decode_one(data, size: int, max_pixels: int, pre=None):
+    """(uint8 [size, size, 3] or None, "" or the reason it cannot be used) for bytes or a read error; ``pre``: the
+    model card's preprocessing (transforms.Preprocess)."""
+    from dermray.transforms import NO_PREPROCESS, ImageDecodeError, decode_image, eval_transform
 
     if isinstance(data, Exception):
         return None, reason_of(data)
     try:
-        img = eval_transform(decode_image(data, max_pixels), size)
+        img = eval_transform(decode_image(data, max_pixels), size, pre or NO_PREPROCESS)
         return np.asarray(img, dtype=np.uint8), ""
     except ImageDecodeError as e:
         return None, str(e)

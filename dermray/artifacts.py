@@ -115,6 +115,8 @@ class ModelCard(_Record):
     operating_points: list[OperatingPoint] = Field(default_factory=list)
     calibration: Optional[Calibration] = None
     precision: Optional[str] = None  # fp32 | bf16 | fp16: what training computed in
+    preprocess: dict[str, Any] = Field(default_factory=dict)  # transforms.Preprocess: applied when scoring too
+    augmentation: dict[str, Any] = Field(default_factory=dict)  # what training drew (transforms.Photometric)
     # The reviewer's part (issue 19): intended use, data, limitations, metrics written back by evaluate
     description: dict[str, Any] = Field(default_factory=dict)
     test_metrics: list[dict[str, Any]] = Field(default_factory=list)
@@ -132,6 +134,11 @@ class ModelCard(_Record):
     @property
     def n_classes(self) -> int:
         return len(self.training_classes)
+
+    def preprocessing(self):
+        from dermray.transforms import Preprocess
+
+        return Preprocess(**self.preprocess) if self.preprocess else Preprocess()
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
@@ -185,7 +192,9 @@ def render_markdown(card: ModelCard) -> str:
              f"{card.n_classes} training classes (hash {card.classes_hash})",
              f"- weights sha256: {card.weights_sha256}", f"- started from: {card.weights_source}, freeze: {card.freeze}",
              f"- fold: {card.fold} (held out: {card.held_out_fold}); epochs trained: {card.epochs_trained}; selection: "
-             f"{card.selection}", f"- precision: {card.precision or 'fp32'}", f"- version: {d.get('version', 1)}; "
+             f"{card.selection}", f"- precision: {card.precision or 'fp32'}",
+             f"- preprocessing (training and scoring): {card.preprocess or {'color_constancy': 'none'}}; training "
+             f"augmentation: {card.augmentation or 'geometric only'}", f"- version: {d.get('version', 1)}; "
              f"dermray {card.versions.get('dermray')} ({card.versions.get('git_commit')}), Ray "
              f"{card.versions.get('ray')}, torch {card.versions.get('torch')}", "", "## Data", ""]
     for src in d.get("data_sources", []):

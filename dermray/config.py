@@ -100,6 +100,9 @@ class TrainConfig(Section):
     max_pixels: int = Field(50_000_000, ge=1)
     seed: int = 0
     force: bool = False  # a fold whose checkpoints have another lineage is trained afresh instead of refused
+    # Balanced sampling: each epoch's training rows drawn so that every source (or modality) weighs the same
+    # (the smaller ones repeated); none: every image once
+    balance: Literal["none", "source", "modality"] = "none"
 
     @field_validator("freeze")
     @classmethod
@@ -123,11 +126,56 @@ class TrainConfig(Section):
         return self
 
 
+class TransformsConfig(Section):
+    """How images are prepared (``dermray/transforms.py``). color_constancy applies in training, scoring and
+    saliency alike and is recorded in the model card; scoring uses the card's ("auto") and refuses another. The
+    photometric augmentation applies in training only."""
+    color_constancy: Literal["auto", "none", "shades_of_gray"] = "auto"  # auto: training shades_of_gray, scoring the card's
+    color_constancy_power: float = Field(6.0, ge=1)
+    photometric: bool = True
+    brightness: float = Field(0.2, ge=0, lt=1)  # factor in [1 - b, 1 + b]
+    contrast: float = Field(0.2, ge=0, lt=1)
+    saturation: float = Field(0.2, ge=0, lt=1)
+    hue: float = Field(0.02, ge=0, le=0.5)  # share of the hue circle
+    blur_sigma: float = Field(1.0, ge=0)  # pixels, at the image's own size
+    jpeg_quality_min: int = Field(60, ge=10, le=100)
+    photometric_p: float = Field(0.8, ge=0, le=1)  # probability of each operation
+
+    def preprocess(self, card: dict | None = None):
+        """The preprocessing: for training (card None) "auto" means shades_of_gray; for scoring the card's."""
+        from dermray.errors import UserError
+        from dermray.transforms import Preprocess
+
+        if card is not None:
+            recorded = Preprocess(**card) if card else Preprocess()
+            if self.color_constancy not in ("auto", recorded.color_constancy):
+                raise UserError(f"transforms.color_constancy is {self.color_constancy!r} but the model was trained "
+                                f"with {recorded.color_constancy!r} (its model card): leave it at auto to score as "
+                                "it was trained")
+            return recorded
+        cc = "shades_of_gray" if self.color_constancy == "auto" else self.color_constancy
+        return Preprocess(cc, self.color_constancy_power)
+
+    def augmentation(self):
+        from dermray.transforms import Photometric
+
+        if not self.photometric:
+            return Photometric()
+        return Photometric(self.brightness, self.contrast, self.saturation, self.hue, self.blur_sigma,
+                           self.jpeg_quality_min, self.photometric_p)
+
+
 class EvaluateConfig(Section):
     predictions: Optional[str] = None  # predictions Parquet URI (file or folder)
     partition: Optional[str] = None  # partition outputs (task_membership); default: the predictions' lineage
     readers: Optional[str] = None  # readers table: reader_id, image_id, task, decision and/or score
     compare: Optional[str] = None  # another run's predictions: DeLong test of the AUC difference
+    # External validation: the AUC on these predictions against a reference cohort's, with the difference and its
+    # CI (lesions resampled in each cohort apart). reference: the internal test set's predictions; or cohort: a
+    # column of these predictions naming each image's cohort, reference_cohort the one the others are compared to
+    reference: Optional[str] = None
+    cohort: Optional[str] = None
+    reference_cohort: Optional[str] = None
     model_id: Optional[str] = None  # which model's predictions, when the table holds several
     subgroups: StrList = Field(default_factory=list)  # columns; "age:0/40/60/120" bins a numeric column
     thresholds: FloatList = Field(default_factory=lambda: [0.5])
@@ -270,6 +318,7 @@ class RunConfig(Section):
     saliency: SaliencyConfig = Field(default_factory=SaliencyConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     nightly: NightlyConfig = Field(default_factory=NightlyConfig)
+    transforms: TransformsConfig = Field(default_factory=TransformsConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 

@@ -69,9 +69,10 @@ def subsets(df: pd.DataFrame, subgroup_specs: list[str]) -> list[tuple[str, np.n
     out = [("all", np.ones(len(df), dtype=bool))]
     if "label_source" in df.columns:
         out.append(("biopsy", (df["label_source"] == "biopsy").to_numpy()))
-    if "modality" in df.columns:
-        for value in sorted(df["modality"].dropna().unique()):
-            out.append((f"modality={value}", (df["modality"] == value).to_numpy()))
+    for column in ("modality", "source"):  # several sources in one set: each its own subset
+        if column in df.columns and df[column].nunique() > (0 if column == "modality" else 1):
+            for value in sorted(df[column].dropna().astype(str).unique()):
+                out.append((f"{column}={value}", (df[column].astype(str) == value).to_numpy()))
     for spec in subgroup_specs:
         column, _, edges = spec.partition(":")
         if column not in df.columns:
@@ -384,7 +385,11 @@ def evaluation_lineage(inp: EvalInputs, predictions_fp, readers_fp, compare_fp, 
         inputs["readers"] = readers_fp
     if compare_fp is not None:
         inputs["compare"] = compare_fp
-    config = ecfg.model_dump(mode="json", exclude={"predictions", "partition", "readers", "compare", "distributed"})
+    if ecfg.reference:
+        inputs["reference"] = lineage.reuse(None, "reference", ecfg.reference, lambda: load_predictions(
+            ecfg.reference, None).attrs["fingerprint"])
+    config = ecfg.model_dump(mode="json", exclude={"predictions", "partition", "readers", "compare", "distributed",
+                                                   "reference"})
     return lineage.Lineage.of(STAGE, inputs, config)
 
 
@@ -457,6 +462,9 @@ def run(cfg: RunConfig, base: str | None = None) -> dict:
         excluded[task.name], used = evaluate_task(t, cfg.run_id, task, df, inp, subset_masks, groups, readers,
                                                   compare, ecfg)
         evaluated |= used
+    cohorts, reference = cohorts_of(df, ecfg)
+    if cohorts:
+        external_validation(t, cfg.run_id, inp, cohorts, reference, ecfg)
     now = evaluation_lineage(inp, df.attrs["fingerprint"], lineage.file_fingerprint(ecfg.readers) if ecfg.readers
                              else None, compare.attrs["fingerprint"] if compare is not None else None, ecfg)
     summary = {
@@ -509,7 +517,78 @@ def write_tables(t: Tables, paths: dict) -> None:
 def headline(t: Tables) -> list[dict]:
     keep = {"auc", "accuracy", "balanced_accuracy"}
     return [{k: r[k] for k in ("task", "subset", "metric", "value", "ci_low", "ci_high", "n")}
-            for r in t.metrics if r["metric"] in keep and r["subset"] in ("all", "biopsy")]
+            for r in t.metrics if (r["metric"] in keep and r["subset"] in ("all", "biopsy"))
+            or r["metric"] == "auc_difference"]
+
+
+# ---- external validation ------------------------------------------------------------------------------------------
+def task_scores(df: pd.DataFrame, inp: EvalInputs, task: Task) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(0/1 truth, score, groups, which rows of ``df`` they are) of a binary task's images in ``df``."""
+    y_task = truth_for_task(inp.tax, task, df["label"].to_numpy())
+    pos = task.class_names.index(task.positive)
+    score = binary_score(task_probabilities(df.attrs["probs"], inp.membership, task), pos)
+    use = (y_task != NOT_IN_TASK) & ~np.isnan(score)
+    groups = (df["group_id"].fillna(df["image_id"]) if "group_id" in df.columns else df["image_id"]).to_numpy()
+    return (y_task[use] == pos).astype(int), score[use], groups[use], use
+
+
+def cohorts_of(df: pd.DataFrame, ecfg: EvaluateConfig) -> tuple[dict[str, pd.DataFrame], str | None]:
+    """The cohorts to compare: {"internal": the reference predictions, "external": these} or the values of the
+    cohort column; and the reference cohort's name."""
+    if ecfg.reference:
+        ref = load_predictions(ecfg.reference, None)
+        return {"internal": ref, "external": df}, "internal"
+    if ecfg.cohort:
+        if ecfg.cohort not in df.columns:
+            raise UserError(f"evaluate.cohort: column {ecfg.cohort!r} is not in the predictions")
+        values = sorted(df[ecfg.cohort].dropna().astype(str).unique())
+        reference = ecfg.reference_cohort or ("internal" if "internal" in values else values[0] if values else None)
+        if reference not in values:
+            raise UserError(f"evaluate.reference_cohort {reference!r} is not a value of {ecfg.cohort} ({values})")
+        out = {}
+        for v in values:
+            part = df[df[ecfg.cohort].astype(str) == v].copy()
+            part.attrs = {**df.attrs, "probs": df.attrs["probs"][(df[ecfg.cohort].astype(str) == v).to_numpy()]}
+            out[v] = part
+        return out, reference
+    return {}, None
+
+
+def external_validation(t: Tables, run_id: str, inp: EvalInputs, cohorts: dict, reference: str,
+                        ecfg: EvaluateConfig) -> None:
+    """Per binary task and modality: each cohort's AUC with its CI, and each cohort's difference from the
+    reference cohort with a CI from unpaired lesion bootstraps (each cohort resampled on its own)."""
+    alpha = 1 - ecfg.ci_level
+    for task in [x for x in inp.tasks if x.is_binary]:
+        scored = {name: task_scores(df, inp, task) + (df,) for name, df in cohorts.items()}
+        modalities = sorted(set().union(*[set(d["modality"].dropna()) for d in cohorts.values()
+                                          if "modality" in d.columns])) if cohorts else []
+        for subset in ["all"] + [f"modality={m}" for m in modalities]:
+            boots = {}
+            for k, (name, (y, s, g, use, df)) in enumerate(scored.items()):
+                mask = np.ones(len(y), bool)
+                if subset != "all" and "modality" in df.columns:
+                    mask = (df["modality"].to_numpy()[use] == subset.split("=", 1)[1])
+                if mask.sum() < 2 or y[mask].min() == y[mask].max():
+                    continue
+                b = M.bootstrap_auc(y[mask], s[mask], g[mask], n_boot=ecfg.n_bootstrap, seed=ecfg.seed + 7919 * k,
+                                    alpha=alpha)
+                boots[name] = b
+                _metric(t, run_id, task.name, f"cohort={name}:{subset}", "auc", b.estimate, int(mask.sum()),
+                        b.ci_low, b.ci_high)
+            if reference not in boots:
+                continue
+            for name, b in boots.items():
+                if name == reference:
+                    continue
+                ref = boots[reference]
+                r = min(len(b.replicates), len(ref.replicates))
+                diffs = b.replicates[:r] - ref.replicates[:r]
+                diffs = diffs[np.isfinite(diffs)]
+                lo, hi = np.quantile(diffs, [alpha / 2, 1 - alpha / 2]) if len(diffs) else (float("nan"),) * 2
+                _metric(t, run_id, task.name, f"cohort={name}:{subset}", "auc_difference", b.estimate - ref.estimate,
+                        int(b.n_groups), float(lo), float(hi), note=f"{name} minus {reference} (unpaired lesion "
+                                                                    "bootstrap)")
 
 
 # ---- distributed path -----------------------------------------------------------------------------------------------

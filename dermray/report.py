@@ -169,6 +169,19 @@ def render_report(summary: dict, t, plots: dict[str, bytes], tasks: list[Task] |
             body += (f"<img class='headline' alt='{e(c['plot'])}' "
                      f"src='data:image/png;base64,{base64.b64encode(plots[c['plot']]).decode()}'/>")
         card_html.append(f"<section class='card' data-task='{e(c['task'])}'><h2>{e(c['task'])}</h2>{body}</section>")
+    external = [r for r in t.metrics if r["metric"] == "auc_difference"]
+    ext_html = ""
+    if external:
+        md += ["", "## External validation", "", "| task | cohort:subset | AUC difference | 95% CI | note |",
+               "|---|---|---:|---|---|"]
+        for r in external:
+            md.append(f"| {r['task']} | {r['subset'][len('cohort='):]} | {fmt(r['value'])} | "
+                      f"{fmt(r['ci_low'])}–{fmt(r['ci_high'])} | {r['note']} |")
+        ext_html = ("<h2>External validation</h2><table><tr><th>task</th><th>cohort:subset</th><th>AUC difference</th>"
+                    "<th>95% CI</th><th>note</th></tr>" + "".join(
+                        f"<tr><td>{e(r['task'])}</td><td>{e(r['subset'][len('cohort='):])}</td><td>{fmt(r['value'])}"
+                        f"</td><td>{fmt(r['ci_low'])}–{fmt(r['ci_high'])}</td><td>{e(r['note'] or '')}</td></tr>"
+                        for r in external) + "</table>")
     md += ["", "## Details", "", "| task | subset | metric | value | 95% CI | n | note |",
            "|---|---|---|---:|---|---:|---|"]
     for r in rows:
@@ -201,6 +214,7 @@ margin:4px 0}}.n{{color:#555;font-size:13px}}img.headline{{width:400px}}</style>
 <h1>dermray evaluation — run {e(summary['run_id'])}</h1>
 <p class='set'>{e(set_sentence(summary))}</p>
 <div class='cards'>{''.join(card_html)}</div>
+{ext_html}
 <details><summary>Details: every metric ({len(rows)} rows), the other figures, lineage</summary>
 <table><tr><th>task</th><th>subset</th><th>metric</th><th>value</th><th>95% CI</th><th>n</th><th>note</th></tr>{table_html}</table>
 {images}{card_link}<p>Lineage: evaluation {e(str(lineage.get('id')))}; model {e(', '.join(summary.get('model_ids', [])))}</p>

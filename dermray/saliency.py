@@ -124,10 +124,11 @@ def load_images(uris, ens, device):
     from dermray.transforms import decode_image, eval_transform, to_array
 
     originals, xs = [], []
+    pre = ens.first.preprocessing()  # as the model was trained
     for uri in uris:
         img = decode_image(storage.read_bytes(uri))
         originals.append(np.asarray(img, dtype=np.uint8))
-        xs.append(to_array(eval_transform(img, ens.size), ens.mean, ens.std))
+        xs.append(to_array(eval_transform(img, ens.size, pre), ens.mean, ens.std))
     return originals, torch.from_numpy(np.stack(xs)).to(device)
 
 

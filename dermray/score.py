@@ -282,10 +282,10 @@ def _quarantine_rows(rows: list[dict]) -> pa.Table:
 
 
 # ---- Ray Data functions (tasks and actors) -------------------------------------------------------------------------
-def decode_rows(batch: dict, size: int, max_pixels: int, retry: storage.Retry) -> dict:
+def decode_rows(batch: dict, size: int, max_pixels: int, retry: storage.Retry, pre=None) -> dict:
     """Ray Data batch fn over work rows: read + decode + resize -> ``image`` uint8 [B, size, size, 3], ``error``
     ("" when the image is usable); the other columns pass through."""
-    decoded = [archive.decode_one(d, size, max_pixels) for d in archive.fetch_all(list(batch["uri"]), retry)]
+    decoded = [archive.decode_one(d, size, max_pixels, pre) for d in archive.fetch_all(list(batch["uri"]), retry)]
     out = dict(batch)
     out["image"] = archive.stack_images([d[0] for d in decoded], size)
     out["error"] = np.array([d[1] for d in decoded], dtype=object)
@@ -324,14 +324,14 @@ def _shard_rows(shard: str, retry: storage.Retry):
             time.sleep(delay)
 
 
-def decode_shards(batch: dict, size: int, max_pixels: int, rows_per_batch: int, retry: storage.Retry):
+def decode_shards(batch: dict, size: int, max_pixels: int, rows_per_batch: int, retry: storage.Retry, pre=None):
     """Ray Data batch fn over shard rows (uri, chunk): yields decoded samples in batches of ``rows_per_batch``,
     reading each shard as a stream; the last row of a shard is an END_OF_SHARD marker carrying its count."""
     for shard, chunk in zip(batch["uri"], batch[CHUNK]):
         total, buf = 0, []
 
         def emit(rows, end: int | None = None):
-            decoded = [archive.decode_one(r[2], size, max_pixels) if not r[3] else (None, r[3]) for r in rows]
+            decoded = [archive.decode_one(r[2], size, max_pixels, pre) if not r[3] else (None, r[3]) for r in rows]
             n = len(rows)
             return {"image_id": np.array([r[0] for r in rows], dtype=object),
                     "uri": np.array([r[1] for r in rows], dtype=object), ROW: np.full(n, -1, np.int64),
@@ -587,12 +587,22 @@ def task_setup(cfg: RunConfig, ens: Ensemble):
         paths["task_membership"], membership, membership.column_names)
 
 
-def score_lineage(ens: Ensemble, input_fp: lineage.Fingerprint, membership_fp, sc: ScoreConfig) -> lineage.Lineage:
+def preprocessing(cfg: RunConfig, ens: Ensemble):
+    """The models' preprocessing (their cards must agree; transforms.color_constancy, when set, must match)."""
+    if any(c.preprocess != ens.first.preprocess for c in ens.cards):
+        raise UserError("the ensemble's models were trained with different preprocessing (model cards): score them "
+                        "apart")
+    return cfg.transforms.preprocess(ens.first.preprocess)
+
+
+def score_lineage(ens: Ensemble, input_fp: lineage.Fingerprint, membership_fp, cfg: RunConfig) -> lineage.Lineage:
+    sc = cfg.score
     inputs = {"model": lineage.value_fingerprint(ens.model_id), "input": input_fp}
     if membership_fp is not None:
         inputs["task_membership"] = membership_fp
     return lineage.Lineage.of(STAGE, inputs, {"tta": sc.tta, "amp": sc.amp, "input_size": ens.size,
                                               "max_pixels": sc.max_pixels,
+                                              "preprocess": preprocessing(cfg, ens).as_dict(),
                                               "decisions": model_decisions(ens, sc).as_dict()})
 
 
@@ -621,7 +631,7 @@ def reconcile(rdir: str, now: lineage.Lineage, incremental: bool) -> None:
     storage.write_text(spec_uri, json.dumps(now.to_dict(), indent=2))
 
 
-def stream(plan: WorkPlan, ens: Ensemble, sc: ScoreConfig, retry: storage.Retry, writer: PartWriter) -> None:
+def stream(plan: WorkPlan, ens: Ensemble, sc: ScoreConfig, retry: storage.Retry, writer: PartWriter, pre) -> None:
     """Run the Ray Data pipeline and hand every result batch to the writer."""
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -633,13 +643,13 @@ def stream(plan: WorkPlan, ens: Ensemble, sc: ScoreConfig, retry: storage.Retry,
         ds = ray.data.from_arrow(plan.refs).repartition(target_num_rows_per_block=1).map_batches(
             decode_shards, batch_size=1, num_cpus=sc.decode_cpus, memory=memory,
             fn_kwargs={"size": ens.size, "max_pixels": sc.max_pixels, "rows_per_batch": sc.batch_size,
-                       "retry": retry})
+                       "retry": retry, "pre": pre})
     else:
         # Blocks of one model batch: the decode tasks spread over every free CPU (a big block would be decoded by
         # one task on one core while the model waits).
         ds = ray.data.from_arrow_refs(plan.refs).repartition(target_num_rows_per_block=sc.batch_size).map_batches(
             decode_rows, batch_size=None, num_cpus=sc.decode_cpus, memory=memory,
-            fn_kwargs={"size": ens.size, "max_pixels": sc.max_pixels, "retry": retry})
+            fn_kwargs={"size": ens.size, "max_pixels": sc.max_pixels, "retry": retry, "pre": pre})
     ds = ds.map_batches(
         Predictor, batch_size=sc.batch_size, compute=ActorPoolStrategy(size=sc.actors),
         num_cpus=sc.cpus_per_actor, num_gpus=sc.num_gpus or None,
@@ -709,13 +719,13 @@ def plan(cfg: RunConfig, kind: str, rdir: str, ens: Ensemble, membership_fp) -> 
     sc = cfg.score
     if kind == "webdataset":
         shards = archive.shard_list(sc.input)
-        now = score_lineage(ens, shards_fingerprint(shards), membership_fp, sc)
+        now = score_lineage(ens, shards_fingerprint(shards), membership_fp, cfg)
         reconcile(rdir, now, sc.incremental)
         return plan_shards(shards, rdir), now
     uri, problems = (sc.input, _quarantine_rows([])) if kind == "manifest" else folder_manifest(
         sc.input, sc.labels, rdir)
     chunks, fp, repeats, _ = fingerprint_manifest(uri, cfg.storage)
-    now = score_lineage(ens, fp, membership_fp, sc)
+    now = score_lineage(ens, fp, membership_fp, cfg)
     reconcile(rdir, now, sc.incremental)
     work = plan_manifest(uri, chunks, repeats, rdir, ens.model_id, sc)
     work.kind = kind
@@ -742,7 +752,7 @@ def lineage_now(cfg: RunConfig, recorded: lineage.Lineage | None = None) -> line
                 table.column(c).type) else table.column(c)) for c in table.column_names})
             return lineage.columns_fingerprint(sc.input, table, table.column_names)
         fp = lineage.reuse(recorded, "input", sc.input, content)
-    return score_lineage(ens, fp, membership_fp, sc)
+    return score_lineage(ens, fp, membership_fp, cfg)
 
 
 def run(cfg: RunConfig) -> dict:
@@ -755,6 +765,7 @@ def run(cfg: RunConfig) -> dict:
         raise UserError("no input given: pass --input URI (config: score.input)")
     ens = artifacts.load_ensemble(sc.checkpoints, sc.model_id)
     tasks, membership, partition, membership_fp = task_setup(cfg, ens)
+    preprocessing(cfg, ens)  # a config that contradicts the model card fails here, before Ray starts
     kind = check_input(sc)
     rdir = layout.predictions_dir(cfg.output, cfg.run_id)
     with ray_session(cfg.ray.address, cfg.ray.num_cpus):
@@ -774,7 +785,7 @@ def run(cfg: RunConfig) -> dict:
         writer = PartWriter(rdir, ens, tasks, membership, carry, meter, decided)
         t_wall = time.time()
         if work.refs:
-            stream(work, ens, sc, cfg.storage.retry(), writer)
+            stream(work, ens, sc, cfg.storage.retry(), writer, preprocessing(cfg, ens))
     quarantined_total = merge_quarantine(rdir, work.quarantine)
     summary = summarise(cfg, ens, work, writer, now, partition, rdir, t_start, t_wall, quarantined_total)
     storage.write_text(layout.summary_uri(cfg.output, STAGE, cfg.run_id), json.dumps(summary, indent=2, default=str))

@@ -19,6 +19,7 @@ Across folds: ``train_summary.parquet`` with mean and sd of each validation metr
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import math
@@ -74,7 +75,7 @@ def read_rows(cfg: RunConfig, part: str) -> tuple[pa.Table, pa.Table, dict]:
     schemas.check_table(labels, schemas.LABELS, storage.redact(outputs["labels"]))
     present = storage.parquet_file(cfg.data.manifest).schema_arrow.names
     manifest = storage.read_table(cfg.data.manifest, columns=["image_id", "uri", "label"] +
-                                  [c for c in ("group_id", "source") if c in present])
+                                  [c for c in ("group_id", "source", "modality") if c in present])
     base = storage.parent(cfg.data.manifest)
     uris = [storage.resolve(u, base) for u in manifest.column("uri").to_pylist()]
     manifest = manifest.set_column(1, "uri", pa.array(uris, pa.string()))
@@ -150,14 +151,17 @@ def plan(cfg: RunConfig) -> TrainPlan:
                      fold_names(table, cfg.train), layout.train_dir(cfg.output, cfg.run_id), inputs)
 
 
-def fold_lineage(fold, p: TrainPlan, tcfg: TrainConfig) -> lineage.Lineage:
+def fold_lineage(fold, p: TrainPlan, tcfg: TrainConfig, transforms=None) -> lineage.Lineage:
     """What fold ``fold`` is trained from: which images it trains on and which it holds out, their classes and
     URIs, the classes, the initial weights and the recipe."""
     is_val = (pc.equal(p.table.column("fold"), fold) if fold != FINAL else
               pa.array(np.zeros(p.table.num_rows, bool)))
     rows = p.table.select(["image_id", "class_index"]).append_column("held_out", is_val)
     inputs = dict(p.inputs) | {"labels": lineage.columns_fingerprint(None, rows, rows.column_names)}
-    recipe = {k: getattr(tcfg, k) for k in RECIPE_KEYS} | {"fold": str(fold)}
+    recipe = {k: getattr(tcfg, k) for k in RECIPE_KEYS} | {"fold": str(fold), "balance": tcfg.balance}
+    if transforms is not None:
+        recipe["transforms"] = {"preprocess": transforms.preprocess().as_dict(),
+                                "augmentation": dataclasses.asdict(transforms.augmentation())}
     return lineage.Lineage.of(STAGE, inputs, recipe)
 
 
@@ -197,17 +201,18 @@ def find_undecodable(batch: dict, max_pixels: int) -> dict:
             "reason": np.array(reasons, dtype=object)}
 
 
-def decode_transform(batch: dict, size: int, train: bool, max_pixels: int) -> dict:
+def decode_transform(batch: dict, size: int, train: bool, max_pixels: int, pre=None, photometric=None) -> dict:
     """Ray Data batch fn: read, decode and transform images -> uint8 [B, S, S, 3] (normalised on the worker:
     a quarter of the bytes of float32 through the object store). Augmentation draws fresh randomness every call,
     so every epoch sees new rotations and flips."""
-    from dermray.transforms import decode_image, eval_transform, train_transform
+    from dermray.transforms import NO_PREPROCESS, decode_image, eval_transform, train_transform
 
     rng = np.random.default_rng()
+    pre = pre or NO_PREPROCESS
     images = []
     for uri in batch["uri"]:
         img = decode_image(storage.read_bytes(uri), max_pixels)
-        img = train_transform(img, size, rng) if train else eval_transform(img, size)
+        img = train_transform(img, size, rng, pre, photometric) if train else eval_transform(img, size, pre)
         images.append(np.asarray(img, dtype=np.uint8))
     out = {"image": np.stack(images), "label": batch["class_index"].astype(np.int64), "image_id": batch["image_id"]}
     if "task_truth" in batch:
@@ -264,25 +269,46 @@ def split_rows(fold, table: pa.Table, tcfg: TrainConfig) -> dict[str, pa.Table]:
     return {k: v for k, v in out.items() if v.num_rows}
 
 
-def image_pipeline(rows: pa.Table, train: bool, tcfg: TrainConfig, size: int):
-    """Ray Data: blocks of a few batches, decoded (and augmented when ``train``) in tasks that spread over the
-    cluster's free CPUs while the worker trains."""
+def image_pipeline(rows: pa.Table, train: bool, cfg: RunConfig, size: int):
+    """Ray Data: blocks of a few batches, decoded, preprocessed (and augmented when ``train``) in tasks that spread
+    over the cluster's free CPUs while the worker trains."""
     import ray.data
 
+    tcfg = cfg.train
+    kwargs = {"size": size, "max_pixels": tcfg.max_pixels, "train": train, "pre": cfg.transforms.preprocess(),
+              "photometric": cfg.transforms.augmentation() if train else None}
     return ray.data.from_arrow(blocks_of(rows, 4 * tcfg.batch_size)).map_batches(
-        decode_transform, fn_kwargs={"size": size, "max_pixels": tcfg.max_pixels, "train": train},
-        batch_size=tcfg.batch_size, num_cpus=tcfg.data_cpus)
+        decode_transform, fn_kwargs=kwargs, batch_size=tcfg.batch_size, num_cpus=tcfg.data_cpus)
 
 
-def datasets_for(fold, rows: dict[str, pa.Table], tcfg: TrainConfig, size: int) -> dict:
+def balanced(rows: pa.Table, by: str, seed: int) -> pa.Table:
+    """``rows`` with every value of column ``by`` (source or modality) repeated up to the largest one's count, so
+    that each weighs the same in an epoch (whole repeats, then a seeded sample of the remainder)."""
+    if by not in rows.column_names:
+        return rows
+    values = np.asarray(pc.fill_null(rows.column(by), "unspecified").to_numpy(zero_copy_only=False)).astype(str)
+    kinds, counts = np.unique(values, return_counts=True)
+    rng = np.random.default_rng([seed, 0xBA1])
+    take = []
+    for kind, n in zip(kinds, counts):
+        idx = np.flatnonzero(values == kind)
+        reps, rest = divmod(int(counts.max()), int(n))
+        take += [np.tile(idx, reps), rng.choice(idx, rest, replace=False)]
+    return rows.take(pa.array(np.sort(np.concatenate(take))))
+
+
+def datasets_for(fold, rows: dict[str, pa.Table], cfg: RunConfig, size: int) -> dict:
     """The worker's datasets: "train" and, with an inner split, "select" (the held-out fold is not among them)."""
+    tcfg = cfg.train
+    train_rows = rows["train"]
+    if tcfg.balance != "none":
+        train_rows = balanced(train_rows, tcfg.balance, tcfg.seed)
     # The table is sorted by image_id, which in real archives follows upload batches (and so diagnoses): training
     # blocks get a seeded random order of rows, mixed again per epoch by the worker's shuffle buffer.
-    train_rows = rows["train"]
     order = np.random.default_rng([tcfg.seed, zlib.crc32(str(fold).encode())]).permutation(train_rows.num_rows)
-    out = {"train": image_pipeline(train_rows.take(pa.array(order)), True, tcfg, size)}
+    out = {"train": image_pipeline(train_rows.take(pa.array(order)), True, cfg, size)}
     if "select" in rows:
-        out["select"] = image_pipeline(rows["select"], False, tcfg, size)
+        out["select"] = image_pipeline(rows["select"], False, cfg, size)
     return out
 
 
@@ -418,6 +444,31 @@ def write_val_predictions(job: FoldJob, preds: dict, cfg: RunConfig, table: pa.T
     return uri
 
 
+def accuracy_by(job: FoldJob, preds: dict, table: pa.Table) -> dict:
+    """Held-out task accuracy per source and per modality (``val_acc_<task>[source=X]``): a model trained on
+    several sources is judged on each."""
+    from dermray.metrics import predicted_class
+
+    if not job.task_names or not len(preds["image_id"]):
+        return {}
+    rows = table.select([c for c in ("image_id", "task_truth", "source", "modality") if c in table.column_names]
+                        ).to_pandas().set_index("image_id").loc[preds["image_id"]]
+    probs = np.asarray(preds["probs"], np.float64)
+    truth = np.stack(rows["task_truth"].to_numpy())
+    out = {}
+    for column in ("source", "modality"):
+        if column not in rows.columns or rows[column].nunique() < 2:
+            continue
+        for value in sorted(rows[column].dropna().astype(str).unique()):
+            sel = (rows[column].astype(str) == value).to_numpy()
+            for j, name in enumerate(job.task_names):
+                keep = sel & (truth[:, j] >= 0)
+                if keep.any():
+                    pred = predicted_class(probs[keep] @ job.matrices[name])
+                    out[f"val_acc_{name}[{column}={value}]"] = float((pred == truth[keep, j]).mean())
+    return out
+
+
 def selection_text(job: FoldJob, epoch: int) -> str:
     tc = job.train
     if job.score_key == "epoch":
@@ -445,7 +496,7 @@ def data_description(p: TrainPlan, table: pa.Table) -> dict:
 
 
 def model_card(job: FoldJob, p: TrainPlan, fold_lin: lineage.Lineage, history: list[dict], best: dict,
-               measured: dict, weights: bytes, table: pa.Table) -> artifacts.ModelCard:
+               measured: dict, weights: bytes, table: pa.Table, cfg_transforms) -> artifacts.ModelCard:
     tcfg = job.train
     description = data_description(p, table)
     redacted = tcfg.weights if tcfg.weights in ("imagenet", "none") else storage.redact(tcfg.weights)
@@ -457,6 +508,7 @@ def model_card(job: FoldJob, p: TrainPlan, fold_lin: lineage.Lineage, history: l
     trained_in = precision(tcfg.amp, SimpleNamespace(type="cuda" if tcfg.use_gpu else "cpu"))
     return artifacts.ModelCard(
         precision={"off": "fp32"}.get(trained_in, trained_in),
+        preprocess=cfg_transforms.preprocess().as_dict(), augmentation=dataclasses.asdict(cfg_transforms.augmentation()),
         model_id=job.model_id, architecture=tcfg.arch, input_size=job.image_size,
         normalisation={"mean": list(job.mean), "std": list(job.std)},
         training_classes=p.classes.select(["class_index", "node_id", "name", "scope", "n_images"]).to_pylist(),
@@ -481,7 +533,9 @@ def finish_fold(job: FoldJob, fit: tuple, weights: bytes, measured, seconds: flo
     if measured is not None:
         val_metrics, preds = measured
         write_val_predictions(job, preds, cfg, table, int(best["epoch"]))
-    artifacts.write_card(model_card(job, p, fold_lin, history, best, val_metrics, weights, table), job.fold_dir)
+        val_metrics |= accuracy_by(job, preds, table)
+    artifacts.write_card(model_card(job, p, fold_lin, history, best, val_metrics, weights, table, cfg.transforms),
+                         job.fold_dir)
     return {"fold": job.fold, "epochs": len(history), "best_epoch": int(best["epoch"]), "seconds": round(seconds, 1),
             "t_start": history[0].get("t_start"), "t_end": history[-1].get("t_end"), "lineage_id": fold_lin.id,
             **val_metrics}
@@ -564,8 +618,8 @@ def train_folds(p: TrainPlan, table: pa.Table, cfg: RunConfig, lineages: dict) -
                          f"{rows['train'].num_rows:,}", f"{rows['select'].num_rows:,}" if "select" in rows else "no",
                          f"{rows['val'].num_rows:,}" if "val" in rows else "none")
             job = fold_job(fold, p, cfg, "select" in rows, lineages[str(fold)].id, hooks, lines.queue)
-            val = image_pipeline(rows["val"], False, cfg.train, size) if "val" in rows else None
-            futures.append(pool.submit(fit_fold, job, datasets_for(fold, rows, cfg.train, size), val, p.run_dir))
+            val = image_pipeline(rows["val"], False, cfg, size) if "val" in rows else None
+            futures.append(pool.submit(fit_fold, job, datasets_for(fold, rows, cfg, size), val, p.run_dir))
         return [f.result() for f in futures]
 
 
@@ -575,7 +629,7 @@ def run(cfg: RunConfig) -> dict:
 
     t_start = time.perf_counter()
     p = plan(cfg)
-    lineages = {str(fold): fold_lineage(fold, p, cfg.train) for fold in p.folds}
+    lineages = {str(fold): fold_lineage(fold, p, cfg.train, cfg.transforms) for fold in p.folds}
     for fold in p.folds:
         check_fold_lineage(fold, layout.fold_dir(cfg.output, cfg.run_id, fold), lineages[str(fold)], cfg.train.force)
     with ray_session(cfg.ray.address, cfg.ray.num_cpus):
@@ -613,7 +667,7 @@ def run_lineage(lineages: dict) -> lineage.Lineage:
 
 def lineage_now(cfg: RunConfig, recorded: lineage.Lineage | None = None) -> lineage.Lineage:
     p = plan(cfg)
-    return run_lineage({str(fold): fold_lineage(fold, p, cfg.train) for fold in p.folds})
+    return run_lineage({str(fold): fold_lineage(fold, p, cfg.train, cfg.transforms) for fold in p.folds})
 
 
 def summarise(cfg: RunConfig, p: TrainPlan, fold_rows: list[dict], used: int, n_bad: int, lineages: dict,

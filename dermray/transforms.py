@@ -1,16 +1,25 @@
-"""Image decoding and the paper's transforms. Pure: PIL, numpy, no Ray, no I/O.
+"""Image decoding and the transforms. Pure: PIL, numpy, no Ray, no I/O.
 
 Decoding applies the EXIF orientation, converts every mode (grayscale, palette, RGBA, CMYK, 16-bit) to 8-bit RGB,
 and refuses images above a pixel limit before decoding them (a decompression bomb costs nothing to reject).
-Training augmentation (Esteva et al. 2017): a random rotation of 0-359 degrees, a crop of the largest upright
-rectangle inscribed in the rotated image, a random vertical flip, then a resize to the model's input size. The
-evaluation transform is the same resize without augmentation.
+
+``Preprocess`` is applied identically in training, scoring and saliency (the model card records it): colour
+constancy by shades of grey (Finlayson & Trezzi 2004; used by the top ISIC 2018-2019 entries), which divides each
+channel by its Minkowski p-norm estimate of the illuminant, so a camera's or a lamp's colour cast is removed
+before the model sees the image.
+
+Training augmentation: ``Photometric`` - brightness, contrast, saturation, hue, blur and JPEG re-encoding, each
+drawn from its configured range (a different camera, exposure or compression) - then the paper's geometric one
+(Esteva et al. 2017): a random rotation of 0-359 degrees, a crop of the largest upright rectangle inscribed in the
+rotated image, a random vertical flip, then a resize to the model's input size. The evaluation transform is the
+preprocessing and the same resize, without augmentation.
 """
 from __future__ import annotations
 
 import io
 import math
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -103,17 +112,103 @@ def rotate_and_crop(img: Image.Image, degrees: float) -> Image.Image:
     return rotated.crop(box)
 
 
-def train_transform(img: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
-    """The paper's augmentation, then a resize to ``size`` x ``size``."""
+@dataclass(frozen=True)
+class Preprocess:
+    """What every image goes through before the model, in training, scoring and saliency alike."""
+    color_constancy: str = "none"  # none | shades_of_gray
+    power: float = 6.0  # the Minkowski norm of shades of grey (1: grey world; large: max-RGB)
+
+    def as_dict(self) -> dict:
+        return {"color_constancy": self.color_constancy, "power": self.power}
+
+
+NO_PREPROCESS = Preprocess()
+
+
+def shades_of_gray(img: Image.Image, power: float = 6.0) -> Image.Image:
+    """Colour constancy: each channel scaled so that the illuminant estimate (mean(I_c ** p)) ** (1 / p) becomes
+    grey, keeping the overall brightness."""
+    a = np.asarray(img, dtype=np.float64)
+    illuminant = np.power(np.mean(np.power(a, power), axis=(0, 1)), 1.0 / power)
+    norm = np.sqrt(np.sum(illuminant ** 2))
+    if norm <= 0:
+        return img
+    gain = 1.0 / np.maximum(illuminant / norm * np.sqrt(3.0), 1e-6)
+    return Image.fromarray(np.clip(a * gain + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+def preprocess(img: Image.Image, pre: Preprocess) -> Image.Image:
+    if pre.color_constancy == "shades_of_gray":
+        return shades_of_gray(img, pre.power)
+    return img
+
+
+@dataclass(frozen=True)
+class Photometric:
+    """Training-only photometric augmentation; each operation is applied with probability ``p``."""
+    brightness: float = 0.0  # factor drawn from [1 - b, 1 + b]
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0  # shift drawn from [-h, h] of the hue circle
+    blur_sigma: float = 0.0  # Gaussian blur with sigma drawn from [0, max]
+    jpeg_quality_min: int = 100  # re-encoded at a quality drawn from [min, 95] (100: never)
+    p: float = 0.8
+
+    @property
+    def active(self) -> bool:
+        return bool(self.brightness or self.contrast or self.saturation or self.hue or self.blur_sigma
+                    or self.jpeg_quality_min < 100)
+
+
+def photometric(img: Image.Image, ph: Photometric, rng: np.random.Generator) -> Image.Image:
+    """``img`` with each of ``ph``'s operations applied (with probability ``ph.p``), in a random order."""
+    from PIL import ImageEnhance, ImageFilter
+
+    ops = []
+    if ph.brightness:
+        ops.append(lambda im: ImageEnhance.Brightness(im).enhance(rng.uniform(1 - ph.brightness, 1 + ph.brightness)))
+    if ph.contrast:
+        ops.append(lambda im: ImageEnhance.Contrast(im).enhance(rng.uniform(1 - ph.contrast, 1 + ph.contrast)))
+    if ph.saturation:
+        ops.append(lambda im: ImageEnhance.Color(im).enhance(rng.uniform(1 - ph.saturation, 1 + ph.saturation)))
+    if ph.hue:
+        def hue(im):
+            h, s_, v = im.convert("HSV").split()
+            shift = int(round(rng.uniform(-ph.hue, ph.hue) * 255))
+            h = h.point(lambda x: (x + shift) % 256)
+            return Image.merge("HSV", (h, s_, v)).convert("RGB")
+        ops.append(hue)
+    if ph.blur_sigma:
+        ops.append(lambda im: im.filter(ImageFilter.GaussianBlur(rng.uniform(0, ph.blur_sigma))))
+    if ph.jpeg_quality_min < 100:
+        def jpeg(im):
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=int(rng.integers(ph.jpeg_quality_min, 96)))
+            return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+        ops.append(jpeg)
+    for k in rng.permutation(len(ops)):
+        if rng.random() < ph.p:
+            img = ops[k](img)
+    return img
+
+
+def train_transform(img: Image.Image, size: int, rng: np.random.Generator, pre: Preprocess = NO_PREPROCESS,
+                    ph: Photometric | None = None) -> Image.Image:
+    """Photometric augmentation (what another camera would do), the preprocessing (as at scoring time), the
+    paper's geometric augmentation, then a resize to ``size`` x ``size``."""
+    if ph is not None and ph.active:
+        img = photometric(img, ph, rng)
+    img = preprocess(img, pre)
     img = rotate_and_crop(img, float(rng.uniform(0.0, 360.0)))
     if rng.random() < 0.5:
         img = img.transpose(Image.FLIP_TOP_BOTTOM)
     return img.resize((size, size), Image.BILINEAR)
 
 
-def eval_transform(img: Image.Image, size: int) -> Image.Image:
-    """Resize to ``size`` x ``size`` (the whole image, as in training without the augmentation)."""
-    return img.resize((size, size), Image.BILINEAR)
+def eval_transform(img: Image.Image, size: int, pre: Preprocess = NO_PREPROCESS) -> Image.Image:
+    """The preprocessing and a resize to ``size`` x ``size`` (the whole image, as in training without the
+    augmentation)."""
+    return preprocess(img, pre).resize((size, size), Image.BILINEAR)
 
 
 def to_array(img: Image.Image, mean, std) -> np.ndarray:

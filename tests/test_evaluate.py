@@ -248,3 +248,38 @@ def test_subgroups_get_a_verdict_worst_group_and_largest_gap(study, tmp_path):
     assert value(metrics, "mel_vs_nev", "by:sex", "auc_gap").value >= 0
     # The modality column has one group with an undefined AUC (no melanoma in the clinical photos): no verdict.
     assert metrics[(metrics.subset == "by:modality")].empty
+
+
+def test_external_validation_compares_cohorts_with_an_unpaired_ci(study, tmp_path):
+    """A cohort column (or a reference run): each cohort's AUC and its difference from the reference cohort with a
+    CI from lesion bootstraps of each cohort apart; the difference equals the two AUCs' difference computed
+    independently, and appears in the report and the headline."""
+    d = study["dir"]
+    df = pd.read_parquet(d / "predictions.parquet")
+    rng = np.random.default_rng(5)
+    lesion = df["group_id"].to_numpy()
+    ext = np.isin(lesion, np.unique(lesion)[rng.random(len(np.unique(lesion))) < 0.4])
+    df["cohort"] = np.where(ext, "clinic_b", "internal")
+    probs = np.stack(df["probs"])
+    noisy = probs.copy()
+    noisy[ext] = 0.5 * probs[ext] + 0.5 * rng.dirichlet(np.ones(probs.shape[1]), ext.sum())  # worse at clinic b
+    df["probs"] = list(noisy.astype(np.float32))
+    df.to_parquet(tmp_path / "cohorts.parquet", index=False)
+    out = tmp_path / "out"
+    cfg = load_config(None, [f"evaluate.predictions={tmp_path / 'cohorts.parquet'}", f"data.tasks={d / 'tasks.yaml'}",
+                             f"data.taxonomy={d / 'taxonomy.parquet'}", f"evaluate.partition={d / 'partition'}",
+                             f"output={out}", "run_id=ext", "evaluate.n_bootstrap=200", "evaluate.cohort=cohort"])
+    summary = evaluate.run(cfg)
+    m = pd.read_parquet(out / "metrics" / "ext" / "metrics.parquet")
+    diff = value(m, "mel_vs_nev", "cohort=clinic_b:all", "auc_difference")
+    a_ext = value(m, "mel_vs_nev", "cohort=clinic_b:all", "auc").value
+    a_int = value(m, "mel_vs_nev", "cohort=internal:all", "auc").value
+    score = independent_score(study, "mel_vs_nev", "Malignant:Melanoma", "Benign:Nevus")
+    y = df["label"].str.startswith("Malignant").to_numpy()
+    in_task = (df["label"].str.startswith("Malignant:Melanoma") | df["label"].str.startswith("Benign:Nevus")).to_numpy()
+    keep = in_task & ~ext & ~np.isnan(score)
+    assert abs(a_int - roc_auc_score(y[keep], score[keep])) < 1e-9  # the internal cohort kept its scores
+    assert abs(diff.value - (a_ext - a_int)) < 1e-12 and diff.value < 0 and diff.ci_low < diff.value < diff.ci_high
+    assert "clinic_b minus internal" in diff.note
+    assert any(h["metric"] == "auc_difference" for h in summary["headline"])
+    assert "External validation" in (out / "metrics" / "ext" / "report.html").read_text()

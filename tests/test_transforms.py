@@ -4,6 +4,7 @@ import struct
 import zlib
 
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import given, settings, strategies as st
 from PIL import Image
@@ -132,3 +133,62 @@ def test_eval_transform_and_normalisation():
     arr = T.to_array(T.eval_transform(img, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     assert arr.shape == (3, 32, 32) and arr.dtype == np.float32
     assert -1.0 <= arr.min() and arr.max() <= 1.0
+
+
+def test_shades_of_gray_removes_a_colour_cast(ham_dir):
+    """A real image under a warm lamp (R x1.3, B x0.7) and the same image: after colour constancy they are close,
+    while before it they are far apart."""
+    from dermray.transforms import decode_image, shades_of_gray
+
+    img = decode_image((sorted((ham_dir / "images").glob("*.jpg"))[0]).read_bytes())
+    a = np.asarray(img, np.float64)
+    cast = Image.fromarray(np.clip(a * [1.3, 1.0, 0.7], 0, 255).astype(np.uint8))
+    before = np.abs(np.asarray(cast, float) - a).mean()
+    after = np.abs(np.asarray(shades_of_gray(cast), float) - np.asarray(shades_of_gray(img), float)).mean()
+    assert after < before / 3, (before, after)
+    assert shades_of_gray(Image.new("RGB", (8, 8))).getpixel((0, 0)) == (0, 0, 0)  # black stays black
+
+
+def test_photometric_augmentation_is_applied_in_training_only(ham_dir):
+    """The training transform draws new photometric changes each time; the evaluation transform (scoring,
+    saliency, the held-out measurement) is deterministic and has none."""
+    from dermray import train
+    from dermray.transforms import Photometric, Preprocess
+
+    uri = str(sorted((ham_dir / "images").glob("*.jpg"))[0])
+    batch = {"uri": np.array([uri]), "class_index": np.array([0]), "image_id": np.array(["a"], dtype=object)}
+    ph = Photometric(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.05, blur_sigma=1.0, jpeg_quality_min=40,
+                     p=1.0)
+    pre = Preprocess("shades_of_gray", 6.0)
+    evals = [train.decode_transform(batch, 64, False, 10**8, pre, None)["image"] for _ in range(2)]
+    assert np.array_equal(*evals)
+    # Training with the geometric augmentation only vs with the photometric one: the latter changes colours.
+    rng_means = []
+    for phot in (None, ph):
+        imgs = [train.decode_transform(batch, 64, True, 10**8, pre, phot)["image"][0] for _ in range(6)]
+        rng_means.append(np.std([im.mean(axis=(0, 1)) for im in imgs], axis=0).mean())
+    assert rng_means[1] > 2 * rng_means[0] + 1, rng_means
+
+
+def test_scoring_refuses_a_colour_constancy_the_model_was_not_trained_with():
+    from dermray.config import TransformsConfig
+    from dermray.errors import UserError
+
+    card = {"color_constancy": "shades_of_gray", "power": 6.0}
+    assert TransformsConfig().preprocess(card).color_constancy == "shades_of_gray"  # auto: as trained
+    assert TransformsConfig().preprocess({}).color_constancy == "none"  # an older card: none
+    with pytest.raises(UserError, match="the model was trained with 'shades_of_gray'"):
+        TransformsConfig(color_constancy="none").preprocess(card)
+    assert TransformsConfig().preprocess().color_constancy == "shades_of_gray"  # training's default
+
+
+def test_balanced_sampling_weighs_every_source_the_same():
+    import pyarrow as pa
+
+    from dermray import train
+
+    rows = pa.table({"image_id": [f"i{k}" for k in range(13)], "source": ["a"] * 10 + ["b"] * 3})
+    out = train.balanced(rows, "source", seed=0)
+    counts = pd.Series(out.column("source").to_pylist()).value_counts()
+    assert counts["a"] == counts["b"] == 10
+    assert set(out.column("image_id").to_pylist()) == set(rows.column("image_id").to_pylist())  # nothing dropped
