@@ -134,13 +134,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("import", help="turn public dataset metadata into manifest, taxonomy and tasks")
-    p.add_argument("dataset", choices=["ham10000", "isic"])
-    p.add_argument("--metadata", required=True, help="metadata CSV (HAM10000 labels / ISIC Archive metadata)")
-    p.add_argument("--images", required=True, help="folder or s3:// prefix holding <image_id>.jpg")
-    p.add_argument("--output", required=True, help="folder or s3:// prefix for manifest/taxonomy/tasks")
-    p.add_argument("--group", default="lesion", choices=["lesion", "patient"], help="ISIC: group folds by")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("import", help="turn public dataset metadata, or a hospital's labelled image folder, into "
+                       "manifest, taxonomy and tasks")
+    imp = p.add_subparsers(dest="dataset", required=True, metavar="{ham10000,isic,folder}")
+    images_help = "folder or s3:// prefix holding <image_id>.jpg/.jpeg/.png/.bmp/.tif/.tiff/.webp (subfolders too)"
+    for name, what in (("ham10000", "HAM10000 metadata CSV"), ("isic", "ISIC Archive metadata CSV")):
+        q = imp.add_parser(name, help=f"the {what} and its images")
+        q.add_argument("--metadata", required=True, help=what)
+        q.add_argument("--images", required=True, help=images_help)
+        q.add_argument("--output", required=True, help="folder or s3:// prefix for manifest/taxonomy/tasks")
+        if name == "isic":
+            q.add_argument("--group", default="lesion", choices=["lesion", "patient"], help="group folds by")
+        q.add_argument("--json", action="store_true")
+    q = imp.add_parser("folder", help="a folder of images + a labels CSV in the hospital's own label names + a "
+                       "mapping of those names onto taxonomy nodes")
+    q.add_argument("--images", required=True, help=images_help + "; image_id = file name without extension")
+    q.add_argument("--labels", required=True, help="labels CSV: image_id and label columns (+ optional lesion_id/"
+                   "patient_id, label_source, modality; other columns are carried into the manifest)")
+    q.add_argument("--mapping", required=True, help="CSV with columns label,node or YAML of label: node (node = a "
+                   "taxonomy node_id or unique name; empty = excluded); unmapped labels are quarantined")
+    q.add_argument("--output", required=True, help="folder or s3:// prefix for manifest/taxonomy/tasks")
+    q.add_argument("--taxonomy", help="taxonomy Parquet/CSV (default: the packaged ISIC Archive taxonomy)")
+    q.add_argument("--tasks", help="evaluation tasks YAML (default: the packaged HAM10000 tasks, ISIC taxonomy)")
+    q.add_argument("--source", help="where the images come from, for the model card (default: the folder's name)")
+    q.add_argument("--modality", choices=["clinical", "dermoscopy"], help="for rows without a modality value")
+    q.add_argument("--label-source", choices=["biopsy", "clinical"], help="for rows without a label_source value")
+    q.add_argument("--id-column", help="labels column of image ids (default: image_id, isic_id, filename, ...)")
+    q.add_argument("--label-column", help="labels column of the hospital's labels (default: label, diagnosis, dx)")
+    q.add_argument("--group-column", help="labels column grouping images into folds (default: group_id, lesion_id, "
+                   "patient_id; none: one image per group)")
+    q.add_argument("--json", action="store_true")
     return parser
 
 
@@ -248,16 +271,29 @@ def cmd_synth(args) -> dict:
 def cmd_import(args) -> dict:
     from dermray import importers
 
-    if args.dataset == "ham10000":
+    if args.dataset == "folder":
+        result = importers.import_folder(
+            args.images, args.labels, args.mapping, taxonomy=args.taxonomy, tasks=args.tasks, source=args.source,
+            modality=args.modality, label_source=args.label_source, id_column=args.id_column,
+            label_column=args.label_column, group_column=args.group_column)
+    elif args.dataset == "ham10000":
         result = importers.import_ham10000(args.metadata, args.images)
     else:
         result = importers.import_isic(args.metadata, args.images, args.group)
     summary = importers.write_import(result, args.output)
+    out = args.console.out
     if args.json:
-        print(json.dumps(summary, indent=2), file=args.console.out)
-    else:
-        print(f"import {args.dataset}: {summary['rows_in']} rows = {summary['manifest_rows']} in the manifest + "
-              f"{summary['quarantined']} quarantined\n  outputs: {args.output}", file=args.console.out)
+        print(json.dumps(summary, indent=2), file=out)
+        return summary
+    line = (f"import {args.dataset}: {summary['rows_in']} rows = {summary['manifest_rows']} in the manifest + "
+            f"{summary['quarantined']} quarantined")
+    if args.dataset == "folder":
+        line += (f" (rows: {summary['images_found']} image files + {summary['labels_rows_unused']} labels rows "
+                 "that label no image file)")
+    print(line, file=out)
+    for reason, n in list(summary["quarantine_reasons"].items())[:10]:  # the commonest, so a mapping can be fixed
+        print(f"  quarantined {n}: {reason}", file=out)
+    print(f"  outputs: {args.output}", file=out)
     return summary
 
 
