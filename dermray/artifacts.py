@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from dermray import layout, storage
 from dermray.errors import UserError
+from dermray.report import fmt  # one fold has no spread: sd is NaN, or null once in JSON
 
 CARD_FILE = "model_card.json"
 CARD_MD = "model_card.md"
@@ -205,7 +206,7 @@ def render_markdown(card: ModelCard) -> str:
                      f"{td.get('classes')} classes, {td.get('folds')} cross-validation folds")
     lines += ["", "## Cross-validation (held-out folds)", ""]
     for r in d.get("cross_validation", []):
-        lines.append(f"- {r['metric']}: {r['mean']:.3f} +- {r['sd']:.3f} over {r['folds']} folds")
+        lines.append(f"- {r['metric']}: {fmt(r['mean'])} +- {fmt(r['sd'])} over {r['folds']} folds")
     if card.calibration:
         c = card.calibration
         lines += ["", f"**Calibration**: temperature {c.temperature:.3f} (NLL {c.nll_before:.3f} -> {c.nll_after:.3f}; "

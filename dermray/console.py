@@ -4,8 +4,8 @@ worker start-up warnings, C++ core-worker messages, checkpoint chatter) in a log
 ``session(...)`` (the CLI wraps every command in it):
 - points the process's stdout and stderr file descriptors at a local log file, so that whatever Ray and its C++
   core print lands there, and keeps the original terminal (or job log) for the console;
-- sends the ``dermray.*`` loggers' INFO lines (progress, "pipeline [2/5] train: running ...") to the console and
-  every logger's lines to the log file;
+- sends the ``dermray.*`` loggers' INFO lines (progress, "pipeline [2/5] train: running ...") to the console's
+  stderr (stdout carries the summary, or the --json document, alone) and every logger's lines to the log file;
 - at the end, copies the log file to ``<stage folder>/logs/<command>-<UTC time>.log`` (local or S3) and, on a
   failure, says where it is.
 ``-v`` turns all of this off: everything on the console, as Ray prints it. When stdout is not a real file (a test
@@ -71,7 +71,7 @@ def session(command: str, verbose: bool):
         out, err = sys.stdout, sys.stderr
     to_file = logging.StreamHandler(log_file)
     to_file.setFormatter(logging.Formatter(FORMAT))
-    to_console = logging.StreamHandler(out)
+    to_console = logging.StreamHandler(err)  # progress on stderr: stdout carries the summary (or --json) alone
     to_console.setFormatter(logging.Formatter("%(message)s"))
     to_console.addFilter(_DermrayLines())
     old = (root.level, list(root.handlers))

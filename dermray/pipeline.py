@@ -136,7 +136,7 @@ def format_summary(s: dict) -> str:
         lines.append(f"  {r['stage']:<10} {r['status']:<15} {r['in'] if r['in'] is not None else '-':>8} "
                      f"{r['out']:>8} {r['quarantined']:>12} {r['seconds']:>8}")
     for r in s["cross_validation"]:
-        lines.append(f"  cross-validation {r['metric']:<28} {r['mean']:.3f} +- {r['sd']:.3f}")
+        lines.append(f"  cross-validation {r['metric']:<28} {fmt(r['mean'])} +- {fmt(r['sd'])}")
     for h in s["headline"]:
         if h["metric"] in ("auc", "accuracy") and h["subset"] == "all":
             ci = f" [{fmt(h['ci_low'])}, {fmt(h['ci_high'])}]" if h.get("ci_low") is not None else ""

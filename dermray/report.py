@@ -139,6 +139,7 @@ def render_report(summary: dict, t, plots: dict[str, bytes], tasks: list[Task] |
                   model_card: str | None = None) -> tuple[str, str]:
     """(report.md, report.html): the answer first - one card per task with its headline numbers and figure - then
     the detailed tables, folded."""
+    # long: the page's template, read top to bottom (markdown and HTML side by side so that they cannot drift)
     cards = headline_cards(summary, t, tasks or [])
     rows = [r for r in t.metrics if r["metric"] in ("auc", "accuracy", "balanced_accuracy", "ece", "ece_uncalibrated",
                                                     "readers_below_model_curve",

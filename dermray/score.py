@@ -385,13 +385,35 @@ class Predictor:
             m = artifacts.load_member(ensemble, i, self.device)
             self.models.append(m.to(memory_format=torch.channels_last) if channels_last else m)
         self.channels_last, self.tta = channels_last, tta
+        self.autocast_dtype = None
         if amp == "auto":
-            amp = "bf16" if self.device.type == "cuda" else "off"
+            amp, self.precision_why = self._choose(ensemble)
+        else:
+            self.precision_why = f"{amp} (configured)"
+        self.amp = {"off": "fp32"}.get(amp, amp)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.mean = torch.tensor(ensemble.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(ensemble.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
         self.n_classes = ensemble.n_classes
         self.slow_batch_s = slow_batch_s  # tests: stretch a run so that a fault can land inside it
+
+    def _choose(self, ensemble: Ensemble) -> tuple[str, str]:
+        """``auto``: dermray/precision.py, measured on this actor's first model where the CPU has native bf16."""
+        from dermray import precision as P
+
+        images = np.random.default_rng(0).integers(0, 256, (8, ensemble.size, ensemble.size, 3), dtype=np.uint8)
+
+        def measure():
+            import torch
+
+            times = []
+            for dtype in (None, torch.bfloat16):
+                self.autocast_dtype = dtype
+                times.append(P.time_step(lambda: self.probabilities(images)))
+            self.autocast_dtype = None
+            return tuple(times)
+
+        return P.choose("auto", self.device, f"score:{ensemble.arch}:{ensemble.size}:tta={self.tta}", measure)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """float32 [B, n_classes] for uint8 NHWC images."""
@@ -425,6 +447,7 @@ class Predictor:
             time.sleep(self.slow_batch_s)
         out = {k: v for k, v in batch.items() if k != "image"}
         out["probs"] = probs
+        out["precision"] = np.array([self.amp] * len(ok), dtype=object)
         # When this batch's model work ran (wall clock): the steady rate excludes start-up and output bunching.
         out["t_model"] = np.tile(np.array([[t_start, time.time()]]), (len(ok), 1))
         return out
@@ -482,8 +505,11 @@ class PartWriter:
         self.scored = self.quarantined = self.files = 0
         self.t_model = [np.inf, -np.inf]  # first model batch start, last model batch end (epoch seconds)
         self.node_ids = [c["node_id"] for c in ens.classes]
+        self.precisions: set[str] = set()
 
     def add(self, batch: dict) -> None:
+        if "precision" in batch:
+            self.precisions.update(batch["precision"].tolist())
         if len(batch["t_model"]):
             self.t_model = [min(self.t_model[0], float(batch["t_model"][:, 0].min())),
                             max(self.t_model[1], float(batch["t_model"][:, 1].max()))]
@@ -667,7 +693,8 @@ def _decode_memory(sc: ScoreConfig, size: int) -> int:
     """Bytes a decode task holds (a worker process, its decoded batch a few times over). Declaring it also
     keeps decoding in its own tasks: Ray Data fuses a task step into the next actor step when their resource
     requests match, and the model actor would then decode and infer one after the other."""
-    return int(sc.batch_size * size * size * 3 * 4 + 128 * 2**20)
+    # A decode worker process (Python, numpy, pyarrow, PIL, Ray) held ~410 MB at batch 8 in the tests.
+    return int(sc.batch_size * size * size * 3 * 4 + 384 * 2**20)
 
 
 def _threads(sc: ScoreConfig) -> int:
@@ -811,7 +838,7 @@ def summarise(cfg, ens, work: WorkPlan, writer: PartWriter, now, partition, rdir
         if work.refs and writer.t_model[1] > writer.t_model[0] else None,
         "startup_s": round(writer.t_model[0] - t_wall, 2) if work.refs and np.isfinite(writer.t_model[0]) else None,
         "seconds": round(time.perf_counter() - t_start, 2), "partition": storage.redact(partition) if partition else None,
-        "decisions": writer.decided.as_dict(),
+        "decisions": writer.decided.as_dict(), "precision": sorted(writer.precisions),
         "checkpoints": [storage.redact(storage.parent(storage.parent(w))) for w in ens.weights],
         "operating_points": [pt.model_dump() for pt in ens.first.operating_points],
         "lineage": now.to_dict(),

@@ -152,10 +152,26 @@ _TRANSIENT_CODES = {"RequestTimeout", "RequestTimeTooSkewed", "SlowDown", "Throt
                     "TooManyRequests", "InternalError", "ServiceUnavailable", "RequestLimitExceeded"}
 
 
+def _botocore_permanent() -> tuple:
+    """botocore's errors of configuration, not of the moment: no credentials, no region, bad parameters."""
+    try:
+        from botocore import exceptions as bx
+    except ImportError:
+        return ()
+    names = ("NoCredentialsError", "PartialCredentialsError", "NoRegionError", "ParamValidationError",
+             "UnknownServiceError", "InvalidRegionError")
+    return tuple(getattr(bx, n) for n in names if hasattr(bx, n))
+
+
+_CONFIGURATION_ERRORS = _botocore_permanent()
+
+
 def is_transient(e: BaseException) -> bool:
     """Whether an I/O error may pass when retried: connections and timeouts, HTTP 5xx, 408 and 429, S3's
-    throttling codes. Missing objects, permissions and other 4xx answers are permanent."""
-    if isinstance(e, _PERMANENT):
+    throttling codes. Missing objects, permissions, other 4xx answers and botocore's configuration errors (no
+    credentials, no region) are permanent."""
+    if isinstance(e, _PERMANENT) or any(isinstance(x, _CONFIGURATION_ERRORS) for x in (e, e.__cause__,
+                                                                                         e.__context__) if x):
         return False
     for err in (e, e.__cause__, e.__context__):
         response = getattr(err, "response", None)
@@ -177,8 +193,9 @@ def _io_error(uri: str, verb: str, e: Exception, attempts: int = 1) -> UserError
         return UserError(f"cannot {verb} {redact(uri)}: permission denied")
     # botocore messages may quote request details but never secrets; keep the first line.
     first = str(e).splitlines()[0] if str(e) else type(e).__name__
-    if attempts > 1 and is_transient(e):
-        return TransientReadError(f"cannot {verb} {redact(uri)} after {attempts} attempts: {first}")
+    if verb != "write" and is_transient(e):
+        tries = f"{attempts} attempts" if attempts > 1 else "1 attempt (retries off)"
+        return TransientReadError(f"cannot {verb} {redact(uri)} after {tries}: {first}")
     return UserError(f"cannot {verb} {redact(uri)}: {first}")
 
 

@@ -37,6 +37,7 @@ from dermray import artifacts, faults, layout, lineage, progress, schemas, stora
 from dermray.config import RunConfig, TrainConfig
 from dermray.errors import UserError
 from dermray.raysession import blocks_of
+from dermray.report import fmt
 from dermray.trainloop import FoldJob, train_loop_per_worker, worker_threads
 
 log = logging.getLogger("dermray.train")
@@ -165,34 +166,40 @@ def fold_lineage(fold, p: TrainPlan, tcfg: TrainConfig, transforms=None) -> line
     return lineage.Lineage.of(STAGE, inputs, recipe)
 
 
-def check_fold_lineage(fold, fold_dir: str, now: lineage.Lineage, force: bool) -> None:
-    """Refuse to resume a fold whose checkpoints were made from other inputs (or, with ``force``, delete them)."""
-    uri = storage.join(fold_dir, LINEAGE_FILE)
-    before = lineage.read(uri)
+def check_fold_lineage(fold, fold_dir: str, now: lineage.Lineage, force: bool) -> bool:
+    """Refuse to resume a fold whose checkpoints were made from other inputs, before anything is written; returns
+    whether its folder must be cleared first (``force``, or files without a lineage record)."""
+    before = lineage.read(storage.join(fold_dir, LINEAGE_FILE))
     if before is not None and before.id != now.id:
-        if force:
-            log.info("train: fold %s: %s: training it afresh (--force)", fold, "; ".join(now.changes_from(before)))
-            storage.delete(fold_dir)
-        else:
+        if not force:
             raise UserError(f"fold {fold}: {'; '.join(now.changes_from(before))}; use a new run id, or --force to "
                             "retrain from scratch")
-    elif before is None and storage.exists(fold_dir) and any(storage.list_files(fold_dir)):
+        log.info("train: fold %s: %s: training it afresh (--force)", fold, "; ".join(now.changes_from(before)))
+        return True
+    if before is None and storage.exists(fold_dir) and any(storage.list_files(fold_dir)):
         if not force:
             raise UserError(f"fold {fold}: {storage.redact(fold_dir)} holds files with no lineage record (made by "
                             "an older dermray or by hand); use a new run id, or --force to retrain from scratch")
+        return True
+    return False
+
+
+def record_fold_lineage(fold_dir: str, now: lineage.Lineage, clear: bool) -> None:
+    """Clear a fold's folder when ``check_fold_lineage`` said so, then record the lineage it is trained from."""
+    if clear:
         storage.delete(fold_dir)
-    storage.write_text(uri, json.dumps(now.to_dict(), indent=2))
+    storage.write_text(storage.join(fold_dir, LINEAGE_FILE), json.dumps(now.to_dict(), indent=2))
 
 
 # ---- Ray Data transforms ------------------------------------------------------------------------------------------
-def find_undecodable(batch: dict, max_pixels: int) -> dict:
+def find_undecodable(batch: dict, max_pixels: int, retry: storage.Retry = storage.DEFAULT_RETRY) -> dict:
     """Ray Data batch fn: the rows whose image cannot be read or decoded, with the reason."""
     from dermray.transforms import ImageDecodeError, decode_image
 
     bad_ids, bad_uris, reasons = [], [], []
     for image_id, uri in zip(batch["image_id"], batch["uri"]):
         try:
-            decode_image(storage.read_bytes(uri), max_pixels)
+            decode_image(storage.read_bytes(uri, retry), max_pixels)
         except (ImageDecodeError, UserError) as e:
             bad_ids.append(image_id)
             bad_uris.append(uri)
@@ -201,7 +208,8 @@ def find_undecodable(batch: dict, max_pixels: int) -> dict:
             "reason": np.array(reasons, dtype=object)}
 
 
-def decode_transform(batch: dict, size: int, train: bool, max_pixels: int, pre=None, photometric=None) -> dict:
+def decode_transform(batch: dict, size: int, train: bool, max_pixels: int, pre=None, photometric=None,
+                     retry: storage.Retry = storage.DEFAULT_RETRY) -> dict:
     """Ray Data batch fn: read, decode and transform images -> uint8 [B, S, S, 3] (normalised on the worker:
     a quarter of the bytes of float32 through the object store). Augmentation draws fresh randomness every call,
     so every epoch sees new rotations and flips."""
@@ -211,7 +219,7 @@ def decode_transform(batch: dict, size: int, train: bool, max_pixels: int, pre=N
     pre = pre or NO_PREPROCESS
     images = []
     for uri in batch["uri"]:
-        img = decode_image(storage.read_bytes(uri), max_pixels)
+        img = decode_image(storage.read_bytes(uri, retry), max_pixels)
         img = train_transform(img, size, rng, pre, photometric) if train else eval_transform(img, size, pre)
         images.append(np.asarray(img, dtype=np.uint8))
     out = {"image": np.stack(images), "label": batch["class_index"].astype(np.int64), "image_id": batch["image_id"]}
@@ -220,13 +228,14 @@ def decode_transform(batch: dict, size: int, train: bool, max_pixels: int, pre=N
     return out
 
 
-def quarantine_unreadable(table: pa.Table, tcfg: TrainConfig, run_dir: str) -> tuple[pa.Table, int]:
+def quarantine_unreadable(table: pa.Table, cfg: RunConfig, run_dir: str) -> tuple[pa.Table, int]:
     """Decode every image once in Ray Data tasks; those that fail go to ``quarantine.parquet`` and out of the
     table. Returns (the table of usable rows, the number quarantined)."""
     import ray.data
 
     bad = ray.data.from_arrow(blocks_of(table.select(["image_id", "uri"]), 512)).map_batches(
-        find_undecodable, fn_kwargs={"max_pixels": tcfg.max_pixels}, batch_size=256).take_all()
+        find_undecodable, fn_kwargs={"max_pixels": cfg.train.max_pixels, "retry": cfg.storage.retry()},
+        batch_size=256).take_all()
     storage.write_table(pa.Table.from_pylist([{"stage": STAGE, "image_id": b["image_id"], "row": None,
                                                "uri": b["uri"], "reason": b["reason"]} for b in bad],
                                              schema=schemas.QUARANTINE.arrow()),
@@ -276,7 +285,7 @@ def image_pipeline(rows: pa.Table, train: bool, cfg: RunConfig, size: int):
 
     tcfg = cfg.train
     kwargs = {"size": size, "max_pixels": tcfg.max_pixels, "train": train, "pre": cfg.transforms.preprocess(),
-              "photometric": cfg.transforms.augmentation() if train else None}
+              "photometric": cfg.transforms.augmentation() if train else None, "retry": cfg.storage.retry()}
     return ray.data.from_arrow(blocks_of(rows, 4 * tcfg.batch_size)).map_batches(
         decode_transform, fn_kwargs=kwargs, batch_size=tcfg.batch_size, num_cpus=tcfg.data_cpus)
 
@@ -312,14 +321,32 @@ def datasets_for(fold, rows: dict[str, pa.Table], cfg: RunConfig, size: int) -> 
     return out
 
 
-def measure_held_out(job: FoldJob, weights: bytes, val) -> tuple[dict, dict]:
+def held_out_batches(rows: pa.Table, job: FoldJob, pre, retry: storage.Retry):
+    """The held-out rows decoded here, batch by batch, as torch tensors (no Ray Data: a task that holds CPUs while
+    waiting for decode tasks deadlocks a full cluster)."""
+    import torch
+
+    for start in range(0, rows.num_rows, job.train.batch_size):
+        part = rows.slice(start, job.train.batch_size).to_pydict()
+        batch = {k: np.array(v, dtype=object if k in ("image_id", "uri") else None) for k, v in part.items()
+                 if k in ("image_id", "uri", "class_index", "task_truth")}
+        out = decode_transform(batch, job.image_size, False, job.train.max_pixels, pre, None, retry)
+        item = {"image": torch.from_numpy(out["image"]), "label": torch.from_numpy(out["label"]),
+                "image_id": list(out["image_id"])}
+        if "task_truth" in out:
+            item["task_truth"] = torch.from_numpy(out["task_truth"])
+        yield item
+
+
+def measure_held_out(job: FoldJob, weights: bytes, rows: pa.Table, pre, retry: storage.Retry
+                     ) -> tuple[dict, dict]:
     """Ray task: the chosen model on the held-out fold, once - (loss, top-1, task accuracies; probabilities)."""
     import io
 
     import torch
 
     from dermray.models import build_model, state_dict_from_bytes
-    from dermray.trainloop import torch_batches, validate
+    from dermray.trainloop import validate
 
     torch.set_num_threads(worker_threads(job.train.torch_threads, job.train.cpus_per_worker))
     device = torch.device("cuda" if job.train.use_gpu and torch.cuda.is_available() else "cpu")
@@ -327,7 +354,7 @@ def measure_held_out(job: FoldJob, weights: bytes, val) -> tuple[dict, dict]:
     model = model.to(device)
     if job.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    metrics, preds = validate(model, torch_batches(val, job.train.batch_size), job, device)
+    metrics, preds = validate(model, held_out_batches(rows, job, pre, retry), job, device)
     return {f"val_{k}": v for k, v in metrics.items()}, preds
 
 
@@ -344,9 +371,9 @@ def fold_job(fold, p: TrainPlan, cfg: RunConfig, has_select: bool, lineage_id: s
                    faults=hooks.for_fold(fold), progress=relay)
 
 
-def fit_fold(job: FoldJob, datasets: dict, val, run_dir: str):
-    """Train one fold with a TorchTrainer, then measure the chosen checkpoint on the held-out fold ``val`` (a Ray
-    Dataset, or None); returns (job, Ray Train result, the chosen checkpoint's weights, held-out measurement,
+def fit_fold(job: FoldJob, datasets: dict, val, run_dir: str, cfg: RunConfig):
+    """Train one fold with a TorchTrainer, then measure the chosen checkpoint on the held-out fold ``val`` (its
+    rows, or None); returns (job, Ray Train result, the chosen checkpoint's weights, held-out measurement,
     seconds)."""
     import ray
 
@@ -386,8 +413,11 @@ def fit_fold(job: FoldJob, datasets: dict, val, run_dir: str):
             weights = f.read()
     measured = None
     if val is not None:
+        # The held-out fold is measured in the precision the fold trained in (the worker resolved "auto").
+        trained_in = {"fp32": "off"}.get(history[-1].get("precision"), history[-1].get("precision") or tcfg.amp)
+        as_trained = dataclasses.replace(job, train=tcfg.model_copy(update={"amp": trained_in}), progress=None)
         task = ray.remote(num_cpus=tcfg.cpus_per_worker, num_gpus=1 if tcfg.use_gpu else None)(measure_held_out)
-        measured = ray.get(task.remote(job, weights, val))
+        measured = ray.get(task.remote(as_trained, weights, val, cfg.transforms.preprocess(), cfg.storage.retry()))
     return job, (history, chosen), weights, measured, time.time() - t0
 
 
@@ -402,7 +432,7 @@ def metrics_rows(history: list[dict]) -> list[dict]:
     rows = []
     for h in history:
         for key, value in h.items():
-            if key in ("epoch", "t_start", "t_end"):
+            if key in ("epoch", "t_start", "t_end") or not isinstance(value, (int, float)):
                 continue
             split, _, metric = key.partition("_") if key.startswith(("train_", "select_")) else ("", "", key)
             rows.append({"epoch": h["epoch"], "split": split or "train", "metric": metric or key,
@@ -501,13 +531,8 @@ def model_card(job: FoldJob, p: TrainPlan, fold_lin: lineage.Lineage, history: l
     description = data_description(p, table)
     redacted = tcfg.weights if tcfg.weights in ("imagenet", "none") else storage.redact(tcfg.weights)
     config = tcfg.model_dump(mode="json") | {"weights": redacted}
-    from types import SimpleNamespace
-
-    from dermray.trainloop import precision
-
-    trained_in = precision(tcfg.amp, SimpleNamespace(type="cuda" if tcfg.use_gpu else "cpu"))
     return artifacts.ModelCard(
-        precision={"off": "fp32"}.get(trained_in, trained_in),
+        precision=history[-1].get("precision"),
         preprocess=cfg_transforms.preprocess().as_dict(), augmentation=dataclasses.asdict(cfg_transforms.augmentation()),
         model_id=job.model_id, architecture=tcfg.arch, input_size=job.image_size,
         normalisation={"mean": list(job.mean), "std": list(job.std)},
@@ -618,8 +643,8 @@ def train_folds(p: TrainPlan, table: pa.Table, cfg: RunConfig, lineages: dict) -
                          f"{rows['train'].num_rows:,}", f"{rows['select'].num_rows:,}" if "select" in rows else "no",
                          f"{rows['val'].num_rows:,}" if "val" in rows else "none")
             job = fold_job(fold, p, cfg, "select" in rows, lineages[str(fold)].id, hooks, lines.queue)
-            val = image_pipeline(rows["val"], False, cfg, size) if "val" in rows else None
-            futures.append(pool.submit(fit_fold, job, datasets_for(fold, rows, cfg, size), val, p.run_dir))
+            futures.append(pool.submit(fit_fold, job, datasets_for(fold, rows, cfg, size), rows.get("val"), p.run_dir,
+                                       cfg))
         return [f.result() for f in futures]
 
 
@@ -630,12 +655,14 @@ def run(cfg: RunConfig) -> dict:
     t_start = time.perf_counter()
     p = plan(cfg)
     lineages = {str(fold): fold_lineage(fold, p, cfg.train, cfg.transforms) for fold in p.folds}
-    for fold in p.folds:
-        check_fold_lineage(fold, layout.fold_dir(cfg.output, cfg.run_id, fold), lineages[str(fold)], cfg.train.force)
+    clear = {str(fold): check_fold_lineage(fold, layout.fold_dir(cfg.output, cfg.run_id, fold), lineages[str(fold)],
+                                           cfg.train.force) for fold in p.folds}
     with ray_session(cfg.ray.address, cfg.ray.num_cpus):
         first_local = next((u for u in p.table.column("uri").to_pylist() if not storage.is_s3(u)), None)
         check_shared_storage(cfg.storage, {"output": cfg.output, "image URI (in the manifest)": first_local})
-        table, n_bad = quarantine_unreadable(p.table, cfg.train, p.run_dir)
+        for fold in p.folds:  # written only once the run is known to be possible
+            record_fold_lineage(layout.fold_dir(cfg.output, cfg.run_id, fold), lineages[str(fold)], clear[str(fold)])
+        table, n_bad = quarantine_unreadable(p.table, cfg, p.run_dir)
         results = train_folds(p, table, cfg, lineages)
     fold_rows = [finish_fold(job, fit, weights, measured, seconds, cfg, p, table, lineages[job.fold])
                  for job, fit, weights, measured, seconds in results]
@@ -696,7 +723,7 @@ def format_summary(s: dict) -> str:
         lines.append(f"  fold {r['fold']}: {r['epochs']} epochs, best epoch {r['best_epoch']}, "
                      + ", ".join(f"{k}={v:.3f}" for k, v in r.items() if k.startswith("val_")))
     for r in s["summary"]:
-        lines.append(f"  {r['metric']:<32} {r['mean']:.3f} +- {r['sd']:.3f} over {r['folds']} folds")
+        lines.append(f"  {r['metric']:<32} {fmt(r['mean'])} +- {fmt(r['sd'])} over {r['folds']} folds")
     if s.get("calibration"):
         lines.append(f"  calibration: temperature {s['calibration']['temperature']:.2f} (NLL "
                      f"{s['calibration']['nll_before']:.3f} -> {s['calibration']['nll_after']:.3f}, out of fold)")

@@ -12,6 +12,7 @@ chosen model on it afterwards.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -83,10 +84,44 @@ def make_scheduler(optimizer, tc: TrainConfig):
 
 
 def precision(amp: str, device) -> str:
-    """bf16 | fp16 | off: ``auto`` is bf16 on a GPU and off on CPU (bf16 is ~8x slower than fp32 on AVX2)."""
+    """bf16 | fp16 | off, without measuring: ``auto`` is bf16 on a GPU and off on a CPU (the worker resolves
+    ``auto`` by measurement first, ``resolve_precision``, so that this rule only applies where nothing was
+    measured)."""
     if amp == "auto":
         return "bf16" if device.type == "cuda" else "off"
     return amp
+
+
+def resolve_precision(job: FoldJob, model, device) -> tuple[FoldJob, str]:
+    """The job with ``train.amp`` resolved (``auto`` -> bf16 or off: dermray/precision.py, measured on a copy of
+    this model's training step where the CPU has native bf16), and why."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from dermray import precision as P
+    from dermray.models import logits_of, train_mode
+
+    def measure():
+        probe = copy.deepcopy(model)
+        train_mode(probe)
+        x = torch.randn(4, 3, job.image_size, job.image_size, device=device)
+        if job.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.zeros(4, dtype=torch.long, device=device)
+
+        def step(dtype):
+            def run():
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    loss = F.cross_entropy(logits_of(probe(x)), y)
+                loss.backward()
+                probe.zero_grad(set_to_none=True)
+            return run
+        return P.time_step(step(None)), P.time_step(step(torch.bfloat16))
+
+    amp, why = P.choose(job.train.amp, device, f"train:{job.train.arch}:{job.image_size}", measure)
+    return dataclasses.replace(job, train=job.train.model_copy(update={"amp": amp})), why
 
 
 def autocast(amp: str, device):
@@ -380,7 +415,7 @@ def epoch_line(job: FoldJob, metrics: dict, spent_s: float, budget_s: float | No
     return ", ".join(parts)
 
 
-def run_epochs(job: FoldJob, model, optimizer, scheduler, device, progress: Progress) -> None:
+def run_epochs(job: FoldJob, model, optimizer, scheduler, device, progress: Progress, precision_why: str = "") -> None:
     """Train from ``progress.start_epoch`` to ``train.epochs`` (or until the time budget, counted across
     resumptions, is spent), measuring the selection split and checkpointing every epoch."""
     import ray.train
@@ -406,7 +441,8 @@ def run_epochs(job: FoldJob, model, optimizer, scheduler, device, progress: Prog
             spent += tr["seconds"]
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
-            metrics = {"epoch": epoch, "lr": lr, "t_start": t0, **{f"train_{k}": v for k, v in tr.items()}}
+            metrics = {"epoch": epoch, "lr": lr, "t_start": t0, "precision": {"off": "fp32"}.get(tc.amp, tc.amp),
+                       **{f"train_{k}": v for k, v in tr.items()}}
             if select_shard is not None:
                 sel, _ = validate(model, torch_batches(select_shard, tc.batch_size), job, device)
                 metrics.update({f"select_{k}": v for k, v in sel.items()})
@@ -415,7 +451,9 @@ def run_epochs(job: FoldJob, model, optimizer, scheduler, device, progress: Prog
             metrics["t_end"] = time.time()
             progress.history.append(metrics)
             save_checkpoint(job, model, optimizer, scheduler, epoch, progress)
-            relay(job.progress, epoch_line(job, metrics, spent, budget))
+            line = epoch_line(job, metrics, spent, budget)
+            relay(job.progress, line + (f" [{precision_why}]" if precision_why and epoch == progress.start_epoch
+                                        else ""))
             if tr["stopped_by_budget"]:
                 break
 
@@ -438,7 +476,8 @@ def train_loop_per_worker(config: dict) -> None:
     model = build_model(tc.arch, job.n_classes, tc.weights, tc.freeze).to(device)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    job, why = resolve_precision(job, model, device)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], tc)
     scheduler = make_scheduler(optimizer, tc)
     progress = restore(ray.train.get_checkpoint(), job, model, optimizer, scheduler)
-    run_epochs(job, model, optimizer, scheduler, device, progress)
+    run_epochs(job, model, optimizer, scheduler, device, progress, why)

@@ -43,7 +43,6 @@ HEAD_SYSTEM_CONFIG = {
     "health_check_initial_delay_ms": 0, "health_check_period_ms": 1000, "health_check_failure_threshold": 3,
 }
 OBJECT_STORE = 200 * 2**20
-log = logging.getLogger("multinode")
 
 
 def now() -> float:

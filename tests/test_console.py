@@ -39,8 +39,10 @@ def test_a_demo_pipeline_prints_a_few_meaningful_lines_and_logs_the_rest(tmp_pat
     assert any(ln.startswith("score: ") and "images/s" in ln for ln in lines)
     report = next(ln for ln in lines if ln.strip().startswith("report: ")).split("report: ")[1]
     assert pathlib.Path(report).exists()
-    log = pathlib.Path(lines[-1].split("log: ")[1])
-    assert lines[-1].strip().startswith("log: ") and log.exists()
+    last = run.stdout.strip().splitlines()[-1]  # stdout: the summary alone, ending with the log's place
+    log = pathlib.Path(last.split("log: ")[1])
+    assert last.strip().startswith("log: ") and log.exists()
+    assert all(not ln.startswith(("pipeline [", "train: fold", "score: ")) for ln in run.stdout.splitlines())
     text = log.read_text()
     assert "Starting execution of Dataset" in text and "pipeline [2/5] train" in text  # everything is in the log
 

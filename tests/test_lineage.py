@@ -107,7 +107,9 @@ def test_retraining_after_a_repartition_is_refused_and_force_trains_without_leak
     seen = set((tmp_path / "consumed-0").read_text().split())
     validation = set(second.loc[second["fold"] == 0, "image_id"])
     assert seen and not (seen & validation), "fold 0 trained on images of its own validation fold"
-    assert seen == set(second.loc[second["fold"] != 0, "image_id"])
+    # It trained on the other folds' images (less the inner split that chose its epoch).
+    others = set(second.loc[second["fold"] != 0, "image_id"])
+    assert seen <= others and len(seen) >= 0.7 * len(others)
     card = artifacts.read_card(str(d / "out" / "train" / "L" / "fold=0" / "model_card.json"))
     assert card.lineage["id"] == s["per_fold"][0]["lineage_id"]
     # Another learning rate is another recipe: refused as well, naming the setting.
@@ -182,8 +184,9 @@ def test_nightly_across_a_retrain_is_refused_with_one_line_naming_both_models(sc
     new = artifacts.load_ensemble([str(out / "train" / "r1" / "fold=0")]).model_id
     capsys.readouterr()
     assert main([*args, "--date", "2026-11-25"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and old in err and new in err and "never mixes two models" in err
+    err = capsys.readouterr().err.strip().splitlines()  # progress goes to stderr too: the refusal is its last line
+    assert err[-1].startswith("dermray nightly: error:") and old in err[-1] and new in err[-1] and "never mixes two models" in err[-1]
+    assert not any("Traceback" in line for line in err)
     history = pd.read_parquet(out / "metrics" / "nightly" / "history")
     assert set(history["date"].astype(str)) == {"2026-11-24"}  # the refused night wrote no history
     preds = pd.read_parquet(out / "predictions" / "nightly" / "predictions")

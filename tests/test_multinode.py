@@ -131,11 +131,6 @@ def test_two_folds_train_on_two_nodes_and_the_killed_node_s_fold_resumes_from_it
     assert any("/checkpoint_" in k for k in keys) and any(k.endswith("model_card.json") for k in keys)
 
 
-@pytest.mark.xfail(strict=True, reason="dermray/train.py fit_fold: the held-out measurement (measure_held_out, a "
-                   "Ray task holding train.cpus_per_worker CPUs) consumes a Ray Data pipeline whose decode tasks "
-                   "need train.data_cpus more: when fold 1 finishes on the node that fold 0 resumes on, the "
-                   "resumed worker and the measurement hold both CPUs and every decode task waits - a silent hang "
-                   "until capacity is added")
 def test_a_node_loss_does_not_deadlock_the_surviving_node(multinode):
     s = scenario(multinode, "train")
     assert s["stall"] is None, s["stall"]
@@ -174,9 +169,6 @@ def test_local_paths_are_refused_on_the_cluster_before_any_work_unless_declared_
     assert {"partition/g/labels.parquet", "partition/g/training_classes.parquet"} <= set(shared["files"])
 
 
-@pytest.mark.xfail(strict=True, reason="dermray/train.py run: check_fold_lineage writes each fold's lineage.json "
-                   "into the output before ray_session/check_shared_storage refuses the path, so a refused run "
-                   "leaves <output>/train/<run>/fold=<k>/lineage.json behind (on the driver's local disk)")
 def test_a_refused_train_run_writes_nothing(multinode):
     s = scenario(multinode, "guard")
     assert s["train_local_output"]["files_left"] == [] and s["train_local_images"]["files_left"] == [], s

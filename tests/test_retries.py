@@ -20,8 +20,13 @@ import boto3
 import pandas as pd
 import psutil
 import pytest
-from botocore.exceptions import (ClientError, EndpointConnectionError, NoCredentialsError, NoRegionError,
-                                 ParamValidationError)
+from botocore.exceptions import (
+    ClientError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    NoRegionError,
+    ParamValidationError,
+)
 from conftest import free_port
 
 from dermray import faults, storage
@@ -132,18 +137,12 @@ def test_permanent_errors_fail_at_once_and_are_not_marked_transient(no_sleep, er
     assert fn.calls == 1 and no_sleep == []
 
 
-@pytest.mark.xfail(strict=True, reason="storage._io_error marks an error transient only when attempts > 1: with "
-                   "storage.retries=0 a refused connection becomes a plain UserError, so score quarantines it "
-                   "without the 'transient: ' mark and a re-run never tries that image again")
 def test_a_transient_error_stays_transient_when_retries_are_off(no_sleep):
     fn = Flaky(ConnectionRefusedError(errno.ECONNREFUSED, "refused"))
     with pytest.raises(storage.TransientReadError):
         storage._wrap_io("s3://b/k", "read", fn, storage.Retry(retries=0))
 
 
-@pytest.mark.xfail(strict=True, reason="storage.is_transient returns True for every error it does not recognise, "
-                   "so botocore's configuration errors (no credentials, no region, a bad parameter) are retried "
-                   "for ~6-10 s per object and quarantined as 'transient: ' - re-runs retry them forever")
 @pytest.mark.parametrize("make", [
     lambda: NoCredentialsError(), lambda: NoRegionError(), lambda: ParamValidationError(report="bad key"),
 ], ids=["no-credentials", "no-region", "param-validation"])
@@ -375,9 +374,6 @@ def test_without_retries_the_same_outage_quarantines_the_images_it_hit(no_retry_
     assert hit["reason"].str.contains("cannot read s3://flaky-images/").all(), hit["reason"].tolist()
 
 
-@pytest.mark.xfail(strict=True, reason="storage._io_error marks a read error transient only when attempts > 1: "
-                   "with storage.retries=0 a refused connection is quarantined as permanent (no 'transient: ' "
-                   "mark), and score.done_ids then counts those images as done, so a re-run never retries them")
 def test_without_retries_images_hit_by_the_outage_are_marked_transient_for_a_rerun(no_retry_run):
     _, q = no_retry_run
     hit = q[q.image_id != "ISIC_missing"]

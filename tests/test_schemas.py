@@ -30,3 +30,28 @@ def test_every_table_has_an_arrow_schema():
     for table in schemas.ALL.values():
         assert table.arrow().names == table.required_names
         assert table.arrow().empty_table().num_rows == 0
+
+
+def test_one_fold_cross_validation_renders_without_a_spread(tmp_path):
+    """With one fold there is no spread: the card stores null (JSON has no NaN) and people read a dash, not a crash."""
+    import json
+
+    from dermray import artifacts, pipeline
+    from tests.helpers import write_fold
+
+    classes = pa.table({"class_index": pa.array([0, 1], pa.int32()), "node_id": ["benign", "malignant"],
+                        "name": ["benign", "malignant"], "scope": ["subtree", "subtree"]})
+    write_fold(tmp_path / "fold=0", classes, seed=0)
+    card = artifacts.read_card(str(tmp_path / "fold=0" / "model_card.json"))
+    cv = [{"metric": "auc", "mean": 0.81, "sd": float("nan"), "folds": 1}]
+    card = card.model_copy(update={"description": card.description | {"cross_validation": cv}})
+    artifacts.write_card(artifacts.ModelCard.model_validate(card.model_dump()), str(tmp_path / "fold=0"))
+    stored = json.loads((tmp_path / "fold=0" / "model_card.json").read_text())
+    assert stored["description"]["cross_validation"][0]["sd"] is None
+    assert "- auc: 0.810 +- — over 1 folds" in (tmp_path / "fold=0" / "model_card.md").read_text()
+    # evaluate re-writes the card from its JSON (sd is null there now)
+    artifacts.write_card(artifacts.read_card(str(tmp_path / "fold=0" / "model_card.json")), str(tmp_path / "fold=0"))
+    assert "- auc: 0.810 +- — over 1 folds" in (tmp_path / "fold=0" / "model_card.md").read_text()
+    summary = {"run_id": "r", "seconds": 1, "stages": [], "headline": [], "report": None, "saliency_gallery": None,
+               "cross_validation": stored["description"]["cross_validation"]}
+    assert "0.810 +- —" in pipeline.format_summary(summary)
