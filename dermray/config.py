@@ -86,7 +86,7 @@ class TrainConfig(Section):
     # on CPU a training step ran 1.5-1.8x (mobilenet_v3_small) and 1.1-1.4x (inception_v3) faster channels_last
     # (benchmarks/train_throughput.py, two runs); tensor-core GPUs want it too
     channels_last: bool = True
-    amp: AMP = "auto"  # auto: bf16 on GPU, off on CPU
+    amp: AMP = "auto"  # auto: bf16 on GPU; on CPU bf16 only where native and measured faster (dermray/precision.py)
     max_minutes: Optional[float] = Field(None, gt=0)  # training-time budget per fold (stops mid-epoch if need be)
     max_failures: int = Field(2, ge=0)  # worker deaths survived per fold (resumed from the last checkpoint)
     keep_checkpoints: int = Field(2, ge=1)  # best N by checkpoint_metric, plus the latest

@@ -34,7 +34,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dermray import storage
 
-BLOCK_ROWS = 1 << 16
+# Small enough that the rows of the two blocks a chunk boundary may cut (which travel to the driver with every
+# fingerprinted column) stay a few thousand whatever the row groups; 1 << 16 sent about half of every DuckDB-written
+# (122,880-row) chunk. Hashing 1M rows of 7 columns: 0.081 s at 1 << 16, 0.097 s at 1 << 12, 0.154 s at 1 << 10.
+BLOCK_ROWS = 1 << 12
 SHORT = 16  # hex digits kept of a sha256 in records and messages
 
 
@@ -138,7 +141,7 @@ class TableHasher:
         missing = [b for b in range(n_blocks) if b not in blocks]
         if missing:
             raise RuntimeError(f"fingerprint: blocks {missing[:5]} were never hashed (a chunk is missing)")
-        h = hashlib.sha256(json.dumps({"columns": columns, "rows": rows}).encode())
+        h = hashlib.sha256(json.dumps({"columns": columns, "rows": rows, "block_rows": BLOCK_ROWS}).encode())
         for b in range(n_blocks):
             h.update(blocks[b])
         return h.hexdigest(), rows

@@ -41,6 +41,20 @@ def test_a_table_fingerprint_ignores_how_the_table_is_cut(rows, cuts):
         lineage.BLOCK_ROWS = old
 
 
+@pytest.mark.parametrize("row_group", [122_880, 250_000, 100_003])
+def test_what_a_chunk_sends_to_the_driver_does_not_grow_with_its_row_groups(row_group):
+    """A chunk's partial carries whole-block digests plus the rows of the (at most two) blocks its boundaries cut.
+    Those rows travel to the driver with every fingerprinted column, so they must stay a few thousand whatever the
+    writer's row groups (DuckDB writes 122,880; with 65,536-row blocks about half of each chunk travelled)."""
+    table = pa.table({"image_id": pa.array([f"ISIC_{i:08d}" for i in range(3 * row_group)])})
+    sent = 0
+    for k in range(3):
+        h = lineage.TableHasher(["image_id"])
+        h.add(table.slice(k * row_group, row_group), k * row_group)
+        sent += sum(t.num_rows for parts in h.partial()[3].values() for _, t in parts)
+    assert sent <= 3 * 2 * 4096, f"{sent} of {table.num_rows} rows would travel to the driver"
+
+
 def test_a_fingerprint_changes_with_any_value_and_not_with_row_groups(tmp_path):
     t = pa.table({"image_id": [f"i{k}" for k in range(1000)], "label": ["a", "b"] * 500})
     pq.write_table(t, tmp_path / "one.parquet", row_group_size=1000)
