@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: test demo demo-cluster install bench-partition clean
+.PHONY: test demo demo-cluster install bench bench-report bench-partition clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,25 @@ demo: $(STAMP)
 DEMO_ARGS ?=
 demo-cluster: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash cluster/demo-cluster.sh $(DEMO_ARGS)
+
+# Every benchmark in sequence, each writing benchmarks/results/<name>/results.json (with the machine it ran on);
+# on a quiet machine: other work on the cores skews every figure. Rough times on 2 cores: partition ~10 min,
+# evaluate ~2 min, score_throughput ~4 min, score_scale ~25 min (planning at 1M and 10M rows ~5 min, 1M images
+# scored ~10-20 min), train_throughput ~12 min, reliability ~5 min, near_duplicates ~3 min, transfer ~35 min,
+# ham10000 ~1 hour, gpu ~3 min on a CUDA machine (elsewhere it exits at once): about 2.5-3 hours in all.
+# BENCHES="partition evaluate" runs a few; DERMRAY_BENCH_SMOKE=1 runs each 100-1000x smaller (results to $TMPDIR,
+# never to benchmarks/results/). Then `make bench-report` puts the figures in the README.
+BENCHES ?= partition evaluate score_throughput score_scale train_throughput reliability near_duplicates transfer \
+           ham10000 gpu
+bench: $(STAMP)
+	@failed=""; for b in $(BENCHES); do \
+		echo "== benchmarks/$$b.py"; $(PY) benchmarks/$$b.py || failed="$$failed $$b"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "benchmarks that failed:$$failed"; exit 1; fi
+
+# The README's "Measured performance" tables, regenerated from benchmarks/results/*/results.json (stdlib only).
+bench-report:
+	$(PYTHON) benchmarks/report.py
 
 bench-partition: $(STAMP)
 	$(PY) benchmarks/partition.py

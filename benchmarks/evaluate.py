@@ -5,14 +5,16 @@ At 10M predictions the scikit-learn loop is timed on a few replicates and scaled
 two implementations is checked on every replicate at a size where the whole loop runs (200k predictions, 1000
 replicates), and the replicates timed at 10M are compared one by one. Run with no arguments:
 
-    .venv/bin/python benchmarks/evaluate.py
+    .venv/bin/python benchmarks/evaluate.py      # ~2 minutes on 2 cores; DERMRAY_BENCH_SMOKE=1: 1000x smaller
 
-Last line JSON: speedup, ci_agree (both CI ends equal to 3 decimals), plus the figures behind them.
+Writes benchmarks/results/evaluate/results.json (with the machine). Last line JSON: speedup, ci_agree (both CI ends
+equal to 3 decimals), plus the figures behind them.
 """
 from __future__ import annotations
 
-import json
 import os
+import pathlib
+import sys
 import time
 
 import numpy as np
@@ -20,8 +22,11 @@ from sklearn.metrics import roc_auc_score
 
 from dermray import metrics as M
 
-N_BIG = 10_000_000
-N_SMALL = 200_000
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from common import SMOKE, last_line, size, write_results  # noqa: E402
+
+N_BIG = size(10_000_000, 10_000)
+N_SMALL = size(200_000, 2_000)
 N_BOOT = 1000
 SK_REPLICATES_BIG = 3
 
@@ -47,6 +52,7 @@ def sklearn_replicates(y, score, groups, count):
 
 
 def main() -> None:
+    started = time.perf_counter()
     rows = []
     # 1. Agreement on every replicate at a size where the scikit-learn loop runs in full.
     y, s, g = study(N_SMALL, 1)
@@ -77,12 +83,16 @@ def main() -> None:
           f"{'sklearn CI':>20} {'max |replicate diff|':>21}")
     for r in rows:
         print(f"{r[0]:>12} {r[1]:>10.1f} {r[2]:>10.1f} {r[3]:>8.1f} {r[4]:>20} {r[5]:>20} {r[6]:>21.2e}")
-    print(f"{N_BOOT} replicates, lesion-grouped resampling; machine: {os.cpu_count()} CPUs; target speedup >= 50")
-    print(json.dumps({"speedup": round(speedup, 1), "ci_agree": ci_agree, "n_predictions": N_BIG,
-                      "n_bootstrap": N_BOOT, "dermray_s": round(t_ours, 2), "sklearn_s_scaled": round(t_sk_big, 1),
-                      "auc": round(ours.estimate, 5), "ci_low": round(ours.ci_low, 5),
-                      "ci_high": round(ours.ci_high, 5), "max_replicate_diff_10m": big_diff,
-                      "speedup_200k": round(t_sk_small / t_ours_small, 1)}))
+    print(f"{N_BOOT} replicates, lesion-grouped resampling; machine: {os.cpu_count()} CPUs; target speedup >= 50"
+          + ("  [SMOKE: sizes 1000x smaller, not a measurement]" if SMOKE else ""))
+    figures = {"speedup": round(speedup, 1), "ci_agree": ci_agree, "n_predictions": N_BIG,
+               "n_bootstrap": N_BOOT, "dermray_s": round(t_ours, 2), "sklearn_s_scaled": round(t_sk_big, 1),
+               "auc": round(ours.estimate, 5), "ci_low": round(ours.ci_low, 5),
+               "ci_high": round(ours.ci_high, 5), "max_replicate_diff_10m": big_diff,
+               "speedup_200k": round(t_sk_small / t_ours_small, 1), "n_predictions_small": N_SMALL,
+               "dermray_s_200k": round(t_ours_small, 2), "sklearn_s_200k": round(t_sk_small, 1)}
+    write_results("evaluate", figures, started=started)
+    last_line(figures)
 
 
 if __name__ == "__main__":

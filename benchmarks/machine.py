@@ -1,5 +1,6 @@
 """The machine a benchmark figure came from, recorded in every results.json: CPU model and the flags that decide
-speed (AVX2, AVX-512, AVX512_BF16, VNNI, AMX), cores, memory, library versions and threads."""
+speed (AVX2, AVX-512, AVX512_BF16, VNNI, AMX), cores, memory, the GPU when there is one, library versions and
+threads."""
 from __future__ import annotations
 
 import os
@@ -34,7 +35,7 @@ def machine_info() -> dict:
         info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError):
         pass
-    for name in ("torch", "ray", "numpy", "pyarrow", "polars"):
+    for name in ("torch", "ray", "numpy", "pyarrow", "pandas", "polars", "duckdb"):
         try:
             info[f"{name}_version"] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -44,6 +45,10 @@ def machine_info() -> dict:
 
         info["torch_threads"] = torch.get_num_threads()
         info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["gpu_count"] = torch.cuda.device_count()
+            info["cuda_version"] = torch.version.cuda
     except ImportError:
         pass
     return info

@@ -5,12 +5,14 @@ centred or not, under new ids). This is what chooses partition.near_duplicate_ha
 partition.near_duplicate_similarity, and it projects the cost to 5M images.
 
     .venv/bin/python benchmarks/near_duplicates.py      # ~3 minutes on 2 cores; last line: one JSON object
+
+Writes benchmarks/results/near_duplicates/results.json (with the machine). DERMRAY_BENCH_SMOKE=1: the first 500
+images and 25 planted originals, results to a temporary folder.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import io
-import json
 import os
 import pathlib
 import sys
@@ -23,8 +25,11 @@ from PIL import Image
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 HAM = pathlib.Path(os.environ.get("DERMRAY_SHARED_DATA", REPO.parent / "shared" / "data")) / "ham10000"
-OUT = REPO / "benchmarks" / "results" / "near_duplicates"
-PLANTED = 250
+sys.path.insert(0, str(REPO / "benchmarks"))
+from common import SMOKE, last_line, size, write_results  # noqa: E402
+
+PLANTED = size(250, 25)
+IMAGES = size(None, 500)  # HAM10000 images used (None: all)
 SIMILARITY_SWEEP = (0.95, 0.97, 0.98, 0.985, 0.99)
 
 
@@ -61,14 +66,15 @@ def parallel_similarity(pairs: list[tuple[bytes, bytes]], workers: int = 2) -> n
 
 
 def main() -> int:
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from machine import machine_info
     from dermray import neardup
 
     if not (HAM / "labels.csv").exists():
         print(f"HAM10000 not found at {HAM}", file=sys.stderr)
         return 1
+    started = time.perf_counter()
     labels = pd.read_csv(HAM / "labels.csv")
+    if IMAGES:
+        labels = labels.head(IMAGES)
     data = [(HAM / "images" / f"{i}.jpg").read_bytes() for i in labels["image_id"]]
     rng = np.random.default_rng(0)
     picked = rng.choice(len(data), PLANTED, replace=False)
@@ -127,15 +133,13 @@ def main() -> int:
     projection = {"images": 5_000_000, "describe_core_hours": round(5e6 * per_image_ms / 3.6e6, 2),
                   "candidate_pairs_if_density_holds": int(density * 5e6 ** 2 / 2),
                   "verify_core_hours_if_density_holds": round(density * 5e6 ** 2 / 2 * verify_ms / 3.6e6, 1)}
-    results = {"machine": machine_info(), "images": len(every), "ham_images": n_ham, "planted": len(planted),
+    results = {"images": len(every), "ham_images": n_ham, "planted": len(planted),
                "describe_ms_per_image": round(per_image_ms, 3), "candidates_s": round(t_candidates, 2),
                "candidate_pairs": int(len(pairs)), "skipped_buckets": skipped,
                "verify_ms_per_pair": round(verify_ms, 3), "exact_duplicate_sets_ham": exact_ham,
                "cross_lesion_pairs_phash_le8": pairs_h8, "sweep": sweep, "projection_5m": projection,
                "chosen": {"hamming": default.near_duplicate_hamming,
                           "similarity": default.near_duplicate_similarity}}
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "results.json").write_text(json.dumps(results, indent=2))
     print(f"near duplicates: {len(every):,} images ({n_ham:,} HAM10000 + {len(planted)} planted copies)")
     print(f"  describe {per_image_ms:.2f} ms/image, {len(pairs):,} LSH candidate pairs in {t_candidates:.2f} s, "
           f"verify {verify_ms:.2f} ms/pair/core")
@@ -147,11 +151,15 @@ def main() -> int:
               f"{s['same_lesion_pairs']:>12}  {rec}")
     print(f"  5M images: describe {projection['describe_core_hours']} core-hours; verification "
           f"{projection['verify_core_hours_if_density_holds']} core-hours if the candidate density holds")
-    print(json.dumps({"near_duplicate_pairs": chosen["cross_lesion_pairs"],
-                      "false_merges_other_diagnosis": chosen["cross_lesion_other_diagnosis"],
-                      "recall_min": min(chosen["recall"].values()), "recall": chosen["recall"],
-                      "candidate_pairs": int(len(pairs)), "describe_ms_per_image": round(per_image_ms, 3),
-                      "verify_ms_per_pair": round(verify_ms, 3)}))
+    figures = {"near_duplicate_pairs": chosen["cross_lesion_pairs"],
+               "false_merges_other_diagnosis": chosen["cross_lesion_other_diagnosis"],
+               "recall_min": min(chosen["recall"].values()), "recall": chosen["recall"],
+               "candidate_pairs": int(len(pairs)), "describe_ms_per_image": round(per_image_ms, 3),
+               "verify_ms_per_pair": round(verify_ms, 3)}
+    if SMOKE:
+        print("  [SMOKE: 500 images, not a measurement]")
+    write_results("near_duplicates", results | figures, started=started)
+    last_line(figures)
     return 0
 
 
