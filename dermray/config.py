@@ -212,9 +212,14 @@ class ScoreConfig(Section):
     torch_threads: Optional[int] = Field(None, ge=1)  # default: the node's CPUs shared between the actors
     channels_last: bool = True  # faster on CPU (+40 % for inception_v3 here) and on tensor-core GPUs
     tta: Literal["none", "flips", "dihedral"] = "none"  # test-time augmentation views averaged
-    # bf16 scored inception_v3 1.3x faster on an H100 but moved probabilities by up to a few hundredths, so the
-    # published numbers stay fp32 unless asked
+    # bf16 scored EfficientNet-Lite0 2.1x faster on this AVX512_BF16 CPU (inception_v3 1.3x on an H100) but moved
+    # probabilities by up to 0.15 (top-1 agreement 92 % on ImageNet's classes), so the published numbers stay
+    # fp32 unless asked; auto measures as train.amp does (dermray/precision.py)
     amp: AMP = "off"
+    # torch.compile the models (the model alone, benchmarks/score_throughput.py: 1.97x EfficientNet-Lite0, 1.28x
+    # inception_v3 on this CPU, probabilities within 3e-6 of eager); it costs 5-25 s per model and actor, so auto
+    # compiles only when at least score.COMPILE_MIN_IMAGES images per actor are left to score
+    compile: Literal["auto", "on", "off"] = "auto"
     incremental: bool = False  # score only images this model_id has not scored in this run yet
     # Which locked operating point of the model card gives <task>_positive: its name (sens0.95, youden,
     # readers_specificity); default: the first locked for each task (the target sensitivity)

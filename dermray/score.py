@@ -373,7 +373,7 @@ class Predictor:
     through unscored."""
 
     def __init__(self, ensemble: Ensemble, threads: int, channels_last: bool, tta: str, use_gpu: bool,
-                 amp: str = "off", slow_batch_s: float = 0.0):
+                 amp: str = "off", slow_batch_s: float = 0.0, compile_batch: int = 0):
         import torch
 
         torch.set_num_threads(max(1, threads))
@@ -396,6 +396,11 @@ class Predictor:
         self.std = torch.tensor(ensemble.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
         self.n_classes = ensemble.n_classes
         self.slow_batch_s = slow_batch_s  # tests: stretch a run so that a fault can land inside it
+        # torch.compile with one static shape: every batch is padded to compile_batch images (no recompiles for
+        # a short last batch or one with quarantined rows). The eager models stay for a compile that fails.
+        self.compile_batch, self.eager = compile_batch, self.models
+        if compile_batch:
+            self.models = [torch.compile(m, dynamic=False) for m in self.models]
 
     def _choose(self, ensemble: Ensemble) -> tuple[str, str]:
         """``auto``: dermray/precision.py, measured on this actor's first model where the CPU has native bf16."""
@@ -409,7 +414,7 @@ class Predictor:
             times = []
             for dtype in (None, torch.bfloat16):
                 self.autocast_dtype = dtype
-                times.append(P.time_step(lambda: self.probabilities(images)))
+                times.append(P.time_step(lambda: self._probabilities(images)))
             self.autocast_dtype = None
             return tuple(times)
 
@@ -417,6 +422,20 @@ class Predictor:
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """float32 [B, n_classes] for uint8 NHWC images."""
+        n = len(images)
+        if self.compile_batch and n < self.compile_batch:
+            images = np.concatenate([images, np.zeros((self.compile_batch - n, *images.shape[1:]), images.dtype)])
+        try:
+            return self._probabilities(images)[:n]
+        except Exception as e:  # noqa: BLE001 - compiling needs a C++ toolchain on the node; eager needs nothing
+            if self.models is self.eager:
+                raise
+            log.warning("score: torch.compile failed on this node (%s: %s); scoring eager", type(e).__name__,
+                        str(e).splitlines()[0][:200] if str(e) else "")
+            self.models, self.compile_batch = self.eager, 0
+            return self._probabilities(images)[:n]
+
+    def _probabilities(self, images: np.ndarray) -> np.ndarray:
         import torch
 
         from dermray.models import logits_of
@@ -448,6 +467,7 @@ class Predictor:
         out = {k: v for k, v in batch.items() if k != "image"}
         out["probs"] = probs
         out["precision"] = np.array([self.amp] * len(ok), dtype=object)
+        out["compiled"] = np.full(len(ok), bool(self.compile_batch))
         # When this batch's model work ran (wall clock): the steady rate excludes start-up and output bunching.
         out["t_model"] = np.tile(np.array([[t_start, time.time()]]), (len(ok), 1))
         return out
@@ -506,10 +526,13 @@ class PartWriter:
         self.t_model = [np.inf, -np.inf]  # first model batch start, last model batch end (epoch seconds)
         self.node_ids = [c["node_id"] for c in ens.classes]
         self.precisions: set[str] = set()
+        self.compiled: set[bool] = set()  # whether the batches' models ran compiled
 
     def add(self, batch: dict) -> None:
         if "precision" in batch:
             self.precisions.update(batch["precision"].tolist())
+        if "compiled" in batch:
+            self.compiled.update(bool(c) for c in batch["compiled"])
         if len(batch["t_model"]):
             self.t_model = [min(self.t_model[0], float(batch["t_model"][:, 0].min())),
                             max(self.t_model[1], float(batch["t_model"][:, 1].max()))]
@@ -657,7 +680,23 @@ def reconcile(rdir: str, now: lineage.Lineage, incremental: bool) -> None:
     storage.write_text(spec_uri, json.dumps(now.to_dict(), indent=2))
 
 
-def stream(plan: WorkPlan, ens: Ensemble, sc: ScoreConfig, retry: storage.Retry, writer: PartWriter, pre) -> None:
+COMPILE_MIN_IMAGES = 5000  # per actor: where torch.compile's 5-25 s per model pays for itself (score.compile=auto)
+
+
+def compile_decision(sc: ScoreConfig, images: int | None) -> tuple[bool, str]:
+    """(compile the models?, why) for ``images`` left to score (None: not known before reading the shards)."""
+    if sc.compile != "auto":
+        return sc.compile == "on", f"{sc.compile} (configured)"
+    if images is None:
+        return False, "off (auto: the number of images is not known before the shards are read)"
+    per_actor = images / sc.actors
+    if per_actor >= COMPILE_MIN_IMAGES:
+        return True, f"on (auto: {per_actor:,.0f} images per actor)"
+    return False, f"off (auto: {per_actor:,.0f} images per actor, under {COMPILE_MIN_IMAGES:,})"
+
+
+def stream(plan: WorkPlan, ens: Ensemble, sc: ScoreConfig, retry: storage.Retry, writer: PartWriter, pre,
+           compiling: bool = False) -> None:
     """Run the Ray Data pipeline and hand every result batch to the writer."""
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -682,7 +721,8 @@ def stream(plan: WorkPlan, ens: Ensemble, sc: ScoreConfig, retry: storage.Retry,
         **({"resources": dict(sc.actor_resources)} if sc.actor_resources else {}),
         fn_constructor_kwargs={"ensemble": ens, "threads": _threads(sc), "channels_last": sc.channels_last,
                                "tta": sc.tta, "use_gpu": sc.num_gpus > 0, "amp": sc.amp,
-                               "slow_batch_s": fault_hooks().slow_batch_s})
+                               "slow_batch_s": fault_hooks().slow_batch_s,
+                               "compile_batch": sc.batch_size if compiling else 0})
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
         writer.add(batch)
     if writer.pending:
@@ -811,10 +851,15 @@ def run(cfg: RunConfig) -> dict:
         decided = model_decisions(ens, sc)
         writer = PartWriter(rdir, ens, tasks, membership, carry, meter, decided)
         t_wall = time.time()
+        compiling, compile_why = compile_decision(sc, total)
         if work.refs:
-            stream(work, ens, sc, cfg.storage.retry(), writer, preprocessing(cfg, ens))
+            if compiling:
+                progress.say("score: torch.compile %s", compile_why)
+            stream(work, ens, sc, cfg.storage.retry(), writer, preprocessing(cfg, ens), compiling)
     quarantined_total = merge_quarantine(rdir, work.quarantine)
     summary = summarise(cfg, ens, work, writer, now, partition, rdir, t_start, t_wall, quarantined_total)
+    summary["compile"] = compile_why if not (compiling and False in writer.compiled) else \
+        f"{compile_why}; some actors fell back to eager (torch.compile failed there: see the job log)"
     storage.write_text(layout.summary_uri(cfg.output, STAGE, cfg.run_id), json.dumps(summary, indent=2, default=str))
     return summary
 

@@ -212,6 +212,22 @@ def test_rerun_is_idempotent_incremental_adds_only_new_images_and_tta_matches_ea
                                atol=1e-5)
 
 
+def test_compiled_models_score_what_eager_ones_score_and_auto_compiles_only_large_runs(score_study, ray_local,
+                                                                                        tmp_path):
+    """score.compile=on: torch.compile'd models, batches padded to one static shape (the archive's 24 images in
+    batches of 10: a short last batch), give the eager probabilities; auto leaves a small run eager and says why."""
+    d = score_study
+    one = [f"score.checkpoints={d / 'out' / 'train' / 'r1' / 'fold=0'}", f"output={tmp_path}",
+           f"score.input={d / 'archive' / 'manifest.parquet'}", "score.batch_size=10"]
+    compiled = score.run(cfg(d, *one, "run_id=compiled", "score.compile=on"))
+    assert compiled["scored"] == 24 and compiled["compile"] == "on (configured)"
+    df = read_preds(tmp_path / "predictions" / "compiled" / "predictions")
+    np.testing.assert_allclose(np.stack(df["probs"]), eager_probs(d, list(df["uri"]), folds=(0,)), atol=1e-5)
+    auto = score.run(cfg(d, *one, "run_id=auto"))
+    assert auto["compile"] == f"off (auto: 24 images per actor, under {score.COMPILE_MIN_IMAGES:,})"
+    assert score.compile_decision(cfg(d, *one, "score.actors=2").score, 2 * score.COMPILE_MIN_IMAGES)[0]
+
+
 def _descendants(pid: int) -> list[int]:
     import psutil
 
