@@ -295,23 +295,36 @@ def _atomic_target(uri: str):
 
 
 def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
-    """Read a Parquet file (or a directory / prefix of Parquet files) into an Arrow table."""
+    """Read a Parquet file, or a folder / prefix of Parquet files (in path order; names starting with ``_`` or ``.``
+    are markers, not data), into one Arrow table."""
     fs, path = filesystem(uri)
 
     def _read():
-        if fs.isdir(path):
-            import pyarrow.dataset as ds
-
-            return ds.dataset(path, filesystem=pyarrow_fs(fs), format="parquet").to_table(columns=columns)
-        with fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=columns)
+        if not fs.isdir(path):
+            return _read_parquet(fs, path, columns, uri)
+        parts = [p for p in sorted(fs.find(path)) if not posixpath.basename(p).startswith(("_", "."))]
+        tables = [_read_parquet(fs, p, columns, f"s3://{p}" if is_s3(uri) else p) for p in parts]
+        if not tables:
+            raise UserError(f"{redact(uri)}: a folder without Parquet files")
+        return pa.concat_tables(tables, promote_options="default")
 
     try:
         return _wrap_io(uri, "read", _read, DEFAULT_RETRY)
     except pa.ArrowInvalid as e:
         raise UserError(f"cannot read {redact(uri)} as Parquet: {e}") from e
-    except KeyError as e:
-        raise UserError(f"{redact(uri)}: missing column {e}") from e
+
+
+def _read_parquet(fs, path: str, columns: list[str] | None, uri: str) -> pa.Table:
+    # ParquetFile reads on this thread. pq.read_table / pyarrow.dataset hand the Python file object to Arrow's I/O
+    # threads, which drop its last reference later and need the GIL to do it: a process that exits right after a
+    # read then aborts (SIGABRT at interpreter exit, about one run in two; tests/test_storage.py).
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        if columns is not None:
+            missing = [c for c in columns if c not in pf.schema_arrow.names]
+            if missing:
+                raise UserError(f"{redact(uri)}: missing column(s) {missing}; it has {pf.schema_arrow.names}")
+        return pf.read(columns=columns)
 
 
 def pyarrow_fs(fs):

@@ -70,3 +70,47 @@ def test_errors_are_clear(tmp_path):
 def test_redact_drops_credentials():
     assert storage.redact("s3://AKIAXXX:secret@bucket/key") == "s3://bucket/key"
     assert storage.redact("s3://bucket/key") == "s3://bucket/key"
+
+
+def test_missing_columns_are_named(tmp_path):
+    uri = str(tmp_path / "t.parquet")
+    storage.write_table(TABLE, uri)
+    with pytest.raises(UserError, match="missing column.*'nope'"):
+        storage.read_table(uri, columns=["a", "nope"])
+
+
+def test_a_folder_of_parquet_files_reads_as_one_table_in_path_order(base):
+    folder = storage.join(base, "parts")
+    storage.write_table(TABLE.slice(2), storage.join(folder, "part-b.parquet"))
+    storage.write_table(TABLE.slice(0, 2), storage.join(folder, "part-a.parquet"))
+    storage.write_bytes(storage.join(folder, "_SUCCESS"), b"")  # markers and hidden files are not data
+    storage.write_bytes(storage.join(folder, ".part-c.parquet.crc"), b"\x00")
+    assert storage.read_table(folder).equals(TABLE)
+    assert storage.read_table(folder, columns=["b"]).column_names == ["b"]
+
+
+READ_AND_EXIT = """
+import sys
+from dermray import storage
+storage.read_table(sys.argv[1], columns=["a"])
+"""
+
+
+def test_a_process_that_reads_a_table_and_exits_at_once_exits_cleanly(tmp_path):
+    """Regression (CI: `score` with storage.retries=0 died with SIGABRT after writing its summary): pyarrow's
+    read_table on a Python file object leaves the file's last reference to an Arrow I/O thread, which needs the GIL
+    to drop it; at interpreter exit that thread found Python finalizing and the process aborted (about one run in
+    two here). Twenty-four short-lived readers, of a file and of a folder, must all exit 0."""
+    import subprocess
+    import sys
+
+    one, folder = tmp_path / "one.parquet", tmp_path / "folder"
+    storage.write_table(pa.table({"a": range(1000)}), str(one))
+    for i in range(2):
+        storage.write_table(pa.table({"a": range(i * 500, (i + 1) * 500)}), str(folder / f"part-{i}.parquet"))
+    codes = []
+    for path in [one] * 12 + [folder] * 12:
+        run = subprocess.run([sys.executable, "-c", READ_AND_EXIT, str(path)], capture_output=True, text=True,
+                             timeout=120)
+        codes.append((run.returncode, path.name, run.stderr[-300:]))
+    assert all(rc == 0 for rc, *_ in codes), [c for c in codes if c[0] != 0][:2]
