@@ -750,12 +750,57 @@ def _threads(sc: ScoreConfig) -> int:
 
 
 def merge_quarantine(rdir: str, input_quarantine: pa.Table) -> int:
-    """The input's quarantine and every part's -> quarantine.parquet (atomically, streamed). Returns its rows."""
+    """The input's quarantine and every part's -> quarantine.parquet (atomically, streamed). Returns its rows.
+
+    A row quarantined for a transient reason is left out once a re-run has settled that image: scored (it is in
+    the run's predictions) or quarantined again later for another reason (a missing object, first met while the
+    server was down). So the file says what is wrong now, and input = scored + quarantined holds across re-runs."""
     storage.write_table(input_quarantine, storage.join(rdir, "_state", "quarantine-input.parquet"))
     sdir = storage.join(rdir, "_state")
     files = [f for f in storage.list_files(sdir, (".parquet",)) if posixpath.basename(f).startswith("quarantine-")]
-    return storage.write_table_batches(schemas.QUARANTINE.arrow(), (storage.read_table(f) for f in files),
-                                       storage.join(rdir, "quarantine.parquet"))
+    settled = settled_transients(rdir, files)
+
+    def tables():
+        for f in files:
+            t = storage.read_table(f)
+            if settled.get(f) is not None:
+                t = t.filter(pa.array(~settled[f]))
+            yield t
+
+    return storage.write_table_batches(schemas.QUARANTINE.arrow(), tables(), storage.join(rdir, "quarantine.parquet"))
+
+
+def _batch_of(path: str) -> int:
+    m = re.search(r"-b(\d+)-", posixpath.basename(path))
+    return int(m.group(1)) if m else 1 << 30  # the input's quarantine: this run's, after every part
+
+
+def settled_transients(rdir: str, files: list[str]) -> dict[str, np.ndarray]:
+    """Per quarantine file, a mask of its transient rows that a later batch settled (see merge_quarantine); only
+    the ids of transient rows are held, and the predictions are read one part's ``image_id`` column at a time."""
+    rows = {f: storage.read_table(f, columns=["image_id", "reason"]) for f in files}
+    transient = {f: pc.fill_null(pc.starts_with(t.column("reason"), TRANSIENT), False).to_numpy(
+        zero_copy_only=False) for f, t in rows.items()}
+    ids_transient = {i for f, t in rows.items() for i, tr in zip(t.column("image_id").to_pylist(), transient[f])
+                     if tr and i is not None}
+    if not ids_transient:
+        return {}
+    value_set = pa.array(sorted(ids_transient), pa.string())
+    scored = set()
+    for part in _run_state(rdir)[0]:
+        col = storage.read_table(part, columns=["image_id"]).column("image_id")
+        scored.update(col.filter(pc.is_in(col, value_set=value_set)).to_pylist())
+    last_batch: dict[str, int] = {}  # the latest batch that quarantined each of those ids
+    for f, t in rows.items():
+        for i in t.column("image_id").filter(pc.is_in(t.column("image_id"), value_set=value_set)).to_pylist():
+            last_batch[i] = max(last_batch.get(i, -1), _batch_of(f))
+    out = {}
+    for f, t in rows.items():
+        if transient[f].any():
+            b = _batch_of(f)
+            out[f] = np.array([bool(tr) and (i in scored or last_batch.get(i, -1) > b)
+                               for i, tr in zip(t.column("image_id").to_pylist(), transient[f])], bool)
+    return out
 
 
 def run_totals(rdir: str) -> int:

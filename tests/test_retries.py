@@ -362,11 +362,11 @@ def no_retry_run(flaky, flaky_study, tmp_path_factory):
         score_args(flaky_study, out, "noretry", "storage.retries=0"), env, flaky, out / "score.log",
         until=lambda titles: state.exists() and any(state.glob("quarantine-b*.parquet")))
     assert rc == 0, log[-4000:]
-    return summary_of(output), pd.read_parquet(out / "predictions" / "noretry" / "quarantine.parquet")
+    return summary_of(output), pd.read_parquet(out / "predictions" / "noretry" / "quarantine.parquet"), out
 
 
 def test_without_retries_the_same_outage_quarantines_the_images_it_hit(no_retry_run, flaky_study):
-    s, q = no_retry_run
+    s, q, _ = no_retry_run
     n = flaky_study["score_images"]
     assert s["input"] == s["scored"] + s["quarantined"] == n + 1
     hit = q[q.image_id != "ISIC_missing"]
@@ -375,9 +375,27 @@ def test_without_retries_the_same_outage_quarantines_the_images_it_hit(no_retry_
 
 
 def test_without_retries_images_hit_by_the_outage_are_marked_transient_for_a_rerun(no_retry_run):
-    _, q = no_retry_run
+    _, q, _ = no_retry_run
     hit = q[q.image_id != "ISIC_missing"]
     assert len(hit) and hit["reason"].str.startswith("transient: ").all(), hit["reason"].tolist()
+
+
+def test_a_rerun_with_the_server_up_scores_the_images_the_outage_hit_and_only_those(no_retry_run, flaky,
+                                                                                   flaky_study):
+    """The re-run after the outage (same command, same run id, S3 up): what was quarantined as transient is scored
+    now, what was scored is not scored again, and only the missing object stays in quarantine."""
+    first, q, out = no_retry_run
+    transient = set(q.loc[q.image_id != "ISIC_missing", "image_id"])
+    args = score_args(flaky_study, out, "noretry", "storage.retries=0")
+    rerun = subprocess.run(args, env=flaky.env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    s = summary_of(rerun.stdout)
+    n = flaky_study["score_images"]
+    assert s["scored"] == len(transient) and s["already_done"] == first["scored"], s
+    preds = pd.read_parquet(out / "predictions" / "noretry" / "predictions")
+    assert len(preds) == n and preds["image_id"].is_unique and transient <= set(preds["image_id"])
+    q2 = pd.read_parquet(out / "predictions" / "noretry" / "quarantine.parquet")
+    assert q2["image_id"].tolist() == ["ISIC_missing"], q2
 
 
 def test_s3_outages_while_train_reads_images_are_ridden_out_and_the_fold_finishes(flaky, flaky_study, tmp_path):
