@@ -17,6 +17,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import shutil
 import sys
 import tempfile
 
@@ -35,8 +36,65 @@ class Console:
 
 
 class _DermrayLines(logging.Filter):
+    """dermray's INFO lines, less a meter's in-between refreshes (``console_only``) unless ``live`` shows them."""
+
+    def __init__(self, live: bool = False):
+        super().__init__()
+        self.live = live
+
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "console_only", False) and not self.live:
+            return False
         return record.name.startswith("dermray") and record.levelno >= logging.INFO
+
+
+class _NotConsoleOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "console_only", False)
+
+
+class _Terminal(logging.StreamHandler):
+    """A terminal's console: a meter's line (records marked ``live``) is redrawn in place - carriage return, erase
+    the line, cut to the terminal's width so that it never wraps - until its last line, which stays; any other line
+    is printed above the live one, which is then drawn again."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.live = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = self.format(record)
+            width = max(20, shutil.get_terminal_size((100, 24)).columns - 1)
+            clear = "\r\x1b[K" if self.live else ""
+            if getattr(record, "live", False):
+                self.live = msg[:width]
+                self.stream.write("\r\x1b[K" + self.live)
+            elif getattr(record, "meter", None) is not None:  # a meter's last line replaces the live one
+                self.live = ""
+                self.stream.write(f"{clear}{msg}\n")
+            else:
+                self.stream.write(f"{clear}{msg}\n" + (f"\r\x1b[K{self.live}" if self.live else ""))
+            self.flush()
+        except Exception:  # noqa: BLE001 - logging's own convention
+            self.handleError(record)
+
+    def close(self) -> None:
+        if self.live:  # the command ended with a meter unfinished: keep its last state, end the line
+            with contextlib.suppress(Exception):
+                self.stream.write("\n")
+                self.flush()
+            self.live = ""
+        super().close()
+
+
+def console_handler(stream) -> logging.Handler:
+    """The handler for dermray's lines on ``stream``: live meters on a terminal, plain lines elsewhere."""
+    terminal = hasattr(stream, "isatty") and stream.isatty()
+    handler = _Terminal(stream) if terminal else logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(_DermrayLines(live=terminal))
+    return handler
 
 
 def _real_fd(stream, fd: int) -> bool:
@@ -71,9 +129,8 @@ def session(command: str, verbose: bool):
         out, err = sys.stdout, sys.stderr
     to_file = logging.StreamHandler(log_file)
     to_file.setFormatter(logging.Formatter(FORMAT))
-    to_console = logging.StreamHandler(err)  # progress on stderr: stdout carries the summary (or --json) alone
-    to_console.setFormatter(logging.Formatter("%(message)s"))
-    to_console.addFilter(_DermrayLines())
+    to_file.addFilter(_NotConsoleOnly())
+    to_console = console_handler(err)  # progress on stderr: stdout carries the summary (or --json) alone
     old = (root.level, list(root.handlers))
     root.handlers = [to_file, to_console]
     root.setLevel(logging.INFO)
@@ -82,6 +139,7 @@ def session(command: str, verbose: bool):
         yield Console(out, err, path)
     finally:
         root.handlers, root.level = old[1], old[0]
+        to_console.close()
         log_file.flush()
         if redirect:
             sys.stdout.flush()

@@ -22,12 +22,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from dermray import layout, lineage, schemas, storage
+from dermray import layout, lineage, progress, schemas, storage
 from dermray import metrics as M
 from dermray.config import EvaluateConfig, RunConfig
 from dermray.errors import UserError
-from dermray.inference import NOT_IN_TASK, binary_score, node_task_class, probs_matrix, task_probabilities, \
-    truth_for_task
+from dermray.inference import NOT_IN_TASK, binary_score, node_task_class, probs_matrix, \
+    task_class_of_labels, task_probabilities, truth_for_task
 from dermray.predictions import load_predictions
 from dermray.report import fmt, render_plots, render_report
 from dermray.definitions import load_tasks
@@ -458,10 +458,15 @@ def run(cfg: RunConfig, base: str | None = None) -> dict:
     subset_masks = subsets(df, ecfg.subgroups)
     t = Tables()
     excluded, evaluated = {}, np.zeros(len(df), bool)
+    # One line at the end (more while it runs if it takes over 5 s; live on a terminal).
+    meter = progress.Meter("evaluate", len(inp.tasks), unit="tasks")
+    meter.extra = (f"; {len(df):,} images, {pd.Series(groups).nunique():,} lesions, {len(subset_masks)} subset(s), "
+                   f"{ecfg.n_bootstrap:,} bootstrap resamples")
     for task in inp.tasks:
         excluded[task.name], used = evaluate_task(t, cfg.run_id, task, df, inp, subset_masks, groups, readers,
                                                   compare, ecfg)
         evaluated |= used
+        meter.update()
     cohorts, reference = cohorts_of(df, ecfg)
     if cohorts:
         external_validation(t, cfg.run_id, inp, cohorts, reference, ecfg)
@@ -601,7 +606,6 @@ def block_histograms(batch: pa.Table, node_ids: list[str], truth: list[tuple[int
     one block of predictions: int64 [1, tasks, subsets, 2, bins]."""
     probs = probs_matrix(batch.column("probs"))
     labels = batch.column("label").to_numpy(zero_copy_only=False)
-    idx = pd.Series(np.arange(len(node_ids)), index=node_ids).reindex(labels).fillna(-1).to_numpy(np.int64)
     n = len(labels)
     source = (batch.column("label_source").to_numpy(zero_copy_only=False) if "label_source" in batch.column_names
               else np.full(n, None))
@@ -610,7 +614,7 @@ def block_histograms(batch: pa.Table, node_ids: list[str], truth: list[tuple[int
     masks = [np.ones(n, bool), source == "biopsy", modality == "clinical", modality == "dermoscopy"]
     h = np.zeros((len(truth), len(SUBSET_NAMES), 2, bins), np.int64)
     for ti, ((pos, node_class), m) in enumerate(zip(truth, matrices)):
-        y = np.where(idx >= 0, node_class[np.maximum(idx, 0)], NOT_IN_TASK)
+        y = task_class_of_labels(node_ids, node_class, labels)
         score = binary_score(probs @ m, pos)
         ok = (y != NOT_IN_TASK) & ~np.isnan(score)
         b = np.clip((np.nan_to_num(score) * bins).astype(np.int64), 0, bins - 1)

@@ -1,8 +1,10 @@
 """Progress of long work, as a person wants to see it: what runs, how far, how fast, how long is left.
 
 Every stage reports through ``Meter`` (counts of a known or unknown total) and ``say`` (one line). The lines go to
-the ``dermray.progress`` logger, which the CLI shows on the console (plain lines in job logs; a terminal gets the
-same lines) and writes to the stage's log file; at most one line per ``every_s`` seconds per meter, plus the last.
+the ``dermray.progress`` logger, which the CLI shows on the console and writes to the stage's log file: in job logs
+and the file at most one line per ``every_s`` seconds per meter, plus the last; on a terminal a meter's line is
+redrawn in place every ``LIVE_EVERY_S`` until its last (records marked ``live``; ``console_only`` ones go nowhere
+else: dermray/console.py).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import logging
 import time
 
 log = logging.getLogger("dermray.progress")
+LIVE_EVERY_S = 0.5  # a terminal's live line: often enough to look alive, rarely enough to cost nothing
 
 
 def duration(seconds: float) -> str:
@@ -35,7 +38,7 @@ class Meter:
         self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
         self.done = 0
         self.t0 = time.monotonic()
-        self._last = self.t0
+        self._last = self._last_live = self.t0
         self.extra = ""
 
     def rate(self) -> float:
@@ -56,9 +59,14 @@ class Meter:
     def update(self, n: int = 1, force: bool = False) -> None:
         self.done += n
         now = time.monotonic()
-        if force or now - self._last >= self.every_s or (self.total and self.done >= self.total):
-            self._last = now
-            log.info("%s", self.line())
+        last = force or bool(self.total and self.done >= self.total)
+        if last or now - self._last >= self.every_s:
+            self._last = self._last_live = now
+            # Not the last line: a terminal redraws it in place; the log file and job logs keep it as a line.
+            log.info("%s", self.line(), extra={"meter": self.label, "live": not last})
+        elif now - self._last_live >= LIVE_EVERY_S:
+            self._last_live = now
+            log.info("%s", self.line(), extra={"meter": self.label, "live": True, "console_only": True})
 
 
 class Relay:

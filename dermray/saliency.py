@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from dermray import artifacts, layout, lineage, storage
+from dermray import artifacts, layout, lineage, progress, storage
 from dermray.config import RunConfig, SaliencyConfig
 from dermray.errors import UserError
 from dermray.inference import binary_score, membership_matrix, task_probabilities, truth_for_task
@@ -321,7 +321,12 @@ def explain(chosen: pd.DataFrame, ens, matrix, sc: SaliencyConfig, sc_dict: dict
         num_cpus=sc.cpus_per_actor, num_gpus=sc.num_gpus or None,
         fn_constructor_kwargs={"ens": ens, "matrix": matrix, "methods": list(sc.methods), "sc": sc_dict,
                                "out_dir": rdir, "threads": threads, "use_gpu": sc.num_gpus > 0})
-    return pd.concat(list(ds.iter_batches(batch_size=None, batch_format="pandas")), ignore_index=True)
+    meter = progress.Meter("saliency", work.num_rows * len(sc.methods), unit="maps")
+    parts = []
+    for part in ds.iter_batches(batch_size=None, batch_format="pandas"):
+        parts.append(part)
+        meter.update(len(part))
+    return pd.concat(parts, ignore_index=True)
 
 
 def check_written(index: pd.DataFrame, rdir: str) -> None:
@@ -363,6 +368,8 @@ def run(cfg: RunConfig) -> dict:
         if sc.sanity and len(chosen):
             audit = chosen.sort_values(["image_id", "task"]).drop_duplicates("image_id").head(sc.audit_size)
             remote = ray.remote(num_cpus=sc.cpus_per_actor, num_gpus=sc.num_gpus or None)(sanity_rows)
+            progress.say("saliency: sanity test on %d images (%d randomisation levels x %d method(s))", len(audit),
+                         sc.sanity_levels, len(sc.methods))
             sanity = ray.get(remote.remote(ens, matrix, audit, list(sc.methods), sc_dict, threads, sc.num_gpus > 0))
     return write_outputs(cfg, ens, tasks, chosen, index, sanity, inputs, rdir, t_start)
 
