@@ -40,17 +40,20 @@ def ray_check(cfg: RunConfig):
 def torch_check(cfg: RunConfig):
     import torch
 
+    from dermray.precision import native_bf16
     from dermray.trainloop import precision
 
     gpu = torch.cuda.is_available()
     capability = torch.backends.cpu.get_cpu_capability()
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+    bf16 = native_bf16()
     device = torch.device("cuda" if gpu else "cpu")
+    if cfg.train.amp == "auto" and not gpu and bf16:
+        amp = "bf16 or fp32, measured on the model when a fold starts (dermray/precision.py)"
+    else:
+        amp = f"{precision(cfg.train.amp, device)} here"
     return "ok", (f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {capability}"
                   f"{', native bf16' if bf16 else ', no native bf16'}; "
-                  f"{'CUDA ' + torch.cuda.get_device_name(0) if gpu else 'no GPU'}; train.amp={cfg.train.amp} -> "
-                  f"{precision(cfg.train.amp, device)} here")
+                  f"{'CUDA ' + torch.cuda.get_device_name(0) if gpu else 'no GPU'}; train.amp={cfg.train.amp} -> {amp}")
 
 
 def s3_check(prefix: str | None):
