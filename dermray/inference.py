@@ -70,8 +70,13 @@ def node_task_class(tax: Taxonomy, task: Task) -> np.ndarray:
 def truth_for_task(tax: Taxonomy, task: Task, labels: np.ndarray) -> np.ndarray:
     """int64 [n]: the task class of each image from its taxonomy label (a node_id); NOT_IN_TASK where none applies
     (a label outside every class of the task, or not a taxonomy node)."""
-    node_class = node_task_class(tax, task)
-    idx = pd.Series(np.arange(len(tax)), index=tax.node_ids).reindex(labels).to_numpy()
+    return task_class_of_labels(list(tax.node_ids), node_task_class(tax, task), labels)
+
+
+def task_class_of_labels(node_ids: list[str], node_class: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """int64 [n]: ``node_class`` [len(node_ids)] (a node's task class or NOT_IN_TASK) looked up for each label;
+    NOT_IN_TASK for a label that is not a node. (What a Ray task needs of the taxonomy: ids and one array.)"""
+    idx = pd.Series(np.arange(len(node_ids)), index=node_ids).reindex(labels).to_numpy()
     out = np.full(len(labels), NOT_IN_TASK, dtype=np.int64)
     known = ~np.isnan(idx)
     out[known] = node_class[idx[known].astype(np.int64)]
