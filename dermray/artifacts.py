@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from dermray import layout, storage
 from dermray.errors import UserError
-from dermray.report import fmt  # one fold has no spread: sd is NaN, or null once in JSON
+from dermray.report import external_rows, fmt  # fmt: one fold has no spread: sd is NaN, or null in JSON
 
 CARD_FILE = "model_card.json"
 CARD_MD = "model_card.md"
@@ -220,7 +220,15 @@ def render_markdown(card: ModelCard) -> str:
         lines += ["", "## Test results (written by dermray evaluate)", ""]
         for t in card.test_metrics:
             lines.append(f"- {t['evaluation']} (model {t['model_id']}, predictions {str(t['predictions'])[:12]}):")
+            cohorts = external_rows(t["headline"])
+            if cohorts:  # every cohort it was evaluated on, beside the reference
+                lines += ["", "  | task | subset | cohort | AUC (95% CI), n | reference | reference AUC (95% CI), n | "
+                              "difference (95% CI) |", "  |---|---|---|---|---|---|---|"]
+                lines += ["  | " + " | ".join(row) + " |" for row in cohorts]
+                lines.append("")
             for h in t["headline"]:
+                if h["subset"].startswith("cohort="):
+                    continue
                 ci = f" [{h['ci_low']:.3f}, {h['ci_high']:.3f}]" if h.get("ci_low") is not None else ""
                 value = "undefined" if h["value"] is None else f"{h['value']:.3f}"
                 lines.append(f"  - {h['task']} {h['subset']} {h['metric']}: {value}{ci} (n={h['n']})")

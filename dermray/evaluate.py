@@ -521,9 +521,9 @@ def write_tables(t: Tables, paths: dict) -> None:
 
 def headline(t: Tables) -> list[dict]:
     keep = {"auc", "accuracy", "balanced_accuracy"}
-    return [{k: r[k] for k in ("task", "subset", "metric", "value", "ci_low", "ci_high", "n")}
+    return [{k: r[k] for k in ("task", "subset", "metric", "value", "ci_low", "ci_high", "n", "note")}
             for r in t.metrics if (r["metric"] in keep and r["subset"] in ("all", "biopsy"))
-            or r["metric"] == "auc_difference"]
+            or r["metric"] == "auc_difference" or (r["metric"] == "auc" and r["subset"].startswith("cohort="))]
 
 
 # ---- external validation ------------------------------------------------------------------------------------------

@@ -135,6 +135,30 @@ def set_sentence(summary: dict) -> str:
             f"it saw these images.")
 
 
+def _auc_cell(r: dict | None) -> str:
+    if r is None:
+        return "—"
+    ci = f" [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]" if r.get("ci_low") is not None else ""
+    return f"{fmt(r['value'])}{ci}, n={r['n']}"
+
+
+def external_rows(metrics: list[dict]) -> list[list[str]]:
+    """Each cohort beside the reference, per task and subset: [task, subset, cohort, its AUC, the reference, the
+    reference's AUC, the difference with its CI] (from evaluate's ``cohort=<name>:<subset>`` rows)."""
+    auc = {(r["task"], r["subset"]): r for r in metrics if r["metric"] == "auc" and r["subset"].startswith("cohort=")}
+    rows = []
+    for r in metrics:
+        if r["metric"] != "auc_difference":
+            continue
+        cohort, subset = r["subset"][len("cohort="):].split(":", 1)
+        reference = (r.get("note") or "").split(" minus ", 1)[1].split(" (", 1)[0] if " minus " in (
+            r.get("note") or "") else "?"
+        rows.append([r["task"], subset, cohort, _auc_cell(auc.get((r["task"], r["subset"]))), reference,
+                     _auc_cell(auc.get((r["task"], f"cohort={reference}:{subset}"))),
+                     f"{fmt(r['value'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]"])
+    return rows
+
+
 def render_report(summary: dict, t, plots: dict[str, bytes], tasks: list[Task] | None = None,
                   model_card: str | None = None) -> tuple[str, str]:
     """(report.md, report.html): the answer first - one card per task with its headline numbers and figure - then
@@ -170,19 +194,16 @@ def render_report(summary: dict, t, plots: dict[str, bytes], tasks: list[Task] |
             body += (f"<img class='headline' alt='{e(c['plot'])}' "
                      f"src='data:image/png;base64,{base64.b64encode(plots[c['plot']]).decode()}'/>")
         card_html.append(f"<section class='card' data-task='{e(c['task'])}'><h2>{e(c['task'])}</h2>{body}</section>")
-    external = [r for r in t.metrics if r["metric"] == "auc_difference"]
+    external = external_rows(t.metrics)
     ext_html = ""
     if external:
-        md += ["", "## External validation", "", "| task | cohort:subset | AUC difference | 95% CI | note |",
-               "|---|---|---:|---|---|"]
-        for r in external:
-            md.append(f"| {r['task']} | {r['subset'][len('cohort='):]} | {fmt(r['value'])} | "
-                      f"{fmt(r['ci_low'])}–{fmt(r['ci_high'])} | {r['note']} |")
-        ext_html = ("<h2>External validation</h2><table><tr><th>task</th><th>cohort:subset</th><th>AUC difference</th>"
-                    "<th>95% CI</th><th>note</th></tr>" + "".join(
-                        f"<tr><td>{e(r['task'])}</td><td>{e(r['subset'][len('cohort='):])}</td><td>{fmt(r['value'])}"
-                        f"</td><td>{fmt(r['ci_low'])}–{fmt(r['ci_high'])}</td><td>{e(r['note'] or '')}</td></tr>"
-                        for r in external) + "</table>")
+        head = ["task", "subset", "cohort", "AUC (95% CI), n", "reference", "reference AUC (95% CI), n",
+                "difference (95% CI)"]
+        md += ["", "## External validation", "", "| " + " | ".join(head) + " |", "|---|---|---|---|---|---|---|"]
+        md += ["| " + " | ".join(row) + " |" for row in external]
+        ext_html = ("<h2>External validation</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>"
+                    + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in external)
+                    + "</table>")
     md += ["", "## Details", "", "| task | subset | metric | value | 95% CI | n | note |",
            "|---|---|---|---:|---|---:|---|"]
     for r in rows:

@@ -283,3 +283,33 @@ def test_external_validation_compares_cohorts_with_an_unpaired_ci(study, tmp_pat
     assert "clinic_b minus internal" in diff.note
     assert any(h["metric"] == "auc_difference" for h in summary["headline"])
     assert "External validation" in (out / "metrics" / "ext" / "report.html").read_text()
+    # The report puts each cohort beside the reference: both AUCs with CIs, then the difference with its CI.
+    row = next(ln for ln in (out / "metrics" / "ext" / "report.md").read_text().splitlines()
+               if ln.startswith("| mel_vs_nev | all | clinic_b |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3].startswith(f"{a_ext:.3f} [") and cells[4] == "internal" and cells[5].startswith(f"{a_int:.3f} [")
+    assert cells[6].startswith(f"{diff.value:.3f} [{diff.ci_low:.3f}, {diff.ci_high:.3f}]"), cells
+    # A reference run instead of a cohort column: the same two AUCs and their difference.
+    df[~ext].to_parquet(tmp_path / "internal.parquet", index=False)
+    df[ext].to_parquet(tmp_path / "external.parquet", index=False)
+    cfg = load_config(None, [f"evaluate.predictions={tmp_path / 'external.parquet'}", f"data.tasks={d / 'tasks.yaml'}",
+                             f"data.taxonomy={d / 'taxonomy.parquet'}", f"evaluate.partition={d / 'partition'}",
+                             f"output={out}", "run_id=ref", "evaluate.n_bootstrap=200",
+                             f"evaluate.reference={tmp_path / 'internal.parquet'}"])
+    evaluate.run(cfg)
+    r = pd.read_parquet(out / "metrics" / "ref" / "metrics.parquet")
+    assert abs(value(r, "mel_vs_nev", "cohort=external:all", "auc").value - a_ext) < 1e-12
+    assert abs(value(r, "mel_vs_nev", "cohort=internal:all", "auc").value - a_int) < 1e-12
+    assert abs(value(r, "mel_vs_nev", "cohort=external:all", "auc_difference").value - diff.value) < 1e-12
+    # ... and so does the model card's test results, from the headline it is given.
+    from dermray import artifacts
+    from tests.helpers import write_fold
+
+    classes = pa.table({"class_index": pa.array([0, 1], pa.int32()), "node_id": ["benign", "malignant"],
+                        "name": ["benign", "malignant"], "scope": ["subtree", "subtree"]})
+    write_fold(tmp_path / "fold=0", classes, seed=0)
+    card = artifacts.read_card(str(tmp_path / "fold=0" / "model_card.json"))
+    card = card.model_copy(update={"test_metrics": [{"evaluation": "ext", "model_id": "m", "predictions": "p",
+                                                     "headline": summary["headline"]}]})
+    md = artifacts.render_markdown(card)
+    assert "| mel_vs_nev | all | clinic_b | " in md and "| reference AUC (95% CI), n |" in md, md
