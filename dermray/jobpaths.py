@@ -70,7 +70,7 @@ def input_keys(cfg, stage: str) -> list[str]:
     return list(dict.fromkeys(keys))
 
 
-def _inputs(cfg, stage: str) -> list[tuple[str, str, str]]:
+def _stage_inputs(cfg, stage: str) -> list[tuple[str, str, str]]:
     """(config key, path, what must exist) for every configured input that ``stage`` reads."""
     checks = []
     for key in input_keys(cfg, stage):
@@ -104,7 +104,7 @@ def check_paths(cfg, stage: str) -> None:
     if job is None:
         return
     cwd, uploaded = job
-    for key, path, must_exist in _inputs(cfg, stage):
+    for key, path, must_exist in _stage_inputs(cfg, stage):
         if _relative_local(path) and not os.path.exists(os.path.join(cwd, must_exist)):
             raise UserError(f"{key} {path} is a relative local path, and {_where(cwd, uploaded)}: there is no such "
                             f"file there. {REMEDY} (on a one-machine cluster any absolute local path will do)")

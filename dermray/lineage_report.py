@@ -17,7 +17,7 @@ def _summary(output: str, stage: str, run_id: str) -> dict | None:
     return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
 
 
-def _inputs(lin: dict) -> dict:
+def _input_fingerprints(lin: dict) -> dict:
     return {name: {k: fp.get(k) for k in ("uri", "method", "content", "rows")}
             for name, fp in lin.get("inputs", {}).items()}
 
@@ -34,7 +34,7 @@ def chain(output: str, run_id: str) -> dict:
         lin = s.get("lineage", {})
         out["stages"][stage] = {"where": storage.redact(layout.stage_dir(output, stage, run_id)),
                                 "lineage_id": lin.get("id"), "config_hash": lin.get("config_hash"),
-                                "inputs": _inputs(lin), "versions": lin.get("versions", {})}
+                                "inputs": _input_fingerprints(lin), "versions": lin.get("versions", {})}
     if summaries["train"]:
         folds = []
         for d in artifacts.fold_dirs(layout.train_dir(output, run_id), include_final=True):
