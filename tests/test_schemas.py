@@ -55,3 +55,29 @@ def test_one_fold_cross_validation_renders_without_a_spread(tmp_path):
     summary = {"run_id": "r", "seconds": 1, "stages": [], "headline": [], "report": None, "saliency_gallery": None,
                "cross_validation": stored["description"]["cross_validation"]}
     assert "0.810 +- —" in pipeline.format_summary(summary)
+
+
+def test_a_model_card_from_a_newer_dermray_or_with_a_bad_field_is_refused_naming_the_file(tmp_path):
+    import json
+
+    import pytest
+
+    from dermray import artifacts
+    from dermray.errors import UserError
+    from tests.helpers import write_fold
+
+    classes = pa.table({"class_index": pa.array([0, 1], pa.int32()), "node_id": ["benign", "malignant"],
+                        "name": ["benign", "malignant"], "scope": ["subtree", "subtree"]})
+    write_fold(tmp_path / "fold=0", classes, seed=0)
+    path = tmp_path / "fold=0" / "model_card.json"
+    good = json.loads(path.read_text())
+    assert artifacts.read_card(str(path)).model_id == good["model_id"]
+    path.write_text(json.dumps(good | {"schema_version": artifacts.CARD_SCHEMA_VERSION + 1}))
+    with pytest.raises(UserError, match=r"model_card.json: model card schema_version \d+ is newer .* upgrade dermray"):
+        artifacts.read_card(str(path))
+    path.write_text(json.dumps(good | {"input_size": 2}))
+    with pytest.raises(UserError, match="input_size"):
+        artifacts.read_card(str(path))
+    v1 = {k: v for k, v in good.items() if k != "schema_version"}  # version 1 cards (no field) are still read
+    path.write_text(json.dumps(v1))
+    assert artifacts.read_card(str(path)).model_id == good["model_id"]
