@@ -209,17 +209,50 @@ def near_duplicates(r: dict) -> list[str]:
 
 
 def ham10000(r: dict) -> list[str]:
-    return table(["task (biopsy-proven held-out lesions)", "metric", "value", "95 % CI", "images"], [
-        ["melanoma vs nevus", "AUC", f"**{fmt(r.get('auc_melanoma_nevus'), 3)}**", fmt(r.get("auc_melanoma_nevus_ci")),
-         r.get("n_melanoma_nevus")],
-        ["carcinoma (bcc + akiec) vs benign keratosis", "AUC", f"**{fmt(r.get('auc_carcinoma_bkl'), 3)}**",
-         fmt(r.get("auc_carcinoma_bkl_ci")), r.get("n_carcinoma_bkl")],
-        ["three-class", "accuracy", f"**{fmt(r.get('accuracy_three_class'), 3)}**",
-         fmt(r.get("accuracy_three_class_ci")), r.get("n_three_class")],
-    ], "llrrr") + ["", f"{fmt(r.get('train_images'))} training images, {fmt(r.get('train_minutes'))} training minutes, "
-                       f"{fmt(r.get('epochs'))} epochs, {r.get('tta', '-')} test-time augmentation; saliency sanity "
-                       f"(Spearman, fully randomised): {fmt(r.get('saliency_sanity_spearman_all_randomised'))}; "
-                       f"{fmt(r.get('minutes'))} minutes in all."]
+    arms = [("", "defaults")] + ([("_plain", "plain")] if r.get("auc_melanoma_nevus_plain") is not None else [])
+    rows = []
+    for suffix, arm in arms:
+        for name, key, metric in (("melanoma vs nevus", "auc_melanoma_nevus", "AUC"),
+                                  ("carcinoma (bcc + akiec) vs benign keratosis", "auc_carcinoma_bkl", "AUC"),
+                                  ("three-class", "accuracy_three_class", "accuracy")):
+            n_key = "n_" + key.split("_", 1)[1] + suffix
+            rows.append([arm if len(arms) > 1 else "", name, metric, f"**{fmt(r.get(key + suffix), 3)}**",
+                         fmt(r.get(f"{key}_ci{suffix}")), r.get(n_key)])
+    out = table(["arm", "task (biopsy-proven held-out lesions)", "metric", "value", "95 % CI", "images"], rows,
+                "lllrrr")
+    epochs = ", ".join(f"{arm} {fmt(r.get('epochs' + suffix))} ({r.get('precision' + suffix, '-')})"
+                       for suffix, arm in arms)
+    out += ["", f"{fmt(r.get('train_images'))} training images, {fmt(r.get('train_minutes'))} training minutes per "
+                f"arm, epochs (precision chosen by train.amp=auto): {epochs}; {r.get('tta', '-')} test-time "
+                f"augmentation; {fmt(r.get('minutes'))} minutes in all."]
+    if r.get("locked_sensitivity_melanoma") is not None:
+        out += ["", f"Melanoma operating point locked out of fold at sensitivity 0.95 (threshold "
+                    f"{fmt(r.get('locked_threshold_melanoma'), 4)}): on the test split sensitivity "
+                    f"{fmt(r.get('locked_sensitivity_melanoma'), 3)} {fmt(r.get('locked_sensitivity_melanoma_ci'))}, "
+                    f"specificity {fmt(r.get('locked_specificity_melanoma'), 3)} "
+                    f"{fmt(r.get('locked_specificity_melanoma_ci'))}; ECE {fmt(r.get('ece_before'), 3)} -> "
+                    f"{fmt(r.get('ece_after'), 3)} after temperature scaling."]
+    robust = r.get("robustness") or {}
+    if robust:
+        conditions = list(next(iter(robust.values())).keys())
+        conditions = [c for c in conditions if c != "none_bf16"]
+        out += [""] + table(["melanoma vs nevus AUC, one view", *conditions],
+                            [[arm, *[fmt(a.get(c, {}).get("auc"), 3) for c in conditions]] for arm, a in robust.items()],
+                            "l" + "r" * len(conditions))
+        out += ["", f"Worst shifted AUC: defaults {fmt(r.get('auc_shifted_min_with_cc'), 3)}, plain "
+                    f"{fmt(r.get('auc_shifted_min'), 3)}. Defaults minus plain (dihedral views): "
+                    f"{fmt(r.get('auc_change_vs_plain'), 3)} against a CI half-width of "
+                    f"{fmt(r.get('auc_ci_half_width'), 3)}."]
+    if r.get("bf16_auc_delta") is not None:
+        out += ["", f"bf16 scoring against fp32 (defaults model, unshifted, one view): AUC delta "
+                    f"{fmt(r.get('bf16_auc_delta'), 4)}, max |dp| {fmt(r.get('bf16_max_abs_dp'), 3)}, top-1 agreement "
+                    f"{fmt(r.get('bf16_top1_agreement'), 3)}."]
+    if "saliency_sanity_conclusive" in r or "saliency_sanity_spearman_all_randomised" in r:
+        out += ["", f"Saliency sanity (Spearman with the original maps, every layer randomised): "
+                    f"{fmt(r.get('saliency_sanity_spearman_all_randomised'))}; conclusive: "
+                    f"{fmt(r.get('saliency_sanity_conclusive'))}; near-duplicate pairs across lesions in the training "
+                    f"manifest: {fmt(r.get('near_duplicate_pairs'))}."]
+    return out
 
 
 def gpu(r: dict) -> list[str]:
