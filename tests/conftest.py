@@ -91,6 +91,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def marked(mark: str) -> list:
+    """Processes whose environment carries DR_TEST_MARK=mark: everything a command started (Ray hands its
+    environment on to the head's processes, its workers and the job drivers), to be checked gone or killed by PID."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and p.environ().get("DR_TEST_MARK") == mark:
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return out
+
+
 # ---- the scoring study (tests/helpers.py builds the fold models) ----
 
 

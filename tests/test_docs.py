@@ -13,7 +13,7 @@ import uuid
 
 import psutil
 import pytest
-from conftest import free_port
+from conftest import free_port, marked
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BIN = pathlib.Path(sys.executable).parent
@@ -67,19 +67,6 @@ def test_script_headers_show_only_commands_the_readme_section_runs():
     assert re.search(r"^demo-cluster:", (REPO / "Makefile").read_text(), re.MULTILINE)
     assert "make demo-cluster" in README.read_text()
     assert 'DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"' in (REPO / "cluster" / "local-up.sh").read_text()
-
-
-def marked(mark: str) -> list[psutil.Process]:
-    """Processes whose environment carries DR_TEST_MARK=mark: everything the commands started (Ray passes its
-    environment on to the head's processes, workers and job drivers)."""
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if p.pid != os.getpid() and p.environ().get("DR_TEST_MARK") == mark:
-                out.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    return out
 
 
 @pytest.mark.slow

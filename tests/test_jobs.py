@@ -17,7 +17,7 @@ import uuid
 import pandas as pd
 import psutil
 import pytest
-from conftest import free_port
+from conftest import free_port, marked
 
 from dermray import jobpaths, raysession
 from dermray.config import load_config
@@ -26,19 +26,6 @@ from dermray.errors import UserError
 pytestmark = pytest.mark.slow
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BIN = pathlib.Path(sys.executable).parent
-
-
-def marked(mark: str) -> list[psutil.Process]:
-    """Processes whose environment carries DR_TEST_MARK=mark: all that a command started (Ray hands its environment
-    on to the head's processes, its workers and the job drivers)."""
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if p.pid != os.getpid() and p.environ().get("DR_TEST_MARK") == mark:
-                out.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    return out
 
 
 # First in this file: it starts a head of its own, before the module's `head` fixture starts the other.
