@@ -776,8 +776,9 @@ def _batch_of(path: str) -> int:
 
 
 def settled_transients(rdir: str, files: list[str]) -> dict[str, np.ndarray]:
-    """Per quarantine file, a mask of its transient rows that a later batch settled (see merge_quarantine); only
-    the ids of transient rows are held, and the predictions are read one part's ``image_id`` column at a time."""
+    """Per quarantine file, a mask of its transient rows that a later batch settled (see merge_quarantine). The
+    driver holds the quarantine's ids and reasons (the bad rows, not the archive); the predictions are read one
+    part's ``image_id`` column at a time, and only when some row is transient."""
     rows = {f: storage.read_table(f, columns=["image_id", "reason"]) for f in files}
     transient = {f: pc.fill_null(pc.starts_with(t.column("reason"), TRANSIENT), False).to_numpy(
         zero_copy_only=False) for f, t in rows.items()}
