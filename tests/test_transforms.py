@@ -162,12 +162,14 @@ def test_photometric_augmentation_is_applied_in_training_only(ham_dir):
     pre = Preprocess("shades_of_gray", 6.0)
     evals = [train.decode_transform(batch, 64, False, 10**8, pre, None)["image"] for _ in range(2)]
     assert np.array_equal(*evals)
-    # Training with the geometric augmentation only vs with the photometric one: the latter changes colours.
+    # Training with the geometric augmentation only vs with the photometric one: the latter changes colours. The
+    # draws are unseeded (as in training): 32 of each put the ratio of spreads at 2.6-3.2 in 8 trials (6 draws
+    # against a bound of 2x failed once in three runs of the suite here), so the bound is 1.5x.
     rng_means = []
     for phot in (None, ph):
-        imgs = [train.decode_transform(batch, 64, True, 10**8, pre, phot)["image"][0] for _ in range(6)]
+        imgs = [train.decode_transform(batch, 64, True, 10**8, pre, phot)["image"][0] for _ in range(32)]
         rng_means.append(np.std([im.mean(axis=(0, 1)) for im in imgs], axis=0).mean())
-    assert rng_means[1] > 2 * rng_means[0] + 1, rng_means
+    assert rng_means[1] > 1.5 * rng_means[0], rng_means
 
 
 def test_scoring_refuses_a_colour_constancy_the_model_was_not_trained_with():
