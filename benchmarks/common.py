@@ -93,3 +93,16 @@ def peak_rss_mb() -> float:
 def last_line(figures: dict) -> None:
     """The benchmark's last line: one JSON object (its figures, no machine record)."""
     print(json.dumps(figures, default=_plain), flush=True)
+
+
+def run_child(script: str, kind: str, *args) -> dict:
+    """``script --child kind args...`` in a fresh interpreter (its peak RSS is its own); the JSON object on its
+    last stdout line. A failing child prints its stderr's tail and stops the benchmark."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, script, "--child", kind, *map(str, args)], capture_output=True, text=True,
+                          check=False)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"{kind} failed")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

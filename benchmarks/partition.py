@@ -49,7 +49,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,7 +58,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import SMOKE, last_line, peak_rss_mb, size, write_results  # noqa: E402
+from common import SMOKE, last_line, peak_rss_mb, run_child, size, write_results  # noqa: E402
 
 SIZES = size((1_000_000, 5_000_000), (10_000, 50_000))
 LABELS = ("1m", "5m")  # key suffixes (kept in smoke mode, where the sizes are 100x smaller)
@@ -435,12 +434,7 @@ def child(kind: str, manifest: str, out: str) -> None:
 
 
 def measure(kind: str, manifest: str, out: str) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", kind, manifest, out], capture_output=True,
-                          text=True, check=False)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"{kind} failed")
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = run_child(__file__, kind, manifest, out)
     print(f"  {kind:<15} {r['seconds']:8.2f} s   peak RSS {r['peak_rss_mb']:7.0f} MB", flush=True)
     return r
 

@@ -37,7 +37,6 @@ import io
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import SMOKE, last_line, peak_rss_mb, size, write_results  # noqa: E402
+from common import SMOKE, last_line, peak_rss_mb, run_child, size, write_results  # noqa: E402
 
 HAM = pathlib.Path(os.environ.get("DERMRAY_SHARED_DATA", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data")) / "ham10000"
 PLAN_SIZES = size({"1m": 1_000_000, "10m": 10_000_000}, {"1m": 1_000, "10m": 10_000})
@@ -226,12 +225,7 @@ def child(kind: str, *args: str) -> None:
 
 
 def measure(kind: str, *args) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", kind, *map(str, args)], capture_output=True, text=True,
-                          check=False)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"{kind} failed")
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = run_child(__file__, kind, *args)
     print(f"  {kind:<6} {r['seconds']:8.2f} s   driver peak RSS {r['peak_rss_mb']:7.0f} MB", flush=True)
     return r
 
