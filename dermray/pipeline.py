@@ -32,9 +32,7 @@ def test_split(cfg: RunConfig) -> str:
     src = cfg.pipeline.test_manifest
     table = storage.read_table(src)
     base = storage.parent(src)
-    table = table.set_column(table.column_names.index("uri"), "uri",
-                             pa.array([storage.resolve(u, base) if u else u for u in table.column("uri").to_pylist()],
-                                      pa.string()))
+    table = table.set_column(table.column_names.index("uri"), "uri", storage.resolve_column(table.column("uri"), base))
     if cfg.pipeline.biopsy_only:
         if "label_source" not in table.column_names:
             raise UserError(f"{storage.redact(src)}: pipeline.biopsy_only needs a label_source column")

@@ -71,8 +71,7 @@ def plan_read(uri: str, row_groups: list[int], offset: int, partitions: int):
     hasher.add(table, offset)
     ok = _usable(table)
     base = storage.parent(uri)
-    local = next((u for u in table.column("uri").filter(pa.array(ok)).to_pylist()
-                  if not storage.is_s3(storage.resolve(u, base))), None)
+    local = storage.first_local(storage.resolve_column(table.column("uri").filter(pa.array(ok)), base))
     fp = ids.fingerprints(table.column("image_id").filter(pa.array(ok)).to_numpy(zero_copy_only=False))
     rows = np.flatnonzero(ok).astype(np.int64) + offset
     part = ids.partition_of(fp, partitions)
@@ -143,8 +142,7 @@ def plan_work(uri: str, row_groups: list[int], offset: int, repeats: tuple, done
     todo = keep & ~already
     work = table.filter(pa.array(todo))
     base = storage.parent(uri)
-    resolved = [storage.resolve(u, base) for u in work.column("uri").to_pylist()]
-    work = work.set_column(work.column_names.index("uri"), "uri", pa.array(resolved, pa.string()))
+    work = work.set_column(work.column_names.index("uri"), "uri", storage.resolve_column(work.column("uri"), base))
     k = np.arange(work.num_rows) // rows_per_part
     sizes = np.bincount(k, minlength=k.max() + 1 if len(k) else 0)
     work = work.drop_columns([c for c in INTERNAL if c in work.column_names])

@@ -77,9 +77,8 @@ def read_rows(cfg: RunConfig, part: str) -> tuple[pa.Table, pa.Table, dict]:
     present = storage.parquet_file(cfg.data.manifest).schema_arrow.names
     manifest = storage.read_table(cfg.data.manifest, columns=["image_id", "uri", "label"] +
                                   [c for c in ("group_id", "source", "modality") if c in present])
-    base = storage.parent(cfg.data.manifest)
-    uris = [storage.resolve(u, base) for u in manifest.column("uri").to_pylist()]
-    manifest = manifest.set_column(1, "uri", pa.array(uris, pa.string()))
+    manifest = manifest.set_column(1, "uri", storage.resolve_column(manifest.column("uri"),
+                                                                    storage.parent(cfg.data.manifest)))
     # The lesion (or patient) of each image; an image without one is a group of its own.
     groups = manifest.column("group_id") if "group_id" in manifest.column_names else manifest.column("image_id")
     empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(groups), ""), True)
@@ -111,13 +110,15 @@ def add_task_truth(table: pa.Table, cfg: RunConfig, part: str, n_classes: int
     membership = storage.read_table(layout.partition_outputs(part)["task_membership"]).to_pandas()
     labels = table.column("label").to_numpy(zero_copy_only=False)
     truth = np.stack([inference.truth_for_task(tax, t, labels) for t in tasks], axis=1).astype(np.int32)
-    table = table.append_column("task_truth", pa.array(list(truth), pa.list_(pa.int32())))
+    # One list of len(tasks) per image, built from the flat matrix (no Python object per row).
+    offsets = pa.array(np.arange(0, truth.size + 1, len(tasks), dtype=np.int32))
+    table = table.append_column("task_truth", pa.ListArray.from_arrays(offsets, pa.array(truth.ravel())))
     positives = {t.name: t.class_names.index(t.positive) for t in tasks if t.is_binary}
     return table, inference.membership_matrices(membership, tasks, n_classes), [t.name for t in tasks], positives
 
 
 def fold_names(table: pa.Table, tcfg: TrainConfig) -> list:
-    present = sorted(set(table.column("fold").to_pylist()))
+    present = sorted(pc.unique(table.column("fold")).to_pylist())
     folds = list(tcfg.folds) or present
     unknown = [f for f in folds if f not in present]
     if unknown:
@@ -513,14 +514,14 @@ def data_description(p: TrainPlan, table: pa.Table) -> dict:
     with their licences, and the training data in numbers."""
     import datetime as dt
 
-    sources = (pd.Series(table.column("source").to_pylist()).fillna("unspecified").value_counts()
+    sources = (table.column("source").to_pandas().fillna("unspecified").value_counts()
                if "source" in table.column_names else pd.Series({"unspecified": table.num_rows}))
     return {"intended_use": artifacts.INTENDED_USE,
             "data_sources": [{"name": str(k), "images": int(v),
                               "licence": artifacts.LICENCES.get(str(k), "as its provider states")}
                              for k, v in sources.items()],
-            "training_data": {"images": table.num_rows, "lesions": len(set(table.column("group").to_pylist())),
-                              "classes": p.classes.num_rows, "folds": len(set(table.column("fold").to_pylist()))},
+            "training_data": {"images": table.num_rows, "lesions": pc.count_distinct(table.column("group")).as_py(),
+                              "classes": p.classes.num_rows, "folds": pc.count_distinct(table.column("fold")).as_py()},
             "limitations": list(artifacts.LIMITATIONS), "version": 1,
             "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
@@ -658,7 +659,7 @@ def run(cfg: RunConfig) -> dict:
     clear = {str(fold): check_fold_lineage(fold, layout.fold_dir(cfg.output, cfg.run_id, fold), lineages[str(fold)],
                                            cfg.train.force) for fold in p.folds}
     with ray_session(cfg.ray.address, cfg.ray.num_cpus):
-        first_local = next((u for u in p.table.column("uri").to_pylist() if not storage.is_s3(u)), None)
+        first_local = storage.first_local(p.table.column("uri"))
         check_shared_storage(cfg.storage, {"output": cfg.output, "image URI (in the manifest)": first_local})
         for fold in p.folds:  # written only once the run is known to be possible
             record_fold_lineage(layout.fold_dir(cfg.output, cfg.run_id, fold), lineages[str(fold)], clear[str(fold)])
