@@ -648,7 +648,7 @@ def run_distributed(cfg: RunConfig, inp: EvalInputs, paths: dict, t_start: float
     import ray.data
 
     from dermray.inference import membership_matrix
-    from dermray.raysession import ray_session
+    from dermray.raysession import check_shared_storage, ray_session
 
     ecfg = cfg.evaluate
     binary = [task for task in inp.tasks if task.is_binary]
@@ -656,6 +656,8 @@ def run_distributed(cfg: RunConfig, inp: EvalInputs, paths: dict, t_start: float
         raise UserError("evaluate.distributed computes binary tasks only; the tasks YAML has none")
     truth = [(task.class_names.index(task.positive), node_task_class(inp.tax, task)) for task in binary]
     with ray_session(cfg.ray.address, cfg.ray.num_cpus):
+        # Ray Data's read tasks run on any node: a local predictions folder must be one every node sees.
+        check_shared_storage(cfg.storage, {"evaluate.predictions": ecfg.predictions, "output": paths["metrics"]})
         fs, path = storage.filesystem(ecfg.predictions)
         ds = ray.data.read_parquet(path, filesystem=storage.pyarrow_fs(fs) if storage.is_s3(ecfg.predictions) else None)
         if ds.count() == 0:

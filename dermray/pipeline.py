@@ -15,7 +15,6 @@ import json
 import logging
 import time
 
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from dermray import artifacts, layout, lineage, progress, stages, storage

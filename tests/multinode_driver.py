@@ -13,7 +13,8 @@ which its workers die too. The S3 endpoint and credentials come from this proces
         [--scenarios partition,train,score,guard]
 
 Scenarios (each records what happened in the report; tests/test_multinode.py judges it):
-  guard      local output / local image URIs refused on the cluster (UserError), unless storage.shared_filesystem
+  guard      local output / local image URIs / local predictions (evaluate.distributed) refused on the cluster
+             (UserError), unless storage.shared_filesystem
   partition  a 300k-row synthetic manifest partitioned undisturbed, then again with a node killed mid-run
   train      two folds on two nodes ({"trainer": 1} each); fold 0's node killed mid-epoch 1; fold 0 resumes
   score      score.actors=2, one per node ({"scorer": 1}); a node killed once the first part is written
@@ -276,7 +277,7 @@ def set_faults(**kw) -> None:
 
 # ---- scenarios ---------------------------------------------------------------------------------------------------
 def scenario_guard(mn: MultiNode, ctx: dict) -> dict:
-    from dermray import partition, score, train
+    from dermray import evaluate, partition, score, train
 
     study, bucket, work = ctx["study"], ctx["bucket"], ctx["work"]
     local_out = os.path.join(work, "guard-local-out")
@@ -303,6 +304,12 @@ def scenario_guard(mn: MultiNode, ctx: dict) -> dict:
         f"score.input={study['manifest_local_uris']}", f"score.checkpoints={ctx['fold_models']}",
         f"output={s3_out}", "run_id=gi")))
     out["score_local_images"]["files_left"] = s3_keys(bucket, "guard/predictions/gi/")
+    local_preds = os.path.join(work, "guard-local-predictions")
+    os.makedirs(local_preds, exist_ok=True)
+    out["evaluate_local_predictions"] = user_error(lambda: evaluate.run(cfg(
+        f"evaluate.predictions={local_preds}", "evaluate.distributed=true", f"evaluate.partition={ctx['partition']}",
+        f"data.taxonomy={study['taxonomy']}", f"data.tasks={study['tasks']}", f"output={s3_out}", "run_id=ge")))
+    out["evaluate_local_predictions"]["files_left"] = s3_keys(bucket, "guard/evaluate/ge/")
     out["refusals_s"] = round(now() - t0, 1)
     # Declared shared (every node mounts it: here they all share this machine's disk), a local output is used.
     t1 = now()

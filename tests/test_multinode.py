@@ -156,13 +156,14 @@ def test_local_paths_are_refused_on_the_cluster_before_any_work_unless_declared_
     s = scenario(multinode, "guard")
     assert s["nodes_alive"] >= 3
     for case in ("partition_local_output", "train_local_output", "score_local_output", "train_local_images",
-                 "score_local_images"):
+                 "score_local_images", "evaluate_local_predictions"):
         r = s[case]
         assert r["type"] == "UserError" and r["error"], (case, r)
         assert "\n" not in r["error"] and "is a local path" in r["error"] and "nodes" in r["error"], (case, r)
         assert "shared_filesystem" in r["error"], (case, r)
     assert "image URI" in s["train_local_images"]["error"] and "image URI" in s["score_local_images"]["error"]
-    for case in ("partition_local_output", "score_local_output", "score_local_images"):
+    assert "evaluate.predictions" in s["evaluate_local_predictions"]["error"]
+    for case in ("partition_local_output", "score_local_output", "score_local_images", "evaluate_local_predictions"):
         assert s[case]["files_left"] == [], (case, s[case])
     shared = s["partition_shared_filesystem"]
     assert shared["error"] is None and shared["assigned"] == 48, shared
