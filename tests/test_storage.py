@@ -126,13 +126,6 @@ _URI_PARTS = st.sampled_from(["s3://", "S3://", "file://", "file:", "/", "C:", "
 _URIS = st.lists(_URI_PARTS, min_size=1, max_size=6).map("".join) | st.text(min_size=1, max_size=12)
 
 
-def _scalar_or_error(uri: str, base: str):
-    try:
-        return storage.resolve(uri, base)
-    except UserError:
-        return UserError
-
-
 @settings(max_examples=300, deadline=None)
 @example(uris=["s\t3://b/k", " S3://b/k", "\x01file:///x", "C:/x", "a/b:c", "x.jpg"], base="/m")
 @given(uris=st.lists(_URIS, min_size=1, max_size=8),
