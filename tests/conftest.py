@@ -1,19 +1,44 @@
-"""Shared fixtures: real data (skipped cleanly when ../shared/data is absent), in-process Ray, a real S3 server."""
+"""The suite's three tiers and its shared fixtures.
+
+Tiers, by folder (each test gets the folder's marker; `pytest -m unit` or `pytest tests/unit` runs one tier):
+- tests/unit: no Ray, no subprocess, no network, no training: pure modules and stage kernels on tiny data. A unit
+  test that asks for a fixture of the other tiers fails at collection; tests/unit/conftest.py refuses Ray and
+  Python/Ray/shell subprocesses at run time.
+- tests/stage: the in-process Ray (`ray_local`) and the real S3 server (`s3_server`); stage tests read the outputs
+  of one shared synthetic study (`study`: every stage run once, then again, in this session).
+- tests/system: whole processes: `ray job submit` on local heads, the multi-node cluster, driver kills, S3
+  outages, the browser, the demo as a user runs it, KubeRay and kustomize.
+Real data (../shared/data) is used where the real images matter, and its tests skip with a reason without it."""
 from __future__ import annotations
 
 import os
 import pathlib
-import socket
 
 import pandas as pd
 import pyarrow.parquet
 import pytest
-from helpers import shard_bytes, write_fold
+from helpers import free_port, marked, shard_bytes, write_fold  # noqa: F401 - re-exported
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(os.environ.get("DERMRAY_SHARED_DATA", REPO.parent / "shared" / "data"))
 HAM = SHARED_DATA / "ham10000"
 ISIC_TAXONOMY = SHARED_DATA / "isic-taxonomy" / "diagnosis_nodes.csv"
+TESTS = pathlib.Path(__file__).resolve().parent
+TIERS = ("unit", "stage", "system")
+# What a unit test may not use: Ray, the S3 server, and the studies built with them.
+NOT_FOR_UNIT = {"ray_local", "s3_server", "s3_bucket", "score_study", "study", "study_copy"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = pathlib.Path(str(item.fspath)).resolve().relative_to(TESTS).parts
+        tier = parts[0] if len(parts) > 1 else None
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.nodeid}: tests live in tests/unit, tests/stage or tests/system")
+        item.add_marker(getattr(pytest.mark, tier))
+        used = NOT_FOR_UNIT & set(getattr(item, "fixturenames", ()))
+        if tier == "unit" and used:
+            raise pytest.UsageError(f"{item.nodeid}: a unit test uses {sorted(used)}: move it to tests/stage")
 
 
 @pytest.fixture(scope="session")
@@ -85,25 +110,12 @@ def s3_bucket(s3_server):
     return f"s3://{name}"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# ---- the shared synthetic study (tests/study.py): every stage run once, then again, for the whole session ----
+@pytest.fixture(scope="session")
+def study(tmp_path_factory, ray_local):
+    import study as shared_study
 
-
-def marked(mark: str) -> list:
-    """Processes whose environment carries DR_TEST_MARK=mark: everything a command started (Ray hands its
-    environment on to the head's processes, its workers and the job drivers), to be checked gone or killed by PID."""
-    import psutil
-
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if p.pid != os.getpid() and p.environ().get("DR_TEST_MARK") == mark:
-                out.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    return out
+    return shared_study.build(tmp_path_factory.mktemp("study"))
 
 
 # ---- the scoring study (tests/helpers.py builds the fold models) ----

@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import socket
 import tarfile
 
 import pyarrow as pa
@@ -77,3 +78,47 @@ def train_small_fold(fold_dir, classes: pa.Table, images: list[str], labels: lis
         opt.step()
     m.eval()
     _save_fold(fold_dir, m, classes, run="trained")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def marked(mark: str) -> list:
+    """Processes whose environment carries DR_TEST_MARK=mark: everything a command started (Ray hands its
+    environment on to the head's processes, its workers and the job drivers), to be checked gone or killed by PID."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and p.environ().get("DR_TEST_MARK") == mark:
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return out
+
+
+def write_image(path, fmt: str, source=None, seed: int = 0) -> None:
+    """A real image file: ``source`` (a HAM10000 JPEG) re-encoded as ``fmt``, or a small noise image."""
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if source is not None:
+        with Image.open(source) as im:
+            im.convert("RGB").save(path, format=fmt)
+    else:
+        rng = np.random.default_rng(seed)
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(path, format=fmt)
+
+
+# A hospital's own label names and the ISIC nodes they map to (the importers' tests).
+HOSPITAL_NAMES = {"nv": "Naevus", "mel": "Malignant melanoma", "bcc": "BCC", "bkl": "Seborrhoeic keratosis"}
+NODES = {"nv": "Benign:Benign melanocytic proliferations:Nevus",
+         "mel": "Malignant:Malignant melanocytic proliferations (Melanoma)",
+         "bcc": "Malignant:Malignant adnexal epithelial proliferations - Follicular:Basal cell carcinoma",
+         "bkl": "Benign:Benign epidermal proliferations"}
+FORMATS = [("jpg", "JPEG"), ("png", "PNG"), ("bmp", "BMP"), ("tiff", "TIFF"), ("PNG", "PNG"), ("TIF", "TIFF")]

@@ -1,0 +1,151 @@
+"""Lineage: outputs carry what produced them and are never silently reused. Each of the issue's findings is a test
+that failed on the code before (which decided "already done" from names and paths)."""
+import json
+import shutil
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from helpers import write_fold
+
+from dermray import artifacts, faults, layout, score, train
+from dermray.cli import main
+from dermray.config import load_config
+from dermray.errors import UserError
+
+
+# ---- train: a checkpoint of another partition or recipe is never resumed -------------------------------------------
+@pytest.fixture(scope="module")
+def study(ham_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("lineage_study")
+    labels = pd.read_csv(ham_dir / "labels.csv")
+    subset = pd.concat([labels[labels.dx == dx].head(12) for dx in ("nv", "mel", "bkl", "bcc")])
+    subset.to_csv(d / "labels.csv", index=False)
+    assert main(["import", "ham10000", "--metadata", str(d / "labels.csv"), "--images", str(ham_dir / "images"),
+                 "--output", str(d / "in")]) == 0
+    return d
+
+
+def _partition(d, seed):
+    assert main(["partition", "--manifest", str(d / "in" / "manifest.parquet"), "--taxonomy",
+                 str(d / "in" / "taxonomy.parquet"), "--tasks", str(d / "in" / "tasks.yaml"), "--max-class-size",
+                 "10", "--folds", "3", "--seed", str(seed), "--output", str(d / "out"), "--run-id", "L"]) == 0
+    return pd.read_parquet(d / "out" / "partition" / "L" / "labels.parquet")
+
+
+def _train_cfg(d, *extra):
+    return load_config(None, [
+        f"data.manifest={d / 'in' / 'manifest.parquet'}", f"data.taxonomy={d / 'in' / 'taxonomy.parquet'}",
+        f"data.tasks={d / 'in' / 'tasks.yaml'}", f"output={d / 'out'}", "run_id=L", "train.arch=mobilenet_v3_small",
+        "train.weights=none", "train.image_size=32", "train.batch_size=8", "train.cpus_per_worker=0.5",
+        "train.data_cpus=0.5", "train.epochs=1", "train.folds=[0]", *extra])
+
+
+def test_retraining_after_a_repartition_is_refused_and_force_trains_without_leakage(study, ray_local, tmp_path,
+                                                                                     monkeypatch):
+    d = study
+    first = _partition(d, seed=0)
+    train.run(_train_cfg(d))
+    second = _partition(d, seed=5)  # same classes, other folds
+    moved = (first.set_index("image_id")["fold"] != second.set_index("image_id")["fold"]).mean()
+    assert moved > 0.3
+    with pytest.raises(UserError, match=r"^fold 0: labels changed \([0-9a-f]{8} -> [0-9a-f]{8}\); use a new run id, "
+                                        r"or --force to retrain from scratch$"):
+        train.run(_train_cfg(d))
+    consumed = tmp_path / "consumed-{fold}"
+    monkeypatch.setenv(faults.ENV, json.dumps({"consumed_file": str(consumed)}))
+    s = train.run(_train_cfg(d, "train.force=true"))
+    assert s["per_fold"][0]["epochs"] == 1
+    seen = set((tmp_path / "consumed-0").read_text().split())
+    validation = set(second.loc[second["fold"] == 0, "image_id"])
+    assert seen and not (seen & validation), "fold 0 trained on images of its own validation fold"
+    # It trained on the other folds' images (less the inner split that chose its epoch).
+    others = set(second.loc[second["fold"] != 0, "image_id"])
+    assert seen <= others and len(seen) >= 0.7 * len(others)
+    card = artifacts.read_card(str(d / "out" / "train" / "L" / "fold=0" / "model_card.json"))
+    assert card.lineage["id"] == s["per_fold"][0]["lineage_id"]
+    # Another learning rate is another recipe: refused as well, naming the setting.
+    with pytest.raises(UserError, match=r"fold 0: lr 0\.001 -> 0\.003"):
+        train.run(_train_cfg(d, "train.lr=0.003"))
+
+
+# ---- score: a retrained model re-scores; weights replaced behind the card are refused ------------------------------
+def _score_cfg(d, out, *extra):
+    return load_config(None, [
+        f"data.tasks={d / 'in' / 'tasks.yaml'}", f"data.taxonomy={d / 'in' / 'taxonomy.parquet'}",
+        f"score.checkpoints={out / 'train' / 'r1'}", f"score.input={d / 'archive' / 'manifest.parquet'}",
+        f"output={out}", "run_id=s", "score.batch_size=8", "score.rows_per_file=10", "score.cpus_per_actor=0.5",
+        "score.decode_cpus=0.5", *extra])
+
+
+def _copy_models(d, out):
+    shutil.copytree(d / "out" / "train" / "r1", out / "train" / "r1")
+
+
+def test_a_retrained_model_rescoring_the_same_run_replaces_every_prediction(score_study, ray_local, tmp_path):
+    d, out = score_study, tmp_path / "out"
+    _copy_models(d, out)
+    s1 = score.run(_score_cfg(d, out))
+    classes = pq.read_table(d / "out" / "partition" / "r1" / "training_classes.parquet")
+    for k in (0, 1):  # retrain in place: same paths, same model names, other weights
+        write_fold(out / "train" / "r1" / f"fold={k}", classes, seed=10 + k, partition=d / "out" / "partition" / "r1")
+    s2 = score.run(_score_cfg(d, out))
+    assert s2["model_id"] != s1["model_id"] and s2["model_id"].split("@")[0] == s1["model_id"].split("@")[0]
+    assert (s2["scored"], s2["already_done"]) == (24, 0)
+    preds = pd.read_parquet(out / "predictions" / "s" / "predictions")
+    assert len(preds) == 24 and set(preds["model_id"]) == {s2["model_id"]}
+
+
+def test_weights_replaced_after_the_card_was_written_are_refused(score_study, tmp_path):
+    d, out = score_study, tmp_path / "out"
+    _copy_models(d, out)
+    ens = artifacts.load_ensemble([str(out / "train" / "r1" / "fold=0")])
+    shutil.copy(d / "out" / "train" / "r1" / "fold=1" / "best" / "model.pt",
+                out / "train" / "r1" / "fold=0" / "best" / "model.pt")
+    with pytest.raises(UserError, match="the weights changed since they were identified"):
+        artifacts.load_member(ens, 0)
+
+
+def test_nightly_across_a_retrain_is_refused_with_one_line_naming_both_models(score_study, ray_local, tmp_path,
+                                                                              capsys):
+    d, out = score_study, tmp_path / "out"
+    _copy_models(d, out)
+    args = ["nightly", "--checkpoint", str(out / "train" / "r1" / "fold=0"), "--input",
+            str(d / "archive" / "manifest.parquet"), "--output", str(out), "--run-id", "nightly",
+            "--set", f"data.tasks={d / 'in' / 'tasks.yaml'}", "--set", f"data.taxonomy={d / 'in' / 'taxonomy.parquet'}",
+            "--set", "evaluate.n_bootstrap=20", "--set", "score.cpus_per_actor=0.5"]
+    assert main([*args, "--date", "2026-11-24"]) == 0
+    old = artifacts.load_ensemble([str(out / "train" / "r1" / "fold=0")]).model_id
+    classes = pq.read_table(d / "out" / "partition" / "r1" / "training_classes.parquet")
+    write_fold(out / "train" / "r1" / "fold=0", classes, seed=99, partition=d / "out" / "partition" / "r1")
+    new = artifacts.load_ensemble([str(out / "train" / "r1" / "fold=0")]).model_id
+    capsys.readouterr()
+    assert main([*args, "--date", "2026-11-25"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # progress goes to stderr too: the refusal is its last line
+    assert err[-1].startswith("dermray nightly: error:") and old in err[-1] and new in err[-1] and "never mixes two models" in err[-1]
+    assert not any("Traceback" in line for line in err)
+    history = pd.read_parquet(out / "metrics" / "nightly" / "history")
+    assert set(history["date"].astype(str)) == {"2026-11-24"}  # the refused night wrote no history
+    preds = pd.read_parquet(out / "predictions" / "nightly" / "predictions")
+    assert set(preds["model_id"]) == {old}
+
+
+# ---- pipeline: a new run id gets its own partition; every stage's lineage is checked --------------------------------
+def test_a_pipeline_with_a_new_run_id_and_another_class_size_uses_a_new_partition(study, ray_local):
+    d = study
+    base = [f"data.manifest={d / 'in' / 'manifest.parquet'}", f"data.taxonomy={d / 'in' / 'taxonomy.parquet'}",
+            f"data.tasks={d / 'in' / 'tasks.yaml'}", f"output={d / 'pipe'}", "pipeline.stages=[partition]",
+            "partition.folds=2"]
+    from dermray import pipeline
+
+    a = pipeline.run(load_config(None, [*base, "run_id=A", "partition.max_class_size=100"]))
+    b = pipeline.run(load_config(None, [*base, "run_id=B", "partition.max_class_size=5"]))
+    assert a["stages"][0]["status"] == b["stages"][0]["status"] == "ran"
+    classes = {r: len(pd.read_parquet(d / "pipe" / "partition" / r / "training_classes.parquet")) for r in "AB"}
+    assert classes["B"] > classes["A"], classes
+    assert train.plan(load_config(None, [*base, "run_id=B"])).partition == layout.partition_dir(str(d / "pipe"), "B")
+    # The same run with another setting re-runs the partition and says why.
+    again = pipeline.run(load_config(None, [*base, "run_id=A", "partition.max_class_size=7"]))
+    assert again["stages"][0]["status"] == "ran" and "max_class_size 100 -> 7" in again["stages"][0]["why"]
+    same = pipeline.run(load_config(None, [*base, "run_id=A", "partition.max_class_size=7"]))
+    assert same["stages"][0]["status"] == "skipped (done)"

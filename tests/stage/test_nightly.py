@@ -1,0 +1,62 @@
+"""The nightly job over a growing archive: only new images are scored, each night gets its metrics partition, and a
+missed floor fails the job with its reason."""
+import json
+import pathlib
+import subprocess
+import sys
+
+import pandas as pd
+
+from dermray.cli import EXIT_FLOOR_MISSED, main
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _night_manifest(d, tmp_path, name, n, missing=False):
+    m = pd.read_parquet(d / "archive" / "manifest.parquet").head(n)
+    m["uri"] = [str(d / "archive" / u) for u in m["uri"]]
+    if missing:
+        m = pd.concat([m, pd.DataFrame([{"image_id": "lost-1", "uri": str(tmp_path / "lost-1.jpg"),
+                                         "label": m["label"].iloc[0]}])], ignore_index=True)
+    m.to_parquet(tmp_path / f"{name}.parquet", index=False)
+    return tmp_path / f"{name}.parquet"
+
+
+def test_two_nights_score_only_new_images_and_a_missed_floor_fails_the_job(score_study, ray_local, tmp_path, capsys):
+    d = score_study
+    common = ["--checkpoint", str(d / "out" / "train" / "r1" / "fold=0"), "--output", str(tmp_path / "out"),
+              "--run-id", "nightly", "--set", f"data.tasks={d / 'in' / 'tasks.yaml'}",
+              "--set", f"data.taxonomy={d / 'in' / 'taxonomy.parquet'}",
+              "--set", f"score.partition={d / 'out' / 'partition' / 'r1'}", "--set", "evaluate.n_bootstrap=20",
+              "--set", "score.batch_size=8", "--set", "score.cpus_per_actor=0.5", "--json"]
+    night1 = _night_manifest(d, tmp_path, "night1", 14)
+    assert main(["nightly", "--input", str(night1), "--date", "2026-11-24", *common]) == 0
+    s1 = json.loads(capsys.readouterr().out)
+    assert s1["scored_tonight"] == 14 and s1["already_scored"] == 0 and s1["floors_missed"] == []
+
+    # The second night through the job script itself (its own process and Ray), as the CronJob runs it.
+    night2 = _night_manifest(d, tmp_path, "night2", 24, missing=True)
+    job = subprocess.run([sys.executable, str(REPO / "jobs" / "nightly_score.py"), "--input", str(night2), "--date",
+                          "2026-11-25", *common, "--set", "nightly.max_quarantined_share=0.05", "--set",
+                          "nightly.min_auc={melanoma_vs_nevus: 1.01}", "--set", "ray.num_cpus=2"],
+                         capture_output=True, text=True, timeout=600, cwd=REPO)
+    err = job.stderr
+    assert job.returncode == EXIT_FLOOR_MISSED, err[-3000:]
+    assert "Traceback" not in err and "dermray nightly: floor missed: nightly 2026-11-25" in err
+    assert "1 of tonight's 11 images were quarantined" in err and "melanoma_vs_nevus AUC (all)" in err
+    assert "below the floor 1.01" in err
+    summary = json.loads((tmp_path / "out" / "metrics" / "nightly" / "date=2026-11-25" / "nightly_summary.json")
+                         .read_text())
+    assert summary["scored_tonight"] == 10 and summary["already_scored"] == 14 and summary["predictions_total"] == 24
+    preds = pd.read_parquet(tmp_path / "out" / "predictions" / "nightly" / "predictions")
+    assert len(preds) == 24 and preds["image_id"].is_unique
+    history = pd.read_parquet(tmp_path / "out" / "metrics" / "nightly" / "history")
+    assert sorted(history["date"].astype(str).unique()) == ["2026-11-24", "2026-11-25"]
+    n_night = history[history.metric == "n_positive"].groupby("date", observed=True)["n"].max()
+    assert n_night.loc["2026-11-25"] > n_night.loc["2026-11-24"]  # the second night evaluates all 24 images
+    assert (tmp_path / "out" / "metrics" / "nightly" / "date=2026-11-25" / "report.html").exists()
+
+
+def test_nightly_config_errors_are_user_errors(score_study, tmp_path, capsys):
+    assert main(["nightly", "--date", "25/11/2026", "--input", "x.parquet", "--output", str(tmp_path)]) == 2
+    assert "key 'nightly.date': must be YYYY-MM-DD, got '25/11/2026'" in capsys.readouterr().err

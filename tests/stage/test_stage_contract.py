@@ -1,0 +1,182 @@
+"""The stage contract suite: every stage in ``dermray.stages.STAGES`` keeps the contracts of DESIGN.md, checked
+here once for all of them (in the spirit of scikit-learn's ``parametrize_with_checks``). A stage added to the list
+is held to every check by adding its case below.
+
+The stages ran once, in order, on the shared synthetic study (tests/study.py: partition -> a two-epoch tiny model
+on two folds -> scoring an archive with a missing file and a repeated id -> evaluation -> saliency), each from the
+same run config file, and then again. It needs no real data. Checks, per stage:
+- a re-run with the same inputs changes nothing: every table it wrote is equal, no key repeats;
+- the summary's counts add up: input = out + quarantined;
+- every Parquet table it wrote passes its schema (columns, types, nulls, enumerations);
+- a user error exits 2 with one line and no traceback, from the CLI and from jobs/ (in this process: one
+  subprocess smoke test per entry point lives in tests/system/test_entrypoints.py);
+- a planted secret appears in no output and no log line;
+- every file it writes lies under <output>/<stage folder>/<run_id>/;
+- its summary records a lineage whose id ``lineage_now`` reproduces without running it.
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+import pathlib
+import runpy
+import sys
+from dataclasses import dataclass, field
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from study import SECRET, stage_root
+
+from dermray import schemas, stages
+from dermray.cli import main
+from dermray.config import load_config
+from dermray.lineage import Lineage
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Case:
+    tables: dict  # file name pattern -> TableSchema
+    unique: dict = field(default_factory=dict)  # file name pattern -> key columns that never repeat
+    bad: str = ""  # an override that is a user error: "{missing}" is a path that does not exist
+
+
+CASES = {
+    "partition": Case({"training_classes.parquet": schemas.TRAINING_CLASSES, "labels.parquet": schemas.LABELS,
+                       "quarantine.parquet": schemas.QUARANTINE, "task_membership.parquet": schemas.TASK_MEMBERSHIP,
+                       "fold_counts.parquet": schemas.FOLD_COUNTS, "near_duplicates.parquet": schemas.NEAR_DUPLICATES},
+                      {"labels.parquet": ["image_id"]}, "data.manifest={missing}"),
+    "train": Case({"quarantine.parquet": schemas.QUARANTINE, "metrics.parquet": schemas.TRAINING_METRICS,
+                   "val_predictions.parquet": schemas.PREDICTIONS, "val_predictions_raw.parquet": None,
+                   "train_summary.parquet": schemas.TRAIN_SUMMARY},
+                  {"val_predictions.parquet": ["image_id"]}, "train.partition={missing}"),
+    "score": Case({"part-*.parquet": schemas.PREDICTIONS, "quarantine*.parquet": schemas.QUARANTINE},
+                  {"part-*.parquet": ["image_id"]}, "score.input={missing}.parquet"),
+    "evaluate": Case({"metrics.parquet": schemas.METRICS, "roc.parquet": schemas.ROC,
+                      "confusion.parquet": schemas.CONFUSION, "readers.parquet": schemas.READER_POINTS,
+                      "calibration.parquet": schemas.CALIBRATION},
+                     {"metrics.parquet": ["task", "subset", "metric"]}, "evaluate.predictions={missing}"),
+    "saliency": Case({"saliency_index.parquet": schemas.SALIENCY_INDEX, "sanity.parquet": schemas.SANITY},
+                     {"saliency_index.parquet": ["image_id", "task", "method"]}, "saliency.predictions={missing}"),
+}
+
+
+def test_every_stage_has_a_case():
+    assert set(CASES) == set(stages.STAGES)
+
+
+def matching(case: Case, path: str):
+    name = pathlib.PurePath(path).name
+    for pattern, value in case.tables.items():
+        if fnmatch.fnmatch(name, pattern):
+            return pattern, value
+    return None, None
+
+
+@pytest.mark.parametrize("stage", stages.STAGES)
+def test_a_rerun_with_the_same_inputs_changes_nothing(study, stage):
+    first, second = study["runs"][stage]
+    assert set(first["tables"]) == set(second["tables"]), stage
+    for name, table in first["tables"].items():
+        pd.testing.assert_frame_equal(table, second["tables"][name], check_like=True, obj=f"{stage}: {name}")
+    case = CASES[stage]
+    for name, table in second["tables"].items():
+        for pattern, keys in case.unique.items():
+            if fnmatch.fnmatch(pathlib.PurePath(name).name, pattern):
+                assert not table.duplicated(keys).any(), f"{stage}: {name} repeats {keys}"
+    # The predictions read as one table (every part): each image once.
+    if stage == "score":
+        preds = pd.read_parquet(stage_root(study["out"], "score") / "predictions")
+        assert preds["image_id"].is_unique and len(preds) == 20
+
+
+@pytest.mark.parametrize("stage", stages.STAGES)
+def test_the_summary_counts_add_up(study, stage):
+    for run in study["runs"][stage]:
+        c = stages.module(stage).counts(run["summary"])
+        assert c["in"] == c["out"] + c["quarantined"], (stage, c)
+        assert c["in"] > 0
+    if stage in ("partition", "score"):
+        first = stages.module(stage).counts(study["runs"][stage][0]["summary"])
+        assert first["quarantined"] >= (2 if stage == "score" else 0)
+
+
+@pytest.mark.parametrize("stage", stages.STAGES)
+def test_every_output_table_passes_its_schema(study, stage):
+    case = CASES[stage]
+    tables = study["runs"][stage][1]["tables"]
+    assert tables, stage
+    root = stage_root(study["out"], stage)
+    for name in tables:
+        pattern, schema = matching(case, name)
+        assert pattern is not None, f"{stage} wrote {name}, a table no schema describes"
+        if schema is not None:
+            schemas.check_table(pq.read_table(root / name), schema, f"{stage}: {name}")
+
+
+# The documented exception: evaluate writes the test results into the model cards of the models it evaluated.
+ALSO_WRITES = {"evaluate": ("train/*/fold=*/model_card.json", "train/*/fold=*/model_card.md")}
+
+
+@pytest.mark.parametrize("stage", stages.STAGES)
+def test_every_file_lies_under_the_stage_folder_of_the_run(study, stage):
+    prefix = str(stage_root(study["out"], stage).relative_to(study["out"]))
+    for run in study["runs"][stage]:
+        stray = sorted(f for f in run["changed"] if not f.startswith(prefix + os.sep)
+                       and not any(fnmatch.fnmatch(f, pattern) for pattern in ALSO_WRITES.get(stage, ())))
+        assert not stray, f"{stage} wrote outside {prefix}: {stray[:5]}"
+    assert study["runs"][stage][0]["changed"], f"{stage} wrote nothing"
+
+
+@pytest.mark.parametrize("stage", stages.STAGES)
+def test_a_planted_secret_appears_in_no_output_and_no_log(study, stage):
+    for run in study["runs"][stage]:
+        assert SECRET not in run["log"], stage
+    root = stage_root(study["out"], stage)
+    for p in root.rglob("*"):
+        if p.is_file():
+            assert SECRET.encode() not in p.read_bytes(), f"{stage}: {p}"
+
+
+@pytest.mark.parametrize("stage", stages.STAGES)
+def test_the_lineage_is_recorded_and_reproduced_without_running(study, stage):
+    summary = study["runs"][stage][1]["summary"]
+    recorded = Lineage.from_dict(summary["lineage"])
+    assert recorded.stage == stage and recorded.id and recorded.inputs
+    assert recorded.id == Lineage.from_dict(study["runs"][stage][0]["summary"]["lineage"]).id
+    now = stages.module(stage).lineage_now(load_config(str(study["config"])), recorded)
+    assert now.id == recorded.id, now.changes_from(recorded)
+    assert {"dermray", "ray", "torch"} <= set(recorded.versions)
+
+
+def _one_line_exit_2(code: int, err: str, what: str) -> None:
+    err = err.strip()
+    assert code == 2, (what, code, err[-2000:])
+    assert "Traceback" not in err and len(err.splitlines()) == 1, (what, err[-2000:])
+    assert "error:" in err
+
+
+def _job(stage: str, args: list[str]) -> int:
+    """jobs/<stage>.py as `ray job submit` runs it, in this process: its exit code."""
+    old = sys.argv
+    sys.argv = [str(REPO / "jobs" / f"{stage}.py"), *args]
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as e:
+        return int(e.code or 0)
+    finally:
+        sys.argv = old
+    return 0
+
+
+@pytest.mark.parametrize("stage", stages.STAGES)
+def test_a_user_error_exits_2_with_one_line_from_the_cli_and_from_jobs(study, stage, capfd):
+    bad = CASES[stage].bad.format(missing=study["dir"] / "no-such-input")
+    args = ["--config", str(study["config"]), "--set", bad, "--set", f"output={study['dir'] / 'err-out'}"]
+    capfd.readouterr()
+    code = main([stage, *args])
+    _one_line_exit_2(code, capfd.readouterr().err, f"dermray {stage}")
+    code = _job(stage, args)
+    _one_line_exit_2(code, capfd.readouterr().err, f"jobs/{stage}.py")

@@ -1,0 +1,262 @@
+"""Real Ray Train runs on the shared synthetic study (tests/study.py: a tiny model, 32 px images, 2 folds). The
+study's own training run (two epochs, both folds) is judged here as it was trained; tests that kill, resume, change
+a setting or write to S3 train runs of their own from the study's data and partition."""
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dermray import artifacts, evaluate, faults, models, storage, train
+from dermray.cli import main
+from dermray.config import load_config
+from dermray.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def small_study(study, tmp_path_factory):
+    """The study's inputs at d/in and its partition at d/out/partition/p (a copy: runs of their own go to d/out)."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("train_study")
+    (d / "in").symlink_to(study["data"], target_is_directory=True)
+    shutil.copytree(study["out"] / "partition" / "c", d / "out" / "partition" / "p")
+    return d
+
+
+def config(d, *extra):
+    return load_config(None, [
+        f"data.manifest={d / 'in' / 'manifest.parquet'}", f"data.taxonomy={d / 'in' / 'taxonomy.parquet'}",
+        f"data.tasks={d / 'in' / 'tasks.yaml'}", f"output={d / 'out'}", "train.arch=mobilenet_v3_small",
+        "train.weights=none", "train.image_size=32", "train.batch_size=8", "train.cpus_per_worker=0.5",
+        "train.data_cpus=0.5", f"train.partition={d / 'out' / 'partition' / 'p'}", *extra])
+
+
+def test_two_folds_train_concurrently_and_write_their_outputs(study, tmp_path):
+    s = study["runs"]["train"][0]["summary"]
+    out = study["out"]
+    labels = pd.read_parquet(out / "partition" / "c" / "labels.parquet")
+    assert s["folds"] == ["0", "1"] and s["trained_on"] == len(labels) and s["quarantined"] == 0
+    f0, f1 = s["per_fold"]
+    # The folds ran at the same time: their training windows overlap.
+    assert f0["t_start"] < f1["t_end"] and f1["t_start"] < f0["t_end"], (f0, f1)
+    run_dir = out / "train" / "c"
+    n_classes = len(pd.read_parquet(out / "partition" / "c" / "training_classes.parquet"))
+    for fold in ("fold=0", "fold=1"):
+        metrics = pd.read_parquet(run_dir / fold / "metrics.parquet")
+        assert set(metrics["epoch"]) == {0, 1}
+        assert {"loss", "top1", "acc_melanoma_vs_nevus", "acc_three_class"} <= set(
+            metrics.loc[metrics.split == "select", "metric"])
+        card = json.loads((run_dir / fold / "model_card.json").read_text())
+        assert card["architecture"] == "mobilenet_v3_small" and card["input_size"] == 32
+        assert len(card["training_classes"]) == n_classes and card["epochs_trained"] == 2
+        assert {"torch", "ray", "dermray"} <= set(card["versions"])
+        model = models.build_model("mobilenet_v3_small", n_classes, weights=str(run_dir / fold / "best" / "model.pt"))
+        assert model.classifier[3].out_features == n_classes
+        preds = pd.read_parquet(run_dir / fold / "val_predictions.parquet")
+        assert len(preds) == (labels["fold"] == int(fold[-1])).sum()
+        assert len(preds["probs"].iloc[0]) == n_classes
+        assert {"label", "label_source", "group_id", "model_id"} <= set(preds.columns)
+    summary = pd.read_parquet(run_dir / "train_summary.parquet")
+    row = summary.set_index("metric").loc["val_acc_three_class"]
+    assert row["folds"] == 2 and 0 <= row["mean"] <= 1
+    # The cross-validation predictions feed the evaluation stage (the paper's first round).
+    all_preds = pd.concat([pd.read_parquet(run_dir / f / "val_predictions.parquet") for f in ("fold=0", "fold=1")])
+    all_preds["model_id"] = "cv"
+    all_preds.to_parquet(tmp_path / "cv_predictions.parquet")
+    data = study["data"]
+    ev = evaluate.run(load_config(None, [f"evaluate.predictions={tmp_path / 'cv_predictions.parquet'}",
+                                         f"data.tasks={data / 'tasks.yaml'}",
+                                         f"data.taxonomy={data / 'taxonomy.parquet'}",
+                                         f"evaluate.partition={out / 'partition' / 'c'}",
+                                         f"output={tmp_path / 'out'}", "run_id=cv", "evaluate.n_bootstrap=50"]))
+    assert any(h["metric"] == "auc" and h["task"] == "melanoma_vs_nevus" for h in ev["headline"])
+
+
+def test_calibration_and_operating_points_are_locked_out_of_fold_and_applied_when_scoring(study):
+    """After training, the folds' held-out predictions fit one temperature and choose per binary task the
+    thresholds (target sensitivity, Youden) written into every model card; scoring applies them (calibrated probs
+    beside probs_raw, <task>_positive at the locked threshold); evaluation measures them with CIs, apart from the
+    thresholds it picks on the test data itself (marked oracle). All from the study's runs."""
+    from dermray import metrics as M
+
+    out = study["out"]
+    s = study["runs"]["train"][0]["summary"]
+    card = json.loads((out / "train" / "c" / "fold=0" / "model_card.json").read_text())
+    cal, points = card["calibration"], card["operating_points"]
+    assert cal["temperature"] > 0 and cal["nll_after"] <= cal["nll_before"] and "folds 0, 1" in cal["fitted_on"]
+    mvn = {p["name"]: p for p in points if p["task"] == "melanoma_vs_nevus"}
+    assert {"sens0.95", "youden"} <= set(mvn) and mvn["sens0.95"]["sensitivity"] >= 0.95
+    assert json.loads((out / "train" / "c" / "fold=1" / "model_card.json").read_text())[
+        "operating_points"] == points  # one set for the run's ensemble
+    # The locked values are what the out-of-fold predictions give (recomputed here from the written files).
+    oof = pd.concat([pd.read_parquet(out / "train" / "c" / f / "val_predictions.parquet")
+                     for f in ("fold=0", "fold=1")])
+    t, _, _ = M.fit_temperature(np.stack(oof["probs"]).astype(float), oof["class_index"].to_numpy())
+    assert abs(t - cal["temperature"]) < 1e-6 and s["calibration"]["temperature"] == cal["temperature"]
+    sc = study["runs"]["score"][0]["summary"]
+    preds = pd.read_parquet(out / "predictions" / "c" / "predictions")
+    raw = np.stack(preds["probs_raw"]).astype(float)
+    np.testing.assert_allclose(np.stack(preds["probs"]), M.apply_temperature(raw, cal["temperature"]), atol=1e-5)
+    thr = mvn["sens0.95"]["threshold"]
+    inside = preds["melanoma_vs_nevus_score"].notna()
+    assert inside.any()
+    assert ((preds.loc[inside, "melanoma_vs_nevus_score"] >= thr) == preds.loc[inside, "melanoma_vs_nevus_positive"]
+            ).all()
+    assert sc["decisions"]["thresholds"]["melanoma_vs_nevus"]["name"] == "sens0.95"
+    ev = study["runs"]["evaluate"][0]["summary"]
+    m = pd.read_parquet(ev["outputs"]["metrics"]).query("task == 'melanoma_vs_nevus' and subset == 'all'")
+    m = m.set_index("metric")
+    assert m.loc["threshold@locked:sens0.95", "value"] == pytest.approx(thr)
+    for rate in ("sensitivity", "specificity", "ppv", "npv"):
+        row = m.loc[f"{rate}@locked:sens0.95"]
+        if pd.isna(row["value"]):  # e.g. no image called negative: NPV has no denominator
+            assert row["note"].startswith("undefined"), rate
+        else:
+            assert row["ci_low"] <= row["value"] <= row["ci_high"], rate
+    assert "sensitivity@oracle:youden" in m.index and "sensitivity@youden" not in m.index
+    assert {"ece", "ece_uncalibrated"} <= set(m.index)
+
+
+def test_a_killed_worker_resumes_from_its_checkpoint_and_a_rerun_continues(small_study, ray_local, tmp_path,
+                                                                           monkeypatch):
+    d = small_study
+    pid_file, events = tmp_path / "pid", tmp_path / "events"
+
+    snapshot = d / "out" / "train" / "resume" / "fold=0" / "checkpoint_manager_snapshot.json"
+
+    def killer():
+        # Kill the worker inside epoch 1, once Ray Train has registered epoch 0's checkpoint.
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            try:
+                registered = len(json.loads(snapshot.read_text())["checkpoint_results"])
+            except (OSError, ValueError, KeyError):
+                registered = 0
+            if registered >= 1 and "1" in events.read_text().split():
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    monkeypatch.setenv(faults.ENV, json.dumps({"pid_file": str(pid_file), "events_file": str(events),
+                                               "slow_batch_s": 0.5}))
+    s = train.run(config(d, "run_id=resume", "train.folds=[0]", "train.epochs=3", "train.max_failures=2"))
+    thread.join(timeout=1)
+    started = [int(x) for x in events.read_text().split()]
+    # Epoch 0 was not redone; the epoch the kill interrupted was started again; the fold ended at epoch 2.
+    assert started.count(0) == 1 and len(started) == 4 and sorted(set(started)) == [0, 1, 2], started
+    assert s["per_fold"][0]["epochs"] == 3
+    # Re-running the same run resumes nothing new; another epoch count is another recipe: refused in one line,
+    # then trained afresh under --force.
+    monkeypatch.setenv(faults.ENV, json.dumps({"events_file": str(events)}))
+    s = train.run(config(d, "run_id=resume", "train.folds=[0]", "train.epochs=3"))
+    assert [int(x) for x in events.read_text().split()][len(started):] == []
+    with pytest.raises(UserError, match=r"fold 0: epochs 3 -> 4; use a new run id, or --force"):
+        train.run(config(d, "run_id=resume", "train.folds=[0]", "train.epochs=4"))
+    metrics = pd.read_parquet(d / "out" / "train" / "resume" / "fold=0" / "metrics.parquet")
+    assert sorted(set(metrics["epoch"])) == [0, 1, 2]
+    # The resumed fold's model scores real images.
+    from dermray import score
+    from dermray.transforms import decode_image, eval_transform
+
+    ens = artifacts.load_ensemble([str(d / "out" / "train" / "resume")])
+    uris = [storage.resolve(u, str(d / "in")) for u in pd.read_parquet(d / "in" / "manifest.parquet")["uri"].head(4)]
+    images = np.stack([np.asarray(eval_transform(decode_image(storage.read_bytes(u)), ens.size)) for u in uris])
+    probs = score.Predictor(ens, 2, channels_last=True, tta="none", use_gpu=False)(
+        {"image": images, "error": np.array([""] * 4, dtype=object)})["probs"]
+    assert probs.shape == (4, ens.n_classes) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_a_fold_directory_without_a_lineage_record_is_refused(small_study, tmp_path):
+    d = small_study
+    run_dir = d / "out" / "train" / "mismatch" / "fold=0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoint_000000").mkdir()
+    (run_dir / "checkpoint_000000" / "model.pt").write_bytes(b"old")
+    with pytest.raises(UserError, match="holds files with no lineage record"):
+        train.run(config(d, "run_id=mismatch", "train.folds=[0]", "train.epochs=1"))
+
+
+def test_bad_train_settings_are_user_errors(small_study):
+    d = small_study
+    with pytest.raises(UserError, match="key 'train.arch' must be one of"):
+        train.run(config(d, "train.arch=vgg16"))
+    with pytest.raises(UserError, match="key 'train.optimizer' must be one of 'rmsprop' or 'adamw'"):
+        train.run(config(d, "train.optimizer=sgd"))
+    with pytest.raises(UserError, match=r"train.folds \[7\] are not in the labels"):
+        train.run(config(d, "train.folds=[7]"))
+    with pytest.raises(UserError, match="checkpoint_metric 'acc_nope' names no task"):
+        train.run(config(d, "train.checkpoint_metric=val_acc_nope"))
+
+
+def test_checkpoints_and_outputs_on_s3_and_a_final_model(small_study, ray_local, s3_bucket):
+    d = small_study
+    out = f"{s3_bucket}/dermray"
+    s = train.run(config(d, "run_id=s3run", "train.folds=[1]", "train.final_model=true", "train.epochs=1",
+                         f"output={out}", f"train.partition={d / 'out' / 'partition' / 'p'}"))
+    assert s["folds"] == ["1", "all"]
+    run_dir = f"{out}/train/s3run"
+    for fold in ("fold=1", "fold=all"):
+        card = json.loads(storage.read_text(f"{run_dir}/{fold}/model_card.json"))
+        assert card["epochs_trained"] == 1
+        assert storage.exists(f"{run_dir}/{fold}/best/model.pt")
+        assert any("checkpoint_" in p for p in storage.list_files(f"{run_dir}/{fold}"))
+    assert card["held_out_fold"] is None  # the final model saw every fold
+    assert storage.exists(f"{run_dir}/fold=1/val_predictions.parquet")
+    assert not storage.exists(f"{run_dir}/fold=all/val_predictions.parquet")
+
+
+def test_cli_train_user_error_exits_2(small_study, capsys):
+    d = small_study
+    code = main(["train", "--manifest", str(d / "in" / "manifest.parquet"), "--output", str(d / "out"),
+                 "--arch", "alexnet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "key 'train.arch'" in err and "'alexnet'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_training_time_budget_stops_the_fold(small_study, ray_local, monkeypatch):
+    d = small_study
+    monkeypatch.setenv(faults.ENV, json.dumps({"slow_batch_s": 0.4}))
+    s = train.run(config(d, "run_id=budget", "train.folds=[0]", "train.epochs=5", "train.max_minutes=0.005",
+                         "train.checkpoint_metric=train_loss"))
+    assert s["per_fold"][0]["epochs"] == 1
+    metrics = pd.read_parquet(d / "out" / "train" / "budget" / "fold=0" / "metrics.parquet").set_index("metric")
+    assert metrics.loc["stopped_by_budget", "value"] == 1.0
+
+
+def test_the_epoch_is_chosen_on_an_inner_split_and_the_held_out_fold_only_measures(small_study, ray_local, tmp_path,
+                                                                                   monkeypatch):
+    """train.selection: inner (the default): an inner split of the training lesions picks the epoch; the model
+    never trains on it nor on the held-out fold, and the held-out fold's predictions (the cross-validation
+    estimate) come from the chosen epoch, measured once."""
+    d = small_study
+    monkeypatch.setenv(faults.ENV, json.dumps({"consumed_file": str(tmp_path / "consumed-{fold}")}))
+    s = train.run(config(d, "run_id=inner", "train.folds=[1]", "train.epochs=3", "train.selection_fraction=0.25"))
+    fold_dir = d / "out" / "train" / "inner" / "fold=1"
+    metrics = pd.read_parquet(fold_dir / "metrics.parquet")
+    select_loss = metrics[(metrics.split == "select") & (metrics.metric == "loss")].set_index("epoch")["value"]
+    assert len(select_loss) == 3 and s["per_fold"][0]["best_epoch"] == int(select_loss.idxmin())
+    assert not (metrics.split == "val").any()  # the held-out fold is not measured per epoch
+    preds = pd.read_parquet(fold_dir / "val_predictions.parquet")
+    assert set(preds["epoch"]) == {s["per_fold"][0]["best_epoch"]}
+    rows = train.plan(config(d, "run_id=inner", "train.folds=[1]", "train.selection_fraction=0.25")).table
+    split = train.split_rows(1, rows, config(d, "train.selection_fraction=0.25").train)
+    consumed = set((tmp_path / "consumed-1").read_text().split())
+    select_ids = set(split["select"].column("image_id").to_pylist())
+    val_ids = set(split["val"].column("image_id").to_pylist())
+    assert select_ids and consumed == set(split["train"].column("image_id").to_pylist())
+    assert not consumed & (select_ids | val_ids)
+    assert set(preds["image_id"]) == val_ids
+    # Lesion-grouped: no lesion has images both in the selection split and in training.
+    groups = dict(zip(rows.column("image_id").to_pylist(), rows.column("group").to_pylist()))
+    assert not {groups[i] for i in select_ids} & {groups[i] for i in consumed}
+    card = json.loads((fold_dir / "model_card.json").read_text())
+    assert "inner split" in card["selection"] and card["validation"]["val_images"] == len(val_ids)
+
+

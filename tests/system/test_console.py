@@ -1,0 +1,141 @@
+"""What a person sees: a pipeline run from the command line prints only dermray's own lines - one per stage start,
+progress per fold and epoch, the summary and where the report and the log are - and keeps everything else (Ray's
+execution plans, worker warnings, C++ messages) in the log file beside the outputs."""
+import pathlib
+import re
+import subprocess
+import sys
+
+from dermray.cli import main
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+RAY_NOISE = ("Starting execution of Dataset", "worker processes have been started", "constructor arguments",
+             "Execution plan", "Traceback", "checkpoint_", "WARNING", "(raylet)", "pid=")
+
+
+def test_a_demo_pipeline_prints_a_few_meaningful_lines_and_logs_the_rest(tmp_path):
+    assert main(["synth", "--output", str(tmp_path / "data"), "--lesions", "200", "--test-lesions", "60"]) == 0
+    d = tmp_path / "data"
+    cmd = [sys.executable, "-m", "dermray.cli", "pipeline", "--config", str(REPO / "configs" / "demo.yaml"),
+           "--set", f"output={tmp_path / 'out'}", "--set", f"data.manifest={d / 'manifest.parquet'}",
+           "--set", f"data.taxonomy={d / 'taxonomy.parquet'}", "--set", f"data.tasks={d / 'tasks.yaml'}",
+           "--set", f"evaluate.readers={d / 'readers.parquet'}",
+           "--set", f"pipeline.test_manifest={d / 'test_manifest.parquet'}", "--set", "train.epochs=1",
+           "--set", "saliency.sanity=false", "--set", "evaluate.n_bootstrap=50"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    lines = (run.stdout + run.stderr).strip().splitlines()
+    assert len(lines) <= 40, "\n".join(lines)
+    for noise in RAY_NOISE:
+        assert not any(noise in ln for ln in lines), noise
+    # Each stage says it starts; training says how far each fold is; the end says where things are.
+    for k, stage in enumerate(("partition", "train", "score", "evaluate", "saliency"), 1):
+        assert any(ln.startswith(f"pipeline [{k}/5] {stage}: running") for ln in lines), stage
+    epochs = [ln for ln in lines if re.match(r"train: fold \d epoch 1/1, train loss", ln)]
+    assert len(epochs) == 3 and all("img/s" in ln and "ETA" in ln for ln in epochs), epochs
+    assert any(ln.startswith("score: ") and "images/s" in ln for ln in lines)
+    assert any(re.match(r"evaluate: (\d+) / \1 tasks \(100%\).*images, .*lesions", ln) for ln in lines), lines
+    assert any(re.match(r"saliency: (\d+) / \1 maps \(100%\)", ln) for ln in lines), lines
+    report = next(ln for ln in lines if ln.strip().startswith("report: ")).split("report: ")[1]
+    assert pathlib.Path(report).exists()
+    last = run.stdout.strip().splitlines()[-1]  # stdout: the summary alone, ending with the log's place
+    log = pathlib.Path(last.split("log: ")[1])
+    assert last.strip().startswith("log: ") and log.exists()
+    assert all(not ln.startswith(("pipeline [", "train: fold", "score: ")) for ln in run.stdout.splitlines())
+    text = log.read_text()
+    assert "Starting execution of Dataset" in text and "pipeline [2/5] train" in text  # everything is in the log
+
+
+def test_a_user_error_is_one_line_and_the_version_is_printed(tmp_path):
+    """Errors are one line on the console (the details in the log file); --version names the release and commit."""
+    cmd = [sys.executable, "-m", "dermray.cli", "lineage", "--output", str(tmp_path / "nothing"), "--run-id", "r"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1 and "no stage outputs" in run.stderr
+    version = subprocess.run([sys.executable, "-m", "dermray.cli", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.startswith("dermray 0.1.0")
+
+
+METERED = """
+import sys, time
+from dermray import console, progress
+with console.session("t", verbose=False) as c:
+    meter = progress.Meter("work", 6, every_s=60)
+    for i in range(6):
+        time.sleep(0.6)
+        meter.update()
+        if i == 2:
+            progress.say("a line between")
+    print("in the log only")
+print("log:", c.log_path)
+"""
+
+
+def _run_on(stream: str, tmp_path) -> tuple[str, str]:
+    """METERED with its stdout and stderr on a pseudo-terminal ("tty") or on pipes; (console text, log text)."""
+    import os
+    import pty
+
+    if stream == "tty":
+        master, slave = pty.openpty()
+        proc = subprocess.Popen([sys.executable, "-c", METERED], stdout=slave, stderr=slave, cwd=tmp_path)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the other end closed
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(master)
+        assert proc.wait(60) == 0
+        text = b"".join(chunks).decode().replace("\r\n", "\n")  # the terminal's own line endings
+    else:
+        run = subprocess.run([sys.executable, "-c", METERED], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr
+        text = run.stdout + run.stderr
+    log = pathlib.Path(re.search(r"log: (\S+)", text).group(1))
+    return text, log.read_text()
+
+
+def test_on_a_terminal_a_meter_is_one_live_line_and_elsewhere_plain_lines(tmp_path):
+    """On a terminal the meter redraws one line in place (carriage return + erase) about twice a second, other
+    lines print above it, and its last line stays; in job logs (pipes) and in the log file only the lines that
+    last (here: the line between and the meter's last, every_s being 60 s)."""
+    tty, tty_log = _run_on("tty", tmp_path)
+    assert "\r\x1b[Kwork: 1 / 6 images (17%)" in tty and "\r\x1b[Kwork: 5 / 6 images (83%)" in tty, repr(tty)
+    assert re.search(r"\r\x1b\[Ka line between\n\r\x1b\[Kwork: 3 / 6", tty), repr(tty)  # printed above, redrawn
+    assert re.search(r"\r\x1b\[Kwork: 6 / 6 images \(100%\), [^\n]*\n", tty), repr(tty)
+    piped, piped_log = _run_on("pipe", tmp_path)
+    assert "\r" not in piped and "\x1b" not in piped
+    assert [ln for ln in piped.splitlines() if ln.startswith("work:")] == [
+        next(ln for ln in piped.splitlines() if ln.startswith("work: 6 / 6"))]
+    assert "a line between" in piped and "in the log only" not in piped
+    for log in (tty_log, piped_log):
+        assert len([ln for ln in log.splitlines() if "work: " in ln]) == 1 and "in the log only" in log
+
+
+OTHERS = """
+import logging, sys
+from dermray import console, progress
+with console.session("t", verbose=sys.argv[1] == "-v") as c:
+    logging.getLogger("ray.data").warning("a line of Ray's")
+    print("printed by a library")
+    progress.say("a line of dermray's")
+print("log:", c.log_path)
+"""
+
+
+def test_minus_v_shows_everything_on_the_console_and_the_default_only_dermray_lines(tmp_path):
+    quiet, verbose = (subprocess.run([sys.executable, "-c", OTHERS, flag], capture_output=True, text=True,
+                                     timeout=60, cwd=tmp_path) for flag in ("", "-v"))
+    assert quiet.returncode == verbose.returncode == 0, quiet.stderr + verbose.stderr
+    console_text = quiet.stdout + quiet.stderr
+    assert "a line of dermray's" in console_text
+    assert "a line of Ray's" not in console_text and "printed by a library" not in console_text
+    log = pathlib.Path(re.search(r"log: (\S+)", quiet.stdout).group(1)).read_text()
+    assert "a line of Ray's" in log and "printed by a library" in log and "a line of dermray's" in log
+    everything = verbose.stdout + verbose.stderr
+    assert all(s in everything for s in ("a line of Ray's", "printed by a library", "a line of dermray's"))
+    assert "log: None" in verbose.stdout  # -v keeps no log file: the console is the log

@@ -1,0 +1,775 @@
+"""The KubeRay manifests as KubeRay reads them.
+
+- Strict schema validation against KubeRay's own CRDs (the oldest supported version's, from
+  ../shared/kuberay-crds): a field the structural schema does not declare is an error, as in a strict
+  `kubectl apply`; types, enums, patterns, required fields and the CRDs' CEL rules are checked too. Every ray.io
+  object in k8s/, in each rendered overlay, embedded in a ConfigMap, and the RayJob the launcher creates.
+- One image setting per overlay reaches every container; rayVersion is written once and is the image's Ray.
+- The GPUs an overlay can request at once equal the cap its comment states; requests equal limits.
+- The plain-CronJob launcher is idempotent (run against a fake API server); the nightly's starting deadline.
+"""
+import datetime as dt
+import functools
+import json
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import types
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import ray
+import yaml
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+K8S = REPO / "k8s"
+OVERLAYS = ["dev", "prod"]
+SUPPORTED = "1.7.0"  # the oldest KubeRay the manifests support (README "KubeRay", each manifest's header)
+CRD_DIR = REPO.parent / "shared" / "kuberay-crds" / f"v{SUPPORTED}"
+PLACEHOLDER = "dermray"  # the image name every manifest uses; each overlay's `images:` rewrites it
+SCHEDULE_TEMPLATE = "dermray-nightly"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A structural-schema validator with Kubernetes' strict field semantics
+
+OBJECT_META = {"name": str, "generateName": str, "namespace": str, "labels": dict, "annotations": dict,
+               "finalizers": list, "ownerReferences": list, "uid": str, "resourceVersion": str, "generation": int,
+               "creationTimestamp": (str, type(None)), "deletionTimestamp": str, "deletionGracePeriodSeconds": int,
+               "managedFields": list, "selfLink": str}
+TYPES = {"object": dict, "array": list, "string": str, "boolean": bool}
+INT32 = (-2 ** 31, 2 ** 31 - 1)
+INT64 = (-2 ** 63, 2 ** 63 - 1)
+
+
+class UnsupportedRule(Exception):
+    pass
+
+
+def cel(rule: str, value) -> bool:
+    """The CEL subset KubeRay's CRDs use: has(self.f), !, &&, ||, (), `self in [...]`; `self == oldSelf` is a
+    transition rule (checked only on update, never on create). Anything else raises UnsupportedRule - a rule
+    this validator cannot evaluate fails the test instead of passing silently."""
+    if rule.strip() == "self == oldSelf":
+        return True
+    expr = re.sub(r"has\(self\.([A-Za-z_]\w*)\)", lambda m: f"_has({m.group(1)!r})", rule)
+    expr = expr.replace("&&", " and ").replace("||", " or ")
+    expr = re.sub(r"!(?!=)", " not ", expr)
+    bare = re.sub(r"'[^'\\]*'", "''", expr)
+    if set(re.findall(r"[A-Za-z_]\w*", bare)) - {"_has", "and", "or", "not", "in", "self"} or re.search(
+            r"[^\w\s()'\[\],]", bare):
+        raise UnsupportedRule(rule)
+    return bool(eval(expr, {"__builtins__": {}}, {"_has": lambda k: k in value, "self": value}))  # noqa: S307
+
+
+def _type_ok(value, schema) -> bool:
+    if schema.get("x-kubernetes-int-or-string"):
+        return isinstance(value, (int, str)) and not isinstance(value, bool)
+    t = schema.get("type")
+    if t is None:
+        return True
+    if t == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if t == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, TYPES[t])
+
+
+def check(value, schema: dict, path: str, errors: list) -> None:
+    if not _type_ok(value, schema):
+        want = "int-or-string" if schema.get("x-kubernetes-int-or-string") else schema.get("type")
+        errors.append(f"{path}: expected {want}, got {type(value).__name__} {value!r}")
+        return
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{path}: {value!r} is not one of {schema['enum']}")
+    if isinstance(value, str):
+        if "pattern" in schema and not re.search(schema["pattern"], value):
+            errors.append(f"{path}: {value!r} does not match {schema['pattern']}")
+        if len(value) < schema.get("minLength", 0) or len(value) > schema.get("maxLength", float("inf")):
+            errors.append(f"{path}: length of {value!r} out of bounds")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        lo, hi = {"int32": INT32, "int64": INT64}.get(schema.get("format"), (-float("inf"), float("inf")))
+        if not lo <= value <= hi or value < schema.get("minimum", -float("inf")) or value > schema.get(
+                "maximum", float("inf")):
+            errors.append(f"{path}: {value} out of bounds")
+    if isinstance(value, list):
+        if len(value) < schema.get("minItems", 0) or len(value) > schema.get("maxItems", float("inf")):
+            errors.append(f"{path}: {len(value)} items out of bounds")
+        keys = schema.get("x-kubernetes-list-map-keys")
+        if schema.get("x-kubernetes-list-type") == "map" and keys:
+            seen = [tuple(item.get(k) for k in keys) for item in value if isinstance(item, dict)]
+            if len(seen) != len(set(seen)):
+                errors.append(f"{path}: duplicate entries for list-map keys {keys}")
+        if schema.get("x-kubernetes-list-type") == "set" and len(set(map(json.dumps, value))) != len(value):
+            errors.append(f"{path}: duplicate entries in a set")
+        for i, item in enumerate(value):
+            check(item, schema.get("items", {}), f"{path}[{i}]", errors)
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        addl = schema.get("additionalProperties")
+        for req in schema.get("required", []):
+            if req not in value:
+                errors.append(f"{path}: required field {req!r} is missing")
+        for k, v in value.items():
+            where = f"{path}.{k}" if path else k
+            if k in props:
+                check(v, props[k], where, errors)
+            elif isinstance(addl, dict):
+                check(v, addl, where, errors)
+            elif addl is True or schema.get("x-kubernetes-preserve-unknown-fields"):
+                continue
+            elif schema.get("x-kubernetes-embedded-resource") and k in ("apiVersion", "kind", "metadata"):
+                continue
+            else:  # structural schemas: no property, no additionalProperties -> pruned, i.e. unknown (strict: error)
+                errors.append(f"{where}: unknown field")
+    for v in schema.get("x-kubernetes-validations", []):
+        if not cel(v["rule"], value):
+            errors.append(f"{path}: {v.get('message') or v['rule']}")
+
+
+def check_object_meta(meta, errors: list, path: str = "metadata") -> None:
+    if not isinstance(meta, dict):
+        errors.append(f"{path}: expected object")
+        return
+    for k, v in meta.items():
+        if k not in OBJECT_META:
+            errors.append(f"{path}.{k}: unknown field")
+        elif not isinstance(v, OBJECT_META[k]):
+            errors.append(f"{path}.{k}: expected {OBJECT_META[k]}")
+        elif k in ("labels", "annotations") and not all(isinstance(x, str) for x in v.values()):
+            errors.append(f"{path}.{k}: values must be strings")
+
+
+@functools.lru_cache(maxsize=None)
+def crds() -> dict:
+    if not CRD_DIR.is_dir():
+        pytest.skip(f"{CRD_DIR} is absent: KubeRay's CRDs are needed for strict schema validation")
+    out = {}
+    for path in sorted(CRD_DIR.glob("*.yaml")):
+        for crd in yaml.safe_load_all(path.read_text()):
+            if crd and crd.get("kind") == "CustomResourceDefinition":
+                out[crd["spec"]["names"]["kind"]] = crd
+    assert {"RayCluster", "RayJob", "RayCronJob"} <= set(out), f"{CRD_DIR}: {sorted(out)}"
+    return out
+
+
+def validate(obj: dict) -> list[str]:
+    """Errors a strict apply of `obj` would report (structural schema + CEL), [] when it is accepted."""
+    group, _, version = obj.get("apiVersion", "").partition("/")
+    crd = crds().get(obj.get("kind"))
+    if crd is None or crd["spec"]["group"] != group:
+        return [f"{obj.get('apiVersion')} {obj.get('kind')}: no such KubeRay kind"]
+    served = {v["name"]: v for v in crd["spec"]["versions"] if v.get("served")}
+    if version not in served:
+        return [f"{obj['kind']}: version {version!r} not served (served: {sorted(served)})"]
+    schema = served[version]["schema"]["openAPIV3Schema"]
+    errors: list[str] = []
+    check_object_meta(obj.get("metadata", {}), errors)
+    top = {k: v for k, v in obj.items() if k != "metadata"}
+    check(top, {**schema, "properties": {k: s for k, s in schema["properties"].items() if k != "metadata"}}, "",
+          errors)
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rendering
+
+def _kubectl() -> str:
+    exe = shutil.which("kubectl")
+    if exe is None:
+        pytest.skip("kubectl is not installed: kustomize overlays not built")
+    return exe
+
+
+def render_dir(path: pathlib.Path) -> list[dict]:
+    out = subprocess.run([_kubectl(), "kustomize", str(path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@functools.lru_cache(maxsize=None)
+def _render_cached(overlay: str) -> str:
+    return json.dumps(render_dir(K8S / "overlays" / overlay))
+
+
+def render(overlay: str) -> list[dict]:
+    return json.loads(_render_cached(overlay))
+
+
+def one(docs, kind, name=None) -> dict:
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"{kind} {name}: {len(found)} found"
+    return found[0]
+
+
+def raw_objects() -> list[tuple[pathlib.Path, dict]]:
+    return [(p, d) for p in sorted(K8S.rglob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
+
+
+def embedded_objects(docs) -> list[tuple[str, dict]]:
+    """ray.io objects written as text in ConfigMap data."""
+    out = []
+    for cm in (d for d in docs if d["kind"] == "ConfigMap"):
+        for key, text in (cm.get("data") or {}).items():
+            try:
+                parts = list(yaml.safe_load_all(text))
+            except yaml.YAMLError:
+                continue
+            out += [(f"ConfigMap {cm['metadata']['name']}/{key}", p) for p in parts
+                    if isinstance(p, dict) and str(p.get("apiVersion", "")).startswith("ray.io/")]
+    return out
+
+
+def cluster_specs(obj: dict) -> list[tuple[str, dict]]:
+    """The RayClusterSpecs an object carries (a RayCluster's spec, a RayJob's, a RayCronJob's template's)."""
+    kind, spec = obj["kind"], obj.get("spec", {})
+    if kind == "RayCluster":
+        return [("spec", spec)]
+    if kind == "RayJob" and "rayClusterSpec" in spec:
+        return [("spec.rayClusterSpec", spec["rayClusterSpec"])]
+    if kind == "RayCronJob" and "rayClusterSpec" in spec.get("jobTemplate", {}):
+        return [("spec.jobTemplate.rayClusterSpec", spec["jobTemplate"]["rayClusterSpec"])]
+    return []
+
+
+def pod_templates(obj: dict) -> list[tuple[str, dict]]:
+    out = []
+    for where, cs in cluster_specs(obj):
+        out.append((f"{where}.headGroupSpec", cs["headGroupSpec"]["template"]))
+        out += [(f"{where}.workerGroupSpecs[{g['groupName']}]", g["template"]) for g in cs.get("workerGroupSpecs", [])]
+    if obj["kind"] == "CronJob":
+        out.append(("spec.jobTemplate.spec.template", obj["spec"]["jobTemplate"]["spec"]["template"]))
+    return out
+
+
+def all_images(node, path=""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k in ("containers", "initContainers", "ephemeralContainers") and isinstance(v, list):
+                for c in v:
+                    yield f"{path}.{k}[{c.get('name')}]", c.get("image")
+            yield from all_images(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from all_images(v, f"{path}[{i}]")
+
+
+def all_strings(node):
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from all_strings(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from all_strings(v)
+    elif isinstance(node, str):
+        yield node
+
+
+QUANTITY = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2 ** 10, "Mi": 2 ** 20, "Gi": 2 ** 30,
+            "Ti": 2 ** 40}
+
+
+def quantity(q) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([a-zA-Z]*)", str(q))
+    assert m and m.group(2) in QUANTITY, f"quantity {q!r}"
+    return float(m.group(1)) * QUANTITY[m.group(2)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The validator itself
+
+GOOD_CRON = {
+    "apiVersion": "ray.io/v1", "kind": "RayCronJob", "metadata": {"name": "x", "labels": {"a": "b"}},
+    "spec": {"schedule": "0 2 * * *", "jobTemplate": {
+        "entrypoint": "python x.py", "deletionStrategy": {"deletionRules": [
+            {"policy": "DeleteSelf", "condition": {"jobStatus": "SUCCEEDED", "ttlSeconds": 60}}]},
+        "rayClusterSpec": {"rayVersion": "2.60.0", "headGroupSpec": {"rayStartParams": {"num-cpus": "0"}, "template": {
+            "spec": {"containers": [{"name": "ray-head", "image": "i",
+                                     "resources": {"limits": {"cpu": "2", "memory": "8Gi"}}}]}}}}}}}
+
+
+def _mutate(fn):
+    obj = json.loads(json.dumps(GOOD_CRON))
+    fn(obj)
+    return obj
+
+
+def _head(o):
+    return o["spec"]["jobTemplate"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+
+
+@pytest.mark.parametrize("mutation,expect", [
+    (lambda o: o["spec"].update(concurrencyPolicy="Forbid"), "spec.concurrencyPolicy: unknown field"),
+    (lambda o: o["spec"].update(startingDeadlineSeconds=60), "spec.startingDeadlineSeconds: unknown field"),
+    (lambda o: _head(o).update(imagePullPolicyy="Always"), "imagePullPolicyy: unknown field"),
+    (lambda o: o["spec"]["jobTemplate"].update(metadata={"labels": {"a": "b"}}), "expected string"),
+    (lambda o: o["metadata"].update(labelz={}), "metadata.labelz: unknown field"),
+    (lambda o: o["spec"]["jobTemplate"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}),
+     "expected string"),
+    (lambda o: _head(o)["resources"]["limits"].update(cpu="two"), "does not match"),
+    (lambda o: o["spec"]["jobTemplate"]["deletionStrategy"]["deletionRules"][0].update(policy="DeleteAll"),
+     "is not one of"),
+    (lambda o: o["spec"]["jobTemplate"]["deletionStrategy"]["deletionRules"][0]["condition"].update(
+        jobDeploymentStatus="Failed"), "cannot be used together"),
+    (lambda o: o["spec"]["jobTemplate"]["deletionStrategy"].update(onSuccess={"policy": "DeleteSelf"}),
+     "cannot be used together"),
+    (lambda o: o["spec"].pop("schedule"), "required field 'schedule'"),
+    (lambda o: o.update(apiVersion="ray.io/v2"), "not served"),
+])
+def test_the_validator_rejects_what_a_strict_apply_rejects(mutation, expect):
+    assert validate(GOOD_CRON) == []
+    errors = validate(_mutate(mutation))
+    assert any(expect in e for e in errors), errors
+
+
+def test_the_validator_refuses_cel_it_cannot_evaluate():
+    assert cel("!(has(self.a) && has(self.b))", {"a": 1}) is True
+    assert cel("self in ['x', 'y']", "y") is True
+    with pytest.raises(UnsupportedRule):
+        cel("self.size() > 2", [])
+
+
+def test_the_pod_template_is_expanded_in_the_crds():
+    """Unknown-field detection reaches inside pod templates only because KubeRay's CRDs expand PodSpec."""
+    pod = (crds()["RayCronJob"]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+           ["properties"]["jobTemplate"]["properties"]["rayClusterSpec"]["properties"]["headGroupSpec"]
+           ["properties"]["template"]["properties"]["spec"])
+    assert {"containers", "volumes", "tolerations"} <= set(pod["properties"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Strict validation of everything in k8s/
+
+RAW_RAY = [(p, d) for p, d in raw_objects() if str(d.get("apiVersion", "")).startswith("ray.io/")]
+
+
+@pytest.mark.parametrize("path,obj", RAW_RAY, ids=[f"{p.relative_to(K8S)}:{d['kind']}" for p, d in RAW_RAY])
+def test_every_ray_object_in_k8s_passes_strict_validation(path, obj):
+    assert validate(obj) == []
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_rendered_ray_object_passes_strict_validation(overlay):
+    docs = render(overlay)
+    ray_docs = [(f"{d['kind']} {d['metadata']['name']}", d) for d in docs if d["apiVersion"].startswith("ray.io/")]
+    assert {d["kind"] for _, d in ray_docs} == {"RayCluster", "RayJob", "RayCronJob"}
+    for where, obj in ray_docs + embedded_objects(docs):
+        assert validate(obj) == [], where
+
+
+def _dns1035(name: str) -> bool:
+    return bool(re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name)) and len(name) <= 63
+
+
+def operator_errors(obj: dict) -> list[str]:
+    """The parts of KubeRay's own admission checks (utils/validation.go) that dermray's manifests touch."""
+    errs = []
+    name = obj["metadata"].get("name", "")
+    if obj["kind"] == "RayCluster" and (len(name) > 53 or not _dns1035(name)):
+        errs.append(f"RayCluster name {name!r}")
+    if obj["kind"] == "RayJob" and (len(name) > 47 or not _dns1035(name)):
+        errs.append(f"RayJob name {name!r}")
+    job = obj["spec"] if obj["kind"] == "RayJob" else obj["spec"].get("jobTemplate") if obj[
+        "kind"] == "RayCronJob" else None
+    if job is not None:
+        rules = job.get("deletionStrategy", {}).get("deletionRules", [])
+        if not job.get("shutdownAfterJobFinishes") and job.get("ttlSecondsAfterFinished", 0) > 0:
+            errs.append("ttlSecondsAfterFinished without shutdownAfterJobFinishes")
+        if rules and job.get("shutdownAfterJobFinishes"):
+            errs.append("shutdownAfterJobFinishes and deletionRules are mutually exclusive")
+        by_status: dict = {}
+        for r in rules:
+            key = (r["condition"].get("jobStatus", ""), r["policy"])
+            if key in by_status:
+                errs.append(f"duplicate deletion rule {key}")
+            by_status[key] = r["condition"].get("ttlSeconds", 0)
+        order = ["DeleteWorkers", "DeleteCluster", "DeleteSelf"]
+        for status in {s for s, _ in by_status}:
+            ttls = [by_status[(status, p)] for p in order if (status, p) in by_status]
+            if ttls != sorted(ttls):
+                errs.append(f"deletion TTLs for {status!r} must not decrease along {order}")
+        if job.get("activeDeadlineSeconds", 1) <= 0 or job.get("backoffLimit", 0) < 0:
+            errs.append("activeDeadlineSeconds / backoffLimit")
+    for where, cs in cluster_specs(obj):
+        if not cs["headGroupSpec"]["template"]["spec"].get("containers"):
+            errs.append(f"{where}: head without containers")
+        if any(not g["template"]["spec"].get("containers") for g in cs.get("workerGroupSpecs", [])):
+            errs.append(f"{where}: worker group without containers")
+        if cs.get("authOptions", {}).get("mode") == "token":
+            v = tuple(int(x) for x in re.findall(r"\d+", cs.get("rayVersion", ""))[:3])
+            if v < (2, 52, 0):
+                errs.append(f"{where}: token authentication needs rayVersion >= 2.52.0, got {cs.get('rayVersion')}")
+    return errs
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rendered_objects_pass_kuberays_own_admission_checks(overlay):
+    for d in render(overlay):
+        if d["apiVersion"].startswith("ray.io/"):
+            assert operator_errors(d) == [], f"{d['kind']} {d['metadata']['name']}"
+
+
+def test_the_supported_kuberay_version_is_stated_once_and_everywhere():
+    statement = f"Supported: KubeRay >= {SUPPORTED}"
+    manifests = sorted({p for p, d in raw_objects() if "kind" in d})  # not the dermray run configs
+    assert len(manifests) >= 9
+    for path in manifests:
+        text = path.read_text()
+        assert statement in text.split("\n", 1)[0], f"{path}: first line must say {statement!r}"
+        others = set(re.findall(r"KubeRay\s*(?:>=|<|<=|>)\s*v?[\d.]+", text)) - {f"KubeRay >= {SUPPORTED}"}
+        assert not others, f"{path}: other version ranges {others}"
+    readme = (REPO / "README.md").read_text()
+    assert statement in readme
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images and rayVersion
+
+def _dockerfile_ray() -> str:
+    return re.search(r"^FROM rayproject/ray:(\d+\.\d+\.\d+)-", (REPO / "cluster" / "Dockerfile").read_text(),
+                     re.M).group(1)
+
+
+def test_manifests_name_one_image_placeholder_and_only_overlays_set_it():
+    images = {img for p, d in raw_objects() for _, img in all_images(d)}
+    assert images == {PLACEHOLDER}
+    for path in sorted(K8S.rglob("kustomization.yaml")):
+        k = yaml.safe_load(path.read_text())
+        if "overlays" in path.parts:
+            assert [e["name"] for e in k.get("images", [])] == [PLACEHOLDER], path
+        else:
+            assert "images" not in k, f"{path}: the image is set in the overlays only"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_one_image_setting_changes_every_image(overlay, tmp_path):
+    before = render(overlay)
+    (entry,) = yaml.safe_load((K8S / "overlays" / overlay / "kustomization.yaml").read_text())["images"]
+    old_name = entry["newName"]
+    old = f"{old_name}:{entry['newTag']}"
+    assert {img for d in before for _, img in all_images(d)} == {old}
+
+    tree = tmp_path / "k8s"
+    shutil.copytree(K8S, tree)
+    kfile = tree / "overlays" / overlay / "kustomization.yaml"
+    k = yaml.safe_load(kfile.read_text())
+    new = "registry.example.com/other/dermray-test:9.9.9"
+    k["images"] = [{"name": PLACEHOLDER, "newName": new.split(":")[0], "newTag": "9.9.9"}]
+    kfile.write_text(yaml.safe_dump(k, sort_keys=False))
+    after = render_dir(tree / "overlays" / overlay)
+
+    seen = [(f"{d['kind']} {d['metadata']['name']}{w}", img) for d in after for w, img in all_images(d)]
+    for where, obj in embedded_objects(after):
+        seen += [(where + w, img) for w, img in all_images(obj)]
+    assert seen and all(img == new for _, img in seen), [s for s in seen if s[1] != new]
+    kinds_with_pods = {d["kind"] for d in after if pod_templates(d)}
+    assert {w.split()[0] for w, _ in seen} == kinds_with_pods
+    stale = [s for d in after for s in all_strings(d) if old_name in s]  # e.g. an image in ConfigMap text or env
+    assert not stale, stale
+    for d in after:  # rayVersion: the image's Ray, whatever the tag
+        for _, cs in cluster_specs(d):
+            assert cs["rayVersion"] == _dockerfile_ray()
+
+
+def test_ray_version_is_written_once():
+    lines = [(p, line) for p in sorted(K8S.rglob("*.yaml")) for line in p.read_text().splitlines()
+             if re.match(r"\s*rayVersion\s*:", line)]
+    assert len(lines) == 1 and lines[0][0].name == "raycluster.yaml", lines
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_cluster_runs_the_images_ray_version(overlay):
+    docs = render(overlay)
+    specs = [(d["kind"], cs) for d in docs for _, cs in cluster_specs(d)]
+    assert {k for k, _ in specs} == {"RayCluster", "RayJob", "RayCronJob"}
+    assert {cs.get("rayVersion") for _, cs in specs} == {ray.__version__} == {_dockerfile_ray()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPUs and resources
+
+def _gpus(template: dict) -> int:
+    return sum(int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+               for c in template["spec"]["containers"])
+
+
+def _cluster_gpus(cs: dict) -> int:
+    return _gpus(cs["headGroupSpec"]["template"]) + sum(
+        g["maxReplicas"] * g.get("numOfHosts", 1) * _gpus(g["template"]) for g in cs.get("workerGroupSpecs", []))
+
+
+def _daily(schedule: str) -> bool:
+    return bool(re.fullmatch(r"\d{1,2} \d{1,2} \* \* \*", schedule))
+
+
+def gpu_total(docs) -> tuple[int, dict]:
+    """The most GPUs an overlay's objects can hold at once."""
+    parts = {}
+    for d in docs:
+        name = f"{d['kind']} {d['metadata']['name']}"
+        if d["kind"] == "RayCluster":
+            parts[name] = 0 if d["spec"].get("suspend") else _cluster_gpus(d["spec"])
+        elif d["kind"] == "RayJob":  # one cluster at a time per RayJob object
+            parts[name] = _cluster_gpus(d["spec"]["rayClusterSpec"])
+        elif d["kind"] == "RayCronJob":
+            job = d["spec"]["jobTemplate"]
+            # One night at a time: a night ends (activeDeadlineSeconds) before the next daily schedule, and a
+            # catch-up launch skips before using GPUs (nightly_window.py). Suspended, it is the launcher's template.
+            assert _daily(d["spec"]["schedule"]) and job["activeDeadlineSeconds"] < 24 * 3600
+            parts[name] = _cluster_gpus(job["rayClusterSpec"])
+    launchers = [d for d in docs if d["kind"] == "CronJob"]
+    crons = [d for d in docs if d["kind"] == "RayCronJob"]
+    # one nightly mechanism: the active RayCronJob, or the CronJob launching from the suspended one
+    assert len(crons) == 1 and (crons[0]["spec"].get("suspend") is True) == bool(launchers)
+    for cj in launchers:  # Forbid + one deterministic RayJob per night + no start while a night is active
+        assert cj["spec"]["concurrencyPolicy"] == "Forbid" and _daily(cj["spec"]["schedule"])
+    return sum(parts.values()), parts
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gpu_total_equals_the_cap_the_overlay_states(overlay):
+    text = (K8S / "overlays" / overlay / "kustomization.yaml").read_text()
+    m = re.search(r"^# GPU cap: (\d+)\b", text, re.M)
+    assert m, "the overlay's comment must state '# GPU cap: N'"
+    total, parts = gpu_total(render(overlay))
+    assert total == int(m.group(1)), parts
+    for name, n in parts.items():  # and the comment's breakdown names each object's share
+        assert n > 0, name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_requests_equal_limits_and_ray_advertises_them(overlay):
+    for d in render(overlay):
+        groups = []
+        for _, cs in cluster_specs(d):
+            groups.append(("head", cs["headGroupSpec"]))
+            groups += [(g["groupName"], g) for g in cs.get("workerGroupSpecs", [])]
+        templates = [(w, g["template"], g.get("rayStartParams", {})) for w, g in groups]
+        templates += [(w, t, None) for w, t in pod_templates(d) if d["kind"] == "CronJob"]
+        for where, template, params in templates:
+            for c in template["spec"]["containers"]:
+                res = c.get("resources", {})
+                assert res.get("requests") == res.get("limits"), f"{d['kind']} {where} {c['name']}: {res}"
+                assert {"cpu", "memory"} <= set(res["limits"]), f"{d['kind']} {where} {c['name']}"
+            if params is None:
+                continue
+            lim = template["spec"]["containers"][0]["resources"]["limits"]
+            if "num-cpus" in params:
+                assert quantity(params["num-cpus"]) <= quantity(lim["cpu"])
+            if "num-gpus" in params:
+                assert quantity(params["num-gpus"]) == quantity(lim.get("nvidia.com/gpu", 0))
+            if "memory" in params:
+                assert quantity(params["memory"]) <= quantity(lim["memory"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The nightly: schedules, the starting deadline, the launcher
+
+def _head_env(cron: dict) -> dict:
+    head = cron["spec"]["jobTemplate"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e["value"] for e in head.get("env", [])}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_one_schedule_and_the_window_that_guards_it(overlay):
+    docs = render(overlay)
+    cron = one(docs, "RayCronJob", SCHEDULE_TEMPLATE)
+    env = _head_env(cron)
+    assert env["DERMRAY_NIGHTLY_SCHEDULE"] == cron["spec"]["schedule"]
+    assert env["DERMRAY_NIGHTLY_TIME_ZONE"] == cron["spec"]["timeZone"]
+    window = int(env["DERMRAY_NIGHTLY_WINDOW_S"])
+    job = cron["spec"]["jobTemplate"]
+    assert 0 < window < job["activeDeadlineSeconds"]
+    entry = job["entrypoint"].split()
+    assert entry[:2] == ["python", "/etc/dermray-nightly/nightly_window.py"] and entry[2:4] == [
+        "python", "/app/jobs/nightly_score.py"]
+    head = job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    mount = next(m for m in head["containers"][0]["volumeMounts"] if m["mountPath"] == "/etc/dermray-nightly")
+    cm_name = next(v for v in head["volumes"] if v["name"] == mount["name"])["configMap"]["name"]
+    assert "nightly_window.py" in one(docs, "ConfigMap", cm_name)["data"]
+    for cj in (d for d in docs if d["kind"] == "CronJob"):
+        assert (cj["spec"]["schedule"], cj["spec"]["timeZone"]) == (cron["spec"]["schedule"], cron["spec"]["timeZone"])
+        assert cj["spec"]["startingDeadlineSeconds"] <= window
+        launch_env = {e["name"]: e.get("value") for e in
+                      cj["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert launch_env["DERMRAY_NIGHTLY_TIME_ZONE"] == cron["spec"]["timeZone"]
+
+
+def _load(path: pathlib.Path, name: str):
+    """Import a script under k8s/ without leaving a __pycache__ there."""
+    mod = types.ModuleType(name)
+    exec(compile(path.read_text(), str(path), "exec"), mod.__dict__)  # noqa: S102
+    return mod
+
+
+def test_the_nightly_window_skips_stale_launches():
+    w = _load(K8S / "base" / "nightly_window.py", "nightly_window")
+    utc = dt.timezone.utc
+    at = lambda h, m, day=2: dt.datetime(2025, 12, day, h, m, tzinfo=utc)  # noqa: E731
+    assert w.decide(at(2, 5), "0 2 * * *", "Etc/UTC", 7200)[0] is True
+    assert w.decide(at(3, 59), "0 2 * * *", "Etc/UTC", 7200)[0] is True
+    run, line = w.decide(at(14, 30), "0 2 * * *", "Etc/UTC", 7200)  # the operator came back at 14:30
+    assert run is False and "2025-12-02 02:00" in line and "skipped" in line
+    assert w.decide(at(1, 50), "0 2 * * *", "Etc/UTC", 7200)[0] is False  # 23 h 50 after yesterday's 02:00
+    assert w.decide(at(0, 10, 3), "30 23 * * *", "Etc/UTC", 7200)[0] is True  # across midnight
+    with pytest.raises(ValueError):
+        w.last_schedule("*/5 * * * *", utc, at(2, 0))
+
+
+@pytest.mark.parametrize("late_h,runs", [(0, True), (3, False)])
+def test_the_nightly_entrypoint_runs_or_skips(late_h, runs, tmp_path):
+    docs = render("prod")
+    script = tmp_path / "nightly_window.py"
+    script.write_text(one(docs, "ConfigMap", "dermray-nightly")["data"]["nightly_window.py"])
+    env = _head_env(one(docs, "RayCronJob", SCHEDULE_TEMPLATE))
+    fired = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=late_h, minutes=1)
+    env["DERMRAY_NIGHTLY_SCHEDULE"] = f"{fired.minute} {fired.hour} * * *"
+    out = subprocess.run([sys.executable, str(script), sys.executable, "-c", "print('RAN'); raise SystemExit(3)"],
+                         capture_output=True, text=True, env={**env, "PATH": "/usr/bin:/bin"}, timeout=60)
+    assert ("RAN" in out.stdout.split()) == runs, out.stdout + out.stderr
+    assert out.returncode == (3 if runs else 0)  # running: the command's own exit status (3: a missed floor)
+    bad = subprocess.run([sys.executable, str(script), "true"], capture_output=True, text=True, timeout=60,
+                         env={**env, "DERMRAY_NIGHTLY_SCHEDULE": "*/5 * * * *"})
+    assert bad.returncode == 2
+
+
+class FakeKube(ThreadingHTTPServer):
+    """Just enough of the API server for the launcher: RayJobs and one RayCronJob in one namespace."""
+
+    def __init__(self, cron: dict, ns: str):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.ns, self.cron, self.rayjobs, self.calls = ns, cron, {}, []
+        self.hide_existing = False  # GET answers 404 although the object exists (a concurrent creator)
+        self.create_status = None  # force an error on POST
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def _send(self, code, body):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):  # noqa: N802
+        s: FakeKube = self.server
+        url = urllib.parse.urlparse(self.path)
+        s.calls.append(("GET", url.path))
+        base = f"/apis/ray.io/v1/namespaces/{s.ns}"
+        if url.path == f"{base}/raycronjobs/{s.cron['metadata']['name']}":
+            return self._send(200, s.cron)
+        if url.path == f"{base}/rayjobs":
+            sel = dict(p.split("=") for p in urllib.parse.parse_qs(url.query).get("labelSelector", [""])[0].split(",")
+                       if p)
+            items = [j for j in s.rayjobs.values() if all(j["metadata"].get("labels", {}).get(k) == v
+                                                          for k, v in sel.items())]
+            return self._send(200, {"kind": "RayJobList", "items": items})
+        if url.path.startswith(f"{base}/rayjobs/"):
+            name = url.path.rsplit("/", 1)[1]
+            if name in s.rayjobs and not s.hide_existing:
+                return self._send(200, s.rayjobs[name])
+            return self._send(404, {"reason": "NotFound"})
+        self._send(404, {"reason": "NotFound"})
+
+    def do_POST(self):  # noqa: N802
+        s: FakeKube = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        s.calls.append(("POST", self.path))
+        if s.create_status:
+            return self._send(s.create_status, {"message": "boom"})
+        name = body["metadata"]["name"]
+        if name in s.rayjobs:
+            return self._send(409, {"reason": "AlreadyExists", "message": f"rayjobs {name!r} already exists"})
+        s.rayjobs[name] = body
+        self._send(201, body)
+
+
+@pytest.fixture
+def launcher(tmp_path):
+    docs = render("dev")
+    cron = one(docs, "RayCronJob", SCHEDULE_TEMPLATE)
+    assert cron["spec"]["suspend"] is True  # the launcher's template, never scheduled by KubeRay itself
+    cj = one(docs, "CronJob", "dermray-nightly")
+    pod = cj["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    (c,) = pod["containers"]
+    mount = c["volumeMounts"][0]
+    cm = one(docs, "ConfigMap", next(v for v in pod["volumes"] if v["name"] == mount["name"])["configMap"]["name"])
+    script_rel = pathlib.PurePosixPath(c["command"][-1]).relative_to(mount["mountPath"])
+    script = tmp_path / "launcher" / script_rel
+    script.parent.mkdir()
+    script.write_text(cm["data"][str(script_rel)])
+    assert c["command"][0] == "python"
+    env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+    server = FakeKube(cron, "dermray-dev")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def run(job_name: str) -> subprocess.CompletedProcess:
+        full = {**env, "PATH": "/usr/bin:/bin", "POD_NAMESPACE": "dermray-dev", "JOB_NAME": job_name,
+                "KUBERNETES_API_URL": server.url, "SA_DIR": str(tmp_path / "no-sa")}
+        return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=full, timeout=60)
+
+    yield server, run, cron
+    server.shutdown()
+    server.server_close()
+
+
+def _job_name(t: dt.datetime) -> str:  # what the CronJob controller names the Job for scheduled time t
+    return f"dermray-nightly-{int(t.timestamp()) // 60}"
+
+
+def test_the_launcher_creates_one_rayjob_per_night_and_a_retry_does_nothing(launcher):
+    server, run, cron = launcher
+    night = dt.datetime(2025, 12, 2, 2, 0, tzinfo=dt.timezone.utc)
+    first = run(_job_name(night))
+    assert first.returncode == 0, first.stderr
+    assert list(server.rayjobs) == ["dermray-nightly-20251202"]
+    job = server.rayjobs["dermray-nightly-20251202"]
+    assert job["spec"] == cron["spec"]["jobTemplate"]  # the one nightly spec, copied whole
+    labels = job["metadata"]["labels"]
+    assert labels["app.kubernetes.io/name"] == "dermray" and labels["dermray/job"] == "nightly"
+    assert labels["dermray/night"] == "2025-12-02"
+    if CRD_DIR.is_dir():
+        assert validate(job) == [] and operator_errors(job) == []
+
+    posts = sum(1 for m, _ in server.calls if m == "POST")
+    again = run(_job_name(night))  # the Job's retry, or a second pod
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    assert sum(1 for m, _ in server.calls if m == "POST") == posts and len(server.rayjobs) == 1
+
+    server.hide_existing = True  # a concurrent pod created it between our GET and POST: AlreadyExists is success
+    race = run(_job_name(night))
+    assert race.returncode == 0 and "AlreadyExists" in race.stdout and len(server.rayjobs) == 1
+
+
+def test_the_launcher_never_overlaps_nights_and_fails_loudly(launcher):
+    server, run, _ = launcher
+    n1 = dt.datetime(2025, 12, 2, 2, 0, tzinfo=dt.timezone.utc)
+    assert run(_job_name(n1)).returncode == 0
+    server.rayjobs["dermray-nightly-20251202"]["status"] = {"jobDeploymentStatus": "Running"}
+    n2 = n1 + dt.timedelta(days=1)
+    blocked = run(_job_name(n2))
+    assert blocked.returncode == 1 and "still active" in blocked.stderr
+    assert list(server.rayjobs) == ["dermray-nightly-20251202"]
+    server.rayjobs["dermray-nightly-20251202"]["status"] = {"jobDeploymentStatus": "Complete"}
+    assert run(_job_name(n2)).returncode == 0
+    assert sorted(server.rayjobs) == ["dermray-nightly-20251202", "dermray-nightly-20251203"]
+    server.rayjobs["dermray-nightly-20251203"]["status"] = {"jobDeploymentStatus": "Failed"}
+    server.create_status = 500
+    failed = run(_job_name(n2 + dt.timedelta(days=1)))
+    assert failed.returncode == 1 and "HTTP 500" in failed.stderr
+    by_hand = run("nightly-by-hand")  # `kubectl create job --from=cronjob/...`: tonight's date
+    assert by_hand.returncode == 1  # (still the forced 500) but it named tonight's RayJob
+    assert f"dermray-nightly-{dt.datetime.now(dt.timezone.utc):%Y%m%d}" in by_hand.stderr

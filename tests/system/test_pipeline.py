@@ -1,0 +1,145 @@
+"""The demo pipeline end to end at a reduced size (the CI's integration test), and resuming after training."""
+import json
+
+import pandas as pd
+import pytest
+
+from dermray import pipeline, storage
+from dermray.cli import main
+from dermray.config import load_config
+
+REPO_CONFIG = __import__("pathlib").Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("demo")
+    assert main(["synth", "--output", str(d / "data"), "--lesions", "700", "--test-lesions", "200"]) == 0
+    return d
+
+
+def demo_config(d, *extra):
+    return load_config(str(REPO_CONFIG), [
+        f"output={d / 'out'}", f"data.manifest={d / 'data' / 'manifest.parquet'}",
+        f"data.taxonomy={d / 'data' / 'taxonomy.parquet'}", f"data.tasks={d / 'data' / 'tasks.yaml'}",
+        f"evaluate.readers={d / 'data' / 'readers.parquet'}", f"pipeline.test_manifest={d / 'data' / 'test_manifest.parquet'}",
+        "train.epochs=3", "evaluate.n_bootstrap=100", "saliency.k=2",
+        "saliency.audit_size=2", *extra])
+
+
+def test_demo_pipeline_end_to_end_then_a_rerun_skips_every_stage(demo_data, ray_local, capsys):
+    d = demo_data
+    s = pipeline.run(demo_config(d))
+    stages = {r["stage"]: r for r in s["stages"]}
+    assert list(stages) == ["partition", "train", "score", "evaluate", "saliency"]
+    assert all(r["status"] == "ran" for r in stages.values())
+    manifest = pd.read_parquet(d / "data" / "manifest.parquet")
+    test = pd.read_parquet(d / "data" / "test_manifest.parquet")
+    # Counts add up: every training image assigned or quarantined; every biopsy-proven test image scored or
+    # quarantined.
+    assert stages["partition"]["in"] == len(manifest) == stages["partition"]["out"] + stages["partition"]["quarantined"]
+    biopsy = int((test.label_source == "biopsy").sum())
+    assert stages["score"]["in"] == biopsy == stages["score"]["out"] + stages["score"]["quarantined"]
+    out = d / "out"
+    for table in ("partition/demo/training_classes.parquet", "partition/demo/labels.parquet",
+                  "partition/demo/task_membership.parquet",
+                  "train/demo/train_summary.parquet", "train/demo/fold=0/best/model.pt", "train/demo/fold=2/model_card.json",
+                  "predictions/demo/quarantine.parquet", "metrics/demo/metrics.parquet", "metrics/demo/roc.parquet",
+                  "metrics/demo/readers.parquet", "metrics/demo/report.html", "saliency/demo/saliency_index.parquet",
+                  "saliency/demo/sanity.parquet", "saliency/demo/gallery.html"):
+        assert (out / table).exists(), table
+    preds = pd.read_parquet(out / "predictions" / "demo" / "predictions")
+    assert len(preds) == stages["score"]["out"] and preds.model_id.str.contains("ensemble").all()
+    m = pd.read_parquet(out / "metrics" / "demo" / "metrics.parquet")
+    auc = m.query("task == 'melanoma_vs_nevus' and subset == 'all' and metric == 'auc'")["value"].iloc[0]
+    assert auc > 0.6, auc  # clearly above chance after two minutes of training on half the demo data
+    readers = pd.read_parquet(out / "metrics" / "demo" / "readers.parquet")
+    assert readers.reader_id.nunique() >= 20
+    first_fold_mtime = (out / "train" / "demo" / "fold=0" / "best" / "model.pt").stat().st_mtime
+    # The card a reviewer reads: every section, and the test AUC that evaluate wrote back, as in metrics.parquet.
+    card_md = (out / "train" / "demo" / "fold=0" / "model_card.md").read_text()
+    for heading in ("**Intended use.**", "## Model", "## Data", "## Cross-validation (held-out folds)",
+                    "## Operating points (locked out of fold)", "## Test results (written by dermray evaluate)",
+                    "## Known limitations", "## Lineage", "## Changelog"):
+        assert heading in card_md, heading
+    assert "not" in card_md.split("**Intended use.**")[1].split("\n")[0]  # a research tool, not a diagnosis
+    assert "licence: " in card_md and f"melanoma_vs_nevus all auc: {auc:.3f}" in card_md, card_md
+    assert "model_card.md" in (out / "metrics" / "demo" / "report.md").read_text()
+    # The whole chain behind the numbers, each link holding.
+    capsys.readouterr()
+    assert main(["lineage", "--output", str(out), "--run-id", "demo", "--json"]) == 0
+    chain = json.loads(capsys.readouterr().out)
+    assert list(chain["stages"]) == ["partition", "train", "score", "evaluate", "saliency"]
+    assert chain["stages"]["partition"]["inputs"]["manifest"]["rows"] == len(manifest)
+    assert [f["fold"] for f in chain["stages"]["train"]["folds"]] == ["0", "1", "2"]
+    assert [link["link"] for link in chain["links"]] == ["partition -> train", "train -> predictions",
+                                                         "predictions -> metrics", "model -> saliency"]
+    assert all(link["holds"] for link in chain["links"]), chain["links"]
+    assert main(["lineage", "--output", str(out), "--run-id", "demo"]) == 0
+    text = capsys.readouterr().out
+    assert "BROKEN" not in text and preds.model_id.iloc[0] in text
+
+    # What a person sees: the report leads with the answer, every image loads, the numbers are the table's.
+    look_at_the_report_and_the_gallery(out, m)
+
+    again = pipeline.run(demo_config(d))
+    assert all(r["status"] == "skipped (done)" for r in again["stages"])
+    assert (out / "train" / "demo" / "fold=0" / "best" / "model.pt").stat().st_mtime == first_fold_mtime
+    assert again["report"] == s["report"]
+
+
+def test_a_pipeline_interrupted_after_training_resumes_without_retraining(demo_data, ray_local):
+    d = demo_data
+    cfg = demo_config(d, "run_id=resume", "pipeline.stages=[partition,train]", "train.epochs=1")
+    first = pipeline.run(cfg)
+    assert [r["stage"] for r in first["stages"]] == ["partition", "train"]
+    model = d / "out" / "train" / "resume" / "fold=1" / "best" / "model.pt"
+    mtime = model.stat().st_mtime
+    full = pipeline.run(demo_config(d, "run_id=resume", "train.epochs=1", "saliency.sanity=false"))
+    status = {r["stage"]: r["status"] for r in full["stages"]}
+    assert status == {"partition": "skipped (done)", "train": "skipped (done)", "score": "ran", "evaluate": "ran",
+                      "saliency": "ran"}
+    assert model.stat().st_mtime == mtime
+    assert json.loads(storage.read_text(str(d / "out" / "pipeline" / "resume" / "pipeline_summary.json")))["report"]
+
+
+def test_pipeline_config_errors(tmp_path, capsys):
+    assert main(["pipeline", "--set", "pipeline.stages=[partition,fit]", "--output", str(tmp_path)]) == 2
+    assert "key 'pipeline.stages' must be one of" in capsys.readouterr().err
+    assert main(["pipeline", "--output", str(tmp_path)]) == 2
+    assert "pipeline.test_manifest" in capsys.readouterr().err
+
+
+ARTEFACTS = __import__("pathlib").Path(__file__).resolve().parents[2] / "test-artefacts"
+
+
+def look_at_the_report_and_the_gallery(out, metrics: pd.DataFrame) -> None:
+    """report.html and gallery.html in a real headless Chromium: every image loaded, the first screen holds one
+    card per task with the AUC (CI) and the locked operating point's sensitivity and specificity (CIs), equal to
+    metrics.parquet; screenshots kept in test-artefacts/."""
+    import re
+
+    from browser import look
+
+    ARTEFACTS.mkdir(exist_ok=True)
+    seen = look(out / "metrics" / "demo" / "report.html", ARTEFACTS / "report.png")
+    assert seen["images"] and all(i["width"] > 0 for i in seen["images"]), seen["images"]
+    assert seen["first_screen"].startswith("dermray evaluation") and "locked out of fold" in seen["first_screen"]
+    cards = {c["task"]: c["text"] for c in seen["cards"]}
+    assert set(cards) == set(metrics["task"])
+    m = metrics.set_index(["task", "subset", "metric"])
+    for task, text in cards.items():
+        subset = "biopsy" if (task, "biopsy", "n_positive") in m.index or (task, "biopsy", "accuracy") in m.index \
+            else "all"
+        if (task, subset, "auc") in m.index:
+            row = m.loc[(task, subset, "auc")]
+            assert f"AUC {row['value']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]" in text, (task, text)
+            point = re.search(r"locked point (\S+):", text).group(1)
+            for rate in ("sensitivity", "specificity"):
+                r = m.loc[(task, subset, f"{rate}@locked:{point}")]
+                assert f"{rate} {r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" in text, (task, rate)
+        else:
+            row = m.loc[(task, subset, "accuracy")]
+            assert f"accuracy {row['value']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]" in text, (task, text)
+    gallery = look(out / "saliency" / "demo" / "gallery.html", ARTEFACTS / "gallery.png")
+    assert len(gallery["images"]) >= 4 and all(i["width"] > 0 for i in gallery["images"]), gallery["images"]

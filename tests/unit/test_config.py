@@ -1,0 +1,47 @@
+import pytest
+
+from dermray.config import load_config
+from dermray.errors import ConfigError
+
+
+def write(tmp_path, text):
+    p = tmp_path / "run.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_defaults_file_and_overrides(tmp_path):
+    path = write(tmp_path, "run_id: r1\npartition:\n  folds: 5\ndata:\n  manifest: s3://b/m.parquet\n")
+    cfg = load_config(path, ["partition.seed=3", "partition.max_class_size=50", "output=s3://b/out",
+                             "ray.address=null"])
+    assert (cfg.run_id, cfg.partition.folds, cfg.partition.seed, cfg.partition.max_class_size) == ("r1", 5, 3, 50)
+    assert cfg.data.manifest == "s3://b/m.parquet" and cfg.output == "s3://b/out" and cfg.ray.address is None
+    assert load_config(None, ["data.tasks=t.yaml"]).data.tasks == "t.yaml"
+    assert cfg.to_dict()["partition"]["max_class_size"] == 50
+
+
+@pytest.mark.parametrize("text, overrides, fragment", [
+    ("partition:\n  fold: 5\n", [], "unknown key 'partition.fold'"),
+    ("bogus: 1\n", [], "unknown key 'bogus'"),
+    ("partition:\n  folds: five\n", [], "key 'partition.folds' must be int"),
+    ("partition: 3\n", [], "must be a mapping"),
+    ("", ["partition.folds=x"], "key 'partition.folds' must be int"),
+    ("", ["partition.nope=1"], "unknown key 'partition.nope'"),
+    ("", ["partition=1"], "is a section"),
+    ("", ["folds"], "expected key=value"),
+    ("- a\n- b\n", [], "must be a mapping"),
+    ("a: [\n", [], "not valid YAML"),
+])
+def test_bad_keys_name_the_key_and_the_file(tmp_path, text, overrides, fragment):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides)
+    assert fragment in str(e.value)
+    if not overrides:
+        assert "run.yaml" in str(e.value)
+
+
+@pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).parents[2] / "configs").glob("*.yaml")))
+def test_shipped_configs_load(path):
+    cfg = load_config(str(path))
+    assert cfg.run_id and cfg.data.manifest

@@ -1,0 +1,86 @@
+"""Lineage: outputs carry what produced them and are never silently reused. Each of the issue's findings is a test
+that failed on the code before (which decided "already done" from names and paths)."""
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dermray import lineage
+
+
+# ---- fingerprints (pure) -------------------------------------------------------------------------------------------
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.text(max_size=8), st.one_of(st.none(), st.integers(-5, 5))), min_size=1, max_size=300),
+       st.lists(st.integers(1, 200), min_size=1, max_size=6))
+def test_a_table_fingerprint_ignores_how_the_table_is_cut(rows, cuts):
+    """Chunks hashed apart (in any order, as tasks would) give the fingerprint of the whole table; so do Parquet
+    files written with other row groups."""
+    old = lineage.BLOCK_ROWS
+    lineage.BLOCK_ROWS = 16  # small blocks so that chunk boundaries cut through them
+    try:
+        table = pa.table({"a": [r[0] for r in rows], "b": pa.array([r[1] for r in rows], pa.int64())})
+        whole = lineage.table_fingerprint(table)
+        partials, start = [], 0
+        for c in cuts + [len(rows)]:
+            if start >= len(rows):
+                break
+            h = lineage.TableHasher(["a", "b"])
+            h.add(table.slice(start, c), start)
+            partials.append(h.partial())
+            start += c
+        assert lineage.TableHasher.merge(partials[::-1])[0] == whole
+    finally:
+        lineage.BLOCK_ROWS = old
+
+
+@pytest.mark.parametrize("row_group", [122_880, 250_000, 100_003])
+def test_what_a_chunk_sends_to_the_driver_does_not_grow_with_its_row_groups(row_group):
+    """A chunk's partial carries whole-block digests plus the rows of the (at most two) blocks its boundaries cut.
+    Those rows travel to the driver with every fingerprinted column, so they must stay a few thousand whatever the
+    writer's row groups (DuckDB writes 122,880; with 65,536-row blocks about half of each chunk travelled)."""
+    table = pa.table({"image_id": pa.array([f"ISIC_{i:08d}" for i in range(3 * row_group)])})
+    sent = 0
+    for k in range(3):
+        h = lineage.TableHasher(["image_id"])
+        h.add(table.slice(k * row_group, row_group), k * row_group)
+        sent += sum(t.num_rows for parts in h.partial()[3].values() for _, t in parts)
+    assert sent <= 3 * 2 * 4096, f"{sent} of {table.num_rows} rows would travel to the driver"
+
+
+def test_a_fingerprint_changes_with_any_value_and_not_with_row_groups(tmp_path):
+    t = pa.table({"image_id": [f"i{k}" for k in range(1000)], "label": ["a", "b"] * 500})
+    pq.write_table(t, tmp_path / "one.parquet", row_group_size=1000)
+    pq.write_table(t, tmp_path / "many.parquet", row_group_size=7)
+    read = [pq.read_table(tmp_path / n) for n in ("one.parquet", "many.parquet")]
+    assert lineage.table_fingerprint(read[0]) == lineage.table_fingerprint(read[1]) == lineage.table_fingerprint(t)
+    changed = t.set_column(1, "label", pa.array(["a", "b"] * 499 + ["a", "a"]))
+    assert lineage.table_fingerprint(changed) != lineage.table_fingerprint(t)
+    # The columns a stage uses, only: another column does not change the fingerprint of those.
+    wider = t.append_column("note", pa.array(["x"] * 1000))
+    assert lineage.table_fingerprint(wider, ["image_id", "label"]) == lineage.table_fingerprint(t)
+
+
+def test_changes_are_named():
+    fp = lambda c: lineage.Fingerprint(method="columns", content=c)  # noqa: E731
+    a = lineage.Lineage.of("train", {"labels": fp("a1b2c3d4e5")}, {"lr": 0.001, "freeze": "6"})
+    b = lineage.Lineage.of("train", {"labels": fp("c3d4e5f6a7")}, {"lr": 0.003, "freeze": "6"})
+    assert a.changes_from(a) == []
+    assert b.changes_from(a) == ["labels changed (a1b2c3d4 -> c3d4e5f6)", "lr 0.001 -> 0.003"]
+
+
+def test_a_worker_output_the_driver_cannot_see_is_an_error(tmp_path):
+    """A file a Ray worker reports written but the driver cannot see (another node's disk, a lost write) fails the
+    stage naming it (train's held-out predictions no longer travel through a file: the driver measures them)."""
+    from dermray import saliency
+
+    (tmp_path / "gradient").mkdir()
+    (tmp_path / "gradient" / "a__t.png").write_bytes(b"png")
+    (tmp_path / "gradient" / "a__t.npy").write_bytes(b"npy")
+    index = pd.DataFrame({"png_uri": [str(tmp_path / "gradient" / "a__t.png"), str(tmp_path / "gradient" / "b__t.png")],
+                          "npy_uri": [str(tmp_path / "gradient" / "a__t.npy"), str(tmp_path / "gradient" / "b__t.npy")]})
+    saliency.check_written(index.head(1), str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"the map .*b__t\.png that an actor wrote is not visible to the driver"):
+        saliency.check_written(index, str(tmp_path))
