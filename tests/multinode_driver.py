@@ -367,7 +367,7 @@ def train_config(ctx: dict, run_id: str, *extra):
     study = ctx["study"]
     return cfg(f"data.manifest={study['manifest']}", f"output=s3://{ctx['bucket']}/out", f"run_id={run_id}",
                f"train.partition={ctx['partition']}", "train.arch=mobilenet_v3_small", "train.weights=none",
-               "train.image_size=32", "train.batch_size=8", "train.epochs=3", "train.cpus_per_worker=1",
+               "train.image_size=32", "train.batch_size=8", "train.epochs=2", "train.cpus_per_worker=1",
                "train.data_cpus=0.5", "train.max_failures=2", "train.worker_resources={trainer: 1}", *extra)
 
 
