@@ -39,10 +39,10 @@ from common import SMOKE, last_line, size, write_results  # noqa: E402
 
 LOAD_IMAGES = int(os.environ.get("DERMRAY_RELIABILITY_IMAGES", size("100000", "1000")))
 FAULT_TESTS = [
-    "tests/test_train.py::test_a_killed_worker_resumes_from_its_checkpoint_and_a_rerun_continues",
-    "tests/test_score.py::test_a_driver_killed_part_way_and_rerun_scores_each_image_exactly_once",
-    "tests/test_score.py::test_a_killed_scoring_actor_is_replaced_and_the_output_is_complete",
-    "tests/test_storage_faults.py::test_a_write_during_an_outage_fails_clearly_and_leaves_the_old_table_whole",
+    "tests/stage/test_train.py::test_a_killed_worker_resumes_from_its_checkpoint_and_a_rerun_continues",
+    "tests/system/test_processes.py::test_a_driver_killed_part_way_and_rerun_scores_each_image_exactly_once",
+    "tests/stage/test_score.py::test_a_killed_scoring_actor_is_replaced_and_the_output_is_complete",
+    "tests/stage/test_storage_faults.py::test_a_write_during_an_outage_fails_clearly_and_leaves_the_old_table_whole",
 ]
 
 

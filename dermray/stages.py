@@ -8,7 +8,7 @@
 - ``counts(summary) -> {"in", "out", "quarantined", "seconds"}``;
 - ``format_summary(summary) -> str``: the lines a person reads.
 
-The pipeline, the CLI, ``dermray lineage`` and the stage contract suite (tests/test_stage_contract.py) go through
+The pipeline, the CLI, ``dermray lineage`` and the stage contract suite (tests/stage/test_stage_contract.py) go through
 this list: a stage added here gets all of them.
 """
 from __future__ import annotations

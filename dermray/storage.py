@@ -362,7 +362,7 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
 def _read_parquet(fs, path: str, columns: list[str] | None, uri: str) -> pa.Table:
     # ParquetFile reads on this thread. pq.read_table / pyarrow.dataset hand the Python file object to Arrow's I/O
     # threads, which drop its last reference later and need the GIL to do it: a process that exits right after a
-    # read then aborts (SIGABRT at interpreter exit, about one run in two; tests/test_storage.py).
+    # read then aborts (SIGABRT at interpreter exit, about one run in two; tests/system/test_processes.py).
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         if columns is not None:

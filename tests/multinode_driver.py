@@ -1,4 +1,4 @@
-"""The driver of tests/test_multinode.py: a real multi-node Ray cluster on this machine, dermray stages run on it
+"""The driver of tests/system/test_multinode.py: a real multi-node Ray cluster on this machine, dermray stages run on it
 with S3 (moto) as the shared storage, and worker nodes killed without grace at chosen moments.
 
 It runs in its own process because the pytest process may already hold an in-process Ray (a process joins one Ray
@@ -12,7 +12,7 @@ which its workers die too. The S3 endpoint and credentials come from this proces
     python tests/multinode_driver.py --work DIR --bucket NAME --ham HAM10000_DIR --report report.json \
         [--scenarios partition,train,score,guard]
 
-Scenarios (each records what happened in the report; tests/test_multinode.py judges it):
+Scenarios (each records what happened in the report; tests/system/test_multinode.py judges it):
   guard      local output / local image URIs / local predictions (evaluate.distributed) refused on the cluster
              (UserError), unless storage.shared_filesystem
   partition  a 300k-row synthetic manifest partitioned undisturbed, then again with a node killed mid-run

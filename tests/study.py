@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import pathlib
@@ -91,7 +92,7 @@ def read_tables(out: pathlib.Path, stage: str) -> dict[str, pd.DataFrame]:
 def build(d: pathlib.Path) -> dict:
     """Draw the data, write the run config, run every stage twice. Returns {"dir", "data", "out", "config",
     "runs": {stage: [first, second]}} with each run's summary, log text, changed files and tables."""
-    from dermray import stages
+    from dermray import faults, stages
     from dermray.cli import main
     from dermray.config import load_config
 
@@ -100,7 +101,7 @@ def build(d: pathlib.Path) -> dict:
     write_archive(data)
     cfg_path = d / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(run_config(d)))
-    saved = {k: os.environ.get(k) for k in ("DERMRAY_PLANTED_SECRET", "RAY_AUTH_TOKEN")}
+    saved = {k: os.environ.get(k) for k in ("DERMRAY_PLANTED_SECRET", "RAY_AUTH_TOKEN", faults.ENV)}
     os.environ["DERMRAY_PLANTED_SECRET"] = SECRET
     os.environ["RAY_AUTH_TOKEN"] = SECRET
     runs: dict[str, list[dict]] = {}
@@ -109,6 +110,12 @@ def build(d: pathlib.Path) -> dict:
             runs[stage] = []
             for _ in range(2):
                 before = snapshot(out) if out.exists() else {}
+                # The first training run records the image ids each fold trains on (tests/stage/test_train.py).
+                hooks = {"consumed_file": str(d / "consumed-{fold}")} if stage == "train" and not runs[stage] else {}
+                if hooks:
+                    os.environ[faults.ENV] = json.dumps(hooks)
+                else:
+                    os.environ.pop(faults.ENV, None)
                 with captured() as text:
                     summary = stages.module(stage).run(load_config(str(cfg_path)))
                     print(stages.module(stage).format_summary(summary))

@@ -16,13 +16,10 @@ from dermray.errors import UserError
 
 # ---- train: a checkpoint of another partition or recipe is never resumed -------------------------------------------
 @pytest.fixture(scope="module")
-def study(ham_dir, tmp_path_factory):
+def inputs(study, tmp_path_factory):
+    """The shared study's inputs (d/in), with outputs of this module's own under d/out."""
     d = tmp_path_factory.mktemp("lineage_study")
-    labels = pd.read_csv(ham_dir / "labels.csv")
-    subset = pd.concat([labels[labels.dx == dx].head(12) for dx in ("nv", "mel", "bkl", "bcc")])
-    subset.to_csv(d / "labels.csv", index=False)
-    assert main(["import", "ham10000", "--metadata", str(d / "labels.csv"), "--images", str(ham_dir / "images"),
-                 "--output", str(d / "in")]) == 0
+    (d / "in").symlink_to(study["data"], target_is_directory=True)
     return d
 
 
@@ -41,9 +38,9 @@ def _train_cfg(d, *extra):
         "train.data_cpus=0.5", "train.epochs=1", "train.folds=[0]", *extra])
 
 
-def test_retraining_after_a_repartition_is_refused_and_force_trains_without_leakage(study, ray_local, tmp_path,
+def test_retraining_after_a_repartition_is_refused_and_force_trains_without_leakage(inputs, ray_local, tmp_path,
                                                                                      monkeypatch):
-    d = study
+    d = inputs
     first = _partition(d, seed=0)
     train.run(_train_cfg(d))
     second = _partition(d, seed=5)  # same classes, other folds
@@ -131,8 +128,8 @@ def test_nightly_across_a_retrain_is_refused_with_one_line_naming_both_models(sc
 
 
 # ---- pipeline: a new run id gets its own partition; every stage's lineage is checked --------------------------------
-def test_a_pipeline_with_a_new_run_id_and_another_class_size_uses_a_new_partition(study, ray_local):
-    d = study
+def test_a_pipeline_with_a_new_run_id_and_another_class_size_uses_a_new_partition(inputs, ray_local):
+    d = inputs
     base = [f"data.manifest={d / 'in' / 'manifest.parquet'}", f"data.taxonomy={d / 'in' / 'taxonomy.parquet'}",
             f"data.tasks={d / 'in' / 'tasks.yaml'}", f"output={d / 'pipe'}", "pipeline.stages=[partition]",
             "partition.folds=2"]
@@ -149,3 +146,19 @@ def test_a_pipeline_with_a_new_run_id_and_another_class_size_uses_a_new_partitio
     assert again["stages"][0]["status"] == "ran" and "max_class_size 100 -> 7" in again["stages"][0]["why"]
     same = pipeline.run(load_config(None, [*base, "run_id=A", "partition.max_class_size=7"]))
     assert same["stages"][0]["status"] == "skipped (done)"
+
+
+def test_the_study_s_lineage_chain_holds_link_by_link(study, capsys):
+    """`dermray lineage` on the shared study: every stage with its inputs' fingerprints, the folds' models, and
+    every link holding (the ensemble that scored is the run's, the metrics are those of the predictions)."""
+    from dermray import lineage_report
+
+    chain = lineage_report.chain(str(study["out"]), "c")
+    assert list(chain["stages"]) == ["partition", "train", "score", "evaluate", "saliency"]
+    assert [f["fold"] for f in chain["stages"]["train"]["folds"]] == ["0", "1"]
+    assert chain["links"] and all(link["holds"] for link in chain["links"]), chain["links"]
+    text = lineage_report.format_chain(chain)
+    assert "BROKEN" not in text and all(stage in text for stage in chain["stages"])
+    capsys.readouterr()
+    assert main(["lineage", "--output", str(study["out"]), "--run-id", "nope"]) == 2
+    assert "no stage outputs for run 'nope'" in capsys.readouterr().err

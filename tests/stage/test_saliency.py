@@ -67,7 +67,14 @@ def test_maps_index_gallery_and_sanity_written_to_s3(score_study, ham_dir, train
     for method in ("gradient", "gradcam"):
         rows = sanity[sanity.method == method].sort_values("level")
         assert rows["spearman"].iloc[-1] < 0.5 and rows["ssim"].iloc[-1] < 0.5, rows
-        assert not rows["flagged"].any()
+        if method == "gradient":
+            assert not rows["flagged"].any()
+        elif rows["flagged"].any():
+            # Grad-CAM's ReLU blanks a map whose weighted activations are all negative, which a fully randomised
+            # network may give for some images (it does on some CPUs, not others: the kernels round differently):
+            # then the verdict is "inconclusive", never a pass, and it says why.
+            assert rows["constant_maps"].iloc[-1] > 0 and s["flagged"][method].startswith("inconclusive"), s
+            assert s["sanity_conclusive"] is False
         assert rows["constant_maps"].between(0, rows["n_images"]).all()
     # Plain gradients have no ReLU at the end (Grad-CAM's zeroes a map whose weighted activations are all
     # negative): with the head randomised their maps still vary over the image (they were blank while the

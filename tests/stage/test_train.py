@@ -230,33 +230,33 @@ def test_a_training_time_budget_stops_the_fold(small_study, ray_local, monkeypat
     assert metrics.loc["stopped_by_budget", "value"] == 1.0
 
 
-def test_the_epoch_is_chosen_on_an_inner_split_and_the_held_out_fold_only_measures(small_study, ray_local, tmp_path,
-                                                                                   monkeypatch):
+def test_the_epoch_is_chosen_on_an_inner_split_and_the_held_out_fold_only_measures(study):
     """train.selection: inner (the default): an inner split of the training lesions picks the epoch; the model
     never trains on it nor on the held-out fold, and the held-out fold's predictions (the cross-validation
-    estimate) come from the chosen epoch, measured once."""
-    d = small_study
-    monkeypatch.setenv(faults.ENV, json.dumps({"consumed_file": str(tmp_path / "consumed-{fold}")}))
-    s = train.run(config(d, "run_id=inner", "train.folds=[1]", "train.epochs=3", "train.selection_fraction=0.25"))
-    fold_dir = d / "out" / "train" / "inner" / "fold=1"
-    metrics = pd.read_parquet(fold_dir / "metrics.parquet")
-    select_loss = metrics[(metrics.split == "select") & (metrics.metric == "loss")].set_index("epoch")["value"]
-    assert len(select_loss) == 3 and s["per_fold"][0]["best_epoch"] == int(select_loss.idxmin())
-    assert not (metrics.split == "val").any()  # the held-out fold is not measured per epoch
-    preds = pd.read_parquet(fold_dir / "val_predictions.parquet")
-    assert set(preds["epoch"]) == {s["per_fold"][0]["best_epoch"]}
-    rows = train.plan(config(d, "run_id=inner", "train.folds=[1]", "train.selection_fraction=0.25")).table
-    split = train.split_rows(1, rows, config(d, "train.selection_fraction=0.25").train)
-    consumed = set((tmp_path / "consumed-1").read_text().split())
-    select_ids = set(split["select"].column("image_id").to_pylist())
-    val_ids = set(split["val"].column("image_id").to_pylist())
-    assert select_ids and consumed == set(split["train"].column("image_id").to_pylist())
-    assert not consumed & (select_ids | val_ids)
-    assert set(preds["image_id"]) == val_ids
-    # Lesion-grouped: no lesion has images both in the selection split and in training.
+    estimate) come from the chosen epoch, measured once. Judged on the study's run, whose first training recorded
+    the image ids each fold trained on."""
+    cfg = load_config(str(study["config"]))
+    s = study["runs"]["train"][0]["summary"]
+    rows = train.plan(cfg).table
     groups = dict(zip(rows.column("image_id").to_pylist(), rows.column("group").to_pylist()))
-    assert not {groups[i] for i in select_ids} & {groups[i] for i in consumed}
-    card = json.loads((fold_dir / "model_card.json").read_text())
-    assert "inner split" in card["selection"] and card["validation"]["val_images"] == len(val_ids)
+    for k in (0, 1):
+        fold_dir = study["out"] / "train" / "c" / f"fold={k}"
+        metrics = pd.read_parquet(fold_dir / "metrics.parquet")
+        select_loss = metrics[(metrics.split == "select") & (metrics.metric == "loss")].set_index("epoch")["value"]
+        assert len(select_loss) == 2 and s["per_fold"][k]["best_epoch"] == int(select_loss.idxmin())
+        assert not (metrics.split == "val").any()  # the held-out fold is not measured per epoch
+        preds = pd.read_parquet(fold_dir / "val_predictions.parquet")
+        assert set(preds["epoch"]) == {s["per_fold"][k]["best_epoch"]}
+        split = train.split_rows(k, rows, cfg.train)
+        consumed = set((study["dir"] / f"consumed-{k}").read_text().split())
+        select_ids = set(split["select"].column("image_id").to_pylist())
+        val_ids = set(split["val"].column("image_id").to_pylist())
+        assert select_ids and consumed == set(split["train"].column("image_id").to_pylist())
+        assert not consumed & (select_ids | val_ids)
+        assert set(preds["image_id"]) == val_ids
+        # Lesion-grouped: no lesion has images both in the selection split and in training.
+        assert not {groups[i] for i in select_ids} & {groups[i] for i in consumed}
+        card = json.loads((fold_dir / "model_card.json").read_text())
+        assert "inner split" in card["selection"] and card["validation"]["val_images"] == len(val_ids)
 
 

@@ -1,0 +1,224 @@
+"""Direct tests of the pure modules that were reached only through whole stage runs: ids, neardup, decisions,
+predictions, precision. Known answers come from plain-Python reference implementations written here."""
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from dermray import decisions, ids, neardup, precision, predictions
+from dermray.errors import UserError
+
+# ---- ids: 128-bit fingerprints, repeats, membership ------------------------------------------------------------
+ID_LISTS = st.lists(st.sampled_from([f"ISIC_{i:07d}" for i in range(12)] + ["", "ü", "a b"]), max_size=60)
+
+
+def test_fingerprints_are_stable_and_tell_ids_apart():
+    a = ids.fingerprints(["a", "b", "a"])
+    assert a.dtype == ids.FINGERPRINT and a[0] == a[2] and a[0] != a[1]
+    assert (ids.fingerprints(["a", "b", "a"]) == a).all()  # the same in every call (and process: seeded hashes)
+    many = ids.fingerprints([f"img-{i}" for i in range(20_000)])
+    assert len(np.unique(many)) == 20_000
+
+
+@settings(max_examples=100, deadline=None)
+@given(ID_LISTS)
+def test_repeated_names_every_later_copy_and_its_first_row(values):
+    rows = np.arange(len(values), dtype=np.int64)
+    dup, first = ids.repeated(ids.fingerprints(values), rows)
+    seen, expected = {}, []
+    for r, v in enumerate(values):
+        if v in seen:
+            expected.append((r, seen[v]))
+        else:
+            seen[v] = r
+    assert list(zip(dup.tolist(), first.tolist())) == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(ID_LISTS, ID_LISTS, ID_LISTS)
+def test_isin_against_the_union_of_parts_is_python_set_membership(values, part_a, part_b):
+    members = ids.sorted_set([ids.fingerprints(part_a), ids.fingerprints(part_b)])
+    got = ids.isin(ids.fingerprints(values), members)
+    assert got.tolist() == [v in set(part_a) | set(part_b) for v in values]
+    assert len(members) == len(set(part_a) | set(part_b))
+
+
+def test_every_copy_of_an_id_lands_in_one_partition():
+    fp = ids.fingerprints([f"x{i % 50}" for i in range(500)])
+    parts = ids.partition_of(fp, 7)
+    assert parts.min() >= 0 and parts.max() < 7
+    by_id = pd.DataFrame({"id": [i % 50 for i in range(500)], "part": parts}).groupby("id")["part"].nunique()
+    assert (by_id == 1).all()
+
+
+# ---- neardup: hashes, candidates, verification, merging ----------------------------------------------------------
+def _jpeg(img: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _lesion(seed: int, size=(120, 90)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size[1], 0:size[0]]
+    cx, cy = rng.uniform(0.3, 0.7) * size[0], rng.uniform(0.3, 0.7) * size[1]
+    blob = np.exp(-(((x - cx) / rng.uniform(10, 30)) ** 2 + ((y - cy) / rng.uniform(10, 30)) ** 2))
+    texture = rng.normal(0, 25, (size[1], size[0]))
+    base = np.stack([200 - 120 * blob, 160 - 110 * blob, 140 - 90 * blob], axis=2) + texture[..., None]
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+def test_popcount_is_the_number_of_set_bits():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 2**63, 200, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, 200).astype(np.uint64)
+    assert neardup.popcount(x).tolist() == [bin(int(v)).count("1") for v in x]
+
+
+def test_a_copy_re_encoded_and_resized_is_a_candidate_and_verifies_and_another_lesion_does_not():
+    original = _lesion(1)
+    copy = original.resize((108, 81)).crop((2, 2, 106, 79))
+    other = _lesion(2)
+    data = [_jpeg(original), _jpeg(copy, quality=70), _jpeg(other)]
+    hashes = np.stack([neardup.describe(d)[1] for d in data])
+    pairs, skipped = neardup.candidates(hashes, max_hamming=12)
+    found = {(int(a), int(b)) for a, b, _ in pairs}
+    assert (0, 1) in found and skipped == 0
+    assert neardup.similarity(data[0], data[1]) > 0.9 > neardup.similarity(data[0], data[2])
+    assert neardup.describe(data[0])[0] == neardup.describe(bytes(data[0]))[0]  # sha256 of the bytes
+
+
+def test_candidates_are_the_brute_force_pairs_within_the_distance():
+    """Every pair the LSH banding reports is within max_hamming (of its closest view to the other's whole image),
+    and none is reported twice; near pairs planted with 1-3 flipped bits are all found."""
+    rng = np.random.default_rng(3)
+    whole = rng.integers(0, 2**63, 40, dtype=np.uint64)
+    flips = np.array([np.uint64(sum(1 << int(b) for b in rng.choice(64, k, replace=False))) for k in (1, 2, 3)])
+    planted = whole[:3] ^ flips
+    hashes = np.stack([np.r_[whole, planted]] * 3, axis=1)
+    pairs, _ = neardup.candidates(hashes, max_hamming=6)
+    assert len({(a, b) for a, b, _ in pairs}) == len(pairs)
+    for a, b, d in pairs:
+        brute = min(neardup.popcount(np.array([hashes[a, v] ^ hashes[b, 0], hashes[b, v] ^ hashes[a, 0]])).min()
+                    for v in range(3))
+        assert a < b and d <= 6 and brute <= d
+    assert {(k, 40 + k) for k in range(3)} <= {(int(a), int(b)) for a, b, _ in pairs}
+
+
+def test_merge_groups_joins_components_refuses_chains_and_ignores_pair_order():
+    groups = np.array(["g1", "g2", "g3", "g4", "g1"], dtype=object)
+    merged, ok = neardup.merge_groups(groups, [(0, 1), (1, 2)], max_groups=3)
+    assert merged.tolist() == ["g1", "g1", "g1", "g4", "g1"] and ok == [True, True]
+    capped, ok = neardup.merge_groups(groups, [(0, 1), (1, 2), (2, 3)], max_groups=3)
+    assert ok == [True, True, False] and capped[3] == "g4"
+    again, _ = neardup.merge_groups(groups, [(1, 2), (0, 1)], max_groups=3)
+    assert again.tolist() == merged.tolist()
+
+
+# ---- decisions: what the model ships with, locked out of fold ----------------------------------------------------
+def _oof(n=400, seed=0):
+    rng = np.random.default_rng(seed)
+    classes = rng.integers(0, 3, n)
+    logits = rng.normal(0, 1, (n, 3)) + 2.5 * np.eye(3)[classes]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    membership = np.array([[1, 0], [0, 1], [0, 1]], float)  # task class 0 = training class 0; 1 = classes 1, 2
+    truth = np.where(classes == 0, 0, 1)[:, None]
+    return probs, classes, truth, [("t", 0, 0, membership)]
+
+
+def test_lock_fits_a_temperature_and_meets_the_target_sensitivity_on_the_data_that_chose_it():
+    probs, classes, truth, tasks = _oof()
+    calibration, points = decisions.lock(probs, classes, truth, tasks, target_sensitivity=0.9)
+    assert calibration["temperature"] > 0 and calibration["nll_after"] <= calibration["nll_before"] + 1e-12
+    sens = next(p for p in points if p["name"] == "sens0.9")
+    calibrated = decisions.M.apply_temperature(probs, calibration["temperature"])
+    score = (calibrated @ tasks[0][3])[:, 0] / (calibrated @ tasks[0][3]).sum(1)
+    positive = truth[:, 0] == 0
+    assert (score[positive] >= sens["threshold"]).mean() >= 0.9
+    assert sens["task"] == "t" and any(p["name"] == "youden" for p in points)
+
+
+def test_a_task_without_positives_out_of_fold_gets_no_locked_point():
+    probs, classes, truth, tasks = _oof()
+    _, points = decisions.lock(probs, classes, np.ones_like(truth), tasks, target_sensitivity=0.9)
+    assert points == []
+
+
+def test_readers_specificity_is_the_mean_over_readers_of_their_specificity():
+    truth = {"t": pd.Series({"a": 0, "b": 0, "c": 1})}
+    readers = pd.DataFrame({"reader_id": ["r1"] * 3 + ["r2"] * 3, "image_id": ["a", "b", "c"] * 2, "task": "t",
+                            "decision": [0, 1, 1, 0, 0, 1]})
+    assert decisions.readers_specificity(readers, truth) == {"t": {"readers_specificity": (0.5 + 1.0) / 2}}
+
+
+# ---- predictions: what the stages after scoring read -------------------------------------------------------------
+def _predictions(path, model_ids, image_ids=None):
+    n = len(model_ids)
+    image_ids = image_ids or [f"i{k}" for k in range(n)]
+    table = pa.table({"image_id": image_ids, "model_id": model_ids,
+                      "probs": pa.array([[0.2, 0.8]] * n, pa.list_(pa.float32())), "label": ["x"] * n})
+    pq.write_table(table, path)
+    return str(path)
+
+
+def test_load_predictions_gives_one_model_s_rows_and_the_probabilities_as_a_matrix(tmp_path):
+    uri = _predictions(tmp_path / "p.parquet", ["m1", "m1", "m2"])
+    with pytest.raises(UserError, match="predictions of 2 models"):
+        predictions.load_predictions(uri, None)
+    df = predictions.load_predictions(uri, "m1")
+    assert df["image_id"].tolist() == ["i0", "i1"] and df.attrs["probs"].shape == (2, 2)
+    assert df.attrs["probs_raw"] is None and df.attrs["fingerprint"]
+    with pytest.raises(UserError, match="no predictions of model_id 'm3'"):
+        predictions.load_predictions(uri, "m3")
+    dup = _predictions(tmp_path / "d.parquet", ["m1", "m1"], ["i0", "i0"])
+    with pytest.raises(UserError, match="'i0' is predicted more than once"):
+        predictions.load_predictions(dup, None)
+
+
+# ---- precision: amp=auto decided by hardware, measured once per machine -------------------------------------------
+class _Device:
+    def __init__(self, kind):
+        self.type = kind
+
+
+def test_precision_choice_configured_gpu_no_bf16_and_measured_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return 1.0, 0.5  # bf16 twice as fast
+
+    assert precision.choose("off", _Device("cpu"), "k", measure) == ("off", "off (configured)")
+    assert precision.choose("auto", _Device("cuda"), "k", measure)[0] == "bf16"
+    monkeypatch.setattr(precision, "native_bf16", lambda: False)
+    assert precision.choose("auto", _Device("cpu"), "k", measure)[0] == "off" and calls == []
+    monkeypatch.setattr(precision, "native_bf16", lambda: True)
+    assert precision.choose("auto", _Device("cpu"), "k", measure)[0] == "bf16"
+    assert precision.choose("auto", _Device("cpu"), "k", measure)[0] == "bf16" and calls == [1]  # cached
+    cache = json.loads((tmp_path / "dermray" / "precision.json").read_text())
+    assert list(cache.values()) == [{"fp32_s": 1.0, "bf16_s": 0.5}]
+    assert precision.choose("auto", _Device("cpu"), "slow", lambda: (1.0, 1.05))[0] == "off"  # under MARGIN
+
+
+# ---- report: the numbers as people read them ----------------------------------------------------------------------
+def test_report_formats_numbers_for_people_and_pairs_each_cohort_with_its_reference():
+    from dermray import report
+
+    assert report.fmt(0.12345) == "0.123" and report.fmt(None) == "—" and report.fmt(float("nan")) == "—"
+    auc = lambda subset, v: {"task": "t", "subset": subset, "metric": "auc", "value": v, "ci_low": v - 0.1,  # noqa: E731
+                             "ci_high": v + 0.1, "n": 50}
+    rows = report.external_rows([auc("cohort=clinic:all", 0.7), auc("cohort=internal:all", 0.8),
+                                 {"task": "t", "subset": "cohort=clinic:all", "metric": "auc_difference",
+                                  "value": -0.1, "ci_low": -0.2, "ci_high": 0.0,
+                                  "note": "clinic minus internal (unpaired)"}])
+    assert rows == [["t", "all", "clinic", "0.700 [0.600, 0.800], n=50", "internal", "0.800 [0.700, 0.900], n=50",
+                     "-0.100 [-0.200, 0.000]"]]
+    sentence = report.set_sentence({"images": 1200, "lesions": 800, "biopsy_images": 300, "model_ids": ["m@1"]})
+    assert "model m@1 on 1,200 images of 800 lesions, 300 of them biopsy-proven" in sentence
