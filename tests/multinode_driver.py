@@ -534,7 +534,7 @@ def main(argv=None) -> int:
     p.add_argument("--per-dx", type=int, default=12)
     p.add_argument("--synthetic-rows", type=int, default=300_000)
     p.add_argument("--train-slow-batch-s", type=float, default=1.0)
-    p.add_argument("--score-slow-batch-s", type=float, default=1.0)
+    p.add_argument("--score-slow-batch-s", type=float, default=0.5)
     p.add_argument("--stall-s", type=float, default=25.0)
     a = p.parse_args(argv)
     scenarios = [s for s in a.scenarios.split(",") if s]

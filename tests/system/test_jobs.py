@@ -35,9 +35,9 @@ def test_make_demo_cluster_submits_the_demo_pipeline_and_stops_its_head(tmp_path
         pytest.skip("make is not installed")
     venv, mark = BIN.parent, uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(DEMO_DIR=str(tmp_path / "demo"), SYNTH_ARGS="--lesions 150 --test-lesions 60", NUM_CPUS="2",
+    env.update(DEMO_DIR=str(tmp_path / "demo"), SYNTH_ARGS="--lesions 80 --test-lesions 30 --size 48", NUM_CPUS="2",
                DR_TEST_MARK=mark)
-    small = ("--set train.epochs=1 --set partition.folds=2 --set partition.max_class_size=40 "
+    small = ("--set train.epochs=1 --set partition.folds=2 --set partition.max_class_size=25 "
              "--set evaluate.n_bootstrap=50 --set saliency.k=2 --set saliency.audit_size=2 --set saliency.sanity_levels=1")
     # -o: the installed stamp counts as up to date (a test does not reinstall the environment it runs in)
     cmd = ["make", "-o", f"{venv}/.installed", "demo-cluster", f"VENV={venv}", f"DEMO_ARGS={small}"]
