@@ -396,11 +396,17 @@ def run_stage(mn: MultiNode, fn, progress, stall_s: float, timeout_s: float) -> 
     t0 = now()
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
-    last, since = None, now()
+    last, since, shown = None, now(), now()
     while thread.is_alive():
         thread.join(0.5)
         state = progress()
         free = ray.available_resources().get("CPU", 0.0)
+        if now() - shown > 5:  # where the time goes, in the driver's log
+            shown = now()
+            busy = {name: [t for t in ("RayTrainWorker", "measure_held_out", "MapWorker", "find_undecodable",
+                                       "decode") if mn.processes(name, t)] for name in mn.alive()}
+            free_now = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "trainer", "scorer")}
+            print(f"multinode: {now() - t0:5.1f} s into the stage: free {free_now}; running {busy}", flush=True)
         if state != last or free >= 0.5:
             last, since = state, now()
         elif out["stall"] is None and now() - since > stall_s:

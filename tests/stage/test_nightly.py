@@ -2,7 +2,7 @@
 missed floor fails the job with its reason."""
 import json
 import pathlib
-import subprocess
+import runpy
 import sys
 
 import pandas as pd
@@ -10,6 +10,19 @@ import pandas as pd
 from dermray.cli import EXIT_FLOOR_MISSED, main
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _job(name: str, args: list[str]) -> int:
+    """jobs/<name>.py as the CronJob runs it, in this process: its exit code."""
+    old = sys.argv
+    sys.argv = [str(REPO / "jobs" / f"{name}.py"), *args]
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as e:
+        return int(e.code or 0)
+    finally:
+        sys.argv = old
+    return 0
 
 
 def _night_manifest(d, tmp_path, name, n, missing=False):
@@ -34,14 +47,14 @@ def test_two_nights_score_only_new_images_and_a_missed_floor_fails_the_job(score
     s1 = json.loads(capsys.readouterr().out)
     assert s1["scored_tonight"] == 14 and s1["already_scored"] == 0 and s1["floors_missed"] == []
 
-    # The second night through the job script itself (its own process and Ray), as the CronJob runs it.
+    # The second night through the job script the CronJob runs (jobs/nightly_score.py), here in this process: its
+    # own process is the entry-point smoke test's (tests/system/test_entrypoints.py).
     night2 = _night_manifest(d, tmp_path, "night2", 24, missing=True)
-    job = subprocess.run([sys.executable, str(REPO / "jobs" / "nightly_score.py"), "--input", str(night2), "--date",
-                          "2026-11-25", *common, "--set", "nightly.max_quarantined_share=0.05", "--set",
-                          "nightly.min_auc={melanoma_vs_nevus: 1.01}", "--set", "ray.num_cpus=2"],
-                         capture_output=True, text=True, timeout=600, cwd=REPO)
-    err = job.stderr
-    assert job.returncode == EXIT_FLOOR_MISSED, err[-3000:]
+    code = _job("nightly_score", ["--input", str(night2), "--date", "2026-11-25", *common, "--set",
+                                  "nightly.max_quarantined_share=0.05", "--set",
+                                  "nightly.min_auc={melanoma_vs_nevus: 1.01}"])
+    err = capsys.readouterr().err
+    assert code == EXIT_FLOOR_MISSED, err[-3000:]
     assert "Traceback" not in err and "dermray nightly: floor missed: nightly 2026-11-25" in err
     assert "1 of tonight's 11 images were quarantined" in err and "melanoma_vs_nevus AUC (all)" in err
     assert "below the floor 1.01" in err

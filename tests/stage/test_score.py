@@ -273,19 +273,14 @@ def test_a_killed_scoring_actor_is_replaced_and_the_output_is_complete(score_stu
     assert len(df) == 24 and df["image_id"].is_unique
 
 
-def test_predictor_masks_error_rows_and_bf16_autocast_stays_close_to_fp32(score_study):
-    """The actor's own code, without Ray: rows with an error pass through unscored (the rest scored as in a clean
-    batch), and score.amp=bf16 (opt-in) moves no probability by more than 0.05."""
+def test_bf16_autocast_stays_close_to_fp32(score_study):
+    """The actor's own code on the study's fold models (their sharpness is a trained model's, which the bound
+    needs): score.amp=bf16 (opt-in) moves no probability by more than 0.05. (Error rows passing through unscored:
+    tests/unit/test_predictor.py.)"""
     ens = artifacts.load_ensemble([str(score_study / "out" / "train" / "r1")])
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (6, ens.size, ens.size, 3), dtype=np.uint8)
     clean = {"image": images, "error": np.array([""] * 6, dtype=object), "image_id": np.arange(6).astype(str)}
-    fp32 = score.Predictor(ens, 1, channels_last=True, tta="none", use_gpu=False, amp="off")
-    p = fp32(clean)["probs"]
-    np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-5)
-    broken = clean | {"error": np.array(["", "truncated", "", "", "", ""], dtype=object)}
-    q = fp32(broken)["probs"]
-    assert (q[1] == 0).all()
-    np.testing.assert_allclose(np.delete(q, 1, 0), np.delete(p, 1, 0), atol=1e-6)
+    p = score.Predictor(ens, 1, channels_last=True, tta="none", use_gpu=False, amp="off")(clean)["probs"]
     bf16 = score.Predictor(ens, 1, channels_last=True, tta="none", use_gpu=False, amp="bf16")(clean)["probs"]
     assert np.abs(bf16 - p).max() < 0.05 and not np.array_equal(bf16, p)

@@ -11,6 +11,7 @@ import pandas as pd
 import pyarrow as pa
 
 from dermray import faults, storage
+from dermray.cli import main
 
 
 def read_preds(uri) -> pd.DataFrame:
@@ -53,8 +54,9 @@ def _descendants(pid: int) -> list[int]:
         return []
 
 
-def test_a_driver_killed_part_way_and_rerun_scores_each_image_exactly_once(score_study, tmp_path):
-    """A separate `dermray score` process (its own Ray) is SIGKILLed after its first chunk is written."""
+def test_a_driver_killed_part_way_and_rerun_scores_each_image_exactly_once(score_study, ray_local, tmp_path, capsys):
+    """A separate `dermray score` process (its own Ray) is SIGKILLed after its first chunk is written; the same
+    command re-run (here in this process) scores the rest, each image exactly once."""
     import psutil
 
     d = score_study
@@ -82,9 +84,10 @@ def test_a_driver_killed_part_way_and_rerun_scores_each_image_exactly_once(score
                 pass
     done_before = len(read_preds(parts))
     assert 0 < done_before < 24, done_before
-    rerun = subprocess.run(args + ["--json"], capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    s = json.loads(rerun.stdout[rerun.stdout.index("{"):])
+    capsys.readouterr()
+    assert main([*args[3:], "--json"]) == 0
+    out = capsys.readouterr().out
+    s = json.loads(out[out.index("{"):])
     assert s["already_done"] == done_before and s["scored"] == 24 - done_before
     df = read_preds(parts)
     assert len(df) == 24 and df["image_id"].is_unique

@@ -1,6 +1,5 @@
-"""Transient storage errors are retried with backoff (``storage.Retry``), permanent ones are not.
-
-First the classification and the backoff as pure functions; then real outages: a dedicated moto S3 server on a fixed
+"""Real S3 outages are ridden out by ``storage.Retry`` (the classification and the backoff as pure functions:
+tests/unit/test_retry_policy.py). A dedicated moto S3 server on a fixed
 port holds the images and is stopped and restarted (moto keeps its objects in this process) while ``dermray score``
 and ``dermray train`` read them. Those stages run in subprocesses with their own environment (their own Ray and
 AWS_ENDPOINT_URL pointing at the dedicated server): the session's in-process Ray workers inherited the session

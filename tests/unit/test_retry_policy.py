@@ -1,14 +1,5 @@
-"""Transient storage errors are retried with backoff (``storage.Retry``), permanent ones are not.
-
-First the classification and the backoff as pure functions; then real outages: a dedicated moto S3 server on a fixed
-port holds the images and is stopped and restarted (moto keeps its objects in this process) while ``dermray score``
-and ``dermray train`` read them. Those stages run in subprocesses with their own environment (their own Ray and
-AWS_ENDPOINT_URL pointing at the dedicated server): the session's in-process Ray workers inherited the session
-server's endpoint, and stopping that server would break other tests.
-
-botocore's own retries are turned off in the subprocesses (AWS_MAX_ATTEMPTS=1) and s3fs does not retry a refused
-connection, so what rides out the outage is dermray's Retry, nothing below it.
-"""
+"""Which storage errors are transient (retried with backoff by ``storage.Retry``) and which are permanent, and how
+the backoff grows: pure functions, no server. Real outages of a real S3 server: tests/system/test_retries.py."""
 import errno
 
 import pytest
