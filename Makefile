@@ -17,9 +17,8 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 
 install: $(STAMP)
 
-# All three tiers (tests/unit, tests/stage, tests/system): about 17 minutes on 2 cores (measured; the budget is 12,
-# not met yet). The slowest 25 tests are
-# listed at the end of every run (pyproject.toml's pytest options).
+# All three tiers (tests/unit, tests/stage, tests/system): 16 minutes on 2 cores (measured on a fresh clone; the
+# budget is 12, not met yet). The slowest 25 tests are listed at the end of every run (pyproject.toml's options).
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 

@@ -17,7 +17,7 @@ import pathlib
 import pandas as pd
 import pyarrow.parquet
 import pytest
-from helpers import free_port, marked, shard_bytes, write_fold  # noqa: F401 - re-exported
+from helpers import shard_bytes, write_fold
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(os.environ.get("DERMRAY_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -26,7 +26,7 @@ ISIC_TAXONOMY = SHARED_DATA / "isic-taxonomy" / "diagnosis_nodes.csv"
 TESTS = pathlib.Path(__file__).resolve().parent
 TIERS = ("unit", "stage", "system")
 # What a unit test may not use: Ray, the S3 server, and the studies built with them.
-NOT_FOR_UNIT = {"ray_local", "s3_server", "s3_bucket", "score_study", "study", "study_copy"}
+NOT_FOR_UNIT = {"ray_local", "s3_server", "s3_bucket", "score_study", "study"}
 
 
 def pytest_collection_modifyitems(config, items):

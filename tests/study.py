@@ -5,7 +5,7 @@ drives every stage in order - partition -> a two-epoch tiny model on two folds -
 images with a missing file and a repeated id -> evaluation with the readers -> saliency - and then again, each
 stage's second run with the same inputs. Each run's summary, console and log text, the files it changed and the
 tables it wrote are kept, so that the stage contract suite and the stage tests judge one set of runs instead of
-training again. A test that needs to change something works on a copy (``copy_run``), never on the study itself.
+training again. A test that needs to change something copies what it changes, never changes the study itself.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -130,12 +129,3 @@ def build(d: pathlib.Path) -> dict:
             else:
                 os.environ[k] = v
     return {"dir": d, "data": data, "out": out, "config": cfg_path, "runs": runs}
-
-
-def copy_run(study: dict, dest: pathlib.Path, *stage_folders: str) -> pathlib.Path:
-    """A copy of the study's output folders (e.g. "partition", "train") under ``dest``/out, for a test that
-    resumes, retrains or changes one thing: the study itself stays as built. Returns the copy's output root."""
-    out = dest / "out"
-    for folder in stage_folders:
-        shutil.copytree(study["out"] / folder, out / folder)
-    return out
