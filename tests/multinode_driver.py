@@ -110,8 +110,11 @@ class MultiNode:
         import psutil
 
         out = []
+        node = self.nodes.get(name)  # None once a watcher thread has killed it
+        if node is None:
+            return out
         try:
-            for p in psutil.Process(self.raylet_pid(self.nodes[name])).children(recursive=True):
+            for p in psutil.Process(self.raylet_pid(node)).children(recursive=True):
                 try:
                     if any(title in c for c in p.cmdline()):
                         out.append(p.pid)

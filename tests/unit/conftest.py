@@ -21,7 +21,7 @@ def _no_ray_and_no_heavy_processes(monkeypatch):
     def checked_init(self, args, *rest, **kwargs):
         argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
         program = os.path.basename(str(argv[0]).split()[0]) if argv else ""
-        if str(argv[0]) == sys.executable or program in REFUSED or program.startswith("python"):
+        if argv and (str(argv[0]) == sys.executable or program in REFUSED or program.startswith("python")):
             raise AssertionError(f"a unit test started {program!r}: it belongs in tests/system")
         real_init(self, args, *rest, **kwargs)
 
