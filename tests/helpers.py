@@ -122,3 +122,21 @@ NODES = {"nv": "Benign:Benign melanocytic proliferations:Nevus",
          "bcc": "Malignant:Malignant adnexal epithelial proliferations - Follicular:Basal cell carcinoma",
          "bkl": "Benign:Benign epidermal proliferations"}
 FORMATS = [("jpg", "JPEG"), ("png", "PNG"), ("bmp", "BMP"), ("tiff", "TIFF"), ("PNG", "PNG"), ("TIF", "TIFF")]
+
+
+def run_job(name: str, args: list[str]) -> int:
+    """jobs/<name>.py as `ray job submit` or the nightly CronJob runs it, but in this process: its exit code."""
+    import pathlib
+    import runpy
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "jobs" / f"{name}.py"
+    old = sys.argv
+    sys.argv = [str(script), *args]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        return int(e.code or 0)
+    finally:
+        sys.argv = old
+    return 0

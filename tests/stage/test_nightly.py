@@ -2,27 +2,13 @@
 missed floor fails the job with its reason."""
 import json
 import pathlib
-import runpy
-import sys
 
 import pandas as pd
+from helpers import run_job
 
 from dermray.cli import EXIT_FLOOR_MISSED, main
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-
-
-def _job(name: str, args: list[str]) -> int:
-    """jobs/<name>.py as the CronJob runs it, in this process: its exit code."""
-    old = sys.argv
-    sys.argv = [str(REPO / "jobs" / f"{name}.py"), *args]
-    try:
-        runpy.run_path(sys.argv[0], run_name="__main__")
-    except SystemExit as e:
-        return int(e.code or 0)
-    finally:
-        sys.argv = old
-    return 0
 
 
 def _night_manifest(d, tmp_path, name, n, missing=False):
@@ -50,7 +36,7 @@ def test_two_nights_score_only_new_images_and_a_missed_floor_fails_the_job(score
     # The second night through the job script the CronJob runs (jobs/nightly_score.py), here in this process: its
     # own process is the entry-point smoke test's (tests/system/test_entrypoints.py).
     night2 = _night_manifest(d, tmp_path, "night2", 24, missing=True)
-    code = _job("nightly_score", ["--input", str(night2), "--date", "2026-11-25", *common, "--set",
+    code = run_job("nightly_score", ["--input", str(night2), "--date", "2026-11-25", *common, "--set",
                                   "nightly.max_quarantined_share=0.05", "--set",
                                   "nightly.min_auc={melanoma_vs_nevus: 1.01}"])
     err = capsys.readouterr().err

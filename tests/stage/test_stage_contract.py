@@ -19,13 +19,12 @@ from __future__ import annotations
 import fnmatch
 import os
 import pathlib
-import runpy
-import sys
 from dataclasses import dataclass, field
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from helpers import run_job
 from study import SECRET, stage_root
 
 from dermray import schemas, stages
@@ -158,19 +157,6 @@ def _one_line_exit_2(code: int, err: str, what: str) -> None:
     assert "error:" in err
 
 
-def _job(stage: str, args: list[str]) -> int:
-    """jobs/<stage>.py as `ray job submit` runs it, in this process: its exit code."""
-    old = sys.argv
-    sys.argv = [str(REPO / "jobs" / f"{stage}.py"), *args]
-    try:
-        runpy.run_path(sys.argv[0], run_name="__main__")
-    except SystemExit as e:
-        return int(e.code or 0)
-    finally:
-        sys.argv = old
-    return 0
-
-
 @pytest.mark.parametrize("stage", stages.STAGES)
 def test_a_user_error_exits_2_with_one_line_from_the_cli_and_from_jobs(study, stage, capfd):
     bad = CASES[stage].bad.format(missing=study["dir"] / "no-such-input")
@@ -178,5 +164,5 @@ def test_a_user_error_exits_2_with_one_line_from_the_cli_and_from_jobs(study, st
     capfd.readouterr()
     code = main([stage, *args])
     _one_line_exit_2(code, capfd.readouterr().err, f"dermray {stage}")
-    code = _job(stage, args)
+    code = run_job(stage, args)
     _one_line_exit_2(code, capfd.readouterr().err, f"jobs/{stage}.py")
