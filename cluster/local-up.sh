@@ -39,7 +39,7 @@ args=(--head --block --node-ip-address 127.0.0.1 --port "$RAY_PORT" --dashboard-
 # --block keeps `ray start` in the foreground as the parent of the head's processes: stopping that one process
 # (local-down.sh, by its PID) stops this head and nothing else on the machine.
 # On SIGTERM (cluster/local-down.sh) Ray 2.60 first drains the node for Serve proxies, up to 30 s by default; this
-# head runs batch jobs only, so it stops at once (measured: local-down.sh took ~30 s, now ~2 s).
+# head runs batch jobs only, so it stops at once (measured: local-down.sh took ~30 s, now ~3 s).
 RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}" \
   nohup ray start "${args[@]}" > "$DIR/head.log" 2>&1 &
 echo $! > "$DIR/head.pid"
