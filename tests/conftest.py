@@ -112,6 +112,38 @@ def s3_bucket(s3_server):
     return f"s3://{name}"
 
 
+# ---- whole-process runs started at the session's first test (tests/early.py) ----
+DEMO_CLUSTER_TEST = "tests/system/test_jobs.py::test_make_demo_cluster_submits_the_demo_pipeline_and_stops_its_head"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def early(request, tmp_path_factory):
+    """Starts, in one background thread, the runs that the selected system tests judge: `make demo-cluster`, the
+    multi-node driver, the demo pipeline (in the order their tests come); a run whose prerequisites are missing is
+    left to its test, which skips. Waits for the thread at the end of the session."""
+    import shutil
+    import sys
+
+    import early as runs
+
+    selected = {item.nodeid for item in request.session.items}
+    launchers = {}
+    if DEMO_CLUSTER_TEST in selected and (pathlib.Path(sys.executable).parent / "ray").exists() and shutil.which("make"):
+        launchers["demo_cluster"] = lambda env: runs.demo_cluster(tmp_path_factory.mktemp("demo_cluster"), env)
+    if any(n.startswith("tests/system/test_multinode.py::") for n in selected) and (HAM / "labels.csv").exists():
+        s3_env = request.getfixturevalue("s3_server")
+        launchers["multinode"] = lambda env: runs.multinode(HAM, s3_env, tmp_path_factory.mktemp("multinode"), env)
+    if any(n.startswith("tests/system/test_pipeline.py::") and "demo" in item.fixturenames
+           for item in request.session.items for n in [item.nodeid]):
+        launchers["demo"] = lambda env: runs.demo_pipeline(tmp_path_factory.mktemp("demo"), env)
+    state = runs.Early()
+    if launchers:
+        state.start(launchers)
+    yield state
+    if state.thread is not None:
+        state.thread.join()
+
+
 # ---- the shared synthetic study (tests/study.py): every stage run once, then again, for the whole session ----
 @pytest.fixture(scope="session")
 def study(tmp_path_factory, ray_local):

@@ -1,23 +1,21 @@
 """`ray job submit` against a real local Ray head on loopback, started and stopped with cluster/local-up.sh and
 cluster/local-down.sh (token authentication on, as Ray 2.60's `ray start` has it); `make demo-cluster` end to end;
 the check of a job's paths (dermray/jobpaths.py)."""
-import contextlib
 import json
 import os
 import pathlib
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 
+import early as runs
 import pandas as pd
 import psutil
 import pytest
-from helpers import free_port, marked
+from helpers import free_port
 
 from dermray import jobpaths
 
@@ -25,48 +23,26 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 BIN = pathlib.Path(sys.executable).parent
 
 
-# First in this file: it starts a head of its own, before the module's `head` fixture starts the other.
-def test_make_demo_cluster_submits_the_demo_pipeline_and_stops_its_head(tmp_path):
+def test_make_demo_cluster_submits_the_demo_pipeline_and_stops_its_head(early, tmp_path_factory):
     """`make demo-cluster` as a newcomer runs it, at a reduced size (fewer lesions, one epoch, two folds): the job
-    succeeds, the report's path is printed and exists, and the head and everything it started are gone after."""
+    succeeds, the report's path is printed and exists, and the head and everything it started are gone after. (Run
+    at the session's start, in the background: tests/early.py.)"""
     if not (BIN / "ray").exists():
         pytest.skip(f"the ray CLI is not installed next to {sys.executable}")
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    venv, mark = BIN.parent, uuid.uuid4().hex
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(DEMO_DIR=str(tmp_path / "demo"), SYNTH_ARGS="--lesions 80 --test-lesions 30 --size 48", NUM_CPUS="2",
-               DR_TEST_MARK=mark)
-    small = ("--set train.epochs=1 --set partition.folds=2 --set partition.max_class_size=25 "
-             "--set evaluate.n_bootstrap=50 --set saliency.k=2 --set saliency.audit_size=2 --set saliency.sanity_levels=1")
-    # -o: the installed stamp counts as up to date (a test does not reinstall the environment it runs in)
-    cmd = ["make", "-o", f"{venv}/.installed", "demo-cluster", f"VENV={venv}", f"DEMO_ARGS={small}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        try:
-            out, _ = proc.communicate(timeout=420)
-        except subprocess.TimeoutExpired:
-            for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    p.send_signal(signal.SIGTERM)  # the script's trap stops the head it started
-            out, _ = proc.communicate(timeout=120)
-            pytest.fail(f"make demo-cluster ran past 420 s:\n{out[-6000:]}")
-        assert proc.returncode == 0, out[-8000:]
-        assert re.search(r"demo-cluster: job dermray-demo-\S+ SUCCEEDED", out), out[-8000:]
-        assert "pipeline: run demo-cluster" in out
-        report = re.search(r"^demo-cluster: report: (\S+)$", out, re.MULTILINE)
-        assert report and pathlib.Path(report.group(1)).is_file(), out[-4000:]
-        assert pathlib.Path(report.group(1)).is_relative_to(tmp_path / "demo")
-        state = re.search(r"state in (/tmp/dr-demo-\S+)\)", out).group(1)
-        assert "Ray head stopped" in out and not pathlib.Path(state).exists()  # stopped, its state folder removed
-        _, alive = psutil.wait_procs(marked(mark), timeout=30)
-        assert not alive, f"processes left behind by make demo-cluster: {[p.pid for p in alive]}"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        for p in marked(mark):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
+    r = early.result("demo_cluster", lambda env: runs.demo_cluster(tmp_path_factory.mktemp("demo_cluster"), env))
+    out = r["out"]
+    assert not r["timed_out"], f"make demo-cluster ran past {runs.DEMO_CLUSTER_TIMEOUT_S} s:\n{out[-6000:]}"
+    assert r["rc"] == 0, out[-8000:]
+    assert re.search(r"demo-cluster: job dermray-demo-\S+ SUCCEEDED", out), out[-8000:]
+    assert "pipeline: run demo-cluster" in out
+    report = re.search(r"^demo-cluster: report: (\S+)$", out, re.MULTILINE)
+    assert report and pathlib.Path(report.group(1)).is_file(), out[-4000:]
+    assert pathlib.Path(report.group(1)).is_relative_to(r["demo_dir"])
+    state = re.search(r"state in (/tmp/dr-demo-\S+)\)", out).group(1)
+    assert "Ray head stopped" in out and not pathlib.Path(state).exists()  # stopped, its state folder removed
+    assert not r["left_behind"], f"processes left behind by make demo-cluster: {r['left_behind']}"
 
 
 @pytest.fixture(scope="module")

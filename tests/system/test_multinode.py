@@ -7,73 +7,28 @@ session's in-process Ray, and a process joins one Ray cluster at most); it plays
 one cluster, a replacement node joining after each kill, and writes a JSON report that the tests below judge,
 together with the outputs it left in S3. Figures (nodes, kills survived, seconds) are printed by the fixture.
 """
-import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import time
-import uuid
 
-import boto3
+import early as runs
 import numpy as np
-import psutil
 import pytest
 
-from dermray import faults, storage
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DRIVER = os.path.join(REPO, "tests", "multinode_driver.py")
-TIMEOUT_S = 540
+from dermray import storage
 
 
 @pytest.fixture(scope="module")
-def multinode(ham_dir, s3_server, tmp_path_factory):
-    """Runs the driver once (all scenarios); yields {"report", "bucket", "log"}. Every process the driver started
-    is killed by PID at the end, whatever happened, and Ray's folder (outside tmp_path: socket paths must be short)
-    is removed."""
-    bucket = f"dermray-mn-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"]).create_bucket(Bucket=bucket)
-    work = tmp_path_factory.mktemp("multinode")
-    ray_tmp = tempfile.mkdtemp(prefix="dmn-", dir="/tmp")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", faults.ENV)}
-    env.update(s3_server, RAY_TMPDIR=ray_tmp)
-    log_path, report_path = work / "driver.log", work / "report.json"
-    seen: dict[int, psutil.Process] = {}
-    t0 = time.time()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, DRIVER, "--work", str(work), "--bucket", bucket, "--ham",
-                                 str(ham_dir), "--report", str(report_path)], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, cwd=REPO)
-        try:
-            while proc.poll() is None and time.time() - t0 < TIMEOUT_S:
-                try:
-                    for c in psutil.Process(proc.pid).children(recursive=True):
-                        seen.setdefault(c.pid, c)
-                except psutil.NoSuchProcess:
-                    pass
-                time.sleep(0.5)
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(30)
-        finally:
-            for p in seen.values():  # the cluster's processes, by PID (psutil checks it is still the same process)
-                try:
-                    if p.is_running():
-                        p.kill()
-                except psutil.Error:
-                    pass
-            shutil.rmtree(ray_tmp, ignore_errors=True)
-    text = log_path.read_text()
-    assert report_path.exists(), f"the driver wrote no report (exit {proc.returncode}):\n{text[-6000:]}"
-    report = json.loads(report_path.read_text())
+def multinode(early, ham_dir, s3_server, tmp_path_factory):
+    """The driver's run (all scenarios; started at the session's start, in the background: tests/early.py): yields
+    {"report", "bucket", "log", "rc"}. Every process the driver started has been killed by PID."""
+    r = early.result("multinode", lambda env: runs.multinode(ham_dir, s3_server, tmp_path_factory.mktemp("multinode"),
+                                                             env))
+    report = r["report"]
+    assert report is not None, f"the driver wrote no report (exit {r['rc']}):\n{r['log'][-6000:]}"
     killed = report.get("nodes_killed", [])
     print(f"\nmultinode: {report.get('cluster', {}).get('nodes')} nodes at start (head + 2 workers), "
           f"{len(report.get('nodes_joined', []))} worker nodes joined in all, {len(killed)} killed without grace "
           f"({'; '.join(k['why'] for k in killed)}); seconds: {report.get('seconds')}; driver exit "
-          f"{proc.returncode} after {time.time() - t0:.0f} s")
-    yield {"report": report, "bucket": bucket, "log": text, "rc": proc.returncode}
+          f"{r['rc']} after {r['seconds']:.0f} s")
+    return r
 
 
 def scenario(multinode, name: str) -> dict:

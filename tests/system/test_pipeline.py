@@ -7,10 +7,8 @@ import json
 import pathlib
 import re
 import shutil
-import subprocess
-import sys
-import time
 
+import early as runs
 import pandas as pd
 import pytest
 
@@ -18,42 +16,26 @@ from dermray import pipeline, storage
 from dermray.cli import main
 from dermray.config import load_config
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-REPO_CONFIG = REPO / "configs" / "demo.yaml"
 RAY_NOISE = ("Starting execution of Dataset", "worker processes have been started", "constructor arguments",
              "Execution plan", "Traceback", "checkpoint_", "WARNING", "(raylet)", "pid=")
-EPOCHS = 1
-
-
-def overrides(d: pathlib.Path, *extra: str) -> list[str]:
-    return [f"output={d / 'out'}", f"data.manifest={d / 'data' / 'manifest.parquet'}",
-            f"data.taxonomy={d / 'data' / 'taxonomy.parquet'}", f"data.tasks={d / 'data' / 'tasks.yaml'}",
-            f"evaluate.readers={d / 'data' / 'readers.parquet'}",
-            f"pipeline.test_manifest={d / 'data' / 'test_manifest.parquet'}", f"train.epochs={EPOCHS}",
-            "evaluate.n_bootstrap=100", "saliency.k=1", "saliency.audit_size=2",
-            # the demo's 150 scaled to this smaller draw (~700 training images), so that the classes split as in the
-            # demo; two folds instead of three: each model trains on half the images, not two thirds, three at once
-            "partition.max_class_size=70", "partition.folds=2", *extra]
+EPOCHS = runs.DEMO_EPOCHS
+overrides = runs.demo_overrides
 
 
 def demo_config(d, *extra):
-    return load_config(str(REPO_CONFIG), overrides(d, *extra))
+    return load_config(str(runs.DEMO_CONFIG), overrides(d, *extra))
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(early, tmp_path_factory):
     """The demo data drawn smaller than `make demo` draws it (400 training, 120 held-out lesions), then the
-    pipeline run from the command line, as a person runs it (stdout and stderr are pipes here, as in a job log)."""
-    d = tmp_path_factory.mktemp("demo")
-    assert main(["synth", "--output", str(d / "data"), "--lesions", "400", "--test-lesions", "120"]) == 0
-    cmd = [sys.executable, "-m", "dermray.cli", "pipeline", "--config", str(REPO_CONFIG)]
-    for o in overrides(d):
-        cmd += ["--set", o]
-    t0 = time.time()
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=d)
-    print(f"demo pipeline: {time.time() - t0:.0f} s")
+    pipeline run from the command line, as a person runs it (started at the session's start, in the background:
+    tests/early.py)."""
+    r = early.result("demo", lambda env: runs.demo_pipeline(tmp_path_factory.mktemp("demo"), env))
+    print(f"demo pipeline: {r['seconds']:.0f} s")
+    run = r["run"]
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return {"dir": d, "run": run}
+    return r
 
 
 def test_a_demo_pipeline_prints_a_few_meaningful_lines_and_logs_the_rest(demo):
