@@ -361,8 +361,10 @@ def _ensemble_name(cards: list[ModelCard]) -> str:
 
 def load_ensemble(uris: list[str], name: str | None = None) -> Ensemble:
     """The ensemble of the models ``uris`` name (see ``resolve_checkpoints``); they must share training classes,
-    architecture and input size. The weights' sha256 comes from each card (verified when a worker loads the
-    weights) or, for a card without one, from reading the file."""
+    architecture and input size. Each member is identified by its weights file's bytes (read here, and again when
+    a worker loads them): a file that is not the one its card describes - another fold's weights copied over it,
+    a retrain in place that did not finish - is refused, naming the file, instead of being taken for the card's
+    model (then every stage after training would skip as unchanged, and lineage would hold, on other weights)."""
     pairs = resolve_checkpoints(uris)
     first_w, first = pairs[0]
     for w, c in pairs[1:]:
@@ -370,11 +372,21 @@ def load_ensemble(uris: list[str], name: str | None = None) -> Ensemble:
             if getattr(c, key) != getattr(first, key):
                 raise UserError(f"checkpoints cannot be averaged: {storage.redact(w)} has {key} {getattr(c, key)!r}, "
                                 f"{storage.redact(first_w)} has {getattr(first, key)!r}")
-    shas = tuple(c.weights_sha256 or weights_sha256(w) for w, c in pairs)
+    shas = tuple(_verified_sha256(w, c) for w, c in pairs)
     cards = [c for _, c in pairs]
     ens = Ensemble(tuple(w for w, _ in pairs), tuple(cards), shas, "")
     base = (name or _ensemble_name(cards)).split("@", 1)[0]
     return Ensemble(ens.weights, ens.cards, shas, f"{base}@{ens.weights_digest[:12]}")
+
+
+def _verified_sha256(weights: str, card: ModelCard) -> str:
+    """sha256 of the weights file's bytes, checked against the card's (a card of version 1 records none)."""
+    sha = weights_sha256(weights)
+    if card.weights_sha256 and sha != card.weights_sha256:
+        raise UserError(f"{storage.redact(weights)} is not the model its model card describes (its sha256 is "
+                        f"{sha[:12]}, the card's {card.weights_sha256[:12]}): restore the file, or retrain the fold "
+                        "(--force)")
+    return sha
 
 
 def load_member(ens: Ensemble, i: int, device=None):

@@ -75,8 +75,13 @@ def links(output: str, run_id: str, s: dict) -> list[dict]:
              + ("" if pred.get("identity") == current else "; the predictions changed since"))
     if s["train"] and s["saliency"]:
         first = sorted(artifacts.fold_dirs(layout.train_dir(output, run_id)))
-        model = artifacts.load_ensemble([first[0]]).model_id if first else None
-        link("model -> saliency", s["saliency"]["model_id"] == model, f"maps of {s['saliency']['model_id']}")
+        try:
+            model = artifacts.load_ensemble([first[0]]).model_id if first else None
+        except UserError as e:
+            model = f"unreadable ({e})"
+        link("model -> saliency", s["saliency"]["model_id"] == model,
+             f"maps of {s['saliency']['model_id']}" + ("" if s["saliency"]["model_id"] == model else
+                                                      f"; the model is {model}"))
     return found
 
 

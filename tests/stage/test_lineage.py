@@ -162,3 +162,36 @@ def test_the_study_s_lineage_chain_holds_link_by_link(study, capsys):
     capsys.readouterr()
     assert main(["lineage", "--output", str(study["out"]), "--run-id", "nope"]) == 2
     assert "no stage outputs for run 'nope'" in capsys.readouterr().err
+
+
+def test_a_fold_model_replaced_by_another_fold_s_weights_is_caught_by_every_stage_and_by_lineage(study, tmp_path,
+                                                                                                  capsys):
+    """Issue 27, finding 4: fold 0's best/model.pt replaced by fold 1's (a copy gone wrong) in a finished run. The
+    model id came from the card's sha256, never from the file, so every stage skipped and `dermray lineage` said
+    ok on every link. Now the weights are identified by their bytes: the pipeline refuses in one line naming the
+    file, and the lineage report marks the links that depend on the model broken."""
+    import study as shared_study
+    import yaml
+
+    d = tmp_path
+    shutil.copytree(study["out"], d / "out", symlinks=True)
+    (d / "data").symlink_to(study["data"], target_is_directory=True)
+    (d / "run.yaml").write_text(yaml.safe_dump(shared_study.run_config(d)))
+    fold0, fold1 = (d / "out" / "train" / shared_study.RUN / f"fold={k}" / "best" / "model.pt" for k in (0, 1))
+    shutil.copy(fold1, fold0)
+    capsys.readouterr()
+    assert main(["lineage", "--output", str(d / "out"), "--run-id", shared_study.RUN]) == 0
+    text = capsys.readouterr().out
+    broken = [ln for ln in text.splitlines() if ln.startswith("BROKEN")]
+    assert any("train -> predictions" in ln for ln in broken), text
+    assert any("model -> saliency" in ln for ln in broken), text
+    assert "fold=0/best/model.pt" in text and "model card" in text, text
+    for stage in ("score", "saliency"):
+        assert main([stage, "--config", str(d / "run.yaml")]) == 2, stage
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "fold=0/best/model.pt" in err and "model card" in err, (stage, err)
+    # The stages after training (the copy's image paths differ from the study's, so train would see new images).
+    assert main(["pipeline", "--config", str(d / "run.yaml"), "--set", "pipeline.stages=[score,evaluate,saliency]",
+                 "--set", f"pipeline.test_manifest={d / 'data' / 'test_manifest.parquet'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "fold=0/best/model.pt" in err and "model card" in err, err
