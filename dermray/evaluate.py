@@ -26,6 +26,7 @@ from dermray import layout, lineage, progress, schemas, storage
 from dermray import metrics as M
 from dermray.config import EvaluateConfig, RunConfig
 from dermray.errors import UserError
+from dermray.ids import lesion_keys
 from dermray.inference import NOT_IN_TASK, binary_score, node_task_class, probs_matrix, \
     task_class_of_labels, task_probabilities, truth_for_task
 from dermray.predictions import load_predictions
@@ -64,6 +65,13 @@ def locked_points(scored: dict) -> dict:
 
 
 # ---- subsets -----------------------------------------------------------------------------------------------------
+def lesions(df: pd.DataFrame) -> np.ndarray:
+    """Each prediction's lesion key, [n] (the lesion bootstrap's and the clustered DeLong's clusters): the shared
+    rule of ``ids.lesion_keys`` - a null, empty or blank group_id is the image alone."""
+    groups = df["group_id"] if "group_id" in df.columns else None
+    return lesion_keys(df["image_id"].astype(str).tolist(), groups).to_numpy(zero_copy_only=False)
+
+
 def subsets(df: pd.DataFrame, subgroup_specs: list[str]) -> list[tuple[str, np.ndarray]]:
     """(name, boolean mask) for: all, biopsy-proven, each modality, each value of each subgroup column."""
     out = [("all", np.ones(len(df), dtype=bool))]
@@ -453,7 +461,7 @@ def run(cfg: RunConfig, base: str | None = None) -> dict:
     df = load_predictions(ecfg.predictions, ecfg.model_id)
     readers = _load_readers(ecfg.readers)
     compare = load_predictions(ecfg.compare, None) if ecfg.compare else None
-    groups = (df["group_id"].fillna(df["image_id"]) if "group_id" in df.columns else df["image_id"]).to_numpy()
+    groups = lesions(df)
     unknown_label = int((~df["label"].isin(inp.tax.index.keys())).sum())
     subset_masks = subsets(df, ecfg.subgroups)
     t = Tables()
@@ -533,7 +541,7 @@ def task_scores(df: pd.DataFrame, inp: EvalInputs, task: Task) -> tuple[np.ndarr
     pos = task.class_names.index(task.positive)
     score = binary_score(task_probabilities(df.attrs["probs"], inp.membership, task), pos)
     use = (y_task != NOT_IN_TASK) & ~np.isnan(score)
-    groups = (df["group_id"].fillna(df["image_id"]) if "group_id" in df.columns else df["image_id"]).to_numpy()
+    groups = lesions(df)
     return (y_task[use] == pos).astype(int), score[use], groups[use], use
 
 

@@ -1,5 +1,6 @@
 """Image ids at scale without Python objects per row: 128-bit id fingerprints (two independent 64-bit hashes),
-repeated ids across chunks, and set membership against a sorted fingerprint array. Pure numpy.
+repeated ids across chunks, and set membership against a sorted fingerprint array; and the one rule for which
+lesion an image belongs to (``lesion_keys``). Pure numpy and pyarrow.
 
 With 10 million ids a single 64-bit hash would collide with probability ~3e-6 (and a collision would silently
 skip an image); with 128 bits the probability is ~1e-25.
@@ -7,6 +8,8 @@ skip an image); with 128 bits the probability is ~1e-25.
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from dermray.partitioning import hash_strings
 
@@ -53,3 +56,21 @@ def isin(fp: np.ndarray, members: np.ndarray) -> np.ndarray:
 
 def partition_of(fp: np.ndarray, partitions: int) -> np.ndarray:
     return (fp["h1"] % np.uint64(partitions)).astype(np.int64)
+
+
+def lesion_keys(image_ids, group_ids, alone_prefix: str = "image:") -> pa.Array:
+    """Each image's lesion (or patient) key, [n] strings: its ``group_id``, or, where that is null, empty or blank,
+    ``alone_prefix + image_id`` - an image without a lesion id is a lesion of its own. The one rule every stage
+    uses (partition's groups, train's inner split, evaluate's lesion bootstrap and clustered DeLong); with
+    ``group_ids`` None (no such column) every image is alone. The prefix keeps an image's own key from meeting a
+    real group id."""
+    ids = pa.array(image_ids, pa.string()) if not isinstance(image_ids, (pa.Array, pa.ChunkedArray)) else image_ids
+    alone = pc.binary_join_element_wise(alone_prefix, ids, "") if alone_prefix else ids
+    if group_ids is None:
+        return alone
+    groups = (pa.array(group_ids, pa.string(), from_pandas=True)
+              if not isinstance(group_ids, (pa.Array, pa.ChunkedArray)) else group_ids)
+    if not pa.types.is_string(groups.type) and not pa.types.is_large_string(groups.type):
+        groups = pc.cast(groups, pa.string())
+    missing = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(groups), ""), True)
+    return pc.if_else(missing, alone, groups)

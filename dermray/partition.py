@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 from dermray import layout, lineage, progress, schemas, storage
 from dermray.config import RunConfig
 from dermray.errors import UserError
-from dermray.ids import SEEDS as ID_SEEDS
+from dermray.ids import SEEDS as ID_SEEDS, lesion_keys
 from dermray.partitioning import (HASH_BUCKETS, MIXED_STRATUM, TrainingClass, fold_table, hash_bucket,
                                   hash_strings, node_to_class, partition_classes, task_membership)
 from dermray.definitions import load_taxonomy
@@ -93,12 +93,9 @@ def _group_keys(table: pa.Table, remap: pa.Table | None = None) -> pa.Array:
     near-duplicate step merged into another group, that group (``remap``: image_id, group)."""
     ids = table.column("image_id")
     if "group_id" not in table.column_names:
-        keys = ids
+        keys = ids  # (as before: no group column, the image ids themselves)
     else:
-        groups = table.column("group_id")
-        # A missing group means the image is a group of its own.
-        empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(groups), ""), True)
-        keys = pc.if_else(empty, pc.binary_join_element_wise("image:", ids, ""), groups)
+        keys = lesion_keys(ids, table.column("group_id"))
     if remap is None or remap.num_rows == 0:
         return keys
     pos = pc.index_in(ids, value_set=remap.column("image_id"))

@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 from dermray import artifacts, faults, layout, lineage, progress, schemas, storage
 from dermray.config import RunConfig, TrainConfig
 from dermray.errors import UserError
+from dermray.ids import lesion_keys
 from dermray.raysession import blocks_of
 from dermray.report import fmt
 from dermray.trainloop import FoldJob, train_loop_per_worker, worker_threads
@@ -79,10 +80,11 @@ def read_rows(cfg: RunConfig, part: str) -> tuple[pa.Table, pa.Table, dict]:
                                   [c for c in ("group_id", "source", "modality") if c in present])
     manifest = manifest.set_column(1, "uri", storage.resolve_column(manifest.column("uri"),
                                                                     storage.parent(cfg.data.manifest)))
-    # The lesion (or patient) of each image; an image without one is a group of its own.
-    groups = manifest.column("group_id") if "group_id" in manifest.column_names else manifest.column("image_id")
-    empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(groups), ""), True)
-    manifest = manifest.append_column("group", pc.if_else(empty, manifest.column("image_id"), groups))
+    # The lesion (or patient) of each image; an image without one is a group of its own. Its key is its bare
+    # image id, as before the shared rule: the inner split hashes these keys, and another key would move images
+    # between the selection split and training in a run being resumed.
+    groups = manifest.column("group_id") if "group_id" in manifest.column_names else None
+    manifest = manifest.append_column("group", lesion_keys(manifest.column("image_id"), groups, alone_prefix=""))
     manifest = manifest.drop_columns([c for c in ("group_id",) if c in manifest.column_names])
     table = labels.join(manifest, "image_id", join_type="inner")
     if table.num_rows != labels.num_rows:

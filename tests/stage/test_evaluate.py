@@ -313,3 +313,24 @@ def test_external_validation_compares_cohorts_with_an_unpaired_ci(study, tmp_pat
                                                      "headline": summary["headline"]}]})
     md = artifacts.render_markdown(card)
     assert "| mel_vs_nev | all | clinic_b | " in md and "| reference AUC (95% CI), n |" in md, md
+
+
+def test_an_empty_group_id_is_the_image_alone_as_a_null_one_is(study, tmp_path):
+    """Issue 28, finding 3: partition and train took an empty group_id ("") for "the image alone", evaluate only
+    filled nulls, so a test set without lesion ids written as "" became one lesion: every lesion-bootstrap interval
+    collapsed to a point. One rule now (dermray.ids.lesion_keys): null, "" and blank are the image alone."""
+    d = study["dir"]
+    table = pq.read_table(d / "predictions.parquet")
+    i = table.column_names.index("group_id")
+    n = table.num_rows
+    results = {}
+    for name, groups in {"null": pa.nulls(n, pa.string()), "empty": pa.array([""] * n),
+                         "blank": pa.array([" ", ""] * (n // 2))}.items():
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(table.set_column(i, "group_id", groups), path)
+        _, metrics, _ = run_eval(study, tmp_path / name, f"evaluate.predictions={path}")
+        results[name] = metrics.sort_values(["task", "subset", "metric"]).reset_index(drop=True)
+    auc = value(results["empty"], "mel_vs_nev", "all", "auc")
+    assert auc.ci_low < auc.value < auc.ci_high, auc
+    for name in ("empty", "blank"):
+        pd.testing.assert_frame_equal(results[name], results["null"], obj=name)

@@ -222,3 +222,16 @@ def test_report_formats_numbers_for_people_and_pairs_each_cohort_with_its_refere
                      "-0.100 [-0.200, 0.000]"]]
     sentence = report.set_sentence({"images": 1200, "lesions": 800, "biopsy_images": 300, "model_ids": ["m@1"]})
     assert "model m@1 on 1,200 images of 800 lesions, 300 of them biopsy-proven" in sentence
+
+
+# ---- ids.lesion_keys: the one rule for images without a lesion id ----
+def test_a_null_empty_or_blank_group_id_is_the_image_alone_and_a_real_one_is_kept():
+    from dermray.ids import lesion_keys
+
+    keys = lesion_keys(["a", "b", "c", "d", "e"], [None, "", "  ", "L1", "L1"]).to_pylist()
+    assert keys == ["image:a", "image:b", "image:c", "L1", "L1"]
+    assert lesion_keys(["a", "b"], None).to_pylist() == ["image:a", "image:b"]  # no group column: every image alone
+    assert lesion_keys(["a", "b"], ["", "x"], alone_prefix="").to_pylist() == ["a", "x"]
+    # pandas input (evaluate): NaN is null; the prefix keeps an image's key from meeting a real group named "a"
+    keys = lesion_keys(pd.Series(["a", "b"]), pd.Series([np.nan, "a"])).to_pylist()
+    assert keys == ["image:a", "a"] and len(set(keys)) == 2
