@@ -69,7 +69,7 @@ def lesions(df: pd.DataFrame) -> np.ndarray:
     """Each prediction's lesion key, [n] (the lesion bootstrap's and the clustered DeLong's clusters): the shared
     rule of ``ids.lesion_keys`` - a null, empty or blank group_id is the image alone."""
     groups = df["group_id"] if "group_id" in df.columns else None
-    return lesion_keys(df["image_id"].astype(str).tolist(), groups).to_numpy(zero_copy_only=False)
+    return lesion_keys(df["image_id"].astype(str), groups).to_numpy(zero_copy_only=False)
 
 
 def subsets(df: pd.DataFrame, subgroup_specs: list[str]) -> list[tuple[str, np.ndarray]]:

@@ -64,13 +64,18 @@ def lesion_keys(image_ids, group_ids, alone_prefix: str = "image:") -> pa.Array:
     uses (partition's groups, train's inner split, evaluate's lesion bootstrap and clustered DeLong); with
     ``group_ids`` None (no such column) every image is alone. The prefix keeps an image's own key from meeting a
     real group id."""
-    ids = pa.array(image_ids, pa.string()) if not isinstance(image_ids, (pa.Array, pa.ChunkedArray)) else image_ids
+    ids = _strings(image_ids)
     alone = pc.binary_join_element_wise(alone_prefix, ids, "") if alone_prefix else ids
     if group_ids is None:
         return alone
-    groups = (pa.array(group_ids, pa.string(), from_pandas=True)
-              if not isinstance(group_ids, (pa.Array, pa.ChunkedArray)) else group_ids)
-    if not pa.types.is_string(groups.type) and not pa.types.is_large_string(groups.type):
-        groups = pc.cast(groups, pa.string())
+    groups = _strings(group_ids)
     missing = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(groups), ""), True)
     return pc.if_else(missing, alone, groups)
+
+
+def _strings(values) -> pa.Array:
+    """Arrow strings from an Arrow array, a pandas Series (NaN is null) or a list; numbers become their text."""
+    arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, from_pandas=True)
+    if pa.types.is_null(arr.type) or not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        arr = pc.cast(arr, pa.string())
+    return arr

@@ -235,3 +235,4 @@ def test_a_null_empty_or_blank_group_id_is_the_image_alone_and_a_real_one_is_kep
     # pandas input (evaluate): NaN is null; the prefix keeps an image's key from meeting a real group named "a"
     keys = lesion_keys(pd.Series(["a", "b"]), pd.Series([np.nan, "a"])).to_pylist()
     assert keys == ["image:a", "a"] and len(set(keys)) == 2
+    assert lesion_keys(pd.Series(["a", "b"]), pd.Series([7, np.nan])).to_pylist() == ["7", "image:b"]  # numeric ids
