@@ -76,6 +76,6 @@ def lesion_keys(image_ids, group_ids, alone_prefix: str = "image:") -> pa.Array:
 def _strings(values) -> pa.Array:
     """Arrow strings from an Arrow array, a pandas Series (NaN is null) or a list; numbers become their text."""
     arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, from_pandas=True)
-    if pa.types.is_null(arr.type) or not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
         arr = pc.cast(arr, pa.string())
     return arr

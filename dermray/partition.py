@@ -93,7 +93,8 @@ def _group_keys(table: pa.Table, remap: pa.Table | None = None) -> pa.Array:
     near-duplicate step merged into another group, that group (``remap``: image_id, group)."""
     ids = table.column("image_id")
     if "group_id" not in table.column_names:
-        keys = ids  # (as before: no group column, the image ids themselves)
+        keys = ids  # no group column: the bare ids, as always (fold hashing reads these keys; another key would
+        #             move every image of such a manifest to another fold)
     else:
         keys = lesion_keys(ids, table.column("group_id"))
     if remap is None or remap.num_rows == 0:

@@ -126,19 +126,20 @@ def early(request, tmp_path_factory):
 
     import early as runs
 
-    selected = {item.nodeid for item in request.session.items}
-    launchers = {}
-    if request.session.items and request.session.items[0].get_closest_marker("unit"):
+    items = request.session.items
+    if items and items[0].get_closest_marker("unit"):
         # The unit tier refuses subprocesses while it runs: started now, these would fail there; their tests run
         # them in the foreground instead.
-        selected = set()
+        items = []
+    selected = {item.nodeid for item in items}
+    launchers = {}
     if DEMO_CLUSTER_TEST in selected and (pathlib.Path(sys.executable).parent / "ray").exists() and shutil.which("make"):
         launchers["demo_cluster"] = lambda env: runs.demo_cluster(tmp_path_factory.mktemp("demo_cluster"), env)
     if any(n.startswith("tests/system/test_multinode.py::") for n in selected) and (HAM / "labels.csv").exists():
         s3_env = request.getfixturevalue("s3_server")
         launchers["multinode"] = lambda env: runs.multinode(HAM, s3_env, tmp_path_factory.mktemp("multinode"), env)
-    if any(n.startswith("tests/system/test_pipeline.py::") and "demo" in item.fixturenames
-           for item in request.session.items for n in [item.nodeid]):
+    if any(item.nodeid.startswith("tests/system/test_pipeline.py::") and "demo" in item.fixturenames
+           for item in items):
         launchers["demo"] = lambda env: runs.demo_pipeline(tmp_path_factory.mktemp("demo"), env)
     state = runs.Early()
     if launchers:
