@@ -45,6 +45,8 @@ log = logging.getLogger("dermray.train")
 STAGE = "train"
 FINAL = layout.FINAL_FOLD
 LINEAGE_FILE = "lineage.json"
+# A fold's summary row, written last: a fold that has it (from the same lineage, its weights as recorded) is finished.
+FINISHED_FILE = "fold_result.json"
 # What a fold's weights depend on; the rest of TrainConfig (CPUs, threads, retries, which folds) does not.
 RECIPE_KEYS = ("arch", "weights", "freeze", "image_size", "epochs", "batch_size", "optimizer", "lr",
                "lr_decay_epochs", "lr_decay_factor", "weight_decay", "aux_loss_weight", "amp", "max_minutes",
@@ -185,6 +187,18 @@ def check_fold_lineage(fold, fold_dir: str, now: lineage.Lineage, force: bool) -
                             "an older dermray or by hand); use a new run id, or --force to retrain from scratch")
         return True
     return False
+
+
+def finished_fold(fold_dir: str, now: lineage.Lineage) -> dict | None:
+    """The record a fold finished from the same inputs left ({"row", "images", "quarantined"}), or None when it has
+    to go to Ray Train: no record, another lineage, or weights that are missing or not the ones recorded."""
+    record_uri, weights = storage.join(fold_dir, FINISHED_FILE), artifacts.weights_uri(fold_dir)
+    if not storage.exists(record_uri) or not storage.exists(weights):
+        return None
+    record = json.loads(storage.read_text(record_uri))
+    if record.get("lineage_id") != now.id or record.get("weights_sha256") != artifacts.weights_sha256(weights):
+        return None
+    return record
 
 
 def record_fold_lineage(fold_dir: str, now: lineage.Lineage, clear: bool) -> None:
@@ -552,8 +566,9 @@ def model_card(job: FoldJob, p: TrainPlan, fold_lin: lineage.Lineage, history: l
 
 
 def finish_fold(job: FoldJob, fit: tuple, weights: bytes, measured, seconds: float, cfg: RunConfig, p: TrainPlan,
-                table: pa.Table, fold_lin: lineage.Lineage) -> dict:
-    """metrics.parquet, best/model.pt, val_predictions.parquet and model_card.json for one fold."""
+                table: pa.Table, n_bad: int, fold_lin: lineage.Lineage) -> dict:
+    """metrics.parquet, best/model.pt, val_predictions.parquet and model_card.json for one fold, then the record
+    that says it is finished (FINISHED_FILE). Returns the fold's summary row."""
     history, best = fit
     storage.write_table(pa.Table.from_pylist(metrics_rows(history)), storage.join(job.fold_dir, "metrics.parquet"))
     storage.write_bytes(artifacts.weights_uri(job.fold_dir), weights)
@@ -564,9 +579,13 @@ def finish_fold(job: FoldJob, fit: tuple, weights: bytes, measured, seconds: flo
         val_metrics |= accuracy_by(job, preds, table)
     artifacts.write_card(model_card(job, p, fold_lin, history, best, val_metrics, weights, table, cfg.transforms),
                          job.fold_dir)
-    return {"fold": job.fold, "epochs": len(history), "best_epoch": int(best["epoch"]), "seconds": round(seconds, 1),
-            "t_start": history[0].get("t_start"), "t_end": history[-1].get("t_end"), "lineage_id": fold_lin.id,
-            **val_metrics}
+    row = {"fold": job.fold, "epochs": len(history), "best_epoch": int(best["epoch"]), "seconds": round(seconds, 1),
+           "t_start": history[0].get("t_start"), "t_end": history[-1].get("t_end"), "lineage_id": fold_lin.id,
+           **val_metrics}
+    record = {"lineage_id": fold_lin.id, "weights_sha256": artifacts.sha256_hex(weights), "row": row,
+              "images": table.num_rows + n_bad, "quarantined": n_bad}
+    storage.write_text(storage.join(job.fold_dir, FINISHED_FILE), json.dumps(record, indent=2, default=str))
+    return row
 
 
 # ---- decisions locked with the model -------------------------------------------------------------------------------
@@ -617,11 +636,20 @@ def lock_decisions(cfg: RunConfig, p: TrainPlan, fold_rows: list[dict]) -> tuple
 
 def write_decisions(cfg: RunConfig, folds: list, calibration: dict | None, points: list[dict],
                     cv: pd.DataFrame) -> None:
-    """Every fold's card gets the run's decisions and its cross-validation summary."""
+    """Every fold's card gets the run's decisions and its cross-validation summary (a card that holds them already
+    is left as it is: a re-run adds no changelog entry)."""
     for fold in folds:
         d = layout.fold_dir(cfg.output, cfg.run_id, fold)
         card = artifacts.read_card(storage.join(d, artifacts.CARD_FILE))
         description = card.description | {"cross_validation": cv.to_dict(orient="records")}
+        decided = {"calibration": artifacts.Calibration(**calibration).model_dump(mode="json") if calibration else None,
+                   "operating_points": [artifacts.OperatingPoint(**pt).model_dump(mode="json") for pt in points],
+                   "cross_validation": description["cross_validation"]}
+        held = {"calibration": card.calibration.model_dump(mode="json") if card.calibration else None,
+                "operating_points": [pt.model_dump(mode="json") for pt in card.operating_points],
+                "cross_validation": card.description.get("cross_validation")}
+        if _same_json(decided, held):
+            continue
         changelog = card.changelog + ([{"when": description.get("trained_at"), "what": "calibration and "
                                         f"{len(points)} operating points locked out of fold"}] if points else [])
         card = card.model_copy(update={
@@ -631,16 +659,23 @@ def write_decisions(cfg: RunConfig, folds: list, calibration: dict | None, point
         artifacts.write_card(artifacts.ModelCard.model_validate(card.model_dump()), d)
 
 
+def _same_json(a, b) -> bool:
+    """Equal as JSON (NaN equals NaN; models and numbers compared as they are written)."""
+    def text(x):
+        return json.dumps(x, sort_keys=True, default=str)
+    return text(json.loads(text(a))) == text(json.loads(text(b)))
+
+
 # ---- the stage ----------------------------------------------------------------------------------------------------
-def train_folds(p: TrainPlan, table: pa.Table, cfg: RunConfig, lineages: dict) -> list[tuple]:
-    """Every fold's TorchTrainer at once (threads: each fit() blocks while its worker trains)."""
+def train_folds(p: TrainPlan, folds: list, table: pa.Table, cfg: RunConfig, lineages: dict) -> list[tuple]:
+    """The TorchTrainers of ``folds``, all at once (threads: each fit() blocks while its worker trains)."""
     from dermray.models import spec
 
     size = cfg.train.image_size or spec(cfg.train.arch).input_size
     hooks = faults.from_env()
-    with progress.Relay() as lines, concurrent.futures.ThreadPoolExecutor(max_workers=len(p.folds)) as pool:
+    with progress.Relay() as lines, concurrent.futures.ThreadPoolExecutor(max_workers=len(folds)) as pool:
         futures = []
-        for fold in p.folds:
+        for fold in folds:
             rows = split_rows(fold, table, cfg.train)
             progress.say("train: fold %s: %s images to train on, %s to select the epoch, %s held out", fold,
                          f"{rows['train'].num_rows:,}", f"{rows['select'].num_rows:,}" if "select" in rows else "no",
@@ -660,18 +695,33 @@ def run(cfg: RunConfig) -> dict:
     lineages = {str(fold): fold_lineage(fold, p, cfg.train, cfg.transforms) for fold in p.folds}
     clear = {str(fold): check_fold_lineage(fold, layout.fold_dir(cfg.output, cfg.run_id, fold), lineages[str(fold)],
                                            cfg.train.force) for fold in p.folds}
-    with ray_session(cfg.ray.address, cfg.ray.num_cpus):
-        first_local = storage.first_local(p.table.column("uri"))
-        check_shared_storage(cfg.storage, {"output": cfg.output, "image URI (in the manifest)": first_local})
-        for fold in p.folds:  # written only once the run is known to be possible
-            record_fold_lineage(layout.fold_dir(cfg.output, cfg.run_id, fold), lineages[str(fold)], clear[str(fold)])
-        table, n_bad = quarantine_unreadable(p.table, cfg, p.run_dir)
-        results = train_folds(p, table, cfg, lineages)
-    fold_rows = [finish_fold(job, fit, weights, measured, seconds, cfg, p, table, lineages[job.fold])
-                 for job, fit, weights, measured, seconds in results]
+    finished = {str(fold): None if clear[str(fold)] else
+                finished_fold(layout.fold_dir(cfg.output, cfg.run_id, fold), lineages[str(fold)]) for fold in p.folds}
+    for fold, record in finished.items():
+        if record is not None:
+            progress.say("train: fold %s: finished earlier from the same inputs (lineage %s): not trained again",
+                         fold, record["lineage_id"][:8])
+    todo = [fold for fold in p.folds if finished[str(fold)] is None]
+    rows: dict[str, dict] = {}
+    if todo:
+        with ray_session(cfg.ray.address, cfg.ray.num_cpus):
+            first_local = storage.first_local(p.table.column("uri"))
+            check_shared_storage(cfg.storage, {"output": cfg.output, "image URI (in the manifest)": first_local})
+            for fold in todo:  # written only once the run is known to be possible
+                record_fold_lineage(layout.fold_dir(cfg.output, cfg.run_id, fold), lineages[str(fold)],
+                                    clear[str(fold)])
+            table, n_bad = quarantine_unreadable(p.table, cfg, p.run_dir)
+            results = train_folds(p, todo, table, cfg, lineages)
+        rows = {job.fold: finish_fold(job, fit, weights, measured, seconds, cfg, p, table, n_bad, lineages[job.fold])
+                for job, fit, weights, measured, seconds in results}
+        used = table.num_rows
+    else:  # every fold finished: the counts they recorded (the same inputs, so the same images)
+        record = finished[str(p.folds[0])]
+        used, n_bad = record["images"] - record["quarantined"], record["quarantined"]
+    fold_rows = [rows.get(str(fold)) or finished[str(fold)]["row"] for fold in p.folds]
     calibration, points, _ = lock_decisions(cfg, p, fold_rows)
     write_decisions(cfg, p.folds, calibration, points, cv_summary(fold_rows, p.task_names))
-    summary = summarise(cfg, p, fold_rows, table.num_rows, n_bad, lineages, time.perf_counter() - t_start,
+    summary = summarise(cfg, p, fold_rows, used, n_bad, lineages, time.perf_counter() - t_start,
                         {"calibration": calibration, "operating_points": points})
     return summary
 

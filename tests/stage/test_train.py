@@ -2,6 +2,7 @@
 study's own training run (two epochs, both folds) is judged here as it was trained; tests that kill, resume, change
 a setting or write to S3 train runs of their own from the study's data and partition."""
 import json
+import logging
 import os
 import signal
 import threading
@@ -75,6 +76,38 @@ def test_two_folds_train_concurrently_and_write_their_outputs(study, tmp_path):
                                          f"evaluate.partition={out / 'partition' / 'c'}",
                                          f"output={tmp_path / 'out'}", "run_id=cv", "evaluate.n_bootstrap=50"]))
     assert any(h["metric"] == "auc" and h["task"] == "melanoma_vs_nevus" for h in ev["headline"])
+
+
+def test_a_rerun_of_finished_folds_starts_no_training_and_reports_what_they_recorded(study, tmp_path, monkeypatch,
+                                                                                     caplog):
+    """A fold finished from the same inputs is not handed to Ray Train again (it used to start a TorchTrainer per
+    fold, restore the last checkpoint and stop at once: ~20 s on 2 cores for nothing); its recorded row is reported.
+    A fold whose weights are gone is trained again."""
+    import shutil
+
+    import ray.train.torch
+    import study as shared_study
+
+    shutil.copytree(study["out"], tmp_path / "out", symlinks=True)
+    cfg = load_config(str(study["config"]), [f"output={tmp_path / 'out'}"])
+
+    def no_fit(self):
+        raise AssertionError("a finished fold was trained again")
+
+    monkeypatch.setattr(ray.train.torch.TorchTrainer, "fit", no_fit)
+    with caplog.at_level(logging.INFO, logger="dermray"):
+        s = train.run(cfg)
+    first = study["runs"]["train"][0]["summary"]
+    assert [r | {"seconds": 0} for r in s["per_fold"]] == [r | {"seconds": 0} for r in first["per_fold"]]
+    assert (s["trained_on"], s["quarantined"]) == (first["trained_on"], first["quarantined"])
+    assert s["operating_points"] == first["operating_points"] and s["calibration"] == first["calibration"]
+    assert all(f"fold {k}: finished earlier from the same inputs" in caplog.text for k in (0, 1)), caplog.text
+    card = artifacts.read_card(str(tmp_path / "out" / "train" / shared_study.RUN / "fold=0" / "model_card.json"))
+    assert card == artifacts.read_card(str(study["out"] / "train" / shared_study.RUN / "fold=0" / "model_card.json"))
+    # Weights missing: not finished, so it goes to Ray Train (refused here by the patched fit).
+    os.remove(tmp_path / "out" / "train" / shared_study.RUN / "fold=1" / "best" / "model.pt")
+    with pytest.raises(AssertionError, match="a finished fold was trained again"):
+        train.run(cfg)
 
 
 def test_calibration_and_operating_points_are_locked_out_of_fold_and_applied_when_scoring(study):
