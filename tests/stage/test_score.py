@@ -81,7 +81,33 @@ def test_manifest_predictions_equal_an_eager_forward_and_carry_the_manifest(scor
     assert any(h["task"] == "melanoma_vs_nevus" and h["metric"] == "auc" for h in ev["headline"])
 
 
+def _decoded(kind: str, uri: str, labels: str | None = None) -> tuple[list[str], np.ndarray, pd.DataFrame]:
+    """What score's read path makes of an input, without the actors: (image ids, decoded images uint8 [N, SIZE,
+    SIZE, 3], the manifest table it scores, None for shards), sorted by image id."""
+    retry = storage.DEFAULT_RETRY
+    if kind == "webdataset":
+        from dermray import archive
+
+        rows = [b for shard in archive.shard_list(uri) for b in score.decode_shards(
+            {"uri": [shard], score.CHUNK: [shard]}, SIZE, 10**8, 100, retry)]
+        ids = np.concatenate([b["image_id"] for b in rows])
+        images = np.concatenate([b["image"] for b in rows])
+        keep = ids != ""  # the end-of-shard markers
+        order = np.argsort(ids[keep], kind="stable")
+        return ids[keep][order].tolist(), images[keep][order], None
+    table = (score.folder_table(uri, labels)[0] if kind == "folder" else storage.read_table(uri)).to_pandas()
+    table = table.assign(uri=[storage.resolve(u, storage.parent(uri)) if kind == "manifest" else u
+                              for u in table["uri"]]).sort_values("image_id").reset_index(drop=True)
+    out = score.decode_rows({c: table[c].to_numpy(dtype=object) for c in ("image_id", "uri")}, SIZE, 10**8, retry)
+    return table["image_id"].tolist(), out["image"], table
+
+
 def test_three_input_kinds_locally_and_on_s3_give_identical_predictions(score_study, ray_local, tmp_path, s3_bucket):
+    """Each kind scored end to end once (the manifest locally, the folder and the brace-listed shards on S3), and the
+    three other combinations (manifest on S3, folder and shards locally) through the same listing and decoding
+    code, without the actors: every combination reads the same images into the same pixels, so the same
+    predictions. (One score run per combination, six in all, cost ~100 core-seconds on 2 cores, mostly actor
+    start-up.)"""
     d = score_study
     arch = d / "archive"
     for f in arch.rglob("*"):
@@ -89,9 +115,6 @@ def test_three_input_kinds_locally_and_on_s3_give_identical_predictions(score_st
             storage.write_bytes(f"{s3_bucket}/archive/{f.relative_to(arch)}", f.read_bytes())
     inputs = {
         "manifest": [f"score.input={arch / 'manifest.parquet'}"],
-        "folder": [f"score.input={arch / 'images'}", f"score.labels={arch / 'labels.csv'}"],
-        "shards": [f"score.input={arch / 'shards'}"],
-        "s3_manifest": [f"score.input={s3_bucket}/archive/manifest.parquet"],
         "s3_folder": [f"score.input={s3_bucket}/archive/images", f"score.labels={s3_bucket}/archive/labels.csv"],
         "s3_shards": [f"score.input={s3_bucket}/archive/shards/shard-{{000..001}}.tar"],
     }
@@ -108,6 +131,18 @@ def test_three_input_kinds_locally_and_on_s3_give_identical_predictions(score_st
         for col in ("label", "label_source", "modality", "group_id"):
             assert df[col].tolist() == ref[col].tolist(), (name, col)
     assert frames["s3_shards"]["uri"].str.startswith(f"{s3_bucket}/archive/shards/shard-00").all()
+    # The other three combinations read what the scored ones read.
+    ids, images, manifest = _decoded("manifest", str(arch / "manifest.parquet"))
+    assert ids == ref["image_id"].tolist() and images.shape == (24, SIZE, SIZE, 3)
+    for kind, uri, labels in (("manifest", f"{s3_bucket}/archive/manifest.parquet", None),
+                              ("folder", str(arch / "images"), str(arch / "labels.csv")),
+                              ("webdataset", str(arch / "shards"), None)):
+        got_ids, got_images, table = _decoded(kind, uri, labels)
+        assert got_ids == ids, (kind, uri)
+        np.testing.assert_array_equal(got_images, images, err_msg=f"{kind} {uri}")
+        if table is not None:
+            for col in ("label", "label_source", "modality", "group_id"):
+                assert table[col].tolist() == manifest[col].tolist(), (kind, col)
 
 
 def test_bad_files_are_quarantined_with_their_reason_and_the_rest_is_scored(score_study, ray_local, tmp_path):
