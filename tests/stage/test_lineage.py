@@ -23,35 +23,33 @@ def inputs(study, tmp_path_factory):
     return d
 
 
-def _partition(d, seed):
-    assert main(["partition", "--manifest", str(d / "in" / "manifest.parquet"), "--taxonomy",
-                 str(d / "in" / "taxonomy.parquet"), "--tasks", str(d / "in" / "tasks.yaml"), "--max-class-size",
-                 "10", "--folds", "3", "--seed", str(seed), "--output", str(d / "out"), "--run-id", "L"]) == 0
-    return pd.read_parquet(d / "out" / "partition" / "L" / "labels.parquet")
-
-
-def _train_cfg(d, *extra):
-    return load_config(None, [
-        f"data.manifest={d / 'in' / 'manifest.parquet'}", f"data.taxonomy={d / 'in' / 'taxonomy.parquet'}",
-        f"data.tasks={d / 'in' / 'tasks.yaml'}", f"output={d / 'out'}", "run_id=L", "train.arch=mobilenet_v3_small",
-        "train.weights=none", "train.image_size=32", "train.batch_size=8", "train.cpus_per_worker=0.5",
-        "train.data_cpus=0.5", "train.epochs=1", "train.folds=[0]", *extra])
-
-
-def test_retraining_after_a_repartition_is_refused_and_force_trains_without_leakage(inputs, ray_local, tmp_path,
+def test_retraining_after_a_repartition_is_refused_and_force_trains_without_leakage(study, ray_local, tmp_path,
                                                                                      monkeypatch):
-    d = inputs
-    first = _partition(d, seed=0)
-    train.run(_train_cfg(d))
-    second = _partition(d, seed=5)  # same classes, other folds
+    """The study's trained folds (a copy), then the same run id partitioned again with another seed: same classes,
+    other folds."""
+    import study as shared_study
+
+    out, run = tmp_path / "out", shared_study.RUN
+    for stage in ("partition", "train"):
+        shutil.copytree(study["out"] / stage / run, out / stage / run)
+    first = pd.read_parquet(out / "partition" / run / "labels.parquet")
+    data, settings = study["data"], shared_study.run_config(study["dir"])["partition"]
+    assert main(["partition", "--manifest", str(data / "manifest.parquet"), "--taxonomy", str(data / "taxonomy.parquet"),
+                 "--tasks", str(data / "tasks.yaml"), "--max-class-size", str(settings["max_class_size"]), "--folds",
+                 str(settings["folds"]), "--seed", "5", "--output", str(out), "--run-id", run]) == 0
+    second = pd.read_parquet(out / "partition" / run / "labels.parquet")
     moved = (first.set_index("image_id")["fold"] != second.set_index("image_id")["fold"]).mean()
     assert moved > 0.3
+
+    def cfg(*extra):
+        return load_config(str(study["config"]), [f"output={out}", "train.folds=[0]", *extra])
+
     with pytest.raises(UserError, match=r"^fold 0: labels changed \([0-9a-f]{8} -> [0-9a-f]{8}\); use a new run id, "
                                         r"or --force to retrain from scratch$"):
-        train.run(_train_cfg(d))
+        train.run(cfg())
     consumed = tmp_path / "consumed-{fold}"
     monkeypatch.setenv(faults.ENV, json.dumps({"consumed_file": str(consumed)}))
-    s = train.run(_train_cfg(d, "train.force=true"))
+    s = train.run(cfg("train.force=true", "train.epochs=1"))
     assert s["per_fold"][0]["epochs"] == 1
     seen = set((tmp_path / "consumed-0").read_text().split())
     validation = set(second.loc[second["fold"] == 0, "image_id"])
@@ -59,11 +57,11 @@ def test_retraining_after_a_repartition_is_refused_and_force_trains_without_leak
     # It trained on the other folds' images (less the inner split that chose its epoch).
     others = set(second.loc[second["fold"] != 0, "image_id"])
     assert seen <= others and len(seen) >= 0.7 * len(others)
-    card = artifacts.read_card(str(d / "out" / "train" / "L" / "fold=0" / "model_card.json"))
+    card = artifacts.read_card(str(out / "train" / run / "fold=0" / "model_card.json"))
     assert card.lineage["id"] == s["per_fold"][0]["lineage_id"]
     # Another learning rate is another recipe: refused as well, naming the setting.
     with pytest.raises(UserError, match=r"fold 0: lr 0\.001 -> 0\.003"):
-        train.run(_train_cfg(d, "train.lr=0.003"))
+        train.run(cfg("train.epochs=1", "train.lr=0.003"))
 
 
 # ---- score: a retrained model re-scores; weights replaced behind the card are refused ------------------------------
