@@ -35,8 +35,12 @@ NOT_FOR_UNIT = {"ray_local", "s3_server", "s3_bucket", "score_study", "study"}
 
 
 def pytest_collection_modifyitems(config, items):
-    """Each test gets its tier's marker. (Measured: `pytest -n 2` with a module per worker and the shared study on
-    one was slower than one process on 2 cores - the system tier's clusters and subprocesses already use both.)"""
+    """Each test gets its tier's marker, and the session runs in an order that keeps both cores busy: the system
+    tests that wait on processes of their own (about 40 % of their time idle, measured with vmstat), then the stage
+    tier (in-process Ray, never idle), then the system tests that judge the whole-process runs started in the
+    background at the first test (tests/early.py: the demo, `make demo-cluster`, the multi-node cluster), then the
+    unit tier; the background runs fill the system tests' idle time and overlap the stage tier. (Measured: `pytest
+    -n 2` with a module per worker and the shared study on one was slower than one process on 2 cores.)"""
     for item in items:
         parts = pathlib.Path(str(item.fspath)).resolve().relative_to(TESTS).parts
         tier = parts[0] if len(parts) > 1 else None
@@ -46,6 +50,21 @@ def pytest_collection_modifyitems(config, items):
         used = NOT_FOR_UNIT & set(getattr(item, "fixturenames", ()))
         if tier == "unit" and used:
             raise pytest.UsageError(f"{item.nodeid}: a unit test uses {sorted(used)}: move it to tests/stage")
+    if items and not items[0].get_closest_marker("unit"):  # a session that starts with the unit tier keeps its order
+        items.sort(key=_session_order)
+
+
+def _judges_an_early_run(item) -> bool:
+    return (item.nodeid == DEMO_CLUSTER_TEST or item.nodeid.startswith("tests/system/test_multinode.py::")
+            or (item.nodeid.startswith("tests/system/test_pipeline.py::") and "demo" in item.fixturenames))
+
+
+def _session_order(item) -> int:
+    if item.get_closest_marker("unit"):
+        return 3
+    if item.get_closest_marker("stage"):
+        return 1
+    return 2 if _judges_an_early_run(item) else 0
 
 
 @pytest.fixture(scope="session")
@@ -123,9 +142,10 @@ DEMO_CLUSTER_TEST = "tests/system/test_jobs.py::test_make_demo_cluster_submits_t
 
 @pytest.fixture(scope="session", autouse=True)
 def early(request, tmp_path_factory):
-    """Starts, in one background thread, the runs that the selected system tests judge: `make demo-cluster`, the
-    multi-node driver, the demo pipeline (in the order their tests come); a run whose prerequisites are missing is
-    left to its test, which skips. Waits for the thread at the end of the session."""
+    """Starts, in one background thread, the runs that the selected system tests judge: the demo pipeline, `make
+    demo-cluster` (re-running the demo's run as a job when the demo ran) and the multi-node driver, in that order; a
+    run whose prerequisites are missing is left to its test, which skips. Waits for the thread at the end of the
+    session."""
     import shutil
     import sys
 
@@ -138,14 +158,19 @@ def early(request, tmp_path_factory):
         items = []
     selected = {item.nodeid for item in items}
     launchers = {}
-    if DEMO_CLUSTER_TEST in selected and (pathlib.Path(sys.executable).parent / "ray").exists() and shutil.which("make"):
-        launchers["demo_cluster"] = lambda env: runs.demo_cluster(tmp_path_factory.mktemp("demo_cluster"), env)
-    if any(n.startswith("tests/system/test_multinode.py::") for n in selected) and (HAM / "labels.csv").exists():
-        s3_env = request.getfixturevalue("s3_server")
-        launchers["multinode"] = lambda env: runs.multinode(HAM, s3_env, tmp_path_factory.mktemp("multinode"), env)
     if any(item.nodeid.startswith("tests/system/test_pipeline.py::") and "demo" in item.fixturenames
            for item in items):
         launchers["demo"] = lambda env: runs.demo_pipeline(tmp_path_factory.mktemp("demo"), env)
+    if DEMO_CLUSTER_TEST in selected and (pathlib.Path(sys.executable).parent / "ray").exists() and shutil.which("make"):
+        def demo_cluster(env):
+            # After the demo: a re-run of its run, as a job (tests/early.py); else the pipeline at a reduced size.
+            demo = state.results.get("demo", {}).get("value")
+            ok = demo is not None and demo["run"].returncode == 0 and demo["summary"] is not None
+            return runs.demo_cluster(tmp_path_factory.mktemp("demo_cluster"), env, demo if ok else None)
+        launchers["demo_cluster"] = demo_cluster
+    if any(n.startswith("tests/system/test_multinode.py::") for n in selected) and (HAM / "labels.csv").exists():
+        s3_env = request.getfixturevalue("s3_server")
+        launchers["multinode"] = lambda env: runs.multinode(HAM, s3_env, tmp_path_factory.mktemp("multinode"), env)
     state = runs.Early()
     if launchers:
         state.start(launchers)

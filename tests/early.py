@@ -61,6 +61,11 @@ class Early:
             finally:
                 self.done[name].set()
 
+    def wait(self, name: str, timeout_s: float = 1800) -> None:
+        """Until the run ``name`` has ended, if it was started (its result is its test's to judge)."""
+        if name in self.done:
+            self.done[name].wait(timeout_s)
+
     def result(self, name: str, launch, timeout_s: float = 1800) -> dict:
         if name not in self.done:  # not started early (a module run alone): run it now, in the foreground
             return launch({k: v for k, v in os.environ.items() if k not in NOT_INHERITED})
@@ -87,18 +92,29 @@ DEMO_CLUSTER_ARGS = ("--set train.epochs=1 --set partition.folds=2 --set partiti
                      "--set saliency.sanity_levels=1")
 
 
-def demo_cluster(work: pathlib.Path, base_env: dict) -> dict:
-    """`make demo-cluster` as a newcomer runs it, at a reduced size (fewer lesions, one epoch, two folds). Returns
-    {"rc", "out", "demo_dir", "timed_out", "left_behind"}: left_behind lists the PIDs of processes it started that
-    were still alive 30 s after it ended (they are killed)."""
+def demo_cluster(work: pathlib.Path, base_env: dict, demo: dict | None = None) -> dict:
+    """`make demo-cluster` as a newcomer runs it. After the demo pipeline (``demo``: demo_pipeline's result), as a
+    re-run of that demo's run (its data, outputs, run id and settings) submitted as a job: every stage is expected
+    to skip, and the job's head, submission, log, status and report are what is judged (the demo's ~130
+    core-seconds of training and scoring are not paid twice; the stages in a job are judged by test_jobs.py's
+    partition and score jobs and by the multi-node driver). Without it, the whole pipeline at a reduced size (fewer
+    lesions, one epoch, two folds). Returns {"rc", "out", "demo_dir", "run_id", "reused", "timed_out",
+    "left_behind"}: left_behind lists the PIDs of processes it started that were still alive 30 s after it ended
+    (they are killed)."""
     from helpers import marked
 
     venv, mark = BIN.parent, uuid.uuid4().hex
     env = {k: v for k, v in base_env.items() if not k.startswith("RAY_")}
-    env.update(DEMO_DIR=str(work / "demo"), SYNTH_ARGS="--lesions 80 --test-lesions 30 --size 48", NUM_CPUS="2",
-               DR_TEST_MARK=mark)
+    env.update(NUM_CPUS="2", DR_TEST_MARK=mark)
+    if demo is not None:
+        demo_dir, run_id = demo["dir"], "demo"
+        args = " ".join(f"--set {o}" for o in (*demo_overrides(demo_dir), f"run_id={run_id}"))
+    else:
+        demo_dir, run_id, args = work / "demo", "demo-cluster", DEMO_CLUSTER_ARGS
+        env.update(SYNTH_ARGS="--lesions 80 --test-lesions 30 --size 48")
+    env.update(DEMO_DIR=str(demo_dir))
     # -o: the installed stamp counts as up to date (a test does not reinstall the environment it runs in)
-    cmd = ["make", "-o", f"{venv}/.installed", "demo-cluster", f"VENV={venv}", f"DEMO_ARGS={DEMO_CLUSTER_ARGS}"]
+    cmd = ["make", "-o", f"{venv}/.installed", "demo-cluster", f"VENV={venv}", f"DEMO_ARGS={args}"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     timed_out = False
     try:
@@ -111,8 +127,8 @@ def demo_cluster(work: pathlib.Path, base_env: dict) -> dict:
                     p.send_signal(signal.SIGTERM)  # the script's trap stops the head it started
             out, _ = proc.communicate(timeout=120)
         _, alive = psutil.wait_procs(marked(mark), timeout=30)
-        return {"rc": proc.returncode, "out": out, "demo_dir": work / "demo", "timed_out": timed_out,
-                "left_behind": [p.pid for p in alive]}
+        return {"rc": proc.returncode, "out": out, "demo_dir": demo_dir, "run_id": run_id, "reused": demo is not None,
+                "timed_out": timed_out, "left_behind": [p.pid for p in alive]}
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -189,4 +205,7 @@ def demo_pipeline(work: pathlib.Path, env: dict) -> dict:
         cmd += ["--set", o]
     t0 = time.time()
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=work, env=env)
-    return {"dir": work, "run": run, "seconds": round(time.time() - t0, 1)}
+    summary = work / "out" / "pipeline" / "demo" / "pipeline_summary.json"
+    # As this run wrote it: a later re-run of the same run (the demo-cluster job) writes it again.
+    return {"dir": work, "run": run, "seconds": round(time.time() - t0, 1),
+            "summary": json.loads(summary.read_text()) if summary.exists() else None}
