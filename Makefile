@@ -17,10 +17,11 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 
 install: $(STAMP)
 
-# All three tiers (tests/unit, tests/stage, tests/system), measured on 2 cores: 16:00 on a fresh clone (Intel Xeon),
-# 18:46 warm on an AMD EPYC (where it took 20:45 before tests/early.py); the budget is 12 minutes, not met yet.
-# The whole-process runs start in the background at the first test (tests/early.py). The slowest 25 tests are listed
-# at the end of every run (pyproject.toml's options).
+# All three tiers (tests/unit, tests/stage, tests/system), measured on 2 cores: 15:31 warm on an AMD EPYC (18:06 at
+# the start of that session; 16:00 on a fresh clone on an Intel Xeon the session before); the budget is 12 minutes,
+# not met yet. The whole-process runs start in the background at the first test (tests/early.py), and the session
+# runs in the order that keeps both cores busy (tests/conftest.py). The slowest 25 tests are listed at the end of
+# every run (pyproject.toml's options).
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
