@@ -1,8 +1,9 @@
 """Whole-process runs that mostly wait, started at the session's first test so that their waiting overlaps the
-stage tier: `make demo-cluster` (a head of its own, a Ray job), the multi-node cluster's driver
-(tests/multinode_driver.py) and the demo pipeline (`dermray pipeline` in a process of its own). They run one after
-the other in one background thread (each alone measured 75, 226 and 72 s on 2 cores, much of it Ray starting,
-nodes dying and being replaced); the system tests that judge them wait for their results.
+other tests: the demo pipeline (`dermray pipeline` in a process of its own), `make demo-cluster` (a head of its
+own, a Ray job: after the demo, a re-run of the demo's run, every stage skipped) and the multi-node cluster's driver
+(tests/multinode_driver.py). They run one after the other in one background thread (the demo, the reduced
+demo-cluster and the driver alone measured 72, 75 and 226 s on 2 cores, much of it Ray starting, nodes dying and
+being replaced); the system tests that judge them wait for their results.
 
 `tests/conftest.py` starts them (fixture `early`, at the session's first test) when a test that needs one is
 selected; a run that did not start one (its prerequisites missing, or the fixture not used) gets it in the
