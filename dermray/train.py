@@ -660,10 +660,8 @@ def write_decisions(cfg: RunConfig, folds: list, calibration: dict | None, point
 
 
 def _same_json(a, b) -> bool:
-    """Equal as JSON (NaN equals NaN; models and numbers compared as they are written)."""
-    def text(x):
-        return json.dumps(x, sort_keys=True, default=str)
-    return text(json.loads(text(a))) == text(json.loads(text(b)))
+    """Equal as written to JSON (NaN equals NaN, tuples equal lists)."""
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
 # ---- the stage ----------------------------------------------------------------------------------------------------

@@ -54,9 +54,13 @@ def pytest_collection_modifyitems(config, items):
         items.sort(key=_session_order)
 
 
+def _uses_the_demo(item) -> bool:
+    return item.nodeid.startswith("tests/system/test_pipeline.py::") and "demo" in item.fixturenames
+
+
 def _judges_an_early_run(item) -> bool:
     return (item.nodeid == DEMO_CLUSTER_TEST or item.nodeid.startswith("tests/system/test_multinode.py::")
-            or (item.nodeid.startswith("tests/system/test_pipeline.py::") and "demo" in item.fixturenames))
+            or _uses_the_demo(item))
 
 
 def _session_order(item) -> int:
@@ -158,8 +162,7 @@ def early(request, tmp_path_factory):
         items = []
     selected = {item.nodeid for item in items}
     launchers = {}
-    if any(item.nodeid.startswith("tests/system/test_pipeline.py::") and "demo" in item.fixturenames
-           for item in items):
+    if any(_uses_the_demo(item) for item in items):
         launchers["demo"] = lambda env: runs.demo_pipeline(tmp_path_factory.mktemp("demo"), env)
     if DEMO_CLUSTER_TEST in selected and (pathlib.Path(sys.executable).parent / "ray").exists() and shutil.which("make"):
         def demo_cluster(env):
