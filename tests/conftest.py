@@ -11,6 +11,7 @@ Tiers, by folder (each test gets the folder's marker; `pytest -m unit` or `pytes
 Real data (../shared/data) is used where the real images matter, and its tests skip with a reason without it."""
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 
@@ -30,6 +31,11 @@ TIERS = ("unit", "stage", "system")
 # suite's time (measured: the shared study's build, 133 -> 124 core-seconds).
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_enable_metrics_collection", "0")
+# The S3 servers' request lines (werkzeug, one per request, logged from the servers' threads) go to pytest's log
+# capture and nowhere else. Left alone, werkzeug binds a handler of its own to the sys.stderr of its first line -
+# one test's captured stream - and later lines, from background runs too, print errors into other tests' stderr.
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
+logging.getLogger("werkzeug").addHandler(logging.NullHandler())  # "has a handler": werkzeug adds none
 # What a unit test may not use: Ray, the S3 server, and the studies built with them.
 NOT_FOR_UNIT = {"ray_local", "s3_server", "s3_bucket", "score_study", "study"}
 

@@ -121,3 +121,23 @@ def test_a_folder_of_parquet_files_reads_as_one_table_in_path_order(base):
     storage.write_bytes(storage.join(folder, ".part-c.parquet.crc"), b"\x00")
     assert storage.read_table(folder).equals(TABLE)
     assert storage.read_table(folder, columns=["b"]).column_names == ["b"]
+
+
+def test_the_servers_request_log_stays_off_stderr(s3_bucket, s3_server, capsys, monkeypatch):
+    """moto's server thread logs every request through werkzeug, which binds a stream handler of its own to
+    whatever sys.stderr is when its first line is logged: in a test run, one test's captured stream. That test's
+    stream closes; a later line - a background run's request - then prints a 'Logging error' into another test's
+    output (a CI run failed on exactly that). Replayed: werkzeug's first line, logged while this test captures."""
+    import logging
+
+    import boto3
+    import werkzeug._internal
+
+    requests_log = logging.getLogger("werkzeug")
+    monkeypatch.setattr(requests_log, "handlers",
+                        [h for h in requests_log.handlers if type(h).__name__ != "_ColorStreamHandler"])
+    monkeypatch.setattr(werkzeug._internal, "_logger", None)  # as if this were the session's first request
+    client = boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"])
+    client.put_object(Bucket=s3_bucket[len("s3://"):], Key="log-probe", Body=b"x")
+    assert capsys.readouterr().err == ""
+    assert not [h for h in requests_log.handlers if isinstance(h, logging.StreamHandler)]
