@@ -29,7 +29,7 @@ from dermray.errors import UserError
 from dermray.ids import lesion_keys
 from dermray.inference import NOT_IN_TASK, binary_score, node_task_class, probs_matrix, \
     task_class_of_labels, task_probabilities, truth_for_task
-from dermray.predictions import load_predictions
+from dermray.predictions import declared_columns, load_predictions
 from dermray.report import fmt, render_plots, render_report
 from dermray.definitions import load_tasks
 from dermray.tasks import Task
@@ -387,6 +387,13 @@ def evaluate_task(t: Tables, run_id: str, task: Task, df: pd.DataFrame, inp: Eva
     return {"not_in_task": int((~in_task).sum()), "undefined_score": int(nan_scores.sum())}, use
 
 
+def predictions_columns(ecfg: EvaluateConfig) -> tuple[str, ...]:
+    """The prediction columns beyond ``USED_COLUMNS`` that the evaluation reads: the source, the subgroup columns and
+    the cohort column. Only these are loaded, and the predictions' fingerprint covers them."""
+    subgroups = tuple(spec.partition(":")[0] for spec in ecfg.subgroups)
+    return ("source",) + subgroups + ((ecfg.cohort,) if ecfg.cohort else ())
+
+
 def evaluation_lineage(inp: EvalInputs, predictions_fp, readers_fp, compare_fp, ecfg: EvaluateConfig):
     inputs = dict(inp.fingerprints) | {"predictions": predictions_fp}
     if readers_fp is not None:
@@ -394,8 +401,7 @@ def evaluation_lineage(inp: EvalInputs, predictions_fp, readers_fp, compare_fp, 
     if compare_fp is not None:
         inputs["compare"] = compare_fp
     if ecfg.reference:
-        inputs["reference"] = lineage.reuse(None, "reference", ecfg.reference, lambda: load_predictions(
-            ecfg.reference, None).attrs["fingerprint"])
+        inputs["reference"] = load_predictions(ecfg.reference, None, predictions_columns(ecfg)).attrs["fingerprint"]
     config = ecfg.model_dump(mode="json", exclude={"predictions", "partition", "readers", "compare", "distributed",
                                                    "reference"})
     return lineage.Lineage.of(STAGE, inputs, config)
@@ -405,10 +411,12 @@ def lineage_now(cfg: RunConfig, recorded: lineage.Lineage | None = None) -> line
     ecfg = cfg.evaluate
     inp = read_definitions(cfg)
 
-    pred = lineage.reuse(recorded, "predictions", ecfg.predictions,
-                         lambda: load_predictions(ecfg.predictions, ecfg.model_id).attrs["fingerprint"])
+    columns = predictions_columns(ecfg)
+    declared = declared_columns(columns)
+    pred = lineage.reuse(recorded, "predictions", ecfg.predictions, lambda: load_predictions(
+        ecfg.predictions, ecfg.model_id, columns).attrs["fingerprint"], declared)
     compare = lineage.reuse(recorded, "compare", ecfg.compare, lambda: load_predictions(
-        ecfg.compare, None).attrs["fingerprint"]) if ecfg.compare else None
+        ecfg.compare, None, columns).attrs["fingerprint"], declared) if ecfg.compare else None
     readers = lineage.file_fingerprint(ecfg.readers) if ecfg.readers else None
     return evaluation_lineage(inp, pred, readers, compare, ecfg)
 
@@ -458,9 +466,9 @@ def run(cfg: RunConfig, base: str | None = None) -> dict:
     paths = layout.evaluate_outputs(base or layout.metrics_dir(cfg.output, cfg.run_id))
     if ecfg.distributed:
         return run_distributed(cfg, inp, paths, t_start)
-    df = load_predictions(ecfg.predictions, ecfg.model_id)
+    df = load_predictions(ecfg.predictions, ecfg.model_id, predictions_columns(ecfg))
     readers = _load_readers(ecfg.readers)
-    compare = load_predictions(ecfg.compare, None) if ecfg.compare else None
+    compare = load_predictions(ecfg.compare, None, predictions_columns(ecfg)) if ecfg.compare else None
     groups = lesions(df)
     unknown_label = int((~df["label"].isin(inp.tax.index.keys())).sum())
     subset_masks = subsets(df, ecfg.subgroups)
@@ -549,7 +557,7 @@ def cohorts_of(df: pd.DataFrame, ecfg: EvaluateConfig) -> tuple[dict[str, pd.Dat
     """The cohorts to compare: {"internal": the reference predictions, "external": these} or the values of the
     cohort column; and the reference cohort's name."""
     if ecfg.reference:
-        ref = load_predictions(ecfg.reference, None)
+        ref = load_predictions(ecfg.reference, None, predictions_columns(ecfg))
         return {"internal": ref, "external": df}, "internal"
     if ecfg.cohort:
         if ecfg.cohort not in df.columns:

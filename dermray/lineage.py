@@ -283,12 +283,15 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def reuse(recorded: Optional[Lineage], name: str, uri: str, compute) -> Fingerprint:
+def reuse(recorded: Optional[Lineage], name: str, uri: str, compute, columns: Optional[list[str]] = None
+          ) -> Fingerprint:
     """Input ``name``'s recorded fingerprint when storage says the object at ``uri`` is the same version it was
-    (ETag and size, or size and mtime, unchanged): no second read. Otherwise ``compute()`` - the content decides."""
+    (ETag and size, or size and mtime, unchanged) and, for a table, it covered the same ``columns``: no second read.
+    Otherwise ``compute()`` - the content decides."""
     if recorded is not None:
         fp = recorded.inputs.get(name)
-        if fp is not None and fp.identity and fp.identity == storage.identity(uri):
+        if (fp is not None and fp.identity and (columns is None or fp.columns == list(columns))
+                and fp.identity == storage.identity(uri)):
             return fp
     return compute()
 

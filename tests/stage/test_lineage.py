@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import write_fold
@@ -193,3 +194,48 @@ def test_a_fold_model_replaced_by_another_fold_s_weights_is_caught_by_every_stag
                  "--set", f"pipeline.test_manifest={d / 'data' / 'test_manifest.parquet'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert "fold=0/best/model.pt" in err and "model card" in err, err
+
+
+# ---- issue 27's findings, at the CLI, on copies of the shared study --------------------------------------------------
+def _study_copy(study, d, stages=("partition", "train", "score", "evaluate")):
+    """The study's outputs of ``stages`` copied to d/out, and its run config (d/run.yaml) with every output path
+    moved there. The inputs stay the study's own files: their URIs are part of the lineage."""
+    import study as shared_study
+    import yaml
+
+    for stage in stages:
+        shutil.copytree(shared_study.stage_root(study["out"], stage), shared_study.stage_root(d / "out", stage))
+    text = yaml.safe_dump(shared_study.run_config(study["dir"])).replace(str(study["out"]), str(d / "out"))
+    (d / "run.yaml").write_text(text)
+    return d
+
+
+def _pipeline(d, *settings) -> dict:
+    import study as shared_study
+
+    args = ["pipeline", "--config", str(d / "run.yaml")]
+    for s in settings:
+        args += ["--set", s]
+    assert main(args) == 0
+    s = json.loads((d / "out" / "pipeline" / shared_study.RUN / "pipeline_summary.json").read_text())
+    return {r["stage"]: r for r in s["stages"]}
+
+
+def test_a_changed_subgroup_column_is_evaluated_again_not_skipped(study, tmp_path):
+    """Issue 27, finding 2: a subgroup column of the scored images changed (the test manifest corrected, the
+    images re-scored); the predictions' fingerprint covered only the columns of predictions.USED_COLUMNS, so
+    evaluate said "skipped (unchanged)" and kept the old subgroup metrics."""
+    d = _study_copy(study, tmp_path)
+    evaluate_only = ("pipeline.stages=[evaluate]", "evaluate.subgroups=[profile]")
+    assert _pipeline(d, *evaluate_only)["evaluate"]["status"] == "ran"
+    assert _pipeline(d, *evaluate_only)["evaluate"]["status"] == "skipped (done)"
+    parts = sorted((d / "out" / "predictions" / "c" / "predictions").glob("part-*.parquet"))
+    assert len({p for part in parts for p in pq.read_table(part, columns=["profile"])["profile"].to_pylist()}) > 1
+    for part in parts:  # what a corrected manifest, scored again, gives: every image of profile "melanoma"
+        table = pq.read_table(part)
+        pq.write_table(table.set_column(table.column_names.index("profile"), "profile", pa.array(
+            ["melanoma"] * table.num_rows, table.schema.field("profile").type)), part)
+    again = _pipeline(d, *evaluate_only)["evaluate"]
+    assert again["status"] == "ran" and "predictions changed" in again["why"], again
+    metrics = pd.read_parquet(d / "out" / "metrics" / "c" / "metrics.parquet")
+    assert {s for s in metrics["subset"] if s.startswith("profile=")} == {"profile=melanoma"}
