@@ -2,7 +2,7 @@
 parsing and checking is pure (``dermray/taxonomy.py``, ``dermray/tasks.py``); this is the I/O around it."""
 from __future__ import annotations
 
-from dermray import storage
+from dermray import lineage, storage
 from dermray.tasks import Task, parse_tasks
 from dermray.taxonomy import Taxonomy
 
@@ -15,3 +15,11 @@ def load_taxonomy(uri: str) -> Taxonomy:
 def load_tasks(uri: str, taxonomy: Taxonomy) -> list[Task]:
     """Read and check a tasks YAML against ``taxonomy``."""
     return parse_tasks(storage.read_text(uri), taxonomy, uri)
+
+
+def fingerprints(tasks_uri: str | None, taxonomy_uri: str | None) -> dict[str, lineage.Fingerprint]:
+    """The lineage inputs of a stage that reads the tasks and the taxonomy (file contents; empty when either is not
+    configured, as a stage then writes nothing of the tasks)."""
+    if not (tasks_uri and taxonomy_uri):
+        return {}
+    return {"tasks": lineage.file_fingerprint(tasks_uri), "taxonomy": lineage.file_fingerprint(taxonomy_uri)}

@@ -56,9 +56,7 @@ def links(output: str, run_id: str, s: dict) -> list[dict]:
         found.append({"link": name, "holds": bool(holds), "detail": detail})
 
     if s["partition"] and s["train"]:
-        part = storage.redact(layout.partition_dir(output, run_id))
-        link("partition -> train", s["train"].get("partition") == part,
-             f"trained on {s['train'].get('partition')}")
+        link("partition -> train", *trained_on_partition(output, run_id, s["train"]))
     if s["train"] and s["score"]:
         try:
             ensemble = artifacts.load_ensemble([layout.train_dir(output, run_id)]).model_id
@@ -83,6 +81,29 @@ def links(output: str, run_id: str, s: dict) -> list[dict]:
              f"maps of {s['saliency']['model_id']}" + ("" if s["saliency"]["model_id"] == model else
                                                       f"; the model is {model}"))
     return found
+
+
+def trained_on_partition(output: str, run_id: str, train_summary: dict) -> tuple[bool, str]:
+    """(holds, detail): whether every fold was trained on the run's partition as it is now: the rows each fold's
+    lineage recorded (image, class, held out or not) and the training classes, by content - an output tree copied
+    elsewhere still holds, a partition rebuilt under the run id does not."""
+    from dermray import lineage, train
+
+    part = layout.partition_dir(output, run_id)
+    files = layout.partition_outputs(part)
+    labels = storage.read_table(files["labels"], columns=["image_id", "class_index", "fold"]).sort_by("image_id")
+    classes = artifacts.classes_hash(storage.read_table(files["training_classes"]))
+    moved = []
+    for d in artifacts.fold_dirs(layout.train_dir(output, run_id), include_final=True):
+        card = artifacts.read_card(storage.join(d, artifacts.CARD_FILE))
+        rows = train.fold_rows(labels, layout.FINAL_FOLD if card.held_out_fold is None else card.held_out_fold)
+        recorded = card.lineage.get("inputs", {}).get("labels", {}).get("content")
+        if card.classes_hash != classes or recorded != lineage.table_fingerprint(rows):
+            moved.append(f"fold {card.fold}")
+    if moved:
+        return False, (f"{', '.join(moved)}: trained on other labels or classes than "
+                       f"{storage.redact(files['labels'])} holds now (partitioned again since)")
+    return True, f"trained on the labels and classes {storage.redact(part)} holds (recorded: {train_summary.get('partition')})"
 
 
 def format_chain(c: dict) -> str:

@@ -82,6 +82,50 @@ def decide(stage: str, scfg: RunConfig, force: bool) -> tuple[bool, str, dict | 
     return (True, "; ".join(changes), None) if changes else (False, "unchanged", summary)
 
 
+def run_stage(cfg: RunConfig, stage: str, scfg: RunConfig, order: list[str]) -> dict:
+    """Run one stage; the run's partition, once folds are trained on it, only through ``partition_aside``."""
+    trained = "train" in order and not cfg.train.partition and storage.exists(layout.train_dir(cfg.output, cfg.run_id))
+    if stage == "partition" and trained:
+        return partition_aside(cfg, scfg)
+    return stages.module(stage).run(scfg)
+
+
+def partition_aside(cfg: RunConfig, scfg: RunConfig) -> dict:
+    """Partition a run whose folds are trained: build the partition aside, ask train whether it can run on it (the
+    folds' rows and classes unchanged, or train.force), and only then put it in place of the run's partition. A
+    refusal leaves the run's partition as it was: its labels stay those the models were trained on."""
+    from dermray import partition, train
+
+    aside = storage.join(layout.pipeline_dir(cfg.output, cfg.run_id), "_staged")
+    storage.delete(aside)
+    try:
+        partition.run(derive(scfg, {"output": aside}))
+        staged = layout.partition_dir(aside, cfg.run_id)
+        try:
+            train.check_can_run(derive(stage_config(cfg, "train"), {"train": {"partition": staged}}))
+        except UserError as e:
+            raise UserError(f"pipeline: the new partition is not applied (the run's partition is left as it was): "
+                            f"{e}") from None
+        return move_partition(staged, layout.partition_dir(cfg.output, cfg.run_id))
+    finally:
+        storage.delete(aside)
+
+
+def move_partition(staged: str, target: str) -> dict:
+    """Copy a partition's files from ``staged`` to ``target``, its summary (naming its files) last."""
+    src, dst = layout.partition_outputs(staged), layout.partition_outputs(target)
+    for name in layout.PARTITION_TABLES:
+        if storage.exists(src[name]):
+            storage.write_bytes(dst[name], storage.read_bytes(src[name]))
+        else:
+            storage.delete(dst[name])
+    text = storage.read_text(src["summary"])
+    for a, b in ((staged, target), (storage.redact(staged), storage.redact(target))):
+        text = text.replace(json.dumps(a)[1:-1], json.dumps(b)[1:-1])
+    storage.write_text(dst["summary"], text)
+    return json.loads(text)
+
+
 def check(cfg: RunConfig) -> list[str]:
     order = [s for s in stages.STAGES if s in cfg.pipeline.stages]
     if "score" in order and not cfg.pipeline.test_manifest:
@@ -102,7 +146,7 @@ def run(cfg: RunConfig) -> dict:
             again, why, s = decide(stage, scfg, cfg.pipeline.force)
             if again:
                 progress.say("pipeline [%d/%d] %s: running (%s)", i, len(order), stage, why)
-                s = stages.module(stage).run(scfg)
+                s = run_stage(cfg, stage, scfg, order)
                 status = "ran"
             else:
                 progress.say("pipeline [%d/%d] %s: skipped (its inputs and settings are unchanged)", i, len(order),

@@ -610,11 +610,11 @@ class PartWriter:
 
 # ---- the stage ----------------------------------------------------------------------------------------------------
 def task_setup(cfg: RunConfig, ens: Ensemble):
-    """(tasks, task_membership, the partition used, its fingerprint) for the task columns; ([], None, None, None)
+    """(tasks, task_membership, the partition used, the fingerprints of the three) for the task columns; ([], None, None, {})
     when no tasks are configured. The partition defaults to the one the model card records."""
     if not (cfg.data.tasks and cfg.data.taxonomy):
         log.info("no data.tasks / data.taxonomy: writing training-class probabilities only")
-        return [], None, None, None
+        return [], None, None, {}
     from dermray.definitions import load_tasks
     from dermray.definitions import load_taxonomy
 
@@ -628,10 +628,14 @@ def task_setup(cfg: RunConfig, ens: Ensemble):
         raise UserError(f"the model was trained on other training classes than {storage.redact(part)} holds "
                         f"(hash {ens.classes_hash} vs {artifacts.classes_hash(classes)}): set score.partition to "
                         "its partition")
+    from dermray.definitions import fingerprints
+
     tasks = load_tasks(cfg.data.tasks, load_taxonomy(cfg.data.taxonomy))
     membership = storage.read_table(paths["task_membership"])
-    return tasks, membership.to_pandas(), part, lineage.columns_fingerprint(
-        paths["task_membership"], membership, membership.column_names)
+    # The task columns are computed from all three: their names, classes and positive class, the nodes' classes.
+    fps = fingerprints(cfg.data.tasks, cfg.data.taxonomy) | {"task_membership": lineage.columns_fingerprint(
+        paths["task_membership"], membership, membership.column_names)}
+    return tasks, membership.to_pandas(), part, fps
 
 
 def preprocessing(cfg: RunConfig, ens: Ensemble):
@@ -642,11 +646,9 @@ def preprocessing(cfg: RunConfig, ens: Ensemble):
     return cfg.transforms.preprocess(ens.first.preprocess)
 
 
-def score_lineage(ens: Ensemble, input_fp: lineage.Fingerprint, membership_fp, cfg: RunConfig) -> lineage.Lineage:
+def score_lineage(ens: Ensemble, input_fp: lineage.Fingerprint, task_fps: dict, cfg: RunConfig) -> lineage.Lineage:
     sc = cfg.score
-    inputs = {"model": lineage.value_fingerprint(ens.model_id), "input": input_fp}
-    if membership_fp is not None:
-        inputs["task_membership"] = membership_fp
+    inputs = {"model": lineage.value_fingerprint(ens.model_id), "input": input_fp} | task_fps
     return lineage.Lineage.of(STAGE, inputs, {"tta": sc.tta, "amp": sc.amp, "input_size": ens.size,
                                               "max_pixels": sc.max_pixels,
                                               "preprocess": preprocessing(cfg, ens).as_dict(),
@@ -825,18 +827,18 @@ def check_input(sc: ScoreConfig) -> str:
     return kind
 
 
-def plan(cfg: RunConfig, kind: str, rdir: str, ens: Ensemble, membership_fp) -> tuple[WorkPlan, lineage.Lineage]:
+def plan(cfg: RunConfig, kind: str, rdir: str, ens: Ensemble, task_fps) -> tuple[WorkPlan, lineage.Lineage]:
     """Fingerprint the input, reconcile the run's existing output with the lineage, then plan what to score."""
     sc = cfg.score
     if kind == "webdataset":
         shards = archive.shard_list(sc.input)
-        now = score_lineage(ens, shards_fingerprint(shards), membership_fp, cfg)
+        now = score_lineage(ens, shards_fingerprint(shards), task_fps, cfg)
         reconcile(rdir, now, sc.incremental)
         return plan_shards(shards, rdir), now
     uri, problems = (sc.input, _quarantine_rows([])) if kind == "manifest" else folder_manifest(
         sc.input, sc.labels, rdir)
     chunks, fp, repeats, _ = fingerprint_manifest(uri, cfg.storage)
-    now = score_lineage(ens, fp, membership_fp, cfg)
+    now = score_lineage(ens, fp, task_fps, cfg)
     reconcile(rdir, now, sc.incremental)
     work = plan_manifest(uri, chunks, repeats, rdir, ens.model_id, sc)
     work.kind = kind
@@ -850,7 +852,7 @@ def lineage_now(cfg: RunConfig, recorded: lineage.Lineage | None = None) -> line
     if not sc.input:
         raise UserError("no input given: pass --input URI (config: score.input)")
     ens = artifacts.load_ensemble(sc.checkpoints, sc.model_id)
-    membership_fp = task_setup(cfg, ens)[3]
+    task_fps = task_setup(cfg, ens)[3]
     kind = archive.detect_kind(sc.input, sc.input_kind)
     if kind == "webdataset":
         fp = shards_fingerprint(archive.shard_list(sc.input))
@@ -863,7 +865,7 @@ def lineage_now(cfg: RunConfig, recorded: lineage.Lineage | None = None) -> line
                 table.column(c).type) else table.column(c)) for c in table.column_names})
             return lineage.columns_fingerprint(sc.input, table, table.column_names)
         fp = lineage.reuse(recorded, "input", sc.input, content)
-    return score_lineage(ens, fp, membership_fp, cfg)
+    return score_lineage(ens, fp, task_fps, cfg)
 
 
 def run(cfg: RunConfig) -> dict:
@@ -875,13 +877,13 @@ def run(cfg: RunConfig) -> dict:
     if not sc.input:
         raise UserError("no input given: pass --input URI (config: score.input)")
     ens = artifacts.load_ensemble(sc.checkpoints, sc.model_id)
-    tasks, membership, partition, membership_fp = task_setup(cfg, ens)
+    tasks, membership, partition, task_fps = task_setup(cfg, ens)
     preprocessing(cfg, ens)  # a config that contradicts the model card fails here, before Ray starts
     kind = check_input(sc)
     rdir = layout.predictions_dir(cfg.output, cfg.run_id)
     with ray_session(cfg.ray.address, cfg.ray.num_cpus):
         check_shared_storage(cfg.storage, {"output": cfg.output, "score.input": sc.input})
-        work, now = plan(cfg, kind, rdir, ens, membership_fp)
+        work, now = plan(cfg, kind, rdir, ens, task_fps)
         progress.say("score: %s images to score with %s (%d part(s)); %s already scored", "?" if work.input_rows is
                      None else f"{work.input_rows - work.already_done - work.quarantine.num_rows:,}", ens.model_id,
                      work.parts, f"{work.already_done:,}")

@@ -33,7 +33,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dermray import artifacts, faults, layout, lineage, progress, schemas, storage
+from dermray import artifacts, definitions, faults, layout, lineage, progress, schemas, storage
 from dermray.config import RunConfig, TrainConfig
 from dermray.errors import UserError
 from dermray.ids import lesion_keys
@@ -67,6 +67,9 @@ class TrainPlan:
     folds: list
     run_dir: str
     inputs: dict  # name -> lineage.Fingerprint shared by every fold
+    # What the locked decisions are chosen from besides the folds (decision_lineage): fingerprints and settings
+    decision_inputs: dict = dataclasses.field(default_factory=dict)
+    decision_config: dict = dataclasses.field(default_factory=dict)
 
 
 def read_rows(cfg: RunConfig, part: str) -> tuple[pa.Table, pa.Table, dict]:
@@ -153,16 +156,46 @@ def plan(cfg: RunConfig) -> TrainPlan:
     inputs["initial_weights"] = weights_fingerprint(cfg.train)
     if metric.startswith("acc_") and cfg.train.selection == "inner":
         inputs["tasks"] = lineage.value_fingerprint(sorted(matrices[metric[len("acc_"):]].nonzero()[0].tolist()))
-    return TrainPlan(table, classes, artifacts.classes_hash(classes), part, matrices, task_names, positives,
-                     fold_names(table, cfg.train), layout.train_dir(cfg.output, cfg.run_id), inputs)
+    p = TrainPlan(table, classes, artifacts.classes_hash(classes), part, matrices, task_names, positives,
+                  fold_names(table, cfg.train), layout.train_dir(cfg.output, cfg.run_id), inputs)
+    p.decision_inputs, p.decision_config = decision_lineage(cfg, p)
+    return p
+
+
+def uses_readers(cfg: RunConfig, p: TrainPlan) -> bool:
+    """Whether a readers' operating point is locked: readers, a test manifest with their images' labels, and a
+    binary task."""
+    return bool(cfg.evaluate.readers and cfg.pipeline.test_manifest and p.positives)
+
+
+def decision_lineage(cfg: RunConfig, p: TrainPlan) -> tuple[dict, dict]:
+    """(inputs, config) of the run's locked decisions beyond the folds' models: the tasks and taxonomy (which tasks
+    are binary, their positive class, each image's task truth), the partition's task membership, the readers'
+    decisions with the test manifest's labels, and evaluate.target_sensitivity. A change to any of them re-locks
+    the decisions; the folds' models stay (their own lineage does not include these)."""
+    inputs = definitions.fingerprints(cfg.data.tasks, cfg.data.taxonomy)
+    if inputs:
+        uri = layout.partition_outputs(p.partition)["task_membership"]
+        table = storage.read_table(uri)
+        inputs["task_membership"] = lineage.columns_fingerprint(uri, table, table.column_names)
+    if uses_readers(cfg, p):
+        inputs["readers"] = lineage.file_fingerprint(cfg.evaluate.readers)
+        labels = storage.read_table(cfg.pipeline.test_manifest, columns=["image_id", "label"])
+        inputs["test_labels"] = lineage.columns_fingerprint(cfg.pipeline.test_manifest, labels, labels.column_names)
+    return inputs, {"evaluate": {"target_sensitivity": cfg.evaluate.target_sensitivity}}
+
+
+def fold_rows(table: pa.Table, fold) -> pa.Table:
+    """What a fold's lineage covers of the labels (its ``labels`` input): each image, its class and whether the
+    fold holds it out. ``table``: the labels (image_id, class_index, fold) sorted by image_id."""
+    is_val = (pc.equal(table.column("fold"), fold) if fold != FINAL else pa.array(np.zeros(table.num_rows, bool)))
+    return table.select(["image_id", "class_index"]).append_column("held_out", is_val)
 
 
 def fold_lineage(fold, p: TrainPlan, tcfg: TrainConfig, transforms=None) -> lineage.Lineage:
     """What fold ``fold`` is trained from: which images it trains on and which it holds out, their classes and
     URIs, the classes, the initial weights and the recipe."""
-    is_val = (pc.equal(p.table.column("fold"), fold) if fold != FINAL else
-              pa.array(np.zeros(p.table.num_rows, bool)))
-    rows = p.table.select(["image_id", "class_index"]).append_column("held_out", is_val)
+    rows = fold_rows(p.table, fold)
     inputs = dict(p.inputs) | {"labels": lineage.columns_fingerprint(None, rows, rows.column_names)}
     recipe = {k: getattr(tcfg, k) for k in RECIPE_KEYS} | {"fold": str(fold), "balance": tcfg.balance}
     if transforms is not None:
@@ -187,6 +220,18 @@ def check_fold_lineage(fold, fold_dir: str, now: lineage.Lineage, force: bool) -
                             "an older dermray or by hand); use a new run id, or --force to retrain from scratch")
         return True
     return False
+
+
+def check_can_run(cfg: RunConfig) -> None:
+    """Raise the UserError ``run`` raises before it trains - a fold trained from other rows, classes or recipe,
+    unless train.force - and write nothing: the pipeline asks this of a partition built aside before it replaces
+    the run's partition."""
+    if cfg.train.force:
+        return
+    p = plan(cfg)
+    for fold in p.folds:
+        check_fold_lineage(fold, layout.fold_dir(cfg.output, cfg.run_id, fold),
+                           fold_lineage(fold, p, cfg.train, cfg.transforms), False)
 
 
 def finished_fold(fold_dir: str, now: lineage.Lineage) -> dict | None:
@@ -595,7 +640,7 @@ def readers_targets(cfg: RunConfig, p: TrainPlan) -> dict:
     from dermray import decisions, inference
     from dermray.definitions import load_tasks, load_taxonomy
 
-    if not (cfg.evaluate.readers and cfg.pipeline.test_manifest and p.positives):
+    if not uses_readers(cfg, p):
         return {}
     readers = storage.read_table_any(cfg.evaluate.readers).to_pandas()
     test = storage.read_table(cfg.pipeline.test_manifest, columns=["image_id", "label"]).to_pandas()
@@ -737,15 +782,16 @@ def cv_summary(fold_rows: list[dict], task_names: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["metric", "mean", "sd", "folds"])
 
 
-def run_lineage(lineages: dict) -> lineage.Lineage:
-    """The run's lineage: its folds' (each covers the fold's rows, the classes, the initial weights, the recipe)."""
-    return lineage.Lineage.of(STAGE, {f"fold={f}": lineage.value_fingerprint(lin.id) for f, lin in lineages.items()},
-                              {})
+def run_lineage(lineages: dict, p: TrainPlan) -> lineage.Lineage:
+    """The run's lineage: its folds' (each covers the fold's rows, the classes, the initial weights, the recipe) and
+    what its locked decisions are chosen from (``decision_lineage``)."""
+    folds = {f"fold={f}": lineage.value_fingerprint(lin.id) for f, lin in lineages.items()}
+    return lineage.Lineage.of(STAGE, folds | p.decision_inputs, p.decision_config)
 
 
 def lineage_now(cfg: RunConfig, recorded: lineage.Lineage | None = None) -> lineage.Lineage:
     p = plan(cfg)
-    return run_lineage({str(fold): fold_lineage(fold, p, cfg.train, cfg.transforms) for fold in p.folds})
+    return run_lineage({str(fold): fold_lineage(fold, p, cfg.train, cfg.transforms) for fold in p.folds}, p)
 
 
 def summarise(cfg: RunConfig, p: TrainPlan, fold_rows: list[dict], used: int, n_bad: int, lineages: dict,
@@ -756,7 +802,7 @@ def summarise(cfg: RunConfig, p: TrainPlan, fold_rows: list[dict], used: int, n_
     summary = {"stage": STAGE, "run_id": cfg.run_id, "arch": cfg.train.arch, "folds": [str(f) for f in p.folds],
                "images": used + n_bad, "trained_on": used, "quarantined": n_bad, "per_fold": fold_rows,
                "summary": table.to_dict(orient="records"), "partition": storage.redact(p.partition), **decided,
-               "lineage": run_lineage(lineages).to_dict(),
+               "lineage": run_lineage(lineages, p).to_dict(),
                "outputs": {"run": p.run_dir, "summary": storage.join(p.run_dir, "train_summary.parquet")},
                "seconds": round(seconds, 1)}
     storage.write_text(layout.summary_uri(cfg.output, STAGE, cfg.run_id), json.dumps(summary, indent=2, default=str))

@@ -239,3 +239,88 @@ def test_a_changed_subgroup_column_is_evaluated_again_not_skipped(study, tmp_pat
     assert again["status"] == "ran" and "predictions changed" in again["why"], again
     metrics = pd.read_parquet(d / "out" / "metrics" / "c" / "metrics.parquet")
     assert {s for s in metrics["subset"] if s.startswith("profile=")} == {"profile=melanoma"}
+
+
+def test_a_changed_task_or_decision_setting_relocks_and_rescores(study, tmp_path):
+    """Issue 27, finding 1: the positive class of melanoma_vs_nevus swapped in the tasks file re-ran partition and
+    evaluate but skipped train and score: the predictions kept the old task columns and evaluate applied the old
+    locked threshold to the new task. Train locks the decisions from the tasks, evaluate.target_sensitivity, the
+    readers file and the test manifest's labels; score writes task columns from the tasks: each is in the lineage
+    of the stage that reads it."""
+    import yaml
+
+    from dermray import pipeline
+
+    d = _study_copy(study, tmp_path)
+    tasks = yaml.safe_load((study["data"] / "tasks.yaml").read_text())
+    assert tasks["tasks"]["melanoma_vs_nevus"]["positive"] == "melanoma"
+    tasks["tasks"]["melanoma_vs_nevus"]["positive"] = "nevus"
+    (d / "swapped.yaml").write_text(yaml.safe_dump(tasks))
+    run = ("pipeline.stages=[partition,train,score,evaluate]",
+           f"pipeline.test_manifest={study['data'] / 'test_manifest.parquet'}")
+    _pipeline(d, *run)
+    before = pd.read_parquet(d / "out" / "predictions" / "c" / "predictions").set_index("image_id")
+    card = d / "out" / "train" / "c" / "fold=0" / "model_card.json"
+    old_points = {(p["task"], p["name"]): p["threshold"] for p in json.loads(card.read_text())["operating_points"]}
+    stages = _pipeline(d, *run, f"data.tasks={d / 'swapped.yaml'}")
+    assert {s: r["status"] for s, r in stages.items()} == dict.fromkeys(stages, "ran"), stages
+    assert "tasks changed" in stages["train"]["why"] and "tasks changed" in stages["score"]["why"], stages
+    after = pd.read_parquet(d / "out" / "predictions" / "c" / "predictions").set_index("image_id")
+    score = "melanoma_vs_nevus_score"
+    inside = before[score].notna()
+    assert inside.sum() > 5
+    pd.testing.assert_series_equal(after.loc[inside[inside].index, score], 1 - before.loc[inside, score],
+                                   atol=1e-5, check_names=False)
+    new_points = {(p["task"], p["name"]): p["threshold"] for p in json.loads(card.read_text())["operating_points"]}
+    mvn = [k for k in new_points if k[0] == "melanoma_vs_nevus"]
+    assert mvn and all(new_points[k] != old_points.get(k) for k in mvn), (old_points, new_points)
+    # The other inputs of the locked decisions: each change is named by train's lineage (without running it).
+    cfg = load_config(str(d / "run.yaml"), [*run, f"data.tasks={d / 'swapped.yaml'}"])
+    readers = pd.read_parquet(study["data"] / "readers.parquet")
+    readers.assign(decision=1 - readers["decision"]).to_parquet(d / "readers.parquet")
+    for setting, named in ((("evaluate.target_sensitivity=0.8",), "evaluate.target_sensitivity 0.95 -> 0.8"),
+                           ((f"evaluate.readers={d / 'readers.parquet'}",), "readers changed")):
+        changed = load_config(str(d / "run.yaml"), [*run, f"data.tasks={d / 'swapped.yaml'}", *setting])
+        again, why, _ = pipeline.decide("train", pipeline.stage_config(changed, "train"), False)
+        assert again and named in why, (setting, why)
+    assert pipeline.decide("train", pipeline.stage_config(cfg, "train"), False)[:2] == (False, "unchanged")
+
+
+def test_a_new_training_manifest_under_a_trained_run_id_leaves_the_partition_as_it_was(study, tmp_path, capsys):
+    """Issue 27, finding 3: the training manifest changed under the same run id (13 images relabelled). The
+    pipeline re-ran partition, overwriting labels.parquet, before train refused; the images then had another
+    class than the models were trained on, and `dermray lineage` said ok on partition -> train. Now the pipeline
+    builds the new partition aside, asks train whether it can run on it, and refuses before anything is replaced;
+    a partition replaced by hand (`dermray partition` under the run id) is a broken link."""
+    d = _study_copy(study, tmp_path, ("partition", "train"))
+    manifest = pd.read_parquet(study["data"] / "manifest.parquet")
+    manifest["uri"] = [str(study["data"] / u) for u in manifest["uri"]]  # the same images, absolute URIs
+    nevi = manifest.index[manifest["label"] == "benign:benign melanocytic lesions:congenital nevus"][:13]
+    manifest.loc[nevi, "label"] = "malignant:malignant melanoma:acral lentiginous melanoma"
+    manifest.to_parquet(d / "manifest.parquet", index=False)
+    labels = d / "out" / "partition" / "c" / "labels.parquet"
+    held = {p: p.read_bytes() for p in labels.parent.glob("*")}
+    capsys.readouterr()
+    assert main(["pipeline", "--config", str(d / "run.yaml"), "--set", "pipeline.stages=[partition,train]",
+                 "--set", f"data.manifest={d / 'manifest.parquet'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # the lines before: progress
+    assert err.startswith("dermray pipeline: error: ") and "fold 0: " in err and "labels changed" in err, err
+    assert "left as it was" in err and "--force" in err, err
+    assert {p: p.read_bytes() for p in labels.parent.glob("*")} == held, "the partition was replaced"
+    assert not list((d / "out").rglob("_staged*")), "the partition built aside was left behind"
+    # A partition replaced under the run id by hand: `dermray lineage` marks the link broken, naming the folds.
+    settings = yaml_settings(d)
+    assert main(["partition", "--manifest", str(d / "manifest.parquet"), "--taxonomy", settings["taxonomy"],
+                 "--tasks", settings["tasks"], "--max-class-size", "12", "--folds", "2", "--output", str(d / "out"),
+                 "--run-id", "c"]) == 0
+    capsys.readouterr()
+    assert main(["lineage", "--output", str(d / "out"), "--run-id", "c"]) == 0
+    text = capsys.readouterr().out
+    broken = [ln for ln in text.splitlines() if ln.startswith("BROKEN")]
+    assert any("partition -> train" in ln and "fold 0" in ln and "fold 1" in ln for ln in broken), text
+
+
+def yaml_settings(d) -> dict:
+    import yaml
+
+    return yaml.safe_load((d / "run.yaml").read_text())["data"]
