@@ -66,12 +66,13 @@ def run(cfg: RunConfig) -> dict:
     night_dir = storage.join(layout.metrics_dir(cfg.output, cfg.run_id), f"date={date}")
     ev = evaluate.run(ev_cfg, base=night_dir)
     metrics = storage.read_table(ev["outputs"]["metrics"]).to_pandas()
-    history = storage.join(cfg.output, "metrics", cfg.run_id, "history", f"date={date}", "metrics.parquet")
+    history = storage.join(layout.metrics_dir(cfg.output, cfg.run_id), "history", f"date={date}", "metrics.parquet")
     storage.write_table(storage.read_table(ev["outputs"]["metrics"]), history)
     missed = check_floors(cfg, scored, metrics)
     summary = {"stage": STAGE, "date": date, "run_id": cfg.run_id, "model_id": scored["model_id"],
                "scored_tonight": scored["scored"], "quarantined_tonight": scored["quarantined"],
-               "already_scored": scored["already_done"], "predictions_total": scored["run_scored_total"],
+               "already_scored": scored["already_done"], "changed_since_scored": scored["changed_since_scored"],
+               "predictions_total": scored["run_scored_total"],
                "headline": ev["headline"], "floors_missed": missed,
                "outputs": {"predictions": scored["outputs"]["predictions"], "report": ev["outputs"]["report_html"],
                            "metrics_history": storage.parent(storage.parent(history))}}
@@ -83,8 +84,11 @@ def run(cfg: RunConfig) -> dict:
 
 
 def format_summary(s: dict) -> str:
-    lines = [f"nightly {s['date']}: {s['scored_tonight']} new images scored, {s['quarantined_tonight']} quarantined, "
-             f"{s['already_scored']} already scored; {s['predictions_total']} predictions by {s['model_id']}"]
+    changed = (f" ({s['changed_since_scored']} of them relabelled since they were scored)"
+               if s.get("changed_since_scored") else "")
+    lines = [f"nightly {s['date']}: {s['scored_tonight']} images scored{changed}, {s['quarantined_tonight']} "
+             f"quarantined, {s['already_scored']} already scored; {s['predictions_total']} predictions by "
+             f"{s['model_id']}"]
     for h in s["headline"]:
         if h["metric"] == "auc":
             lines.append(f"  {h['task']:<32} {h['subset']:<8} AUC {fmt(h['value'])}  n={h['n']}")

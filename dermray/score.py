@@ -44,9 +44,12 @@ from dermray.faults import from_env as fault_hooks
 log = logging.getLogger("dermray.score")
 STAGE = "score"
 END_OF_SHARD = "<end of shard>"  # a marker row: its part total is the shard's sample count
-# Columns the work rows carry besides the input's own: the input row, the part, the part's size.
-ROW, CHUNK, TOTAL = "__row", "__chunk", "__chunk_total"
-INTERNAL = (ROW, CHUNK, TOTAL, "row")
+# Columns the work rows carry besides the input's own: the input row, the part, the part's size, the row's hash.
+ROW, CHUNK, TOTAL, ROW_HASH = "__row", "__chunk", "__chunk_total", "__row_hash"
+INTERNAL = (ROW, CHUNK, TOTAL, ROW_HASH, "row", "input_row_hash")
+# In the predictions: the fingerprint of the input row an image was scored from (image_id and every column the input
+# gave it). An image is "already scored" only with the same row: a relabelled image is scored again.
+INPUT_ROW_HASH = "input_row_hash"
 
 
 # ---- planning: tasks over the manifest's row groups ----------------------------------------------------------------
@@ -95,26 +98,69 @@ def merge_repeats(*arrays) -> tuple[np.ndarray, np.ndarray]:
     return rows[order], first[order]
 
 
-def done_ids(part_files: list[str], model_id: str, quarantine_files: list[str]) -> np.ndarray:
-    """The sorted fingerprints of the images this model already has in the run's parts, and of those earlier
-    chunks quarantined for a permanent reason (transient ones are tried again)."""
-    found = []
+@dataclass
+class Done:
+    """What the run holds for a model, as sorted fingerprint sets: the input rows it scored (``rows``), the images
+    it scored (``scored``), and the images of earlier chunks quarantined for a permanent reason (``quarantined``;
+    transient ones are tried again)."""
+    rows: np.ndarray
+    scored: np.ndarray
+    quarantined: np.ndarray
+
+
+def row_hashes(table: pa.Table) -> np.ndarray:
+    """FINGERPRINT [n] of each row: its image_id and the text of every other column of the input (null apart from
+    empty), the internal ones left out - the same row gives the same hash in every run."""
+    columns = ["image_id"] + sorted(c for c in table.column_names if c not in INTERNAL and c != "image_id")
+    texts = []
+    for name in columns:
+        col = table.column(name)
+        try:
+            text = pc.cast(col, pa.string())
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid):  # lists, structs: their JSON
+            text = pa.array([None if v is None else json.dumps(v, sort_keys=True, default=str)
+                             for v in col.to_pylist()], pa.string())
+        texts.append(pc.fill_null(pc.binary_join_element_wise(name, "=", text, ""), f"{name}\x00"))
+    joined = pc.binary_join_element_wise(*texts, "\x1f") if texts else pa.array([], pa.string())
+    return ids.fingerprints(joined.to_numpy(zero_copy_only=False))
+
+
+def hash_text(fp: np.ndarray) -> list[str]:
+    """The 32 hex digits of each row fingerprint (how the predictions store it)."""
+    raw = np.ascontiguousarray(fp).view(np.uint8).reshape(len(fp), 16)
+    return [bytes(r).hex() for r in raw]
+
+
+def hash_values(texts) -> np.ndarray:
+    """The row fingerprints of ``hash_text`` strings; a missing one (predictions of an older dermray) matches no
+    row."""
+    texts = ["0" * 32 if t is None else t for t in texts]
+    return np.frombuffer(bytes.fromhex("".join(texts)), ids.FINGERPRINT).copy() if texts else np.zeros(
+        0, ids.FINGERPRINT)
+
+
+def done_ids(part_files: list[str], model_id: str, quarantine_files: list[str]) -> Done:
+    """What the run's parts and chunk quarantine files hold for ``model_id`` (``Done``)."""
+    rows, scored, quarantined = [], [], []
     for f in part_files:
-        t = storage.read_table(f, columns=["image_id", "model_id"])
-        found.append(ids.fingerprints(t.filter(pc.equal(t.column("model_id"), model_id)).column("image_id")
-                                      .to_numpy(zero_copy_only=False)))
+        t = storage.read_table(f)
+        t = t.filter(pc.equal(t.column("model_id"), model_id))
+        scored.append(ids.fingerprints(t.column("image_id").to_numpy(zero_copy_only=False)))
+        if INPUT_ROW_HASH in t.column_names:
+            rows.append(hash_values(t.column(INPUT_ROW_HASH).to_pylist()))
     for f in quarantine_files:
         t = storage.read_table(f, columns=["image_id", "reason"])
         keep = pc.and_(pc.is_valid(t.column("image_id")),
                        pc.invert(pc.starts_with(t.column("reason"), TRANSIENT)))
-        found.append(ids.fingerprints(t.column("image_id").filter(keep).to_numpy(zero_copy_only=False)))
-    return ids.sorted_set(found)
+        quarantined.append(ids.fingerprints(t.column("image_id").filter(keep).to_numpy(zero_copy_only=False)))
+    return Done(ids.sorted_set(rows), ids.sorted_set(scored), ids.sorted_set(quarantined))
 
 
-def plan_work(uri: str, row_groups: list[int], offset: int, repeats: tuple, done: np.ndarray, prefix: str,
+def plan_work(uri: str, row_groups: list[int], offset: int, repeats: tuple, done: Done, prefix: str,
               rows_per_part: int):
     """Pass 2 over one chunk: (work rows to score, quarantined input rows, counts). Work rows carry the manifest's
-    columns, the resolved URI, the input row, their part name and the part's size."""
+    columns, the resolved URI, the input row, its hash, their part name and the part's size. An image the run
+    scored from another row (relabelled since) is scored again; ``counts["changed_ids"]`` names it."""
     table = _read(uri, row_groups)
     n = table.num_rows
     rows = np.arange(offset, offset + n, dtype=np.int64)
@@ -137,8 +183,9 @@ def plan_work(uri: str, row_groups: list[int], offset: int, repeats: tuple, done
                            "reason": pa.array(reason[bad].tolist(), pa.string())},
                           schema=schemas.QUARANTINE.arrow())
     keep = ~bad
-    already = np.zeros(n, bool)
-    already[keep] = ids.isin(ids.fingerprints(image_ids[keep]), done)
+    id_fp, row_fp = ids.fingerprints(image_ids), row_hashes(table)
+    already = keep & (ids.isin(row_fp, done.rows) | ids.isin(id_fp, done.quarantined))
+    changed = keep & ~already & ids.isin(id_fp, done.scored)
     todo = keep & ~already
     work = table.filter(pa.array(todo))
     base = storage.parent(uri)
@@ -147,10 +194,12 @@ def plan_work(uri: str, row_groups: list[int], offset: int, repeats: tuple, done
     sizes = np.bincount(k, minlength=k.max() + 1 if len(k) else 0)
     work = work.drop_columns([c for c in INTERNAL if c in work.column_names])
     work = work.append_column(ROW, pa.array(rows[todo], pa.int64()))
+    work = work.append_column(ROW_HASH, pa.array(hash_text(row_fp[todo]), pa.string()))
     work = work.append_column(CHUNK, pa.array([f"{prefix}-{j:03d}" for j in k], pa.string()))
     work = work.append_column(TOTAL, pa.array(sizes[k] if len(k) else [], pa.int64()))
     return work, quarantine, {"rows": n, "quarantined": int(bad.sum()), "already_done": int(already.sum()),
-                              "todo": int(todo.sum()), "parts": int(len(sizes))}
+                              "todo": int(todo.sum()), "parts": int(len(sizes)),
+                              "changed_ids": image_ids[changed].tolist()}
 
 
 @dataclass
@@ -162,6 +211,7 @@ class WorkPlan:
     already_done: int
     parts: int
     fingerprint: lineage.Fingerprint
+    changed: int = 0  # images scored before from another input row (relabelled): scored again
 
 
 def _run_state(rdir: str) -> tuple[list[str], list[str], int]:
@@ -214,8 +264,29 @@ def plan_manifest(uri: str, chunks: list, repeats: list, rdir: str, model_id: st
             for k, (rg, off, _) in enumerate(chunks)]
     counts = ray.get([r[2] for r in refs])
     quarantine = pa.concat_tables(ray.get([r[1] for r in refs])) if refs else _quarantine_rows([])
+    changed = [i for c in counts for i in c["changed_ids"]]
+    if changed:
+        drop_superseded(parts, model_id, changed)
     return WorkPlan("manifest", [r[0] for r, c in zip(refs, counts) if c["todo"]], sum(c["rows"] for c in counts),
-                    quarantine, sum(c["already_done"] for c in counts), sum(c["parts"] for c in counts), None)
+                    quarantine, sum(c["already_done"] for c in counts), sum(c["parts"] for c in counts), None,
+                    len(changed))
+
+
+def drop_superseded(part_files: list[str], model_id: str, image_ids: list[str]) -> None:
+    """Take the predictions of ``image_ids`` (relabelled since they were scored) out of the run's parts before they
+    are scored again: one prediction per image and model. Each part is rewritten whole (atomically); an
+    interruption leaves those images unscored, and the next run scores them."""
+    gone = ids.sorted_set([ids.fingerprints(np.asarray(image_ids, dtype=object))])
+    for f in part_files:
+        t = storage.read_table(f)
+        stale = ids.isin(ids.fingerprints(t.column("image_id").to_numpy(zero_copy_only=False)), gone) & \
+            pc.equal(t.column("model_id"), model_id).to_numpy(zero_copy_only=False)
+        if stale.all():
+            storage.delete(f)
+        elif stale.any():
+            storage.write_table(t.filter(pa.array(~stale)), f)
+    log.info("score: %d image(s) relabelled since they were scored (their input row changed): scoring them again",
+             len(image_ids))
 
 
 def folder_table(uri: str, labels_uri: str | None) -> tuple[pa.Table, pa.Table]:
@@ -600,6 +671,7 @@ class PartWriter:
                 if f.name not in data:
                     data[f.name] = pa.array(cols[f.name].tolist(), type=f.type, from_pandas=True)
             data["row"] = pa.array(cols[ROW], pa.int64())
+            data[INPUT_ROW_HASH] = pa.array(cols[ROW_HASH].tolist(), pa.string())
         else:
             metas = [json.loads(m) if m else {} for m in cols["meta"]]
             for key in WDS_META:
@@ -919,7 +991,7 @@ def summarise(cfg, ens, work: WorkPlan, writer: PartWriter, now, partition, rdir
         "stage": STAGE, "run_id": cfg.run_id, "model_id": ens.model_id, "input_kind": work.kind,
         "models": len(ens.weights), "arch": ens.arch, "tta": sc.tta, "input": n_input,
         "shards": work.parts + work.already_done if work.kind == "webdataset" else None,
-        "already_done": work.already_done, "scored": writer.scored,
+        "already_done": work.already_done, "scored": writer.scored, "changed_since_scored": work.changed,
         "quarantined": writer.quarantined + work.quarantine.num_rows, "files_written": writer.files,
         "run_scored_total": run_totals(rdir), "run_quarantined_total": quarantined_total,
         "images_per_s": round(processed / (time.perf_counter() - t_start), 2) if work.refs else None,
@@ -954,6 +1026,8 @@ def format_summary(s: dict) -> str:
     else:
         head = (f"score: {s['input']} images = {s['scored']} scored + {s['quarantined']} quarantined + "
                 f"{s['already_done']} done before")
+        if s.get("changed_since_scored"):
+            head += f" ({s['changed_since_scored']} scored again: their input row changed since)"
     lines = [head + f" ({s['seconds']} s)",
              f"  model {s['model_id']} ({s['arch']}, {s['models']} model(s), tta {s['tta']})",
              f"  run totals: {s['run_scored_total']} predictions, {s['run_quarantined_total']} quarantined",

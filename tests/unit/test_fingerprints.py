@@ -1,6 +1,7 @@
 """Lineage: outputs carry what produced them and are never silently reused. Each of the issue's findings is a test
 that failed on the code before (which decided "already done" from names and paths)."""
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -84,3 +85,30 @@ def test_a_worker_output_the_driver_cannot_see_is_an_error(tmp_path):
     saliency.check_written(index.head(1), str(tmp_path))
     with pytest.raises(RuntimeError, match=r"the map .*b__t\.png that an actor wrote is not visible to the driver"):
         saliency.check_written(index, str(tmp_path))
+
+
+# ---- incremental scoring: an input row's hash (issue 27, finding 5) --------------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["nv", "mel", None, ""]), st.one_of(st.none(), st.integers(0, 90)),
+                          st.lists(st.integers(0, 3), max_size=2)), min_size=1, max_size=40),
+       st.data())
+def test_an_input_row_hash_changes_with_its_row_alone(rows, data):
+    """The hash of a row covers its image_id and every column (null apart from empty, lists included), not the
+    column order, the row's position or dermray's internal columns; it round-trips through its stored text."""
+    from dermray import ids, score
+
+    table = pa.table({"image_id": [f"I{i}" for i in range(len(rows))], "label": [r[0] for r in rows],
+                      "age": pa.array([r[1] for r in rows], pa.int64()),
+                      "tags": pa.array([r[2] for r in rows], pa.list_(pa.int64())), "row": list(range(len(rows)))})
+    h = score.row_hashes(table)
+    assert len(set(map(bytes, h.view(np.uint8).reshape(-1, 16)))) == len(rows)  # distinct image ids
+    reordered = table.select(["tags", "age", "image_id", "label"]).append_column(
+        "row", pa.array(range(100, 100 + len(rows)), pa.int64()))
+    assert (score.row_hashes(reordered) == h).all()
+    assert (score.hash_values(score.hash_text(h)) == h).all()
+    i = data.draw(st.integers(0, len(rows) - 1))
+    label = table.column("label").to_pylist()
+    label[i] = {"nv": "mel", "mel": None, None: "", "": "nv"}[label[i]]
+    changed = score.row_hashes(table.set_column(1, "label", pa.array(label, pa.string())))
+    assert not ids.isin(changed[i:i + 1], np.sort(h[i:i + 1]))[0]
+    assert (np.delete(changed, i) == np.delete(h, i)).all()
