@@ -7,6 +7,7 @@ import logging
 import sys
 
 from dermray.errors import UserError
+from dermray.stages import REGISTRY
 
 EXIT_USER_ERROR = 2
 EXIT_FLOOR_MISSED = 3  # dermray nightly: the run finished, a quality floor was not met
@@ -176,11 +177,13 @@ def _run_stage(stage: str, args, flags: dict[str, str]) -> dict:
     from dermray import console, layout
     from dermray.config import load_config
 
-    module = importlib.import_module(f"dermray.{stage}")
+    from dermray import stages
+
+    module = importlib.import_module(f"dermray.{stage}")  # a stage's, or an application's (nightly, pipeline)
     cfg = load_config(args.config, list(args.overrides) + _flag_overrides(args, COMMON_FLAGS | flags))
     importlib.import_module("dermray.jobpaths").check_paths(cfg, stage)  # in a Ray job: paths that cannot work
     args.stage_dir = layout.stage_dir(cfg.output, stage, cfg.run_id)
-    summary = module.run(cfg)
+    summary = stages.run(stage, cfg) if stage in stages.REGISTRY else module.run(cfg)
     kept = console.keep_log(args.console, args.stage_dir, stage)
     args.stage_dir = None  # the log is kept
     out = args.console.out
@@ -190,41 +193,9 @@ def _run_stage(stage: str, args, flags: dict[str, str]) -> dict:
     return summary
 
 
-def cmd_partition(args) -> dict:
-    return _run_stage("partition", args, {
-        "manifest": "data.manifest", "taxonomy": "data.taxonomy", "tasks": "data.tasks",
-        "max_class_size": "partition.max_class_size", "folds": "partition.folds", "seed": "partition.seed"})
-
-
-def cmd_train(args) -> dict:
-    return _run_stage("train", args, {
-        "manifest": "data.manifest", "partition": "train.partition", "arch": "train.arch", "epochs": "train.epochs",
-        "force": "train.force"})
-
-
-def cmd_score(args) -> dict:
-    return _run_stage("score", args, {
-        "checkpoint": "score.checkpoints", "input": "score.input", "labels": "score.labels", "tasks": "data.tasks",
-        "taxonomy": "data.taxonomy", "partition": "score.partition", "incremental": "score.incremental",
-        "tta": "score.tta"})
-
-
-def cmd_saliency(args) -> dict:
-    return _run_stage("saliency", args, {
-        "checkpoint": "saliency.checkpoints", "predictions": "saliency.predictions", "method": "saliency.methods",
-        "tasks": "data.tasks", "taxonomy": "data.taxonomy", "masks": "saliency.masks"})
-
-
 def cmd_nightly(args) -> dict:
     return _run_stage("nightly", args, {
         "checkpoint": "score.checkpoints", "input": "score.input", "date": "nightly.date"})
-
-
-def cmd_evaluate(args) -> dict:
-    return _run_stage("evaluate", args, {
-        "predictions": "evaluate.predictions", "tasks": "data.tasks", "taxonomy": "data.taxonomy",
-        "partition": "evaluate.partition", "readers": "evaluate.readers", "compare": "evaluate.compare",
-        "model_id": "evaluate.model_id", "distributed": "evaluate.distributed"})
 
 
 def cmd_pipeline(args) -> dict:
@@ -297,10 +268,14 @@ def cmd_import(args) -> dict:
     return summary
 
 
-COMMANDS = {"partition": cmd_partition, "train": cmd_train, "score": cmd_score, "evaluate": cmd_evaluate,
-            "saliency": cmd_saliency, "nightly": cmd_nightly, "pipeline": cmd_pipeline, "lineage": cmd_lineage,
-            "doctor": cmd_doctor, "synth": cmd_synth,
-            "import": cmd_import}
+def _stage_command(stage: str):
+    """The command of a stage: its flags (StageSpec.flags) onto the config, then ``_run_stage``."""
+    return lambda args: _run_stage(stage, args, REGISTRY[stage].flags)
+
+
+COMMANDS = {**{stage: _stage_command(stage) for stage in REGISTRY},
+            "nightly": cmd_nightly, "pipeline": cmd_pipeline, "lineage": cmd_lineage, "doctor": cmd_doctor,
+            "synth": cmd_synth, "import": cmd_import}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dermray.errors import ConfigError
+from dermray.stages import STAGES as STAGE_NAMES  # the registry: the one list of the stages
 
 
 def _comma_list(value):
@@ -33,7 +34,6 @@ ARCHS = ("inception_v3", "efficientnet_lite0", "resnet50", "mobilenet_v3_small")
 # Feature stages of each architecture (models.ModelSpec.stages; a test keeps the two equal): train.freeze=K <= this.
 FREEZE_STAGES = {"inception_v3": 12, "efficientnet_lite0": 9, "resnet50": 5, "mobilenet_v3_small": 13}
 AMP = Literal["auto", "bf16", "fp16", "off"]
-STAGE_NAMES = ("partition", "train", "score", "evaluate", "saliency")
 SALIENCY_METHODS = ("gradient", "smoothgrad", "integrated_gradients", "gradcam")
 
 

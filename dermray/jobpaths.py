@@ -21,6 +21,7 @@ import json
 import os
 
 from dermray.errors import UserError
+from dermray.stages import REGISTRY
 
 # Ray's job supervisor sets this for a submitted job's driver (Ray 2.60, ray/_private/runtime_env/constants.py):
 # JSON with the job's runtime_env (its working_dir a gcs:// package when one was uploaded) and metadata
@@ -44,20 +45,13 @@ def job_working_dir() -> tuple[str, bool] | None:
     return os.getcwd(), uploaded
 
 
-# The input keys each command reads (all of them must exist when it runs); list keys are checked entry by entry.
-_DATA = ("data.tasks", "data.taxonomy")
-_SCORE = ("score.checkpoints", "score.input", "score.labels", "score.partition")
-_EVALUATE = ("evaluate.predictions", "evaluate.partition", "evaluate.readers", "evaluate.compare")
-STAGE_INPUTS = {
-    "partition": ("data.manifest", *_DATA),
-    "train": ("data.manifest", "train.partition", "train.weights"),
-    "score": (*_SCORE, *_DATA),
-    "evaluate": (*_EVALUATE, *_DATA),
-    "saliency": ("saliency.checkpoints", "saliency.predictions", "saliency.partition", "saliency.masks", *_DATA),
-    "nightly": (*_SCORE, *_EVALUATE[1:], *_DATA),  # its predictions are the night's own
-}
-# The pipeline wires score.input (the test split) and score.labels itself.
-_PIPELINE_WIRED = ("score.input", "score.labels")
+# The input keys each command reads (all of them must exist when it runs; list keys entry by entry): the stages'
+# from their registry; the nightly job's are score's and evaluate's but its own predictions (the night's).
+STAGE_INPUTS = {s.name: s.inputs for s in REGISTRY.values()}
+STAGE_INPUTS["nightly"] = tuple(dict.fromkeys(STAGE_INPUTS["score"] + tuple(
+    k for k in STAGE_INPUTS["evaluate"] if k != "evaluate.predictions")))
+# What the pipeline wires itself (score.input: the test split).
+_PIPELINE_WIRED = tuple(k for s in REGISTRY.values() for k in s.wired)
 
 
 def input_keys(cfg, stage: str) -> list[str]:

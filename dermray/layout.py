@@ -13,12 +13,11 @@ pipeline, ``dermray lineage`` and the tests (which check that nothing is written
 from __future__ import annotations
 
 from dermray import storage
+from dermray.stages import REGISTRY
 
-STAGE_FOLDERS = {"partition": "partition", "train": "train", "score": "predictions", "evaluate": "metrics",
-                 "saliency": "saliency", "pipeline": "pipeline", "nightly": "metrics"}
-SUMMARY_FILES = {"partition": "partition_summary.json", "train": "train_summary.json",
-                 "score": "score_summary.json", "evaluate": "evaluate_summary.json",
-                 "saliency": "saliency_summary.json", "pipeline": "pipeline_summary.json"}
+# The stages' folders and summaries come from their registry; the applications that write beside them add theirs.
+STAGE_FOLDERS = {s.name: s.folder for s in REGISTRY.values()} | {"pipeline": "pipeline", "nightly": "metrics"}
+SUMMARY_FILES = {s.name: s.summary_file for s in REGISTRY.values()} | {"pipeline": "pipeline_summary.json"}
 FINAL_FOLD = "all"  # the fold name of the model trained on all folds
 
 

@@ -15,7 +15,7 @@ import logging
 
 import pandas as pd
 
-from dermray import evaluate, layout, score, storage
+from dermray import evaluate, layout, score, stages, storage
 from dermray.config import RunConfig, derive
 from dermray.errors import UserError
 from dermray.report import fmt
@@ -59,12 +59,12 @@ def run(cfg: RunConfig) -> dict:
     date = night(cfg)
     log.info("nightly %s: scoring %s incrementally into run %s", date, storage.redact(cfg.score.input or "?"),
              cfg.run_id)
-    scored = score.run(derive(cfg, {"score": {"incremental": True}}))
+    scored = stages.run("score", derive(cfg, {"score": {"incremental": True}}))
     log.info("nightly %s: %s", date, score.format_summary(scored).splitlines()[0])
     ev_cfg = derive(cfg, {"evaluate": {"predictions": scored["outputs"]["predictions"], "model_id": scored["model_id"],
                                        "partition": cfg.evaluate.partition or scored.get("partition")}})
     night_dir = storage.join(layout.metrics_dir(cfg.output, cfg.run_id), f"date={date}")
-    ev = evaluate.run(ev_cfg, base=night_dir)
+    ev = evaluate.run(stages.view(ev_cfg, "evaluate"), base=night_dir)
     metrics = storage.read_table(ev["outputs"]["metrics"]).to_pandas()
     history = storage.join(layout.metrics_dir(cfg.output, cfg.run_id), "history", f"date={date}", "metrics.parquet")
     storage.write_table(storage.read_table(ev["outputs"]["metrics"]), history)

@@ -77,7 +77,7 @@ def decide(stage: str, scfg: RunConfig, force: bool) -> tuple[bool, str, dict | 
     recorded = lineage.Lineage.from_dict(summary["lineage"]) if "lineage" in summary else None
     if recorded is None:
         return True, "its output records no lineage", None
-    now = stages.module(stage).lineage_now(scfg, recorded)
+    now = stages.lineage_now(stage, scfg, recorded)
     changes = now.changes_from(recorded)
     return (True, "; ".join(changes), None) if changes else (False, "unchanged", summary)
 
@@ -87,22 +87,23 @@ def run_stage(cfg: RunConfig, stage: str, scfg: RunConfig, order: list[str]) -> 
     trained = "train" in order and not cfg.train.partition and storage.exists(layout.train_dir(cfg.output, cfg.run_id))
     if stage == "partition" and trained:
         return partition_aside(cfg, scfg)
-    return stages.module(stage).run(scfg)
+    return stages.run(stage, scfg)
 
 
 def partition_aside(cfg: RunConfig, scfg: RunConfig) -> dict:
     """Partition a run whose folds are trained: build the partition aside, ask train whether it can run on it (the
     folds' rows and classes unchanged, or train.force), and only then put it in place of the run's partition. A
     refusal leaves the run's partition as it was: its labels stay those the models were trained on."""
-    from dermray import partition, train
+    from dermray import train
 
     aside = storage.join(layout.pipeline_dir(cfg.output, cfg.run_id), "_staged")
     storage.delete(aside)
     try:
-        partition.run(derive(scfg, {"output": aside}))
+        stages.run("partition", derive(scfg, {"output": aside}))
         staged = layout.partition_dir(aside, cfg.run_id)
         try:
-            train.check_can_run(derive(stage_config(cfg, "train"), {"train": {"partition": staged}}))
+            train.check_can_run(stages.view(derive(stage_config(cfg, "train"), {"train": {"partition": staged}}),
+                                            "train"))
         except UserError as e:
             raise UserError(f"pipeline: the new partition is not applied (the run's partition is left as it was): "
                             f"{e}") from None

@@ -116,7 +116,7 @@ def build(d: pathlib.Path) -> dict:
                 else:
                     os.environ.pop(faults.ENV, None)
                 with captured() as text:
-                    summary = stages.module(stage).run(load_config(str(cfg_path)))
+                    summary = stages.run(stage, load_config(str(cfg_path)))
                     print(stages.module(stage).format_summary(summary))
                 after = snapshot(out)
                 changed = {f for f, t in after.items() if before.get(f) != t}

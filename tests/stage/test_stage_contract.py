@@ -145,7 +145,7 @@ def test_the_lineage_is_recorded_and_reproduced_without_running(study, stage):
     recorded = Lineage.from_dict(summary["lineage"])
     assert recorded.stage == stage and recorded.id and recorded.inputs
     assert recorded.id == Lineage.from_dict(study["runs"][stage][0]["summary"]["lineage"]).id
-    now = stages.module(stage).lineage_now(load_config(str(study["config"])), recorded)
+    now = stages.lineage_now(stage, load_config(str(study["config"])), recorded)
     assert now.id == recorded.id, now.changes_from(recorded)
     assert {"dermray", "ray", "torch"} <= set(recorded.versions)
 

@@ -1,0 +1,66 @@
+"""The stage registry and the runner's config views: a stage reads only the config it declared."""
+import pickle
+
+import pytest
+
+from dermray import config, layout, stages
+from dermray.config import load_config
+from dermray.errors import UserError
+
+
+def test_the_stage_list_exists_once():
+    """The config's stage names, layout's folders and summaries, the pipeline's order and the CLI's commands are
+    the registry's."""
+    from dermray import cli, jobpaths
+
+    assert config.STAGE_NAMES is stages.STAGES
+    for name, spec in stages.REGISTRY.items():
+        assert spec.module.STAGE == name
+        assert layout.STAGE_FOLDERS[name] == spec.folder and layout.SUMMARY_FILES[name] == spec.summary_file
+        assert jobpaths.STAGE_INPUTS[name] == spec.inputs
+        assert name in cli.COMMANDS
+    assert set(stages.REGISTRY) <= set(cli.build_parser()._subparsers._group_actions[0].choices)
+
+
+@pytest.mark.parametrize("stage, plant, read, named", [
+    ("evaluate", "read_definitions", "train.lr", "train"),  # a section it does not declare
+    ("train", "plan", "evaluate.n_bootstrap", "evaluate.n_bootstrap"),  # a key of a section it declares keys of
+    ("partition", "read_inputs", "data.tasks", None),  # declared: no error of the view (the missing file's)
+])
+def test_a_read_of_config_a_stage_did_not_declare_fails(stage, plant, read, named, monkeypatch):
+    """A read planted in a stage fails loudly through the runner, naming what was read - before the read's value
+    could reach an output that its lineage does not cover."""
+    module = stages.module(stage)
+    original = getattr(module, plant)
+
+    def planted(cfg, *args, **kwargs):
+        value = cfg
+        for name in read.split("."):
+            value = getattr(value, name)
+        return original(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(module, plant, planted)
+    cfg = load_config(None, ["evaluate.predictions=p", "data.manifest=m.parquet", "data.taxonomy=t.csv"])
+    if named is None:
+        with pytest.raises(UserError):
+            stages.run(stage, cfg)
+        return
+    with pytest.raises(stages.UndeclaredConfigRead, match=rf"^stage '{stage}' read {named}, which its StageSpec"):
+        stages.run(stage, cfg)
+
+
+def test_a_view_hands_declared_sections_whole_and_survives_pickling():
+    cfg = load_config(None, ["evaluate.target_sensitivity=0.8", "train.epochs=3"])
+    view = stages.view(cfg, "train")
+    assert view.train is cfg.train and view.run_id == cfg.run_id
+    assert view.evaluate.target_sensitivity == 0.8
+    with pytest.raises(stages.UndeclaredConfigRead, match="it lists of evaluate: readers, target_sensitivity"):
+        _ = view.evaluate.n_bootstrap
+    with pytest.raises(stages.UndeclaredConfigRead):
+        _ = view.saliency
+    again = pickle.loads(pickle.dumps(view))
+    assert again.evaluate.target_sensitivity == 0.8 and stages.unwrap(again) == cfg
+    with pytest.raises(stages.UndeclaredConfigRead):
+        _ = again.score
+    with pytest.raises(AttributeError):
+        view.train = None
