@@ -42,9 +42,9 @@ def write_results(name: str, figures: dict, details: dict | None = None, started
     """``results.json`` of benchmark ``name``: its figures (the keys of its last line), ``machine``
     (benchmarks/machine.py), when and how long, smoke or not, and ``details`` (per-size or per-model figures)."""
     sys.path.insert(0, str(BENCH))
-    from machine import machine_info
-
     import time
+
+    from machine import machine_info
 
     record = dict(figures)
     record["machine"] = machine_info()

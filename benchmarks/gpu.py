@@ -1,8 +1,9 @@
 """The GPU path, checked and timed on a CUDA machine (exits 0 with a note where there is none): Inception v3 at 299 px
 
-1. training through dermray's own step code (``trainloop.torch_batches`` -> ``trainloop.train_one_epoch`` fed uint8 NHWC batches
-   the way Ray Data hands them to the worker; ``train.amp=auto`` -> bf16 autocast, channels_last) vs a bare PyTorch
-   loop doing the same steps (images already on the GPU, no per-step host sync), and dermray's step in fp32;
+1. training through dermray's own step code (``trainloop.torch_batches`` -> ``trainloop.train_one_epoch`` fed uint8
+   NHWC batches the way Ray Data hands them to the worker; ``train.amp=auto`` -> bf16 autocast, channels_last) vs a
+   bare PyTorch loop doing the same steps (images already on the GPU, no per-step host sync), and dermray's step in
+   fp32;
 2. scoring through dermray's ``score.Predictor`` (what each Ray Data actor runs) with ``score.amp=bf16`` vs a bare
    ``model(x).softmax()`` in bf16, and with the default fp32; the Predictor's GPU probabilities against its CPU
    ones on the same images;

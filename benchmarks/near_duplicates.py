@@ -42,11 +42,11 @@ def planted_copies(data: bytes, rng) -> dict[str, bytes]:
         im.save(b, "JPEG", quality=q)
         return b.getvalue()
 
-    l, t, r, b = (rng.uniform(0.02, 0.06, 4) * [w, h, w, h]).astype(int)
+    left, t, r, b = (rng.uniform(0.02, 0.06, 4) * [w, h, w, h]).astype(int)
     return {"reencoded_q50": jpeg(img, 50), "resized_70pct": jpeg(img.resize((int(w * 0.7), int(h * 0.7)))),
             "cropped_4pct_centred": jpeg(img.crop((int(0.04 * w), int(0.04 * h), w - int(0.04 * w),
                                                    h - int(0.04 * h)))),
-            "cropped_2_6pct_offcentre": jpeg(img.crop((l, t, w - r, h - b)))}
+            "cropped_2_6pct_offcentre": jpeg(img.crop((left, t, w - r, h - b)))}
 
 
 def _similarities(pairs_bytes):

@@ -504,7 +504,7 @@ def main() -> None:
     }
     print()
     print(f"{'rows':>10} {'path':<10} {'seconds':>8} {'ratio':>6} {'rows/s':>10} {'peak RSS MB':>12}")
-    for label, r in results.items():
+    for _label, r in results.items():
         for kind in ("dermray", *baselines, "ray_data"):
             if kind not in r:
                 continue

@@ -264,7 +264,8 @@ def main() -> int:
     rows_lost = lost + sum(x["rows_lost"] + x["duplicates"] for x in (small, ld))
     print(f"\nReliability ({os.cpu_count()} CPUs), {round((time.perf_counter() - t0) / 60, 1)} minutes")
     print(f"{'faults injected':<28} {injected:>8}   survived {survived}" + (f"  (failed: {failed})" if failed else ""))
-    print(f"{'bad inputs tried':<28} {tried:>8}   handled {handled}" + (f"  (not: {bad_failures})" if bad_failures else ""))
+    print(f"{'bad inputs tried':<28} {tried:>8}   handled {handled}"
+          + (f"  (not: {bad_failures})" if bad_failures else ""))
     print(f"{'rows lost':<28} {rows_lost:>8}")
     print(f"{'load: images scored':<28} {ld['scored']:>8}   {ld['images_per_s']} images/s")
     print(f"{'load: peak RSS driver MB':<28} {ld['peak_rss_driver_mb']:>8}   at {small['images']} images: "

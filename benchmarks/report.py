@@ -237,7 +237,8 @@ def ham10000(r: dict) -> list[str]:
         conditions = list(next(iter(robust.values())).keys())
         conditions = [c for c in conditions if c != "none_bf16"]
         out += [""] + table(["melanoma vs nevus AUC, one view", *conditions],
-                            [[arm, *[fmt(a.get(c, {}).get("auc"), 3) for c in conditions]] for arm, a in robust.items()],
+                            [[arm, *[fmt(a.get(c, {}).get("auc"), 3) for c in conditions]]
+                             for arm, a in robust.items()],
                             "l" + "r" * len(conditions))
         out += ["", f"Worst shifted AUC: defaults {fmt(r.get('auc_shifted_min_with_cc'), 3)}, plain "
                     f"{fmt(r.get('auc_shifted_min'), 3)}. Defaults minus plain (dihedral views): "

@@ -48,7 +48,8 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from common import SMOKE, last_line, peak_rss_mb, run_child, size, write_results  # noqa: E402
 
-HAM = pathlib.Path(os.environ.get("DERMRAY_SHARED_DATA", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data")) / "ham10000"
+HAM = pathlib.Path(os.environ.get("DERMRAY_SHARED_DATA",
+                                  pathlib.Path(__file__).resolve().parents[2] / "shared" / "data")) / "ham10000"
 PLAN_SIZES = size({"1m": 1_000_000, "10m": 10_000_000}, {"1m": 1_000, "10m": 10_000})
 LAYOUTS = size({"aligned": 1_048_576, "unaligned": 100_003}, {"aligned": 1_024, "unaligned": 123})  # rows per group
 SCORED = int(os.environ.get("DERMRAY_SCORE_SCALE_IMAGES", size("1000000", "1000")))

@@ -24,7 +24,8 @@ torch.utils.flop_counter, a multiply-add counted as 2) and share_of_fma_peak, wh
 of /proc/cpuinfo, nominal in a VM) x fp32 FLOPs per cycle per core: 2 FMA units x 16 fp32 lanes x 2 with AVX-512 on
 full-width units (Intel Xeon; AMD family 26, Zen 5), 2 x 8 x 2 with AVX-512 on half-width units (AMD family 25,
 Zen 4) or AVX2 + FMA; and share_of_conv_ceiling, against a large dense 3x3 convolution measured here (cores that
-boost above the nominal clock, or oneDNN's own algorithms, put that above the nominal peak). bf16_auc_delta needs a trained model: benchmarks/ham10000.py reports it on the HAM10000 test split.
+boost above the nominal clock, or oneDNN's own algorithms, put that above the nominal peak). bf16_auc_delta needs a
+trained model: benchmarks/ham10000.py reports it on the HAM10000 test split.
 One training step (forward, backward, AdamW step; batch 32, 160 px) in fp32 and bf16: train_bf16_speedup.
 
 The naive Ray Data pipeline (read_parquet -> map_batches(decode) -> map_batches(Predictor)) is reported for the

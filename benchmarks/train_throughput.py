@@ -48,7 +48,8 @@ import pandas as pd
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from common import SMOKE, last_line, size, write_results  # noqa: E402
 
-HAM = pathlib.Path(os.environ.get("DERMRAY_SHARED_DATA", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data")) / "ham10000"
+HAM = pathlib.Path(os.environ.get("DERMRAY_SHARED_DATA",
+                                  pathlib.Path(__file__).resolve().parents[2] / "shared" / "data")) / "ham10000"
 THREADS = 2
 CASES = size({  # model: (images per class, epochs, batch size, image size (None: the model's))
     "mobilenet_v3_small": (400, 3, 32, None),  # ~800 training images an epoch (~15 s): 240 was mostly start-up
@@ -237,7 +238,8 @@ def main() -> None:
     if not (HAM / "labels.csv").exists():
         sys.exit(f"HAM10000 not found at {HAM}")
     started = time.perf_counter()
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR",
+             log_to_driver=False)
     results = {}
     for arch, (per_class, epochs, batch, image_size) in CASES.items():
         with tempfile.TemporaryDirectory() as t:

@@ -24,7 +24,8 @@ import pandas as pd
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from common import SMOKE, last_line, size, write_results  # noqa: E402
 
-HAM = pathlib.Path(os.environ.get("DERMRAY_SHARED_DATA", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data")) / "ham10000"
+HAM = pathlib.Path(os.environ.get("DERMRAY_SHARED_DATA",
+                                  pathlib.Path(__file__).resolve().parents[2] / "shared" / "data")) / "ham10000"
 MINUTES = float(os.environ.get("DERMRAY_TRANSFER_MINUTES", size("15", "0.1")))
 IMAGE_SIZE = size(160, 64)
 SMOKE_IMAGES = 150  # per diagnosis (mel, nv), biopsy-proven, in smoke mode
@@ -60,7 +61,8 @@ def main() -> None:
                     str(tmp / "in" / "taxonomy.parquet"), "--tasks", str(tmp / "in" / "tasks.yaml"),
                     "--max-class-size", size("1000", "50"), "--folds", "5", "--seed", "0", "--output", str(tmp / "out"),
                     "--run-id", "split"]) == 0
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR",
+                 log_to_driver=False)
         base = [f"data.manifest={tmp / 'in' / 'manifest.parquet'}", f"data.taxonomy={tmp / 'in' / 'taxonomy.parquet'}",
                 f"data.tasks={tmp / 'in' / 'tasks.yaml'}", f"output={tmp / 'out'}", "train.arch=efficientnet_lite0",
                 f"train.image_size={IMAGE_SIZE}", "train.folds=[0]", f"train.epochs={size(100, 1)}",

@@ -191,7 +191,8 @@ def render_markdown(card: ModelCard) -> str:
     lines = [f"# Model card: {card.model_id}", "", f"**Intended use.** {d.get('intended_use', INTENDED_USE)}", "",
              "## Model", "", f"- architecture: {card.architecture}, input {card.input_size} px, "
              f"{card.n_classes} training classes (hash {card.classes_hash})",
-             f"- weights sha256: {card.weights_sha256}", f"- started from: {card.weights_source}, freeze: {card.freeze}",
+             f"- weights sha256: {card.weights_sha256}",
+             f"- started from: {card.weights_source}, freeze: {card.freeze}",
              f"- fold: {card.fold} (held out: {card.held_out_fold}); epochs trained: {card.epochs_trained}; selection: "
              f"{card.selection}", f"- precision: {card.precision or 'fp32'}",
              f"- preprocessing (training and scoring): {card.preprocess or {'color_constancy': 'none'}}; training "
@@ -393,7 +394,6 @@ def load_member(ens: Ensemble, i: int, device=None):
     """Model ``i`` of the ensemble, in eval mode, from weights whose sha256 is checked against the card's: weights
     replaced after the card was written (a retrain in place, a copy gone wrong) are refused, not scored."""
     import io
-
 
     from dermray.models import build_model, state_dict_from_bytes
 

@@ -174,10 +174,8 @@ def _run_stage(stage: str, args, flags: dict[str, str]) -> dict:
     command's log file is kept beside the stage's outputs."""
     import importlib
 
-    from dermray import console, layout
+    from dermray import console, layout, stages
     from dermray.config import load_config
-
-    from dermray import stages
 
     module = importlib.import_module(f"dermray.{stage}")  # a stage's, or an application's (nightly, pipeline)
     cfg = load_config(args.config, list(args.overrides) + _flag_overrides(args, COMMON_FLAGS | flags))

@@ -130,7 +130,8 @@ class TransformsConfig(Section):
     """How images are prepared (``dermray/transforms.py``). color_constancy applies in training, scoring and
     saliency alike and is recorded in the model card; scoring uses the card's ("auto") and refuses another. The
     photometric augmentation applies in training only."""
-    color_constancy: Literal["auto", "none", "shades_of_gray"] = "auto"  # auto: training shades_of_gray, scoring the card's
+    # auto: training shades_of_gray, scoring the card's
+    color_constancy: Literal["auto", "none", "shades_of_gray"] = "auto"
     color_constancy_power: float = Field(6.0, ge=1)
     photometric: bool = True
     brightness: float = Field(0.2, ge=0, lt=1)  # factor in [1 - b, 1 + b]

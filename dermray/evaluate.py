@@ -25,15 +25,21 @@ import pyarrow as pa
 from dermray import layout, lineage, progress, schemas, storage
 from dermray import metrics as M
 from dermray.config import EvaluateConfig, RunConfig
+from dermray.definitions import load_tasks, load_taxonomy
 from dermray.errors import UserError
 from dermray.ids import lesion_keys
-from dermray.inference import NOT_IN_TASK, binary_score, node_task_class, probs_matrix, \
-    task_class_of_labels, task_probabilities, truth_for_task
+from dermray.inference import (
+    NOT_IN_TASK,
+    binary_score,
+    node_task_class,
+    probs_matrix,
+    task_class_of_labels,
+    task_probabilities,
+    truth_for_task,
+)
 from dermray.predictions import declared_columns, load_predictions
 from dermray.report import fmt, render_plots, render_report
-from dermray.definitions import load_tasks
 from dermray.tasks import Task
-from dermray.definitions import load_taxonomy
 from dermray.taxonomy import Taxonomy
 
 log = logging.getLogger("dermray.evaluate")
@@ -278,7 +284,8 @@ def evaluate_multiclass(t: Tables, run_id: str, task: Task, subset: str, y: np.n
         pc = s["per_class"][k]
         for metric in ("sensitivity", "specificity"):
             value = pc[metric]
-            note = None if not math.isnan(value) else f"undefined: no {'images' if metric == 'sensitivity' else 'other images'} of class {name}"
+            which = "images" if metric == "sensitivity" else "other images"
+            note = None if not math.isnan(value) else f"undefined: no {which} of class {name}"
             _metric(t, run_id, task.name, subset, f"{metric}@0.5[{name}]", value, pc["n"] if metric ==
                     "sensitivity" else n - pc["n"], note=note)
     cm = s["confusion"]
@@ -318,7 +325,8 @@ def _load_readers(uri: str | None) -> pd.DataFrame | None:
     if "decision" in df.columns:
         bad = df["decision"].notna() & ~df["decision"].isin([0, 1])
         if bad.any():
-            raise UserError(f"{storage.redact(uri)}: column 'decision' must be 0 or 1 (row {int(np.flatnonzero(bad)[0])})")
+            raise UserError(f"{storage.redact(uri)}: column 'decision' must be 0 or 1 "
+                            f"(row {int(np.flatnonzero(bad)[0])})")
     return df
 
 

@@ -25,7 +25,9 @@ class Faults:
     consumed_file: str | None = None  # a training worker appends the image ids it trains on ({fold} is replaced)
 
     def for_fold(self, fold) -> "Faults":
-        fmt = (lambda v: v.format(fold=fold) if v else v)
+        def fmt(v):
+            return v.format(fold=fold) if v else v
+
         return Faults(self.slow_batch_s, fmt(self.pid_file), fmt(self.events_file), fmt(self.consumed_file))
 
 

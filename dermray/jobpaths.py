@@ -7,8 +7,8 @@ the job, and a relative ``output`` would be written into the copy, which Ray del
 Inside a job (``JOB_ENV`` set), :func:`check_paths` therefore refuses, with one line naming the key, the path and
 what to do instead:
 
-- a relative local path of an input the command reads that does not exist in the job's working directory (resolved against it; one that
-  does exist there, e.g. a file under ``configs/``, is fine);
+- a relative local path of an input the command reads that does not exist in the job's working directory
+  (resolved against it; one that does exist there, e.g. a file under ``configs/``, is fine);
 - a relative local ``output``, always (it is created by the stage, so it would land in the temporary copy).
 
 ``s3://`` URIs and absolute paths are left to the stages: on a cluster of several nodes they refuse node-local paths

@@ -198,8 +198,8 @@ def config_hash(value: Any) -> str:
 def versions() -> dict[str, Optional[str]]:
     """dermray (and its git commit when known), Ray, torch, torchvision and Python versions, without importing
     the libraries."""
-    from importlib import metadata
     import platform
+    from importlib import metadata
 
     from dermray import __version__
 

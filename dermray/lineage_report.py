@@ -103,7 +103,8 @@ def trained_on_partition(output: str, run_id: str, train_summary: dict) -> tuple
     if moved:
         return False, (f"{', '.join(moved)}: trained on other labels or classes than "
                        f"{storage.redact(files['labels'])} holds now (partitioned again since)")
-    return True, f"trained on the labels and classes {storage.redact(part)} holds (recorded: {train_summary.get('partition')})"
+    return True, (f"trained on the labels and classes {storage.redact(part)} holds "
+                  f"(recorded: {train_summary.get('partition')})")
 
 
 def format_chain(c: dict) -> str:

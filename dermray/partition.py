@@ -20,22 +20,30 @@ import itertools
 import json
 import logging
 import time
-
-import pandas as pd
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from dermray import layout, lineage, progress, schemas, storage
 from dermray.config import RunConfig
+from dermray.definitions import load_tasks, load_taxonomy
 from dermray.errors import UserError
-from dermray.ids import SEEDS as ID_SEEDS, lesion_keys
-from dermray.partitioning import (HASH_BUCKETS, MIXED_STRATUM, TrainingClass, fold_table, hash_bucket,
-                                  hash_strings, node_to_class, partition_classes, task_membership)
-from dermray.definitions import load_taxonomy
-from dermray.definitions import load_tasks
+from dermray.ids import SEEDS as ID_SEEDS
+from dermray.ids import lesion_keys
+from dermray.partitioning import (
+    HASH_BUCKETS,
+    MIXED_STRATUM,
+    TrainingClass,
+    fold_table,
+    hash_bucket,
+    hash_strings,
+    node_to_class,
+    partition_classes,
+    task_membership,
+)
 from dermray.tasks import Task
 
 log = logging.getLogger("dermray.partition")
@@ -549,7 +557,8 @@ def run(cfg: RunConfig) -> dict:
             raise UserError(f"{storage.redact(inp.manifest)}: no valid rows to partition "
                             "(see quarantine for each row's reason)" if inp.pf.metadata.num_rows else
                             f"{storage.redact(inp.manifest)}: the manifest has no rows")
-        progress.say("partition: %d training classes from %s images", len(classes), f"{int(counts.node_counts.sum()):,}")
+        progress.say("partition: %d training classes from %s images", len(classes),
+                     f"{int(counts.node_counts.sum()):,}")
         t0 = time.perf_counter()
         lookup = node_to_class(inp.tax, classes)
         plan, mixed_refs, n_mixed = fold_plan(ray, counts, classes, lookup, duplicates, group_parts, pcfg.folds,

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from dermray.taxonomy import Taxonomy
 from dermray.tasks import Task
+from dermray.taxonomy import Taxonomy
 
 SUBTREE = "subtree"
 NODE = "node"

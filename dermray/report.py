@@ -227,6 +227,9 @@ def render_report(summary: dict, t, plots: dict[str, bytes], tasks: list[Task] |
                      f"{base64.b64encode(png).decode()}'/><figcaption>{e(name)}</figcaption></figure>"
                      for name, png in plots.items() if name not in {c["plot"] for c in cards})
     card_link = f"<p>Model card: <a href='{e(model_card)}'>{e(model_card)}</a></p>" if model_card else ""
+    table_head = "<tr>" + "".join(f"<th>{h}</th>" for h in ("task", "subset", "metric", "value", "95% CI", "n",
+                                                             "note")) + "</tr>"
+    models = e(", ".join(summary.get("model_ids", [])))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>dermray evaluation {e(summary['run_id'])}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:1.5em;max-width:1200px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}figure{{display:inline-block;margin:8px}}
@@ -238,7 +241,7 @@ margin:4px 0}}.n{{color:#555;font-size:13px}}img.headline{{width:400px}}</style>
 <div class='cards'>{''.join(card_html)}</div>
 {ext_html}
 <details><summary>Details: every metric ({len(rows)} rows), the other figures, lineage</summary>
-<table><tr><th>task</th><th>subset</th><th>metric</th><th>value</th><th>95% CI</th><th>n</th><th>note</th></tr>{table_html}</table>
-{images}{card_link}<p>Lineage: evaluation {e(str(lineage.get('id')))}; model {e(', '.join(summary.get('model_ids', [])))}</p>
+<table>{table_head}{table_html}</table>
+{images}{card_link}<p>Lineage: evaluation {e(str(lineage.get('id')))}; model {models}</p>
 </details></body></html>"""
     return "\n".join(md) + "\n", page

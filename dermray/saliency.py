@@ -190,8 +190,16 @@ def sanity_rows(ens, matrix: np.ndarray, audit: pd.DataFrame, methods: list[str]
     nothing)."""
     import torch
 
-    from dermray.attribution import (TargetLogProb, attribute, blank, cascade, randomise, recalibrate_batchnorm,
-                                     spearman, ssim)
+    from dermray.attribution import (
+        TargetLogProb,
+        attribute,
+        blank,
+        cascade,
+        randomise,
+        recalibrate_batchnorm,
+        spearman,
+        ssim,
+    )
     from dermray.models import get_module, spec
 
     f, layer, device = build_explainer(ens, matrix, threads, use_gpu)
@@ -207,7 +215,8 @@ def sanity_rows(ens, matrix: np.ndarray, audit: pd.DataFrame, methods: list[str]
         n_levels = len(cascade(s.stages(model), [get_module(model, h) for h in s.heads], sc["sanity_levels"]))
         for level in range(n_levels):
             rmodel = copy.deepcopy(model)
-            name, modules = cascade(s.stages(rmodel), [get_module(rmodel, h) for h in s.heads], sc["sanity_levels"])[level]
+            heads = [get_module(rmodel, h) for h in s.heads]
+            name, modules = cascade(s.stages(rmodel), heads, sc["sanity_levels"])[level]
             randomise(modules, seed=sc["seed"] + 1)
             recalibrate_batchnorm(rmodel, modules, x)
             rf = TargetLogProb(rmodel, matrix).to(device).eval()
@@ -258,8 +267,7 @@ def lineage_config(sc: SaliencyConfig) -> dict:
 def read_inputs(cfg: RunConfig):
     """(model, tasks, membership, predictions, the selected (image, task) rows, target matrix, lineage inputs):
     everything read and checked before Ray starts."""
-    from dermray.definitions import load_tasks
-    from dermray.definitions import load_taxonomy
+    from dermray.definitions import load_tasks, load_taxonomy
 
     sc = cfg.saliency
     if not sc.predictions:
@@ -391,7 +399,8 @@ def write_outputs(cfg: RunConfig, ens, tasks, chosen, index, sanity, inputs, rdi
                "tasks": [t.name for t in tasks],
                "inside_lesion_mean": {m: float(g.mean()) for m, g in index.groupby("method")["inside_lesion"]
                                       if g.notna().any()},
-               "sanity": sanity, "sanity_conclusive": conclusive(sanity), "flagged": flags, "lineage": lineage.Lineage.of(STAGE, inputs, config).to_dict(),
+               "sanity": sanity, "sanity_conclusive": conclusive(sanity), "flagged": flags,
+               "lineage": lineage.Lineage.of(STAGE, inputs, config).to_dict(),
                "outputs": {"index": storage.join(rdir, "saliency_index.parquet"),
                            "sanity": storage.join(rdir, "sanity.parquet"),
                            "gallery": storage.join(rdir, "gallery.html")},

@@ -228,11 +228,9 @@ def _run_state(rdir: str) -> tuple[list[str], list[str], int]:
 def fingerprint_manifest(uri: str, storage_cfg) -> tuple[list, lineage.Fingerprint, list, int]:
     """Pass 1 as Ray tasks: (chunks, the manifest's content fingerprint, the refs of the repeated-id reducers,
     rows). Local image URIs are refused on a cluster of several nodes (each node would read its own disk)."""
-    from dermray.raysession import check_shared_storage
-
     import ray
 
-    from dermray.raysession import cluster_cpus
+    from dermray.raysession import check_shared_storage, cluster_cpus
 
     pf = storage.parquet_file(uri)
     if pf.metadata.num_rows == 0:
@@ -399,7 +397,7 @@ def decode_shards(batch: dict, size: int, max_pixels: int, rows_per_batch: int, 
     for shard, chunk in zip(batch["uri"], batch[CHUNK]):
         total, buf = 0, []
 
-        def emit(rows, end: int | None = None):
+        def emit(rows, end: int | None = None, chunk=chunk):
             decoded = [archive.decode_one(r[2], size, max_pixels, pre) if not r[3] else (None, r[3]) for r in rows]
             n = len(rows)
             return {"image_id": np.array([r[0] for r in rows], dtype=object),
@@ -682,13 +680,12 @@ class PartWriter:
 
 # ---- the stage ----------------------------------------------------------------------------------------------------
 def task_setup(cfg: RunConfig, ens: Ensemble):
-    """(tasks, task_membership, the partition used, the fingerprints of the three) for the task columns; ([], None, None, {})
-    when no tasks are configured. The partition defaults to the one the model card records."""
+    """(tasks, task_membership, the partition used, the fingerprints of the three) for the task columns;
+    ([], None, None, {}) when no tasks are configured. The partition defaults to the one the model card records."""
     if not (cfg.data.tasks and cfg.data.taxonomy):
         log.info("no data.tasks / data.taxonomy: writing training-class probabilities only")
         return [], None, None, {}
-    from dermray.definitions import load_tasks
-    from dermray.definitions import load_taxonomy
+    from dermray.definitions import load_tasks, load_taxonomy
 
     part = cfg.score.partition or ens.first.lineage.get("partition") or layout.partition_dir(cfg.output, cfg.run_id)
     paths = layout.partition_outputs(part)
@@ -1000,7 +997,8 @@ def summarise(cfg, ens, work: WorkPlan, writer: PartWriter, now, partition, rdir
         "steady_images_per_s": round(processed / (writer.t_model[1] - writer.t_model[0]), 2)
         if work.refs and writer.t_model[1] > writer.t_model[0] else None,
         "startup_s": round(writer.t_model[0] - t_wall, 2) if work.refs and np.isfinite(writer.t_model[0]) else None,
-        "seconds": round(time.perf_counter() - t_start, 2), "partition": storage.redact(partition) if partition else None,
+        "seconds": round(time.perf_counter() - t_start, 2),
+        "partition": storage.redact(partition) if partition else None,
         "decisions": writer.decided.as_dict(), "precision": sorted(writer.precisions),
         "checkpoints": [storage.redact(storage.parent(storage.parent(w))) for w in ens.weights],
         "operating_points": [pt.model_dump() for pt in ens.first.operating_points],

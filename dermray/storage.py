@@ -374,7 +374,7 @@ def _read_parquet(fs, path: str, columns: list[str] | None, uri: str) -> pa.Tabl
 
 def pyarrow_fs(fs):
     """An fsspec filesystem wrapped for pyarrow (datasets, Ray Data's readers)."""
-    from pyarrow.fs import PyFileSystem, FSSpecHandler
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     return PyFileSystem(FSSpecHandler(fs))
 

@@ -124,10 +124,12 @@ def tasks_yaml() -> str:
         "melanoma_vs_nevus": {"positive": "melanoma", "classes": {
             "melanoma": ["malignant:malignant melanoma"], "nevus": ["benign:benign melanocytic lesions"]}},
         "carcinoma_vs_benign_keratosis": {"positive": "carcinoma", "classes": {
-            "carcinoma": ["malignant:malignant epidermal tumors"], "benign_keratosis": ["benign:benign epidermal tumors"]}},
+            "carcinoma": ["malignant:malignant epidermal tumors"],
+            "benign_keratosis": ["benign:benign epidermal tumors"]}},
         "three_class": {"classes": {"benign": ["benign"], "malignant": ["malignant"],
                                     "non_neoplastic": ["non-neoplastic"]}},
-        "nine_class": {"classes": {second.replace(" ", "_"): [f"{top}:{second}"] for top, second, _, _ in NINE_CLASSES}},
+        "nine_class": {"classes": {second.replace(" ", "_"): [f"{top}:{second}"]
+                                   for top, second, _, _ in NINE_CLASSES}},
     }}
     import yaml
 
@@ -165,7 +167,7 @@ def draw_lesion(profile: str, rng: np.random.Generator, size: int, modality: str
     n_col = int(rng.integers(p["n_colours"][0], p["n_colours"][1] + 1))
     palette = [colours[i] for i in rng.choice(len(colours), size=min(n_col, len(colours)), replace=False)]
     spots = int(rng.integers(3, 7)) if p.get("multiple") else 1
-    for s in range(spots):
+    for _ in range(spots):
         centre = None if spots == 1 else (rng.uniform(0.2, 0.8) * size, rng.uniform(0.2, 0.8) * size)
         outline = _blob(rng, size, cues["radius"], cues["asym"], cues["ragged"], centre)
         c = palette[0]

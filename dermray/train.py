@@ -107,8 +107,7 @@ def add_task_truth(table: pa.Table, cfg: RunConfig, part: str, n_classes: int
     """The table with each image's task classes (``task_truth``, int32 per task, -1 outside a task), the
     membership matrices, the task names and the binary tasks' positive class; unchanged without tasks."""
     from dermray import inference
-    from dermray.definitions import load_tasks
-    from dermray.definitions import load_taxonomy
+    from dermray.definitions import load_tasks, load_taxonomy
 
     if not (cfg.data.tasks and cfg.data.taxonomy):
         return table, {}, [], {}
@@ -438,8 +437,8 @@ def fit_fold(job: FoldJob, datasets: dict, val, run_dir: str, cfg: RunConfig):
     rows, or None); returns (job, Ray Train result, the chosen checkpoint's weights, held-out measurement,
     seconds)."""
     import ray
-
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as TrainRunConfig
     from ray.train.torch import TorchTrainer
 
     tcfg = job.train
@@ -595,7 +594,8 @@ def model_card(job: FoldJob, p: TrainPlan, fold_lin: lineage.Lineage, history: l
     config = tcfg.model_dump(mode="json") | {"weights": redacted}
     return artifacts.ModelCard(
         precision=history[-1].get("precision"),
-        preprocess=cfg_transforms.preprocess().as_dict(), augmentation=dataclasses.asdict(cfg_transforms.augmentation()),
+        preprocess=cfg_transforms.preprocess().as_dict(),
+        augmentation=dataclasses.asdict(cfg_transforms.augmentation()),
         model_id=job.model_id, architecture=tcfg.arch, input_size=job.image_size,
         normalisation={"mean": list(job.mean), "std": list(job.std)},
         training_classes=p.classes.select(["class_index", "node_id", "name", "scope", "n_images"]).to_pylist(),

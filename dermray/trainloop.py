@@ -374,9 +374,8 @@ def restore(checkpoint, job: FoldJob, model, optimizer, scheduler) -> Progress:
 
 
 def save_checkpoint(job: FoldJob, model, optimizer, scheduler, epoch: int, progress: Progress) -> None:
-    import torch
-
     import ray.train
+    import torch
     from ray.train import Checkpoint
 
     with tempfile.TemporaryDirectory() as d:
@@ -460,9 +459,8 @@ def run_epochs(job: FoldJob, model, optimizer, scheduler, device, progress: Prog
 
 def train_loop_per_worker(config: dict) -> None:
     """One fold (Ray Train's entry point): ``config["job"]`` is its FoldJob."""
-    import torch
-
     import ray.train
+    import torch
 
     from dermray.models import build_model
 

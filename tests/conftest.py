@@ -18,6 +18,7 @@ import pathlib
 import pandas as pd
 import pyarrow.parquet
 import pytest
+
 from helpers import shard_bytes, write_fold
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -170,7 +171,8 @@ def early(request, tmp_path_factory):
     launchers = {}
     if any(_uses_the_demo(item) for item in items):
         launchers["demo"] = lambda env: runs.demo_pipeline(tmp_path_factory.mktemp("demo"), env)
-    if DEMO_CLUSTER_TEST in selected and (pathlib.Path(sys.executable).parent / "ray").exists() and shutil.which("make"):
+    if (DEMO_CLUSTER_TEST in selected and (pathlib.Path(sys.executable).parent / "ray").exists()
+            and shutil.which("make")):
         def demo_cluster(env):
             # After the demo: a re-run of its run, as a job (tests/early.py); else the pipeline at a reduced size.
             demo = state.results.get("demo", {}).get("value")

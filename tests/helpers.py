@@ -70,7 +70,7 @@ def train_small_fold(fold_dir, classes: pa.Table, images: list[str], labels: lis
     m = models.build_model("mobilenet_v3_small", classes.num_rows, weights="none")
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     m.train()
-    for step in range(steps):
+    for _step in range(steps):
         idx = torch.randint(0, len(y), (16,))
         loss = torch.nn.functional.cross_entropy(m(x[idx]), y[idx])
         opt.zero_grad()

@@ -47,7 +47,8 @@ def study(tmp_path_factory):
     (d / "partition").mkdir()
     pq.write_table(pa.table({"task": [r[0] for r in rows], "task_class": [r[1] for r in rows],
                              "class_index": pa.array([r[2] for r in rows], pa.int32()),
-                             "node_id": [classes[r[2]].node_id for r in rows]}), d / "partition" / "task_membership.parquet")
+                             "node_id": [classes[r[2]].node_id for r in rows]}),
+                   d / "partition" / "task_membership.parquet")
     true_class = lookup[[tax.index[x] for x in leaf]]
     logits = rng.normal(0, 1.0, (n, len(classes)))
     logits[np.arange(n), true_class] += 1.6

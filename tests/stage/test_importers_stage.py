@@ -1,9 +1,10 @@
 """The folder importer on real HAM10000 images in several formats, through the partition stage (in-process Ray)."""
 import pandas as pd
 import pytest
-from helpers import FORMATS, HOSPITAL_NAMES, NODES, write_image
 
 from dermray.cli import main
+
+from helpers import FORMATS, HOSPITAL_NAMES, NODES, write_image
 
 
 @pytest.fixture(scope="module")

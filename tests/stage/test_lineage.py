@@ -7,12 +7,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import write_fold
 
 from dermray import artifacts, faults, layout, score, train
 from dermray.cli import main
 from dermray.config import load_config
 from dermray.errors import UserError
+
+from helpers import write_fold
 
 
 # ---- train: a checkpoint of another partition or recipe is never resumed -------------------------------------------
@@ -35,9 +36,10 @@ def test_retraining_after_a_repartition_is_refused_and_force_trains_without_leak
         shutil.copytree(study["out"] / stage / run, out / stage / run)
     first = pd.read_parquet(out / "partition" / run / "labels.parquet")
     data, settings = study["data"], shared_study.run_config(study["dir"])["partition"]
-    assert main(["partition", "--manifest", str(data / "manifest.parquet"), "--taxonomy", str(data / "taxonomy.parquet"),
-                 "--tasks", str(data / "tasks.yaml"), "--max-class-size", str(settings["max_class_size"]), "--folds",
-                 str(settings["folds"]), "--seed", "5", "--output", str(out), "--run-id", run]) == 0
+    assert main(["partition", "--manifest", str(data / "manifest.parquet"), "--taxonomy",
+                 str(data / "taxonomy.parquet"), "--tasks", str(data / "tasks.yaml"), "--max-class-size",
+                 str(settings["max_class_size"]), "--folds", str(settings["folds"]), "--seed", "5", "--output",
+                 str(out), "--run-id", run]) == 0
     second = pd.read_parquet(out / "partition" / run / "labels.parquet")
     moved = (first.set_index("image_id")["fold"] != second.set_index("image_id")["fold"]).mean()
     assert moved > 0.3
@@ -118,7 +120,8 @@ def test_nightly_across_a_retrain_is_refused_with_one_line_naming_both_models(sc
     capsys.readouterr()
     assert main([*args, "--date", "2026-11-25"]) == 2
     err = capsys.readouterr().err.strip().splitlines()  # progress goes to stderr too: the refusal is its last line
-    assert err[-1].startswith("dermray nightly: error:") and old in err[-1] and new in err[-1] and "never mixes two models" in err[-1]
+    assert (err[-1].startswith("dermray nightly: error:") and old in err[-1] and new in err[-1]
+            and "never mixes two models" in err[-1])
     assert not any("Traceback" in line for line in err)
     history = pd.read_parquet(out / "metrics" / "nightly" / "history")
     assert set(history["date"].astype(str)) == {"2026-11-24"}  # the refused night wrote no history
@@ -169,8 +172,9 @@ def test_a_fold_model_replaced_by_another_fold_s_weights_is_caught_by_every_stag
     model id came from the card's sha256, never from the file, so every stage skipped and `dermray lineage` said
     ok on every link. Now the weights are identified by their bytes: the pipeline refuses in one line naming the
     file, and the lineage report marks the links that depend on the model broken."""
-    import study as shared_study
     import yaml
+
+    import study as shared_study
 
     d = tmp_path
     shutil.copytree(study["out"], d / "out", symlinks=True)
@@ -200,8 +204,9 @@ def test_a_fold_model_replaced_by_another_fold_s_weights_is_caught_by_every_stag
 def _study_copy(study, d, stages=("partition", "train", "score", "evaluate")):
     """The study's outputs of ``stages`` copied to d/out, and its run config (d/run.yaml) with every output path
     moved there. The inputs stay the study's own files: their URIs are part of the lineage."""
-    import study as shared_study
     import yaml
+
+    import study as shared_study
 
     for stage in stages:
         shutil.copytree(shared_study.stage_root(study["out"], stage), shared_study.stage_root(d / "out", stage))

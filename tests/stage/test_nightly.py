@@ -4,9 +4,10 @@ import json
 import pathlib
 
 import pandas as pd
-from helpers import run_job
 
 from dermray.cli import EXIT_FLOOR_MISSED, main
+
+from helpers import run_job
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 

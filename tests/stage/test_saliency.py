@@ -6,13 +6,14 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from helpers import train_small_fold
 from PIL import Image
 
 from dermray import saliency, score, storage
 from dermray.cli import main
 from dermray.config import load_config
 from dermray.errors import UserError
+
+from helpers import train_small_fold
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,8 @@ def test_maps_index_gallery_and_sanity_written_to_s3(score_study, ham_dir, train
     d, t = score_study, trained
     s = saliency.run(cfg(d, t, f"output={s3_bucket}/out", "run_id=s1",
                          "saliency.methods=[gradient,smoothgrad,integrated_gradients,gradcam]",
-                         "saliency.tasks=[melanoma_vs_nevus]", f"saliency.masks={ham_dir}/masks/{{image_id}}_segmentation.png",
+                         "saliency.tasks=[melanoma_vs_nevus]",
+                         f"saliency.masks={ham_dir}/masks/{{image_id}}_segmentation.png",
                          "saliency.audit_size=4", "saliency.sanity_levels=3"))
     rdir = f"{s3_bucket}/out/saliency/s1"
     index = storage.read_table(f"{rdir}/saliency_index.parquet").to_pandas()

@@ -8,13 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import SIZE
 
 from dermray import artifacts, faults, models, score, storage
 from dermray.cli import main
 from dermray.config import load_config
 from dermray.errors import UserError
 from dermray.transforms import decode_image, eval_transform, to_array
+
+from helpers import SIZE
 
 
 def cfg(d, *extra):

@@ -17,7 +17,8 @@ def test_planted_credentials_appear_in_nothing_a_run_writes(score_study, ray_loc
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)  # moto accepts any key; the driver signs with this one
     monkeypatch.setenv("RAY_AUTH_TOKEN", SECRET)
     out = tmp_path / "out"
-    common = ["--set", f"data.tasks={d / 'in' / 'tasks.yaml'}", "--set", f"data.taxonomy={d / 'in' / 'taxonomy.parquet'}"]
+    common = ["--set", f"data.tasks={d / 'in' / 'tasks.yaml'}",
+              "--set", f"data.taxonomy={d / 'in' / 'taxonomy.parquet'}"]
     assert main(["score", "--checkpoint", str(d / "out" / "train" / "r1" / "fold=0"), "--input",
                  f"{s3_bucket}/archive/manifest.parquet", "--output", str(out), "--run-id", "sec", *common,
                  "--set", f"score.partition={d / 'out' / 'partition' / 'r1'}", "--set", "score.cpus_per_actor=0.5",

@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from helpers import run_job
-from study import SECRET, stage_root
 
 from dermray import schemas, stages
 from dermray.cli import main
 from dermray.config import load_config
 from dermray.lineage import Lineage
+
+from helpers import run_job
+from study import SECRET, stage_root
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 

@@ -5,10 +5,11 @@ import time
 import boto3
 import pyarrow as pa
 import pytest
-from helpers import free_port
 
 from dermray import storage
 from dermray.errors import UserError
+
+from helpers import free_port
 
 
 @pytest.fixture()

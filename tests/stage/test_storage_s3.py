@@ -6,10 +6,11 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
-from helpers import write_image
 
 from dermray import importers, models, storage
 from dermray.cli import main
+
+from helpers import write_image
 
 TABLE = pa.table({"a": [1, 2, 3], "b": ["x", "y", None]})
 
@@ -46,7 +47,7 @@ def test_import_folder_on_s3(s3_bucket, s3_server, tmp_path, capsys):
     bucket = s3_bucket[len("s3://"):]
     client = boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"])
     keys = {"S1": "hosp/images/S1.png", "S2": "hosp/images/sub/S2.BMP", "S3": "hosp/images/S3.jpeg"}
-    for i, (image_id, key) in enumerate(keys.items()):
+    for i, (_image_id, key) in enumerate(keys.items()):
         fmt = {"png": "PNG", "bmp": "BMP", "jpeg": "JPEG"}[key.rsplit(".", 1)[1].lower()]
         write_image(tmp_path / key, fmt, seed=i)
         client.upload_file(str(tmp_path / key), bucket, key)

@@ -86,6 +86,7 @@ def test_a_rerun_of_finished_folds_starts_no_training_and_reports_what_they_reco
     import shutil
 
     import ray.train.torch
+
     import study as shared_study
 
     shutil.copytree(study["out"], tmp_path / "out", symlinks=True)

@@ -142,7 +142,8 @@ def _dockerfile_tag_hint() -> str:
 
 
 def test_no_credentials_in_deployment_files():
-    pattern = re.compile(r"(AWS_SECRET_ACCESS_KEY|AWS_ACCESS_KEY_ID|aws_secret|AKIA[0-9A-Z]{16}|RAY_AUTH_TOKEN\s*[:=]\s*\S"
+    pattern = re.compile(r"(AWS_SECRET_ACCESS_KEY|AWS_ACCESS_KEY_ID|aws_secret|AKIA[0-9A-Z]{16}"
+                         r"|RAY_AUTH_TOKEN\s*[:=]\s*\S"
                          r"|auth_token\s*[:=]\s*['\"][0-9a-f]{16,})")
     for path in list(K8S.rglob("*")) + list(CLUSTER.rglob("*")):
         if path.is_file():

@@ -13,6 +13,7 @@ import uuid
 
 import psutil
 import pytest
+
 from helpers import free_port, marked
 
 REPO = pathlib.Path(__file__).resolve().parents[2]

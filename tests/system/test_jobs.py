@@ -11,13 +11,14 @@ import sys
 import tempfile
 import time
 
-import early as runs
 import pandas as pd
 import psutil
 import pytest
-from helpers import free_port
 
 from dermray import jobpaths
+
+import early as runs
+from helpers import free_port
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 BIN = pathlib.Path(sys.executable).parent

@@ -8,11 +8,12 @@ one cluster, a replacement node joining after each kill, and writes a JSON repor
 together with the outputs it left in S3. Figures (nodes, kills survived, seconds) are printed by the fixture.
 """
 
-import early as runs
 import numpy as np
 import pytest
 
 from dermray import storage
+
+import early as runs
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,14 @@ import pathlib
 import re
 import shutil
 
-import early as runs
 import pandas as pd
 import pytest
 
 from dermray import pipeline, storage
 from dermray.cli import main
 from dermray.config import load_config
+
+import early as runs
 
 RAY_NOISE = ("Starting execution of Dataset", "worker processes have been started", "constructor arguments",
              "Execution plan", "Traceback", "checkpoint_", "WARNING", "(raylet)", "pid=")
@@ -82,7 +83,8 @@ def test_demo_pipeline_end_to_end_then_a_rerun_skips_every_stage(demo, ray_local
     assert stages["score"]["in"] == biopsy == stages["score"]["out"] + stages["score"]["quarantined"]
     for table in ("partition/demo/training_classes.parquet", "partition/demo/labels.parquet",
                   "partition/demo/task_membership.parquet",
-                  "train/demo/train_summary.parquet", "train/demo/fold=0/best/model.pt", "train/demo/fold=1/model_card.json",
+                  "train/demo/train_summary.parquet", "train/demo/fold=0/best/model.pt",
+                  "train/demo/fold=1/model_card.json",
                   "predictions/demo/quarantine.parquet", "metrics/demo/metrics.parquet", "metrics/demo/roc.parquet",
                   "metrics/demo/readers.parquet", "metrics/demo/report.html", "saliency/demo/saliency_index.parquet",
                   "saliency/demo/sanity.parquet", "saliency/demo/gallery.html"):

@@ -18,10 +18,11 @@ import boto3
 import pandas as pd
 import psutil
 import pytest
-from helpers import free_port
 
 from dermray import faults, storage
 from dermray.errors import UserError
+
+from helpers import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -1,18 +1,20 @@
-"""The package's structure, kept as tests over its source: stages never import stages, pure logic imports neither
-Ray nor storage, no private name crosses a module, long functions say why, and the lists that live in two places
-(the config's enumerations, the models' registry) agree."""
+"""The package's structure, kept as tests over its source: the layers and the stages' independence as import-linter
+contracts (pyproject.toml's [tool.importlinter]) that name every module, ruff clean, no private name crossing a
+module, long functions saying why, and the lists that live in two places (the config's enumerations, the models'
+registry) agreeing."""
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
+import tomllib
 
 from dermray import stages
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "dermray"
+REPO = PACKAGE.parent
 MODULES = {p.stem: p for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
-# May import stage modules: they compose stages (the stage list itself, the CLI, the pipeline, the nightly job).
-COMPOSITES = {"stages", "cli", "pipeline", "nightly", "lineage_report"}
-PURE = {"taxonomy", "tasks", "partitioning", "inference", "metrics", "transforms", "ids", "decisions"}
 MAX_LINES = 60
 
 
@@ -42,18 +44,30 @@ def third_party_of(name: str) -> set[str]:
     return out
 
 
-@pytest.mark.parametrize("name", sorted(MODULES))
-def test_no_stage_module_imports_another_stage_module(name):
-    if name in COMPOSITES:
-        return
-    imported = {m for m, _ in imports_of(name)} & set(stages.STAGES)
-    assert not (imported - {name}), f"{name} imports stage module(s) {sorted(imported - {name})}"
+def _tool(name: str) -> str:
+    return str(pathlib.Path(sys.executable).parent / name)
 
 
-@pytest.mark.parametrize("name", sorted(PURE))
-def test_pure_logic_imports_neither_ray_nor_storage(name):
-    assert "ray" not in third_party_of(name), name
-    assert "storage" not in {m for m, _ in imports_of(name)}, name
+def test_the_import_contracts_hold_and_name_every_module():
+    """lint-imports keeps the layers (cli > applications > stages > runtime and storage > pure logic > errors), the
+    stages independent of each other and pure logic free of Ray and storage; every module sits in one layer, so a
+    new module is placed deliberately."""
+    contracts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    layered = [m.strip().removeprefix("dermray.") for c in contracts if c["type"] == "layers" for layer in c["layers"]
+               for m in layer.replace("|", ":").split(":")]
+    assert sorted(layered) == sorted(MODULES), (sorted(set(MODULES) - set(layered)),
+                                                sorted(set(layered) - set(MODULES)))
+    assert set(stages.STAGES) == {m.strip().removeprefix("dermray.") for c in contracts if c["type"] == "layers"
+                                  for layer in c["layers"] if "|" in layer for m in layer.split("|")}
+    run = subprocess.run([_tool("lint-imports"), "--no-cache"], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+
+
+def test_ruff_is_clean():
+    """Lint and import order (pyproject.toml's [tool.ruff]) over the package, the tests, the benchmarks and the jobs."""
+    run = subprocess.run([_tool("ruff"), "check", "--no-cache", "dermray", "tests", "benchmarks", "jobs"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
@@ -98,9 +112,6 @@ def test_runtime_dependencies_are_what_the_package_imports():
     """pyproject's runtime dependencies are the third-party packages dermray/ imports (the rest belong to the
     test extra), each as a range; the exact tested set lives in constraints.txt."""
     import re
-    import sys
-
-    import tomllib
 
     project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]
     declared = {re.split(r"[\[<>=!~ ;]", d, maxsplit=1)[0].lower().replace("_", "-") for d in project["dependencies"]}

@@ -1,9 +1,9 @@
 """The scoring stage on real HAM10000 JPEGs, through real Ray Data, locally and on a real S3 (moto)."""
 import io
 
-from helpers import shard_bytes as _shard
-
 from dermray import archive
+
+from helpers import shard_bytes as _shard
 
 
 def _read_shard(data: bytes):
@@ -44,7 +44,7 @@ def test_a_shard_is_read_one_member_at_a_time():
     big = [(f"k{i:03d}", bytes([i % 256]) * 50_000, {"label": "L"}) for i in range(40)]  # a 2 MB shard
     stream = _OneReadStream(_shard(big))
     seen = 0
-    for kind, item in archive.iter_shard(io.BufferedReader(stream, buffer_size=16384)):
+    for kind, _item in archive.iter_shard(io.BufferedReader(stream, buffer_size=16384)):
         assert kind == "sample"
         seen += 1
         # When a sample is handed out, the stream has read at most one more member beyond it.

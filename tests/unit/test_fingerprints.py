@@ -80,8 +80,10 @@ def test_a_worker_output_the_driver_cannot_see_is_an_error(tmp_path):
     (tmp_path / "gradient").mkdir()
     (tmp_path / "gradient" / "a__t.png").write_bytes(b"png")
     (tmp_path / "gradient" / "a__t.npy").write_bytes(b"npy")
-    index = pd.DataFrame({"png_uri": [str(tmp_path / "gradient" / "a__t.png"), str(tmp_path / "gradient" / "b__t.png")],
-                          "npy_uri": [str(tmp_path / "gradient" / "a__t.npy"), str(tmp_path / "gradient" / "b__t.npy")]})
+    index = pd.DataFrame({"png_uri": [str(tmp_path / "gradient" / "a__t.png"),
+                                      str(tmp_path / "gradient" / "b__t.png")],
+                          "npy_uri": [str(tmp_path / "gradient" / "a__t.npy"),
+                                      str(tmp_path / "gradient" / "b__t.npy")]})
     saliency.check_written(index.head(1), str(tmp_path))
     with pytest.raises(RuntimeError, match=r"the map .*b__t\.png that an actor wrote is not visible to the driver"):
         saliency.check_written(index, str(tmp_path))

@@ -1,9 +1,10 @@
 import pandas as pd
-from helpers import write_image
 
 from dermray import importers
 from dermray.cli import main
 from dermray.definitions import load_tasks, load_taxonomy
+
+from helpers import write_image
 
 
 def test_dx_map_points_at_real_isic_nodes():

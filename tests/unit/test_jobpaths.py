@@ -78,7 +78,8 @@ def test_in_a_job_relative_inputs_missing_from_the_working_directory_and_a_relat
 def test_outside_a_job_nothing_changes_and_the_multi_node_refusal_gives_the_same_advice(monkeypatch, tmp_path):
     monkeypatch.delenv(jobpaths.JOB_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
-    jobpaths.check_paths(load_config(str(DEMO)), "pipeline")  # relative and missing: the stage's own "no such file" later
+    # relative and missing: the stage's own "no such file" later
+    jobpaths.check_paths(load_config(str(DEMO)), "pipeline")
     monkeypatch.setattr(raysession, "alive_nodes", lambda: 3)
     cfg = load_config(str(DEMO), ["output=/mnt/out"])
     with pytest.raises(UserError) as e:

@@ -2,9 +2,10 @@
 import numpy as np
 import pyarrow as pa
 import pytest
-from helpers import write_fold
 
 from dermray import artifacts, score
+
+from helpers import write_fold
 
 CLASSES = pa.table({"class_index": pa.array([0, 1, 2], pa.int32()), "node_id": ["a", "b", "c"],
                     "name": ["alpha", "beta", "gamma"], "n_images": pa.array([5, 5, 5], pa.int64()),
