@@ -23,13 +23,10 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the stage summary as JSON")
 
 
-def _flag_overrides(args: argparse.Namespace, mapping: dict[str, str]) -> list[str]:
-    out = []
-    for attr, key in mapping.items():
-        value = getattr(args, attr, None)
-        if value is not None:
-            out.append(f"{key}={value}")
-    return out
+def _flag_values(args: argparse.Namespace, mapping: dict[str, str]) -> dict:
+    """The command's flags that were given, as config key -> value as argparse typed it (never re-parsed: a run id
+    "null" or "2026" stays that text)."""
+    return {key: getattr(args, attr) for attr, key in mapping.items() if getattr(args, attr, None) is not None}
 
 
 COMMON_FLAGS = {"run_id": "run_id", "output": "output", "address": "ray.address"}
@@ -178,7 +175,7 @@ def _run_stage(stage: str, args, flags: dict[str, str]) -> dict:
     from dermray.config import load_config
 
     module = importlib.import_module(f"dermray.{stage}")  # a stage's, or an application's (nightly, pipeline)
-    cfg = load_config(args.config, list(args.overrides) + _flag_overrides(args, COMMON_FLAGS | flags))
+    cfg = load_config(args.config, list(args.overrides), _flag_values(args, COMMON_FLAGS | flags))
     importlib.import_module("dermray.jobpaths").check_paths(cfg, stage)  # in a Ray job: paths that cannot work
     args.stage_dir = layout.stage_dir(cfg.output, stage, cfg.run_id)
     summary = stages.run(stage, cfg) if stage in stages.REGISTRY else module.run(cfg)
@@ -212,7 +209,7 @@ def cmd_doctor(args) -> dict:
     from dermray import doctor
     from dermray.config import load_config
 
-    cfg = load_config(args.config, list(args.overrides) + _flag_overrides(args, COMMON_FLAGS))
+    cfg = load_config(args.config, list(args.overrides), _flag_values(args, COMMON_FLAGS))
     checks = doctor.run(cfg, args.s3)
     print(json.dumps(checks, indent=2) if args.json else doctor.format_checks(checks), file=args.console.out)
     if any(c["status"] == "fail" for c in checks):

@@ -417,10 +417,15 @@ def _takes_raw_string(tp) -> bool:
     return typing.get_origin(tp) is Literal and all(isinstance(a, str) for a in typing.get_args(tp))
 
 
-def _apply_override(tree: dict, assignment: str) -> None:
-    if "=" not in assignment:
+_TEXT = object()  # _apply_override: the value is the text after "=", parsed as YAML
+
+
+def _apply_override(tree: dict, assignment: str, value: Any = _TEXT) -> None:
+    """Set one key of ``tree``: ``assignment`` is ``key=value`` text (the value parsed as YAML), or the bare key
+    with ``value`` given as it is (a typed command-line flag: ``--run-id null`` is the run id "null")."""
+    if value is _TEXT and "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected key=value")
-    key, raw = assignment.split("=", 1)
+    key, raw = assignment.split("=", 1) if value is _TEXT else (assignment, "")
     parts = key.strip().split(".")
     node, cls = tree, RunConfig
     for i, part in enumerate(parts):
@@ -431,6 +436,9 @@ def _apply_override(tree: dict, assignment: str) -> None:
         if i == len(parts) - 1:
             if _is_section(tp):
                 raise ConfigError(f"--set: key {key!r} is a section; set one of its keys")
+            if value is not _TEXT:
+                node[part] = value
+                return
             parsed = yaml.safe_load(raw) if raw.strip() else ""
             raw_text = _takes_raw_string(tp) and parsed is not None and not isinstance(parsed, list)
             node[part] = raw if raw_text else parsed
@@ -442,8 +450,10 @@ def _apply_override(tree: dict, assignment: str) -> None:
             node, cls = node[part], tp
 
 
-def load_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load and validate a RunConfig from a YAML file (local path or URI) and ``key=value`` overrides."""
+def load_config(path: str | None = None, overrides: list[str] | None = None, values: dict | None = None
+                ) -> RunConfig:
+    """Load and validate a RunConfig from a YAML file (local path or URI), ``key=value`` overrides (``--set``), then
+    ``values`` (dotted key -> value, as typed: the commands' own flags)."""
     from dermray import storage
 
     tree: dict = {}
@@ -458,7 +468,9 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: the config must be a mapping of keys, got {type(tree).__name__}")
     for assignment in overrides or []:
         _apply_override(tree, assignment)
-    if overrides and path:
+    for key, value in (values or {}).items():
+        _apply_override(tree, key, value)
+    if (overrides or values) and path:
         source = f"{path} (with --set)"
     return validate(tree, source)
 

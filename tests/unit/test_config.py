@@ -45,3 +45,20 @@ def test_bad_keys_name_the_key_and_the_file(tmp_path, text, overrides, fragment)
 def test_shipped_configs_load(path):
     cfg = load_config(str(path))
     assert cfg.run_id and cfg.data.manifest
+
+
+def test_a_command_s_flags_are_taken_as_typed_not_re_parsed(tmp_path, capsys):
+    """Issue 27: the commands' typed flags were turned back into key=value text and parsed as YAML, so
+    `--run-id null` was refused ("key 'run_id' must be str, got None") and `--run-id 2026` became a number. A flag's
+    value is the value; --set keeps YAML's reading."""
+    from dermray.cli import main
+    from dermray.config import load_config
+
+    assert load_config(None, values={"run_id": "null"}).run_id == "null"
+    assert load_config(None, values={"run_id": "2026", "partition.folds": 3}).partition.folds == 3
+    with pytest.raises(ConfigError, match="unknown key 'partition.nope'"):
+        load_config(None, values={"partition.nope": 1})
+    # At the command line: the run id passes, and the command stops at its own first check (no manifest).
+    assert main(["partition", "--run-id", "null", "--output", str(tmp_path), "--taxonomy", "t.csv"]) == 2
+    err = capsys.readouterr().err
+    assert "no manifest given" in err and "run_id" not in err, err
