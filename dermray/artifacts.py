@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from dermray import layout, storage
 from dermray.errors import UserError
-from dermray.report import external_rows, fmt  # fmt: one fold has no spread: sd is NaN, or null in JSON
+from dermray.formatting import external_rows, fmt  # fmt: one fold has no spread: sd is NaN, or null in JSON
 
 CARD_FILE = "model_card.json"
 CARD_MD = "model_card.md"

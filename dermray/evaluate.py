@@ -27,6 +27,7 @@ from dermray import metrics as M
 from dermray.config import EvaluateConfig, RunConfig
 from dermray.definitions import load_tasks, load_taxonomy
 from dermray.errors import UserError
+from dermray.formatting import fmt
 from dermray.ids import lesion_keys
 from dermray.inference import (
     NOT_IN_TASK,
@@ -38,7 +39,7 @@ from dermray.inference import (
     truth_for_task,
 )
 from dermray.predictions import declared_columns, load_predictions
-from dermray.report import fmt, render_plots, render_report
+from dermray.report import render_plots, render_report
 from dermray.tasks import Task
 from dermray.taxonomy import Taxonomy
 

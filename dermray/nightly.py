@@ -18,7 +18,7 @@ import pandas as pd
 from dermray import evaluate, layout, score, stages, storage
 from dermray.config import RunConfig, derive
 from dermray.errors import UserError
-from dermray.report import fmt
+from dermray.formatting import fmt
 
 log = logging.getLogger("dermray.nightly")
 STAGE = "nightly"

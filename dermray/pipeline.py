@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from dermray import artifacts, layout, lineage, progress, stages, storage
 from dermray.config import RunConfig, derive
 from dermray.errors import UserError
-from dermray.report import fmt
+from dermray.formatting import fmt
 
 log = logging.getLogger("dermray.pipeline")
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import base64
 import html
 import io
-import math
 
 import numpy as np
 
+from dermray.formatting import external_rows, fmt
 from dermray.tasks import Task
 
 
@@ -84,11 +84,6 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def fmt(v) -> str:
-    """A metric for people: 3 decimals, an em dash when undefined."""
-    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
-
-
 def _ci(r) -> str:
     return f" [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]" if r.get("ci_low") is not None else ""
 
@@ -133,30 +128,6 @@ def set_sentence(summary: dict) -> str:
     return (f"This is the evaluation of model {models} on {text}. Confidence intervals resample lesions, not "
             f"images; sensitivity and specificity are at the model's operating point, locked out of fold before "
             f"it saw these images.")
-
-
-def _auc_cell(r: dict | None) -> str:
-    if r is None:
-        return "—"
-    ci = f" [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]" if r.get("ci_low") is not None else ""
-    return f"{fmt(r['value'])}{ci}, n={r['n']}"
-
-
-def external_rows(metrics: list[dict]) -> list[list[str]]:
-    """Each cohort beside the reference, per task and subset: [task, subset, cohort, its AUC, the reference, the
-    reference's AUC, the difference with its CI] (from evaluate's ``cohort=<name>:<subset>`` rows)."""
-    auc = {(r["task"], r["subset"]): r for r in metrics if r["metric"] == "auc" and r["subset"].startswith("cohort=")}
-    rows = []
-    for r in metrics:
-        if r["metric"] != "auc_difference":
-            continue
-        cohort, subset = r["subset"][len("cohort="):].split(":", 1)
-        reference = (r.get("note") or "").split(" minus ", 1)[1].split(" (", 1)[0] if " minus " in (
-            r.get("note") or "") else "?"
-        rows.append([r["task"], subset, cohort, _auc_cell(auc.get((r["task"], r["subset"]))), reference,
-                     _auc_cell(auc.get((r["task"], f"cohort={reference}:{subset}"))),
-                     f"{fmt(r['value'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]"])
-    return rows
 
 
 def render_report(summary: dict, t, plots: dict[str, bytes], tasks: list[Task] | None = None,

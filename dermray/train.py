@@ -36,9 +36,9 @@ import pyarrow.compute as pc
 from dermray import artifacts, definitions, faults, layout, lineage, progress, schemas, storage
 from dermray.config import RunConfig, TrainConfig
 from dermray.errors import UserError
+from dermray.formatting import fmt
 from dermray.ids import lesion_keys
 from dermray.raysession import blocks_of
-from dermray.report import fmt
 from dermray.trainloop import FoldJob, train_loop_per_worker, worker_threads
 
 log = logging.getLogger("dermray.train")

@@ -209,12 +209,12 @@ def test_precision_choice_configured_gpu_no_bf16_and_measured_once(tmp_path, mon
 
 # ---- report: the numbers as people read them ----------------------------------------------------------------------
 def test_report_formats_numbers_for_people_and_pairs_each_cohort_with_its_reference():
-    from dermray import report
+    from dermray import formatting, report
 
-    assert report.fmt(0.12345) == "0.123" and report.fmt(None) == "—" and report.fmt(float("nan")) == "—"
+    assert formatting.fmt(0.12345) == "0.123" and formatting.fmt(None) == "—" and formatting.fmt(float("nan")) == "—"
     auc = lambda subset, v: {"task": "t", "subset": subset, "metric": "auc", "value": v, "ci_low": v - 0.1,  # noqa: E731
                              "ci_high": v + 0.1, "n": 50}
-    rows = report.external_rows([auc("cohort=clinic:all", 0.7), auc("cohort=internal:all", 0.8),
+    rows = formatting.external_rows([auc("cohort=clinic:all", 0.7), auc("cohort=internal:all", 0.8),
                                  {"task": "t", "subset": "cohort=clinic:all", "metric": "auc_difference",
                                   "value": -0.1, "ci_low": -0.2, "ci_high": 0.0,
                                   "note": "clinic minus internal (unpaired)"}])

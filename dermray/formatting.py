@@ -1,0 +1,35 @@
+"""How numbers are written for people - three decimals, an em dash for an undefined value - and the external
+validation's rows (each cohort beside its reference), shared by the report, the model cards and the summaries the
+commands print. Pure: no I/O."""
+from __future__ import annotations
+
+import math
+
+
+def fmt(v) -> str:
+    """A metric for people: 3 decimals, an em dash when undefined."""
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def auc_cell(r: dict | None) -> str:
+    if r is None:
+        return "—"
+    ci = f" [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]" if r.get("ci_low") is not None else ""
+    return f"{fmt(r['value'])}{ci}, n={r['n']}"
+
+
+def external_rows(metrics: list[dict]) -> list[list[str]]:
+    """Each cohort beside the reference, per task and subset: [task, subset, cohort, its AUC, the reference, the
+    reference's AUC, the difference with its CI] (from evaluate's ``cohort=<name>:<subset>`` rows)."""
+    auc = {(r["task"], r["subset"]): r for r in metrics if r["metric"] == "auc" and r["subset"].startswith("cohort=")}
+    rows = []
+    for r in metrics:
+        if r["metric"] != "auc_difference":
+            continue
+        cohort, subset = r["subset"][len("cohort="):].split(":", 1)
+        reference = (r.get("note") or "").split(" minus ", 1)[1].split(" (", 1)[0] if " minus " in (
+            r.get("note") or "") else "?"
+        rows.append([r["task"], subset, cohort, auc_cell(auc.get((r["task"], r["subset"]))), reference,
+                     auc_cell(auc.get((r["task"], f"cohort={reference}:{subset}"))),
+                     f"{fmt(r['value'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]"])
+    return rows
