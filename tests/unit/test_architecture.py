@@ -124,3 +124,18 @@ def test_runtime_dependencies_are_what_the_package_imports():
     assert declared - needed == set(), f"declared but never imported by dermray/: {sorted(declared - needed)}"
     assert not [d for d in project["dependencies"] if "==" in d], "exact pins belong in constraints.txt"
     assert (PACKAGE.parent / "constraints.txt").exists()
+
+
+def test_the_readme_layout_table_names_every_module_in_its_layer():
+    """README's "How the code is laid out" table: each module in the row of the layer the contracts put it in."""
+    contracts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    layers = next(c["layers"] for c in contracts if c["type"] == "layers")
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("## How the code is laid out"):readme.index("**A stage is declared once**")]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "`" in line]
+    assert len(rows) == len(layers), rows
+    for row, layer in zip(rows, layers):
+        modules = {m.strip().removeprefix("dermray.") for m in layer.replace("|", ":").split(":")}
+        listed = {cell.strip("`").removesuffix(".py") for cell in row.split("|")[2].replace(",", " ").split()
+                  if cell.startswith("`") and cell.endswith(".py`")}
+        assert listed == modules, (row[:60], sorted(modules ^ listed))
