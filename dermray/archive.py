@@ -128,6 +128,13 @@ def _unsafe(m: tarfile.TarInfo) -> str | None:
     return None
 
 
+def _read_member(tar: tarfile.TarFile, m: tarfile.TarInfo) -> bytes:
+    """The bytes of a regular file member (``_unsafe`` turns every other kind away before this)."""
+    f = tar.extractfile(m)
+    assert f is not None  # extractfile is None only for members that are not regular files or links
+    return f.read()
+
+
 def _finish(s: dict) -> tuple[str, dict] | None:
     """A grouped sample -> ("sample", ...) or ("problem", ...) (None for a sample whose problem was reported)."""
     meta = {}
@@ -181,9 +188,9 @@ def iter_shard(fileobj: IO[bytes]) -> Iterator[tuple[str, dict]]:
                                       "reason": f"tar member larger than {MAX_MEMBER_BYTES} bytes"}
                     current["too_big"] = True
                 elif ext in IMAGE_SUFFIXES and current["image"] is None:
-                    current["image"], current["image_name"] = tar.extractfile(m).read(), m.name
+                    current["image"], current["image_name"] = _read_member(tar, m), m.name
                 elif ext == ".json":
-                    current["json"], current["json_name"] = tar.extractfile(m).read(), m.name
+                    current["json"], current["json_name"] = _read_member(tar, m), m.name
     except (tarfile.TarError, EOFError) as e:
         yield "problem", {"key": None, "member": None, "reason": f"not a readable tar archive: {e}"}
         return

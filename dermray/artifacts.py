@@ -14,7 +14,7 @@ import hashlib
 import json
 import posixpath
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Iterable, Literal, Optional
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -32,6 +32,7 @@ CARD_SCHEMA_VERSION = 2
 # ---- hashes ------------------------------------------------------------------------------------------------------
 def classes_hash(classes: pa.Table | list[dict]) -> str:
     """16 hex digits identifying a set of training classes (index, node and scope of each, in order)."""
+    rows: Iterable[tuple[Any, Any, Any]]
     if isinstance(classes, pa.Table):
         rows = zip(classes.column("class_index").to_pylist(), classes.column("node_id").to_pylist(),
                    classes.column("scope").to_pylist())
@@ -285,7 +286,7 @@ def fold_dirs(run_dir: str, include_final: bool = False) -> list[str]:
 def resolve_checkpoints(uris: list[str]) -> list[tuple[str, ModelCard]]:
     """Expand each URI (a fold directory, a model.pt, or a train run directory -> its cross-validation folds) to
     (weights URI, card) pairs."""
-    out = []
+    out: list[tuple[str, ModelCard]] = []
     for uri in uris:
         uri = uri.strip().rstrip("/")
         if not uri:

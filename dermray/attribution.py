@@ -28,6 +28,8 @@ METHODS = ("gradient", "smoothgrad", "integrated_gradients", "gradcam")
 class TargetLogProb(nn.Module):
     """x [B, 3, S, S] -> log of summed target probabilities [B, K] (``matrix`` [n_classes, K] of 0/1)."""
 
+    matrix: torch.Tensor  # a buffer (register_buffer below)
+
     def __init__(self, model: nn.Module, matrix: np.ndarray):
         super().__init__()
         self.model = model
@@ -81,8 +83,8 @@ def resize_map(m: np.ndarray, height: int, width: int) -> np.ndarray:
 
     if m.shape == (height, width):
         return m.astype(np.float32)
-    return np.asarray(Image.fromarray(m.astype(np.float32), mode="F").resize((width, height), Image.BILINEAR),
-                      dtype=np.float32)
+    resized = Image.fromarray(m.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.float32)
 
 
 def inside_fraction(m: np.ndarray, mask: np.ndarray) -> float:
@@ -189,7 +191,7 @@ def overlay_png(image: np.ndarray, m: np.ndarray, cmap: str = "inferno", min_hei
     if image.shape[0] < min_height:
         factor = int(np.ceil(min_height / image.shape[0]))
         size = (image.shape[1] * factor, image.shape[0] * factor)
-        image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+        image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
         m = resize_map(m.astype(np.float32), size[1], size[0])
     a = np.abs(m.astype(np.float32))
     hi = float(np.percentile(a, 99)) or float(a.max()) or 1.0

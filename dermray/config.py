@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import re
 import typing
-from typing import Annotated, Any, Dict, List, Literal, Optional
+from typing import Annotated, Any, Dict, List, Literal, Mapping, Optional
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -30,11 +30,13 @@ StrList = Annotated[List[str], BeforeValidator(_comma_list)]
 IntList = Annotated[List[int], BeforeValidator(_comma_list)]
 FloatList = Annotated[List[float], BeforeValidator(_comma_list)]
 
-ARCHS = ("inception_v3", "efficientnet_lite0", "resnet50", "mobilenet_v3_small")
+Arch = Literal["inception_v3", "efficientnet_lite0", "resnet50", "mobilenet_v3_small"]
+ARCHS = typing.get_args(Arch)
 # Feature stages of each architecture (models.ModelSpec.stages; a test keeps the two equal): train.freeze=K <= this.
 FREEZE_STAGES = {"inception_v3": 12, "efficientnet_lite0": 9, "resnet50": 5, "mobilenet_v3_small": 13}
 AMP = Literal["auto", "bf16", "fp16", "off"]
-SALIENCY_METHODS = ("gradient", "smoothgrad", "integrated_gradients", "gradcam")
+SaliencyMethod = Literal["gradient", "smoothgrad", "integrated_gradients", "gradcam"]
+SALIENCY_METHODS = typing.get_args(SaliencyMethod)
 
 
 class Section(BaseModel):
@@ -63,7 +65,7 @@ class PartitionConfig(Section):
 
 class TrainConfig(Section):
     partition: Optional[str] = None  # partition outputs (labels, training_classes, task_membership)
-    arch: Literal[ARCHS] = "inception_v3"
+    arch: Arch = "inception_v3"
     weights: str = "imagenet"  # imagenet | none | URI of a state_dict
     freeze: str = "none"  # none | head | K (the first K stages stay fixed)
     image_size: Optional[int] = Field(None, ge=16)  # pixels; default: the model's (299 for inception_v3)
@@ -230,11 +232,15 @@ class ScoreConfig(Section):
     max_pixels: int = Field(50_000_000, ge=1)
 
 
+def _default_saliency_methods() -> list[SaliencyMethod]:
+    return ["gradient"]
+
+
 class SaliencyConfig(Section):
     checkpoints: StrList = Field(default_factory=list)  # one model: a fold directory or its best/model.pt
     predictions: Optional[str] = None  # predictions Parquet (file or folder) with image_id, probs, label, uri
-    methods: Annotated[List[Literal[SALIENCY_METHODS]], BeforeValidator(_comma_list)] = Field(
-        default_factory=lambda: ["gradient"], min_length=1)
+    methods: Annotated[List[SaliencyMethod], BeforeValidator(_comma_list)] = Field(
+        default_factory=_default_saliency_methods, min_length=1)
     target: Literal["positive", "predicted", "training_class"] = "positive"
     tasks: StrList = Field(default_factory=list)  # which tasks; default: every binary task
     select: Literal["top_bottom", "misclassified", "ids"] = "top_bottom"
@@ -266,7 +272,8 @@ class SaliencyConfig(Section):
 
 
 class PipelineConfig(Section):
-    stages: Annotated[List[Literal[STAGE_NAMES]], BeforeValidator(_comma_list)] = Field(
+    # The names come from the stage registry at import time: a Literal mypy cannot see through.
+    stages: Annotated[List[Literal[STAGE_NAMES]], BeforeValidator(_comma_list)] = Field(  # type: ignore[valid-type]
         default_factory=lambda: list(STAGE_NAMES), min_length=1)
     test_manifest: Optional[str] = None  # held-out images to score and evaluate (the paper's test sets)
     biopsy_only: bool = True  # score and evaluate only the biopsy-proven test images
@@ -354,7 +361,7 @@ def _section_at(loc: tuple) -> type[BaseModel] | None:
     return cls
 
 
-def _message(err: dict, source: str) -> str:
+def _message(err: Mapping[str, Any], source: str) -> str:
     loc = tuple(str(p) for p in err["loc"] if not isinstance(p, int))
     key = ".".join(loc) or "<top>"
     kind, value = err["type"], err.get("input")

@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import tempfile
+from typing import TextIO
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -117,6 +118,8 @@ def session(command: str, verbose: bool):
     log_file = open(path, "a", buffering=1, encoding="utf-8")
     redirect = _real_fd(sys.stdout, 1) and _real_fd(sys.stderr, 2)
     saved = []
+    out: TextIO
+    err: TextIO
     if redirect:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -30,6 +30,7 @@ def lock(probs: np.ndarray, classes: np.ndarray, task_truth: np.ndarray | None, 
     calibrated = M.apply_temperature(probs, temperature)
     points = []
     for name, column, pos, matrix in binary_tasks:
+        assert task_truth is not None  # binary tasks come with their truth
         truth = task_truth[:, column]
         score = binary_score(calibrated @ matrix, pos)
         inside = (truth >= 0) & np.isfinite(score)

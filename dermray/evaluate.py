@@ -16,7 +16,9 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -150,7 +152,7 @@ def rates_with_ci(t: Tables, run_id: str, task: str, subset: str, label: str, y:
 
 def evaluate_binary(t: Tables, run_id: str, task: Task, subset: str, y: np.ndarray, score: np.ndarray,
                     groups: np.ndarray, image_ids: np.ndarray, cfg: EvaluateConfig,
-                    readers: pd.DataFrame | None, locked: list[tuple[str, float]] = (),
+                    readers: pd.DataFrame | None, locked: Sequence[tuple[str, float]] = (),
                     score_raw: np.ndarray | None = None) -> None:
     """AUC with its CI, the ROC, rates at the fixed thresholds, at the model's locked operating points (chosen
     out of fold, with CIs) and at thresholds chosen on these data themselves (marked oracle: optimistic),
@@ -370,18 +372,20 @@ def evaluate_task(t: Tables, run_id: str, task: Task, df: pd.DataFrame, inp: Eva
     y_task = truth_for_task(inp.tax, task, labels)
     tprobs = task_probabilities(probs, inp.membership, task)
     in_task = y_task != NOT_IN_TASK
-    pos = task.class_names.index(task.positive) if task.is_binary else None
-    score = binary_score(tprobs, pos) if task.is_binary else None
+    # a binary task's positive class is always set (parse_tasks); pos and score are None exactly when it is not binary
+    pos = task.class_names.index(cast(str, task.positive)) if task.is_binary else None
+    score = binary_score(tprobs, pos) if pos is not None else None
     raw = df.attrs.get("probs_raw")
     score_raw = binary_score(task_probabilities(raw, inp.membership, task), pos) if (
-        task.is_binary and raw is not None) else None
+        pos is not None and raw is not None) else None
     locked = inp.locked.get(task.name, [])
-    nan_scores = in_task & np.isnan(score) if task.is_binary else np.zeros(len(df), bool)
+    nan_scores = in_task & np.isnan(score) if score is not None else np.zeros(len(df), bool)
     use = in_task & ~nan_scores
     image_ids = df["image_id"].to_numpy()
     for subset_name, mask in subset_masks:
         m = use & mask
         if task.is_binary:
+            assert score is not None  # every binary task has one
             evaluate_binary(t, run_id, task, subset_name, (y_task[m] == pos).astype(int), score[m], groups[m],
                             image_ids[m], ecfg, readers, locked, None if score_raw is None else score_raw[m])
         else:
@@ -419,11 +423,13 @@ def evaluation_lineage(inp: EvalInputs, predictions_fp, readers_fp, compare_fp, 
 def lineage_now(cfg: RunConfig, recorded: lineage.Lineage | None = None) -> lineage.Lineage:
     ecfg = cfg.evaluate
     inp = read_definitions(cfg)
+    predictions = ecfg.predictions
+    assert predictions is not None  # read_definitions checked it
 
     columns = predictions_columns(ecfg)
     declared = declared_columns(columns)
-    pred = lineage.reuse(recorded, "predictions", ecfg.predictions, lambda: load_predictions(
-        ecfg.predictions, ecfg.model_id, columns).attrs["fingerprint"], declared)
+    pred = lineage.reuse(recorded, "predictions", predictions, lambda: load_predictions(
+        predictions, ecfg.model_id, columns).attrs["fingerprint"], declared)
     compare = lineage.reuse(recorded, "compare", ecfg.compare, lambda: load_predictions(
         ecfg.compare, None, columns).attrs["fingerprint"], declared) if ecfg.compare else None
     readers = lineage.file_fingerprint(ecfg.readers) if ecfg.readers else None
@@ -472,6 +478,7 @@ def run(cfg: RunConfig, base: str | None = None) -> dict:
     t_start = time.perf_counter()
     ecfg = cfg.evaluate
     inp = read_definitions(cfg)
+    assert ecfg.predictions is not None  # read_definitions checked it
     paths = layout.evaluate_outputs(base or layout.metrics_dir(cfg.output, cfg.run_id))
     if ecfg.distributed:
         return run_distributed(cfg, inp, paths, t_start)
@@ -494,6 +501,7 @@ def run(cfg: RunConfig, base: str | None = None) -> dict:
         meter.update()
     cohorts, reference = cohorts_of(df, ecfg)
     if cohorts:
+        assert reference is not None  # cohorts_of names the reference cohort whenever it returns cohorts
         external_validation(t, cfg.run_id, inp, cohorts, reference, ecfg)
     now = evaluation_lineage(inp, df.attrs["fingerprint"], lineage.file_fingerprint(ecfg.readers) if ecfg.readers
                              else None, compare.attrs["fingerprint"] if compare is not None else None, ecfg)
@@ -552,10 +560,11 @@ def headline(t: Tables) -> list[dict]:
 
 
 # ---- external validation ------------------------------------------------------------------------------------------
-def task_scores(df: pd.DataFrame, inp: EvalInputs, task: Task) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def task_scores(df: pd.DataFrame, inp: EvalInputs,
+                task: Task) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(0/1 truth, score, groups, which rows of ``df`` they are) of a binary task's images in ``df``."""
     y_task = truth_for_task(inp.tax, task, df["label"].to_numpy())
-    pos = task.class_names.index(task.positive)
+    pos = task.class_names.index(cast(str, task.positive))  # set for every binary task (parse_tasks)
     score = binary_score(task_probabilities(df.attrs["probs"], inp.membership, task), pos)
     use = (y_task != NOT_IN_TASK) & ~np.isnan(score)
     groups = lesions(df)
@@ -676,10 +685,11 @@ def run_distributed(cfg: RunConfig, inp: EvalInputs, paths: dict, t_start: float
     from dermray.raysession import check_shared_storage, ray_session
 
     ecfg = cfg.evaluate
+    assert ecfg.predictions is not None  # read_definitions (which made inp) checked it
     binary = [task for task in inp.tasks if task.is_binary]
     if not binary:
         raise UserError("evaluate.distributed computes binary tasks only; the tasks YAML has none")
-    truth = [(task.class_names.index(task.positive), node_task_class(inp.tax, task)) for task in binary]
+    truth = [(task.class_names.index(cast(str, task.positive)), node_task_class(inp.tax, task)) for task in binary]
     with ray_session(cfg.ray.address, cfg.ray.num_cpus):
         # Ray Data's read tasks run on any node: a local predictions folder must be one every node sees.
         check_shared_storage(cfg.storage, {"evaluate.predictions": ecfg.predictions, "output": paths["metrics"]})
@@ -692,7 +702,7 @@ def run_distributed(cfg: RunConfig, inp: EvalInputs, paths: dict, t_start: float
         ds = ds.select_columns([c for c in ("probs", "label", "label_source", "modality") if c in ds.schema().names])
         total = np.zeros((len(binary), len(SUBSET_NAMES), 2, ecfg.histogram_bins), np.int64)
         kwargs = {"node_ids": inp.tax.node_ids, "truth": truth, "matrices": matrices, "bins": ecfg.histogram_bins}
-        for batch in ds.map_batches(block_histograms, batch_format="pyarrow", batch_size=None,
+        for batch in ds.map_batches(block_histograms, batch_format="pyarrow", batch_size=None,  # type: ignore[arg-type]
                                     fn_kwargs=kwargs).iter_batches(batch_format="numpy", batch_size=1):
             total += batch["hist"].reshape(total.shape)
     t = Tables()

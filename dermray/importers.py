@@ -314,7 +314,8 @@ def read_mapping(uri: str, tax: Taxonomy, tax_name: str = "taxonomy") -> pd.Data
     by_name: dict[str, list[str]] = {}
     for nid, n in zip(tax.node_ids, tax.names):
         by_name.setdefault(n, []).append(nid)
-    node, problem = [], []
+    node: list[str | None] = []
+    problem: list[str | None] = []
     for label, ref in zip(pairs["label"], pairs["node"]):  # one per mapping row: a few hundred at most
         hits = [ref] if ref in tax.index else by_name.get(ref, [])
         node.append(hits[0] if len(hits) == 1 else None)

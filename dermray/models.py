@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, cast
 
 import torch
 from torch import nn
@@ -71,10 +71,18 @@ def _resnet50() -> nn.Module:
     return tvm.resnet50(weights=None)
 
 
+def _resnet50_stages(m) -> list[list[nn.Module]]:
+    return [[m.conv1, m.bn1], [m.layer1], [m.layer2], [m.layer3], [m.layer4]]
+
+
 def _mobilenet() -> nn.Module:
     import torchvision.models as tvm
 
     return tvm.mobilenet_v3_small(weights=None)
+
+
+def _mobilenet_stages(m) -> list[list[nn.Module]]:
+    return [[f] for f in m.features]
 
 
 def _effnet_lite0() -> nn.Module:
@@ -107,10 +115,10 @@ REGISTRY: dict[str, ModelSpec] = {
                               _inception_stages, "Mixed_7c"),
     "resnet50": ModelSpec("resnet50", 224, IMAGENET_MEAN, IMAGENET_STD, _resnet50,
                           _torchvision_weights("resnet50", "ResNet50_Weights"), ("fc",),
-                          lambda m: [[m.conv1, m.bn1], [m.layer1], [m.layer2], [m.layer3], [m.layer4]], "layer4"),
+                          _resnet50_stages, "layer4"),
     "mobilenet_v3_small": ModelSpec("mobilenet_v3_small", 224, IMAGENET_MEAN, IMAGENET_STD, _mobilenet,
                                     _torchvision_weights("mobilenet_v3_small", "MobileNet_V3_Small_Weights"),
-                                    ("classifier.3",), lambda m: [[f] for f in m.features], "features.12"),
+                                    ("classifier.3",), _mobilenet_stages, "features.12"),
     # EfficientNet-Lite was trained on inputs scaled to [-1, 1].
     "efficientnet_lite0": ModelSpec("efficientnet_lite0", 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), _effnet_lite0,
                                     _effnet_lite0_weights, ("_fc",), _effnet_stages, "_bn1"),
@@ -149,7 +157,7 @@ def state_dict_from_bytes(data: io.BytesIO, uri: str) -> dict:
 def get_module(module: nn.Module, path: str) -> nn.Module:
     """The submodule at a dotted path ("features.12", "AuxLogits.fc")."""
     for part in path.split("."):
-        module = module[int(part)] if part.isdigit() else getattr(module, part)
+        module = cast(Any, module)[int(part)] if part.isdigit() else getattr(module, part)
     return module
 
 
@@ -157,7 +165,7 @@ def _set(module: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, last = path.rpartition(".")
     parent = get_module(module, parent_path) if parent_path else module
     if last.isdigit():
-        parent[int(last)] = new
+        cast(Any, parent)[int(last)] = new  # nn.Sequential / nn.ModuleList
     else:
         setattr(parent, last, new)
 
@@ -165,7 +173,7 @@ def _set(module: nn.Module, path: str, new: nn.Module) -> None:
 def replace_heads(model: nn.Module, s: ModelSpec, n_classes: int) -> None:
     for path in s.heads:
         old = get_module(model, path)
-        _set(model, path, nn.Linear(old.in_features, n_classes))
+        _set(model, path, nn.Linear(cast(int, old.in_features), n_classes))
 
 
 def build_model(arch: str, n_classes: int, weights: str | dict = "imagenet", freeze: str | int = "none") -> nn.Module:
@@ -229,7 +237,7 @@ def apply_freeze(model: nn.Module, s: ModelSpec, freeze: str | int) -> None:
                 for p in module.parameters():
                     p.requires_grad_(False)
                 frozen.append(module)
-    model._dermray_frozen = frozen  # noqa: SLF001 - read by train_mode
+    cast(Any, model)._dermray_frozen = frozen  # noqa: SLF001 - read by train_mode
 
 
 def train_mode(model: nn.Module) -> nn.Module:

@@ -20,6 +20,7 @@ Steps:
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +40,7 @@ def _phash(grey, box=None) -> np.uint64:
     from PIL import Image
     from scipy.fft import dctn
 
-    a = np.asarray(grey.resize((32, 32), Image.BOX, box=box), np.float32)
+    a = np.asarray(grey.resize((32, 32), Image.Resampling.BOX, box=box), np.float32)
     d = dctn(a, norm="ortho")[:8, :8].ravel()[1:]  # the lowest frequencies but the mean (DC)
     bits = np.r_[d > np.median(d), False]
     return np.packbits(bits).view(">u8")[0].astype(np.uint64)
@@ -130,7 +131,7 @@ def _views(grey) -> np.ndarray:
             box = (cx - s * w / 2, cy - s * h / 2, cx + s * w / 2, cy + s * h / 2)
             if box[0] < 0 or box[1] < 0 or box[2] > w or box[3] > h:
                 continue
-            a = np.asarray(grey.resize((N_VIEW, N_VIEW), Image.BOX, box=box), np.float32).ravel()
+            a = np.asarray(grey.resize((N_VIEW, N_VIEW), Image.Resampling.BOX, box=box), np.float32).ravel()
             out.append((a - a.mean()) / (a.std() + 1e-6))
     return np.array(out)
 
@@ -172,7 +173,7 @@ def merge_groups(groups: np.ndarray, pairs: list[tuple[int, int]], max_groups: i
         merged.append(True)
     roots = np.array([find(i) for i in range(len(labels))])
     # A merged component is named by its smallest group label, so that the result does not depend on pair order.
-    names = {}
+    names: dict[Any, Any] = {}  # union-find root -> the smallest group label in its component
     for i, r in enumerate(roots):
         names[r] = min(names.get(r, labels[i]), labels[i])
     return np.array([names[roots[k]] for k in inverse], dtype=object), merged

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+from typing import cast
 
 import pandas as pd
 
@@ -64,7 +65,7 @@ def run(cfg: RunConfig) -> dict:
     ev_cfg = derive(cfg, {"evaluate": {"predictions": scored["outputs"]["predictions"], "model_id": scored["model_id"],
                                        "partition": cfg.evaluate.partition or scored.get("partition")}})
     night_dir = storage.join(layout.metrics_dir(cfg.output, cfg.run_id), f"date={date}")
-    ev = evaluate.run(stages.view(ev_cfg, "evaluate"), base=night_dir)
+    ev = evaluate.run(cast(RunConfig, stages.view(ev_cfg, "evaluate")), base=night_dir)
     metrics = storage.read_table(ev["outputs"]["metrics"]).to_pandas()
     history = storage.join(layout.metrics_dir(cfg.output, cfg.run_id), "history", f"date={date}", "metrics.parquet")
     storage.write_table(storage.read_table(ev["outputs"]["metrics"]), history)

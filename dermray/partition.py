@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from dermray import layout, lineage, progress, schemas, storage
 from dermray.config import RunConfig
@@ -45,6 +46,7 @@ from dermray.partitioning import (
     task_membership,
 )
 from dermray.tasks import Task
+from dermray.taxonomy import Taxonomy
 
 log = logging.getLogger("dermray.partition")
 
@@ -78,6 +80,7 @@ def validate_chunk(table: pa.Table, node_ids: pa.Array) -> tuple[np.ndarray, np.
     for col in ("label_source", "modality"):
         if col in table.column_names:
             allowed = schemas.MANIFEST.column(col).allowed
+            assert allowed is not None  # label_source and modality are enumerations
             arr = table.column(col)
             bad = pc.and_(pc.is_valid(arr), pc.invert(pc.is_in(arr, pa.array(allowed))))
             checks.append((bad.to_numpy(zero_copy_only=False), f"{col} must be one of {', '.join(allowed)}"))
@@ -395,9 +398,9 @@ class Inputs:
     """What the stage reads before Ray starts: the manifest's metadata, the taxonomy, the tasks, their
     fingerprints (the manifest's is computed while pass 1 reads it)."""
     manifest: str
-    pf: object
+    pf: pq.ParquetFile
     columns: list[str]
-    tax: object
+    tax: Taxonomy
     tasks: list
     fingerprints: dict
 
@@ -582,6 +585,7 @@ def summarise(cfg: RunConfig, inp: Inputs, classes, counts: Counts, fold_counts:
               n_quarantined: int, n_mixed: int, near_counts: dict | None, unattributable: list, n_chunks: int,
               lin: lineage.Lineage, paths: dict, seconds: dict) -> dict:
     pcfg = cfg.partition
+    assert cfg.data.taxonomy is not None  # read_inputs required it
     return {
         "stage": STAGE, "run_id": cfg.run_id, "manifest": storage.redact(inp.manifest),
         "taxonomy": storage.redact(cfg.data.taxonomy), "max_class_size": pcfg.max_class_size, "folds": pcfg.folds,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from typing import cast
 
 import pyarrow.compute as pc
 
@@ -29,6 +30,7 @@ def test_split(cfg: RunConfig) -> str:
     """The test manifest to score: biopsy-proven rows only when asked, URIs made absolute (it is rewritten
     elsewhere). Written only when its content changed, so that an unchanged re-run sees the same file."""
     src = cfg.pipeline.test_manifest
+    assert src is not None  # check() requires pipeline.test_manifest when score runs
     table = storage.read_table(src)
     base = storage.parent(src)
     table = table.set_column(table.column_names.index("uri"), "uri", storage.resolve_column(table.column("uri"), base))
@@ -102,8 +104,8 @@ def partition_aside(cfg: RunConfig, scfg: RunConfig) -> dict:
         stages.run("partition", derive(scfg, {"output": aside}))
         staged = layout.partition_dir(aside, cfg.run_id)
         try:
-            train.check_can_run(stages.view(derive(stage_config(cfg, "train"), {"train": {"partition": staged}}),
-                                            "train"))
+            train.check_can_run(cast(RunConfig, stages.view(
+                derive(stage_config(cfg, "train"), {"train": {"partition": staged}}), "train")))
         except UserError as e:
             raise UserError(f"pipeline: the new partition is not applied (the run's partition is left as it was): "
                             f"{e}") from None
@@ -140,7 +142,8 @@ def run(cfg: RunConfig) -> dict:
 
     order = check(cfg)
     t0 = time.perf_counter()
-    rows, summaries = [], {}
+    rows: list[dict] = []
+    summaries: dict[str, dict] = {}
     with ray_session(cfg.ray.address, cfg.ray.num_cpus):
         for i, stage in enumerate(order, 1):
             scfg = stage_config(cfg, stage)
@@ -152,6 +155,7 @@ def run(cfg: RunConfig) -> dict:
             else:
                 progress.say("pipeline [%d/%d] %s: skipped (its inputs and settings are unchanged)", i, len(order),
                              stage)
+                assert s is not None  # decide() returns the recorded summary whenever it skips a stage
                 status = "skipped (done)"
             summaries[stage] = s
             rows.append({"stage": stage, "status": status, "why": why, **stages.module(stage).counts(s)})

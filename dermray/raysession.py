@@ -5,6 +5,7 @@ import contextlib
 import logging
 import os
 import sys
+from typing import Any
 
 import pyarrow as pa
 
@@ -25,7 +26,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
         yield ray
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = dict(logging_level=logging.WARNING, log_to_driver=True)
+    kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=True)
     if address:
         ray.init(address=address, **kwargs)
     else:

@@ -148,7 +148,7 @@ class Explainer:
 
         originals, x = load_images(list(batch["uri"]), self.ens, self.device)
         targets = torch.as_tensor(batch["col"].astype(np.int64), device=self.device)
-        out = {k: [] for k in ("image_id", "task", "method", "png_uri", "npy_uri", "inside_lesion")}
+        out: dict[str, list] = {k: [] for k in ("image_id", "task", "method", "png_uri", "npy_uri", "inside_lesion")}
         for method in self.methods:
             maps = attribute(self.f, x, targets, method, layer=self.layer, smooth_samples=self.sc["smooth_samples"],
                              smooth_noise=self.sc["smooth_noise"], ig_steps=self.sc["ig_steps"], seed=self.sc["seed"])
@@ -177,7 +177,7 @@ def _mask(pattern: str, image_id: str, shape: tuple[int, int]) -> np.ndarray:
 
     img = decode_image(storage.read_bytes(pattern.format(image_id=image_id))).convert("L")
     if img.size != (shape[1], shape[0]):
-        img = img.resize((shape[1], shape[0]), Image.NEAREST)
+        img = img.resize((shape[1], shape[0]), Image.Resampling.NEAREST)
     return np.asarray(img) > 127
 
 
@@ -247,7 +247,7 @@ def flag_methods(rows: list[dict], threshold: float) -> dict[str, str]:
 
 def conclusive(rows: list[dict]) -> bool:
     """The sanity test decided something: it ran, and no method's fully randomised maps are blank."""
-    lasts = {}
+    lasts: dict[str, dict] = {}
     for r in rows:
         if r["method"] not in lasts or r["level"] > lasts[r["method"]]["level"]:
             lasts[r["method"]] = r
@@ -375,7 +375,9 @@ def run(cfg: RunConfig) -> dict:
         check_written(index, rdir)
         if sc.sanity and len(chosen):
             audit = chosen.sort_values(["image_id", "task"]).drop_duplicates("image_id").head(sc.audit_size)
-            remote = ray.remote(num_cpus=sc.cpus_per_actor, num_gpus=sc.num_gpus or None)(sanity_rows)
+            # Ray takes num_gpus=None (its default) though its stubs say int | float
+            remote = ray.remote(num_cpus=sc.cpus_per_actor, num_gpus=sc.num_gpus or None)(  # type: ignore[arg-type]
+                sanity_rows)
             progress.say("saliency: sanity test on %d images (%d randomisation levels x %d method(s))", len(audit),
                          sc.sanity_levels, len(sc.methods))
             sanity = ray.get(remote.remote(ens, matrix, audit, list(sc.methods), sc_dict, threads, sc.num_gpus > 0))

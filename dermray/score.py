@@ -28,6 +28,7 @@ import re
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -210,7 +211,7 @@ class WorkPlan:
     quarantine: pa.Table  # input rows refused before scoring
     already_done: int
     parts: int
-    fingerprint: lineage.Fingerprint
+    fingerprint: lineage.Fingerprint | None  # None for a manifest (its fingerprint is in the run's lineage)
     changed: int = 0  # images scored before from another input row (relabelled): scored again
 
 
@@ -240,7 +241,8 @@ def fingerprint_manifest(uri: str, storage_cfg) -> tuple[list, lineage.Fingerpri
     partitions = max(1, min(2 * cluster_cpus(), len(chunks)))
     read = ray.remote(num_returns=2 + partitions)(plan_read)
     reduce = ray.remote(num_returns=2)(repeated_ids)
-    refs = [read.remote(uri, rg, off, partitions) for rg, off, _ in chunks]
+    # num_returns > 1: .remote() gives a list of refs (Ray's stubs say one ObjectRef)
+    refs = [cast(list, read.remote(uri, rg, off, partitions)) for rg, off, _ in chunks]
     repeats = [reduce.remote(*[r[2 + p] for r in refs]) for p in range(partitions)]
     content, rows = lineage.TableHasher.merge(ray.get([r[1] for r in refs]))
     local = next((loc for _, loc in ray.get([r[0] for r in refs]) if loc), None)
@@ -258,7 +260,8 @@ def plan_manifest(uri: str, chunks: list, repeats: list, rdir: str, model_id: st
     done = ray.remote(done_ids).remote(parts, model_id, quar)
     rep = ray.remote(merge_repeats).remote(*[r[0] for r in repeats], *[r[1] for r in repeats])
     work = ray.remote(num_returns=3)(plan_work)
-    refs = [work.remote(uri, rg, off, rep, done, f"b{batch + 1:04d}-{k:05d}", sc.rows_per_file)
+    # num_returns > 1: .remote() gives a list of refs (Ray's stubs say one ObjectRef)
+    refs = [cast(list, work.remote(uri, rg, off, rep, done, f"b{batch + 1:04d}-{k:05d}", sc.rows_per_file))
             for k, (rg, off, _) in enumerate(chunks)]
     counts = ray.get([r[2] for r in refs])
     quarantine = pa.concat_tables(ray.get([r[1] for r in refs])) if refs else _quarantine_rows([])
@@ -294,7 +297,7 @@ def folder_table(uri: str, labels_uri: str | None) -> tuple[pa.Table, pa.Table]:
     files = list(storage.list_files(uri, archive.IMAGE_SUFFIXES))
     names = [posixpath.splitext(posixpath.basename(f))[0] for f in files]
     table = pa.table({"image_id": pa.array(names, pa.string()), "uri": pa.array(files, pa.string())})
-    problems = []
+    problems: list[dict[str, Any]] = []
     dup = pd.Series(names).duplicated().to_numpy()
     for i in np.flatnonzero(dup):
         problems.append({"stage": STAGE, "image_id": names[i], "row": None, "uri": files[i],
@@ -513,7 +516,7 @@ class Predictor:
             x = (x.float() - self.mean) / self.std
             if not self.channels_last:
                 x = x.contiguous()
-            total = None
+            total: torch.Tensor | None = None
             for view in tta_views(x, self.tta):
                 for m in self.models:
                     with torch.autocast(self.device.type, dtype=self.autocast_dtype,
@@ -521,6 +524,7 @@ class Predictor:
                         logits = logits_of(m(view))
                     p = torch.softmax(logits.float(), dim=1)
                     total = p if total is None else total + p
+            assert total is not None  # at least one view and one model
             return (total / (len(self.models) * TTA_VIEWS[self.tta])).cpu().numpy()
 
     def __call__(self, batch: dict) -> dict:
@@ -773,21 +777,23 @@ def stream(plan: WorkPlan, ens: Ensemble, sc: ScoreConfig, retry: storage.Retry,
     ctx = ray.data.DataContext.get_current()
     ctx.enable_operator_progress_bars = ctx.enable_progress_bars
     memory = _decode_memory(sc, ens.size)
+    # The decode fns take fn_kwargs besides the batch, which Ray's stubs of map_batches do not allow for.
     if plan.kind == "webdataset":
         ds = ray.data.from_arrow(plan.refs).repartition(target_num_rows_per_block=1).map_batches(
-            decode_shards, batch_size=1, num_cpus=sc.decode_cpus, memory=memory,
+            decode_shards, batch_size=1, num_cpus=sc.decode_cpus, memory=memory,  # type: ignore[arg-type]
             fn_kwargs={"size": ens.size, "max_pixels": sc.max_pixels, "rows_per_batch": sc.batch_size,
                        "retry": retry, "pre": pre})
     else:
         # Blocks of one model batch: the decode tasks spread over every free CPU (a big block would be decoded by
         # one task on one core while the model waits).
         ds = ray.data.from_arrow_refs(plan.refs).repartition(target_num_rows_per_block=sc.batch_size).map_batches(
-            decode_rows, batch_size=None, num_cpus=sc.decode_cpus, memory=memory,
+            decode_rows, batch_size=None, num_cpus=sc.decode_cpus, memory=memory,  # type: ignore[arg-type]
             fn_kwargs={"size": ens.size, "max_pixels": sc.max_pixels, "retry": retry, "pre": pre})
+    resources: dict[str, Any] = {"resources": dict(sc.actor_resources)} if sc.actor_resources else {}
     ds = ds.map_batches(
         Predictor, batch_size=sc.batch_size, compute=ActorPoolStrategy(size=sc.actors),
         num_cpus=sc.cpus_per_actor, num_gpus=sc.num_gpus or None,
-        **({"resources": dict(sc.actor_resources)} if sc.actor_resources else {}),
+        **resources,
         fn_constructor_kwargs={"ensemble": ens, "threads": _threads(sc), "channels_last": sc.channels_last,
                                "tta": sc.tta, "use_gpu": sc.num_gpus > 0, "amp": sc.amp,
                                "slow_batch_s": fault_hooks().slow_batch_s,
@@ -880,6 +886,7 @@ def run_totals(rdir: str) -> int:
 
 def check_input(sc: ScoreConfig) -> str:
     """The input's kind (manifest | folder | webdataset), with a manifest's columns checked: before Ray starts."""
+    assert sc.input is not None  # run() refuses a config without score.input
     kind = archive.detect_kind(sc.input, sc.input_kind)
     if kind != "manifest":
         return kind
@@ -899,6 +906,7 @@ def check_input(sc: ScoreConfig) -> str:
 def plan(cfg: RunConfig, kind: str, rdir: str, ens: Ensemble, task_fps) -> tuple[WorkPlan, lineage.Lineage]:
     """Fingerprint the input, reconcile the run's existing output with the lineage, then plan what to score."""
     sc = cfg.score
+    assert sc.input is not None  # run() refuses a config without score.input
     if kind == "webdataset":
         shards = archive.shard_list(sc.input)
         now = score_lineage(ens, shards_fingerprint(shards), task_fps, cfg)

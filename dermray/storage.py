@@ -394,7 +394,9 @@ def row_group_chunks(pf: pq.ParquetFile, target_rows: int, min_chunks: int = 1) 
     there are enough row groups; a row group is never split): (row group indices, first row, rows) each."""
     md = pf.metadata
     target = max(1, min(target_rows, -(-md.num_rows // max(1, min_chunks))))
-    chunks, current, start, size, offset = [], [], 0, 0, 0
+    chunks: list[tuple[list[int], int, int]] = []
+    current: list[int] = []
+    start, size, offset = 0, 0, 0
     for i in range(md.num_row_groups):
         n = md.row_group(i).num_rows
         if current and size + n > target:

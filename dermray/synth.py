@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -53,7 +54,7 @@ NINE_CLASSES = [
 
 # Cue ranges per profile: radius (share of the image), asymmetry, border raggedness, colours (RGB centres) and
 # their number, surface texture, ulcer.
-PROFILES = {
+PROFILES: dict[str, dict[str, Any]] = {
     "melanoma": dict(radius=(0.22, 0.36), asym=(0.25, 0.55), ragged=(0.12, 0.3), colours=[(60, 35, 25),
                      (110, 60, 40), (25, 20, 30), (140, 90, 95), (70, 70, 110)], n_colours=(2, 4), texture=0.3),
     "nevus": dict(radius=(0.12, 0.24), asym=(0.0, 0.2), ragged=(0.0, 0.08), colours=[(120, 75, 50), (95, 60, 40)],
@@ -197,10 +198,11 @@ def draw_lesion(profile: str, rng: np.random.Generator, size: int, modality: str
         x1, y1 = x0 + length * np.cos(ang), y0 + length * np.sin(ang)
         draw.line([(x0, y0), ((x0 + x1) / 2 + rng.normal(0, 3), (y0 + y1) / 2 + rng.normal(0, 3)), (x1, y1)],
                   fill=(40, 30, 25), width=1)
-    out = out.rotate(float(rng.uniform(0, 360)), resample=Image.BILINEAR, fillcolor=tuple(int(v) for v in skin))
+    out = out.rotate(float(rng.uniform(0, 360)), resample=Image.Resampling.BILINEAR,
+                     fillcolor=tuple(int(v) for v in skin))
     if modality == "dermoscopy":  # zoomed in, with the dark circular field of a dermatoscope
         crop = int(size * 0.12)
-        out = out.crop((crop, crop, size - crop, size - crop)).resize((size, size), Image.BILINEAR)
+        out = out.crop((crop, crop, size - crop, size - crop)).resize((size, size), Image.Resampling.BILINEAR)
         yy, xx = np.mgrid[:size, :size]
         dark = ((xx - size / 2) ** 2 + (yy - size / 2) ** 2) > (size * 0.48) ** 2
         arr = np.asarray(out).copy()

@@ -20,7 +20,7 @@ ROOT_ID = "root"
 PATH_SEPARATOR = ":"
 
 
-def _show(ids: Iterable[str], limit: int = 8) -> str:
+def _show(ids: Iterable[object], limit: int = 8) -> str:
     ids = list(ids)
     text = ", ".join(repr(i) for i in ids[:limit])
     return text + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
@@ -91,7 +91,7 @@ class Taxonomy:
     def _cycle_members(par: np.ndarray, reached: np.ndarray, node_ids) -> list[str]:
         start = int(np.flatnonzero(~reached)[0])
         seen_at: dict[int, int] = {}
-        path = []
+        path: list[int] = []
         i = start
         while i not in seen_at:
             seen_at[i] = len(path)

@@ -27,6 +27,7 @@ import os
 import time
 import zlib
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -119,7 +120,8 @@ def add_task_truth(table: pa.Table, cfg: RunConfig, part: str, n_classes: int
     # One list of len(tasks) per image, built from the flat matrix (no Python object per row).
     offsets = pa.array(np.arange(0, truth.size + 1, len(tasks), dtype=np.int32))
     table = table.append_column("task_truth", pa.ListArray.from_arrays(offsets, pa.array(truth.ravel())))
-    positives = {t.name: t.class_names.index(t.positive) for t in tasks if t.is_binary}
+    # parse_tasks sets every binary task's positive class.
+    positives = {t.name: t.class_names.index(cast(str, t.positive)) for t in tasks if t.is_binary}
     return table, inference.membership_matrices(membership, tasks, n_classes), [t.name for t in tasks], positives
 
 
@@ -178,6 +180,7 @@ def decision_lineage(cfg: RunConfig, p: TrainPlan) -> tuple[dict, dict]:
         table = storage.read_table(uri)
         inputs["task_membership"] = lineage.columns_fingerprint(uri, table, table.column_names)
     if uses_readers(cfg, p):
+        assert cfg.evaluate.readers is not None and cfg.pipeline.test_manifest is not None  # uses_readers
         inputs["readers"] = lineage.file_fingerprint(cfg.evaluate.readers)
         labels = storage.read_table(cfg.pipeline.test_manifest, columns=["image_id", "label"])
         inputs["test_labels"] = lineage.columns_fingerprint(cfg.pipeline.test_manifest, labels, labels.column_names)
@@ -295,8 +298,8 @@ def quarantine_unreadable(table: pa.Table, cfg: RunConfig, run_dir: str) -> tupl
     import ray.data
 
     bad = ray.data.from_arrow(blocks_of(table.select(["image_id", "uri"]), 512)).map_batches(
-        find_undecodable, fn_kwargs={"max_pixels": cfg.train.max_pixels, "retry": cfg.storage.retry()},
-        batch_size=256).take_all()
+        find_undecodable,  # type: ignore[arg-type]  # Ray's stubs: a batch-only fn (fn_kwargs pass the rest)
+        fn_kwargs={"max_pixels": cfg.train.max_pixels, "retry": cfg.storage.retry()}, batch_size=256).take_all()
     storage.write_table(pa.Table.from_pylist([{"stage": STAGE, "image_id": b["image_id"], "row": None,
                                                "uri": b["uri"], "reason": b["reason"]} for b in bad],
                                              schema=schemas.QUARANTINE.arrow()),
@@ -348,7 +351,8 @@ def image_pipeline(rows: pa.Table, train: bool, cfg: RunConfig, size: int):
     kwargs = {"size": size, "max_pixels": tcfg.max_pixels, "train": train, "pre": cfg.transforms.preprocess(),
               "photometric": cfg.transforms.augmentation() if train else None, "retry": cfg.storage.retry()}
     return ray.data.from_arrow(blocks_of(rows, 4 * tcfg.batch_size)).map_batches(
-        decode_transform, fn_kwargs=kwargs, batch_size=tcfg.batch_size, num_cpus=tcfg.data_cpus)
+        decode_transform,  # type: ignore[arg-type]  # Ray's stubs: a batch-only fn (fn_kwargs pass the rest)
+        fn_kwargs=kwargs, batch_size=tcfg.batch_size, num_cpus=tcfg.data_cpus)
 
 
 def balanced(rows: pa.Table, by: str, seed: int) -> pa.Table:
@@ -426,7 +430,8 @@ def fold_job(fold, p: TrainPlan, cfg: RunConfig, has_select: bool, lineage_id: s
 
     s = spec(cfg.train.arch)
     return FoldJob(train=cfg.train, n_classes=p.classes.num_rows, image_size=cfg.train.image_size or s.input_size,
-                   mean=tuple(s.mean), std=tuple(s.std), fold=str(fold),
+                   mean=cast(tuple[float, float, float], tuple(s.mean)),
+                   std=cast(tuple[float, float, float], tuple(s.std)), fold=str(fold),
                    fold_dir=layout.fold_dir(cfg.output, cfg.run_id, fold), model_id=f"{cfg.run_id}/fold={fold}",
                    lineage_id=lineage_id, has_select=has_select, matrices=p.matrices, task_names=tuple(p.task_names),
                    faults=hooks.for_fold(fold), progress=relay)
@@ -449,7 +454,7 @@ def fit_fold(job: FoldJob, datasets: dict, val, run_dir: str, cfg: RunConfig):
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=1, use_gpu=tcfg.use_gpu,
                                      resources_per_worker={"CPU": tcfg.cpus_per_worker, **tcfg.worker_resources}),
-        run_config=TrainRunConfig(
+        run_config=TrainRunConfig(  # type: ignore[call-arg]  # mypy sees Train V1's RunConfig: no worker_runtime_env
             name=f"fold={job.fold}", storage_path=path, storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=tcfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=tcfg.keep_checkpoints,
@@ -475,9 +480,12 @@ def fit_fold(job: FoldJob, datasets: dict, val, run_dir: str, cfg: RunConfig):
     measured = None
     if val is not None:
         # The held-out fold is measured in the precision the fold trained in (the worker resolved "auto").
-        trained_in = {"fp32": "off"}.get(history[-1].get("precision"), history[-1].get("precision") or tcfg.amp)
+        precision: Any = history[-1].get("precision")
+        trained_in = {"fp32": "off"}.get(precision, precision or tcfg.amp)
         as_trained = dataclasses.replace(job, train=tcfg.model_copy(update={"amp": trained_in}), progress=None)
-        task = ray.remote(num_cpus=tcfg.cpus_per_worker, num_gpus=1 if tcfg.use_gpu else None)(measure_held_out)
+        # num_gpus=None: Ray's default (its stubs want a number).
+        task = ray.remote(num_cpus=tcfg.cpus_per_worker,
+                          num_gpus=1 if tcfg.use_gpu else None)(measure_held_out)  # type: ignore[arg-type]
         measured = ray.get(task.remote(as_trained, weights, val, cfg.transforms.preprocess(), cfg.storage.retry()))
     return job, (history, chosen), weights, measured, time.time() - t0
 
@@ -514,6 +522,7 @@ def best_checkpoint(result, history: list[dict], job: FoldJob):
 def write_val_predictions(job: FoldJob, preds: dict, cfg: RunConfig, table: pa.Table, epoch: int) -> str:
     """The held-out fold's probabilities under the chosen model, with the manifest's label columns: the input of
     ``dermray evaluate`` for the paper's first round."""
+    assert cfg.data.manifest is not None  # plan() required it
     present = storage.parquet_file(cfg.data.manifest).schema_arrow.names
     carry = table.select(["image_id", "label", "class_index"]).to_pandas().merge(
         storage.read_table(cfg.data.manifest, columns=[c for c in ("image_id", "label_source", "modality", "group_id")
@@ -642,6 +651,9 @@ def readers_targets(cfg: RunConfig, p: TrainPlan) -> dict:
 
     if not uses_readers(cfg, p):
         return {}
+    assert cfg.evaluate.readers is not None and cfg.pipeline.test_manifest is not None  # uses_readers
+    # A binary task (p.positives) means add_task_truth loaded the tasks and the taxonomy.
+    assert cfg.data.tasks is not None and cfg.data.taxonomy is not None
     readers = storage.read_table_any(cfg.evaluate.readers).to_pandas()
     test = storage.read_table(cfg.pipeline.test_manifest, columns=["image_id", "label"]).to_pandas()
     tax = load_taxonomy(cfg.data.taxonomy)
@@ -760,8 +772,10 @@ def run(cfg: RunConfig) -> dict:
         used = table.num_rows
     else:  # every fold finished: the counts they recorded (the same inputs, so the same images)
         record = finished[str(p.folds[0])]
+        assert record is not None  # nothing to do: every fold finished
         used, n_bad = record["images"] - record["quarantined"], record["quarantined"]
-    fold_rows = [rows.get(str(fold)) or finished[str(fold)]["row"] for fold in p.folds]
+    # A fold not trained now finished earlier.
+    fold_rows = [rows.get(str(fold)) or cast(dict, finished[str(fold)])["row"] for fold in p.folds]
     calibration, points, _ = lock_decisions(cfg, p, fold_rows)
     write_decisions(cfg, p.folds, calibration, points, cv_summary(fold_rows, p.task_names))
     summary = summarise(cfg, p, fold_rows, used, n_bad, lineages, time.perf_counter() - t_start,

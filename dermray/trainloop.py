@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -276,7 +277,7 @@ class EpochBatches:
 
     def __init__(self, make_batches, first: int, stop: int, queue_batches: int = 4):
         self._make, self._first, self._stop_epoch = make_batches, first, stop
-        self._queue = queue.Queue(maxsize=queue_batches)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_batches)
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._fill, name="dermray-epoch-batches", daemon=True)
         self._thread.start()

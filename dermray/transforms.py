@@ -38,7 +38,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageDecodeError(f"image too large: {width}x{height} pixels exceeds the limit of "
@@ -102,7 +102,7 @@ def largest_rotated_rect(width: float, height: float, angle_rad: float) -> tuple
 def rotate_and_crop(img: Image.Image, degrees: float) -> Image.Image:
     """Rotate by ``degrees`` (counter-clockwise) and crop the largest upright rectangle with no blank corners."""
     w, h = img.size
-    rotated = img.rotate(degrees, resample=Image.BILINEAR, expand=True)
+    rotated = img.rotate(degrees, resample=Image.Resampling.BILINEAR, expand=True)
     wr, hr = largest_rotated_rect(w, h, math.radians(degrees))
     cx, cy = rotated.size[0] / 2.0, rotated.size[1] / 2.0
     # Shrink by a pixel so bilinear edge pixels (blended with the blank fill) stay out.
@@ -201,18 +201,18 @@ def train_transform(img: Image.Image, size: int, rng: np.random.Generator, pre: 
     img = preprocess(img, pre)
     img = rotate_and_crop(img, float(rng.uniform(0.0, 360.0)))
     if rng.random() < 0.5:
-        img = img.transpose(Image.FLIP_TOP_BOTTOM)
-    return img.resize((size, size), Image.BILINEAR)
+        img = img.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    return img.resize((size, size), Image.Resampling.BILINEAR)
 
 
 def eval_transform(img: Image.Image, size: int, pre: Preprocess = NO_PREPROCESS) -> Image.Image:
     """The preprocessing and a resize to ``size`` x ``size`` (the whole image, as in training without the
     augmentation)."""
-    return preprocess(img, pre).resize((size, size), Image.BILINEAR)
+    return preprocess(img, pre).resize((size, size), Image.Resampling.BILINEAR)
 
 
 def to_array(img: Image.Image, mean, std) -> np.ndarray:
     """Normalised float32 [3, H, W] array."""
-    arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr: np.ndarray = np.asarray(img, dtype=np.float32) / 255.0
     arr = (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))

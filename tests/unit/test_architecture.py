@@ -63,6 +63,12 @@ def test_the_import_contracts_hold_and_name_every_module():
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
 
 
+def test_mypy_is_clean():
+    """The package's types (pyproject.toml's [tool.mypy]; about 20 s the first time, 2 s with its cache)."""
+    run = subprocess.run([_tool("mypy")], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+
+
 def test_ruff_is_clean():
     """Lint and import order (pyproject.toml's [tool.ruff]) over the package, the tests, the benchmarks and the jobs."""
     run = subprocess.run([_tool("ruff"), "check", "--no-cache", "dermray", "tests", "benchmarks", "jobs"], cwd=REPO,
