@@ -396,7 +396,7 @@ def evaluate_task(t: Tables, run_id: str, task: Task, df: pd.DataFrame, inp: Eva
         _metric(t, run_id, task.name, "all", "excluded_undefined_score", int(nan_scores.sum()), int(in_task.sum()),
                 note="P(pos) + P(neg) is 0: the model gives these images no probability in either class")
     if compare is not None and task.is_binary:
-        delong_rows(t, run_id, task, compare, df, score, y_task, pos, inp.membership, use, groups, ecfg)
+        delong_rows(t, run_id, task, compare, df, score, y_task, pos, compare.attrs["membership"], use, groups, ecfg)
     return {"not_in_task": int((~in_task).sum()), "undefined_score": int(nan_scores.sum())}, use
 
 
@@ -407,6 +407,41 @@ def predictions_columns(ecfg: EvaluateConfig) -> tuple[str, ...]:
     return ("source",) + subgroups + ((ecfg.cohort,) if ecfg.cohort else ())
 
 
+def other_run_membership(uri: str) -> tuple[pd.DataFrame | None, lineage.Fingerprint | None]:
+    """The task membership of the partition the run that wrote the predictions at ``uri`` was trained on (its score
+    summary beside them names it), with its fingerprint; (None, None) when no summary or partition is there."""
+    part = score_summary_of(uri).get("partition")
+    tm_uri = layout.partition_outputs(part)["task_membership"] if part else None
+    if not tm_uri or not storage.exists(tm_uri):
+        return None, None
+    table = storage.read_table(tm_uri)
+    return table.to_pandas(), lineage.columns_fingerprint(tm_uri, table, table.column_names)
+
+
+def load_other_run(uri: str, columns: tuple[str, ...], own_classes: int, inp: EvalInputs) -> pd.DataFrame:
+    """Another run's predictions (evaluate.compare, evaluate.reference) with the membership their probabilities are
+    scored through as ``df.attrs["membership"]``: that of the other run's own partition - its columns are its own
+    training classes. Without one, this run's, when the other run has as many classes; else a UserError (issue 28:
+    mapping another run's classes through this run's membership gave another task score)."""
+    df = load_predictions(uri, None, columns)
+    theirs = df.attrs["probs"].shape[1]
+    membership, _ = other_run_membership(uri)
+    if membership is None:
+        if theirs != own_classes:
+            raise UserError(f"{storage.redact(uri)}: its predictions are over {theirs} training classes, this "
+                            f"run's over {own_classes}, and no score summary beside them names their partition: the "
+                            "two cannot be compared through one class membership (compare predictions written by "
+                            "dermray score)")
+        log.warning("evaluate: %s names no partition of its own: its %d training classes are taken to be this "
+                    "run's", storage.redact(uri), theirs)
+        membership = inp.membership
+    elif len(membership) and int(membership["class_index"].max()) >= theirs:
+        raise UserError(f"{storage.redact(uri)}: its predictions are over {theirs} training classes, fewer than its "
+                        "partition's task membership names: they are not that partition's predictions")
+    df.attrs["membership"] = membership
+    return df
+
+
 def evaluation_lineage(inp: EvalInputs, predictions_fp, readers_fp, compare_fp, ecfg: EvaluateConfig):
     inputs = dict(inp.fingerprints) | {"predictions": predictions_fp}
     if readers_fp is not None:
@@ -415,6 +450,11 @@ def evaluation_lineage(inp: EvalInputs, predictions_fp, readers_fp, compare_fp, 
         inputs["compare"] = compare_fp
     if ecfg.reference:
         inputs["reference"] = load_predictions(ecfg.reference, None, predictions_columns(ecfg)).attrs["fingerprint"]
+    for name in ("compare", "reference"):  # the other run's probabilities are scored through its own membership
+        uri = getattr(ecfg, name)
+        fp = other_run_membership(uri)[1] if uri else None
+        if fp is not None:
+            inputs[f"{name}_task_membership"] = fp
     config = ecfg.model_dump(mode="json", exclude={"predictions", "partition", "readers", "compare", "distributed",
                                                    "reference"})
     return lineage.Lineage.of(STAGE, inputs, config)
@@ -484,7 +524,8 @@ def run(cfg: RunConfig, base: str | None = None) -> dict:
         return run_distributed(cfg, inp, paths, t_start)
     df = load_predictions(ecfg.predictions, ecfg.model_id, predictions_columns(ecfg))
     readers = _load_readers(ecfg.readers)
-    compare = load_predictions(ecfg.compare, None, predictions_columns(ecfg)) if ecfg.compare else None
+    compare = load_other_run(ecfg.compare, predictions_columns(ecfg), df.attrs["probs"].shape[1],
+                             inp) if ecfg.compare else None
     groups = lesions(df)
     unknown_label = int((~df["label"].isin(inp.tax.index.keys())).sum())
     subset_masks = subsets(df, ecfg.subgroups)
@@ -499,7 +540,7 @@ def run(cfg: RunConfig, base: str | None = None) -> dict:
                                                   compare, ecfg)
         evaluated |= used
         meter.update()
-    cohorts, reference = cohorts_of(df, ecfg)
+    cohorts, reference = cohorts_of(df, ecfg, inp)
     if cohorts:
         assert reference is not None  # cohorts_of names the reference cohort whenever it returns cohorts
         external_validation(t, cfg.run_id, inp, cohorts, reference, ecfg)
@@ -565,17 +606,19 @@ def task_scores(df: pd.DataFrame, inp: EvalInputs,
     """(0/1 truth, score, groups, which rows of ``df`` they are) of a binary task's images in ``df``."""
     y_task = truth_for_task(inp.tax, task, df["label"].to_numpy())
     pos = task.class_names.index(cast(str, task.positive))  # set for every binary task (parse_tasks)
-    score = binary_score(task_probabilities(df.attrs["probs"], inp.membership, task), pos)
+    # Another run's predictions (the reference cohort) through their own membership (load_other_run).
+    score = binary_score(task_probabilities(df.attrs["probs"], df.attrs.get("membership", inp.membership), task), pos)
     use = (y_task != NOT_IN_TASK) & ~np.isnan(score)
     groups = lesions(df)
     return (y_task[use] == pos).astype(int), score[use], groups[use], use
 
 
-def cohorts_of(df: pd.DataFrame, ecfg: EvaluateConfig) -> tuple[dict[str, pd.DataFrame], str | None]:
+def cohorts_of(df: pd.DataFrame, ecfg: EvaluateConfig, inp: EvalInputs
+               ) -> tuple[dict[str, pd.DataFrame], str | None]:
     """The cohorts to compare: {"internal": the reference predictions, "external": these} or the values of the
     cohort column; and the reference cohort's name."""
     if ecfg.reference:
-        ref = load_predictions(ecfg.reference, None, predictions_columns(ecfg))
+        ref = load_other_run(ecfg.reference, predictions_columns(ecfg), df.attrs["probs"].shape[1], inp)
         return {"internal": ref, "external": df}, "internal"
     if ecfg.cohort:
         if ecfg.cohort not in df.columns:

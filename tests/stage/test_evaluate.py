@@ -335,3 +335,67 @@ def test_an_empty_group_id_is_the_image_alone_as_a_null_one_is(study, tmp_path):
     assert auc.ci_low < auc.value < auc.ci_high, auc
     for name in ("empty", "blank"):
         pd.testing.assert_frame_equal(results[name], results["null"], obj=name)
+
+
+def test_a_compared_run_with_other_training_classes_is_scored_through_its_own_membership(study, tmp_path, capsys):
+    """Issue 28, finding 4: another run's probabilities (evaluate.compare, evaluate.reference) were mapped through
+    this run's task membership: over another set of training classes that is another task score (AUC 0.500 where
+    the other run's was 0.621). The other run is scored through the membership of its own partition (its score
+    summary names it); without one, a run over another number of classes is refused in one line."""
+    import json
+
+    d, tax = study["dir"], study["tax"]
+    df = study["df"]
+    # The other run: its training classes in another order and one more (a second class of blue nevi), so that its
+    # probabilities' columns mean other classes than this run's; its own model's probabilities.
+    import dataclasses
+
+    mine = study["classes"]
+    classes = [dataclasses.replace(c, class_index=i) for i, c in enumerate(reversed(mine))]
+    classes.append(dataclasses.replace(mine[0], class_index=len(mine)))
+    own = np.zeros(len(tax), np.int64)
+    for lab in df["label"]:
+        own[tax.index[lab]] += 1
+    rows, _ = task_membership(tax, classes, parse_tasks(TASKS, tax), own)
+    other_dir = tmp_path / "other"
+    (other_dir / "partition").mkdir(parents=True)
+    pq.write_table(pa.table({"task": [r[0] for r in rows], "task_class": [r[1] for r in rows],
+                             "class_index": pa.array([r[2] for r in rows], pa.int32()),
+                             "node_id": [classes[r[2]].node_id for r in rows]}),
+                   other_dir / "partition" / "task_membership.parquet")
+    rng = np.random.default_rng(5)
+    truth = len(mine) - 1 - node_to_class(tax, mine)[[tax.index[x] for x in df["label"]]]
+    logits = rng.normal(0, 1.0, (len(df), len(classes)))
+    logits[np.arange(len(df)), truth] += 1.0
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    (other_dir / "predictions").mkdir()
+    pq.write_table(pa.Table.from_pandas(df.assign(model_id="m2"), preserve_index=False).append_column(
+        "probs", pa.array(list(probs.astype(np.float32)), pa.list_(pa.float32()))),
+        other_dir / "predictions" / "part-0.parquet")
+    (other_dir / "score_summary.json").write_text(json.dumps({"partition": str(other_dir / "partition")}))
+
+    def under(node_id, prefix):
+        return node_id == prefix or node_id.startswith(prefix + ":")
+
+    pos = sum(probs[:, c.class_index] for c in classes if under(c.node_id, "Malignant:Melanoma"))
+    neg = sum(probs[:, c.class_index] for c in classes if under(c.node_id, "Benign:Nevus"))
+    in_task = (df["label"].str.startswith("Malignant:Melanoma") | df["label"].str.startswith("Benign:Nevus")).to_numpy()
+    y = df["label"].str.startswith("Malignant").to_numpy()
+    theirs = roc_auc_score(y[in_task], (pos / (pos + neg))[in_task])
+    _, metrics, _ = run_eval(study, tmp_path, f"evaluate.reference={other_dir / 'predictions'}")
+    internal = value(metrics, "mel_vs_nev", "cohort=internal:all", "auc")
+    assert abs(internal.value - theirs) < 1e-9, (internal.value, theirs)
+    # The paired comparison: this run's AUC minus theirs, on the same images.
+    ours = independent_score(study, "mel_vs_nev", "Malignant:Melanoma", "Benign:Nevus")
+    m = in_task & ~np.isnan(ours)
+    _, metrics, _ = run_eval(study, tmp_path, f"evaluate.compare={other_dir / 'predictions'}")
+    diff = value(metrics, "mel_vs_nev", "all", "delong_auc_diff").value
+    assert abs(diff - (roc_auc_score(y[m], ours[m]) - roc_auc_score(y[m], (pos / (pos + neg))[m]))) < 1e-9
+    # Without a score summary naming its partition, another number of classes cannot be mapped: refused.
+    (other_dir / "score_summary.json").unlink()
+    capsys.readouterr()
+    assert main(["evaluate", "--predictions", str(d / "predictions.parquet"), "--tasks", str(d / "tasks.yaml"),
+                 "--taxonomy", str(d / "taxonomy.parquet"), "--partition", str(d / "partition"), "--compare",
+                 str(other_dir / "predictions"), "--output", str(tmp_path / "refused"), "--run-id", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"over {len(classes)} training classes" in err[0], err
