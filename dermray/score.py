@@ -144,7 +144,9 @@ def done_ids(part_files: list[str], model_id: str, quarantine_files: list[str]) 
     """What the run's parts and chunk quarantine files hold for ``model_id`` (``Done``)."""
     rows, scored, quarantined = [], [], []
     for f in part_files:
-        t = storage.read_table(f)
+        # The ids and row hashes alone (a resumed run over millions of rows must not read back the probabilities).
+        present = storage.parquet_file(f).schema_arrow.names
+        t = storage.read_table(f, columns=["image_id", "model_id"] + [INPUT_ROW_HASH] * (INPUT_ROW_HASH in present))
         t = t.filter(pc.equal(t.column("model_id"), model_id))
         scored.append(ids.fingerprints(t.column("image_id").to_numpy(zero_copy_only=False)))
         if INPUT_ROW_HASH in t.column_names:
