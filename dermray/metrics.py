@@ -256,6 +256,39 @@ def bootstrap_weights(n: int, groups, n_boot: int, seed: int):
             yield weights[group_idx, j]
 
 
+@dataclass(frozen=True)
+class GroupGap:
+    best: int  # index of the group with the highest AUC
+    worst: int  # index of the group with the lowest AUC
+    gap: float  # AUC[best] - AUC[worst] (>= 0)
+    ci_low: float  # of AUC[best] - AUC[worst], simultaneous over every pair of groups
+    ci_high: float
+    level: float  # the per-pair level the interval was taken at (1 - alpha / pairs)
+
+
+def auc_gap(estimates, replicates, alpha: float = 0.05) -> GroupGap:
+    """The largest AUC difference between subgroups, with an interval that has its stated coverage.
+
+    ``estimates``: [k] AUCs of k >= 2 groups; ``replicates``: [k, B] their bootstrap replicates, each group resampled
+    independently of the others. The pair is chosen after looking (best minus worst), so a percentile interval of
+    the replicates' own max - min would never contain 0 (it is >= 0 by construction and biased upward). Instead the
+    interval is that of the signed difference of the chosen pair's replicates, taken at level 1 - alpha / m for the
+    m = k(k-1)/2 pairs (Bonferroni): when no group differs, every pair's interval contains 0 with probability at
+    least 1 - alpha together, so the chosen pair's does too. With two groups it is the plain two-sided interval.
+    Replicates that are NaN in either group (a resample without positives or negatives) are left out."""
+    est = np.asarray(estimates, dtype=float)
+    reps = np.asarray(replicates, dtype=float)
+    if est.ndim != 1 or len(est) < 2 or reps.shape[0] != len(est):
+        raise ValueError(f"auc_gap needs [k >= 2] estimates and [k, B] replicates, got {est.shape}, {reps.shape}")
+    best, worst = int(np.nanargmax(est)), int(np.nanargmin(est))
+    pairs = len(est) * (len(est) - 1) // 2
+    a = alpha / pairs
+    diff = reps[best] - reps[worst]
+    diff = diff[np.isfinite(diff)]
+    lo, hi = np.quantile(diff, [a / 2, 1 - a / 2]) if len(diff) else (float("nan"),) * 2
+    return GroupGap(best, worst, float(est[best] - est[worst]), float(lo), float(hi), 1 - a)
+
+
 # ---- DeLong ----------------------------------------------------------------------------------------------------
 def _midranks(x: np.ndarray) -> np.ndarray:
     order = np.argsort(x, kind="mergesort")
