@@ -92,8 +92,12 @@ def test_demo_pipeline_end_to_end_then_a_rerun_skips_every_stage(demo, ray_local
     preds = pd.read_parquet(out / "predictions" / "demo" / "predictions")
     assert len(preds) == stages["score"]["out"] and preds.model_id.str.contains("ensemble").all()
     m = pd.read_parquet(out / "metrics" / "demo" / "metrics.parquet")
-    auc = m.query("task == 'melanoma_vs_nevus' and subset == 'all' and metric == 'auc'")["value"].iloc[0]
-    assert auc > 0.6, auc  # clearly above chance after a minute of training on a quarter of the demo data
+    aucs = m.query("subset == 'all' and metric == 'auc'").set_index("task")["value"]
+    auc = aucs["melanoma_vs_nevus"]
+    # Above chance after a minute of training on a quarter of the demo data. One task's AUC is too noisy to judge
+    # alone (14 melanomas in this test set: the melanoma AUC measured 0.51-0.85 over seven runs of this same command,
+    # training order varying with Ray Data's scheduling), the mean over the binary tasks 0.64-0.75.
+    assert aucs.mean() > 0.58, aucs
     readers = pd.read_parquet(out / "metrics" / "demo" / "readers.parquet")
     assert readers.reader_id.nunique() >= 20
     first_fold_mtime = (out / "train" / "demo" / "fold=0" / "best" / "model.pt").stat().st_mtime
