@@ -7,7 +7,8 @@ worker (``dermray/trainloop.py``); the held-out fold is the validation set. Imag
 first and quarantined.
 
 Model selection never sees the held-out fold: with ``train.selection: inner`` (the default) an inner split of the
-fold's training lesions picks the epoch, and the held-out fold only measures the chosen model, once, after
+fold's training lesions (grouped as the partition grouped them, near-duplicate merges included) picks the epoch,
+and the held-out fold only measures the chosen model, once, after
 training (``measure_held_out``); its predictions are the cross-validation estimate.
 
 Per fold, under ``<output>/train/<run_id>/fold=<k>/``: Ray Train's checkpoints, ``lineage.json`` (what the fold is
@@ -97,10 +98,49 @@ def read_rows(cfg: RunConfig, part: str) -> tuple[pa.Table, pa.Table, dict]:
         raise UserError(f"{labels.num_rows - table.num_rows} labelled images are not in the manifest "
                         f"{storage.redact(cfg.data.manifest)}: the partition was built from another manifest")
     table = table.sort_by("image_id")
+    table = table.set_column(table.column_names.index("group"), "group",
+                             merged_groups(table, outputs["near_duplicates"]))
     fingerprints = {"images": lineage.columns_fingerprint(cfg.data.manifest, table, ["image_id", "uri", "label"]),
                     "training_classes": lineage.Fingerprint(uri=storage.redact(outputs["training_classes"]),
                                                             method="value", content=artifacts.classes_hash(classes))}
+    if cfg.train.selection == "inner":  # the groups decide which images choose the epoch
+        fingerprints["selection_groups"] = lineage.columns_fingerprint(outputs["labels"], table, ["image_id", "group"])
     return table, classes, fingerprints
+
+
+def merged_groups(table: pa.Table, near_duplicates_uri: str) -> pa.ChunkedArray:
+    """The ``group`` column with the partition's near-duplicate merges applied: the lesions of a pair the partition
+    merged (near_duplicates.parquet, merged = true) become one group, named by its smallest key, as the partition
+    grouped them for the folds; every other image keeps its key (a run being resumed keeps its inner split).
+    Columnar: only the merged pairs' groups are handled one by one (a partition from before the near-duplicate
+    step has no such table: nothing is merged)."""
+    from dermray import neardup
+
+    groups = table.column("group")
+    if not storage.exists(near_duplicates_uri):
+        return groups
+    near = storage.read_table(near_duplicates_uri, columns=["image_a", "image_b", "merged"])
+    near = near.filter(pc.fill_null(near.column("merged"), False))
+    if near.num_rows == 0:
+        return groups
+    ids = table.column("image_id")
+    pos_a = pc.index_in(near.column("image_a"), value_set=ids).to_numpy(zero_copy_only=False)
+    pos_b = pc.index_in(near.column("image_b"), value_set=ids).to_numpy(zero_copy_only=False)
+    both = ~(np.isnan(pos_a.astype(float)) | np.isnan(pos_b.astype(float)))  # pairs whose images are both here
+    if not both.any():
+        return groups
+    rows = np.unique(np.r_[pos_a[both], pos_b[both]].astype(np.int64))
+    local = {int(r): k for k, r in enumerate(rows)}
+    keys = np.asarray(pc.take(groups, pa.array(rows)).to_pylist(), dtype=object)
+    pairs = [(local[int(a)], local[int(b)]) for a, b in zip(pos_a[both], pos_b[both])]
+    merged, _ = neardup.merge_groups(keys, pairs, max_groups=len(keys) + 1)
+    renamed = {old: new for old, new in zip(keys, merged) if old != new}
+    if not renamed:
+        return groups
+    old = pa.array(list(renamed), pa.string())
+    at = pc.index_in(groups, value_set=old)
+    return pc.if_else(pc.is_valid(at), pc.take(pa.array(list(renamed.values()), pa.string()), pc.fill_null(at, 0)),
+                      groups)
 
 
 def add_task_truth(table: pa.Table, cfg: RunConfig, part: str, n_classes: int

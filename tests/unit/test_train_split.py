@@ -1,0 +1,60 @@
+"""Train's inner epoch-selection split groups images as the partition finally grouped them (issue 28, finding 5):
+an accepted near-duplicate pair that the partition merged across two lesions is never split between the images a
+fold trains on and the images that choose its epoch."""
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dermray import schemas, train
+from dermray.config import load_config
+
+
+def _partition(tmp_path, n_lesions: int = 200, merged_pairs: int = 40):
+    """n_lesions lesions of two images each; ``merged_pairs`` near-duplicate pairs, each joining the first image of
+    lesion 2k with the first image of lesion 2k+1 (different lesion ids: only the partition knows they are one)."""
+    ids = [f"IMG_{lesion:04d}_{k}" for lesion in range(n_lesions) for k in range(2)]
+    groups = [f"L{lesion:04d}" for lesion in range(n_lesions) for _ in range(2)]
+    pq.write_table(pa.table({"image_id": ids, "uri": [f"images/{i}.jpg" for i in ids], "label": ["nv"] * len(ids),
+                             "group_id": groups}), tmp_path / "manifest.parquet")
+    part = tmp_path / "partition"
+    part.mkdir()
+    # Everything in fold 1: fold 0's training rows are all of them.
+    pq.write_table(pa.table({"image_id": ids, "class_index": pa.array([i % 2 for i in range(len(ids))], pa.int32()),
+                             "fold": pa.array([1] * len(ids), pa.int32())}), part / "labels.parquet")
+    pq.write_table(pa.table({"class_index": pa.array([0, 1], pa.int32()), "node_id": ["nv", "mel"],
+                             "name": ["nevus", "melanoma"], "n_images": pa.array([len(ids) // 2] * 2, pa.int64()),
+                             "scope": ["subtree"] * 2}), part / "training_classes.parquet")
+    pairs = [(f"IMG_{2 * k:04d}_0", f"IMG_{2 * k + 1:04d}_0", f"L{2 * k:04d}", f"L{2 * k + 1:04d}")
+             for k in range(merged_pairs)]
+    rows = [{"image_a": a, "image_b": b, "group_a": ga, "group_b": gb, "hamming": 2, "similarity": 0.99,
+             "exact": False, "crossed_groups": True, "merged": True} for a, b, ga, gb in pairs]
+    # A pair the component cap refused: not merged, so its lesions stay apart.
+    rows.append({"image_a": "IMG_0198_1", "image_b": "IMG_0199_1", "group_a": "L0198", "group_b": "L0199",
+                 "hamming": 2, "similarity": 0.99, "exact": False, "crossed_groups": True, "merged": False})
+    pq.write_table(pa.Table.from_pylist(rows, schema=schemas.NEAR_DUPLICATES.arrow()), part / "near_duplicates.parquet")
+    cfg = load_config(None, [f"data.manifest={tmp_path / 'manifest.parquet'}", f"output={tmp_path / 'out'}",
+                             "train.selection_fraction=0.3"])
+    return cfg, part, pairs
+
+
+def test_the_inner_split_keeps_each_merged_near_duplicate_pair_on_one_side(tmp_path):
+    cfg, part, pairs = _partition(tmp_path)
+    table, _, fingerprints = train.read_rows(cfg, str(part))
+    split = train.split_rows(0, table, cfg.train)
+    side = {i: name for name, rows in split.items() for i in rows.column("image_id").to_pylist()}
+    apart = [(a, b) for a, b, _, _ in pairs if side[a] != side[b]]
+    assert not apart, f"{len(apart)} of {len(pairs)} merged near-duplicate pairs split between train and select"
+    # The merged lesions move together, all their images; the lesions of a refused pair keep their own groups.
+    group = dict(zip(table.column("image_id").to_pylist(), table.column("group").to_pylist()))
+    assert group["IMG_0000_1"] == group["IMG_0001_1"] == group["IMG_0000_0"]
+    assert group["IMG_0198_1"] != group["IMG_0199_1"] and group["IMG_0198_1"] == "L0198"
+    assert {"select", "train"} <= set(split)
+
+
+def test_the_split_groups_are_part_of_the_training_lineage(tmp_path):
+    cfg, part, _ = _partition(tmp_path)
+    _, _, before = train.read_rows(cfg, str(part))
+    near = pq.read_table(part / "near_duplicates.parquet")
+    pq.write_table(near.slice(1), part / "near_duplicates.parquet")  # one merge less
+    _, _, after = train.read_rows(cfg, str(part))
+    changed = [k for k in before if before[k] != after.get(k)]
+    assert changed == ["selection_groups"], changed
