@@ -218,6 +218,10 @@ def render_markdown(card: ModelCard) -> str:
                   "specificity |", "|---|---|---:|---:|---:|"]
         for p in card.operating_points:
             lines.append(f"| {p.task} | {p.name} | {p.threshold:.4f} | {p.sensitivity:.3f} | {p.specificity:.3f} |")
+    if d.get("not_estimable"):
+        if not card.operating_points:
+            lines += ["", "## Operating points (locked out of fold)", ""]
+        lines += [""] + [f"- {task}: no operating point, {why}" for task, why in sorted(d["not_estimable"].items())]
     if card.test_metrics:
         lines += ["", "## Test results (written by dermray evaluate)", ""]
         for t in card.test_metrics:
@@ -232,7 +236,7 @@ def render_markdown(card: ModelCard) -> str:
                 if h["subset"].startswith("cohort="):
                     continue
                 ci = f" [{h['ci_low']:.3f}, {h['ci_high']:.3f}]" if h.get("ci_low") is not None else ""
-                value = "undefined" if h["value"] is None else f"{h['value']:.3f}"
+                value = (h.get("note") or "undefined") if h["value"] is None else f"{h['value']:.3f}"
                 lines.append(f"  - {h['task']} {h['subset']} {h['metric']}: {value}{ci} (n={h['n']})")
     lines += ["", "## Known limitations", ""] + [f"- {x}" for x in d.get("limitations", LIMITATIONS)]
     lines += ["", "## Lineage", "", f"- lineage id {card.lineage.get('id')}, config hash {card.config_hash}",

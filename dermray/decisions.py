@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from dermray import metrics as M
-from dermray.inference import binary_score
+from dermray.inference import binary_task_score
 
 
 def lock(probs: np.ndarray, classes: np.ndarray, task_truth: np.ndarray | None, binary_tasks: list[tuple],
@@ -32,7 +32,7 @@ def lock(probs: np.ndarray, classes: np.ndarray, task_truth: np.ndarray | None, 
     for name, column, pos, matrix in binary_tasks:
         assert task_truth is not None  # binary tasks come with their truth
         truth = task_truth[:, column]
-        score = binary_score(calibrated @ matrix, pos)
+        score = binary_task_score(calibrated, matrix, pos)  # NaN: not estimable (nothing to lock)
         inside = (truth >= 0) & np.isfinite(score)
         y = (truth[inside] == pos).astype(int)
         if y.sum() == 0 or y.sum() == len(y):

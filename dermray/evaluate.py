@@ -34,8 +34,10 @@ from dermray.formatting import fmt
 from dermray.ids import lesion_keys
 from dermray.inference import (
     NOT_IN_TASK,
-    binary_score,
+    binary_task_score,
+    membership_matrix,
     node_task_class,
+    not_estimable,
     probs_matrix,
     task_class_of_labels,
     task_probabilities,
@@ -381,10 +383,15 @@ def evaluate_task(t: Tables, run_id: str, task: Task, df: pd.DataFrame, inp: Eva
     in_task = y_task != NOT_IN_TASK
     # a binary task's positive class is always set (parse_tasks); pos and score are None exactly when it is not binary
     pos = task.class_names.index(cast(str, task.positive)) if task.is_binary else None
-    score = binary_score(tprobs, pos) if pos is not None else None
+    matrix = membership_matrix(inp.membership, task, probs.shape[1])
+    why = not_estimable(matrix, task) if pos is not None else None
+    if why:  # its score would be 0 by construction: null with the reason in every subset, nothing else
+        for subset_name, mask in subset_masks:
+            _metric(t, run_id, task.name, subset_name, "auc", None, int((in_task & mask).sum()), note=why)
+        return {"not_in_task": int((~in_task).sum()), "undefined_score": 0}, np.zeros(len(df), bool)
+    score = binary_task_score(probs, matrix, pos) if pos is not None else None
     raw = df.attrs.get("probs_raw")
-    score_raw = binary_score(task_probabilities(raw, inp.membership, task), pos) if (
-        pos is not None and raw is not None) else None
+    score_raw = binary_task_score(raw, matrix, pos) if (pos is not None and raw is not None) else None
     locked = inp.locked.get(task.name, [])
     nan_scores = in_task & np.isnan(score) if score is not None else np.zeros(len(df), bool)
     use = in_task & ~nan_scores
@@ -580,7 +587,8 @@ def delong_rows(t: Tables, run_id, task, compare: pd.DataFrame, df, score, y_tas
                 note="undefined: fewer than 4 images in common with the compared run")
         return
     order = other.index.get_indexer(df["image_id"].to_numpy()[common])
-    other_score = binary_score(task_probabilities(compare.attrs["probs"], membership, task), pos)[order]
+    other_probs = compare.attrs["probs"]
+    other_score = binary_task_score(other_probs, membership_matrix(membership, task, other_probs.shape[1]), pos)[order]
     y = (y_task[common] == pos).astype(int)
     ok = ~np.isnan(other_score)
     r = M.delong_test(y[ok], score[common][ok], other_score[ok], groups=groups[common][ok], ci_level=ecfg.ci_level)
@@ -614,7 +622,9 @@ def task_scores(df: pd.DataFrame, inp: EvalInputs,
     y_task = truth_for_task(inp.tax, task, df["label"].to_numpy())
     pos = task.class_names.index(cast(str, task.positive))  # set for every binary task (parse_tasks)
     # Another run's predictions (the reference cohort) through their own membership (load_other_run).
-    score = binary_score(task_probabilities(df.attrs["probs"], df.attrs.get("membership", inp.membership), task), pos)
+    probs = df.attrs["probs"]
+    score = binary_task_score(probs, membership_matrix(df.attrs.get("membership", inp.membership), task,
+                                                       probs.shape[1]), pos)
     use = (y_task != NOT_IN_TASK) & ~np.isnan(score)
     groups = lesions(df)
     return (y_task[use] == pos).astype(int), score[use], groups[use], use
@@ -699,7 +709,7 @@ def block_histograms(batch: pa.Table, node_ids: list[str], truth: list[tuple[int
     h = np.zeros((len(truth), len(SUBSET_NAMES), 2, bins), np.int64)
     for ti, ((pos, node_class), m) in enumerate(zip(truth, matrices)):
         y = task_class_of_labels(node_ids, node_class, labels)
-        score = binary_score(probs @ m, pos)
+        score = binary_task_score(probs, m, pos)  # NaN when not estimable: counted nowhere
         ok = (y != NOT_IN_TASK) & ~np.isnan(score)
         b = np.clip((np.nan_to_num(score) * bins).astype(np.int64), 0, bins - 1)
         for si, mask in enumerate(masks):
@@ -780,7 +790,8 @@ def format_summary(s: dict) -> str:
     lines = [f"evaluate: run {s['run_id']}" + (f", {s['images']} images" if "images" in s else "")]
     for h in s["headline"]:
         ci = f" [{fmt(h['ci_low'])}, {fmt(h['ci_high'])}]" if h["ci_low"] is not None else ""
-        lines.append(f"  {h['task']:<32} {h['subset']:<8} {h['metric']:<18} {fmt(h['value'])}{ci}  n={h['n']}")
+        why = f"  ({h['note']})" if h["value"] is None and h.get("note") else ""
+        lines.append(f"  {h['task']:<32} {h['subset']:<8} {h['metric']:<18} {fmt(h['value'])}{ci}  n={h['n']}{why}")
     for task, ex in s.get("excluded", {}).items():
         if ex["undefined_score"]:
             lines.append(f"  warning: {task}: {ex['undefined_score']} images have no probability in either class")

@@ -58,6 +58,25 @@ def binary_score(task_probs: np.ndarray, positive: int) -> np.ndarray:
         return np.where(total > 0, pos / np.where(total > 0, total, 1), np.nan)
 
 
+def not_estimable(matrix: np.ndarray, task: Task) -> str | None:
+    """Why a model cannot score ``task``: the task classes that no training class lies under (``matrix``:
+    membership_matrix [C, K], an all-zero column), or None. Their probability is 0 by construction, not by the
+    model: a binary score would be 0 everywhere and read as an AUC of 0.5 and a threshold of 0."""
+    empty = [name for j, name in enumerate(task.class_names) if not matrix[:, j].any()]
+    if not empty:
+        return None
+    return (f"not estimable: no training class lies under task class {', '.join(empty)} of {task.name} (the "
+            "partition made none there: too few training images, or none)")
+
+
+def binary_task_score(probs: np.ndarray, matrix: np.ndarray, positive: int) -> np.ndarray:
+    """The binary score of [n, C] training-class probabilities through ``matrix`` [C, 2] (``binary_score`` of
+    ``probs @ matrix``); all NaN when a task class has no training class under it (``not_estimable``)."""
+    if not matrix.any(axis=0).all():
+        return np.full(len(probs), np.nan)
+    return binary_score(probs @ matrix, positive)
+
+
 def node_task_class(tax: Taxonomy, task: Task) -> np.ndarray:
     """int64 [n_nodes]: the task class an image labelled with each taxonomy node belongs to (NOT_IN_TASK: none)."""
     out = np.full(len(tax), NOT_IN_TASK, dtype=np.int64)

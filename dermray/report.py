@@ -147,6 +147,8 @@ def render_report(summary: dict, t, plots: dict[str, bytes], tasks: list[Task] |
         if c["binary"]:
             auc = c["auc"]
             line = f"AUC {fmt(auc['value']) if auc else '—'}{_ci(auc) if auc else ''}"
+            if auc and auc["value"] is None and auc.get("note"):  # e.g. not estimable: say why
+                line += f" ({auc['note']})"
             sens, spec = c["sensitivity"], c["specificity"]
             op = (f"at the locked point {c['point']}: sensitivity {fmt(sens['value'])}{_ci(sens)}, specificity "
                   f"{fmt(spec['value'])}{_ci(spec)}" if sens and spec else "no locked operating point")

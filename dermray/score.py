@@ -583,7 +583,7 @@ class PartWriter:
 
     def __init__(self, rdir: str, ens: Ensemble, tasks, membership, carry: pa.Schema | None, meter,
                  decided: Decisions):
-        from dermray.inference import binary_score, membership_matrix
+        from dermray.inference import binary_task_score, membership_matrix
 
         self.rdir, self.ens, self.carry, self.meter, self.decided = rdir, ens, carry, meter, decided
         self.task_columns = []
@@ -591,7 +591,7 @@ class PartWriter:
             m = membership_matrix(membership, task, ens.n_classes)
             pos = task.class_names.index(task.positive) if task.is_binary else None
             self.task_columns.append((task, m, pos))
-        self._binary_score = binary_score
+        self._binary_score = binary_task_score
         self.pending: dict[str, list[dict]] = {}
         self.received: dict[str, int] = {}
         self.totals: dict[str, int] = {}
@@ -665,7 +665,7 @@ class PartWriter:
             data[f"{task.name}_probs"] = pa.FixedSizeListArray.from_arrays(
                 pa.array(tp.reshape(-1)), len(task.classes)).cast(pa.list_(pa.float32()))
             if pos is not None:
-                score = self._binary_score(tp, pos).astype(np.float32)
+                score = self._binary_score(probs.astype(np.float64), m, pos).astype(np.float32)  # NaN: not estimable
                 data[f"{task.name}_score"] = pa.array(score)
                 if task.name in self.decided.thresholds:
                     data[f"{task.name}_positive"] = pa.array(score >= self.decided.thresholds[task.name][1],

@@ -731,20 +731,41 @@ def lock_decisions(cfg: RunConfig, p: TrainPlan, fold_rows: list[dict]) -> tuple
     return calibration | {"fitted_on": chosen_on}, [pt | {"chosen_on": chosen_on} for pt in points], chosen_on
 
 
+def not_estimable_tasks(cfg: RunConfig, p: TrainPlan) -> dict[str, str]:
+    """Binary task -> why it cannot be scored by these models (a task class with no training class under it:
+    inference.not_estimable); such a task gets no locked operating point, and its cards say why."""
+    from dermray import inference
+    from dermray.definitions import load_tasks, load_taxonomy
+
+    if not p.positives:
+        return {}
+    assert cfg.data.tasks is not None and cfg.data.taxonomy is not None  # binary tasks come from them
+    tasks = load_tasks(cfg.data.tasks, load_taxonomy(cfg.data.taxonomy))
+    reasons = {t.name: inference.not_estimable(p.matrices[t.name], t) for t in tasks if t.name in p.positives}
+    return {name: why for name, why in reasons.items() if why}
+
+
 def write_decisions(cfg: RunConfig, folds: list, calibration: dict | None, points: list[dict],
-                    cv: pd.DataFrame) -> None:
-    """Every fold's card gets the run's decisions and its cross-validation summary (a card that holds them already
-    is left as it is: a re-run adds no changelog entry)."""
+                    cv: pd.DataFrame, not_estimable: dict[str, str] | None = None) -> None:
+    """Every fold's card gets the run's decisions, the tasks it cannot score with the reason, and its
+    cross-validation summary (a card that holds them already is left as it is: a re-run adds no changelog
+    entry)."""
     for fold in folds:
         d = layout.fold_dir(cfg.output, cfg.run_id, fold)
         card = artifacts.read_card(storage.join(d, artifacts.CARD_FILE))
         description = card.description | {"cross_validation": cv.to_dict(orient="records")}
+        if not_estimable:
+            description["not_estimable"] = dict(not_estimable)
+        else:
+            description.pop("not_estimable", None)
         decided = {"calibration": artifacts.Calibration(**calibration).model_dump(mode="json") if calibration else None,
                    "operating_points": [artifacts.OperatingPoint(**pt).model_dump(mode="json") for pt in points],
-                   "cross_validation": description["cross_validation"]}
+                   "cross_validation": description["cross_validation"],
+                   "not_estimable": description.get("not_estimable")}
         held = {"calibration": card.calibration.model_dump(mode="json") if card.calibration else None,
                 "operating_points": [pt.model_dump(mode="json") for pt in card.operating_points],
-                "cross_validation": card.description.get("cross_validation")}
+                "cross_validation": card.description.get("cross_validation"),
+                "not_estimable": card.description.get("not_estimable")}
         if _same_json(decided, held):
             continue
         changelog = card.changelog + ([{"when": description.get("trained_at"), "what": "calibration and "
@@ -817,7 +838,7 @@ def run(cfg: RunConfig) -> dict:
     # A fold not trained now finished earlier.
     fold_rows = [rows.get(str(fold)) or cast(dict, finished[str(fold)])["row"] for fold in p.folds]
     calibration, points, _ = lock_decisions(cfg, p, fold_rows)
-    write_decisions(cfg, p.folds, calibration, points, cv_summary(fold_rows, p.task_names))
+    write_decisions(cfg, p.folds, calibration, points, cv_summary(fold_rows, p.task_names), not_estimable_tasks(cfg, p))
     summary = summarise(cfg, p, fold_rows, used, n_bad, lineages, time.perf_counter() - t_start,
                         {"calibration": calibration, "operating_points": points})
     return summary

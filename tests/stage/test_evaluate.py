@@ -399,3 +399,28 @@ def test_a_compared_run_with_other_training_classes_is_scored_through_its_own_me
                  str(other_dir / "predictions"), "--output", str(tmp_path / "refused"), "--run-id", "x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"over {len(classes)} training classes" in err[0], err
+
+
+def test_a_task_with_a_class_no_training_class_lies_under_is_not_estimable_with_the_reason(study, tmp_path, capsys):
+    """Issue 28, finding 6: when no training class lies under one of a task's classes (here: the partition's
+    membership holds no melanoma class), the task's score is 0 by construction, and its AUC read 0.500 [0.500,
+    0.500] with a locked threshold of 0.0. It is not estimable: null, with the reason, in every subset."""
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(study["dir"], d)
+    tm = pd.read_parquet(d / "partition" / "task_membership.parquet")
+    kept = tm[~((tm.task == "mel_vs_nev") & (tm.task_class == "melanoma"))]
+    pq.write_table(pa.Table.from_pandas(kept, preserve_index=False), d / "partition" / "task_membership.parquet")
+    summary, metrics, _ = run_eval(dict(study, dir=d), tmp_path)
+    mel = metrics[(metrics.task == "mel_vs_nev") & (metrics.metric == "auc")]
+    assert len(mel) and mel["value"].isna().all(), mel
+    assert mel["note"].str.startswith("not estimable: no training class lies under task class melanoma").all(), mel
+    assert metrics[(metrics.task == "mel_vs_nev") & metrics.metric.str.contains("@")].empty  # no rates, no points
+    (h,) = [h for h in summary["headline"] if h["task"] == "mel_vs_nev" and h["subset"] == "all"]
+    assert h["value"] is None and h["note"].startswith("not estimable")
+    assert "not estimable" in evaluate.format_summary(summary)
+    report = (tmp_path / "out" / "metrics" / "r1" / "report.md").read_text()
+    assert "AUC — (not estimable: no training class lies under task class melanoma" in report
+    # The other tasks are evaluated as before.
+    assert value(metrics, "three", "all", "accuracy").value is not None

@@ -150,6 +150,21 @@ def test_a_task_without_positives_out_of_fold_gets_no_locked_point():
     assert points == []
 
 
+def test_a_task_with_a_class_no_training_class_lies_under_gets_no_locked_point_and_no_score():
+    """Issue 28, finding 6: with no training class under the positive class, the score is 0 by construction, and a
+    threshold of 0.0 (sensitivity 1, specificity 0) was locked. The score is NaN and no point is locked."""
+    from dermray import inference
+
+    probs, classes, truth, tasks = _oof()
+    empty = tasks[0][3].copy()
+    empty[:, 0] = 0  # nothing under task class 0 (the positive class)
+    _, points = decisions.lock(probs, classes, truth, [("t", 0, 0, empty)], target_sensitivity=0.9)
+    assert points == []
+    assert np.isnan(inference.binary_task_score(probs, empty, 0)).all()
+    assert np.allclose(inference.binary_task_score(probs, tasks[0][3], 0),
+                       inference.binary_score(probs @ tasks[0][3], 0))
+
+
 def test_readers_specificity_is_the_mean_over_readers_of_their_specificity():
     truth = {"t": pd.Series({"a": 0, "b": 0, "c": 1})}
     readers = pd.DataFrame({"reader_id": ["r1"] * 3 + ["r2"] * 3, "image_id": ["a", "b", "c"] * 2, "task": "t",

@@ -81,3 +81,30 @@ def test_a_model_card_from_a_newer_dermray_or_with_a_bad_field_is_refused_naming
     v1 = {k: v for k, v in good.items() if k != "schema_version"}  # version 1 cards (no field) are still read
     path.write_text(json.dumps(v1))
     assert artifacts.read_card(str(path)).model_id == good["model_id"]
+
+
+def test_a_task_that_cannot_be_scored_is_on_every_card_with_its_reason(tmp_path):
+    """Issue 28, finding 6: a binary task with a class that no training class lies under gets no locked point; the
+    cards say so and why (and drop it when a later partition can score it)."""
+    import json
+    import pathlib
+
+    import pandas as pd
+
+    from dermray import layout, train
+    from dermray.config import load_config
+    from tests.helpers import write_fold
+
+    classes = pa.table({"class_index": pa.array([0, 1], pa.int32()), "node_id": ["benign", "malignant"],
+                        "name": ["benign", "malignant"], "scope": ["subtree", "subtree"]})
+    cfg = load_config(None, [f"output={tmp_path}", "run_id=r1"])
+    fold = layout.fold_dir(str(tmp_path), "r1", 0)
+    write_fold(pathlib.Path(fold), classes, seed=0)
+    cv = pd.DataFrame([{"metric": "val_top1", "mean": 0.5, "sd": 0.1, "folds": 2}])
+    why = "not estimable: no training class lies under task class melanoma of mel_vs_nev (the partition made none)"
+    train.write_decisions(cfg, [0], None, [], cv, {"mel_vs_nev": why})
+    stored = json.loads(open(f"{fold}/model_card.json").read())
+    assert stored["description"]["not_estimable"] == {"mel_vs_nev": why}
+    assert f"- mel_vs_nev: no operating point, {why}" in open(f"{fold}/model_card.md").read()
+    train.write_decisions(cfg, [0], None, [], cv, {})
+    assert "not_estimable" not in json.loads(open(f"{fold}/model_card.json").read())["description"]
