@@ -78,6 +78,8 @@ class OperatingPoint(_Record):
     specificity: Optional[float] = None
     chosen_on: str = "out_of_fold"
     n: Optional[int] = None
+    n_positive: Optional[int] = None  # the images behind sensitivity out of fold
+    n_negative: Optional[int] = None  # and behind specificity
 
 
 class Calibration(_Record):
@@ -222,27 +224,39 @@ def render_markdown(card: ModelCard) -> str:
         if not card.operating_points:
             lines += ["", "## Operating points (locked out of fold)", ""]
         lines += [""] + [f"- {task}: no operating point, {why}" for task, why in sorted(d["not_estimable"].items())]
-    if card.test_metrics:
-        lines += ["", "## Test results (written by dermray evaluate)", ""]
-        for t in card.test_metrics:
-            lines.append(f"- {t['evaluation']} (model {t['model_id']}, predictions {str(t['predictions'])[:12]}):")
-            cohorts = external_rows(t["headline"])
-            if cohorts:  # every cohort it was evaluated on, beside the reference
-                lines += ["", "  | task | subset | cohort | AUC (95% CI), n | reference | reference AUC (95% CI), n | "
-                              "difference (95% CI) |", "  |---|---|---|---|---|---|---|"]
-                lines += ["  | " + " | ".join(row) + " |" for row in cohorts]
-                lines.append("")
-            for h in t["headline"]:
-                if h["subset"].startswith("cohort="):
-                    continue
-                ci = f" [{h['ci_low']:.3f}, {h['ci_high']:.3f}]" if h.get("ci_low") is not None else ""
-                value = (h.get("note") or "undefined") if h["value"] is None else f"{h['value']:.3f}"
-                lines.append(f"  - {h['task']} {h['subset']} {h['metric']}: {value}{ci} (n={h['n']})")
+    lines += _test_results(card.test_metrics)
     lines += ["", "## Known limitations", ""] + [f"- {x}" for x in d.get("limitations", LIMITATIONS)]
     lines += ["", "## Lineage", "", f"- lineage id {card.lineage.get('id')}, config hash {card.config_hash}",
               f"- partition: {card.lineage.get('partition')}", "", "## Changelog", ""]
     lines += [f"- {c.get('when')}: {c.get('what')}" for c in card.changelog]
     return "\n".join(lines) + "\n"
+
+
+def _test_results(test_metrics: list[dict]) -> list[str]:
+    """The card's test results, as evaluate wrote them back: each evaluation's headline (a null value shows its
+    reason; a locked point that does not carry over says why) and its cohorts beside the reference."""
+    if not test_metrics:
+        return []
+    lines = ["", "## Test results (written by dermray evaluate)", ""]
+    for t in test_metrics:
+        lines.append(f"- {t['evaluation']} (model {t['model_id']}, predictions {str(t['predictions'])[:12]}):")
+        cohorts = external_rows(t["headline"])
+        if cohorts:  # every cohort it was evaluated on, beside the reference
+            lines += ["", "  | task | subset | cohort | AUC (95% CI), n | reference | reference AUC (95% CI), n | "
+                          "difference (95% CI) |", "  |---|---|---|---|---|---|---|"]
+            lines += ["  | " + " | ".join(row) + " |" for row in cohorts]
+            lines.append("")
+        for h in t["headline"]:
+            if h["subset"].startswith("cohort="):
+                continue
+            if h["metric"].startswith("carries_over@"):
+                lines.append(f"  - {h['task']} {h['subset']}: the locked point "
+                             f"{h['metric'].split('@locked:', 1)[-1]} {h['note']}")
+                continue
+            ci = f" [{h['ci_low']:.3f}, {h['ci_high']:.3f}]" if h.get("ci_low") is not None else ""
+            value = (h.get("note") or "undefined") if h["value"] is None else f"{h['value']:.3f}"
+            lines.append(f"  - {h['task']} {h['subset']} {h['metric']}: {value}{ci} (n={h['n']})")
+    return lines
 
 
 def write_card(card: ModelCard, fold_dir: str) -> str:

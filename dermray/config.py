@@ -183,6 +183,9 @@ class EvaluateConfig(Section):
     subgroups: StrList = Field(default_factory=list)  # columns; "age:0/40/60/120" bins a numeric column
     thresholds: FloatList = Field(default_factory=lambda: [0.5])
     target_sensitivity: float = Field(0.95, gt=0, le=1)
+    # A locked operating point whose test sensitivity or specificity falls below this (or outside its out-of-fold
+    # interval) is flagged: it does not carry over to these data (carries_over@locked:<point> = 0, with the reason)
+    rate_floor: float = Field(0.10, ge=0, lt=1)
     n_bootstrap: int = Field(1000, ge=10)
     ci_level: float = Field(0.95, gt=0, lt=1)
     seed: int = 0

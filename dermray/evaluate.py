@@ -30,7 +30,7 @@ from dermray import metrics as M
 from dermray.config import EvaluateConfig, RunConfig
 from dermray.definitions import load_tasks, load_taxonomy
 from dermray.errors import UserError
-from dermray.formatting import fmt
+from dermray.formatting import flagged_points, fmt
 from dermray.ids import lesion_keys
 from dermray.inference import (
     NOT_IN_TASK,
@@ -241,6 +241,34 @@ def subgroup_verdict(t: Tables, run_id: str, task: Task, subset_names: list[str]
                 note=f"{groups[gap.best][0]} minus {groups[gap.worst][0]}{level}")
 
 
+def carry_over_verdict(t: Tables, run_id: str, task: Task, subset_names: list[str], scored: dict,
+                       cfg: EvaluateConfig) -> None:
+    """Per locked operating point, on all images and on the biopsy-proven ones: what it gave out of fold beside
+    what it gives here (``sensitivity_oof@locked:<point>``, ``specificity_oof@...`` with their Wilson intervals),
+    and ``carries_over@locked:<point>`` = 1 or 0, 0 with the reason when a test rate lies outside its out-of-fold
+    interval or below ``evaluate.rate_floor`` (metrics.carries_over)."""
+    by = {(r["subset"], r["metric"]): r for r in t.metrics if r["task"] == task.name}
+    alpha = 1 - cfg.ci_level
+    for pt in [p for p in scored.get("operating_points", []) if p.get("task") == task.name]:
+        for subset in [s for s in ("all", "biopsy") if s in subset_names]:
+            label = f"locked:{pt['name']}"
+            verdicts, reasons = [], []
+            for rate, among in (("sensitivity", "n_positive"), ("specificity", "n_negative")):
+                test = by.get((subset, f"{rate}@{label}"), {}).get("value")
+                ok, why, (lo, hi) = M.carries_over(rate, test, pt.get(rate), pt.get(among), cfg.rate_floor, alpha)
+                _metric(t, run_id, task.name, subset, f"{rate}_oof@{label}", pt.get(rate), pt.get(among) or 0, lo,
+                        hi, note=f"out of fold ({pt.get('chosen_on', 'out_of_fold')})")
+                verdicts.append(ok)
+                if ok is False:
+                    reasons.append(why)
+            if None in verdicts:
+                continue
+            n = int(by.get((subset, "n_positive"), {}).get("n") or 0)
+            _metric(t, run_id, task.name, subset, f"carries_over@{label}", float(all(verdicts)), n,
+                    note=("does not carry over: " + "; ".join(reasons)) if reasons else
+                    "its test sensitivity and specificity lie within their out-of-fold intervals")
+
+
 def reader_points(t: Tables, run_id, task: Task, subset, y, score, image_ids, readers: pd.DataFrame):
     """Each reader's sensitivity/specificity on the images of this task and subset that the reader read."""
     r = readers[readers["task"] == task.name]
@@ -406,6 +434,7 @@ def evaluate_task(t: Tables, run_id: str, task: Task, df: pd.DataFrame, inp: Eva
             evaluate_multiclass(t, run_id, task, subset_name, y_task[m], tprobs[m], groups[m], ecfg)
     if task.is_binary:
         subgroup_verdict(t, run_id, task, [n for n, _ in subset_masks], ecfg)
+        carry_over_verdict(t, run_id, task, [n for n, _ in subset_masks], inp.scored, ecfg)
     if task.is_binary and nan_scores.any():
         _metric(t, run_id, task.name, "all", "excluded_undefined_score", int(nan_scores.sum()), int(in_task.sum()),
                 note="P(pos) + P(neg) is 0: the model gives these images no probability in either class")
@@ -612,7 +641,8 @@ def headline(t: Tables) -> list[dict]:
     keep = {"auc", "accuracy", "balanced_accuracy"}
     return [{k: r[k] for k in ("task", "subset", "metric", "value", "ci_low", "ci_high", "n", "note")}
             for r in t.metrics if (r["metric"] in keep and r["subset"] in ("all", "biopsy"))
-            or r["metric"] == "auc_difference" or (r["metric"] == "auc" and r["subset"].startswith("cohort="))]
+            or r["metric"] == "auc_difference" or (r["metric"] == "auc" and r["subset"].startswith("cohort="))
+            or (r["metric"].startswith("carries_over@") and r["value"] == 0)]
 
 
 # ---- external validation ------------------------------------------------------------------------------------------
@@ -788,7 +818,10 @@ def counts(s: dict) -> dict:
 
 def format_summary(s: dict) -> str:
     lines = [f"evaluate: run {s['run_id']}" + (f", {s['images']} images" if "images" in s else "")]
+    lines += [f"  {w}" for w in flagged_points(s["headline"])]
     for h in s["headline"]:
+        if h["metric"].startswith("carries_over@"):
+            continue
         ci = f" [{fmt(h['ci_low'])}, {fmt(h['ci_high'])}]" if h["ci_low"] is not None else ""
         why = f"  ({h['note']})" if h["value"] is None and h.get("note") else ""
         lines.append(f"  {h['task']:<32} {h['subset']:<8} {h['metric']:<18} {fmt(h['value'])}{ci}  n={h['n']}{why}")

@@ -33,3 +33,10 @@ def external_rows(metrics: list[dict]) -> list[list[str]]:
                      auc_cell(auc.get((r["task"], f"cohort={reference}:{subset}"))),
                      f"{fmt(r['value'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]"])
     return rows
+
+
+def flagged_points(headline: list[dict]) -> list[str]:
+    """One warning per locked operating point that does not carry over to the evaluated data (the headline's
+    ``carries_over@locked:<point>`` rows that are 0: evaluate.carry_over_verdict), saying why."""
+    return [f"warning: {h['task']} {h['subset']}: the locked point {h['metric'].split('@locked:', 1)[-1]} "
+            f"{h['note']}" for h in headline if h["metric"].startswith("carries_over@") and h["value"] == 0]

@@ -478,8 +478,41 @@ def operating_points(y, score, target_sensitivity: float, specificities: dict[st
             continue
         r = rates_at(y, score, thr)
         out.append({"name": name, "threshold": float(thr), "sensitivity": r.sensitivity,
-                    "specificity": r.specificity, "n": int(len(y))})
+                    "specificity": r.specificity, "n": int(len(y)), "n_positive": int(y.sum()),
+                    "n_negative": int(len(y) - y.sum())})
     return out
+
+
+def wilson_interval(successes: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``successes / n`` at level 1 - alpha ((nan, nan) for n = 0)."""
+    from scipy.stats import norm
+
+    if n <= 0:
+        return float("nan"), float("nan")
+    z = float(norm.ppf(1 - alpha / 2))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    lo = 0.0 if successes <= 0 else max(0.0, centre - half)
+    hi = 1.0 if successes >= n else min(1.0, centre + half)
+    return float(lo), float(hi)
+
+
+def carries_over(rate_name: str, test: float | None, oof: float | None, oof_n: int | None, floor: float,
+                 alpha: float = 0.05) -> tuple[bool | None, str, tuple[float, float]]:
+    """Whether a locked point's test ``rate_name`` (sensitivity / specificity) holds what it gave out of fold:
+    (verdict, reason, the out-of-fold interval). It does not when the test rate lies outside the Wilson interval of
+    the out-of-fold rate (``oof`` over ``oof_n`` images) or below ``floor``; None when either rate is unknown."""
+    if test is None or oof is None or not np.isfinite(test) or not np.isfinite(oof):
+        return None, f"{rate_name}: not comparable (unknown out of fold or on these data)", (float("nan"),) * 2
+    lo, hi = wilson_interval(round(oof * oof_n), oof_n, alpha) if oof_n else (float("nan"), float("nan"))
+    reasons = []
+    if np.isfinite(lo) and not lo <= test <= hi:
+        reasons.append(f"test {rate_name} {test:.3f} outside its out-of-fold interval [{lo:.3f}, {hi:.3f}] "
+                       f"({oof:.3f} of {oof_n})")
+    if test < floor:
+        reasons.append(f"test {rate_name} {test:.3f} below the floor {floor:g}")
+    return not reasons, "; ".join(reasons), (lo, hi)
 
 
 def threshold_for_specificity(y, score, target: float) -> float:

@@ -19,7 +19,7 @@ import pandas as pd
 from dermray import evaluate, layout, score, stages, storage
 from dermray.config import RunConfig, derive
 from dermray.errors import UserError
-from dermray.formatting import fmt
+from dermray.formatting import flagged_points, fmt
 
 log = logging.getLogger("dermray.nightly")
 STAGE = "nightly"
@@ -93,6 +93,7 @@ def format_summary(s: dict) -> str:
     for h in s["headline"]:
         if h["metric"] == "auc":
             lines.append(f"  {h['task']:<32} {h['subset']:<8} AUC {fmt(h['value'])}  n={h['n']}")
+    lines += [f"  {w}" for w in flagged_points(s["headline"])]
     lines.append(f"  report: {s['outputs']['report']}")
     lines.append(f"  metrics by night: {s['outputs']['metrics_history']}")
     return "\n".join(lines)

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from dermray import artifacts, layout, lineage, progress, stages, storage
 from dermray.config import RunConfig, derive
 from dermray.errors import UserError
-from dermray.formatting import fmt
+from dermray.formatting import flagged_points, fmt
 
 log = logging.getLogger("dermray.pipeline")
 
@@ -187,6 +187,7 @@ def format_summary(s: dict) -> str:
         if h["metric"] in ("auc", "accuracy") and h["subset"] == "all":
             ci = f" [{fmt(h['ci_low'])}, {fmt(h['ci_high'])}]" if h.get("ci_low") is not None else ""
             lines.append(f"  test {h['task']:<32} {h['metric']:<9} {fmt(h['value'])}{ci}  n={h['n']}")
+    lines += [f"  {w}" for w in flagged_points(s["headline"])]
     if s["report"]:
         lines.append(f"  report: {s['report']}")
     if s["saliency_gallery"]:

@@ -106,7 +106,8 @@ def headline_cards(summary: dict, t, tasks: list[Task]) -> list[dict]:
                             key=lambda n: (not n.startswith("sens"), n != "youden", n))  # the scoring default first
             point = locked[0] if locked else None
             card["point"] = point
-            for rate in ("sensitivity", "specificity", "ppv", "npv"):
+            for rate in ("sensitivity", "specificity", "ppv", "npv", "sensitivity_oof", "specificity_oof",
+                         "carries_over"):
                 card[rate] = by.get((task.name, subset, f"{rate}@locked:{point}")) if point else None
             card["plot"] = f"roc_{task.name}_{subset}.png"
         else:
@@ -152,6 +153,12 @@ def render_report(summary: dict, t, plots: dict[str, bytes], tasks: list[Task] |
             sens, spec = c["sensitivity"], c["specificity"]
             op = (f"at the locked point {c['point']}: sensitivity {fmt(sens['value'])}{_ci(sens)}, specificity "
                   f"{fmt(spec['value'])}{_ci(spec)}" if sens and spec else "no locked operating point")
+            oof_sens, oof_spec, carried = c.get("sensitivity_oof"), c.get("specificity_oof"), c.get("carries_over")
+            if sens and spec and oof_sens and oof_spec and oof_sens["value"] is not None:
+                op += (f" (out of fold: sensitivity {fmt(oof_sens['value'])}{_ci(oof_sens)}, specificity "
+                       f"{fmt(oof_spec['value'])}{_ci(oof_spec)})")
+            if carried and carried["value"] == 0:
+                op += f". WARNING: this point {carried['note']}"
             n = auc["n"] if auc else 0
             lesions = int(c["n_groups"]["value"]) if c.get("n_groups") and c["n_groups"]["value"] is not None else None
             count = f"{n:,} images" + (f", {lesions:,} lesions" if lesions else "")

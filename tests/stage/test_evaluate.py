@@ -424,3 +424,40 @@ def test_a_task_with_a_class_no_training_class_lies_under_is_not_estimable_with_
     assert "AUC — (not estimable: no training class lies under task class melanoma" in report
     # The other tasks are evaluated as before.
     assert value(metrics, "three", "all", "accuracy").value is not None
+
+
+def test_a_locked_point_that_does_not_carry_over_to_the_test_set_is_flagged_with_the_reason(study, tmp_path):
+    """Issue 28, finding 1 (the flag): each locked point's out-of-fold rates beside its test rates, and a point whose
+    test rate leaves its out-of-fold interval or the floor flagged, on the console, in the report and the headline
+    (so on the model card). Here: one point locked at a threshold that calls every image positive while its card
+    says it gave specificity 0.60 out of fold; one locked where the test data give what the card says."""
+    import json
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(study["dir"], d)
+    df = study["df"]
+    score = independent_score(study, "mel_vs_nev", "Malignant:Melanoma", "Benign:Nevus")
+    in_task = (df["label"].str.startswith("Malignant:Melanoma") | df["label"].str.startswith("Benign:Nevus")).to_numpy()
+    y = df["label"].str.startswith("Malignant").to_numpy()[in_task & ~np.isnan(score)]
+    s = score[in_task & ~np.isnan(score)]
+    thr = float(np.quantile(s[~y], 0.5))  # specificity ~0.5 on these data
+    sens, spec = float((s[y] >= thr).mean()), float((s[~y] < thr).mean())
+    points = [{"task": "mel_vs_nev", "name": "sens0.95", "threshold": 0.0, "sensitivity": 0.95, "specificity": 0.60,
+               "n": 500, "n_positive": 100, "n_negative": 400, "chosen_on": "out-of-fold predictions"},
+              {"task": "mel_vs_nev", "name": "youden", "threshold": thr, "sensitivity": sens, "specificity": spec,
+               "n": 500, "n_positive": 100, "n_negative": 400, "chosen_on": "out-of-fold predictions"}]
+    (d / "score_summary.json").write_text(json.dumps({"operating_points": points}))
+    summary, metrics, base = run_eval(dict(study, dir=d), tmp_path)
+    flag = value(metrics, "mel_vs_nev", "all", "carries_over@locked:sens0.95")
+    assert flag.value == 0 and flag.note.startswith("does not carry over: "), flag.note
+    assert "test specificity 0.000 outside its out-of-fold interval [0.551, 0.647] (0.600 of 400)" in flag.note
+    assert "test specificity 0.000 below the floor 0.1" in flag.note
+    oof = value(metrics, "mel_vs_nev", "all", "specificity_oof@locked:sens0.95")
+    assert oof.value == 0.60 and oof.ci_low < 0.60 < oof.ci_high and oof.n == 400
+    assert value(metrics, "mel_vs_nev", "all", "carries_over@locked:youden").value == 1
+    assert [h["metric"] for h in summary["headline"] if h["metric"].startswith("carries_over")] == [
+        "carries_over@locked:sens0.95"] * len([h for h in summary["headline"] if h["metric"].startswith("carries")])
+    assert "warning: mel_vs_nev all: the locked point sens0.95 does not carry over" in evaluate.format_summary(summary)
+    report = (base / "report.md").read_text()
+    assert "(out of fold: sensitivity 0.950" in report and "WARNING: this point does not carry over" in report

@@ -268,3 +268,24 @@ def test_operating_points_meet_their_targets_on_the_data_that_chose_them():
     assert points["readers_specificity"]["specificity"] >= 0.8
     j = points["youden"]["sensitivity"] + points["youden"]["specificity"]
     assert j >= points["sens0.95"]["sensitivity"] + points["sens0.95"]["specificity"] - 1e-12
+
+
+def test_the_wilson_interval_matches_its_closed_form_known_answers():
+    # Known answers (Wilson 1927; e.g. Newcombe 1998, table I: 81/263 -> 0.2553-0.3662; 15/148 -> 0.0624-0.1605)
+    lo, hi = M.wilson_interval(81, 263)
+    assert abs(lo - 0.2553) < 5e-4 and abs(hi - 0.3662) < 5e-4
+    lo, hi = M.wilson_interval(15, 148)
+    assert abs(lo - 0.0624) < 5e-4 and abs(hi - 0.1605) < 5e-4
+    assert M.wilson_interval(0, 10)[0] == 0.0 and M.wilson_interval(10, 10)[1] == 1.0
+    assert all(np.isnan(M.wilson_interval(0, 0)))
+
+
+def test_a_locked_point_carries_over_unless_a_test_rate_leaves_its_out_of_fold_interval_or_the_floor():
+    ok, why, (lo, hi) = M.carries_over("specificity", 0.15, 0.159, 400, floor=0.10)
+    assert ok and why == "" and lo < 0.15 < hi
+    # issue 28, finding 1: out-of-fold specificity 0.159, test 0.009
+    ok, why, _ = M.carries_over("specificity", 0.009, 0.159, 400, floor=0.10)
+    assert ok is False and "outside its out-of-fold interval" in why and "below the floor 0.1" in why
+    ok, why, _ = M.carries_over("sensitivity", 0.05, 0.06, 1000, floor=0.10)
+    assert ok is False and "below the floor" in why and "outside" not in why
+    assert M.carries_over("sensitivity", None, 0.9, 10, floor=0.1)[0] is None
