@@ -26,7 +26,7 @@ import pyarrow as pa
 from dermray import artifacts, layout, lineage, progress, storage
 from dermray.config import RunConfig, SaliencyConfig
 from dermray.errors import UserError
-from dermray.inference import binary_score, membership_matrix, task_probabilities, truth_for_task
+from dermray.inference import binary_task_score, membership_matrix, task_probabilities, truth_for_task
 
 log = logging.getLogger("dermray.saliency")
 STAGE = "saliency"
@@ -59,7 +59,8 @@ def select_images(df: pd.DataFrame, probs: np.ndarray, tasks, membership: pd.Dat
         truth = truth_for_task(tax, task, df["label"].to_numpy())
         if task.is_binary:
             pos = task.class_names.index(task.positive)
-            score = binary_score(tp, pos)
+            # NaN when not estimable (a class no training class lies under): nothing of this task is selected
+            score = binary_task_score(probs, membership_matrix(membership, task, probs.shape[1]), pos)
             predicted = np.where(score >= 0.5, pos, 1 - pos)
         else:
             score = tp.max(axis=1)
