@@ -170,18 +170,24 @@ def early(request, tmp_path_factory):
     selected = {item.nodeid for item in items}
     launchers = {}
     if any(_uses_the_demo(item) for item in items):
-        launchers["demo"] = lambda env: runs.demo_pipeline(tmp_path_factory.mktemp("demo"), env)
+        demo_dir = tmp_path_factory.mktemp("demo")
+        launchers["demo"] = lambda env: runs.demo_pipeline(demo_dir, env)
     if (DEMO_CLUSTER_TEST in selected and (pathlib.Path(sys.executable).parent / "ray").exists()
             and shutil.which("make")):
         def demo_cluster(env):
             # After the demo: a re-run of its run, as a job (tests/early.py); else the pipeline at a reduced size.
             demo = state.results.get("demo", {}).get("value")
             ok = demo is not None and demo["run"].returncode == 0 and demo["summary"] is not None
-            return runs.demo_cluster(tmp_path_factory.mktemp("demo_cluster"), env, demo if ok else None)
+            return runs.demo_cluster(demo_cluster_dir, env, demo if ok else None)
+        demo_cluster_dir = tmp_path_factory.mktemp("demo_cluster")
         launchers["demo_cluster"] = demo_cluster
     if any(n.startswith("tests/system/test_multinode.py::") for n in selected) and (HAM / "labels.csv").exists():
         s3_env = request.getfixturevalue("s3_server")
-        launchers["multinode"] = lambda env: runs.multinode(HAM, s3_env, tmp_path_factory.mktemp("multinode"), env)
+        multinode_dir = tmp_path_factory.mktemp("multinode")
+        launchers["multinode"] = lambda env: runs.multinode(HAM, s3_env, multinode_dir, env)
+    # The runs' folders are made here, on the main thread: TempPathFactory is not thread-safe, and a background
+    # mktemp racing the main thread's first one made two base folders (CI: "demo is not a normalized and relative
+    # path", the demo's tests errored).
     state = runs.Early()
     if launchers:
         state.start(launchers)
