@@ -40,7 +40,6 @@ from dermray.inference import (
     not_estimable,
     probs_matrix,
     task_class_of_labels,
-    task_probabilities,
     truth_for_task,
 )
 from dermray.predictions import declared_columns, load_predictions
@@ -407,11 +406,11 @@ def evaluate_task(t: Tables, run_id: str, task: Task, df: pd.DataFrame, inp: Eva
     it evaluated."""
     probs, labels = df.attrs["probs"], df["label"].to_numpy()
     y_task = truth_for_task(inp.tax, task, labels)
-    tprobs = task_probabilities(probs, inp.membership, task)
+    matrix = membership_matrix(inp.membership, task, probs.shape[1])
+    tprobs = probs @ matrix  # task_probabilities, with the matrix the binary score uses too
     in_task = y_task != NOT_IN_TASK
     # a binary task's positive class is always set (parse_tasks); pos and score are None exactly when it is not binary
     pos = task.class_names.index(cast(str, task.positive)) if task.is_binary else None
-    matrix = membership_matrix(inp.membership, task, probs.shape[1])
     why = not_estimable(matrix, task) if pos is not None else None
     if why:  # its score would be 0 by construction: null with the reason in every subset, nothing else
         for subset_name, mask in subset_masks:

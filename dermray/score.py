@@ -660,12 +660,13 @@ class PartWriter:
             "top_class": pa.array(top, pa.int32()),
             "top_node": pa.array([self.node_ids[i] for i in top], pa.string()),
         }
+        p64 = probs.astype(np.float64)  # once for every task
         for task, m, pos in self.task_columns:
-            tp = (probs.astype(np.float64) @ m).astype(np.float32)
+            tp = (p64 @ m).astype(np.float32)
             data[f"{task.name}_probs"] = pa.FixedSizeListArray.from_arrays(
                 pa.array(tp.reshape(-1)), len(task.classes)).cast(pa.list_(pa.float32()))
             if pos is not None:
-                score = self._binary_score(probs.astype(np.float64), m, pos).astype(np.float32)  # NaN: not estimable
+                score = self._binary_score(p64, m, pos).astype(np.float32)  # NaN: not estimable
                 data[f"{task.name}_score"] = pa.array(score)
                 if task.name in self.decided.thresholds:
                     data[f"{task.name}_positive"] = pa.array(score >= self.decided.thresholds[task.name][1],

@@ -365,19 +365,13 @@ def _read_parquet(fs, path: str, columns: list[str] | None, uri: str) -> pa.Tabl
     # read then aborts (SIGABRT at interpreter exit, about one run in two; tests/system/test_processes.py). A local
     # file is opened by Arrow itself (no Python file object at all: the folder case still aborted about once in 160
     # contended runs with one), and the reader is closed here, on this thread, before the file.
-    with (contextlib.nullcontext(path) if _is_local(fs) else fs.open(path, "rb")) as source:
+    with (fs.open(path, "rb") if is_s3(uri) else contextlib.nullcontext(path)) as source:
         with pq.ParquetFile(source) as pf:
             if columns is not None:
                 missing = [c for c in columns if c not in pf.schema_arrow.names]
                 if missing:
                     raise UserError(f"{redact(uri)}: missing column(s) {missing}; it has {pf.schema_arrow.names}")
             return pf.read(columns=columns)
-
-
-def _is_local(fs) -> bool:
-    from fsspec.implementations.local import LocalFileSystem
-
-    return isinstance(fs, LocalFileSystem)
 
 
 def pyarrow_fs(fs):
