@@ -4,10 +4,11 @@ Tiers, by folder (each test gets the folder's marker; `pytest -m unit` or `pytes
 - tests/unit: no Ray, no subprocess, no network, no training: pure modules and stage kernels on tiny data. A unit
   test that asks for a fixture of the other tiers fails at collection; tests/unit/conftest.py refuses Ray and
   Python/Ray/shell subprocesses at run time.
-- tests/stage: the in-process Ray (`ray_local`) and the real S3 server (`s3_server`); stage tests read the outputs
-  of one shared synthetic study (`study`: every stage run once, then again, in this session).
-- tests/system: whole processes: `ray job submit` on local heads, the multi-node cluster, driver kills, S3
-  outages, the browser, the demo as a user runs it, KubeRay and kustomize.
+- tests/stage: the in-process Ray (`ray_local`) and the real S3 server (`s3_server`; the outage tests stop and
+  restart it); stage tests read the outputs of one shared synthetic study (`study`: every stage run once, then
+  again, in this session).
+- tests/system: whole processes: `ray job submit` on local heads, the multi-node cluster, driver kills, the
+  browser, the demo as a user runs it, KubeRay and kustomize.
 Real data (../shared/data) is used where the real images matter, and its tests skip with a reason without it."""
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ os.environ.setdefault("RAY_enable_metrics_collection", "0")
 logging.getLogger("werkzeug").setLevel(logging.WARNING)
 logging.getLogger("werkzeug").addHandler(logging.NullHandler())  # "has a handler": werkzeug adds none
 # What a unit test may not use: Ray, the S3 server, and the studies built with them.
-NOT_FOR_UNIT = {"ray_local", "s3_server", "s3_bucket", "score_study", "study"}
+NOT_FOR_UNIT = {"ray_local", "s3_servers", "s3_server", "s3_steady", "s3_bucket", "score_study", "study"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -110,30 +111,43 @@ def ray_local(s3_server):
 
 
 @pytest.fixture(scope="session")
-def s3_server():
-    """A real S3 API (moto's threaded server) on 127.0.0.1, with AWS_ENDPOINT_URL pointing at it."""
-    from moto.server import ThreadedMotoServer
+def s3_servers():
+    """Two real S3 APIs (moto's threaded servers) on 127.0.0.1 sharing one set of buckets (moto keeps its objects per
+    process): ``session``, which this process and its in-process Ray use (AWS_ENDPOINT_URL points at it) and which
+    the outage tests stop and start again, and ``steady``, never stopped, for the whole-process runs in the
+    background (tests/early.py), which an outage of the stage tier must not touch."""
+    from helpers import RestartableS3
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
+    session, steady = RestartableS3(), RestartableS3()
+    env = session.env()
+    # botocore's own retries are off for every S3 client of the session (its workers inherit this): a failed
+    # request reaches dermray's own handling (storage.Retry, quarantine, clear errors), which the tests judge,
+    # instead of being retried away below it. Nothing else fails on a loopback server.
+    env["AWS_MAX_ATTEMPTS"] = "1"
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        yield env
+        yield {"session": session, "steady": steady}
     finally:
-        server.stop()
+        session.close()
+        steady.close()
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3_server(s3_servers):
+    """The session's S3 endpoint, as the environment that points at it (AWS_ENDPOINT_URL, credentials, region)."""
+    return s3_servers["session"].env()
+
+
+@pytest.fixture(scope="session")
+def s3_steady(s3_servers):
+    """The S3 endpoint that no test stops, for the runs in the background (the same buckets as ``s3_server``)."""
+    return s3_servers["steady"].env()
 
 
 @pytest.fixture()
@@ -182,7 +196,7 @@ def early(request, tmp_path_factory):
         demo_cluster_dir = tmp_path_factory.mktemp("demo_cluster")
         launchers["demo_cluster"] = demo_cluster
     if any(n.startswith("tests/system/test_multinode.py::") for n in selected) and (HAM / "labels.csv").exists():
-        s3_env = request.getfixturevalue("s3_server")
+        s3_env = request.getfixturevalue("s3_steady")
         multinode_dir = tmp_path_factory.mktemp("multinode")
         launchers["multinode"] = lambda env: runs.multinode(HAM, s3_env, multinode_dir, env)
     # The runs' folders are made here, on the main thread: TempPathFactory is not thread-safe, and a background
@@ -190,7 +204,10 @@ def early(request, tmp_path_factory):
     # path", the demo's tests errored).
     state = runs.Early()
     if launchers:
-        state.start(launchers)
+        # The background runs use the S3 endpoint that no test stops (where one is up; only the multi-node run uses
+        # S3): the stage tier's outage tests stop the session's while these runs go on.
+        steady = request.getfixturevalue("s3_steady") if "multinode" in launchers else {}
+        state.start(launchers, steady)
     yield state
     if state.thread is not None:
         state.thread.join()

@@ -30,7 +30,8 @@ import psutil
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BIN = pathlib.Path(sys.executable).parent
-NOT_INHERITED = ("RAY_ADDRESS", "DERMRAY_TEST_FAULTS", "DERMRAY_PLANTED_SECRET")  # faults.ENV, study.py
+# faults.ENV, study.py's planted secret, and the session's botocore setting (tests/conftest.py: s3_servers)
+NOT_INHERITED = ("RAY_ADDRESS", "DERMRAY_TEST_FAULTS", "DERMRAY_PLANTED_SECRET", "AWS_MAX_ATTEMPTS")
 
 
 class Early:
@@ -43,10 +44,12 @@ class Early:
         self.done: dict[str, threading.Event] = {}
         self.thread: threading.Thread | None = None
 
-    def start(self, launchers: dict[str, object]) -> None:
-        """``launchers``: name -> fn(env). The environment is this process's now, without fault hooks: tests
-        change os.environ while they run (fault hooks, planted secrets), and none of that is for these runs."""
+    def start(self, launchers: dict[str, object], overrides: dict[str, str] | None = None) -> None:
+        """``launchers``: name -> fn(env). The environment is this process's now, without fault hooks, updated
+        with ``overrides``: tests change os.environ while they run (fault hooks, planted secrets), and none of that
+        is for these runs."""
         self.env = {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
+        self.env.update(overrides or {})
         self.launchers = dict(launchers)
         self.done = {name: threading.Event() for name in launchers}
         self.thread = threading.Thread(target=self._run_all, name="early-processes", daemon=True)

@@ -4,6 +4,7 @@ import json
 import os
 import socket
 import tarfile
+import time
 
 import pyarrow as pa
 import torch
@@ -84,6 +85,54 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class RestartableS3:
+    """A real S3 API (moto's threaded server) on a fixed port of 127.0.0.1 that can be stopped (connections
+    refused: an outage) and started again on the same port. moto keeps its buckets and objects per process, so they
+    survive a restart, and every server of this process serves the same ones. ``outages`` holds [stopped, started]
+    times (time.time())."""
+
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        self._cls = ThreadedMotoServer
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.server = None
+        self.outages: list[list[float]] = []
+        self.start()
+
+    def start(self) -> None:
+        self.server = self._cls(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+        if self.outages and len(self.outages[-1]) == 1:
+            self.outages[-1].append(time.time())
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.server = None
+        self.outages.append([time.time()])
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    @property
+    def up(self) -> bool:
+        return self.server is not None
+
+    def env(self) -> dict[str, str]:
+        """The environment of an S3 client that uses this server."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
 
 
 def marked(mark: str) -> list:

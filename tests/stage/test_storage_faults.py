@@ -2,53 +2,34 @@
 a clear message naming the object; readers never see a partial table; after the restart the same write succeeds."""
 import time
 
-import boto3
 import pyarrow as pa
 import pytest
 
 from dermray import storage
 from dermray.errors import UserError
 
-from helpers import free_port
-
 
 @pytest.fixture()
-def flaky_s3(monkeypatch):
-    """A dedicated moto server on a fixed port that the test may stop and restart (moto keeps its state in the
-    process, so objects survive the restart)."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # fail within seconds, not minutes, while the server is down
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="flaky")
-    state = {"server": server, "port": port}
-
-    def restart():
-        state["server"] = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-        state["server"].start()
-
-    state["restart"] = restart
-    yield state
-    state["server"].stop()
+def flaky_s3(s3_servers):
+    """The session's S3 server, which the test stops and starts again (moto keeps its objects in this process, so
+    they survive the restart); up again when the test ends."""
+    server = s3_servers["session"]
+    server.client().create_bucket(Bucket="flaky")
+    yield server
+    if not server.up:
+        server.start()
 
 
 def test_a_write_during_an_outage_fails_clearly_and_leaves_the_old_table_whole(flaky_s3):
     uri = "s3://flaky/out/metrics.parquet"
     old = pa.table({"x": list(range(100))})
     storage.write_table(old, uri)
-    flaky_s3["server"].stop()
+    flaky_s3.stop()
     t0 = time.time()
     with pytest.raises(UserError) as e:
         storage.write_table(pa.table({"x": list(range(1000))}), uri)
     assert "s3://flaky/out/metrics.parquet" in str(e.value) and time.time() - t0 < 120
-    flaky_s3["restart"]()
+    flaky_s3.start()
     assert storage.read_table(uri).equals(old)  # the old table, whole: never a partial one
     names = [f for f in storage.list_files("s3://flaky/out")]
     assert names == ["s3://flaky/out/metrics.parquet"], names  # no temporary object left visible by name

@@ -17,10 +17,10 @@ import early as runs
 
 
 @pytest.fixture(scope="module")
-def multinode(early, ham_dir, s3_server, tmp_path_factory):
+def multinode(early, ham_dir, s3_steady, tmp_path_factory):
     """The driver's run (all scenarios; started at the session's start, in the background: tests/early.py): yields
     {"report", "bucket", "log", "rc"}. Every process the driver started has been killed by PID."""
-    r = early.result("multinode", lambda env: runs.multinode(ham_dir, s3_server, tmp_path_factory.mktemp("multinode"),
+    r = early.result("multinode", lambda env: runs.multinode(ham_dir, s3_steady, tmp_path_factory.mktemp("multinode"),
                                                              env))
     report = r["report"]
     assert report is not None, f"the driver wrote no report (exit {r['rc']}):\n{r['log'][-6000:]}"

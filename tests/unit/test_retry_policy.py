@@ -1,5 +1,5 @@
 """Which storage errors are transient (retried with backoff by ``storage.Retry``) and which are permanent, and how
-the backoff grows: pure functions, no server. Real outages of a real S3 server: tests/system/test_retries.py."""
+the backoff grows: pure functions, no server. Real outages of a real S3 server: tests/stage/test_retries.py."""
 import errno
 
 import pytest
