@@ -85,3 +85,24 @@ def test_first_local_is_the_first_non_empty_uri_that_is_not_on_s3(uris):
     except (UserError, ValueError):
         return
     assert storage.first_local(pa.array(uris, pa.string())) == expected
+
+
+def test_a_process_reuses_one_s3_filesystem_per_endpoint_and_a_forked_child_makes_its_own(monkeypatch):
+    """A fresh s3fs filesystem per operation built a botocore client each time: ~178 ms of CPU per read or write
+    (moto on loopback, AMD EPYC), against ~13 ms with one filesystem reused. One per process (a forked child, i.e.
+    another pid, makes its own: the parent's event loop does not survive a fork) and per endpoint and credentials."""
+    import os
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    first = storage.s3_filesystem()
+    assert storage.s3_filesystem() is first
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:2")
+    other = storage.s3_filesystem()
+    assert other is not first and other.client_kwargs["endpoint_url"] == "http://127.0.0.1:2"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "another-key")
+    keyed = storage.s3_filesystem()
+    assert keyed is not other
+    pid = os.getpid()
+    monkeypatch.setattr(os, "getpid", lambda: pid + 1)
+    child = storage.s3_filesystem()
+    assert child is not keyed and storage.filesystem("s3://bucket/key")[0] is child
