@@ -125,31 +125,54 @@ class Tables:
     curves: dict = dataclasses.field(default_factory=dict)  # (task, subset) -> data for plots
 
 
-def _metric(t: Tables, run_id, task, subset, metric, value, n, lo=None, hi=None, note=None):
-    value = None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
-    if value is None and note is None:
-        note = "undefined"
-    t.metrics.append({"run_id": run_id, "task": task, "subset": subset, "metric": metric, "value": value,
-                      "ci_low": None if lo is None or math.isnan(lo) else float(lo),
-                      "ci_high": None if hi is None or math.isnan(hi) else float(hi), "n": int(n), "note": note})
+@dataclass(frozen=True)
+class At:
+    """Where a call's rows go: the tables, and the run, evaluation task and subset that all its rows share."""
+    tables: Tables
+    run_id: str
+    task: str
+    subset: str
+
+    def keys(self) -> dict:
+        return {"run_id": self.run_id, "task": self.task, "subset": self.subset}
+
+    def add(self, metric: str, value, n, lo=None, hi=None, note: str | None = None) -> None:
+        """One row of metrics.parquet; a null value (None or NaN) is noted "undefined" unless a note says why."""
+        value = None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+        if value is None and note is None:
+            note = "undefined"
+        self.tables.metrics.append(self.keys() | {
+            "metric": metric, "value": value, "ci_low": None if lo is None or math.isnan(lo) else float(lo),
+            "ci_high": None if hi is None or math.isnan(hi) else float(hi), "n": int(n), "note": note})
 
 
-def rates_with_ci(t: Tables, run_id: str, task: str, subset: str, label: str, y: np.ndarray, score: np.ndarray,
-                  threshold: float, groups: np.ndarray, cfg: EvaluateConfig) -> None:
+@dataclass(frozen=True)
+class BinaryScores:
+    """A binary task's images in one subset, arrays [n]: truth (1 = the positive class), the score (calibrated
+    P(positive | task)), lesion groups, image ids, and the score before the temperature (None without one)."""
+    y: np.ndarray
+    score: np.ndarray
+    groups: np.ndarray
+    image_ids: np.ndarray
+    score_raw: np.ndarray | None = None
+
+
+def rates_with_ci(at: At, label: str, data: BinaryScores, threshold: float, cfg: EvaluateConfig) -> None:
     """Sensitivity, specificity, PPV and NPV when calling ``score >= threshold`` positive, each with its
     lesion-bootstrap CI (a rate is a mean over its denominator's images, resampled by lesion)."""
-    called = score >= threshold
+    y, groups = data.y, data.groups
+    called = data.score >= threshold
     n = len(y)
-    _metric(t, run_id, task, subset, f"threshold@{label}", threshold, n)
+    at.add(f"threshold@{label}", threshold, n)
     for metric, among, hit in (("sensitivity", y == 1, called), ("specificity", y == 0, ~called),
                                ("ppv", called, y == 1), ("npv", ~called, y == 0)):
         if not among.any():
-            _metric(t, run_id, task, subset, f"{metric}@{label}", None, 0,
-                    note=f"undefined: no {'called ' if metric in ('ppv', 'npv') else ''}images in its denominator")
+            at.add(f"{metric}@{label}", None, 0,
+                   note=f"undefined: no {'called ' if metric in ('ppv', 'npv') else ''}images in its denominator")
             continue
         values = hit[among].astype(float)
         lo, hi = _bootstrap_mean(values, groups[among], cfg)
-        _metric(t, run_id, task, subset, f"{metric}@{label}", values.mean(), int(among.sum()), lo, hi)
+        at.add(f"{metric}@{label}", values.mean(), int(among.sum()), lo, hi)
 
 
 def subset_seed(seed: int, subset: str) -> int:
@@ -158,31 +181,29 @@ def subset_seed(seed: int, subset: str) -> int:
     return seed if subset == "all" else (seed + zlib.crc32(subset.encode())) % 2**32
 
 
-def evaluate_binary(t: Tables, run_id: str, task: Task, subset: str, y: np.ndarray, score: np.ndarray,
-                    groups: np.ndarray, image_ids: np.ndarray, cfg: EvaluateConfig,
-                    readers: pd.DataFrame | None, locked: Sequence[tuple[str, float]] = (),
-                    score_raw: np.ndarray | None = None) -> None:
+def evaluate_binary(at: At, data: BinaryScores, cfg: EvaluateConfig, readers: pd.DataFrame | None,
+                    locked: Sequence[tuple[str, float]] = ()) -> None:
     """AUC with its CI, the ROC, rates at the fixed thresholds, at the model's locked operating points (chosen
     out of fold, with CIs) and at thresholds chosen on these data themselves (marked oracle: optimistic),
     calibration (before and after the model's temperature) and the readers."""
+    y, score, groups, t, subset = data.y, data.score, data.groups, at.tables, at.subset
     n, n_pos = len(y), int(y.sum())
-    _metric(t, run_id, task.name, subset, "n_positive", n_pos, n)
-    _metric(t, run_id, task.name, subset, "n_negative", n - n_pos, n)
+    at.add("n_positive", n_pos, n)
+    at.add("n_negative", n - n_pos, n)
     if n_pos == 0 or n_pos == n:
         why = f"undefined: no {'positives' if n_pos == 0 else 'negatives'} in this subset"
         for name in ("auc", "sensitivity@0.5", "specificity@0.5"):
-            _metric(t, run_id, task.name, subset, name, None, n, note=why)
+            at.add(name, None, n, note=why)
         return
     alpha = 1 - cfg.ci_level
     boot = M.bootstrap_auc(y, score, groups, n_boot=cfg.n_bootstrap, seed=subset_seed(cfg.seed, subset), alpha=alpha)
-    _metric(t, run_id, task.name, subset, "auc", boot.estimate, n, boot.ci_low, boot.ci_high)
-    _metric(t, run_id, task.name, subset, "n_groups", boot.n_groups, n)
+    at.add("auc", boot.estimate, n, boot.ci_low, boot.ci_high)
+    at.add("n_groups", boot.n_groups, n)
     fpr, tpr, thr = M.roc_curve(y, score)
     for f, tp_, th in zip(*M.thin_curve(fpr, tpr, thr)):
-        t.roc.append({"run_id": run_id, "task": task.name, "subset": subset, "threshold": float(th),
-                      "fpr": float(f), "tpr": float(tp_)})
+        t.roc.append(at.keys() | {"threshold": float(th), "fpr": float(f), "tpr": float(tp_)})
     for name, thr in locked:
-        rates_with_ci(t, run_id, task.name, subset, f"locked:{name}", y, score, thr, groups, cfg)
+        rates_with_ci(at, f"locked:{name}", data, thr, cfg)
     named = [(f"{x:g}", float(x)) for x in cfg.thresholds]
     named.append(("oracle:youden", M.youden_threshold(y, score)))
     named.append((f"oracle:sens{cfg.target_sensitivity:g}",
@@ -190,25 +211,24 @@ def evaluate_binary(t: Tables, run_id: str, task: Task, subset: str, y: np.ndarr
     for name, thr_value in named:
         r = M.rates_at(y, score, thr_value)
         if not name[0].isdigit():
-            _metric(t, run_id, task.name, subset, f"threshold@{name}", thr_value, n)
+            at.add(f"threshold@{name}", thr_value, n)
         for metric in ("sensitivity", "specificity", "accuracy", "ppv", "npv"):
-            _metric(t, run_id, task.name, subset, f"{metric}@{name}", getattr(r, metric), n)
+            at.add(f"{metric}@{name}", getattr(r, metric), n)
     ece, curve = M.reliability(y, score, cfg.calibration_bins)
-    _metric(t, run_id, task.name, subset, "ece", ece, n)
-    if score_raw is not None and np.isfinite(score_raw).all():
-        _metric(t, run_id, task.name, subset, "ece_uncalibrated", M.reliability(y, score_raw,
-                                                                                cfg.calibration_bins)[0], n)
+    at.add("ece", ece, n)
+    if data.score_raw is not None and np.isfinite(data.score_raw).all():
+        at.add("ece_uncalibrated", M.reliability(y, data.score_raw, cfg.calibration_bins)[0], n)
     for row in curve:
-        t.calibration.append({"run_id": run_id, "task": task.name, "subset": subset} | row)
+        t.calibration.append(at.keys() | row)
     points = []
     if readers is not None and len(readers):
-        points = reader_points(t, run_id, task, subset, y, score, image_ids, readers)
-    t.curves[(task.name, subset)] = {"fpr": fpr, "tpr": tpr, "auc": boot.estimate, "ci": (boot.ci_low, boot.ci_high),
-                                     "readers": points, "n_pos": n_pos, "n_neg": n - n_pos,
-                                     "calibration": curve, "replicates": boot.replicates, "n": n,
-                                     "locked": [(name, r.sensitivity, r.specificity) for name, r in
-                                                sorted(((nm, M.rates_at(y, score, thr)) for nm, thr in locked),
-                                                       key=lambda x: (not x[0].startswith("sens"), x[0]))]}
+        points = reader_points(at, data, readers)
+    t.curves[(at.task, subset)] = {"fpr": fpr, "tpr": tpr, "auc": boot.estimate, "ci": (boot.ci_low, boot.ci_high),
+                                   "readers": points, "n_pos": n_pos, "n_neg": n - n_pos,
+                                   "calibration": curve, "replicates": boot.replicates, "n": n,
+                                   "locked": [(name, r.sensitivity, r.specificity) for name, r in
+                                              sorted(((nm, M.rates_at(y, score, thr)) for nm, thr in locked),
+                                                     key=lambda x: (not x[0].startswith("sens"), x[0]))]}
 
 
 def subgroup_verdict(t: Tables, run_id: str, task: Task, subset_names: list[str], cfg: EvaluateConfig) -> None:
@@ -231,13 +251,13 @@ def subgroup_verdict(t: Tables, run_id: str, task: Task, subset_names: list[str]
         worst = int(np.argmin(aucs))
         n = sum(c["n"] for _, c in groups)
         lo_w, hi_w = groups[worst][1]["ci"]
-        _metric(t, run_id, task.name, f"by:{column}", "worst_group_auc", aucs[worst], n, lo_w, hi_w,
-                note=f"worst group: {groups[worst][0]}")
+        by = At(t, run_id, task.name, f"by:{column}")
+        by.add("worst_group_auc", aucs[worst], n, lo_w, hi_w, note=f"worst group: {groups[worst][0]}")
         gap = M.auc_gap(aucs, np.stack([c["replicates"] for _, c in groups]), alpha)  # [groups, n_boot]
         pairs = len(groups) * (len(groups) - 1) // 2
         level = f"; interval simultaneous over the {pairs} pairs of groups" if pairs > 1 else ""
-        _metric(t, run_id, task.name, f"by:{column}", "auc_gap", gap.gap, n, gap.ci_low, gap.ci_high,
-                note=f"{groups[gap.best][0]} minus {groups[gap.worst][0]}{level}")
+        by.add("auc_gap", gap.gap, n, gap.ci_low, gap.ci_high,
+               note=f"{groups[gap.best][0]} minus {groups[gap.worst][0]}{level}")
 
 
 def carry_over_verdict(t: Tables, run_id: str, task: Task, subset_names: list[str], scored: dict,
@@ -250,30 +270,31 @@ def carry_over_verdict(t: Tables, run_id: str, task: Task, subset_names: list[st
     alpha = 1 - cfg.ci_level
     for pt in [p for p in scored.get("operating_points", []) if p.get("task") == task.name]:
         for subset in [s for s in ("all", "biopsy") if s in subset_names]:
-            label = f"locked:{pt['name']}"
+            at, label = At(t, run_id, task.name, subset), f"locked:{pt['name']}"
             verdicts, reasons = [], []
             for rate, among in (("sensitivity", "n_positive"), ("specificity", "n_negative")):
                 test = by.get((subset, f"{rate}@{label}"), {}).get("value")
                 ok, why, (lo, hi) = M.carries_over(rate, test, pt.get(rate), pt.get(among), cfg.rate_floor, alpha)
-                _metric(t, run_id, task.name, subset, f"{rate}_oof@{label}", pt.get(rate), pt.get(among) or 0, lo,
-                        hi, note=f"out of fold ({pt.get('chosen_on', 'out_of_fold')})")
+                at.add(f"{rate}_oof@{label}", pt.get(rate), pt.get(among) or 0, lo, hi,
+                       note=f"out of fold ({pt.get('chosen_on', 'out_of_fold')})")
                 verdicts.append(ok)
                 if ok is False:
                     reasons.append(why)
             if None in verdicts:
                 continue
             n = int(by.get((subset, "n_positive"), {}).get("n") or 0)
-            _metric(t, run_id, task.name, subset, f"carries_over@{label}", float(all(verdicts)), n,
-                    note=("does not carry over: " + "; ".join(reasons)) if reasons else
-                    "its test sensitivity and specificity lie within their out-of-fold intervals")
+            at.add(f"carries_over@{label}", float(all(verdicts)), n,
+                   note=("does not carry over: " + "; ".join(reasons)) if reasons else
+                   "its test sensitivity and specificity lie within their out-of-fold intervals")
 
 
-def reader_points(t: Tables, run_id, task: Task, subset, y, score, image_ids, readers: pd.DataFrame):
+def reader_points(at: At, data: BinaryScores, readers: pd.DataFrame) -> list[tuple[str, float, float]]:
     """Each reader's sensitivity/specificity on the images of this task and subset that the reader read."""
-    r = readers[readers["task"] == task.name]
+    y, score = data.y, data.score
+    r = readers[readers["task"] == at.task]
     if r.empty:
         return []
-    truth = pd.Series(y, index=image_ids)
+    truth = pd.Series(y, index=data.image_ids)
     pts = []
     for reader_id, rr in r.groupby("reader_id", sort=True):
         rr = rr[rr["image_id"].isin(truth.index)]
@@ -284,59 +305,59 @@ def reader_points(t: Tables, run_id, task: Task, subset, y, score, image_ids, re
         elif "score" in rr.columns and rr["score"].notna().all():
             called = (rr["score"].to_numpy() >= 0.5).astype(int)
         else:
-            raise UserError(f"readers: reader {reader_id!r} on task {task.name!r} has rows with neither decision "
+            raise UserError(f"readers: reader {reader_id!r} on task {at.task!r} has rows with neither decision "
                             "nor score")
         yy = truth.loc[rr["image_id"]].to_numpy()
         rates = M.rates_at(yy, called.astype(float), 0.5)
         model = M.sensitivity_at_specificity(y, score, rates.specificity) if not math.isnan(
             rates.specificity) else float("nan")
         below = None if math.isnan(rates.sensitivity) or math.isnan(model) else bool(rates.sensitivity < model - 1e-12)
-        t.readers.append({"run_id": run_id, "task": task.name, "subset": subset, "reader_id": str(reader_id),
-                          "n": len(rr), "sensitivity": rates.sensitivity, "specificity": rates.specificity,
-                          "model_sensitivity_at_specificity": model, "below_model_curve": below})
+        at.tables.readers.append(at.keys() | {
+            "reader_id": str(reader_id), "n": len(rr), "sensitivity": rates.sensitivity,
+            "specificity": rates.specificity, "model_sensitivity_at_specificity": model, "below_model_curve": below})
         pts.append((str(reader_id), rates.sensitivity, rates.specificity))
     if pts:
         summary = M.reader_comparison(y, score, pts)
         n = len(y)
-        _metric(t, run_id, task.name, subset, "readers_n", summary["n_readers"], n)
-        _metric(t, run_id, task.name, subset, "readers_mean_sensitivity", summary["mean_sensitivity"], n)
-        _metric(t, run_id, task.name, subset, "readers_mean_specificity", summary["mean_specificity"], n)
-        _metric(t, run_id, task.name, subset, "readers_below_model_curve", summary["below_curve"], n)
-        _metric(t, run_id, task.name, subset, "model_sensitivity_at_readers_mean_specificity",
-                summary["model_sensitivity_at_mean_specificity"], n)
+        at.add("readers_n", summary["n_readers"], n)
+        at.add("readers_mean_sensitivity", summary["mean_sensitivity"], n)
+        at.add("readers_mean_specificity", summary["mean_specificity"], n)
+        at.add("readers_below_model_curve", summary["below_curve"], n)
+        at.add("model_sensitivity_at_readers_mean_specificity", summary["model_sensitivity_at_mean_specificity"], n)
     return pts
 
 
-def evaluate_multiclass(t: Tables, run_id: str, task: Task, subset: str, y: np.ndarray, probs: np.ndarray,
-                        groups: np.ndarray, cfg: EvaluateConfig) -> None:
+def evaluate_multiclass(at: At, task: Task, y: np.ndarray, probs: np.ndarray, groups: np.ndarray,
+                        cfg: EvaluateConfig) -> None:
+    """Accuracy (with its lesion-bootstrap CI), balanced accuracy, per-class rates, the confusion matrix and the
+    top class's calibration of a task of several classes: ``y`` int [n] task-class indices, ``probs`` [n, classes]."""
+    t = at.tables
     n = len(y)
     if n == 0:
-        _metric(t, run_id, task.name, subset, "accuracy", None, 0, note="undefined: no images of this task")
+        at.add("accuracy", None, 0, note="undefined: no images of this task")
         return
     s = M.multiclass_summary(y, probs)
     correct = (M.predicted_class(probs) == y).astype(float)
     lo, hi = _bootstrap_mean(correct, groups, cfg)
-    _metric(t, run_id, task.name, subset, "accuracy", s["accuracy"], n, lo, hi)
-    _metric(t, run_id, task.name, subset, "balanced_accuracy", s["balanced_accuracy"], n)
-    _metric(t, run_id, task.name, subset, "undecided", s["undecided"], n)
+    at.add("accuracy", s["accuracy"], n, lo, hi)
+    at.add("balanced_accuracy", s["balanced_accuracy"], n)
+    at.add("undecided", s["undecided"], n)
     for k, name in enumerate(task.class_names):
         pc = s["per_class"][k]
         for metric in ("sensitivity", "specificity"):
             value = pc[metric]
             which = "images" if metric == "sensitivity" else "other images"
             note = None if not math.isnan(value) else f"undefined: no {which} of class {name}"
-            _metric(t, run_id, task.name, subset, f"{metric}@0.5[{name}]", value, pc["n"] if metric ==
-                    "sensitivity" else n - pc["n"], note=note)
+            at.add(f"{metric}@0.5[{name}]", value, pc["n"] if metric == "sensitivity" else n - pc["n"], note=note)
     cm = s["confusion"]
     names = task.class_names + ["undecided"]
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
-            t.confusion.append({"run_id": run_id, "task": task.name, "subset": subset, "true_class": names[i],
-                                "predicted_class": names[j], "n": int(cm[i, j])})
+            t.confusion.append(at.keys() | {"true_class": names[i], "predicted_class": names[j], "n": int(cm[i, j])})
     conf = probs.max(axis=1)
     ece, curve = M.reliability(correct, conf, cfg.calibration_bins)
-    _metric(t, run_id, task.name, subset, "ece_top_class", ece, n)
-    t.curves[(task.name, subset)] = {"confusion": cm, "names": names, "accuracy": s["accuracy"]}
+    at.add("ece_top_class", ece, n)
+    t.curves[(at.task, at.subset)] = {"confusion": cm, "names": names, "accuracy": s["accuracy"]}
 
 
 def _bootstrap_mean(values: np.ndarray, groups: np.ndarray, cfg: EvaluateConfig) -> tuple[float, float]:
@@ -400,10 +421,33 @@ def read_definitions(cfg: RunConfig) -> EvalInputs:
     return EvalInputs(tax, tasks, table.to_pandas(), partition, fps, locked, scored)
 
 
-def evaluate_task(t: Tables, run_id: str, task: Task, df: pd.DataFrame, inp: EvalInputs, subset_masks, groups,
-                  readers, compare, ecfg: EvaluateConfig) -> tuple[dict, np.ndarray]:
+@dataclass(frozen=True)
+class EvalData:
+    """The predictions evaluated (one row per image, ``attrs["probs"]`` [n, classes]) and what every task reads
+    beside them: lesion groups [n], the subsets as (name, bool mask [n]), the readers' table and the compared run's
+    predictions (None without them)."""
+    df: pd.DataFrame
+    groups: np.ndarray
+    subset_masks: list[tuple[str, np.ndarray]]
+    readers: pd.DataFrame | None
+    compare: pd.DataFrame | None
+
+
+@dataclass(frozen=True)
+class TaskTruth:
+    """A binary task over the whole test set, arrays [n]: each image's task class (NOT_IN_TASK outside the task),
+    the positive class's index, the score, and which images are evaluated (in the task, with a defined score)."""
+    y_task: np.ndarray
+    pos: int
+    score: np.ndarray
+    use: np.ndarray
+
+
+def evaluate_task(t: Tables, run_id: str, task: Task, test: EvalData, inp: EvalInputs,
+                  ecfg: EvaluateConfig) -> tuple[dict, np.ndarray]:
     """Every subset's metrics of one task; returns how many images the task left out and why, and which images
     it evaluated."""
+    df, groups, subset_masks = test.df, test.groups, test.subset_masks
     probs, labels = df.attrs["probs"], df["label"].to_numpy()
     y_task = truth_for_task(inp.tax, task, labels)
     matrix = membership_matrix(inp.membership, task, probs.shape[1])
@@ -414,7 +458,7 @@ def evaluate_task(t: Tables, run_id: str, task: Task, df: pd.DataFrame, inp: Eva
     why = not_estimable(matrix, task) if pos is not None else None
     if why:  # its score would be 0 by construction: null with the reason in every subset, nothing else
         for subset_name, mask in subset_masks:
-            _metric(t, run_id, task.name, subset_name, "auc", None, int((in_task & mask).sum()), note=why)
+            At(t, run_id, task.name, subset_name).add("auc", None, int((in_task & mask).sum()), note=why)
         return {"not_in_task": int((~in_task).sum()), "undefined_score": 0}, np.zeros(len(df), bool)
     score = binary_task_score(probs, matrix, pos) if pos is not None else None
     raw = df.attrs.get("probs_raw")
@@ -424,21 +468,23 @@ def evaluate_task(t: Tables, run_id: str, task: Task, df: pd.DataFrame, inp: Eva
     use = in_task & ~nan_scores
     image_ids = df["image_id"].to_numpy()
     for subset_name, mask in subset_masks:
-        m = use & mask
+        m, at = use & mask, At(t, run_id, task.name, subset_name)
         if task.is_binary:
             assert score is not None  # every binary task has one
-            evaluate_binary(t, run_id, task, subset_name, (y_task[m] == pos).astype(int), score[m], groups[m],
-                            image_ids[m], ecfg, readers, locked, None if score_raw is None else score_raw[m])
+            data = BinaryScores((y_task[m] == pos).astype(int), score[m], groups[m], image_ids[m],
+                                None if score_raw is None else score_raw[m])
+            evaluate_binary(at, data, ecfg, test.readers, locked)
         else:
-            evaluate_multiclass(t, run_id, task, subset_name, y_task[m], tprobs[m], groups[m], ecfg)
+            evaluate_multiclass(at, task, y_task[m], tprobs[m], groups[m], ecfg)
     if task.is_binary:
         subgroup_verdict(t, run_id, task, [n for n, _ in subset_masks], ecfg)
         carry_over_verdict(t, run_id, task, [n for n, _ in subset_masks], inp.scored, ecfg)
     if task.is_binary and nan_scores.any():
-        _metric(t, run_id, task.name, "all", "excluded_undefined_score", int(nan_scores.sum()), int(in_task.sum()),
-                note="P(pos) + P(neg) is 0: the model gives these images no probability in either class")
-    if compare is not None and task.is_binary:
-        delong_rows(t, run_id, task, compare, df, score, y_task, pos, compare.attrs["membership"], use, groups, ecfg)
+        At(t, run_id, task.name, "all").add(
+            "excluded_undefined_score", int(nan_scores.sum()), int(in_task.sum()),
+            note="P(pos) + P(neg) is 0: the model gives these images no probability in either class")
+    if test.compare is not None and score is not None and pos is not None:  # a binary task
+        delong_rows(At(t, run_id, task.name, "all"), task, test, TaskTruth(y_task, pos, score, use), ecfg)
     return {"not_in_task": int((~in_task).sum()), "undefined_score": int(nan_scores.sum())}, use
 
 
@@ -577,9 +623,9 @@ def run(cfg: RunConfig, base: str | None = None) -> dict:
     meter = progress.Meter("evaluate", len(inp.tasks), unit="tasks")
     meter.extra = (f"; {len(df):,} images, {pd.Series(groups).nunique():,} lesions, {len(subset_masks)} subset(s), "
                    f"{ecfg.n_bootstrap:,} bootstrap resamples")
+    test = EvalData(df, groups, subset_masks, readers, compare)
     for task in inp.tasks:
-        excluded[task.name], used = evaluate_task(t, cfg.run_id, task, df, inp, subset_masks, groups, readers,
-                                                  compare, ecfg)
+        excluded[task.name], used = evaluate_task(t, cfg.run_id, task, test, inp, ecfg)
         evaluated |= used
         meter.update()
     cohorts, reference = cohorts_of(df, ecfg, inp)
@@ -604,26 +650,30 @@ def run(cfg: RunConfig, base: str | None = None) -> dict:
     return summary
 
 
-def delong_rows(t: Tables, run_id, task, compare: pd.DataFrame, df, score, y_task, pos, membership, use, groups,
-                ecfg: EvaluateConfig):
-    """The paired comparison with another run's predictions on the images both scored: the AUC difference with
-    its ``ci_level`` interval and p-value, lesions (groups) as clusters (Obuchowski 1997)."""
+def delong_rows(at: At, task: Task, test: EvalData, truth: TaskTruth, ecfg: EvaluateConfig) -> None:
+    """The paired comparison with another run's predictions (``test.compare``, scored with that run's own class
+    membership) on the images both scored: the AUC difference with its ``ci_level`` interval and p-value, lesions
+    (groups) as clusters (Obuchowski 1997)."""
+    compare, df, groups, pos = test.compare, test.df, test.groups, truth.pos
+    assert compare is not None  # evaluate_task calls this only with a compared run
     other = compare.set_index("image_id")
-    common = df["image_id"].isin(other.index).to_numpy() & use
+    common = df["image_id"].isin(other.index).to_numpy() & truth.use
     if common.sum() < 4:
-        _metric(t, run_id, task.name, "all", "delong_p_value", None, int(common.sum()),
-                note="undefined: fewer than 4 images in common with the compared run")
+        at.add("delong_p_value", None, int(common.sum()),
+               note="undefined: fewer than 4 images in common with the compared run")
         return
     order = other.index.get_indexer(df["image_id"].to_numpy()[common])
     other_probs = compare.attrs["probs"]
-    other_score = binary_task_score(other_probs, membership_matrix(membership, task, other_probs.shape[1]), pos)[order]
-    y = (y_task[common] == pos).astype(int)
+    matrix = membership_matrix(compare.attrs["membership"], task, other_probs.shape[1])
+    other_score = binary_task_score(other_probs, matrix, pos)[order]
+    y = (truth.y_task[common] == pos).astype(int)
     ok = ~np.isnan(other_score)
-    r = M.delong_test(y[ok], score[common][ok], other_score[ok], groups=groups[common][ok], ci_level=ecfg.ci_level)
+    r = M.delong_test(y[ok], truth.score[common][ok], other_score[ok], groups=groups[common][ok],
+                      ci_level=ecfg.ci_level)
     n = int(ok.sum())
-    _metric(t, run_id, task.name, "all", "delong_auc_diff", r["diff"], n, r["ci_low"], r["ci_high"])
-    _metric(t, run_id, task.name, "all", "delong_p_value", r["p_value"], n)
-    _metric(t, run_id, task.name, "all", "delong_clusters", r["clusters"], n)
+    at.add("delong_auc_diff", r["diff"], n, r["ci_low"], r["ci_high"])
+    at.add("delong_p_value", r["p_value"], n)
+    at.add("delong_clusters", r["clusters"], n)
 
 
 def write_tables(t: Tables, paths: dict) -> None:
@@ -702,8 +752,8 @@ def external_validation(t: Tables, run_id: str, inp: EvalInputs, cohorts: dict, 
                 b = M.bootstrap_auc(y[mask], s[mask], g[mask], n_boot=ecfg.n_bootstrap, seed=ecfg.seed + 7919 * k,
                                     alpha=alpha)
                 boots[name] = b
-                _metric(t, run_id, task.name, f"cohort={name}:{subset}", "auc", b.estimate, int(mask.sum()),
-                        b.ci_low, b.ci_high)
+                At(t, run_id, task.name, f"cohort={name}:{subset}").add("auc", b.estimate, int(mask.sum()),
+                                                                        b.ci_low, b.ci_high)
             if reference not in boots:
                 continue
             for name, b in boots.items():
@@ -714,9 +764,9 @@ def external_validation(t: Tables, run_id: str, inp: EvalInputs, cohorts: dict, 
                 diffs = b.replicates[:r] - ref.replicates[:r]
                 diffs = diffs[np.isfinite(diffs)]
                 lo, hi = np.quantile(diffs, [alpha / 2, 1 - alpha / 2]) if len(diffs) else (float("nan"),) * 2
-                _metric(t, run_id, task.name, f"cohort={name}:{subset}", "auc_difference", b.estimate - ref.estimate,
-                        int(b.n_groups), float(lo), float(hi), note=f"{name} minus {reference} (unpaired lesion "
-                                                                    "bootstrap)")
+                At(t, run_id, task.name, f"cohort={name}:{subset}").add(
+                    "auc_difference", b.estimate - ref.estimate, int(b.n_groups), float(lo), float(hi),
+                    note=f"{name} minus {reference} (unpaired lesion bootstrap)")
 
 
 # ---- distributed path -----------------------------------------------------------------------------------------------
@@ -747,22 +797,23 @@ def block_histograms(batch: pa.Table, node_ids: list[str], truth: list[tuple[int
     return {"hist": h[None]}
 
 
-def histogram_metrics(t: Tables, run_id: str, task: Task, subset: str, neg: np.ndarray, posh: np.ndarray,
-                      thresholds: list[float]) -> None:
+def histogram_metrics(at: At, neg: np.ndarray, posh: np.ndarray, thresholds: list[float]) -> None:
+    """AUC and the rates at ``thresholds`` from the histograms of the negatives' and the positives' scores
+    (float [bins] each, equal bins over [0, 1])."""
     bins = len(neg)
     n = int(neg.sum() + posh.sum())
     if n == 0:
         return
-    _metric(t, run_id, task.name, subset, "n_positive", posh.sum(), n)
-    _metric(t, run_id, task.name, subset, "n_negative", neg.sum(), n)
+    at.add("n_positive", posh.sum(), n)
+    at.add("n_negative", neg.sum(), n)
     note = None if posh.sum() and neg.sum() else "undefined: no positives or no negatives in this subset"
-    _metric(t, run_id, task.name, subset, "auc", M.auc_from_counts(posh, neg), n, note=note)
+    at.add("auc", M.auc_from_counts(posh, neg), n, note=note)
     for thr in thresholds:
         k = int(np.clip(math.ceil(thr * bins - 1e-9), 0, bins))
         sens = posh[k:].sum() / posh.sum() if posh.sum() else float("nan")
         spec = neg[:k].sum() / neg.sum() if neg.sum() else float("nan")
-        _metric(t, run_id, task.name, subset, f"sensitivity@{thr:g}", sens, n)
-        _metric(t, run_id, task.name, subset, f"specificity@{thr:g}", spec, n)
+        at.add(f"sensitivity@{thr:g}", sens, n)
+        at.add(f"specificity@{thr:g}", spec, n)
 
 
 def run_distributed(cfg: RunConfig, inp: EvalInputs, paths: dict, t_start: float) -> dict:
@@ -797,7 +848,7 @@ def run_distributed(cfg: RunConfig, inp: EvalInputs, paths: dict, t_start: float
     t = Tables()
     for ti, task in enumerate(binary):
         for si, subset in enumerate(SUBSET_NAMES):
-            histogram_metrics(t, cfg.run_id, task, subset, total[ti, si, 0].astype(float),
+            histogram_metrics(At(t, cfg.run_id, task.name, subset), total[ti, si, 0].astype(float),
                               total[ti, si, 1].astype(float), [float(x) for x in ecfg.thresholds])
     write_tables(t, paths)
     summary = {"stage": STAGE, "run_id": cfg.run_id, "mode": "distributed", "histogram_bins": ecfg.histogram_bins,

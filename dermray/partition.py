@@ -573,31 +573,45 @@ def run(cfg: RunConfig) -> dict:
     if n_labels + n_quarantined != n_input:
         raise RuntimeError(f"partition lost rows: {n_input} in, {n_labels} assigned + {n_quarantined} quarantined")
     unattributable = write_class_tables(inp, classes, counts, fold_counts, paths, pcfg.tasks_required)
-    summary = summarise(cfg, inp, classes, counts, fold_counts, n_labels, n_quarantined, n_mixed, near_counts,
-                        unattributable, len(chunks), partition_lineage(inp, manifest_fp, cfg), paths,
-                        {"pass1": round(t_pass1, 3), "pass2_and_write": round(t_pass2, 3),
-                         "total": round(time.perf_counter() - t_start, 3)})
+    made = Partitioned(classes, counts, fold_counts, n_labels, n_quarantined, n_mixed, near_counts, unattributable,
+                       len(chunks), {"pass1": round(t_pass1, 3), "pass2_and_write": round(t_pass2, 3),
+                                     "total": round(time.perf_counter() - t_start, 3)})
+    summary = summarise(cfg, inp, made, partition_lineage(inp, manifest_fp, cfg), paths)
     storage.write_text(paths["summary"], json.dumps(summary, indent=2))
     return summary
 
 
-def summarise(cfg: RunConfig, inp: Inputs, classes, counts: Counts, fold_counts: np.ndarray, n_labels: int,
-              n_quarantined: int, n_mixed: int, near_counts: dict | None, unattributable: list, n_chunks: int,
-              lin: lineage.Lineage, paths: dict, seconds: dict) -> dict:
+@dataclass(frozen=True)
+class Partitioned:
+    """What a partition run made, as its summary reports it."""
+    classes: list[TrainingClass]
+    counts: Counts
+    fold_counts: np.ndarray  # int64 [classes, folds]: images per training class and fold
+    assigned: int  # rows given a class and a fold
+    quarantined: int  # rows set aside, each with its reason
+    groups_spanning_classes: int  # lesions whose images fall in more than one training class
+    near_counts: dict | None  # the near-duplicate search's counts (None when it is off)
+    unattributable: list  # training classes no task can attribute (partition.tasks_required off)
+    chunks: int  # row-group chunks the passes read
+    seconds: dict  # pass1, pass2_and_write, total
+
+
+def summarise(cfg: RunConfig, inp: Inputs, made: Partitioned, lin: lineage.Lineage, paths: dict) -> dict:
     pcfg = cfg.partition
+    classes = made.classes
     assert cfg.data.taxonomy is not None  # read_inputs required it
     return {
         "stage": STAGE, "run_id": cfg.run_id, "manifest": storage.redact(inp.manifest),
         "taxonomy": storage.redact(cfg.data.taxonomy), "max_class_size": pcfg.max_class_size, "folds": pcfg.folds,
-        "seed": pcfg.seed, "input_rows": int(inp.pf.metadata.num_rows), "assigned": int(n_labels),
-        "quarantined": int(n_quarantined), "duplicates": counts.duplicates, "training_classes": len(classes),
+        "seed": pcfg.seed, "input_rows": int(inp.pf.metadata.num_rows), "assigned": int(made.assigned),
+        "quarantined": int(made.quarantined), "duplicates": made.counts.duplicates, "training_classes": len(classes),
         "node_only_classes": sum(c.scope == "node" for c in classes),
         "big_leaf_classes": sum(c.scope == "subtree" and inp.tax.is_leaf(c.node) and c.n_images >= pcfg.max_class_size
                                 for c in classes),
-        "groups_spanning_classes": n_mixed, "images_per_fold": fold_counts.sum(axis=0).tolist(),
-        "near_duplicates": near_counts,
-        "unattributable": [u.__dict__ | {"task_classes": list(u.task_classes)} for u in unattributable],
-        "chunks": n_chunks, "lineage": lin.to_dict(), "seconds": seconds, "outputs": paths,
+        "groups_spanning_classes": made.groups_spanning_classes,
+        "images_per_fold": made.fold_counts.sum(axis=0).tolist(), "near_duplicates": made.near_counts,
+        "unattributable": [u.__dict__ | {"task_classes": list(u.task_classes)} for u in made.unattributable],
+        "chunks": made.chunks, "lineage": lin.to_dict(), "seconds": made.seconds, "outputs": paths,
     }
 
 

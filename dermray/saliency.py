@@ -18,6 +18,7 @@ import json
 import logging
 import re
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -257,7 +258,7 @@ def conclusive(rows: list[dict]) -> bool:
 
 # ---- the stage -----------------------------------------------------------------------------------------------------
 def lineage_now(cfg: RunConfig, recorded: lineage.Lineage | None = None) -> lineage.Lineage:
-    return lineage.Lineage.of(STAGE, read_inputs(cfg)[4], lineage_config(cfg.saliency))
+    return lineage.Lineage.of(STAGE, read_inputs(cfg).lineage_inputs, lineage_config(cfg.saliency))
 
 
 def lineage_config(sc: SaliencyConfig) -> dict:
@@ -265,9 +266,20 @@ def lineage_config(sc: SaliencyConfig) -> dict:
                                                "cpus_per_actor", "num_gpus", "torch_threads", "batch_size"})
 
 
-def read_inputs(cfg: RunConfig):
-    """(model, tasks, membership, predictions, the selected (image, task) rows, target matrix, lineage inputs):
-    everything read and checked before Ray starts."""
+@dataclass(frozen=True)
+class SaliencyInputs:
+    """Everything a saliency run reads, checked before Ray starts: the model, the evaluation tasks explained, the
+    selected (image, task) rows (with each one's target column ``col``), the target matrix [training classes,
+    targets] and the fingerprints of its lineage's inputs."""
+    ens: artifacts.Ensemble
+    tasks: list
+    chosen: pd.DataFrame
+    matrix: np.ndarray
+    lineage_inputs: dict
+
+
+def read_inputs(cfg: RunConfig) -> SaliencyInputs:
+    """The model, tasks, predictions and selection of a run (SaliencyInputs)."""
     from dermray.definitions import load_tasks, load_taxonomy
 
     sc = cfg.saliency
@@ -306,7 +318,7 @@ def read_inputs(cfg: RunConfig):
               "tasks": lineage.file_fingerprint(cfg.data.tasks)}
     if sc.masks:
         inputs["masks"] = lineage.value_fingerprint(storage.redact(sc.masks))
-    return ens, tasks, chosen, matrix, inputs
+    return SaliencyInputs(ens, tasks, chosen, matrix, inputs)
 
 
 def read_predictions(uri: str, model_id: str | None):
@@ -363,7 +375,8 @@ def run(cfg: RunConfig) -> dict:
 
     sc = cfg.saliency
     t_start = time.perf_counter()
-    ens, tasks, chosen, matrix, inputs = read_inputs(cfg)
+    inp = read_inputs(cfg)
+    ens, chosen, matrix = inp.ens, inp.chosen, inp.matrix
     rdir = layout.saliency_dir(cfg.output, cfg.run_id)
     sc_dict = {k: getattr(sc, k) for k in ("smooth_samples", "smooth_noise", "ig_steps", "seed", "masks",
                                            "sanity_levels")}
@@ -382,11 +395,13 @@ def run(cfg: RunConfig) -> dict:
             progress.say("saliency: sanity test on %d images (%d randomisation levels x %d method(s))", len(audit),
                          sc.sanity_levels, len(sc.methods))
             sanity = ray.get(remote.remote(ens, matrix, audit, list(sc.methods), sc_dict, threads, sc.num_gpus > 0))
-    return write_outputs(cfg, ens, tasks, chosen, index, sanity, inputs, rdir, t_start)
+    return write_outputs(cfg, inp, index, sanity, rdir, t_start)
 
 
-def write_outputs(cfg: RunConfig, ens, tasks, chosen, index, sanity, inputs, rdir, t_start) -> dict:
-    sc = cfg.saliency
+def write_outputs(cfg: RunConfig, inp: SaliencyInputs, index: pd.DataFrame, sanity: list, rdir: str,
+                  t_start: float) -> dict:
+    """The index, the sanity table, the gallery and the summary of a run (the summary is returned)."""
+    sc, tasks = cfg.saliency, inp.tasks
     storage.write_table(pa.Table.from_pandas(index, preserve_index=False),
                         storage.join(rdir, "saliency_index.parquet"))
     flags = flag_methods(sanity, sc.flag_similarity) if sanity else {}
@@ -396,14 +411,14 @@ def write_outputs(cfg: RunConfig, ens, tasks, chosen, index, sanity, inputs, rdi
     storage.write_table(pa.Table.from_pandas(sanity_df, preserve_index=False), storage.join(rdir, "sanity.parquet"))
     storage.write_text(storage.join(rdir, "gallery.html"), gallery_html(cfg, index, sanity_df, flags, tasks, rdir))
     config = lineage_config(sc)
-    summary = {"stage": STAGE, "run_id": cfg.run_id, "model_id": ens.model_id, "methods": list(sc.methods),
-               "selected": len(chosen), "maps": len(index),
+    summary = {"stage": STAGE, "run_id": cfg.run_id, "model_id": inp.ens.model_id, "methods": list(sc.methods),
+               "selected": len(inp.chosen), "maps": len(index),
                "explained": int(index[["image_id", "task"]].drop_duplicates().shape[0]) if len(index) else 0,
                "tasks": [t.name for t in tasks],
                "inside_lesion_mean": {m: float(g.mean()) for m, g in index.groupby("method")["inside_lesion"]
                                       if g.notna().any()},
                "sanity": sanity, "sanity_conclusive": conclusive(sanity), "flagged": flags,
-               "lineage": lineage.Lineage.of(STAGE, inputs, config).to_dict(),
+               "lineage": lineage.Lineage.of(STAGE, inp.lineage_inputs, config).to_dict(),
                "outputs": {"index": storage.join(rdir, "saliency_index.parquet"),
                            "sanity": storage.join(rdir, "sanity.parquet"),
                            "gallery": storage.join(rdir, "gallery.html")},

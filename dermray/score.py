@@ -213,7 +213,6 @@ class WorkPlan:
     quarantine: pa.Table  # input rows refused before scoring
     already_done: int
     parts: int
-    fingerprint: lineage.Fingerprint | None  # None for a manifest (its fingerprint is in the run's lineage)
     changed: int = 0  # images scored before from another input row (relabelled): scored again
 
 
@@ -271,7 +270,7 @@ def plan_manifest(uri: str, chunks: list, repeats: list, rdir: str, model_id: st
     if changed:
         drop_superseded(parts, model_id, changed)
     return WorkPlan("manifest", [r[0] for r, c in zip(refs, counts) if c["todo"]], sum(c["rows"] for c in counts),
-                    quarantine, sum(c["already_done"] for c in counts), sum(c["parts"] for c in counts), None,
+                    quarantine, sum(c["already_done"] for c in counts), sum(c["parts"] for c in counts),
                     len(changed))
 
 
@@ -335,8 +334,7 @@ def plan_shards(shards: list[str], rdir: str) -> WorkPlan:
     present = {posixpath.basename(f) for f in _run_state(rdir)[0]}
     todo = [(s, _shard_chunk(s)) for s in shards if f"part-{_shard_chunk(s)}.parquet" not in present]
     refs = [pa.table({"uri": [s for s, _ in todo], CHUNK: [c for _, c in todo]})] if todo else []
-    return WorkPlan("webdataset", refs, None, _quarantine_rows([]), len(shards) - len(todo), len(todo),
-                    shards_fingerprint(shards))
+    return WorkPlan("webdataset", refs, None, _quarantine_rows([]), len(shards) - len(todo), len(todo))
 
 
 def shards_fingerprint(shards: list[str]) -> lineage.Fingerprint:
@@ -983,16 +981,27 @@ def run(cfg: RunConfig) -> dict:
                 progress.say("score: torch.compile %s", compile_why)
             stream(work, ens, sc, cfg.storage.retry(), writer, preprocessing(cfg, ens), compiling)
     quarantined_total = merge_quarantine(rdir, work.quarantine)
-    summary = summarise(cfg, ens, work, writer, now, partition, rdir, t_start, t_wall, quarantined_total)
+    summary = summarise(cfg, ens, work, writer, RunFacts(rdir, now, partition, quarantined_total, t_start, t_wall))
     summary["compile"] = compile_why if not (compiling and False in writer.compiled) else \
         f"{compile_why}; some actors fell back to eager (torch.compile failed there: see the job log)"
     storage.write_text(layout.summary_uri(cfg.output, STAGE, cfg.run_id), json.dumps(summary, indent=2, default=str))
     return summary
 
 
-def summarise(cfg, ens, work: WorkPlan, writer: PartWriter, now, partition, rdir, t_start, t_wall,
-              quarantined_total) -> dict:
+@dataclass(frozen=True)
+class RunFacts:
+    """What a score run's summary reports beside its work plan and its writer."""
+    rdir: str  # the run's predictions folder
+    run_lineage: lineage.Lineage
+    partition: str | None  # the partition the task columns come from
+    quarantined_total: int  # the run's quarantine, all runs under the run id together
+    t_start: float  # time.perf_counter() when the run started
+    t_wall: float  # time.time() when the scoring stream was set up
+
+
+def summarise(cfg: RunConfig, ens: Ensemble, work: WorkPlan, writer: PartWriter, facts: RunFacts) -> dict:
     sc = cfg.score
+    rdir, partition, t_start, t_wall = facts.rdir, facts.partition, facts.t_start, facts.t_wall
     processed = writer.scored + writer.quarantined
     n_input = work.input_rows if work.input_rows is not None else processed + work.already_done
     summary = {
@@ -1001,7 +1010,7 @@ def summarise(cfg, ens, work: WorkPlan, writer: PartWriter, now, partition, rdir
         "shards": work.parts + work.already_done if work.kind == "webdataset" else None,
         "already_done": work.already_done, "scored": writer.scored, "changed_since_scored": work.changed,
         "quarantined": writer.quarantined + work.quarantine.num_rows, "files_written": writer.files,
-        "run_scored_total": run_totals(rdir), "run_quarantined_total": quarantined_total,
+        "run_scored_total": run_totals(rdir), "run_quarantined_total": facts.quarantined_total,
         "images_per_s": round(processed / (time.perf_counter() - t_start), 2) if work.refs else None,
         # From the first model batch's start to the last one's end: the pipeline's rate once running (the
         # benchmark's figure); start-up (Ray, actors, models, first decode) is the time before it.
@@ -1013,7 +1022,7 @@ def summarise(cfg, ens, work: WorkPlan, writer: PartWriter, now, partition, rdir
         "decisions": writer.decided.as_dict(), "precision": sorted(writer.precisions),
         "checkpoints": [storage.redact(storage.parent(storage.parent(w))) for w in ens.weights],
         "operating_points": [pt.model_dump() for pt in ens.first.operating_points],
-        "lineage": now.to_dict(),
+        "lineage": facts.run_lineage.to_dict(),
         "outputs": {"predictions": storage.join(rdir, "predictions"),
                     "quarantine": storage.join(rdir, "quarantine.parquet")},
     }

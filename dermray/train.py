@@ -332,9 +332,16 @@ def decode_transform(batch: dict, size: int, train: bool, max_pixels: int, pre=N
     return out
 
 
-def quarantine_unreadable(table: pa.Table, cfg: RunConfig, run_dir: str) -> tuple[pa.Table, int]:
+@dataclass(frozen=True)
+class TrainingRows:
+    """The rows the folds trained from (unreadable images set aside) and how many were set aside."""
+    table: pa.Table
+    quarantined: int
+
+
+def quarantine_unreadable(table: pa.Table, cfg: RunConfig, run_dir: str) -> TrainingRows:
     """Decode every image once in Ray Data tasks; those that fail go to ``quarantine.parquet`` and out of the
-    table. Returns (the table of usable rows, the number quarantined)."""
+    table."""
     import ray.data
 
     bad = ray.data.from_arrow(blocks_of(table.select(["image_id", "uri"]), 512)).map_batches(
@@ -345,9 +352,9 @@ def quarantine_unreadable(table: pa.Table, cfg: RunConfig, run_dir: str) -> tupl
                                              schema=schemas.QUARANTINE.arrow()),
                         storage.join(run_dir, "quarantine.parquet"))
     if not bad:
-        return table, 0
+        return TrainingRows(table, 0)
     bad_ids = pa.array([b["image_id"] for b in bad], pa.string())
-    return table.filter(pc.invert(pc.is_in(table.column("image_id"), bad_ids))), len(bad)
+    return TrainingRows(table.filter(pc.invert(pc.is_in(table.column("image_id"), bad_ids))), len(bad))
 
 
 def inner_selection(rows: pa.Table, fraction: float, seed: int) -> np.ndarray:
@@ -477,10 +484,22 @@ def fold_job(fold, p: TrainPlan, cfg: RunConfig, has_select: bool, lineage_id: s
                    faults=hooks.for_fold(fold), progress=relay)
 
 
-def fit_fold(job: FoldJob, datasets: dict, val, run_dir: str, cfg: RunConfig):
+@dataclass(frozen=True)
+class FittedFold:
+    """A fold as its TorchTrainer left it: the epochs' history, the chosen epoch's entry, that checkpoint's weights
+    (model.pt bytes), its measurement on the held-out fold ((metrics, predictions), or None for the final model) and
+    the seconds it took."""
+    job: FoldJob
+    history: list[dict]
+    best: dict
+    weights: bytes
+    measured: tuple[dict, Any] | None
+    seconds: float
+
+
+def fit_fold(job: FoldJob, datasets: dict, val, run_dir: str, cfg: RunConfig) -> FittedFold:
     """Train one fold with a TorchTrainer, then measure the chosen checkpoint on the held-out fold ``val`` (its
-    rows, or None); returns (job, Ray Train result, the chosen checkpoint's weights, held-out measurement,
-    seconds)."""
+    rows, or None)."""
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as TrainRunConfig
@@ -527,7 +546,7 @@ def fit_fold(job: FoldJob, datasets: dict, val, run_dir: str, cfg: RunConfig):
         task = ray.remote(num_cpus=tcfg.cpus_per_worker,
                           num_gpus=1 if tcfg.use_gpu else None)(measure_held_out)  # type: ignore[arg-type]
         measured = ray.get(task.remote(as_trained, weights, val, cfg.transforms.preprocess(), cfg.storage.retry()))
-    return job, (history, chosen), weights, measured, time.time() - t0
+    return FittedFold(job, history, chosen, weights, measured, time.time() - t0)
 
 
 def read_history(result) -> list[dict]:
@@ -635,8 +654,10 @@ def data_description(p: TrainPlan, table: pa.Table) -> dict:
             "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 
-def model_card(job: FoldJob, p: TrainPlan, fold_lin: lineage.Lineage, history: list[dict], best: dict,
-               measured: dict, weights: bytes, table: pa.Table, cfg_transforms) -> artifacts.ModelCard:
+def model_card(fitted: FittedFold, p: TrainPlan, fold_lin: lineage.Lineage, measured: dict, table: pa.Table,
+               cfg_transforms) -> artifacts.ModelCard:
+    """The fold's model card; ``measured``: its held-out metrics (empty for the final model)."""
+    job, history, best, weights = fitted.job, fitted.history, fitted.best, fitted.weights
     tcfg = job.train
     description = data_description(p, table)
     redacted = tcfg.weights if tcfg.weights in ("imagenet", "none") else storage.redact(tcfg.weights)
@@ -659,25 +680,25 @@ def model_card(job: FoldJob, p: TrainPlan, fold_lin: lineage.Lineage, history: l
                     f"{selection_text(job, int(best['epoch']))}"}])
 
 
-def finish_fold(job: FoldJob, fit: tuple, weights: bytes, measured, seconds: float, cfg: RunConfig, p: TrainPlan,
-                table: pa.Table, n_bad: int, fold_lin: lineage.Lineage) -> dict:
+def finish_fold(fitted: FittedFold, cfg: RunConfig, p: TrainPlan, rows: TrainingRows,
+                fold_lin: lineage.Lineage) -> dict:
     """metrics.parquet, best/model.pt, val_predictions.parquet and model_card.json for one fold, then the record
     that says it is finished (FINISHED_FILE). Returns the fold's summary row."""
-    history, best = fit
+    job, history, best, weights, table = fitted.job, fitted.history, fitted.best, fitted.weights, rows.table
     storage.write_table(pa.Table.from_pylist(metrics_rows(history)), storage.join(job.fold_dir, "metrics.parquet"))
     storage.write_bytes(artifacts.weights_uri(job.fold_dir), weights)
-    val_metrics = {}
-    if measured is not None:
-        val_metrics, preds = measured
+    val_metrics: dict = {}
+    if fitted.measured is not None:
+        val_metrics, preds = fitted.measured
         write_val_predictions(job, preds, cfg, table, int(best["epoch"]))
         val_metrics |= accuracy_by(job, preds, table)
-    artifacts.write_card(model_card(job, p, fold_lin, history, best, val_metrics, weights, table, cfg.transforms),
-                         job.fold_dir)
-    row = {"fold": job.fold, "epochs": len(history), "best_epoch": int(best["epoch"]), "seconds": round(seconds, 1),
+    artifacts.write_card(model_card(fitted, p, fold_lin, val_metrics, table, cfg.transforms), job.fold_dir)
+    row = {"fold": job.fold, "epochs": len(history), "best_epoch": int(best["epoch"]),
+           "seconds": round(fitted.seconds, 1),
            "t_start": history[0].get("t_start"), "t_end": history[-1].get("t_end"), "lineage_id": fold_lin.id,
            **val_metrics}
     record = {"lineage_id": fold_lin.id, "weights_sha256": artifacts.sha256_hex(weights), "row": row,
-              "images": table.num_rows + n_bad, "quarantined": n_bad}
+              "images": table.num_rows + rows.quarantined, "quarantined": rows.quarantined}
     storage.write_text(storage.join(job.fold_dir, FINISHED_FILE), json.dumps(record, indent=2, default=str))
     return row
 
@@ -783,7 +804,7 @@ def _same_json(a, b) -> bool:
 
 
 # ---- the stage ----------------------------------------------------------------------------------------------------
-def train_folds(p: TrainPlan, folds: list, table: pa.Table, cfg: RunConfig, lineages: dict) -> list[tuple]:
+def train_folds(p: TrainPlan, folds: list, table: pa.Table, cfg: RunConfig, lineages: dict) -> list[FittedFold]:
     """The TorchTrainers of ``folds``, all at once (threads: each fit() blocks while its worker trains)."""
     from dermray.models import spec
 
@@ -826,11 +847,10 @@ def run(cfg: RunConfig) -> dict:
             for fold in todo:  # written only once the run is known to be possible
                 record_fold_lineage(layout.fold_dir(cfg.output, cfg.run_id, fold), lineages[str(fold)],
                                     clear[str(fold)])
-            table, n_bad = quarantine_unreadable(p.table, cfg, p.run_dir)
-            results = train_folds(p, todo, table, cfg, lineages)
-        rows = {job.fold: finish_fold(job, fit, weights, measured, seconds, cfg, p, table, n_bad, lineages[job.fold])
-                for job, fit, weights, measured, seconds in results}
-        used = table.num_rows
+            training = quarantine_unreadable(p.table, cfg, p.run_dir)
+            results = train_folds(p, todo, training.table, cfg, lineages)
+        rows = {fitted.job.fold: finish_fold(fitted, cfg, p, training, lineages[fitted.job.fold]) for fitted in results}
+        used, n_bad = training.table.num_rows, training.quarantined
     else:  # every fold finished: the counts they recorded (the same inputs, so the same images)
         record = finished[str(p.folds[0])]
         assert record is not None  # nothing to do: every fold finished

@@ -29,7 +29,8 @@ def _gap_row(rng, aucs: tuple[float, ...], n: int = 300) -> dict:
         y, score = _group(rng, n, auc)
         name = f"modality={'abcdefgh'[k]}"
         ids = np.array([f"{name}-{i}" for i in range(n)])
-        evaluate.evaluate_binary(t, "r", TASK, name, y, score, ids, ids, CFG, None)
+        evaluate.evaluate_binary(evaluate.At(t, "r", TASK.name, name), evaluate.BinaryScores(y, score, ids, ids), CFG,
+                                 None)
         names.append(name)
     evaluate.subgroup_verdict(t, "r", TASK, names, CFG)
     (row,) = [m for m in t.metrics if m["metric"] == "auc_gap"]
