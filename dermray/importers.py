@@ -422,7 +422,7 @@ def _normalised(values: pd.Series | None, default: str | None, rules: dict[str, 
     return out, out.isna() & ~empty
 
 
-def import_folder(images: str, labels: str, mapping: str, taxonomy: str | None = None, tasks: str | None = None,
+def import_folder(images: str, labels: str, mapping: str, *, taxonomy: str | None = None, tasks: str | None = None,
                   source: str | None = None, modality: str | None = None, label_source: str | None = None,
                   id_column: str | None = None, label_column: str | None = None, group_column: str | None = None
                   ) -> ImportResult:

@@ -21,6 +21,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -297,6 +298,7 @@ def merge_duplicates(*parts):
 
 
 def pass2(uri, row_groups, offset, columns, node_ids, seed, plan, duplicates, remap, *mixed_parts):
+    # params: a Ray task: the object refs among its arguments are resolved by Ray only at the top level
     table = read_chunk(uri, row_groups, columns)
     mixed = np.sort(np.concatenate(mixed_parts)) if mixed_parts else np.zeros(0, np.uint64)
     return assign_chunk(table, offset, node_ids, seed, plan, mixed, duplicates, remap)
@@ -480,18 +482,31 @@ def fold_plan(ray, counts: Counts, classes, lookup, duplicates, group_parts, fol
     return AssignPlan(lookup, folds_by_stratum, n_classes, folds), [m for _, m in grp_refs], n_mixed
 
 
-def assign_pass(ray, inp: Inputs, chunks, cpus: int, node_ids_ref, seed: int, plan: AssignPlan, duplicates,
-                mixed_refs, paths: dict, remap_ref) -> tuple[int, int, np.ndarray]:
+@dataclass(frozen=True)
+class AssignInputs:
+    """What every pass-2 task reads besides its chunk: the taxonomy's node ids, the seed, the fold plan, the
+    repeated ids, the near-duplicate regrouping and the lesions that span classes (object refs where shared; Ray
+    resolves refs only at the top level of a task's arguments, so ``assign_pass`` hands them on one by one)."""
+    node_ids: Any  # ObjectRef of pa.Array
+    seed: int
+    plan: AssignPlan
+    duplicates: Any
+    remap: Any  # ObjectRef
+    mixed: list  # ObjectRefs of uint64 arrays
+
+
+def assign_pass(ray, inp: Inputs, chunks, cpus: int, given: AssignInputs, paths: dict) -> tuple[int, int, np.ndarray]:
     """Pass 2, a bounded window of chunks in flight, streamed into labels.parquet and quarantine.parquet in
     manifest order: (labels rows, quarantined rows, images per class and fold)."""
     p2 = ray.remote(num_returns=3)(pass2)
+    plan = given.plan
     plan_ref = ray.put(plan)
     pending = iter(chunks)
     window = 2 * cpus  # chunks in flight: bounds the object store (and the driver's mapped pages) at any size
 
     def submit(n):
-        return [p2.remote(inp.manifest, rg, off, inp.columns, node_ids_ref, seed, plan_ref, duplicates, remap_ref,
-                          *mixed_refs) for rg, off, _ in itertools.islice(pending, n)]
+        return [p2.remote(inp.manifest, rg, off, inp.columns, given.node_ids, given.seed, plan_ref, given.duplicates,
+                          given.remap, *given.mixed) for rg, off, _ in itertools.islice(pending, n)]
 
     refs = submit(window)
     fold_counts = np.zeros((plan.n_classes, plan.folds), np.int64)
@@ -566,8 +581,8 @@ def run(cfg: RunConfig) -> dict:
         lookup = node_to_class(inp.tax, classes)
         plan, mixed_refs, n_mixed = fold_plan(ray, counts, classes, lookup, duplicates, group_parts, pcfg.folds,
                                               pcfg.seed)
-        n_labels, n_quarantined, fold_counts = assign_pass(ray, inp, chunks, cpus, node_ids_ref, pcfg.seed, plan,
-                                                           duplicates, mixed_refs, paths, remap_ref)
+        given = AssignInputs(node_ids_ref, pcfg.seed, plan, duplicates, remap_ref, mixed_refs)
+        n_labels, n_quarantined, fold_counts = assign_pass(ray, inp, chunks, cpus, given, paths)
         t_pass2 = time.perf_counter() - t0
     n_input = inp.pf.metadata.num_rows
     if n_labels + n_quarantined != n_input:

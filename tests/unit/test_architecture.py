@@ -95,6 +95,25 @@ def test_long_functions_say_why(name):
                 assert "# long:" in head, f"{name}.{node.name} has {n} lines and no '# long:' reason"
 
 
+MAX_POSITIONAL = 8  # parameters taken by position (self and keyword-only ones not counted)
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_long_parameter_lists_say_why(name):
+    """A function taking more than MAX_POSITIONAL parameters by position carries a "# params: <reason>" comment in
+    its first lines; elsewhere a small record carries them (issue 27: helpers of 10-14 positional parameters)."""
+    source = MODULES[name].read_text()
+    lines = source.splitlines()
+    unexplained = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            positional = [a.arg for a in node.args.posonlyargs + node.args.args if a.arg not in ("self", "cls")]
+            head = "\n".join(lines[node.lineno - 1:node.body[0].lineno + 2])
+            if len(positional) > MAX_POSITIONAL and "# params:" not in head:
+                unexplained.append(f"{node.name} ({len(positional)})")
+    assert not unexplained, f"{name}: parameters taken by position, no '# params:' reason: {unexplained}"
+
+
 def test_every_stage_has_the_stage_interface():
     for stage in stages.STAGES:
         module = stages.module(stage)
