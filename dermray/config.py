@@ -190,6 +190,9 @@ class EvaluateConfig(Section):
     ci_level: float = Field(0.95, gt=0, lt=1)
     seed: int = 0
     calibration_bins: int = Field(10, ge=2)
+    # Test images that are near-duplicates of the partition's training images (its method and thresholds): counted,
+    # listed in train_overlap.parquet, and every metric computed again without them (subset no_train_overlap)
+    train_overlap: bool = True
     distributed: bool = False  # AUCs from per-block score histograms over Ray Data (inputs larger than memory)
     histogram_bins: int = Field(65536, ge=16)
 

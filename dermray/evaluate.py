@@ -122,6 +122,7 @@ class Tables:
     confusion: list = dataclasses.field(default_factory=list)
     readers: list = dataclasses.field(default_factory=list)
     calibration: list = dataclasses.field(default_factory=list)
+    train_overlap: list = dataclasses.field(default_factory=list)
     curves: dict = dataclasses.field(default_factory=dict)  # (task, subset) -> data for plots
 
 
@@ -400,6 +401,7 @@ class EvalInputs:
     fingerprints: dict  # name -> lineage.Fingerprint
     locked: dict  # binary task -> [(operating point name, threshold)] the model card locked
     scored: dict  # the summary of the score run that wrote the predictions ({} when unknown)
+    train_hashes: pd.DataFrame | None = None  # the partition's image_hashes (evaluate.train_overlap; None: absent)
 
 
 def read_definitions(cfg: RunConfig) -> EvalInputs:
@@ -418,7 +420,13 @@ def read_definitions(cfg: RunConfig) -> EvalInputs:
     locked = locked_points(scored)
     if locked:
         fps["operating_points"] = lineage.value_fingerprint(locked)
-    return EvalInputs(tax, tasks, table.to_pandas(), partition, fps, locked, scored)
+    hashes_uri = layout.partition_outputs(partition)["image_hashes"]
+    hashes = None
+    if cfg.evaluate.train_overlap and storage.exists(hashes_uri):
+        hashes_table = storage.read_table(hashes_uri)
+        fps["image_hashes"] = lineage.columns_fingerprint(hashes_uri, hashes_table, hashes_table.column_names)
+        hashes = hashes_table.to_pandas()
+    return EvalInputs(tax, tasks, table.to_pandas(), partition, fps, locked, scored, hashes)
 
 
 @dataclass(frozen=True)
@@ -488,11 +496,99 @@ def evaluate_task(t: Tables, run_id: str, task: Task, test: EvalData, inp: EvalI
     return {"not_in_task": int((~in_task).sum()), "undefined_score": int(nan_scores.sum())}, use
 
 
+# ---- test images that are copies of training images ----------------------------------------------------------------
+@dataclass(frozen=True)
+class Overlap:
+    """Test images found to be near-duplicates of training images, and the pairs that say so (train_overlap rows);
+    ``not_checked`` says why nothing was looked for (None when it was)."""
+    images: frozenset
+    pairs: list
+    unreadable: int = 0
+    not_checked: str | None = None
+
+    def summary(self) -> dict:
+        return {"checked": self.not_checked is None, "test_images": len(self.images), "pairs": len(self.pairs),
+                "unreadable_test_images": self.unreadable, "not_checked": self.not_checked}
+
+
+def overlap_thresholds(partition: str) -> tuple[int, float]:
+    """The Hamming bound and the pixel similarity the partition grouped near-duplicates with (its recorded
+    config), so that the test set is checked the way the folds were."""
+    from dermray.config import PartitionConfig
+
+    defaults = PartitionConfig()
+    hamming, similarity = defaults.near_duplicate_hamming, defaults.near_duplicate_similarity
+    summary_uri = layout.partition_outputs(partition)["summary"]
+    if storage.exists(summary_uri):
+        recorded = json.loads(storage.read_text(summary_uri)).get("lineage", {}).get("config", {})
+        hamming = int(recorded.get("near_duplicate_hamming", hamming))
+        similarity = float(recorded.get("near_duplicate_similarity", similarity))
+    return hamming, similarity
+
+
+def train_overlap(df: pd.DataFrame, inp: EvalInputs, ecfg: EvaluateConfig) -> Overlap:
+    """The test images (``df``'s ``uri``) that are copies of the partition's training images: equal bytes, or a
+    view hash within the partition's Hamming bound of the other's whole-image hash, confirmed by aligned pixel
+    correlation at its similarity (neardup: the method the folds were grouped with)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dermray import neardup
+    from dermray.transforms import ImageDecodeError
+
+    if not ecfg.train_overlap:
+        return Overlap(frozenset(), [], not_checked="evaluate.train_overlap is off")
+    if inp.train_hashes is None or inp.train_hashes.empty:
+        return Overlap(frozenset(), [], not_checked=(
+            f"{storage.redact(inp.partition)} holds no image hashes (a partition run with near_duplicates off, or "
+            "by an older dermray)"))
+    if "uri" not in df.columns or df["uri"].isna().all():
+        return Overlap(frozenset(), [], not_checked="the predictions have no uri column to read the test images by")
+    hamming, similarity = overlap_thresholds(inp.partition)
+
+    def describe(uri):
+        if not isinstance(uri, str) or not uri:
+            return None
+        try:
+            return neardup.describe(storage.read_bytes(uri))
+        except (UserError, ImageDecodeError):
+            return None
+
+    ids, uris = df["image_id"].to_numpy(), df["uri"].to_numpy()
+    with ThreadPoolExecutor(8) as pool:  # reads (S3 or disk) and decodes overlap; PIL releases the GIL
+        described = list(pool.map(describe, uris))
+    ok = np.array([d is not None for d in described], bool)
+    test_sha = np.array([d[0] for d in described if d is not None], dtype=object)
+    test_hashes = np.stack([d[1] for d in described if d is not None]) if ok.any() else np.zeros((0, 3), np.uint64)
+    test_ids, test_uris = ids[ok], uris[ok]
+    train = inp.train_hashes
+    train_hashes = np.array(train["phash"].tolist(), dtype=np.uint64).reshape(-1, 3)
+    pairs: dict[tuple[int, int], tuple[int, float, bool]] = {}
+    by_sha = pd.Series(np.arange(len(train)), index=train["sha256"].to_numpy())
+    for j, sha in enumerate(test_sha):
+        if sha in by_sha.index:
+            pairs[(int(np.atleast_1d(by_sha[sha])[0]), j)] = (0, 1.0, True)
+    for i, j, d in neardup.cross_candidates(train_hashes, test_hashes, hamming):
+        if (int(i), int(j)) in pairs:
+            continue
+        try:
+            sim = neardup.similarity(storage.read_bytes(train["uri"].iloc[i]), storage.read_bytes(test_uris[j]))
+        except (UserError, ImageDecodeError):  # a training image gone since the partition: not a pair to confirm
+            continue
+        if sim >= similarity:
+            pairs[(int(i), int(j))] = (int(d), float(sim), False)
+    rows = [{"test_image": str(test_ids[j]), "train_image": str(train["image_id"].iloc[i]), "hamming": h,
+             "similarity": sim, "exact": exact}
+            for (i, j), (h, sim, exact) in sorted(pairs.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
+    return Overlap(frozenset(r["test_image"] for r in rows), rows, int((~ok).sum()))
+
+
 def predictions_columns(ecfg: EvaluateConfig) -> tuple[str, ...]:
-    """The prediction columns beyond ``USED_COLUMNS`` that the evaluation reads: the source, the subgroup columns and
-    the cohort column. Only these are loaded, and the predictions' fingerprint covers them."""
+    """The prediction columns beyond ``USED_COLUMNS`` that the evaluation reads: the source, the subgroup columns,
+    the cohort column and (evaluate.train_overlap) the image URIs. Only these are loaded, and the predictions'
+    fingerprint covers them."""
     subgroups = tuple(spec.partition(":")[0] for spec in ecfg.subgroups)
-    return ("source",) + subgroups + ((ecfg.cohort,) if ecfg.cohort else ())
+    return (("source",) + subgroups + ((ecfg.cohort,) if ecfg.cohort else ())
+            + (("uri",) if ecfg.train_overlap else ()))
 
 
 def other_run_membership(uri: str) -> tuple[pd.DataFrame | None, lineage.Fingerprint | None]:
@@ -617,7 +713,10 @@ def run(cfg: RunConfig, base: str | None = None) -> dict:
     groups = lesions(df)
     unknown_label = int((~df["label"].isin(inp.tax.index.keys())).sum())
     subset_masks = subsets(df, ecfg.subgroups)
-    t = Tables()
+    overlap = train_overlap(df, inp, ecfg)
+    if overlap.images:  # every metric again without the test images that copy training images
+        subset_masks.append(("no_train_overlap", ~df["image_id"].isin(overlap.images).to_numpy()))
+    t = Tables(train_overlap=overlap.pairs)
     excluded, evaluated = {}, np.zeros(len(df), bool)
     # One line at the end (more while it runs if it takes over 5 s; live on a terminal).
     meter = progress.Meter("evaluate", len(inp.tasks), unit="tasks")
@@ -641,7 +740,8 @@ def run(cfg: RunConfig, base: str | None = None) -> dict:
         # Every prediction is evaluated by some task or lies outside every task (its label in no task class).
         "evaluated": int(evaluated.sum()), "outside_every_task": int((~evaluated).sum()),
         "model_ids": sorted(df["model_id"].unique().tolist()), "partition": storage.redact(inp.partition),
-        "unknown_labels": unknown_label, "excluded": excluded, "tasks": [t_.name for t_ in inp.tasks],
+        "unknown_labels": unknown_label, "excluded": excluded, "train_overlap": overlap.summary(),
+        "tasks": [t_.name for t_ in inp.tasks],
         "subsets": [s for s, _ in subset_masks], "headline": headline(t), "lineage": now.to_dict(), "outputs": paths,
         "seconds": round(time.perf_counter() - t_start, 3),
     }
@@ -679,7 +779,8 @@ def delong_rows(at: At, task: Task, test: EvalData, truth: TaskTruth, ecfg: Eval
 def write_tables(t: Tables, paths: dict) -> None:
     specs = [("metrics", t.metrics, schemas.METRICS), ("roc", t.roc, schemas.ROC),
              ("confusion", t.confusion, schemas.CONFUSION), ("readers", t.readers, schemas.READER_POINTS),
-             ("calibration", t.calibration, schemas.CALIBRATION)]
+             ("calibration", t.calibration, schemas.CALIBRATION),
+             ("train_overlap", t.train_overlap, schemas.TRAIN_OVERLAP)]
     for name, rows, schema in specs:
         arrow = schema.arrow([c.name for c in schema.columns])
         table = pa.Table.from_pylist(rows, schema=arrow) if rows else arrow.empty_table()
@@ -880,6 +981,12 @@ def format_summary(s: dict) -> str:
             lines.append(f"  warning: {task}: {ex['undefined_score']} images have no probability in either class")
     if s.get("unknown_labels"):
         lines.append(f"  warning: {s['unknown_labels']} predictions carry a label that is not a taxonomy node")
+    overlap = s.get("train_overlap") or {}
+    if overlap.get("test_images"):
+        lines.append(f"  warning: {overlap['test_images']} test images are near-duplicates of training images "
+                     "(train_overlap.parquet); every metric is also given without them (subset no_train_overlap)")
+    elif overlap and not overlap["checked"]:
+        lines.append(f"  train-test overlap not checked: {overlap['not_checked']}")
     out = s["outputs"]
     lines.append(f"  report: {out.get('report_html', out.get('metrics'))}  ({s['seconds']} s)")
     return "\n".join(lines)

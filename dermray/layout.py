@@ -58,7 +58,8 @@ def pipeline_dir(output: str, run_id: str) -> str:
     return stage_dir(output, "pipeline", run_id)
 
 
-PARTITION_TABLES = ("training_classes", "labels", "quarantine", "task_membership", "fold_counts", "near_duplicates")
+PARTITION_TABLES = ("training_classes", "labels", "quarantine", "task_membership", "fold_counts", "near_duplicates",
+                    "image_hashes")
 
 
 def partition_outputs(partition: str) -> dict[str, str]:
@@ -67,7 +68,7 @@ def partition_outputs(partition: str) -> dict[str, str]:
         "summary": storage.join(partition, SUMMARY_FILES["partition"])}
 
 
-METRICS_TABLES = ("metrics", "roc", "confusion", "readers", "calibration")
+METRICS_TABLES = ("metrics", "roc", "confusion", "readers", "calibration", "train_overlap")
 
 
 def evaluate_outputs(base: str) -> dict[str, str]:

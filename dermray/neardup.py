@@ -113,6 +113,15 @@ def candidates(hashes: np.ndarray, max_hamming: int) -> tuple[np.ndarray, int]:
     return np.stack([a[first], b[first], d[first]], axis=1), skipped
 
 
+def cross_candidates(hashes_a: np.ndarray, hashes_b: np.ndarray, max_hamming: int) -> np.ndarray:
+    """int64 [m, 3] candidate pairs (index into a, index into b, Hamming distance) between two sets of hashes
+    (uint64 [n, 3] each), found as ``candidates`` finds them in one set: pairs within a set are left out."""
+    pairs, _ = candidates(np.concatenate([hashes_a, hashes_b]).reshape(-1, 3), max_hamming)
+    n = len(hashes_a)
+    cross = pairs[(pairs[:, 0] < n) & (pairs[:, 1] >= n)]
+    return np.stack([cross[:, 0], cross[:, 1] - n, cross[:, 2]], axis=1) if len(cross) else np.zeros((0, 3), np.int64)
+
+
 N_VIEW = 32
 _SHIFT = 0.04
 

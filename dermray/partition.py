@@ -348,10 +348,10 @@ def verify_pairs(uris_a, uris_b, max_pixels):
     return np.array(out)
 
 
-def near_duplicates(ray, inp: Inputs, chunks, node_ids_ref, pcfg) -> tuple[pa.Table, pa.Table, dict]:
-    """(remap: image_id -> merged group, the accepted pairs, counts): images whose bytes are equal, or whose
-    perceptual hashes are close and whose pixels align (neardup.similarity >= partition.near_duplicate_similarity),
-    join one group, so that the folds never split them."""
+def near_duplicates(ray, inp: Inputs, chunks, node_ids_ref, pcfg) -> tuple[pa.Table, pa.Table, dict, pa.Table]:
+    """(remap: image_id -> merged group, the accepted pairs, counts, every image's hashes): images whose bytes are
+    equal, or whose perceptual hashes are close and whose pixels align (neardup.similarity >=
+    partition.near_duplicate_similarity), join one group, so that the folds never split them."""
     from dermray import neardup
 
     t0 = time.perf_counter()
@@ -392,7 +392,11 @@ def near_duplicates(ray, inp: Inputs, chunks, node_ids_ref, pcfg) -> tuple[pa.Ta
               "images_regrouped": int(changed.sum()), "refused_merges": int(sum(not m for m in merged)),
               "largest_component_images": int(components.max()) if len(components) else 0,
               "seconds": round(time.perf_counter() - t0, 2)}
-    return remap, table, counts
+    described_table = pa.table({
+        "image_id": pa.array(cat["image_id"].tolist(), pa.string()), "uri": pa.array(cat["uri"].tolist(), pa.string()),
+        "sha256": pa.array(cat["sha"].tolist(), pa.string()),
+        "phash": pa.array([h.tolist() for h in hashes], pa.list_(pa.uint64()))}, schema=schemas.IMAGE_HASHES.arrow())
+    return remap, table, counts, described_table
 
 
 @dataclass
@@ -558,9 +562,11 @@ def run(cfg: RunConfig) -> dict:
         chunks = storage.row_group_chunks(inp.pf, CHUNK_ROWS, min_chunks=2 * cpus)
         partitions = max(1, min(2 * cpus, len(chunks)))
         node_ids_ref = ray.put(node_ids)
-        remap, near, near_counts = (near_duplicates(ray, inp, chunks, node_ids_ref, pcfg) if pcfg.near_duplicates
-                                    else (None, schemas.NEAR_DUPLICATES.arrow().empty_table(), None))
+        remap, near, near_counts, hashes = (
+            near_duplicates(ray, inp, chunks, node_ids_ref, pcfg) if pcfg.near_duplicates else
+            (None, schemas.NEAR_DUPLICATES.arrow().empty_table(), None, schemas.IMAGE_HASHES.arrow().empty_table()))
         storage.write_table(near, paths["near_duplicates"])
+        storage.write_table(hashes, paths["image_hashes"])
         if near_counts:
             progress.say("partition: %d near-duplicate pairs (%d across groups) among %s images; %d images regrouped",
                          near_counts["pairs"], near_counts["crossed_groups"], f"{near_counts['described']:,}",

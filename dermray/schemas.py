@@ -180,6 +180,22 @@ NEAR_DUPLICATES = TableSchema(
         "aligned pixel correlation); merged = their groups were joined (False: the component cap refused it).",
 )
 
+IMAGE_HASHES = TableSchema(
+    "image_hashes",
+    (_s("image_id"), _s("uri"), _s("sha256"), Column("phash", pa.list_(pa.uint64()))),
+    doc="Per training image the partition could read: the sha256 of its bytes and the 64-bit perceptual hashes of "
+        "three views (whole, central 92 %, central 85 %; neardup.describe): evaluate looks for test images that "
+        "are near-duplicates of these.",
+)
+
+TRAIN_OVERLAP = TableSchema(
+    "train_overlap",
+    (_s("test_image"), _s("train_image"), Column("hamming", pa.int64()), Column("similarity", pa.float64()),
+     Column("exact", pa.bool_())),
+    doc="Test images that are near-duplicates of training images (the partition's method: equal bytes, or close "
+        "perceptual hashes confirmed by aligned pixel correlation): evaluate reports every metric without them too.",
+)
+
 TRAINING_METRICS = TableSchema(
     "training_metrics",
     (Column("epoch", pa.int64()), _s("split", allowed=("train", "select")), _s("metric"),
@@ -211,7 +227,8 @@ SANITY = TableSchema(
 
 ALL = {s.name: s for s in (TAXONOMY, MANIFEST, TRAINING_CLASSES, LABELS, TASK_MEMBERSHIP, QUARANTINE,
                            PREDICTIONS, METRICS, ROC, READERS, READER_POINTS, CONFUSION, CALIBRATION, FOLD_COUNTS,
-                           NEAR_DUPLICATES, TRAINING_METRICS, TRAIN_SUMMARY, SALIENCY_INDEX, SANITY)}
+                           NEAR_DUPLICATES, IMAGE_HASHES, TRAIN_OVERLAP, TRAINING_METRICS, TRAIN_SUMMARY,
+                           SALIENCY_INDEX, SANITY)}
 
 
 def _type_ok(actual: pa.DataType, expected: pa.DataType) -> bool:

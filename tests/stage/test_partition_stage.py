@@ -102,7 +102,7 @@ def test_same_seed_same_folds_and_rerun_replaces(ray_local, ham_import, tmp_path
     assert read(out, "labels").equals(first)
     assert sorted(os.listdir(out / "partition" / "default")) == sorted(
         ["training_classes.parquet", "labels.parquet", "quarantine.parquet", "task_membership.parquet",
-         "fold_counts.parquet", "near_duplicates.parquet", "partition_summary.json"])
+         "fold_counts.parquet", "near_duplicates.parquet", "image_hashes.parquet", "partition_summary.json"])
     run_partition(*args, folds=4, seed=2)
     assert (read(out, "labels")["fold"] != first["fold"]).mean() > 0.5
 

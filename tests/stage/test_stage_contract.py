@@ -46,7 +46,8 @@ class Case:
 CASES = {
     "partition": Case({"training_classes.parquet": schemas.TRAINING_CLASSES, "labels.parquet": schemas.LABELS,
                        "quarantine.parquet": schemas.QUARANTINE, "task_membership.parquet": schemas.TASK_MEMBERSHIP,
-                       "fold_counts.parquet": schemas.FOLD_COUNTS, "near_duplicates.parquet": schemas.NEAR_DUPLICATES},
+                       "fold_counts.parquet": schemas.FOLD_COUNTS, "near_duplicates.parquet": schemas.NEAR_DUPLICATES,
+                       "image_hashes.parquet": schemas.IMAGE_HASHES},
                       {"labels.parquet": ["image_id"]}, "data.manifest={missing}"),
     "train": Case({"quarantine.parquet": schemas.QUARANTINE, "metrics.parquet": schemas.TRAINING_METRICS,
                    "val_predictions.parquet": schemas.PREDICTIONS, "val_predictions_raw.parquet": None,
@@ -56,7 +57,7 @@ CASES = {
                   {"part-*.parquet": ["image_id"]}, "score.input={missing}.parquet"),
     "evaluate": Case({"metrics.parquet": schemas.METRICS, "roc.parquet": schemas.ROC,
                       "confusion.parquet": schemas.CONFUSION, "readers.parquet": schemas.READER_POINTS,
-                      "calibration.parquet": schemas.CALIBRATION},
+                      "calibration.parquet": schemas.CALIBRATION, "train_overlap.parquet": schemas.TRAIN_OVERLAP},
                      {"metrics.parquet": ["task", "subset", "metric"]}, "evaluate.predictions={missing}"),
     "saliency": Case({"saliency_index.parquet": schemas.SALIENCY_INDEX, "sanity.parquet": schemas.SANITY},
                      {"saliency_index.parquet": ["image_id", "task", "method"]}, "saliency.predictions={missing}"),

@@ -94,6 +94,18 @@ def test_a_copy_re_encoded_and_resized_is_a_candidate_and_verifies_and_another_l
     assert neardup.describe(data[0])[0] == neardup.describe(bytes(data[0]))[0]  # sha256 of the bytes
 
 
+def test_cross_candidates_pair_the_two_sets_and_never_two_images_of_one_set():
+    """Train-test overlap (evaluate): a test image re-encoded from a training image is a candidate, indexed into
+    each set; two copies inside the training set are not reported (the partition handles those)."""
+    a, b, c = _lesion(1), _lesion(2), _lesion(3)
+    train = [_jpeg(a), _jpeg(b), _jpeg(b, quality=70)]
+    test = [_jpeg(c), _jpeg(a.resize((110, 82)), quality=75)]
+    hashes = [np.stack([neardup.describe(d)[1] for d in side]) for side in (train, test)]
+    pairs = neardup.cross_candidates(hashes[0], hashes[1], max_hamming=12)
+    assert {(int(i), int(j)) for i, j, _ in pairs} == {(0, 1)}
+    assert neardup.cross_candidates(hashes[0], hashes[1][:0], max_hamming=12).shape == (0, 3)
+
+
 def test_candidates_are_the_brute_force_pairs_within_the_distance():
     """Every pair the LSH banding reports is within max_hamming (of its closest view to the other's whole image),
     and none is reported twice; near pairs planted with 1-3 flipped bits are all found."""
