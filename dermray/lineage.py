@@ -76,7 +76,8 @@ def _column_stream(arr: pa.Array) -> tuple[bytes, bytes]:
     if pa.types.is_boolean(t) or pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_temporal(t):
         valid = np.asarray(arr.is_valid(), dtype=np.int8)
         canonical = pa.float64() if pa.types.is_floating(t) else pa.int64()
-        values = np.asarray(pc.fill_null(arr.cast(canonical), 0)).tobytes()
+        # uint64 past 2**63 keeps its bits (a safe cast would refuse it); every other integer fits int64 exactly
+        values = np.asarray(pc.fill_null(arr.cast(canonical, safe=t != pa.uint64()), 0)).tobytes()
         return valid.tobytes(), values
     return _string_stream(arr.cast(pa.string()))
 

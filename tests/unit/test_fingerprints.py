@@ -64,6 +64,16 @@ def test_a_fingerprint_changes_with_any_value_and_not_with_row_groups(tmp_path):
     assert lineage.table_fingerprint(wider, ["image_id", "label"]) == lineage.table_fingerprint(t)
 
 
+def test_unsigned_64_bit_values_past_the_signed_range_are_fingerprinted():
+    """A uint64 column (the partition's image hashes) with values of 2**63 and more: the fingerprint cast every
+    integer to int64 and failed ("Integer value ... not in range"); now each value keeps its own bits."""
+    big = np.array([2**64 - 1, 2**63, 5], dtype=np.uint64)
+    t = pa.table({"h": pa.array(big), "l": pa.array([big.tolist()] * 3, pa.list_(pa.uint64()))})
+    other = pa.table({"h": pa.array(big - np.uint64(1)), "l": pa.array([big.tolist()] * 3, pa.list_(pa.uint64()))})
+    assert lineage.table_fingerprint(t) == lineage.table_fingerprint(t.slice(0))
+    assert lineage.table_fingerprint(t) != lineage.table_fingerprint(other)
+
+
 def test_changes_are_named():
     fp = lambda c: lineage.Fingerprint(method="columns", content=c)  # noqa: E731
     a = lineage.Lineage.of("train", {"labels": fp("a1b2c3d4e5")}, {"lr": 0.001, "freeze": "6"})
