@@ -76,7 +76,7 @@ def s3_filesystem():
     """The s3fs filesystem of this process, honouring ``AWS_ENDPOINT_URL`` and the usual AWS variables.
 
     One per process and per AWS environment, reused by every operation: a fresh one per operation built a botocore
-    client each time (~178 ms of CPU per small read or write, against ~13 ms reused; tests/unit/test_storage.py).
+    client each time (~178 ms of CPU per small read or write, against ~17 ms reused; tests/unit/test_storage.py).
     The process id is part of the key because a forked child (a Ray worker) cannot use its parent's event loop."""
     import s3fs
 

@@ -89,7 +89,7 @@ def test_first_local_is_the_first_non_empty_uri_that_is_not_on_s3(uris):
 
 def test_a_process_reuses_one_s3_filesystem_per_endpoint_and_a_forked_child_makes_its_own(monkeypatch):
     """A fresh s3fs filesystem per operation built a botocore client each time: ~178 ms of CPU per read or write
-    (moto on loopback, AMD EPYC), against ~13 ms with one filesystem reused. One per process (a forked child, i.e.
+    (moto on loopback, AMD EPYC), against ~17 ms with one filesystem reused. One per process (a forked child, i.e.
     another pid, makes its own: the parent's event loop does not survive a fork) and per endpoint and credentials."""
     import os
 
