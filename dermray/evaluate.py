@@ -567,15 +567,14 @@ def train_overlap(df: pd.DataFrame, inp: EvalInputs, ecfg: EvaluateConfig) -> Ov
     for j, sha in enumerate(test_sha):
         if sha in by_sha.index:
             pairs[(int(np.atleast_1d(by_sha[sha])[0]), j)] = (0, 1.0, True)
-    for i, j, d in neardup.cross_candidates(train_hashes, test_hashes, hamming):
-        if (int(i), int(j)) in pairs:
-            continue
-        try:
-            sim = neardup.similarity(storage.read_bytes(train["uri"].iloc[i]), storage.read_bytes(test_uris[j]))
-        except (UserError, ImageDecodeError):  # a training image gone since the partition: not a pair to confirm
-            continue
+    cand = [(int(i), int(j), int(d)) for i, j, d in neardup.cross_candidates(train_hashes, test_hashes, hamming)
+            if (int(i), int(j)) not in pairs]
+    # NaN (an image gone since the partition) is below the threshold: not a pair
+    sims = neardup.similarities(train["uri"].to_numpy()[[i for i, _, _ in cand]], test_uris[[j for _, j, _ in cand]],
+                                storage.read_bytes)
+    for (i, j, d), sim in zip(cand, sims):
         if sim >= similarity:
-            pairs[(int(i), int(j))] = (int(d), float(sim), False)
+            pairs[(i, j)] = (d, float(sim), False)
     rows = [{"test_image": str(test_ids[j]), "train_image": str(train["image_id"].iloc[i]), "hamming": h,
              "similarity": sim, "exact": exact}
             for (i, j), (h, sim, exact) in sorted(pairs.items(), key=lambda kv: (kv[0][1], kv[0][0]))]

@@ -152,6 +152,21 @@ def similarity(a: bytes, b: bytes, max_pixels: int = 50_000_000) -> float:
     return float(max((vb @ va[0]).max(), (va @ vb[0]).max()) / (N_VIEW * N_VIEW))
 
 
+def similarities(uris_a, uris_b, read, max_pixels: int = 50_000_000) -> np.ndarray:
+    """float [n]: ``similarity`` of each pair of images (``read``: uri -> bytes); NaN where one cannot be read or
+    decoded (a NaN is below every threshold)."""
+    from dermray.errors import UserError
+    from dermray.transforms import ImageDecodeError
+
+    out = []
+    for a, b in zip(uris_a, uris_b):
+        try:
+            out.append(similarity(read(a), read(b), max_pixels))
+        except (UserError, ImageDecodeError):
+            out.append(float("nan"))
+    return np.array(out, dtype=float)
+
+
 def merge_groups(groups: np.ndarray, pairs: list[tuple[int, int]], max_groups: int) -> tuple[np.ndarray, list[bool]]:
     """(the merged group label of each image, whether each pair was merged) for images with ``groups`` labels and
     accepted ``pairs`` of image indices, by union-find over groups; a union that would make a component of more

@@ -335,17 +335,10 @@ def describe_chunk(uri, row_groups, offset, columns, node_ids, max_pixels):
 
 
 def verify_pairs(uris_a, uris_b, max_pixels):
-    """Ray task: the aligned pixel similarity of each candidate pair."""
+    """Ray task: the aligned pixel similarity of each candidate pair (NaN where an image cannot be read)."""
     from dermray import neardup
-    from dermray.transforms import ImageDecodeError
 
-    out = []
-    for a, b in zip(uris_a, uris_b):
-        try:
-            out.append(neardup.similarity(storage.read_bytes(a), storage.read_bytes(b), max_pixels))
-        except (UserError, ImageDecodeError):
-            out.append(float("nan"))
-    return np.array(out)
+    return neardup.similarities(uris_a, uris_b, storage.read_bytes, max_pixels)
 
 
 def near_duplicates(ray, inp: Inputs, chunks, node_ids_ref, pcfg) -> tuple[pa.Table, pa.Table, dict, pa.Table]:
