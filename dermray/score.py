@@ -456,15 +456,16 @@ class Predictor:
             self.models.append(m.to(memory_format=torch.channels_last) if channels_last else m)
         self.channels_last, self.tta = channels_last, tta
         self.autocast_dtype = None
+        # Before the precision is chosen: amp=auto measures _probabilities, which normalises with these.
+        self.mean = torch.tensor(ensemble.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(ensemble.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
+        self.n_classes = ensemble.n_classes
         if amp == "auto":
             amp, self.precision_why = self._choose(ensemble)
         else:
             self.precision_why = f"{amp} (configured)"
         self.amp = {"off": "fp32"}.get(amp, amp)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-        self.mean = torch.tensor(ensemble.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
-        self.std = torch.tensor(ensemble.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
-        self.n_classes = ensemble.n_classes
         self.slow_batch_s = slow_batch_s  # tests: stretch a run so that a fault can land inside it
         # torch.compile with one static shape: every batch is padded to compile_batch images (no recompiles for
         # a short last batch or one with quarantined rows). The eager models stay for a compile that fails.

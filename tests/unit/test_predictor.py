@@ -44,3 +44,27 @@ def test_the_ensemble_averages_its_members_probabilities(ensemble_dir):
     run = lambda ens: score.Predictor(ens, 1, channels_last=True, tta="none", use_gpu=False, amp="off")(batch)["probs"]  # noqa: E731
     np.testing.assert_allclose(run(both), (run(members[0]) + run(members[1])) / 2, atol=1e-5)
     assert both.n_classes == 3 and both.model_id != members[0].model_id
+
+
+@pytest.mark.parametrize("bf16_faster", [True, False])
+def test_score_amp_auto_measures_on_a_native_bf16_cpu_and_scores(ensemble_dir, tmp_path, monkeypatch, bf16_faster):
+    """score.amp=auto on a CPU with native bf16 and no cached decision measures the model in both precisions in the
+    actor's constructor (regression: the measurement ran before the normalisation constants existed and every
+    actor died with AttributeError 'mean'), records why, and scores as the configured precision would."""
+    from dermray import precision
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no cached decision
+    monkeypatch.setattr(precision, "native_bf16", lambda: True)
+    seconds = iter([1.0, 0.5] if bf16_faster else [0.5, 1.0])  # fp32's step, then bf16's
+    monkeypatch.setattr(precision, "time_step", lambda step, repeats=3: (step(), next(seconds))[1])
+    ens = artifacts.load_ensemble([str(ensemble_dir)])
+    rng = np.random.default_rng(2)
+    batch = {"image": rng.integers(0, 256, (3, ens.size, ens.size, 3), dtype=np.uint8),
+             "error": np.array([""] * 3, dtype=object), "image_id": np.arange(3).astype(str)}
+    auto = score.Predictor(ens, 1, channels_last=True, tta="none", use_gpu=False, amp="auto")
+    assert auto.amp == ("bf16" if bf16_faster else "fp32")
+    assert auto.precision_why.startswith(f"{auto.amp}: ") and "measured" in auto.precision_why
+    p = auto(batch)["probs"]
+    same = score.Predictor(ens, 1, channels_last=True, tta="none", use_gpu=False,
+                           amp="bf16" if auto.amp == "bf16" else "off")(batch)["probs"]
+    np.testing.assert_allclose(p, same, atol=1e-6)
