@@ -33,6 +33,10 @@ TIERS = ("unit", "stage", "system")
 # suite's time (measured: the shared study's build, 133 -> 124 core-seconds).
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_enable_metrics_collection", "0")
+# Idle workers are kept up to 8 per node instead of one per CPU: the session's Ray runs hundreds of short stages, and
+# a worker that Ray kills after a second of idleness is started again (~1.3 core-seconds: Python and Ray's imports)
+# by the next run's tasks (measured on tests/stage/test_score.py: 118-122 -> 109 core-seconds, 2 cores, AMD EPYC).
+os.environ.setdefault("RAY_num_workers_soft_limit", "8")
 # The S3 servers' request lines (werkzeug, one per request, logged from the servers' threads) go to pytest's log
 # capture and nowhere else. Left alone, werkzeug binds a handler of its own to the sys.stderr of its first line -
 # one test's captured stream - and later lines, from background runs too, print errors into other tests' stderr.
@@ -45,9 +49,10 @@ NOT_FOR_UNIT = {"ray_local", "s3_servers", "s3_server", "s3_steady", "s3_bucket"
 def pytest_collection_modifyitems(config, items):
     """Each test gets its tier's marker, and the session runs in an order that keeps both cores busy: the system
     tests that wait on processes of their own (about 40 % of their time idle, measured with vmstat), then the stage
-    tier (in-process Ray, never idle), then the system tests that judge the whole-process runs started in the
-    background at the first test (tests/early.py: the demo, `make demo-cluster`, the multi-node cluster), then the
-    unit tier; the background runs fill the system tests' idle time and overlap the stage tier. (Measured: `pytest
+    tier (in-process Ray, about 35 % idle), then the system tests that judge the whole-process runs started in the
+    background at the first test (tests/early.py: the demo, `make demo-cluster`, the multi-node cluster, the jobs on
+    a local head, the README's laptop commands), then the unit tier (whose mypy ran in the background too); the
+    background runs fill the system tests' idle time and overlap the stage tier. (Measured: `pytest
     -n 2` with a module per worker and the shared study on one was slower than one process on 2 cores.)"""
     for item in items:
         parts = pathlib.Path(str(item.fspath)).resolve().relative_to(TESTS).parts
@@ -66,9 +71,13 @@ def _uses_the_demo(item) -> bool:
     return item.nodeid.startswith("tests/system/test_pipeline.py::") and "demo" in item.fixturenames
 
 
+def _uses_the_local_head(item) -> bool:
+    return item.nodeid.startswith("tests/system/test_jobs.py::") and "jobs" in item.fixturenames
+
+
 def _judges_an_early_run(item) -> bool:
-    return (item.nodeid == DEMO_CLUSTER_TEST or item.nodeid.startswith("tests/system/test_multinode.py::")
-            or _uses_the_demo(item))
+    return (item.nodeid in (DEMO_CLUSTER_TEST, LAPTOP_TEST) or _uses_the_demo(item) or _uses_the_local_head(item)
+            or item.nodeid.startswith("tests/system/test_multinode.py::"))
 
 
 def _session_order(item) -> int:
@@ -163,14 +172,16 @@ def s3_bucket(s3_server):
 
 # ---- whole-process runs started at the session's first test (tests/early.py) ----
 DEMO_CLUSTER_TEST = "tests/system/test_jobs.py::test_make_demo_cluster_submits_the_demo_pipeline_and_stops_its_head"
+LAPTOP_TEST = "tests/system/test_docs.py::test_the_submit_from_a_laptop_commands_work_as_written"
+MYPY_TEST = "tests/unit/test_architecture.py::test_mypy_is_clean"
 
 
 @pytest.fixture(scope="session", autouse=True)
 def early(request, tmp_path_factory):
-    """Starts, in one background thread, the runs that the selected system tests judge: the demo pipeline, `make
-    demo-cluster` (re-running the demo's run as a job when the demo ran) and the multi-node driver, in that order; a
-    run whose prerequisites are missing is left to its test, which skips. Waits for the thread at the end of the
-    session."""
+    """Starts, in one background thread, the runs that the selected tests judge: the demo pipeline, `make
+    demo-cluster` (re-running the demo's run as a job when the demo ran), the multi-node driver, the jobs on a
+    local head, the README's laptop commands and mypy, in that order; a run whose prerequisites are missing is left
+    to its test, which skips. Waits for the thread at the end of the session."""
     import shutil
     import sys
 
@@ -199,6 +210,17 @@ def early(request, tmp_path_factory):
         s3_env = request.getfixturevalue("s3_steady")
         multinode_dir = tmp_path_factory.mktemp("multinode")
         launchers["multinode"] = lambda env: runs.multinode(HAM, s3_env, multinode_dir, env)
+    ray_cli = (pathlib.Path(sys.executable).parent / "ray").exists()
+    if any(_uses_the_local_head(item) for item in items) and ray_cli and (HAM / "labels.csv").exists():
+        request.getfixturevalue("ray_local")  # the study's partition runs in the session's Ray, not one of its own
+        score_study = request.getfixturevalue("score_study")  # built here, on the main thread, before the run
+        jobs_dir = tmp_path_factory.mktemp("jobs")
+        launchers["jobs"] = lambda env: runs.local_head_jobs(jobs_dir, env, score_study)
+    if LAPTOP_TEST in selected and ray_cli:
+        laptop_dir = tmp_path_factory.mktemp("laptop")
+        launchers["laptop"] = lambda env: runs.laptop(laptop_dir, env)
+    if MYPY_TEST in selected:  # last: its test runs at the end, in the unit tier
+        launchers["mypy"] = runs.mypy
     # The runs' folders are made here, on the main thread: TempPathFactory is not thread-safe, and a background
     # mktemp racing the main thread's first one made two base folders (CI: "demo is not a normalized and relative
     # path", the demo's tests errored).

@@ -1,9 +1,11 @@
 """Whole-process runs that mostly wait, started at the session's first test so that their waiting overlaps the
 other tests: the demo pipeline (`dermray pipeline` in a process of its own), `make demo-cluster` (a head of its
-own, a Ray job: after the demo, a re-run of the demo's run, every stage skipped) and the multi-node cluster's driver
-(tests/multinode_driver.py). They run one after the other in one background thread (the demo, the reduced
-demo-cluster and the driver alone measured 72, 75 and 226 s on 2 cores, much of it Ray starting, nodes dying and
-being replaced); the system tests that judge them wait for their results.
+own, a Ray job: after the demo, a re-run of the demo's run, every stage skipped), the multi-node cluster's driver
+(tests/multinode_driver.py), `ray job submit` against a local head (tests/system/test_jobs.py), the README's
+"Submit from a laptop" commands (tests/system/test_docs.py) and mypy. They run one after the other in one
+background thread (the demo, the reduced demo-cluster and the driver alone measured 72, 75 and 226 s on 2 cores,
+much of it Ray starting, nodes dying and being replaced; the local head's jobs ~65 s, the README's commands ~23 s,
+mypy ~20 s without its cache); the tests that judge them wait for their results.
 
 `tests/conftest.py` starts them (fixture `early`, at the session's first test) when a test that needs one is
 selected; a run that did not start one (its prerequisites missing, or the fixture not used) gets it in the
@@ -16,6 +18,7 @@ import contextlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -213,3 +216,172 @@ def demo_pipeline(work: pathlib.Path, env: dict) -> dict:
     # As this run wrote it: a later re-run of the same run (the demo-cluster job) writes it again.
     return {"dir": work, "run": run, "seconds": round(time.time() - t0, 1),
             "summary": json.loads(summary.read_text()) if summary.exists() else None}
+
+
+# ---- `ray job submit` against a local head (tests/system/test_jobs.py) ----
+def _ray_env(base_env: dict, **extra: str) -> dict:
+    """The environment of a separately started Ray: none of the session's RAY_ settings, the venv's CLIs first."""
+    env = {k: v for k, v in base_env.items() if not k.startswith("RAY_")}
+    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", **extra)
+    return env
+
+
+def submit(address: str, env: dict, *entrypoint: str, wait_s: float = 300) -> tuple[str, str]:
+    """`ray job submit` with the project's runtime env, as a laptop runs it: it follows the job to its end (one CLI
+    process, instead of one `ray job status` process every 2 s: each costs a core-second on 2 cores). Returns
+    (status, logs)."""
+    import re
+
+    sid = f"dermray-test-{time.time_ns()}"
+    ray = str(BIN / "ray")
+    for _ in range(90):  # a fresh head's job agent can answer a minute or more after its dashboard on a busy machine
+        out = subprocess.run([ray, "job", "submit", "--address", address, "--submission-id", sid,
+                              "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"),
+                              "--working-dir", str(REPO), "--", *entrypoint], env=env, capture_output=True,
+                             text=True, timeout=wait_s, cwd=REPO)
+        if "No available agent" not in out.stdout + out.stderr:
+            break
+        time.sleep(2)
+    # It ends with "Job '<id>' succeeded" (or failed / stopped) once the job is over.
+    m = re.search(r"Job '[^']+' (succeeded|failed|stopped)", out.stdout + out.stderr)
+    if not m:
+        return "UNKNOWN", out.stdout[-3000:] + out.stderr[-3000:]
+    logs = subprocess.run([ray, "job", "logs", "--address", address, sid], env=env, capture_output=True, text=True,
+                          timeout=60).stdout
+    return m.group(1).upper(), logs
+
+
+def local_head_jobs(work: pathlib.Path, base_env: dict, score_study: pathlib.Path) -> dict:
+    """A head started by cluster/local-up.sh in a private state folder (token auth on, as Ray 2.60's `ray start`
+    has it), the jobs tests/system/test_jobs.py judges submitted to it one after the other, then local-down.sh.
+    Returns what each step printed: {"up", "token_printed", "token_mode", "jobs": {name: (status, logs)},
+    "no_token": (rc, text), "down", "left_behind", "out"}. Every process the head started is killed by PID at the
+    end, whatever happened. ``score_study``: conftest's score_study folder (its inputs, fold models and archive)."""
+    from helpers import free_port
+
+    state = pathlib.Path(tempfile.mkdtemp(prefix="dr-ray-", dir="/tmp"))  # short: Ray's socket paths are limited
+    dashboard = free_port()
+    env = _ray_env(base_env, DERMRAY_RAY_DIR=str(state), RAY_PORT=str(free_port()), DASHBOARD_PORT=str(dashboard),
+                   NUM_CPUS="2", RAY_AUTH_MODE="token",
+                   # Ports of their own: the suite's in-process Ray already holds Ray's default agent and client ports.
+                   AGENT_PORT=str(free_port()), METRICS_PORT=str(free_port()), CLIENT_PORT=str(free_port()))
+    address = f"http://127.0.0.1:{dashboard}"
+    result: dict = {"out": str(work / "out"), "jobs": {}, "left_behind": []}
+    up = subprocess.run(["bash", str(REPO / "cluster" / "local-up.sh")], env=env, capture_output=True, text=True,
+                        timeout=180)
+    pid = int((state / "head.pid").read_text()) if (state / "head.pid").exists() else None
+    head_log = state / "head.log"
+    result["up"] = {"rc": up.returncode, "text": up.stdout + up.stderr + (head_log.read_text() if head_log.exists()
+                                                                          else "")}
+    procs: list = []
+    try:
+        if up.returncode != 0:
+            return result
+        token = (state / "auth_token").read_text()
+        result["token_printed"] = token in up.stdout + up.stderr
+        result["token_mode"] = oct((state / "auth_token").stat().st_mode & 0o777)
+        client = dict(env, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(state / "auth_token"))
+        d, out = score_study, work / "out"
+        result["jobs"]["partition"] = submit(
+            address, client, "python", "jobs/partition.py", "--manifest", str(d / "in" / "manifest.parquet"),
+            "--taxonomy", str(d / "in" / "taxonomy.parquet"), "--tasks", str(d / "in" / "tasks.yaml"),
+            "--max-class-size", "8", "--folds", "2", "--output", str(out))
+        result["jobs"]["score"] = submit(
+            address, client, "python", "jobs/score.py", "--checkpoint", str(d / "out" / "train" / "r1"), "--input",
+            str(d / "archive" / "manifest.parquet"), "--output", str(out), "--run-id", "job", "--set",
+            "score.batch_size=8", "--set", "score.cpus_per_actor=0.5", "--json")
+        bad = work / "bad.yaml"
+        bad.write_text("partition:\n  max_class_sise: 10\n")
+        result["jobs"]["bad_config"] = submit(address, client, "python", "jobs/partition.py", "--config", str(bad))
+        # The command cluster/local-up.sh's header used to show: configs/demo.yaml's relative paths name nothing in
+        # the uploaded copy of the working directory.
+        result["jobs"]["demo_config"] = submit(address, client, "python", "jobs/partition.py", "--config",
+                                               "configs/demo.yaml")
+        no_token = {k: v for k, v in client.items() if not k.startswith("RAY_AUTH")}
+        listed = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=no_token,
+                                capture_output=True, text=True, timeout=60)
+        result["no_token"] = (listed.returncode, listed.stdout + listed.stderr)
+        procs = psutil.Process(pid).children(recursive=True)
+        down = subprocess.run(["bash", str(REPO / "cluster" / "local-down.sh")], env=env, capture_output=True,
+                              text=True, timeout=120)
+        result["down"] = {"rc": down.returncode, "text": down.stdout + down.stderr}
+        _, alive = psutil.wait_procs(procs, timeout=30)
+        result["left_behind"] = [p.pid for p in alive]
+        return result
+    finally:
+        _kill_all(procs + ([psutil.Process(pid)] if pid and psutil.pid_exists(pid) else []))
+        shutil.rmtree(state, ignore_errors=True)
+
+
+# ---- the README's "Submit from a laptop" commands (tests/system/test_docs.py) ----
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # cluster/local-up.sh's default DASHBOARD_PORT
+
+
+def laptop_blocks(text: str) -> list[str]:
+    """The fenced bash blocks of the "Submit from a laptop" paragraph (up to the next paragraph or heading that
+    starts with ** or #)."""
+    start = text.index("**Submit from a laptop**")
+    nxt = re.search(r"\n(\*\*|#)", text[start + 2:])
+    section = text[start:start + 2 + nxt.start()] if nxt else text[start:]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
+    assert blocks, "no ```bash block in the Submit from a laptop paragraph"
+    return blocks
+
+
+def laptop(work: pathlib.Path, base_env: dict) -> dict:
+    """The README's commands (the section's fenced blocks joined) run as written in a clone-like copy of the
+    checkout with the demo data drawn small (only the partition stage runs), against a local head on ports of its
+    own (DEFAULT_ADDRESS in the commands replaced by its). Returns {"synth", "rc", "out", "token", "clone",
+    "left_behind", "seconds"}."""
+    from helpers import free_port, marked
+
+    script = "\n".join(laptop_blocks((REPO / "README.md").read_text()))
+
+    # A clone-like copy of the checkout (what `git clone` gives, without outputs), with the demo data in it as
+    # `make demo` leaves it.
+    clone = work / "clone"
+    shutil.copytree(REPO, clone, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "outputs", "data", "__pycache__", ".pytest_cache", ".hypothesis", ".ruff_cache", "*.egg-info",
+        ".mypy_cache", "test-artefacts"))
+    # HOME: a short fresh folder, so the README's default state folder ($HOME/.dermray/local-ray) is the run's own
+    # (Ray's socket paths are limited to ~100 characters).
+    home = pathlib.Path(tempfile.mkdtemp(prefix="drh", dir="/tmp"))
+    dashboard, mark = free_port(), uuid.uuid4().hex
+    env = _ray_env(base_env, HOME=str(home), DR_TEST_MARK=mark, NUM_CPUS="2",
+                   # the local head's ports: the suite's in-process Ray (or an engineer's) may hold Ray's defaults
+                   DASHBOARD_PORT=str(dashboard), RAY_PORT=str(free_port()), AGENT_PORT=str(free_port()),
+                   METRICS_PORT=str(free_port()), CLIENT_PORT=str(free_port()))
+    result: dict = {"clone": clone, "rc": None, "out": "", "token": None, "left_behind": []}
+    synth = subprocess.run([str(BIN / "dermray"), "synth", "--output", "outputs/demo/data", "--lesions", "40",
+                            "--test-lesions", "10", "--size", "32"], cwd=clone, env=env, capture_output=True,
+                           text=True, timeout=300)
+    result["synth"] = {"rc": synth.returncode, "text": synth.stdout + synth.stderr}
+    if synth.returncode != 0:
+        return result
+    (work / "readme.sh").write_text("set -euxo pipefail\n" + script.replace(DEFAULT_ADDRESS,
+                                                                            f"http://127.0.0.1:{dashboard}"))
+    state = home / ".dermray" / "local-ray"
+    t0 = time.time()
+    try:
+        run = subprocess.run(["bash", str(work / "readme.sh")], cwd=clone, env=env, capture_output=True, text=True,
+                             timeout=480)
+        result.update(rc=run.returncode, out=run.stdout + run.stderr, seconds=round(time.time() - t0, 1))
+        if (state / "auth_token").exists():
+            result["token"] = (state / "auth_token").read_text()
+        _, alive = psutil.wait_procs(marked(mark), timeout=30)
+        result["left_behind"] = [p.pid for p in alive]
+        return result
+    finally:
+        if (state / "head.pid").exists():  # the commands stopped before local-down.sh
+            subprocess.run(["bash", str(REPO / "cluster" / "local-down.sh")], env=dict(env, DERMRAY_RAY_DIR=str(state)),
+                           capture_output=True, timeout=120)
+        _kill_all(marked(mark))
+        shutil.rmtree(home, ignore_errors=True)
+
+
+# ---- mypy over the package (tests/unit/test_architecture.py) ----
+def mypy(base_env: dict) -> dict:
+    """pyproject.toml's [tool.mypy] run over the package: about 20 s of one core without its cache (a fresh
+    clone), so a whole session runs it in the background. Returns {"rc", "text"}."""
+    run = subprocess.run([str(BIN / "mypy")], cwd=REPO, capture_output=True, text=True, env=base_env, timeout=600)
+    return {"rc": run.returncode, "text": run.stdout[-3000:] + run.stderr[-2000:]}

@@ -1,37 +1,19 @@
 """The commands the README shows for `ray job submit` ("Submit from a laptop") run as written, against a real local
 head started and stopped by them (cluster/local-up.sh, cluster/local-down.sh), so the documentation cannot drift
 from what works. Script headers show no commands of their own: they point to that section (checked here)."""
-import os
 import pathlib
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
-import time
-import uuid
 
-import psutil
 import pytest
 
-from helpers import free_port, marked
+import early as runs
+from early import DEFAULT_ADDRESS, laptop_blocks
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 BIN = pathlib.Path(sys.executable).parent
 README = REPO / "README.md"
-DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # cluster/local-up.sh's default DASHBOARD_PORT
 COMMANDS = re.compile(r"^(bash|ray|export|make|python|kubectl|dermray|[A-Z_]+=)\b")
-
-
-def laptop_blocks(text: str) -> list[str]:
-    """The fenced bash blocks of the "Submit from a laptop" paragraph (up to the next paragraph or heading that
-    starts with ** or #)."""
-    start = text.index("**Submit from a laptop**")
-    nxt = re.search(r"\n(\*\*|#)", text[start + 2:])
-    section = text[start:start + 2 + nxt.start()] if nxt else text[start:]
-    blocks = re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
-    assert blocks, "no ```bash block in the Submit from a laptop paragraph"
-    return blocks
 
 
 def commands_of(block: str) -> list[str]:
@@ -70,54 +52,22 @@ def test_script_headers_show_only_commands_the_readme_section_runs():
     assert 'DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"' in (REPO / "cluster" / "local-up.sh").read_text()
 
 
-def test_the_submit_from_a_laptop_commands_work_as_written(tmp_path):
+def test_the_submit_from_a_laptop_commands_work_as_written(early, tmp_path_factory):
+    """The section's fenced blocks joined into one script, run in a clone-like copy of the checkout against a local
+    head that they start and stop (tests/early.py: laptop; in the background from the session's start)."""
     if not (BIN / "ray").exists():
         pytest.skip(f"the ray CLI is not installed next to {sys.executable}")
-    # A clone-like copy of the checkout (what `git clone` gives, without outputs), with the demo data in it as
-    # `make demo` leaves it (drawn small: only the partition stage runs).
-    clone = tmp_path / "clone"
-    shutil.copytree(REPO, clone, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "outputs", "data", "__pycache__", ".pytest_cache", ".hypothesis", ".ruff_cache", "*.egg-info"))
-    # HOME: a short fresh folder, so the README's default state folder ($HOME/.dermray/local-ray) is the test's own
-    # (Ray's socket paths are limited to ~100 characters).
-    home = pathlib.Path(tempfile.mkdtemp(prefix="drh", dir="/tmp"))
-    dashboard, mark = free_port(), uuid.uuid4().hex
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", HOME=str(home), DR_TEST_MARK=mark, NUM_CPUS="2",
-               # the local head's ports: the suite's in-process Ray (or an engineer's) may hold Ray's defaults
-               DASHBOARD_PORT=str(dashboard), RAY_PORT=str(free_port()), AGENT_PORT=str(free_port()),
-               METRICS_PORT=str(free_port()), CLIENT_PORT=str(free_port()))
-    synth = subprocess.run([str(BIN / "dermray"), "synth", "--output", "outputs/demo/data", "--lesions", "40",
-                            "--test-lesions", "10", "--size", "32"], cwd=clone, env=env, capture_output=True,
-                           text=True, timeout=300)
-    assert synth.returncode == 0, synth.stderr
-    blocks = laptop_blocks(README.read_text())
-    script = "\n".join(b.replace(DEFAULT_ADDRESS, f"http://127.0.0.1:{dashboard}") for b in blocks)
-    assert DEFAULT_ADDRESS not in script and "<" not in script  # every address substituted, no placeholders left
-    (tmp_path / "readme.sh").write_text("set -euxo pipefail\n" + script)
-    try:
-        t0 = time.time()
-        run = subprocess.run(["bash", str(tmp_path / "readme.sh")], cwd=clone, env=env, capture_output=True,
-                             text=True, timeout=480)
-        out = run.stdout + run.stderr
-        assert run.returncode == 0, out[-6000:]
-        assert "Job 'demo-partition' succeeded" in out, out[-6000:]
-        assert re.search(r"partition: \d+ input rows = \d+ assigned", out), out[-6000:]
-        assert (clone / "outputs" / "demo" / "partition" / "demo" / "labels.parquet").exists()
-        assert "Ray head stopped" in out
-        token = (home / ".dermray" / "local-ray" / "auth_token").read_text()
-        assert token not in out
-        print(f"README commands: {time.time() - t0:.0f} s")
-        _, alive = psutil.wait_procs(marked(mark), timeout=30)
-        assert not alive, f"processes left behind by the README's commands: {[p.pid for p in alive]}"
-    finally:
-        state = home / ".dermray" / "local-ray"
-        if (state / "head.pid").exists():  # the commands stopped before local-down.sh
-            subprocess.run(["bash", str(REPO / "cluster" / "local-down.sh")], env=dict(env, DERMRAY_RAY_DIR=str(state)),
-                           capture_output=True, timeout=120)
-        for p in marked(mark):
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        shutil.rmtree(home, ignore_errors=True)
+    script = "\n".join(laptop_blocks(README.read_text()))
+    assert DEFAULT_ADDRESS in script and "<" not in script  # the address to substitute is there, no placeholders
+    r = early.result("laptop", lambda env: runs.laptop(tmp_path_factory.mktemp("laptop"), env))
+    assert r["synth"]["rc"] == 0, r["synth"]["text"]
+    out = r["out"]
+    assert r["rc"] == 0, out[-6000:]
+    assert "Job 'demo-partition' succeeded" in out, out[-6000:]
+    assert re.search(r"partition: \d+ input rows = \d+ assigned", out), out[-6000:]
+    assert (r["clone"] / "outputs" / "demo" / "partition" / "demo" / "labels.parquet").exists()
+    assert "Ray head stopped" in out
+    assert r["token"] and r["token"] not in out
+    print(f"README commands: {r['seconds']} s")
+    assert not r["left_behind"], f"processes left behind by the README's commands: {r['left_behind']}"
+
