@@ -55,14 +55,16 @@ def _descendants(pid: int) -> list[int]:
 
 
 def test_a_driver_killed_part_way_and_rerun_scores_each_image_exactly_once(score_study, ray_local, tmp_path, capsys):
-    """A separate `dermray score` process (its own Ray) is SIGKILLed after its first chunk is written; the same
-    command re-run (here in this process) scores the rest, each image exactly once."""
+    """A separate `dermray score` process, a driver on the session's Ray (as a job's driver on a cluster that
+    outlives it), is SIGKILLed after its first chunk is written; the same command re-run (here in this process)
+    scores the rest, each image exactly once."""
     import psutil
 
     d = score_study
+    address = ray_local.get_runtime_context().gcs_address
     args = [sys.executable, "-m", "dermray.cli", "score", "--input", str(d / "archive" / "manifest.parquet"),
             "--checkpoint", str(d / "out" / "train" / "r1"), "--output", str(tmp_path), "--run-id", "k",
-            "--set", "score.rows_per_file=4", "--set", "score.batch_size=4", "--set", "ray.num_cpus=2"]
+            "--set", "score.rows_per_file=4", "--set", "score.batch_size=4", "--set", f"ray.address={address}"]
     env = dict(os.environ, **{faults.ENV: json.dumps({"slow_batch_s": 0.4})})
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     parts = tmp_path / "predictions" / "k" / "predictions"
@@ -77,7 +79,7 @@ def test_a_driver_killed_part_way_and_rerun_scores_each_image_exactly_once(score
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
-        for pid in [proc.pid, *children]:  # the killed driver's own Ray processes, by PID
+        for pid in [proc.pid, *children]:  # whatever the killed driver started itself, by PID
             try:
                 psutil.Process(pid).kill()
             except psutil.NoSuchProcess:
