@@ -20,7 +20,7 @@ import time
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from dermray import metrics as M
+from dermray.core import metrics as M
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from common import SMOKE, last_line, size, write_results  # noqa: E402

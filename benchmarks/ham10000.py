@@ -104,8 +104,9 @@ def metric(m: pd.DataFrame, task: str, name: str, subset: str = "all") -> tuple:
 
 def run_arm(base: list[str], out: pathlib.Path, run_id: str, extra: list[str]) -> dict:
     """One arm of the pipeline: its summary, metrics, the first fold's card and training history."""
-    from dermray import artifacts, pipeline
-    from dermray.config import load_config
+    from dermray.apps import pipeline
+    from dermray.runtime import artifacts
+    from dermray.runtime.config import load_config
 
     cfg = load_config(str(REPO / "configs" / "ham10000.yaml"), [*base, f"run_id={run_id}", *extra])
     s = pipeline.run(cfg)
@@ -120,8 +121,8 @@ def robustness(base: list[str], out: pathlib.Path, run_id: str, manifests: dict,
     """Melanoma-vs-nevus AUC of arm ``run_id``'s model on the unshifted and each shifted test split (one view:
     test-time augmentation off, so that only the shift differs between conditions); with ``bf16`` also the
     unshifted split scored under bf16 autocast ("none_bf16": its AUC against fp32's is bf16_auc_delta)."""
-    from dermray import pipeline
-    from dermray.config import load_config
+    from dermray.apps import pipeline
+    from dermray.runtime.config import load_config
 
     aucs = {}
     conditions = [(c, m, "off") for c, m in manifests.items()] + ([("none_bf16", manifests["none"], "bf16")]
@@ -140,8 +141,8 @@ def robustness(base: list[str], out: pathlib.Path, run_id: str, manifests: dict,
 
 
 def main() -> int:
-    from dermray import layout
     from dermray.cli import main as cli
+    from dermray.runtime import layout
 
     if not (HAM / "labels.csv").exists():
         print(f"HAM10000 not found at {HAM}", file=sys.stderr)

@@ -50,7 +50,7 @@ def planted_copies(data: bytes, rng) -> dict[str, bytes]:
 
 
 def _similarities(pairs_bytes):
-    from dermray import neardup
+    from dermray.core import neardup
 
     return [neardup.similarity(a, b) for a, b in pairs_bytes]
 
@@ -66,7 +66,7 @@ def parallel_similarity(pairs: list[tuple[bytes, bytes]], workers: int = 2) -> n
 
 
 def main() -> int:
-    from dermray import neardup
+    from dermray.core import neardup
 
     if not (HAM / "labels.csv").exists():
         print(f"HAM10000 not found at {HAM}", file=sys.stderr)
@@ -92,7 +92,7 @@ def main() -> int:
     hashes = np.array([h for _, h in described])
     sha = np.array([s for s, _ in described])
     t0 = time.perf_counter()
-    from dermray.config import PartitionConfig
+    from dermray.runtime.config import PartitionConfig
 
     pairs, skipped = neardup.candidates(hashes, PartitionConfig().near_duplicate_hamming)
     t_candidates = time.perf_counter() - t0
@@ -121,7 +121,7 @@ def main() -> int:
         sweep.append({"similarity": thr, "cross_lesion_pairs": int((ok & cross).sum()),
                       "cross_lesion_other_diagnosis": int((ok & cross & (dx[a] != dx[b])).sum()),
                       "same_lesion_pairs": int((ok & both_ham & ~cross).sum()), "recall": recall})
-    from dermray.config import PartitionConfig
+    from dermray.runtime.config import PartitionConfig
 
     default = PartitionConfig()
     chosen = next(s for s in sweep if s["similarity"] == default.near_duplicate_similarity)

@@ -11,7 +11,7 @@ a job on a running cluster does not pay it):
   partitioning algorithm, groups spanning classes, folds, labels + quarantine written).
 - ``polars`` and ``duckdb`` (when installed): the same work in one process, multi-threaded: validate rows as dermray
   does (image_id, label, uri non-blank; label a taxonomy node; label_source / modality null or one of their values),
-  drop repeated image ids keeping the first row, count per node, ``dermray.partitioning.partition_classes`` /
+  drop repeated image ids keeping the first row, count per node, ``dermray.core.partitioning.partition_classes`` /
   ``node_to_class``, groups whose images span classes moved to the mixed stratum, ``fold_table`` over the
   (stratum, group bucket) histogram, labels (image_id, class_index, fold) written as Parquet. The group bucket is
   the top 12 bits of the engine's own 64-bit hash of the group key (what a user of it would write), so the folds
@@ -69,7 +69,7 @@ AB_RUNS = size(2, 1)  # stage runs with and without the hasher, for lineage_over
 
 def generate(path: str, rows: int, seed: int = 0) -> None:
     """A manifest over the real ISIC taxonomy: Zipf-skewed labels on all nodes, lesions of 1-3 images."""
-    from dermray.importers import isic_taxonomy
+    from dermray.apps.importers import isic_taxonomy
 
     tax = isic_taxonomy()
     rng = np.random.default_rng(seed)
@@ -106,14 +106,14 @@ def generate(path: str, rows: int, seed: int = 0) -> None:
 
 def _lesion_label(lesion: np.ndarray, weights: np.ndarray, seed: int) -> np.ndarray:
     """A Zipf-distributed node index per lesion id, the same wherever the lesion's images fall."""
-    from dermray.partitioning import hash_strings
+    from dermray.core.partitioning import hash_strings
 
     u = (hash_strings(lesion.astype(str), seed) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
     return np.minimum(np.searchsorted(np.cumsum(weights), u), len(weights) - 1)
 
 
 def _taxonomy(manifest: str):
-    from dermray.definitions import load_taxonomy
+    from dermray.store.definitions import load_taxonomy
 
     return load_taxonomy(os.path.join(os.path.dirname(manifest), "taxonomy.parquet"))
 
@@ -143,18 +143,18 @@ class _NoHash:
 
 
 def _no_hash_hook():
-    import dermray.lineage
+    import dermray.store.lineage
 
-    dermray.lineage.TableHasher = _NoHash
+    dermray.store.lineage.TableHasher = _NoHash
 
 
 def _warm():
-    import dermray.partition  # noqa: F401
+    import dermray.stages.partition  # noqa: F401
     time.sleep(0.2)
 
 
 def _same_hook():
-    import dermray.lineage  # noqa: F401 - the same work as _no_hash_hook, without the patch
+    import dermray.store.lineage  # noqa: F401 - the same work as _no_hash_hook, without the patch
 
 
 def run_dermray(manifest: str, out: str, hashing: bool = True, hook: bool = False) -> dict:
@@ -162,8 +162,8 @@ def run_dermray(manifest: str, out: str, hashing: bool = True, hook: bool = Fals
     makes Ray start workers of its own, so the runs with and without the hasher both carry one."""
     import ray
 
-    from dermray import partition
-    from dermray.config import load_config
+    from dermray.runtime.config import load_config
+    from dermray.stages import partition
 
     runtime_env = None
     if not hashing:
@@ -206,7 +206,8 @@ def run_dermray_hooked(manifest: str, out: str) -> dict:
 
 def run_hashcost(manifest: str, out: str) -> dict:
     """The fingerprint's cost alone: TableHasher over the chunks pass 1 reads (read beforehand, not timed)."""
-    from dermray import lineage, partition, storage
+    from dermray.stages import partition
+    from dermray.store import lineage, storage
 
     pf = storage.parquet_file(manifest)
     columns = partition.manifest_columns(pf.schema_arrow)
@@ -224,7 +225,7 @@ def run_hashcost(manifest: str, out: str) -> dict:
 
 # ---- single-process baselines -------------------------------------------------------------------------------------
 def _plan_and_folds(tax, counts: np.ndarray):
-    from dermray.partitioning import node_to_class, partition_classes
+    from dermray.core.partitioning import node_to_class, partition_classes
 
     classes = partition_classes(tax, counts, MAX_CLASS)
     return classes, node_to_class(tax, classes)
@@ -234,8 +235,8 @@ def run_polars(manifest: str, out: str) -> dict:
     """One process, polars (multi-threaded)."""
     import polars as pl
 
-    from dermray import schemas
-    from dermray.partitioning import HASH_BUCKETS, fold_table
+    from dermray.core.partitioning import HASH_BUCKETS, fold_table
+    from dermray.store import schemas
 
     t0 = time.perf_counter()
     tax = _taxonomy(manifest)
@@ -281,8 +282,8 @@ def run_duckdb(manifest: str, out: str) -> dict:
     """One process, DuckDB (multi-threaded)."""
     import duckdb
 
-    from dermray import schemas
-    from dermray.partitioning import HASH_BUCKETS, fold_table
+    from dermray.core.partitioning import HASH_BUCKETS, fold_table
+    from dermray.store import schemas
 
     t0 = time.perf_counter()
     tax = _taxonomy(manifest)
@@ -338,7 +339,7 @@ def run_pandas(manifest: str, out: str) -> dict:
     """The plain way: one process, pandas and pyarrow, every row in memory (object strings)."""
     import pandas as pd
 
-    from dermray.partitioning import HASH_BUCKETS, fold_table, hash_bucket, hash_strings
+    from dermray.core.partitioning import HASH_BUCKETS, fold_table, hash_bucket, hash_strings
 
     t0 = time.perf_counter()
     tax = _taxonomy(manifest)
@@ -370,8 +371,8 @@ def run_pandas(manifest: str, out: str) -> dict:
 
 # ---- Ray Data's own operators ---------------------------------------------------------------------------------------
 def _validate_batch(table: pa.Table, node_ids: list[str]) -> pa.Table:
-    from dermray import partition
-    from dermray.partitioning import hash_bucket, hash_strings
+    from dermray.core.partitioning import hash_bucket, hash_strings
+    from dermray.stages import partition
 
     _, label_idx = partition.validate_chunk(table, pa.array(node_ids, pa.string()))
     ok = label_idx >= 0
@@ -392,7 +393,7 @@ def run_ray_data(manifest: str, out: str) -> dict:
     import ray
     import ray.data
 
-    from dermray import partition
+    from dermray.stages import partition
 
     t0 = time.perf_counter()
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR",

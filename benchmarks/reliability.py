@@ -111,9 +111,9 @@ def tar_corpus(path: pathlib.Path) -> tuple[int, int]:
 
 def bad_inputs(tmp: pathlib.Path, fold: pathlib.Path) -> tuple[int, int, int, list[str]]:
     """(tried, handled, rows lost, failures)."""
-    from dermray import partition, score
-    from dermray.config import load_config
     from dermray.errors import UserError
+    from dermray.runtime.config import load_config
+    from dermray.stages import partition, score
 
     tried = handled = lost = 0
     failures = []
@@ -189,8 +189,8 @@ def bad_inputs(tmp: pathlib.Path, fold: pathlib.Path) -> tuple[int, int, int, li
 
 
 def load(tmp: pathlib.Path, fold: pathlib.Path, n: int, name: str) -> dict:
-    from dermray import score
-    from dermray.config import load_config
+    from dermray.runtime.config import load_config
+    from dermray.stages import score
 
     folder = tmp / name
     folder.mkdir()
@@ -236,7 +236,8 @@ def tiny_model(tmp: pathlib.Path) -> pathlib.Path:
     """An untrained mobilenet_v3_small fold (32 px, 2 classes) with its model card: what scoring needs."""
     import torch
 
-    from dermray import artifacts, models
+    from dermray.runtime import artifacts
+    from dermray.store import models
 
     fold = tmp / "train" / "m" / "fold=0"
     (fold / "best").mkdir(parents=True)

@@ -7,17 +7,18 @@ scored end to end.
    files ``predictions/part-b0001-<chunk>-<part>.parquet`` of ``score.rows_per_file`` rows (image_id, model_id,
    probs, top_class) and ``_state/spec.json`` holding that run's lineage (this model and config; its input, the
    shorter manifest, fingerprinted otherwise). In a child process (its peak RSS, VmHWM, is the driver's own):
-   ``ray.init`` (start-up timed apart), then ``dermray.score.plan`` - the stage's own planning: the manifest
+   ``ray.init`` (start-up timed apart), then ``dermray.stages.score.plan`` - the stage's own planning: the manifest
    fingerprinted and its repeated ids found in Ray tasks, the run's lineage reconciled (incremental: another input
    keeps the output), the images this model already scored left out in tasks, the rest cut into parts - and it
    stops there: the remaining 10 % (1M images at 10M rows) are not decoded. Checked: already_done is 90 % and the
-   work left is 10 %. Two row-group layouts are planned, since the manifest's fingerprint is hashed in blocks of
-   4,096 rows (dermray.lineage.BLOCK_ROWS) and the rows of a block that a chunk boundary cuts travel to the driver:
+   work left is 10 %. Two row-group layouts are planned, since the manifest's fingerprint is hashed in blocks
+   of 4,096 rows (dermray.store.lineage.BLOCK_ROWS) and the rows of a block that a chunk boundary cuts travel to
+   the driver:
    ``aligned`` (pyarrow's default row groups of 1,048,576 rows, a multiple of the block) and ``unaligned`` (row
    groups of 100,003 rows, a multiple of nothing; DuckDB's default 122,880 is 30 blocks). The headline figures
    are the larger of the two.
 2. 1M images scored end to end (``DERMRAY_SCORE_SCALE_IMAGES`` sets how many): a fresh run of ``score.run``
-   (mobilenet_v3_small with random weights at 32 px, 2 classes, a model card written through dermray.artifacts;
+   (mobilenet_v3_small with random weights at 32 px, 2 classes, a model card written through dermray.runtime.artifacts;
    batch 256, parts of 20,000), Ray started before it (apart); images_per_s = images / the stage's seconds; the
    driver's peak RSS; rows_lost = input rows - predictions - quarantined + repeated predictions (target 0).
 
@@ -71,7 +72,7 @@ def jpeg_pool(folder: pathlib.Path) -> list[str]:
         if i < len(sources):
             img = Image.open(sources[i]).convert("RGB").resize((48, 36))
         else:
-            from dermray import synth
+            from dermray.apps import synth
 
             img = synth.draw_lesion(sorted(synth.PROFILES)[i % len(synth.PROFILES)], np.random.default_rng(i), 48,
                                     "dermoscopy").convert("RGB")
@@ -106,7 +107,8 @@ def tiny_model(tmp: pathlib.Path) -> pathlib.Path:
     """An untrained mobilenet_v3_small fold (32 px, 2 classes) with its model card: what scoring needs."""
     import torch
 
-    from dermray import artifacts, models
+    from dermray.runtime import artifacts
+    from dermray.store import models
 
     fold = tmp / "train" / "tiny" / "fold=0"
     (fold / "best").mkdir(parents=True)
@@ -124,7 +126,7 @@ def tiny_model(tmp: pathlib.Path) -> pathlib.Path:
 
 def score_config(man: pathlib.Path, fold: pathlib.Path, out: pathlib.Path, run_id: str, incremental: bool,
                  rows_per_file: int, batch: int = 32):
-    from dermray.config import load_config
+    from dermray.runtime.config import load_config
 
     return load_config(None, [f"score.input={man}", f"score.checkpoints={fold}", f"output={out}", f"run_id={run_id}",
                               f"score.incremental={'true' if incremental else 'false'}",
@@ -134,7 +136,9 @@ def score_config(man: pathlib.Path, fold: pathlib.Path, out: pathlib.Path, run_i
 def earlier_run(cfg, rows: int) -> int:
     """The run folder an earlier incremental run left after scoring the manifest's first 90 %: its parts and its
     lineage (this model and config, its own shorter input). Returns the rows it scored."""
-    from dermray import artifacts, layout, lineage, score, storage
+    from dermray.runtime import artifacts, layout
+    from dermray.stages import score
+    from dermray.store import lineage, storage
 
     ens = artifacts.load_ensemble(cfg.score.checkpoints)
     rdir = layout.predictions_dir(cfg.output, cfg.run_id)
@@ -173,7 +177,8 @@ def child_plan(man: str, fold: str, out: str, run_id: str) -> dict:
     """Planning + resumption only: score.plan, as the stage calls it; nothing is decoded."""
     import ray
 
-    from dermray import artifacts, layout, score
+    from dermray.runtime import artifacts, layout
+    from dermray.stages import score
 
     cfg = score_config(pathlib.Path(man), pathlib.Path(fold), pathlib.Path(out), run_id, True, ROWS_PER_FILE)
     startup = _ray_init()
@@ -196,7 +201,7 @@ def child_score(man: str, fold: str, out: str, run_id: str) -> dict:
     """1M images through score.run (Ray started first, its start-up apart)."""
     import pandas as pd
 
-    from dermray import score
+    from dermray.stages import score
 
     cfg = score_config(pathlib.Path(man), pathlib.Path(fold), pathlib.Path(out), run_id, False, 20_000, 256)
     startup = _ray_init()

@@ -65,7 +65,7 @@ CASES = size({"mobilenet_v3_small": 2000, "inception_v3": 192}, {"mobilenet_v3_s
 
 
 def _pre():
-    from dermray.config import TransformsConfig
+    from dermray.runtime.config import TransformsConfig
 
     return TransformsConfig().preprocess()  # what `dermray train` applies and records in the card by default
 
@@ -75,7 +75,8 @@ def make_fold(tmp: pathlib.Path, arch: str, weights: str = "none", n_classes: in
     them; agreement between precisions is measured on real ones)."""
     import torch
 
-    from dermray import artifacts, models
+    from dermray.runtime import artifacts
+    from dermray.store import models
 
     global PRE
     PRE = _pre()
@@ -98,8 +99,8 @@ def make_fold(tmp: pathlib.Path, arch: str, weights: str = "none", n_classes: in
 def run_dermray(tmp: pathlib.Path, fold: pathlib.Path, manifest: pathlib.Path, arch: str, amp: str = "off",
                 run_id: str | None = None) -> dict:
     """On a running Ray: from the call to the last part written."""
-    from dermray import score
-    from dermray.config import load_config
+    from dermray.runtime.config import load_config
+    from dermray.stages import score
 
     cfg = load_config(None, [
         f"score.input={manifest}", f"score.checkpoints={fold}", f"output={tmp / 'out'}",
@@ -126,7 +127,9 @@ def run_naive(fold: pathlib.Path, manifest: pathlib.Path, arch: str) -> dict:
     import ray
     import ray.data
 
-    from dermray import artifacts, score, storage
+    from dermray.runtime import artifacts
+    from dermray.stages import score
+    from dermray.store import storage
 
     ens = artifacts.load_ensemble([str(fold)])
     t0 = time.perf_counter()
@@ -157,7 +160,7 @@ class Images:
     def __getitem__(self, i):
         import torch
 
-        from dermray.transforms import decode_image, eval_transform, to_array
+        from dermray.core.transforms import decode_image, eval_transform, to_array
 
         with open(self.uris[i], "rb") as f:
             img = eval_transform(decode_image(f.read()), self.size, self.pre)
@@ -169,7 +172,7 @@ def run_baseline(fold: pathlib.Path, ids: list[str], uris: list[str], arch: str,
     import pyarrow.parquet as pq
     import torch
 
-    from dermray import models
+    from dermray.store import models
 
     torch.set_num_threads(THREADS)
     t0 = time.perf_counter()
@@ -249,7 +252,7 @@ def cpu_mhz() -> float:
 def decoded(uris: list[str], size_px: int, mean, std):
     import torch
 
-    from dermray.transforms import decode_image, eval_transform, to_array
+    from dermray.core.transforms import decode_image, eval_transform, to_array
 
     arrays = []
     for u in uris:
@@ -262,7 +265,7 @@ def model_loop(model, x, dtype) -> tuple[float, np.ndarray]:
     """(images per second, softmax outputs) of ``model`` over ``x`` in batches of BATCH (after one warm-up batch)."""
     import torch
 
-    from dermray.models import logits_of
+    from dermray.store.models import logits_of
 
     def forward(batch):
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
@@ -279,8 +282,8 @@ def train_step_speedup(tmp: pathlib.Path) -> dict:
     under bf16 autocast."""
     import torch
 
-    from dermray import models
-    from dermray.precision import time_step
+    from dermray.runtime.precision import time_step
+    from dermray.store import models
 
     torch.manual_seed(0)
     model = models.build_model("efficientnet_lite0", 7, weights="none").train()
@@ -307,7 +310,7 @@ def precision_study(tmp: pathlib.Path, labels: pd.DataFrame) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dermray import models
+    from dermray.store import models
 
     torch.set_num_threads(THREADS)
     per_cycle, how = fp32_flops_per_cycle()

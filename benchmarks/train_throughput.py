@@ -76,7 +76,7 @@ def prepare(tmp: pathlib.Path, per_class: int) -> pathlib.Path:
 
 
 def config(tmp: pathlib.Path, arch: str, epochs: int, batch: int, image_size, mode: str):
-    from dermray.config import load_config
+    from dermray.runtime.config import load_config
 
     return load_config(None, [f"data.manifest={tmp / 'in' / 'manifest.parquet'}", f"output={tmp / 'out'}",
                               f"run_id=bench-{arch}-{mode}", f"train.arch={arch}", "train.weights=none",
@@ -90,14 +90,15 @@ def config(tmp: pathlib.Path, arch: str, epochs: int, batch: int, image_size, mo
 def fold_rows(cfg) -> dict:
     """The rows fold 0 trains on ("train") and selects its epoch on ("select", with train.selection=inner), as
     dermray's own split_rows cuts them: the bare loop uses the same images."""
-    from dermray import train
+    from dermray.stages import train
 
     p = train.plan(cfg)
     return {k: v.to_pandas() for k, v in train.split_rows(0, p.table, cfg.train).items()}
 
 
 def run_dermray(cfg, mode: str) -> dict:
-    from dermray import layout, train
+    from dermray.runtime import layout
+    from dermray.stages import train
 
     train.run(cfg)
     run_dir = layout.train_dir(cfg.output, cfg.run_id)
@@ -130,7 +131,7 @@ class HamDataset:
     def __getitem__(self, i):
         import torch
 
-        from dermray.transforms import decode_image, eval_transform, to_array, train_transform
+        from dermray.core.transforms import decode_image, eval_transform, to_array, train_transform
 
         rng = np.random.default_rng()
         with open(self.uris[i], "rb") as f:
@@ -144,8 +145,8 @@ def run_bare(cfg, rows: dict, n_classes: int, mode: str, ckpt_dir: str) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from dermray import models
-    from dermray.trainloop import make_optimizer
+    from dermray.runtime.trainloop import make_optimizer
+    from dermray.store import models
 
     tc = cfg.train
     torch.set_num_threads(THREADS)
@@ -208,7 +209,7 @@ def channels_last_speedup(arch: str, batch: int, image_size, steps: int = 4) -> 
     import torch
     import torch.nn.functional as F
 
-    from dermray import models
+    from dermray.store import models
 
     torch.set_num_threads(THREADS)
     size_px = image_size or models.spec(arch).input_size

@@ -38,9 +38,9 @@ RUNS = {
 def main() -> None:
     import ray
 
-    from dermray import evaluate, train
     from dermray.cli import main as cli
-    from dermray.config import load_config
+    from dermray.runtime.config import load_config
+    from dermray.stages import evaluate, train
 
     if not (HAM / "labels.csv").exists():
         sys.exit(f"HAM10000 not found at {HAM}")

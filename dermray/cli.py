@@ -7,7 +7,7 @@ import logging
 import sys
 
 from dermray.errors import UserError
-from dermray.stages import REGISTRY
+from dermray.runtime.registry import REGISTRY
 
 EXIT_USER_ERROR = 2
 EXIT_FLOOR_MISSED = 3  # dermray nightly: the run finished, a quality floor was not met
@@ -35,7 +35,7 @@ COMMON_FLAGS = {"run_id": "run_id", "output": "output", "address": "ray.address"
 def build_parser() -> argparse.ArgumentParser:
     # long: one declaration per command and flag, read top to bottom like the --help it produces
     from dermray import __version__
-    from dermray.lineage import git_commit
+    from dermray.store.lineage import git_commit
 
     commit = git_commit()
     parser = argparse.ArgumentParser(prog="dermray", description=__doc__)
@@ -171,14 +171,15 @@ def _run_stage(stage: str, args, flags: dict[str, str]) -> dict:
     command's log file is kept beside the stage's outputs."""
     import importlib
 
-    from dermray import console, layout, stages
-    from dermray.config import load_config
+    from dermray.runtime import console, jobpaths, layout, registry
+    from dermray.runtime.config import load_config
 
-    module = importlib.import_module(f"dermray.{stage}")  # a stage's, or an application's (nightly, pipeline)
+    # a stage's module, or an application's (nightly, pipeline)
+    module = registry.module(stage) if stage in registry.REGISTRY else importlib.import_module(f"dermray.apps.{stage}")
     cfg = load_config(args.config, list(args.overrides), _flag_values(args, COMMON_FLAGS | flags))
-    importlib.import_module("dermray.jobpaths").check_paths(cfg, stage)  # in a Ray job: paths that cannot work
+    jobpaths.check_paths(cfg, stage)  # in a Ray job: paths that cannot work
     args.stage_dir = layout.stage_dir(cfg.output, stage, cfg.run_id)
-    summary = stages.run(stage, cfg) if stage in stages.REGISTRY else module.run(cfg)
+    summary = registry.run(stage, cfg) if stage in registry.REGISTRY else module.run(cfg)
     kept = console.keep_log(args.console, args.stage_dir, stage)
     args.stage_dir = None  # the log is kept
     out = args.console.out
@@ -198,7 +199,7 @@ def cmd_pipeline(args) -> dict:
 
 
 def cmd_lineage(args) -> dict:
-    from dermray import lineage_report
+    from dermray.apps import lineage_report
 
     c = lineage_report.chain(args.output, args.run_id)
     print(json.dumps(c, indent=2, default=str) if args.json else lineage_report.format_chain(c), file=args.console.out)
@@ -206,8 +207,8 @@ def cmd_lineage(args) -> dict:
 
 
 def cmd_doctor(args) -> dict:
-    from dermray import doctor
-    from dermray.config import load_config
+    from dermray.apps import doctor
+    from dermray.runtime.config import load_config
 
     cfg = load_config(args.config, list(args.overrides), _flag_values(args, COMMON_FLAGS))
     checks = doctor.run(cfg, args.s3)
@@ -218,7 +219,7 @@ def cmd_doctor(args) -> dict:
 
 
 def cmd_synth(args) -> dict:
-    from dermray import synth
+    from dermray.apps import synth
 
     if args.lesions < 10 or args.test_lesions < 10 or args.size < 32:
         raise UserError("synth: --lesions and --test-lesions must be at least 10 and --size at least 32")
@@ -235,7 +236,7 @@ def cmd_synth(args) -> dict:
 
 
 def cmd_import(args) -> dict:
-    from dermray import importers
+    from dermray.apps import importers
 
     if args.dataset == "folder":
         result = importers.import_folder(
@@ -274,7 +275,7 @@ COMMANDS = {**{stage: _stage_command(stage) for stage in REGISTRY},
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dermray import console
+    from dermray.runtime import console
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -287,8 +288,8 @@ def _dispatch(args, con) -> int:
     """Run the command; every way it can end is one line on the console (the details are in the log file)."""
     import traceback
 
-    from dermray import console
-    from dermray.nightly import FloorMissed
+    from dermray.apps.nightly import FloorMissed
+    from dermray.runtime import console
 
     try:
         COMMANDS[args.command](args)

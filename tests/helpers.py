@@ -9,14 +9,15 @@ import time
 import pyarrow as pa
 import torch
 
-from dermray import artifacts, models
+from dermray.runtime import artifacts
+from dermray.store import models
 
 SIZE = 64  # input pixels of the test models
 
 
 def _save_fold(fold_dir, model, classes: pa.Table, run: str, partition=None) -> None:
     """Weights and model card of a SIZE-px mobilenet_v3_small, laid out as `dermray train` writes a fold (through
-    dermray.artifacts, as train does)."""
+    dermray.runtime.artifacts, as train does)."""
     os.makedirs(fold_dir / "best", exist_ok=True)
     torch.save(model.state_dict(), fold_dir / "best" / "model.pt")
     card = artifacts.ModelCard(
@@ -62,7 +63,7 @@ def train_small_fold(fold_dir, classes: pa.Table, images: list[str], labels: lis
     that has learned something from real images, for the saliency sanity checks."""
     import numpy as np
 
-    from dermray.transforms import decode_image, eval_transform, to_array
+    from dermray.core.transforms import decode_image, eval_transform, to_array
 
     torch.manual_seed(seed)
     x = torch.from_numpy(np.stack([to_array(eval_transform(decode_image(open(u, "rb").read()), SIZE),

@@ -67,7 +67,7 @@ class MultiNode:
         for _ in range(2):
             self.add()
         ray.init(address=self.cluster.address, logging_level=logging.ERROR, log_to_driver=False,
-                 runtime_env={"worker_process_setup_hook": "dermray.raysession.quiet_embedded_workers"})
+                 runtime_env={"worker_process_setup_hook": "dermray.runtime.raysession.quiet_embedded_workers"})
 
     def add(self) -> str:
         name = chr(ord("a") + len(self.joined))
@@ -199,7 +199,7 @@ def listing(path: str) -> list[str]:
 # ---- inputs ------------------------------------------------------------------------------------------------------
 def prepare_study(ham: str, bucket: str, work: str, per_dx: int) -> dict:
     """``per_dx`` real HAM10000 images of four diagnoses, uploaded to S3, imported (manifest with s3:// URIs)."""
-    from dermray import importers
+    from dermray.apps import importers
 
     labels = pd.read_csv(os.path.join(ham, "labels.csv"))
     subset = pd.concat([labels[labels.dx == dx].head(per_dx) for dx in ("nv", "mel", "bkl", "bcc")])
@@ -214,7 +214,7 @@ def prepare_study(ham: str, bucket: str, work: str, per_dx: int) -> dict:
     # The same manifest with local image URIs (for the guard).
     local = result.manifest.assign(uri=[os.path.join(ham, "images", f"{i}.jpg") for i in result.manifest.image_id])
     local_uri = f"s3://{bucket}/in/manifest_local_uris.parquet"
-    from dermray import storage
+    from dermray.store import storage
 
     storage.write_table(pa.Table.from_pandas(local, preserve_index=False), local_uri)
     return {"images": len(result.manifest), "manifest": out["outputs"]["manifest"],
@@ -225,7 +225,8 @@ def prepare_study(ham: str, bucket: str, work: str, per_dx: int) -> dict:
 def synthetic_manifest(uri: str, rows: int, seed: int = 0) -> dict:
     """A manifest of ``rows`` rows over the ISIC taxonomy (image files are never read by partition): lesions of
     1-3 images, a few repeated ids and unknown labels (quarantined), row groups of 10k rows (parallel chunks)."""
-    from dermray import importers, storage
+    from dermray.apps import importers
+    from dermray.store import storage
 
     tax = importers.isic_taxonomy()
     rng = np.random.default_rng(seed)
@@ -255,7 +256,7 @@ def synthetic_manifest(uri: str, rows: int, seed: int = 0) -> dict:
 
 
 def cfg(*overrides):
-    from dermray.config import load_config
+    from dermray.runtime.config import load_config
 
     return load_config(None, list(overrides))
 
@@ -263,14 +264,14 @@ def cfg(*overrides):
 def partition_keys(*overrides) -> list[str]:
     """Partition overrides; the near-duplicate search (which reads every image) is off where the config has it:
     these runs are about nodes dying, and the synthetic manifest's images do not exist."""
-    from dermray.config import PartitionConfig
+    from dermray.runtime.config import PartitionConfig
 
     extra = ["partition.near_duplicates=false"] if "near_duplicates" in PartitionConfig.model_fields else []
     return [*overrides, *extra]
 
 
 def set_faults(**kw) -> None:
-    from dermray import faults
+    from dermray.runtime import faults
 
     if kw:
         os.environ[faults.ENV] = json.dumps(kw)
@@ -280,7 +281,7 @@ def set_faults(**kw) -> None:
 
 # ---- scenarios ---------------------------------------------------------------------------------------------------
 def scenario_guard(mn: MultiNode, ctx: dict) -> dict:
-    from dermray import evaluate, partition, score, train
+    from dermray.stages import evaluate, partition, score, train
 
     study, bucket, work = ctx["study"], ctx["bucket"], ctx["work"]
     local_out = os.path.join(work, "guard-local-out")
@@ -324,7 +325,7 @@ def scenario_guard(mn: MultiNode, ctx: dict) -> dict:
 
 
 def run_partition(ctx: dict, run_id: str) -> dict:
-    from dermray import partition
+    from dermray.stages import partition
 
     syn = ctx["synthetic"]
     t0 = now()
@@ -427,7 +428,7 @@ def run_stage(mn: MultiNode, fn, progress, stall_s: float, timeout_s: float) -> 
 
 
 def scenario_train(mn: MultiNode, ctx: dict) -> dict:
-    from dermray import train
+    from dermray.stages import train
 
     work, bucket, run_id = ctx["work"], ctx["bucket"], "mn-train"
     pid_file, events_file = os.path.join(work, "pid-{fold}"), os.path.join(work, "events-{fold}")
@@ -478,8 +479,10 @@ def scenario_train(mn: MultiNode, ctx: dict) -> dict:
     if run.get("error"):
         return out
     # The resumed fold's model scores real images (loaded from S3 as `dermray score` would).
-    from dermray import artifacts, score, storage
-    from dermray.transforms import decode_image, eval_transform
+    from dermray.core.transforms import decode_image, eval_transform
+    from dermray.runtime import artifacts
+    from dermray.stages import score
+    from dermray.store import storage
 
     ens = artifacts.load_ensemble([f"s3://{bucket}/out/train/{run_id}/fold=0"])
     uris = storage.read_table(ctx["study"]["manifest"], columns=["uri"]).column("uri").to_pylist()[:4]
@@ -492,7 +495,7 @@ def scenario_train(mn: MultiNode, ctx: dict) -> dict:
 
 
 def scenario_score(mn: MultiNode, ctx: dict) -> dict:
-    from dermray import score
+    from dermray.stages import score
 
     bucket, run_id = ctx["bucket"], "mn-score"
     set_faults(slow_batch_s=ctx["score_slow_batch_s"])
@@ -578,7 +581,7 @@ def main(argv=None) -> int:
 
         report["cluster"] = {"nodes": len([n for n in ray.nodes() if n["Alive"]]),
                              "resources": ray.cluster_resources()}
-        from dermray import partition
+        from dermray.stages import partition
 
         t0 = now()
         partition.run(cfg(*partition_keys(

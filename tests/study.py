@@ -48,7 +48,7 @@ def captured():
 
 
 def run_config(d: pathlib.Path) -> dict:
-    from dermray import layout
+    from dermray.runtime import layout
 
     out, data = d / "out", d / "data"
     predictions = str(layout.predictions_dir(str(out), RUN)) + "/predictions"
@@ -78,7 +78,7 @@ def write_archive(data: pathlib.Path) -> pd.DataFrame:
 
 
 def stage_root(out: pathlib.Path, stage: str) -> pathlib.Path:
-    from dermray import layout
+    from dermray.runtime import layout
 
     return pathlib.Path(layout.stage_dir(str(out), stage, RUN))
 
@@ -91,9 +91,9 @@ def read_tables(out: pathlib.Path, stage: str) -> dict[str, pd.DataFrame]:
 def build(d: pathlib.Path) -> dict:
     """Draw the data, write the run config, run every stage twice. Returns {"dir", "data", "out", "config",
     "runs": {stage: [first, second]}} with each run's summary, log text, changed files and tables."""
-    from dermray import faults, stages
     from dermray.cli import main
-    from dermray.config import load_config
+    from dermray.runtime import faults, registry
+    from dermray.runtime.config import load_config
 
     data, out = d / "data", d / "out"
     assert main(["synth", "--output", str(data), *SYNTH]) == 0
@@ -105,7 +105,7 @@ def build(d: pathlib.Path) -> dict:
     os.environ["RAY_AUTH_TOKEN"] = SECRET
     runs: dict[str, list[dict]] = {}
     try:
-        for stage in stages.STAGES:
+        for stage in registry.STAGES:
             runs[stage] = []
             for _ in range(2):
                 before = snapshot(out) if out.exists() else {}
@@ -116,8 +116,8 @@ def build(d: pathlib.Path) -> dict:
                 else:
                     os.environ.pop(faults.ENV, None)
                 with captured() as text:
-                    summary = stages.run(stage, load_config(str(cfg_path)))
-                    print(stages.module(stage).format_summary(summary))
+                    summary = registry.run(stage, load_config(str(cfg_path)))
+                    print(registry.module(stage).format_summary(summary))
                 after = snapshot(out)
                 changed = {f for f, t in after.items() if before.get(f) != t}
                 runs[stage].append({"summary": summary, "changed": changed, "log": text(),

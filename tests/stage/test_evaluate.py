@@ -11,12 +11,12 @@ import yaml
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from dermray import evaluate
 from dermray.cli import main
-from dermray.config import load_config
-from dermray.partitioning import node_to_class, partition_classes, task_membership
-from dermray.tasks import parse_tasks
-from dermray.taxonomy import Taxonomy
+from dermray.core.partitioning import node_to_class, partition_classes, task_membership
+from dermray.core.tasks import parse_tasks
+from dermray.core.taxonomy import Taxonomy
+from dermray.runtime.config import load_config
+from dermray.stages import evaluate
 
 LEAVES = ["Benign:Nevus:Blue", "Benign:Nevus:Common", "Benign:SK", "Malignant:Melanoma:Invasive",
           "Malignant:Melanoma:InSitu", "Malignant:BCC", "Other:Eczema"]
@@ -303,7 +303,7 @@ def test_external_validation_compares_cohorts_with_an_unpaired_ci(study, tmp_pat
     assert abs(value(r, "mel_vs_nev", "cohort=internal:all", "auc").value - a_int) < 1e-12
     assert abs(value(r, "mel_vs_nev", "cohort=external:all", "auc_difference").value - diff.value) < 1e-12
     # ... and so does the model card's test results, from the headline it is given.
-    from dermray import artifacts
+    from dermray.runtime import artifacts
     from tests.helpers import write_fold
 
     classes = pa.table({"class_index": pa.array([0, 1], pa.int32()), "node_id": ["benign", "malignant"],
@@ -319,7 +319,7 @@ def test_external_validation_compares_cohorts_with_an_unpaired_ci(study, tmp_pat
 def test_an_empty_group_id_is_the_image_alone_as_a_null_one_is(study, tmp_path):
     """Issue 28, finding 3: partition and train took an empty group_id ("") for "the image alone", evaluate only
     filled nulls, so a test set without lesion ids written as "" became one lesion: every lesion-bootstrap interval
-    collapsed to a point. One rule now (dermray.ids.lesion_keys): null, "" and blank are the image alone."""
+    collapsed to a point. One rule now (dermray.core.ids.lesion_keys): null, "" and blank are the image alone."""
     d = study["dir"]
     table = pq.read_table(d / "predictions.parquet")
     i = table.column_names.index("group_id")

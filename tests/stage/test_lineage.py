@@ -8,10 +8,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dermray import artifacts, faults, layout, score, train
 from dermray.cli import main
-from dermray.config import load_config
 from dermray.errors import UserError
+from dermray.runtime import artifacts, faults, layout
+from dermray.runtime.config import load_config
+from dermray.stages import score, train
 
 from helpers import write_fold
 
@@ -135,7 +136,7 @@ def test_a_pipeline_with_a_new_run_id_and_another_class_size_uses_a_new_partitio
     base = [f"data.manifest={d / 'in' / 'manifest.parquet'}", f"data.taxonomy={d / 'in' / 'taxonomy.parquet'}",
             f"data.tasks={d / 'in' / 'tasks.yaml'}", f"output={d / 'pipe'}", "pipeline.stages=[partition]",
             "partition.folds=2"]
-    from dermray import pipeline
+    from dermray.apps import pipeline
 
     a = pipeline.run(load_config(None, [*base, "run_id=A", "partition.max_class_size=100"]))
     b = pipeline.run(load_config(None, [*base, "run_id=B", "partition.max_class_size=5"]))
@@ -153,7 +154,7 @@ def test_a_pipeline_with_a_new_run_id_and_another_class_size_uses_a_new_partitio
 def test_the_study_s_lineage_chain_holds_link_by_link(study, capsys):
     """`dermray lineage` on the shared study: every stage with its inputs' fingerprints, the folds' models, and
     every link holding (the ensemble that scored is the run's, the metrics are those of the predictions)."""
-    from dermray import lineage_report
+    from dermray.apps import lineage_report
 
     chain = lineage_report.chain(str(study["out"]), "c")
     assert list(chain["stages"]) == ["partition", "train", "score", "evaluate", "saliency"]
@@ -254,7 +255,7 @@ def test_a_changed_task_or_decision_setting_relocks_and_rescores(study, tmp_path
     of the stage that reads it."""
     import yaml
 
-    from dermray import pipeline
+    from dermray.apps import pipeline
 
     d = _study_copy(study, tmp_path)
     tasks = yaml.safe_load((study["data"] / "tasks.yaml").read_text())

@@ -8,9 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dermray import partition, storage
 from dermray.cli import main
-from dermray.config import load_config
+from dermray.runtime.config import load_config
+from dermray.stages import partition
+from dermray.store import storage
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +109,7 @@ def test_same_seed_same_folds_and_rerun_replaces(ray_local, ham_import, tmp_path
 
 
 def test_bad_rows_are_quarantined_and_nothing_is_lost(ray_local, tmp_path):
-    from dermray.taxonomy import Taxonomy
+    from dermray.core.taxonomy import Taxonomy
 
     tax = Taxonomy.from_paths(["Benign:Nevus", "Benign:SK", "Malignant:Melanoma"])
     pq.write_table(tax.to_table(), tmp_path / "taxonomy.parquet")
@@ -177,7 +178,7 @@ def test_s3_and_local_give_identical_tables(ray_local, ham_import, s3_bucket, tm
     ("unknown_key", "unknown key 'partition.fold'"),
 ])
 def test_user_errors_exit_2_with_one_line(ray_local, tmp_path, capsys, case, fragment):
-    from dermray.taxonomy import Taxonomy
+    from dermray.core.taxonomy import Taxonomy
 
     pq.write_table(Taxonomy.from_paths(["A:B"]).to_table(), tmp_path / "taxonomy.parquet")
     manifest = pd.DataFrame({"image_id": ["a"], "uri": ["a.jpg"], "label": ["A:B"]})

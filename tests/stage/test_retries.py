@@ -15,9 +15,11 @@ import pandas as pd
 import psutil
 import pytest
 
-from dermray import faults, score, storage, train
-from dermray.config import load_config
 from dermray.errors import UserError
+from dermray.runtime import faults
+from dermray.runtime.config import load_config
+from dermray.stages import score, train
+from dermray.store import storage
 
 
 @pytest.fixture(scope="module")

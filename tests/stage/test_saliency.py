@@ -8,10 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dermray import saliency, score, storage
 from dermray.cli import main
-from dermray.config import load_config
 from dermray.errors import UserError
+from dermray.runtime.config import load_config
+from dermray.stages import saliency, score
+from dermray.store import storage
 
 from helpers import train_small_fold
 

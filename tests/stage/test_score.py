@@ -9,11 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
-from dermray import artifacts, faults, models, score, storage
 from dermray.cli import main
-from dermray.config import load_config
+from dermray.core.transforms import decode_image, eval_transform, to_array
 from dermray.errors import UserError
-from dermray.transforms import decode_image, eval_transform, to_array
+from dermray.runtime import artifacts, faults
+from dermray.runtime.config import load_config
+from dermray.stages import score
+from dermray.store import models, storage
 
 from helpers import SIZE
 
@@ -73,7 +75,7 @@ def test_manifest_predictions_equal_an_eager_forward_and_carry_the_manifest(scor
     assert np.stack(df["three_class_probs"]).shape == (24, 3)
     assert (df["top_class"] == probs.argmax(1)).all()
     # The predictions feed the evaluation stage as they are.
-    from dermray import evaluate
+    from dermray.stages import evaluate
     ev = evaluate.run(load_config(None, [f"evaluate.predictions={tmp_path / 'predictions' / 'm' / 'predictions'}",
                                          f"data.tasks={d / 'in' / 'tasks.yaml'}",
                                          f"data.taxonomy={d / 'in' / 'taxonomy.parquet'}",
@@ -87,7 +89,7 @@ def _decoded(kind: str, uri: str, labels: str | None = None) -> tuple[list[str],
     SIZE, 3], the manifest table it scores, None for shards), sorted by image id."""
     retry = storage.DEFAULT_RETRY
     if kind == "webdataset":
-        from dermray import archive
+        from dermray.store import archive
 
         rows = [b for shard in archive.shard_list(uri) for b in score.decode_shards(
             {"uri": [shard], score.CHUNK: [shard]}, SIZE, 10**8, 100, retry)]

@@ -2,8 +2,8 @@
 its outputs, summaries, model cards, reports or console output."""
 import pathlib
 
-from dermray import storage
 from dermray.cli import main
+from dermray.store import storage
 
 SECRET = "PLANTED-s3cr3t-9f8e7d6c5b4a"
 

@@ -25,10 +25,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from dermray import schemas, stages
 from dermray.cli import main
-from dermray.config import load_config
-from dermray.lineage import Lineage
+from dermray.runtime import registry
+from dermray.runtime.config import load_config
+from dermray.store import schemas
+from dermray.store.lineage import Lineage
 
 from helpers import run_job
 from study import SECRET, stage_root
@@ -65,7 +66,7 @@ CASES = {
 
 
 def test_every_stage_has_a_case():
-    assert set(CASES) == set(stages.STAGES)
+    assert set(CASES) == set(registry.STAGES)
 
 
 def matching(case: Case, path: str):
@@ -76,7 +77,7 @@ def matching(case: Case, path: str):
     return None, None
 
 
-@pytest.mark.parametrize("stage", stages.STAGES)
+@pytest.mark.parametrize("stage", registry.STAGES)
 def test_a_rerun_with_the_same_inputs_changes_nothing(study, stage):
     first, second = study["runs"][stage]
     assert set(first["tables"]) == set(second["tables"]), stage
@@ -93,18 +94,18 @@ def test_a_rerun_with_the_same_inputs_changes_nothing(study, stage):
         assert preds["image_id"].is_unique and len(preds) == 20
 
 
-@pytest.mark.parametrize("stage", stages.STAGES)
+@pytest.mark.parametrize("stage", registry.STAGES)
 def test_the_summary_counts_add_up(study, stage):
     for run in study["runs"][stage]:
-        c = stages.module(stage).counts(run["summary"])
+        c = registry.module(stage).counts(run["summary"])
         assert c["in"] == c["out"] + c["quarantined"], (stage, c)
         assert c["in"] > 0
     if stage in ("partition", "score"):
-        first = stages.module(stage).counts(study["runs"][stage][0]["summary"])
+        first = registry.module(stage).counts(study["runs"][stage][0]["summary"])
         assert first["quarantined"] >= (2 if stage == "score" else 0)
 
 
-@pytest.mark.parametrize("stage", stages.STAGES)
+@pytest.mark.parametrize("stage", registry.STAGES)
 def test_every_output_table_passes_its_schema(study, stage):
     case = CASES[stage]
     tables = study["runs"][stage][1]["tables"]
@@ -121,7 +122,7 @@ def test_every_output_table_passes_its_schema(study, stage):
 ALSO_WRITES = {"evaluate": ("train/*/fold=*/model_card.json", "train/*/fold=*/model_card.md")}
 
 
-@pytest.mark.parametrize("stage", stages.STAGES)
+@pytest.mark.parametrize("stage", registry.STAGES)
 def test_every_file_lies_under_the_stage_folder_of_the_run(study, stage):
     prefix = str(stage_root(study["out"], stage).relative_to(study["out"]))
     for run in study["runs"][stage]:
@@ -131,7 +132,7 @@ def test_every_file_lies_under_the_stage_folder_of_the_run(study, stage):
     assert study["runs"][stage][0]["changed"], f"{stage} wrote nothing"
 
 
-@pytest.mark.parametrize("stage", stages.STAGES)
+@pytest.mark.parametrize("stage", registry.STAGES)
 def test_a_planted_secret_appears_in_no_output_and_no_log(study, stage):
     for run in study["runs"][stage]:
         assert SECRET not in run["log"], stage
@@ -141,13 +142,13 @@ def test_a_planted_secret_appears_in_no_output_and_no_log(study, stage):
             assert SECRET.encode() not in p.read_bytes(), f"{stage}: {p}"
 
 
-@pytest.mark.parametrize("stage", stages.STAGES)
+@pytest.mark.parametrize("stage", registry.STAGES)
 def test_the_lineage_is_recorded_and_reproduced_without_running(study, stage):
     summary = study["runs"][stage][1]["summary"]
     recorded = Lineage.from_dict(summary["lineage"])
     assert recorded.stage == stage and recorded.id and recorded.inputs
     assert recorded.id == Lineage.from_dict(study["runs"][stage][0]["summary"]["lineage"]).id
-    now = stages.lineage_now(stage, load_config(str(study["config"])), recorded)
+    now = registry.lineage_now(stage, load_config(str(study["config"])), recorded)
     assert now.id == recorded.id, now.changes_from(recorded)
     assert {"dermray", "ray", "torch"} <= set(recorded.versions)
 
@@ -159,7 +160,7 @@ def _one_line_exit_2(code: int, err: str, what: str) -> None:
     assert "error:" in err
 
 
-@pytest.mark.parametrize("stage", stages.STAGES)
+@pytest.mark.parametrize("stage", registry.STAGES)
 def test_a_user_error_exits_2_with_one_line_from_the_cli_and_from_jobs(study, stage, capfd):
     bad = CASES[stage].bad.format(missing=study["dir"] / "no-such-input")
     args = ["--config", str(study["config"]), "--set", bad, "--set", f"output={study['dir'] / 'err-out'}"]

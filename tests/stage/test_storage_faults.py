@@ -5,8 +5,8 @@ import time
 import pyarrow as pa
 import pytest
 
-from dermray import storage
 from dermray.errors import UserError
+from dermray.store import storage
 
 
 @pytest.fixture()

@@ -7,8 +7,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from dermray import importers, models, storage
+from dermray.apps import importers
 from dermray.cli import main
+from dermray.store import models, storage
 
 from helpers import write_image
 
@@ -42,7 +43,7 @@ def test_import_folder_on_s3(s3_bucket, s3_server, tmp_path, capsys):
 
     import boto3
 
-    from dermray import storage
+    from dermray.store import storage
 
     bucket = s3_bucket[len("s3://"):]
     client = boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"])

@@ -12,10 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dermray import artifacts, evaluate, faults, models, storage, train
 from dermray.cli import main
-from dermray.config import load_config
 from dermray.errors import UserError
+from dermray.runtime import artifacts, faults
+from dermray.runtime.config import load_config
+from dermray.stages import evaluate, train
+from dermray.store import models, storage
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +118,7 @@ def test_calibration_and_operating_points_are_locked_out_of_fold_and_applied_whe
     thresholds (target sensitivity, Youden) written into every model card; scoring applies them (calibrated probs
     beside probs_raw, <task>_positive at the locked threshold); evaluation measures them with CIs, apart from the
     thresholds it picks on the test data itself (marked oracle). All from the study's runs."""
-    from dermray import metrics as M
+    from dermray.core import metrics as M
 
     out = study["out"]
     s = study["runs"]["train"][0]["summary"]
@@ -196,8 +198,8 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_a_rerun_continues(small
     metrics = pd.read_parquet(d / "out" / "train" / "resume" / "fold=0" / "metrics.parquet")
     assert sorted(set(metrics["epoch"])) == [0, 1, 2]
     # The resumed fold's model scores real images.
-    from dermray import score
-    from dermray.transforms import decode_image, eval_transform
+    from dermray.core.transforms import decode_image, eval_transform
+    from dermray.stages import score
 
     ens = artifacts.load_ensemble([str(d / "out" / "train" / "resume")])
     uris = [storage.resolve(u, str(d / "in")) for u in pd.read_parquet(d / "in" / "manifest.parquet")["uri"].head(4)]

@@ -7,12 +7,12 @@ re-encoded)."""
 import pandas as pd
 from PIL import Image
 
-from dermray import stages
-from dermray.config import load_config
+from dermray.runtime import registry
+from dermray.runtime.config import load_config
 
 
 def _evaluate(study, predictions, out):
-    return stages.run("evaluate", load_config(str(study["config"]), [
+    return registry.run("evaluate", load_config(str(study["config"]), [
         f"evaluate.predictions={predictions}", f"evaluate.partition={study['out'] / 'partition' / 'c'}",
         f"output={out}"]))
 
@@ -50,4 +50,4 @@ def test_test_images_that_copy_training_images_are_found_and_the_metrics_are_giv
     without = n.xs("no_train_overlap", level="subset")
     everything = n.xs("all", level="subset")[without.index]
     assert (without <= everything).all() and (without < everything).any(), (without, everything)
-    assert "near-duplicates of training images" in stages.module("evaluate").format_summary(s)
+    assert "near-duplicates of training images" in registry.module("evaluate").format_summary(s)

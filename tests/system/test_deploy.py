@@ -10,7 +10,7 @@ import pytest
 import ray
 import yaml
 
-from dermray.config import load_config
+from dermray.runtime.config import load_config
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"

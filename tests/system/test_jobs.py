@@ -1,6 +1,6 @@
 """`ray job submit` against a real local Ray head on loopback, started and stopped with cluster/local-up.sh and
 cluster/local-down.sh (token authentication on, as Ray 2.60's `ray start` has it); `make demo-cluster` end to end;
-the check of a job's paths (dermray/jobpaths.py)."""
+the check of a job's paths (dermray/runtime/jobpaths.py)."""
 import json
 import pathlib
 import re
@@ -10,7 +10,7 @@ import sys
 import pandas as pd
 import pytest
 
-from dermray import jobpaths
+from dermray.runtime import jobpaths
 
 import early as runs
 

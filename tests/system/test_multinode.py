@@ -11,7 +11,7 @@ together with the outputs it left in S3. Figures (nodes, kills survived, seconds
 import numpy as np
 import pytest
 
-from dermray import storage
+from dermray.store import storage
 
 import early as runs
 

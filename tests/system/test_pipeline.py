@@ -11,9 +11,10 @@ import shutil
 import pandas as pd
 import pytest
 
-from dermray import pipeline, storage
+from dermray.apps import pipeline
 from dermray.cli import main
-from dermray.config import load_config
+from dermray.runtime.config import load_config
+from dermray.store import storage
 
 import early as runs
 

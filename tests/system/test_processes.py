@@ -10,8 +10,9 @@ import time
 import pandas as pd
 import pyarrow as pa
 
-from dermray import faults, storage
 from dermray.cli import main
+from dermray.runtime import faults
+from dermray.store import storage
 
 
 def read_preds(uri) -> pd.DataFrame:

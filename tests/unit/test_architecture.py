@@ -10,12 +10,15 @@ import sys
 import pytest
 import tomllib
 
-from dermray import stages
+from dermray.runtime import registry
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "dermray"
 REPO = PACKAGE.parent
-MODULES = {p.stem: p for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+# "core.metrics" -> dermray/core/metrics.py; "cli" -> dermray/cli.py (a package's __init__ holds no code)
+MODULES = {".".join(p.relative_to(PACKAGE).with_suffix("").parts): p for p in PACKAGE.rglob("*.py")
+           if p.name != "__init__.py"}
 MAX_LINES = 60
+LAYERS = ("apps", "stages", "runtime", "store", "core")  # the folders of dermray/, top to bottom
 
 
 def imports_of(name: str) -> set[tuple[str, str | None]]:
@@ -24,12 +27,13 @@ def imports_of(name: str) -> set[tuple[str, str | None]]:
     out = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dermray"):
-            if node.module == "dermray":
-                out |= {(a.name, None) for a in node.names}
+            module = node.module.removeprefix("dermray").removeprefix(".")
+            if not module or module in LAYERS:  # from dermray.core import metrics: modules, not names
+                out |= {(f"{module}.{a.name}".lstrip("."), None) for a in node.names}
             else:
-                out |= {(node.module.split(".")[1], a.name) for a in node.names}
+                out |= {(module, a.name) for a in node.names}
         elif isinstance(node, ast.Import):
-            out |= {(a.name.split(".")[1], None) for a in node.names if a.name.startswith("dermray.")}
+            out |= {(a.name.removeprefix("dermray."), None) for a in node.names if a.name.startswith("dermray.")}
     return out
 
 
@@ -53,12 +57,15 @@ def test_the_import_contracts_hold_and_name_every_module():
     stages independent of each other and pure logic free of Ray and storage; every module sits in one layer, so a
     new module is placed deliberately."""
     contracts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
-    layered = [m.strip().removeprefix("dermray.") for c in contracts if c["type"] == "layers" for layer in c["layers"]
-               for m in layer.replace("|", ":").split(":")]
-    assert sorted(layered) == sorted(MODULES), (sorted(set(MODULES) - set(layered)),
-                                                sorted(set(layered) - set(MODULES)))
-    assert set(stages.STAGES) == {m.strip().removeprefix("dermray.") for c in contracts if c["type"] == "layers"
-                                  for layer in c["layers"] if "|" in layer for m in layer.split("|")}
+    layers = [m.removeprefix("dermray.") for c in contracts if c["type"] == "layers" for m in c["layers"]]
+    assert layers == ["cli", *LAYERS, "errors"]
+    # Every module sits in a layer: a folder of the contract's, or cli/errors themselves; nothing else at the top.
+    assert all(m.split(".")[0] in layers for m in MODULES), sorted(m for m in MODULES if m.split(".")[0] not in layers)
+    assert sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()) == sorted(LAYERS)
+    # The stages folder holds the registry's stages, and the independence contract names each of them.
+    assert {m.removeprefix("stages.") for m in MODULES if m.startswith("stages.")} == set(registry.STAGES)
+    independent = next(c["modules"] for c in contracts if c["type"] == "independence")
+    assert sorted(independent) == sorted(f"dermray.stages.{s}" for s in registry.STAGES)
     run = subprocess.run([_tool("lint-imports"), "--no-cache"], cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
 
@@ -118,19 +125,20 @@ def test_long_parameter_lists_say_why(name):
 
 
 def test_every_stage_has_the_stage_interface():
-    for stage in stages.STAGES:
-        module = stages.module(stage)
+    for stage in registry.STAGES:
+        module = registry.module(stage)
         assert module.STAGE == stage
         for fn in ("run", "lineage_now", "counts", "format_summary"):
             assert callable(getattr(module, fn, None)), f"{stage}.{fn}"
 
 
 def test_config_enumerations_match_the_registries():
-    from dermray import attribution, config, models
+    from dermray.runtime import attribution, config
+    from dermray.store import models
 
     assert set(config.ARCHS) == set(models.REGISTRY)
     assert set(config.SALIENCY_METHODS) == set(attribution.METHODS)
-    assert tuple(config.STAGE_NAMES) == tuple(stages.STAGES)
+    assert tuple(config.STAGE_NAMES) == tuple(registry.STAGES)
     for arch in ("resnet50", "mobilenet_v3_small", "efficientnet_lite0", "inception_v3"):
         spec = models.spec(arch)
         assert len(spec.stages(spec.build())) == config.FREEZE_STAGES[arch], arch
@@ -155,15 +163,16 @@ def test_runtime_dependencies_are_what_the_package_imports():
 
 
 def test_the_readme_layout_table_names_every_module_in_its_layer():
-    """README's "How the code is laid out" table: each module in the row of the layer the contracts put it in."""
+    """README's "How the code is laid out" table: one row per layer of the contracts, top to bottom, each module
+    listed (by its path below dermray/) in the row of its layer."""
     contracts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
-    layers = next(c["layers"] for c in contracts if c["type"] == "layers")
+    layers = [m.removeprefix("dermray.") for m in next(c["layers"] for c in contracts if c["type"] == "layers")]
     readme = (REPO / "README.md").read_text()
     table = readme[readme.index("## How the code is laid out"):readme.index("**A stage is declared once**")]
     rows = [line for line in table.splitlines() if line.startswith("| ") and "`" in line]
     assert len(rows) == len(layers), rows
     for row, layer in zip(rows, layers):
-        modules = {m.strip().removeprefix("dermray.") for m in layer.replace("|", ":").split(":")}
-        listed = {cell.strip("`").removesuffix(".py") for cell in row.split("|")[2].replace(",", " ").split()
-                  if cell.startswith("`") and cell.endswith(".py`")}
+        modules = {m for m in MODULES if m.split(".")[0] == layer}
+        listed = {cell.strip("`").removesuffix(".py").replace("/", ".") for cell in
+                  row.split("|")[2].replace(",", " ").split() if cell.startswith("`") and cell.endswith(".py`")}
         assert listed == modules, (row[:60], sorted(modules ^ listed))

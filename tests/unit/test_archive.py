@@ -1,7 +1,7 @@
 """The scoring stage on real HAM10000 JPEGs, through real Ray Data, locally and on a real S3 (moto)."""
 import io
 
-from dermray import archive
+from dermray.store import archive
 
 from helpers import shard_bytes as _shard
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from dermray import attribution as A
+from dermray.runtime import attribution as A
 
 
 class Tiny(nn.Module):
@@ -159,8 +159,8 @@ def test_a_fully_randomised_network_gives_maps_not_blanks(ham_dir):
     the audit batch the randomised network responds to its input and its maps are not blank."""
     import copy
 
-    from dermray import models
-    from dermray.attribution import (
+    from dermray.core.transforms import decode_image, eval_transform, to_array
+    from dermray.runtime.attribution import (
         TargetLogProb,
         attribute,
         blank,
@@ -168,7 +168,7 @@ def test_a_fully_randomised_network_gives_maps_not_blanks(ham_dir):
         randomise,
         recalibrate_batchnorm,
     )
-    from dermray.transforms import decode_image, eval_transform, to_array
+    from dermray.store import models
 
     s = models.spec("efficientnet_lite0")
     trained = models.build_model("efficientnet_lite0", 7, weights="imagenet").eval()
@@ -194,7 +194,7 @@ def test_a_fully_randomised_network_gives_maps_not_blanks(ham_dir):
 
 
 def test_blank_maps_are_recognised():
-    from dermray.attribution import blank
+    from dermray.runtime.attribution import blank
 
     ref = np.random.default_rng(0).random((8, 8))
     assert blank(np.zeros((8, 8)), ref) and blank(np.full((8, 8), 3.0), ref) and blank(ref * 1e-6, ref)

@@ -1,7 +1,7 @@
 import pytest
 
-from dermray.config import load_config
 from dermray.errors import ConfigError
+from dermray.runtime.config import load_config
 
 
 def write(tmp_path, text):
@@ -52,7 +52,7 @@ def test_a_command_s_flags_are_taken_as_typed_not_re_parsed(tmp_path, capsys):
     `--run-id null` was refused ("key 'run_id' must be str, got None") and `--run-id 2026` became a number. A flag's
     value is the value; --set keeps YAML's reading."""
     from dermray.cli import main
-    from dermray.config import load_config
+    from dermray.runtime.config import load_config
 
     assert load_config(None, values={"run_id": "null"}).run_id == "null"
     assert load_config(None, values={"run_id": "2026", "partition.folds": 3}).partition.folds == 3

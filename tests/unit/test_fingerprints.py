@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dermray import lineage
+from dermray.store import lineage
 
 
 # ---- fingerprints (pure) -------------------------------------------------------------------------------------------
@@ -85,7 +85,7 @@ def test_changes_are_named():
 def test_a_worker_output_the_driver_cannot_see_is_an_error(tmp_path):
     """A file a Ray worker reports written but the driver cannot see (another node's disk, a lost write) fails the
     stage naming it (train's held-out predictions no longer travel through a file: the driver measures them)."""
-    from dermray import saliency
+    from dermray.stages import saliency
 
     (tmp_path / "gradient").mkdir()
     (tmp_path / "gradient" / "a__t.png").write_bytes(b"png")
@@ -107,7 +107,8 @@ def test_a_worker_output_the_driver_cannot_see_is_an_error(tmp_path):
 def test_an_input_row_hash_changes_with_its_row_alone(rows, data):
     """The hash of a row covers its image_id and every column (null apart from empty, lists included), not the
     column order, the row's position or dermray's internal columns; it round-trips through its stored text."""
-    from dermray import ids, score
+    from dermray.core import ids
+    from dermray.stages import score
 
     table = pa.table({"image_id": [f"I{i}" for i in range(len(rows))], "label": [r[0] for r in rows],
                       "age": pa.array([r[1] for r in rows], pa.int64()),

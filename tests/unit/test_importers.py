@@ -1,8 +1,8 @@
 import pandas as pd
 
-from dermray import importers
+from dermray.apps import importers
 from dermray.cli import main
-from dermray.definitions import load_tasks, load_taxonomy
+from dermray.store.definitions import load_tasks, load_taxonomy
 
 from helpers import write_image
 

@@ -1,19 +1,19 @@
-"""The check of a job's paths (dermray/jobpaths.py), without a cluster: the job's environment as Ray's job supervisor
-sets it."""
+"""The check of a job's paths (dermray/runtime/jobpaths.py), without a cluster: the job's environment as Ray's job
+supervisor sets it."""
 import json
 import pathlib
 import re
 
 import pytest
 
-from dermray import jobpaths, raysession
-from dermray.config import load_config
 from dermray.errors import UserError
+from dermray.runtime import jobpaths, raysession
+from dermray.runtime.config import load_config
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
-# ---- dermray/jobpaths.py without a cluster: the job's environment as Ray's job supervisor sets it ---------------
+# ---- dermray/runtime/jobpaths.py without a cluster: the job's environment as Ray's job supervisor sets it -------
 DEMO = REPO / "configs" / "demo.yaml"
 
 

@@ -12,8 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from dermray import decisions, ids, neardup, precision, predictions
+from dermray.core import decisions, ids, neardup
 from dermray.errors import UserError
+from dermray.runtime import precision
+from dermray.store import predictions
 
 # ---- ids: 128-bit fingerprints, repeats, membership ------------------------------------------------------------
 ID_LISTS = st.lists(st.sampled_from([f"ISIC_{i:07d}" for i in range(12)] + ["", "ü", "a b"]), max_size=60)
@@ -165,7 +167,7 @@ def test_a_task_without_positives_out_of_fold_gets_no_locked_point():
 def test_a_task_with_a_class_no_training_class_lies_under_gets_no_locked_point_and_no_score():
     """Issue 28, finding 6: with no training class under the positive class, the score is 0 by construction, and a
     threshold of 0.0 (sensitivity 1, specificity 0) was locked. The score is NaN and no point is locked."""
-    from dermray import inference
+    from dermray.core import inference
 
     probs, classes, truth, tasks = _oof()
     empty = tasks[0][3].copy()
@@ -236,7 +238,7 @@ def test_precision_choice_configured_gpu_no_bf16_and_measured_once(tmp_path, mon
 
 # ---- report: the numbers as people read them ----------------------------------------------------------------------
 def test_report_formats_numbers_for_people_and_pairs_each_cohort_with_its_reference():
-    from dermray import formatting, report
+    from dermray.core import formatting, report
 
     assert formatting.fmt(0.12345) == "0.123" and formatting.fmt(None) == "—" and formatting.fmt(float("nan")) == "—"
     auc = lambda subset, v: {"task": "t", "subset": subset, "metric": "auc", "value": v, "ci_low": v - 0.1,  # noqa: E731
@@ -253,7 +255,7 @@ def test_report_formats_numbers_for_people_and_pairs_each_cohort_with_its_refere
 
 # ---- ids.lesion_keys: the one rule for images without a lesion id ----
 def test_a_null_empty_or_blank_group_id_is_the_image_alone_and_a_real_one_is_kept():
-    from dermray.ids import lesion_keys
+    from dermray.core.ids import lesion_keys
 
     keys = lesion_keys(["a", "b", "c", "d", "e"], [None, "", "  ", "L1", "L1"]).to_pylist()
     assert keys == ["image:a", "image:b", "image:c", "L1", "L1"]

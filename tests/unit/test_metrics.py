@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn import metrics as skm
 
-from dermray import metrics as M
+from dermray.core import metrics as M
 
 
 def data(seed, n=500, ties=False):

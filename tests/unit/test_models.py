@@ -3,8 +3,8 @@ import os
 import pytest
 import torch
 
-from dermray import models
 from dermray.errors import UserError
+from dermray.store import models
 
 
 def small_input(spec, batch=2):

@@ -4,8 +4,8 @@ import pandas as pd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dermray.inference import membership_matrix
-from dermray.partitioning import (
+from dermray.core.inference import membership_matrix
+from dermray.core.partitioning import (
     HASH_BUCKETS,
     NODE,
     SUBTREE,
@@ -16,8 +16,8 @@ from dermray.partitioning import (
     partition_classes,
     task_membership,
 )
-from dermray.tasks import parse_tasks
-from dermray.taxonomy import Taxonomy
+from dermray.core.tasks import parse_tasks
+from dermray.core.taxonomy import Taxonomy
 
 
 @st.composite

@@ -3,7 +3,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from dermray import artifacts, score
+from dermray.runtime import artifacts
+from dermray.stages import score
 
 from helpers import write_fold
 
@@ -51,7 +52,7 @@ def test_score_amp_auto_measures_on_a_native_bf16_cpu_and_scores(ensemble_dir, t
     """score.amp=auto on a CPU with native bf16 and no cached decision measures the model in both precisions in the
     actor's constructor (regression: the measurement ran before the normalisation constants existed and every
     actor died with AttributeError 'mean'), records why, and scores as the configured precision would."""
-    from dermray import precision
+    from dermray.runtime import precision
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no cached decision
     monkeypatch.setattr(precision, "native_bf16", lambda: True)

@@ -4,7 +4,7 @@ import logging
 
 import pyarrow as pa
 
-from dermray import raysession
+from dermray.runtime import raysession
 
 
 def test_the_embedded_ray_quiets_the_train_state_api_warning(monkeypatch):

@@ -11,8 +11,8 @@ from botocore.exceptions import (
     ParamValidationError,
 )
 
-from dermray import storage
 from dermray.errors import UserError
+from dermray.store import storage
 
 
 # ---- pure: which errors are transient, how the backoff grows -------------------------------------------------

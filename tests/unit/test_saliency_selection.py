@@ -3,10 +3,10 @@ issue 28 finding 6) has nothing to explain, instead of ranking images by a score
 import numpy as np
 import pandas as pd
 
-from dermray import saliency
-from dermray.config import SaliencyConfig
-from dermray.tasks import parse_tasks
-from dermray.taxonomy import Taxonomy
+from dermray.core.tasks import parse_tasks
+from dermray.core.taxonomy import Taxonomy
+from dermray.runtime.config import SaliencyConfig
+from dermray.stages import saliency
 
 LEAVES = ["Benign:Nevus:Blue", "Benign:Nevus:Common", "Malignant:Melanoma:Invasive", "Malignant:BCC"]
 TASKS = {"tasks": {"mel_vs_nev": {"positive": "melanoma", "classes": {"melanoma": ["Malignant:Melanoma"],

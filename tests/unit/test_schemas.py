@@ -1,8 +1,8 @@
 import pyarrow as pa
 import pytest
 
-from dermray import schemas
 from dermray.errors import SchemaError
+from dermray.store import schemas
 
 
 def test_manifest_columns_and_types():
@@ -36,7 +36,8 @@ def test_one_fold_cross_validation_renders_without_a_spread(tmp_path):
     """With one fold there is no spread: the card stores null (JSON has no NaN) and people read a dash, not a crash."""
     import json
 
-    from dermray import artifacts, pipeline
+    from dermray.apps import pipeline
+    from dermray.runtime import artifacts
     from tests.helpers import write_fold
 
     classes = pa.table({"class_index": pa.array([0, 1], pa.int32()), "node_id": ["benign", "malignant"],
@@ -62,8 +63,8 @@ def test_a_model_card_from_a_newer_dermray_or_with_a_bad_field_is_refused_naming
 
     import pytest
 
-    from dermray import artifacts
     from dermray.errors import UserError
+    from dermray.runtime import artifacts
     from tests.helpers import write_fold
 
     classes = pa.table({"class_index": pa.array([0, 1], pa.int32()), "node_id": ["benign", "malignant"],
@@ -91,8 +92,9 @@ def test_a_task_that_cannot_be_scored_is_on_every_card_with_its_reason(tmp_path)
 
     import pandas as pd
 
-    from dermray import layout, train
-    from dermray.config import load_config
+    from dermray.runtime import layout
+    from dermray.runtime.config import load_config
+    from dermray.stages import train
     from tests.helpers import write_fold
 
     classes = pa.table({"class_index": pa.array([0, 1], pa.int32()), "node_id": ["benign", "malignant"],

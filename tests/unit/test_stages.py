@@ -3,23 +3,24 @@ import pickle
 
 import pytest
 
-from dermray import config, layout, stages
-from dermray.config import load_config
 from dermray.errors import UserError
+from dermray.runtime import config, layout, registry
+from dermray.runtime.config import load_config
 
 
 def test_the_stage_list_exists_once():
     """The config's stage names, layout's folders and summaries, the pipeline's order and the CLI's commands are
     the registry's."""
-    from dermray import cli, jobpaths
+    from dermray import cli
+    from dermray.runtime import jobpaths
 
-    assert config.STAGE_NAMES is stages.STAGES
-    for name, spec in stages.REGISTRY.items():
+    assert config.STAGE_NAMES is registry.STAGES
+    for name, spec in registry.REGISTRY.items():
         assert spec.module.STAGE == name
         assert layout.STAGE_FOLDERS[name] == spec.folder and layout.SUMMARY_FILES[name] == spec.summary_file
         assert jobpaths.STAGE_INPUTS[name] == spec.inputs
         assert name in cli.COMMANDS
-    assert set(stages.REGISTRY) <= set(cli.build_parser()._subparsers._group_actions[0].choices)
+    assert set(registry.REGISTRY) <= set(cli.build_parser()._subparsers._group_actions[0].choices)
 
 
 @pytest.mark.parametrize("stage, plant, read, named", [
@@ -30,7 +31,7 @@ def test_the_stage_list_exists_once():
 def test_a_read_of_config_a_stage_did_not_declare_fails(stage, plant, read, named, monkeypatch):
     """A read planted in a stage fails loudly through the runner, naming what was read - before the read's value
     could reach an output that its lineage does not cover."""
-    module = stages.module(stage)
+    module = registry.module(stage)
     original = getattr(module, plant)
 
     def planted(cfg, *args, **kwargs):
@@ -43,24 +44,24 @@ def test_a_read_of_config_a_stage_did_not_declare_fails(stage, plant, read, name
     cfg = load_config(None, ["evaluate.predictions=p", "data.manifest=m.parquet", "data.taxonomy=t.csv"])
     if named is None:
         with pytest.raises(UserError):
-            stages.run(stage, cfg)
+            registry.run(stage, cfg)
         return
-    with pytest.raises(stages.UndeclaredConfigRead, match=rf"^stage '{stage}' read {named}, which its StageSpec"):
-        stages.run(stage, cfg)
+    with pytest.raises(registry.UndeclaredConfigRead, match=rf"^stage '{stage}' read {named}, which its StageSpec"):
+        registry.run(stage, cfg)
 
 
 def test_a_view_hands_declared_sections_whole_and_survives_pickling():
     cfg = load_config(None, ["evaluate.target_sensitivity=0.8", "train.epochs=3"])
-    view = stages.view(cfg, "train")
+    view = registry.view(cfg, "train")
     assert view.train is cfg.train and view.run_id == cfg.run_id
     assert view.evaluate.target_sensitivity == 0.8
-    with pytest.raises(stages.UndeclaredConfigRead, match="it lists of evaluate: readers, target_sensitivity"):
+    with pytest.raises(registry.UndeclaredConfigRead, match="it lists of evaluate: readers, target_sensitivity"):
         _ = view.evaluate.n_bootstrap
-    with pytest.raises(stages.UndeclaredConfigRead):
+    with pytest.raises(registry.UndeclaredConfigRead):
         _ = view.saliency
     again = pickle.loads(pickle.dumps(view))
-    assert again.evaluate.target_sensitivity == 0.8 and stages.unwrap(again) == cfg
-    with pytest.raises(stages.UndeclaredConfigRead):
+    assert again.evaluate.target_sensitivity == 0.8 and registry.unwrap(again) == cfg
+    with pytest.raises(registry.UndeclaredConfigRead):
         _ = again.score
     with pytest.raises(AttributeError):
         view.train = None

@@ -2,8 +2,8 @@
 import pyarrow as pa
 import pytest
 
-from dermray import storage
 from dermray.errors import UserError
+from dermray.store import storage
 
 TABLE = pa.table({"a": [1, 2, 3], "b": ["x", "y", None]})
 

@@ -4,9 +4,9 @@ differ, and it still detects a real gap. Simulated studies, each scored through 
 import numpy as np
 import pytest
 
-from dermray import evaluate
-from dermray.config import EvaluateConfig
-from dermray.tasks import Task, TaskClass
+from dermray.core.tasks import Task, TaskClass
+from dermray.runtime.config import EvaluateConfig
+from dermray.stages import evaluate
 
 TASK = Task("melanoma_vs_nevus", (TaskClass("melanoma", ()), TaskClass("nevus", ())), positive="melanoma")
 CFG = EvaluateConfig(n_bootstrap=200, thresholds=[0.5], calibration_bins=5)

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from dermray.cli import main
-from dermray.definitions import load_tasks, load_taxonomy
-from dermray.partitioning import partition_classes  # noqa: F401 - the algorithm the taxonomy must exercise
+from dermray.core.partitioning import partition_classes  # noqa: F401 - the algorithm the taxonomy must exercise
+from dermray.store.definitions import load_tasks, load_taxonomy
 
 
 def _digest(folder) -> str:

@@ -1,8 +1,8 @@
 import pytest
 
+from dermray.core.tasks import parse_tasks
+from dermray.core.taxonomy import Taxonomy
 from dermray.errors import TaxonomyError, UserError
-from dermray.tasks import parse_tasks
-from dermray.taxonomy import Taxonomy
 
 TAX = Taxonomy.from_paths(["Benign:Nevus", "Benign:SK", "Malignant:Melanoma", "Malignant:BCC", "Other:Eczema"])
 

@@ -3,9 +3,9 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from dermray.definitions import load_taxonomy
+from dermray.core.taxonomy import ROOT_ID, Taxonomy
 from dermray.errors import TaxonomyError
-from dermray.taxonomy import ROOT_ID, Taxonomy
+from dermray.store.definitions import load_taxonomy
 
 
 def tree(rows):

@@ -4,8 +4,9 @@ fold trains on and the images that choose its epoch."""
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dermray import schemas, train
-from dermray.config import load_config
+from dermray.runtime.config import load_config
+from dermray.stages import train
+from dermray.store import schemas
 
 
 def _partition(tmp_path, n_lesions: int = 200, merged_pairs: int = 40):

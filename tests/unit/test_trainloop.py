@@ -4,15 +4,17 @@ import time
 import numpy as np
 import pytest
 
-from dermray import models, train, trainloop
-from dermray.config import load_config
+from dermray.runtime import trainloop
+from dermray.runtime.config import load_config
+from dermray.stages import train
+from dermray.store import models
 
 
 def test_a_last_batch_of_one_image_is_skipped_not_fatal():
     """Batch norm cannot train on one image (inception_v3's aux head raised on such a last batch): it is skipped."""
     import torch
 
-    from dermray.config import TrainConfig
+    from dermray.runtime.config import TrainConfig
 
     s = models.spec("inception_v3")
     tc = TrainConfig(arch="inception_v3", weights="none")

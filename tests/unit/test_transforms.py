@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from dermray import transforms as T
+from dermray.core import transforms as T
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -139,7 +139,7 @@ def test_eval_transform_and_normalisation():
 def test_shades_of_gray_removes_a_colour_cast(ham_dir):
     """A real image under a warm lamp (R x1.3, B x0.7) and the same image: after colour constancy they are close,
     while before it they are far apart."""
-    from dermray.transforms import decode_image, shades_of_gray
+    from dermray.core.transforms import decode_image, shades_of_gray
 
     img = decode_image((sorted((ham_dir / "images").glob("*.jpg"))[0]).read_bytes())
     a = np.asarray(img, np.float64)
@@ -153,8 +153,8 @@ def test_shades_of_gray_removes_a_colour_cast(ham_dir):
 def test_photometric_augmentation_is_applied_in_training_only(ham_dir):
     """The training transform draws new photometric changes each time; the evaluation transform (scoring,
     saliency, the held-out measurement) is deterministic and has none."""
-    from dermray import train
-    from dermray.transforms import Photometric, Preprocess
+    from dermray.core.transforms import Photometric, Preprocess
+    from dermray.stages import train
 
     uri = str(sorted((ham_dir / "images").glob("*.jpg"))[0])
     batch = {"uri": np.array([uri]), "class_index": np.array([0]), "image_id": np.array(["a"], dtype=object)}
@@ -174,8 +174,8 @@ def test_photometric_augmentation_is_applied_in_training_only(ham_dir):
 
 
 def test_scoring_refuses_a_colour_constancy_the_model_was_not_trained_with():
-    from dermray.config import TransformsConfig
     from dermray.errors import UserError
+    from dermray.runtime.config import TransformsConfig
 
     card = {"color_constancy": "shades_of_gray", "power": 6.0}
     assert TransformsConfig().preprocess(card).color_constancy == "shades_of_gray"  # auto: as trained
@@ -188,7 +188,7 @@ def test_scoring_refuses_a_colour_constancy_the_model_was_not_trained_with():
 def test_balanced_sampling_weighs_every_source_the_same():
     import pyarrow as pa
 
-    from dermray import train
+    from dermray.stages import train
 
     rows = pa.table({"image_id": [f"i{k}" for k in range(13)], "source": ["a"] * 10 + ["b"] * 3})
     out = train.balanced(rows, "source", seed=0)

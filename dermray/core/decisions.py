@@ -1,0 +1,59 @@
+"""The decisions a model ships with, chosen on out-of-fold predictions (never on a test set): one calibration
+temperature and, per binary task, locked operating points. Pure numpy: the training stage feeds it the
+cross-validation folds' held-out predictions and writes the result into every fold's model card; scoring applies
+it; evaluation measures it on the test set, where it was not chosen.
+
+Order: the temperature is fitted first (on the training classes), then the thresholds are chosen on the binary
+scores of the *calibrated* probabilities - the scores that scoring writes - so a locked threshold means the same
+number at training and at scoring time.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from dermray.core import metrics as M
+from dermray.core.inference import binary_task_score
+
+
+def lock(probs: np.ndarray, classes: np.ndarray, task_truth: np.ndarray | None, binary_tasks: list[tuple],
+         target_sensitivity: float, specificities: dict[str, dict[str, float]] | None = None
+         ) -> tuple[dict, list[dict]]:
+    """(calibration, operating points) from out-of-fold predictions.
+
+    ``probs`` [n, C] training-class probabilities; ``classes`` [n] their true training class; ``task_truth``
+    [n, n_tasks] task classes (-1 outside a task) in the order of the tasks YAML; ``binary_tasks``: (name, column in
+    task_truth, positive class index, membership matrix [C, 2]); ``specificities``: task -> {point name: target
+    specificity} (e.g. the readers' mean). Operating points are chosen per task on the images inside it."""
+    temperature, before, after = M.fit_temperature(probs, classes)
+    calibration = {"method": "temperature", "temperature": temperature, "n": int(len(classes)),
+                   "nll_before": before, "nll_after": after}
+    calibrated = M.apply_temperature(probs, temperature)
+    points = []
+    for name, column, pos, matrix in binary_tasks:
+        assert task_truth is not None  # binary tasks come with their truth
+        truth = task_truth[:, column]
+        score = binary_task_score(calibrated, matrix, pos)  # NaN: not estimable (nothing to lock)
+        inside = (truth >= 0) & np.isfinite(score)
+        y = (truth[inside] == pos).astype(int)
+        if y.sum() == 0 or y.sum() == len(y):
+            continue  # no positives or no negatives out of fold: nothing to choose a threshold on
+        for p in M.operating_points(y, score[inside], target_sensitivity, (specificities or {}).get(name)):
+            points.append({"task": name, **p})
+    return calibration, points
+
+
+def readers_specificity(readers, truth_by_task: dict) -> dict[str, dict[str, float]]:
+    """task -> {"readers_specificity": the readers' mean specificity} from the readers' own decisions on images
+    whose truth is known (no model output involved). ``readers``: DataFrame reader_id, image_id, task, decision or
+    score (>= 0.5 is a positive call); ``truth_by_task``: task -> pandas Series image_id -> 0/1."""
+    out = {}
+    for task, truth in truth_by_task.items():
+        r = readers[(readers["task"] == task) & readers["image_id"].isin(truth.index)]
+        if r.empty:
+            continue
+        called = (r["decision"] if "decision" in r and r["decision"].notna().all() else r["score"] >= 0.5)
+        negative = truth.loc[r["image_id"]].to_numpy() == 0
+        specs = r.assign(spec=1 - called.astype(float))[negative].groupby("reader_id")["spec"].mean()
+        if len(specs):
+            out[task] = {"readers_specificity": float(specs.mean())}
+    return out

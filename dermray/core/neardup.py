@@ -1,0 +1,203 @@
+"""Near-duplicate images: the same picture under two ids (re-encoded, resized, slightly cropped), which public
+skin-lesion collections are known to hold and which leak between folds when their ids are in different lesions.
+Pure logic (numpy, scipy, PIL on bytes): the partition stage runs it in Ray tasks.
+
+Steps:
+1. ``describe``: per image, the sha256 of its bytes (exact copies) and a 64-bit DCT perceptual hash of three views
+   - the whole image and its central 92 % and 85 % - so that a copy cropped by a few percent per side matches one
+   of the original's views.
+2. ``candidates``: pairs whose view hash and whole-image hash lie within ``max_hamming`` bits, found by LSH banding
+   (``BANDS`` bands of ``BAND_BITS`` bit positions drawn once; a pair is a candidate when it agrees exactly on a
+   band), never by comparing all pairs. Buckets larger than ``MAX_BUCKET`` (uniform images all hashing alike) are
+   skipped and counted.
+3. ``similarity``: the candidate pairs verified on the pixels: normalised cross-correlation of 32x32 grey views,
+   the whole of one image against the other's views at scales 1, 0.92 and 0.85 and shifts of 4 % (both ways),
+   the best alignment kept. A 64-bit pHash alone pairs thousands of different HAM10000 lesions (dermoscopy
+   images look alike at 8x8 frequencies); the aligned correlation separates them (see benchmarks/near_duplicates.py).
+4. ``merge_groups``: accepted pairs and exact copies join their groups (union-find), refusing a merge that would
+   make a component larger than ``max_groups`` groups (chaining through look-alikes), and reporting it.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+
+BANDS, BAND_BITS = 24, 16
+MAX_BUCKET = 200
+VIEW_SCALES = (1.0, 0.92, 0.85)
+_BAND_BITS = np.random.default_rng(0x5EEDD0).random((BANDS, 64)).argsort(axis=1)[:, :BAND_BITS]
+
+
+def _grey(data: bytes, max_pixels: int):
+    from dermray.core.transforms import decode_image
+
+    return decode_image(data, max_pixels).convert("L")
+
+
+def _phash(grey, box=None) -> np.uint64:
+    from PIL import Image
+    from scipy.fft import dctn
+
+    a = np.asarray(grey.resize((32, 32), Image.Resampling.BOX, box=box), np.float32)
+    d = dctn(a, norm="ortho")[:8, :8].ravel()[1:]  # the lowest frequencies but the mean (DC)
+    bits = np.r_[d > np.median(d), False]
+    return np.packbits(bits).view(">u8")[0].astype(np.uint64)
+
+
+def describe(data: bytes, max_pixels: int = 50_000_000) -> tuple[str, np.ndarray]:
+    """(sha256 hex of the bytes, uint64 [3] perceptual hashes of the whole image and its central 92 % and 85 %)."""
+    grey = _grey(data, max_pixels)
+    w, h = grey.size
+    hashes = [_phash(grey)]
+    for s in VIEW_SCALES[1:]:
+        hashes.append(_phash(grey, ((1 - s) / 2 * w, (1 - s) / 2 * h, (1 + s) / 2 * w, (1 + s) / 2 * h)))
+    return hashlib.sha256(data).hexdigest(), np.array(hashes, dtype=np.uint64)
+
+
+def popcount(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.uint64)
+    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return ((x * np.uint64(0x0101010101010101)) >> np.uint64(56)).astype(np.int64)
+
+
+def _band_keys(h: np.ndarray, band: int) -> np.ndarray:
+    bits = (h[:, None] >> _BAND_BITS[band].astype(np.uint64)[None, :]) & np.uint64(1)
+    return (bits << np.arange(BAND_BITS, dtype=np.uint64)[None, :]).sum(axis=1)
+
+
+def candidates(hashes: np.ndarray, max_hamming: int) -> tuple[np.ndarray, int]:
+    """(int64 [m, 3] candidate pairs (i < j, Hamming distance of the closest view to the other's whole image), the
+    number of oversized buckets skipped) for ``hashes`` uint64 [n, 3] (whole image first). Vectorised: per band
+    and view, the entries are sorted by band key, and every (view of a, whole of b) pair sharing a key in a bucket
+    of at most MAX_BUCKET entries is a candidate."""
+    n = len(hashes)
+    whole = hashes[:, 0]
+    found_a, found_b, found_d, skipped = [], [], [], 0
+    for band in range(BANDS):
+        kw = _band_keys(whole, band)
+        for v in range(hashes.shape[1]):
+            kv = _band_keys(hashes[:, v], band)
+            keys = np.r_[kw, kv]
+            idx = np.r_[np.arange(n), np.arange(n)]
+            side = np.r_[np.zeros(n, np.int64), np.ones(n, np.int64)]
+            order = np.lexsort((side, keys))
+            keys, idx, side = keys[order], idx[order], side[order]
+            start = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+            size = np.diff(np.r_[start, len(keys)])
+            bucket = np.repeat(np.arange(len(start)), size)
+            n_whole = np.bincount(bucket, weights=(side == 0), minlength=len(start)).astype(np.int64)
+            big = size > MAX_BUCKET
+            skipped += int(big.sum())
+            # Each view entry pairs with every whole-image entry of its bucket (they come first: sorted by side).
+            views = np.flatnonzero((side == 1) & ~big[bucket] & (n_whole[bucket] > 0))
+            reps = n_whole[bucket[views]]
+            a = np.repeat(idx[views], reps)
+            first = np.repeat(start[bucket[views]], reps)
+            offset = np.arange(len(a)) - np.repeat(np.cumsum(reps) - reps, reps)
+            b = idx[first + offset]
+            d = popcount(hashes[a, v] ^ whole[b])
+            keep = (a != b) & (d <= max_hamming)
+            found_a.append(np.minimum(a, b)[keep])
+            found_b.append(np.maximum(a, b)[keep])
+            found_d.append(d[keep])
+    a, b, d = (np.concatenate(x) if x else np.zeros(0, np.int64) for x in (found_a, found_b, found_d))
+    if len(a) == 0:
+        return np.zeros((0, 3), np.int64), skipped
+    order = np.lexsort((d, b, a))
+    a, b, d = a[order], b[order], d[order]
+    first = np.r_[True, (a[1:] != a[:-1]) | (b[1:] != b[:-1])]  # the closest distance of each pair
+    return np.stack([a[first], b[first], d[first]], axis=1), skipped
+
+
+def cross_candidates(hashes_a: np.ndarray, hashes_b: np.ndarray, max_hamming: int) -> np.ndarray:
+    """int64 [m, 3] candidate pairs (index into a, index into b, Hamming distance) between two sets of hashes
+    (uint64 [n, 3] each), found as ``candidates`` finds them in one set: pairs within a set are left out."""
+    pairs, _ = candidates(np.concatenate([hashes_a, hashes_b]).reshape(-1, 3), max_hamming)
+    n = len(hashes_a)
+    cross = pairs[(pairs[:, 0] < n) & (pairs[:, 1] >= n)]
+    return np.stack([cross[:, 0], cross[:, 1] - n, cross[:, 2]], axis=1) if len(cross) else np.zeros((0, 3), np.int64)
+
+
+N_VIEW = 32
+_SHIFT = 0.04
+
+
+def _views(grey) -> np.ndarray:
+    """Normalised 32x32 grey views [k, 1024]: the whole image, then crops at 0.92 and 0.85 of its size, centred
+    and shifted by 4 % in each direction."""
+    from PIL import Image
+
+    w, h = grey.size
+    out = []
+    for s in VIEW_SCALES:
+        offsets = [(0.0, 0.0)] if s == 1.0 else [(dx, dy) for dx in (-_SHIFT, 0, _SHIFT) for dy in (-_SHIFT, 0, _SHIFT)]
+        for dx, dy in offsets:
+            cx, cy = w / 2 + dx * w, h / 2 + dy * h
+            box = (cx - s * w / 2, cy - s * h / 2, cx + s * w / 2, cy + s * h / 2)
+            if box[0] < 0 or box[1] < 0 or box[2] > w or box[3] > h:
+                continue
+            a = np.asarray(grey.resize((N_VIEW, N_VIEW), Image.Resampling.BOX, box=box), np.float32).ravel()
+            out.append((a - a.mean()) / (a.std() + 1e-6))
+    return np.array(out)
+
+
+def similarity(a: bytes, b: bytes, max_pixels: int = 50_000_000) -> float:
+    """The best normalised cross-correlation (-1..1) of one image's whole view against the other's views, both
+    ways: 1 for a copy, a re-encoding or a resize; about 1 for a crop of a few percent per side."""
+    va, vb = _views(_grey(a, max_pixels)), _views(_grey(b, max_pixels))
+    return float(max((vb @ va[0]).max(), (va @ vb[0]).max()) / (N_VIEW * N_VIEW))
+
+
+def similarities(uris_a, uris_b, read, max_pixels: int = 50_000_000) -> np.ndarray:
+    """float [n]: ``similarity`` of each pair of images (``read``: uri -> bytes); NaN where one cannot be read or
+    decoded (a NaN is below every threshold)."""
+    from dermray.core.transforms import ImageDecodeError
+    from dermray.errors import UserError
+
+    out = []
+    for a, b in zip(uris_a, uris_b):
+        try:
+            out.append(similarity(read(a), read(b), max_pixels))
+        except (UserError, ImageDecodeError):
+            out.append(float("nan"))
+    return np.array(out, dtype=float)
+
+
+def merge_groups(groups: np.ndarray, pairs: list[tuple[int, int]], max_groups: int) -> tuple[np.ndarray, list[bool]]:
+    """(the merged group label of each image, whether each pair was merged) for images with ``groups`` labels and
+    accepted ``pairs`` of image indices, by union-find over groups; a union that would make a component of more
+    than ``max_groups`` groups is refused (False)."""
+    labels, inverse = np.unique(groups, return_inverse=True)
+    parent = np.arange(len(labels))
+    size = np.ones(len(labels), np.int64)
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    merged = []
+    for a, b in pairs:
+        ra, rb = find(inverse[a]), find(inverse[b])
+        if ra == rb:
+            merged.append(True)
+            continue
+        if size[ra] + size[rb] > max_groups:
+            merged.append(False)
+            continue
+        if size[ra] < size[rb]:
+            ra, rb = rb, ra
+        parent[rb] = ra
+        size[ra] += size[rb]
+        merged.append(True)
+    roots = np.array([find(i) for i in range(len(labels))])
+    # A merged component is named by its smallest group label, so that the result does not depend on pair order.
+    names: dict[Any, Any] = {}  # union-find root -> the smallest group label in its component
+    for i, r in enumerate(roots):
+        names[r] = min(names.get(r, labels[i]), labels[i])
+    return np.array([names[roots[k]] for k in inverse], dtype=object), merged

@@ -1,0 +1,227 @@
+"""The evaluation report and its figures: ROC curves with the readers (the paper's Figure 3 form), reliability
+and confusion plots, report.html (self-contained) and report.md. Rendering only: the numbers come from the
+evaluation's tables.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+
+import numpy as np
+
+from dermray.core.formatting import external_rows, fmt
+from dermray.core.tasks import Task
+
+
+def render_plots(t, tasks: list[Task]) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    for task in tasks:
+        for subset in ("all", "biopsy"):
+            c = t.curves.get((task.name, subset))
+            if not c:
+                continue
+            if task.is_binary:
+                fig, ax = plt.subplots(figsize=(5, 5))
+                ax.plot(c["fpr"], c["tpr"], color="#1f4e9c", lw=2,
+                        label=f"CNN (AUC {c['auc']:.3f}, 95% CI {c['ci'][0]:.3f}-{c['ci'][1]:.3f})")
+                ax.plot([0, 1], [0, 1], color="#bbbbbb", lw=1, ls="--")
+                for name, sens, spec in c.get("locked", [])[:1]:
+                    ax.scatter([1 - spec], [sens], color="black", marker="D", s=45, zorder=5,
+                               label=f"CNN at its locked point ({name})")
+                if c["readers"]:
+                    rs = np.array([[p[1], p[2]] for p in c["readers"]], dtype=float)
+                    ax.scatter(1 - rs[:, 1], rs[:, 0], color="#d62728", s=25, label="Dermatologists", zorder=3)
+                    ax.scatter([1 - np.nanmean(rs[:, 1])], [np.nanmean(rs[:, 0])], color="#2ca02c", s=80,
+                               marker="P", label="Average dermatologist", zorder=4)
+                ax.set_xlabel("1 - specificity (false positive rate)")
+                ax.set_ylabel("Sensitivity (true positive rate)")
+                ax.set_title(f"{task.name} ({subset}: {c['n_pos']} pos, {c['n_neg']} neg)", fontsize=10)
+                ax.set_xlim(-0.01, 1.01)
+                ax.set_ylim(-0.01, 1.01)
+                ax.legend(loc="lower right", fontsize=8)
+                out[f"roc_{task.name}_{subset}.png"] = _png(fig)
+                cal = [r for r in c["calibration"] if r["n"]]
+                if cal:
+                    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+                    ax.plot([0, 1], [0, 1], color="#bbbbbb", ls="--", lw=1)
+                    ax.plot([r["mean_predicted"] for r in cal], [r["observed"] for r in cal], "o-", color="#1f4e9c")
+                    ax.set_xlabel("Mean predicted probability")
+                    ax.set_ylabel("Observed frequency")
+                    ax.set_title(f"Reliability: {task.name} ({subset})", fontsize=10)
+                    out[f"reliability_{task.name}_{subset}.png"] = _png(fig)
+            else:
+                cm = c["confusion"].astype(float)
+                k = cm.shape[0]
+                norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+                fig, ax = plt.subplots(figsize=(1.0 + 0.7 * (k + 1), 1.0 + 0.6 * k))
+                ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+                for i in range(k):
+                    for j in range(k + 1):
+                        ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                                color="white" if norm[i, j] > 0.6 else "black")
+                ax.set_xticks(range(k + 1), c["names"], rotation=45, ha="right", fontsize=8)
+                ax.set_yticks(range(k), c["names"][:k], fontsize=8)
+                ax.set_xlabel("Predicted")
+                ax.set_ylabel("True")
+                ax.set_title(f"{task.name} ({subset}), accuracy {c['accuracy']:.3f}", fontsize=10)
+                out[f"confusion_{task.name}_{subset}.png"] = _png(fig)
+    return out
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _ci(r) -> str:
+    return f" [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]" if r.get("ci_low") is not None else ""
+
+
+def headline_cards(summary: dict, t, tasks: list[Task]) -> list[dict]:
+    """Per task, what a reader needs first: for a binary task the AUC with its CI and the sensitivity and
+    specificity at the model's locked operating point (CIs), on the biopsy-proven images when there are any; for
+    a multi-class task the accuracy with its CI; with the images and lesions behind each number."""
+    by = {(r["task"], r["subset"], r["metric"]): r for r in t.metrics}
+    cards = []
+    for task in tasks:
+        subset = "biopsy" if (task.name, "biopsy", "n_positive") in by or (task.name, "biopsy", "accuracy") in by \
+            else "all"
+        card = {"task": task.name, "subset": subset, "binary": task.is_binary}
+        if task.is_binary:
+            card["auc"] = by.get((task.name, subset, "auc"))
+            card["n_groups"] = by.get((task.name, subset, "n_groups"))
+            locked = sorted({m.split("@locked:", 1)[1] for (tn, sb, m) in by if tn == task.name and sb == subset
+                             and m.startswith("threshold@locked:")},
+                            key=lambda n: (not n.startswith("sens"), n != "youden", n))  # the scoring default first
+            point = locked[0] if locked else None
+            card["point"] = point
+            for rate in ("sensitivity", "specificity", "ppv", "npv", "sensitivity_oof", "specificity_oof",
+                         "carries_over"):
+                card[rate] = by.get((task.name, subset, f"{rate}@locked:{point}")) if point else None
+            card["plot"] = f"roc_{task.name}_{subset}.png"
+        else:
+            card["accuracy"] = by.get((task.name, subset, "accuracy"))
+            card["plot"] = f"confusion_{task.name}_{subset}.png"
+        cards.append(card)
+    return cards
+
+
+def set_sentence(summary: dict) -> str:
+    n, lesions, biopsy = summary["images"], summary.get("lesions"), summary.get("biopsy_images")
+    parts = [f"{n:,} images"]
+    if lesions:
+        parts.append(f"of {lesions:,} lesions")
+    text = " ".join(parts)
+    if biopsy is not None:
+        text += f", {biopsy:,} of them biopsy-proven (the numbers below are on those when the task has any)"
+    models = ", ".join(summary.get("model_ids", [])) or "?"
+    return (f"This is the evaluation of model {models} on {text}. Confidence intervals resample lesions, not "
+            f"images; sensitivity and specificity are at the model's operating point, locked out of fold before "
+            f"it saw these images.")
+
+
+def render_report(summary: dict, t, plots: dict[str, bytes], tasks: list[Task] | None = None,
+                  model_card: str | None = None) -> tuple[str, str]:
+    """(report.md, report.html): the answer first - one card per task with its headline numbers and figure - then
+    the detailed tables, folded."""
+    # long: the page's template, read top to bottom (markdown and HTML side by side so that they cannot drift)
+    cards = headline_cards(summary, t, tasks or [])
+    rows = [r for r in t.metrics if r["metric"] in ("auc", "accuracy", "balanced_accuracy", "ece", "ece_uncalibrated",
+                                                    "readers_below_model_curve",
+                                                    "model_sensitivity_at_readers_mean_specificity")
+            or "@locked:" in r["metric"] or r["metric"] in ("worst_group_auc", "auc_gap")]
+    e = html.escape
+    md = [f"# dermray evaluation — run `{summary['run_id']}`", "", set_sentence(summary), ""]
+    card_html = []
+    for c in cards:
+        if c["binary"]:
+            auc = c["auc"]
+            line = f"AUC {fmt(auc['value']) if auc else '—'}{_ci(auc) if auc else ''}"
+            if auc and auc["value"] is None and auc.get("note"):  # e.g. not estimable: say why
+                line += f" ({auc['note']})"
+            sens, spec = c["sensitivity"], c["specificity"]
+            op = (f"at the locked point {c['point']}: sensitivity {fmt(sens['value'])}{_ci(sens)}, specificity "
+                  f"{fmt(spec['value'])}{_ci(spec)}" if sens and spec else "no locked operating point")
+            oof_sens, oof_spec, carried = c.get("sensitivity_oof"), c.get("specificity_oof"), c.get("carries_over")
+            if sens and spec and oof_sens and oof_spec and oof_sens["value"] is not None:
+                op += (f" (out of fold: sensitivity {fmt(oof_sens['value'])}{_ci(oof_sens)}, specificity "
+                       f"{fmt(oof_spec['value'])}{_ci(oof_spec)})")
+            if carried and carried["value"] == 0:
+                op += f". WARNING: this point {carried['note']}"
+            n = auc["n"] if auc else 0
+            lesions = int(c["n_groups"]["value"]) if c.get("n_groups") and c["n_groups"]["value"] is not None else None
+            count = f"{n:,} images" + (f", {lesions:,} lesions" if lesions else "")
+            md += [f"## {c['task']} ({c['subset']})", "", f"**{line}**; {op}. {count}.", ""]
+            body = (f"<p class='big'>{e(line)}</p><p>{e(op)}</p><p class='n'>{e(count)} ({e(c['subset'])})</p>")
+        else:
+            acc = c["accuracy"]
+            line = f"accuracy {fmt(acc['value']) if acc else '—'}{_ci(acc) if acc else ''}"
+            md += [f"## {c['task']} ({c['subset']})", "", f"**{line}**; {acc['n'] if acc else 0:,} images.", ""]
+            body = f"<p class='big'>{e(line)}</p><p class='n'>{acc['n'] if acc else 0:,} images ({e(c['subset'])})</p>"
+        if c["plot"] in plots:
+            md.append(f"![{c['plot']}](plots/{c['plot']})")
+            body += (f"<img class='headline' alt='{e(c['plot'])}' "
+                     f"src='data:image/png;base64,{base64.b64encode(plots[c['plot']]).decode()}'/>")
+        card_html.append(f"<section class='card' data-task='{e(c['task'])}'><h2>{e(c['task'])}</h2>{body}</section>")
+    external = external_rows(t.metrics)
+    ext_html = ""
+    if external:
+        head = ["task", "subset", "cohort", "AUC (95% CI), n", "reference", "reference AUC (95% CI), n",
+                "difference (95% CI)"]
+        md += ["", "## External validation", "", "| " + " | ".join(head) + " |", "|---|---|---|---|---|---|---|"]
+        md += ["| " + " | ".join(row) + " |" for row in external]
+        ext_html = ("<h2>External validation</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>"
+                    + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in external)
+                    + "</table>")
+    md += ["", "## Details", "", "| task | subset | metric | value | 95% CI | n | note |",
+           "|---|---|---|---:|---|---:|---|"]
+    for r in rows:
+        ci = f"{fmt(r['ci_low'])}–{fmt(r['ci_high'])}" if r["ci_low"] is not None else ""
+        md.append(f"| {r['task']} | {r['subset']} | {r['metric']} | {fmt(r['value'])} | {ci} | {r['n']} | "
+                  f"{r['note'] or ''} |")
+    md += ["", "Full tables: metrics.parquet, roc.parquet, confusion.parquet, readers.parquet, calibration.parquet.",
+           ""]
+    md += [f"![{name}](plots/{name})" for name in plots if name not in {c["plot"] for c in cards}]
+    if model_card:
+        md += ["", f"Model card: {model_card}"]
+    lineage = summary.get("lineage", {})
+    md += ["", f"Lineage: evaluation {lineage.get('id')}, predictions "
+               f"{str(lineage.get('inputs', {}).get('predictions', {}).get('content'))[:16]}, model "
+               f"{', '.join(summary.get('model_ids', []))}"]
+    table_html = "".join(
+        f"<tr><td>{e(r['task'])}</td><td>{e(r['subset'])}</td><td>{e(r['metric'])}</td>"
+        f"<td class='v'>{fmt(r['value'])}</td><td>{fmt(r['ci_low'])}–{fmt(r['ci_high'])}</td><td>{r['n']}</td>"
+        f"<td>{e(r['note'] or '')}</td></tr>" for r in rows)
+    images = "".join(f"<figure><img alt='{e(name)}' src='data:image/png;base64,"
+                     f"{base64.b64encode(png).decode()}'/><figcaption>{e(name)}</figcaption></figure>"
+                     for name, png in plots.items() if name not in {c["plot"] for c in cards})
+    card_link = f"<p>Model card: <a href='{e(model_card)}'>{e(model_card)}</a></p>" if model_card else ""
+    table_head = "<tr>" + "".join(f"<th>{h}</th>" for h in ("task", "subset", "metric", "value", "95% CI", "n",
+                                                             "note")) + "</tr>"
+    models = e(", ".join(summary.get("model_ids", [])))
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>dermray evaluation {e(summary['run_id'])}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:1.5em;max-width:1200px}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}figure{{display:inline-block;margin:8px}}
+img{{max-width:420px}}.cards{{display:flex;flex-wrap:wrap;gap:12px}}.card{{border:1px solid #ccc;border-radius:6px;
+padding:8px 12px;width:430px}}.card h2{{margin:0 0 4px 0;font-size:17px}}.big{{font-size:20px;font-weight:600;
+margin:4px 0}}.n{{color:#555;font-size:13px}}img.headline{{width:400px}}</style></head><body>
+<h1>dermray evaluation — run {e(summary['run_id'])}</h1>
+<p class='set'>{e(set_sentence(summary))}</p>
+<div class='cards'>{''.join(card_html)}</div>
+{ext_html}
+<details><summary>Details: every metric ({len(rows)} rows), the other figures, lineage</summary>
+<table>{table_head}{table_html}</table>
+{images}{card_link}<p>Lineage: evaluation {e(str(lineage.get('id')))}; model {models}</p>
+</details></body></html>"""
+    return "\n".join(md) + "\n", page
