@@ -22,7 +22,7 @@ def test_a_user_error_is_one_line_and_the_version_is_printed(tmp_path):
 
 METERED = """
 import sys, time
-from dermray import console, progress
+from dermray.runtime import console, progress
 with console.session("t", verbose=False) as c:
     meter = progress.Meter("work", 6, every_s=60)
     for i in range(6):
@@ -83,7 +83,7 @@ def test_on_a_terminal_a_meter_is_one_live_line_and_elsewhere_plain_lines(tmp_pa
 
 OTHERS = """
 import logging, sys
-from dermray import console, progress
+from dermray.runtime import console, progress
 with console.session("t", verbose=sys.argv[1] == "-v") as c:
     logging.getLogger("ray.data").warning("a line of Ray's")
     print("printed by a library")

@@ -21,7 +21,7 @@ def read_preds(uri) -> pd.DataFrame:
 
 READ_AND_EXIT = """
 import sys
-from dermray import storage
+from dermray.store import storage
 storage.read_table(sys.argv[1], columns=["a"])
 """
 
