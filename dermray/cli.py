@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 
+from dermray.core.formatting import strict_json
 from dermray.errors import UserError
 from dermray.runtime.registry import REGISTRY
 
@@ -183,7 +183,7 @@ def _run_stage(stage: str, args, flags: dict[str, str]) -> dict:
     kept = console.keep_log(args.console, args.stage_dir, stage)
     args.stage_dir = None  # the log is kept
     out = args.console.out
-    print(json.dumps(summary, indent=2, default=str) if args.json else module.format_summary(summary), file=out)
+    print(strict_json(summary) if args.json else module.format_summary(summary), file=out)
     if kept and not args.json:
         print(f"  log: {kept}", file=out)
     return summary
@@ -202,7 +202,7 @@ def cmd_lineage(args) -> dict:
     from dermray.apps import lineage_report
 
     c = lineage_report.chain(args.output, args.run_id)
-    print(json.dumps(c, indent=2, default=str) if args.json else lineage_report.format_chain(c), file=args.console.out)
+    print(strict_json(c) if args.json else lineage_report.format_chain(c), file=args.console.out)
     return c
 
 
@@ -212,7 +212,7 @@ def cmd_doctor(args) -> dict:
 
     cfg = load_config(args.config, list(args.overrides), _flag_values(args, COMMON_FLAGS))
     checks = doctor.run(cfg, args.s3)
-    print(json.dumps(checks, indent=2) if args.json else doctor.format_checks(checks), file=args.console.out)
+    print(strict_json(checks) if args.json else doctor.format_checks(checks), file=args.console.out)
     if any(c["status"] == "fail" for c in checks):
         raise UserError(f"{sum(c['status'] == 'fail' for c in checks)} check(s) failed (see above)")
     return {"checks": checks}
@@ -226,7 +226,7 @@ def cmd_synth(args) -> dict:
     summary = synth.write(args.output, synth.SynthSpec(n_lesions=args.lesions, n_test_lesions=args.test_lesions,
                                                        size=args.size, seed=args.seed))
     if args.json:
-        print(json.dumps(summary, indent=2), file=args.console.out)
+        print(strict_json(summary), file=args.console.out)
     else:
         print(f"synth: {summary['images']} images of {summary['lesions']} lesions ({summary['leaves']} diseases): "
               f"{summary['train_images']} for training, {summary['test_images']} held out "
@@ -250,7 +250,7 @@ def cmd_import(args) -> dict:
     summary = importers.write_import(result, args.output)
     out = args.console.out
     if args.json:
-        print(json.dumps(summary, indent=2), file=out)
+        print(strict_json(summary), file=out)
         return summary
     line = (f"import {args.dataset}: {summary['rows_in']} rows = {summary['manifest_rows']} in the manifest + "
             f"{summary['quarantined']} quarantined")

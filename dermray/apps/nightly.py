@@ -10,13 +10,12 @@ full evaluation under ``<output>/metrics/<run_id>/date=<YYYY-MM-DD>/``, and the 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 from typing import cast
 
 import pandas as pd
 
-from dermray.core.formatting import flagged_points, fmt
+from dermray.core.formatting import flagged_points, fmt, strict_json
 from dermray.errors import UserError
 from dermray.runtime import layout, registry
 from dermray.runtime.config import RunConfig, derive
@@ -79,8 +78,7 @@ def run(cfg: RunConfig) -> dict:
                "headline": ev["headline"], "floors_missed": missed,
                "outputs": {"predictions": scored["outputs"]["predictions"], "report": ev["outputs"]["report_html"],
                            "metrics_history": storage.parent(storage.parent(history))}}
-    storage.write_text(storage.join(night_dir, "nightly_summary.json"),
-                       json.dumps(summary, indent=2, default=str))
+    storage.write_text(storage.join(night_dir, "nightly_summary.json"), strict_json(summary))
     if missed:
         raise FloorMissed(f"nightly {date}: " + "; ".join(missed) + f" (report: {ev['outputs']['report_html']})")
     return summary

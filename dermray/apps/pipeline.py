@@ -18,7 +18,7 @@ from typing import cast
 
 import pyarrow.compute as pc
 
-from dermray.core.formatting import flagged_points, fmt
+from dermray.core.formatting import flagged_points, fmt, strict_json
 from dermray.errors import UserError
 from dermray.runtime import artifacts, layout, progress, registry
 from dermray.runtime.config import RunConfig, derive
@@ -167,8 +167,7 @@ def run(cfg: RunConfig) -> dict:
                "saliency_gallery": summaries.get("saliency", {}).get("outputs", {}).get("gallery"),
                "lineage": {stage: s.get("lineage", {}).get("id") for stage, s in summaries.items()},
                "seconds": round(time.perf_counter() - t0, 1)}
-    storage.write_text(layout.summary_uri(cfg.output, "pipeline", cfg.run_id), json.dumps(summary, indent=2,
-                                                                                          default=str))
+    storage.write_text(layout.summary_uri(cfg.output, "pipeline", cfg.run_id), strict_json(summary))
     return summary
 
 

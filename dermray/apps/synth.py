@@ -19,7 +19,6 @@ Pure logic (numpy, PIL) plus file writing at the edge (``write``).
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +27,7 @@ import pandas as pd
 import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFilter
 
+from dermray.core.formatting import strict_json
 from dermray.store import storage
 
 # (top-level class, second-level class, cue profile, leaf diseases)
@@ -295,5 +295,5 @@ def write(output: str, spec: SynthSpec) -> dict:
                "test_biopsy_images": int((test.label_source == "biopsy").sum()), "lesions": int(df.group_id.nunique()),
                "leaves": int(df.label.nunique()), "readers": spec.readers, "reader_decisions": len(readers),
                "spec": spec.__dict__, "output": output}
-    storage.write_text(storage.join(output, "synth.json"), json.dumps(summary, indent=2))
+    storage.write_text(storage.join(output, "synth.json"), strict_json(summary))
     return summary

@@ -47,3 +47,29 @@ def flagged_points(headline: list[dict]) -> list[str]:
     return [f"warning: {task}: locked point(s) " + ", ".join(f"{p} ({', '.join(s)})" for p, s in points.items())
             + " do not carry over to these data: see carries_over@locked:* in the metrics and the report"
             for task, points in flagged.items()]
+
+
+def _json_safe(value):
+    """``value`` with every float that JSON cannot hold (NaN, ±Infinity) as None, numpy scalars and arrays as Python
+    numbers and lists, tuples and sets as lists, and anything else JSON has no type for as its ``str``."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, str, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    tolist = getattr(value, "tolist", None)  # numpy scalars and arrays, without importing numpy here
+    if callable(tolist):
+        return _json_safe(tolist())
+    return str(value)
+
+
+def strict_json(value, indent: int | None = 2) -> str:
+    """JSON that every parser reads (RFC 8259): an undefined number (NaN, ±Infinity) is ``null`` - Python's json
+    module would write the bare ``NaN`` that strict parsers (browsers' JSON.parse, jq, most other languages) refuse.
+    Every summary, model card and record dermray writes goes through here."""
+    import json
+
+    return json.dumps(_json_safe(value), indent=indent, allow_nan=False)

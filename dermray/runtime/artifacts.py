@@ -19,7 +19,8 @@ from typing import Any, Iterable, Literal, Optional
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dermray.core.formatting import external_rows, fmt  # fmt: one fold has no spread: sd is NaN, or null in JSON
+# fmt: one fold has no spread: sd is NaN, or null in JSON (strict_json writes it so)
+from dermray.core.formatting import external_rows, fmt, strict_json
 from dermray.errors import UserError
 from dermray.runtime import layout
 from dermray.store import storage
@@ -263,7 +264,7 @@ def _test_results(test_metrics: list[dict]) -> list[str]:
 def write_card(card: ModelCard, fold_dir: str) -> str:
     """model_card.json (the record) and model_card.md (for people) in ``fold_dir``."""
     uri = storage.join(fold_dir, CARD_FILE)
-    storage.write_text(uri, json.dumps(card.to_dict(), indent=2))
+    storage.write_text(uri, strict_json(card.to_dict()))
     storage.write_text(storage.join(fold_dir, CARD_MD), render_markdown(card))
     return uri
 

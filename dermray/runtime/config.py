@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import re
 import typing
-from typing import Annotated, Any, Dict, List, Literal, Mapping, Optional
+from typing import Annotated, Any, Dict, Iterable, List, Literal, Mapping, Optional, Sequence
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -368,6 +368,20 @@ def _section_at(loc: tuple) -> type[BaseModel] | None:
     return cls
 
 
+def unknown_key(source: str, key: str, parent: Sequence[str], known: Iterable[str], rest: Sequence[str] = ()
+                ) -> str:
+    """One line for ``key``, whose part after ``parent`` (then ``rest``) the config does not have: the nearest known
+    key when one is close ("did you mean"), else the keys known under that section."""
+    import difflib
+
+    known = list(known)
+    part = key.split(".")[len(parent)]
+    close = difflib.get_close_matches(part, known, n=1, cutoff=0.75)
+    if close:
+        return f"{source}: unknown key {key!r}: did you mean {'.'.join([*parent, close[0], *rest])!r}?"
+    return f"{source}: unknown key {key!r} (known under {'.'.join(parent) or 'the top level'}: {', '.join(known)})"
+
+
 def _message(err: Mapping[str, Any], source: str) -> str:
     loc = tuple(str(p) for p in err["loc"] if not isinstance(p, int))
     key = ".".join(loc) or "<top>"
@@ -375,8 +389,7 @@ def _message(err: Mapping[str, Any], source: str) -> str:
     if kind == "extra_forbidden":
         parent = loc[:-1]
         section = _section_at(parent)
-        known = ", ".join(section.model_fields) if section else ""
-        return (f"{source}: unknown key {key!r} (known under {'.'.join(parent) or 'the top level'}: {known})")
+        return unknown_key(source, key, parent, section.model_fields if section else ())
     for word, name in _TYPE_WORDS.items():
         if kind in (f"{word}_type", f"{word}_parsing", f"{word}_from_float"):
             return f"{source}: key {key!r} must be {name}, got {value!r}"
@@ -444,8 +457,7 @@ def _apply_override(tree: dict, assignment: str, value: Any = _TEXT) -> None:
     node, cls = tree, RunConfig
     for i, part in enumerate(parts):
         if part not in cls.model_fields:
-            raise ConfigError(f"--set: unknown key {key!r} (known under {'.'.join(parts[:i]) or 'the top level'}: "
-                              f"{', '.join(cls.model_fields)})")
+            raise ConfigError(unknown_key("--set", key, parts[:i], cls.model_fields, parts[i + 1:]))
         tp = _field_type(cls, part)
         if i == len(parts) - 1:
             if _is_section(tp):

@@ -26,7 +26,7 @@ import pandas as pd
 import pyarrow as pa
 
 from dermray.core import metrics as M
-from dermray.core.formatting import flagged_points, fmt
+from dermray.core.formatting import flagged_points, fmt, strict_json
 from dermray.core.ids import lesion_keys
 from dermray.core.inference import (
     NOT_IN_TASK,
@@ -694,7 +694,7 @@ def write_outputs(t: Tables, tasks: list[Task], paths: dict, summary: dict) -> N
     md, page = render_report(summary, t, plots, tasks, summary.get("model_card"))
     storage.write_text(paths["report_md"], md)
     storage.write_text(paths["report_html"], page)
-    storage.write_text(paths["summary"], json.dumps(summary, indent=2, default=str))
+    storage.write_text(paths["summary"], strict_json(summary))
 
 
 def run(cfg: RunConfig, base: str | None = None) -> dict:
@@ -956,7 +956,7 @@ def run_distributed(cfg: RunConfig, inp: EvalInputs, paths: dict, t_start: float
                "predictions": storage.redact(ecfg.predictions), "tasks": [x.name for x in binary],
                "headline": headline(t), "outputs": {k: paths[k] for k in ("metrics", "summary")},
                "seconds": round(time.perf_counter() - t_start, 3)}
-    storage.write_text(paths["summary"], json.dumps(summary, indent=2, default=str))
+    storage.write_text(paths["summary"], strict_json(summary))
     return summary
 
 

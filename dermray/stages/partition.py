@@ -17,7 +17,6 @@ Rows are numbered from 0 in manifest order; quarantine reasons name the row.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dermray.core.formatting import strict_json
 from dermray.core.ids import SEEDS as ID_SEEDS
 from dermray.core.ids import lesion_keys
 from dermray.core.partitioning import (
@@ -592,7 +592,7 @@ def run(cfg: RunConfig) -> dict:
                        len(chunks), {"pass1": round(t_pass1, 3), "pass2_and_write": round(t_pass2, 3),
                                      "total": round(time.perf_counter() - t_start, 3)})
     summary = summarise(cfg, inp, made, partition_lineage(inp, manifest_fp, cfg), paths)
-    storage.write_text(paths["summary"], json.dumps(summary, indent=2))
+    storage.write_text(paths["summary"], strict_json(summary))
     return summary
 
 

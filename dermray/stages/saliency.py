@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import html
-import json
 import logging
 import re
 import time
@@ -24,6 +23,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from dermray.core.formatting import strict_json
 from dermray.core.inference import binary_task_score, membership_matrix, task_probabilities, truth_for_task
 from dermray.errors import UserError
 from dermray.runtime import artifacts, layout, progress
@@ -424,7 +424,7 @@ def write_outputs(cfg: RunConfig, inp: SaliencyInputs, index: pd.DataFrame, sani
                            "sanity": storage.join(rdir, "sanity.parquet"),
                            "gallery": storage.join(rdir, "gallery.html")},
                "seconds": round(time.perf_counter() - t_start, 2)}
-    storage.write_text(layout.summary_uri(cfg.output, STAGE, cfg.run_id), json.dumps(summary, indent=2, default=str))
+    storage.write_text(layout.summary_uri(cfg.output, STAGE, cfg.run_id), strict_json(summary))
     return summary
 
 

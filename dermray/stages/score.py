@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dermray.core import ids
+from dermray.core.formatting import strict_json
 from dermray.errors import UserError
 from dermray.runtime import artifacts, layout, progress
 from dermray.runtime.artifacts import Ensemble
@@ -988,7 +989,7 @@ def run(cfg: RunConfig) -> dict:
     summary = summarise(cfg, ens, work, writer, RunFacts(rdir, now, partition, quarantined_total, t_start, t_wall))
     summary["compile"] = compile_why if not (compiling and False in writer.compiled) else \
         f"{compile_why}; some actors fell back to eager (torch.compile failed there: see the job log)"
-    storage.write_text(layout.summary_uri(cfg.output, STAGE, cfg.run_id), json.dumps(summary, indent=2, default=str))
+    storage.write_text(layout.summary_uri(cfg.output, STAGE, cfg.run_id), strict_json(summary))
     return summary
 
 

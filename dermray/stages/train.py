@@ -35,7 +35,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dermray.core.formatting import fmt
+from dermray.core.formatting import fmt, strict_json
 from dermray.core.ids import lesion_keys
 from dermray.errors import UserError
 from dermray.runtime import artifacts, faults, layout, progress
@@ -700,7 +700,7 @@ def finish_fold(fitted: FittedFold, cfg: RunConfig, p: TrainPlan, rows: Training
            **val_metrics}
     record = {"lineage_id": fold_lin.id, "weights_sha256": artifacts.sha256_hex(weights), "row": row,
               "images": table.num_rows + rows.quarantined, "quarantined": rows.quarantined}
-    storage.write_text(storage.join(job.fold_dir, FINISHED_FILE), json.dumps(record, indent=2, default=str))
+    storage.write_text(storage.join(job.fold_dir, FINISHED_FILE), strict_json(record))
     return row
 
 
@@ -901,7 +901,7 @@ def summarise(cfg: RunConfig, p: TrainPlan, fold_rows: list[dict], used: int, n_
                "lineage": run_lineage(lineages, p).to_dict(),
                "outputs": {"run": p.run_dir, "summary": storage.join(p.run_dir, "train_summary.parquet")},
                "seconds": round(seconds, 1)}
-    storage.write_text(layout.summary_uri(cfg.output, STAGE, cfg.run_id), json.dumps(summary, indent=2, default=str))
+    storage.write_text(layout.summary_uri(cfg.output, STAGE, cfg.run_id), strict_json(summary))
     return summary
 
 

@@ -17,6 +17,7 @@ same run config file, and then again. It needs no real data. Checks, per stage:
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import pathlib
 from dataclasses import dataclass, field
@@ -130,6 +131,22 @@ def test_every_file_lies_under_the_stage_folder_of_the_run(study, stage):
                        and not any(fnmatch.fnmatch(f, pattern) for pattern in ALSO_WRITES.get(stage, ())))
         assert not stray, f"{stage} wrote outside {prefix}: {stray[:5]}"
     assert study["runs"][stage][0]["changed"], f"{stage} wrote nothing"
+
+
+@pytest.mark.parametrize("stage", registry.STAGES)
+def test_every_json_file_is_strict_json(study, stage):
+    """Every .json a stage wrote (summary, model cards, records) parses with a strict parser: no bare NaN or
+    Infinity, which Python writes and browsers, jq and most other languages refuse (issue 29: saliency's summary)."""
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    files = sorted(p for p in stage_root(study["out"], stage).rglob("*.json"))
+    assert files, f"{stage} wrote no JSON"
+    for p in files:
+        try:
+            json.loads(p.read_text(), parse_constant=refuse)
+        except ValueError as e:
+            raise AssertionError(f"{stage}: {p.relative_to(study['out'])}: {e}") from None
 
 
 @pytest.mark.parametrize("stage", registry.STAGES)

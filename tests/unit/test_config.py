@@ -41,6 +41,27 @@ def test_bad_keys_name_the_key_and_the_file(tmp_path, text, overrides, fragment)
         assert "run.yaml" in str(e.value)
 
 
+@pytest.mark.parametrize("text, overrides, line", [
+    ("", ["train.epoch=1"], "--set: unknown key 'train.epoch': did you mean 'train.epochs'?"),
+    ("partition:\n  max_class_sise: 10\n", [], "unknown key 'partition.max_class_sise': did you mean "
+                                                "'partition.max_class_size'?"),
+    ("evaluate:\n  n_bootstraps: 10\n", [], "unknown key 'evaluate.n_bootstraps': did you mean "
+                                            "'evaluate.n_bootstrap'?"),
+    ("", ["scor.tta=flip"], "--set: unknown key 'scor.tta': did you mean 'score.tta'?"),
+])
+def test_a_misspelt_key_gets_the_nearest_known_key_instead_of_a_list(tmp_path, text, overrides, line):
+    """Issue 29: `--set train.epoch=1` answered with a 463-character list of keys and no "did you mean epochs"."""
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text) if text else None, overrides)
+    assert str(e.value).endswith(line) and "known under" not in str(e.value), str(e.value)
+    assert len(str(e.value)) < 200
+
+
+def test_a_key_close_to_nothing_lists_the_known_keys_of_its_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'train.zzzz' \(known under train: partition, arch, .*epochs"):
+        load_config(None, ["train.zzzz=1"])
+
+
 @pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).parents[2] / "configs").glob("*.yaml")))
 def test_shipped_configs_load(path):
     cfg = load_config(str(path))

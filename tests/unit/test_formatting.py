@@ -1,0 +1,63 @@
+"""dermray.core.formatting's strict JSON: what every summary, model card and record is written with."""
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dermray.core.formatting import strict_json
+
+
+def strict_loads(text: str):
+    """json.loads as a strict parser reads: NaN, Infinity and -Infinity are not JSON."""
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_undefined_numbers_are_null_and_numpy_values_plain_numbers():
+    summary = {"auc": float("nan"), "ci": (0.1, float("inf")), "gap": -math.inf, "n": np.int64(7),
+               "sd": np.float32("nan"), "mean": np.float64(0.25), "per_class": np.array([1.5, np.nan]),
+               "ok": np.bool_(True), "classes": {"b", "a"} - {"a"}, 3: "an int key"}
+    text = strict_json(summary)
+    back = strict_loads(text)
+    assert back == {"auc": None, "ci": [0.1, None], "gap": None, "n": 7, "sd": None, "mean": 0.25,
+                    "per_class": [1.5, None], "ok": True, "classes": ["b"], "3": "an int key"}
+    assert "NaN" not in text and "Infinity" not in text
+
+
+def test_what_json_has_no_type_for_is_written_as_its_text():
+    import datetime
+    import pathlib
+
+    back = strict_loads(strict_json({"at": datetime.date(2026, 12, 7), "path": pathlib.Path("/a/b")}, indent=None))
+    assert back == {"at": "2026-12-07", "path": "/a/b"}
+
+
+def test_pythons_own_json_writes_what_strict_parsers_refuse():
+    """Why strict_json exists: the standard library writes NaN bare, and a strict parser refuses it."""
+    with pytest.raises(ValueError, match="not JSON: NaN"):
+        strict_loads(json.dumps({"auc": float("nan")}))
+
+
+finite_or_not = st.floats(allow_nan=True, allow_infinity=True)
+values = st.recursive(st.none() | st.booleans() | st.integers() | finite_or_not | st.text(max_size=5),
+                      lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner,
+                                                                                 max_size=4), max_leaves=20)
+
+
+@given(values)
+def test_any_nesting_of_numbers_round_trips_with_undefined_numbers_as_null(value):
+    def expected(v):
+        if isinstance(v, float):
+            return v if math.isfinite(v) else None
+        if isinstance(v, list):
+            return [expected(x) for x in v]
+        if isinstance(v, dict):
+            return {k: expected(x) for k, x in v.items()}
+        return v
+
+    assert strict_loads(strict_json(value)) == expected(value)
