@@ -20,6 +20,7 @@ group_id, uri, ``row`` = input row, ...).
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -851,6 +852,25 @@ def merge_quarantine(rdir: str, input_quarantine: pa.Table) -> int:
     return storage.write_table_batches(schemas.QUARANTINE.arrow(), tables(), storage.join(rdir, "quarantine.parquet"))
 
 
+def reason_kind(reason: str | None) -> str:
+    """A quarantine reason without its particulars - paths and URIs, parenthesised details, numbers -
+    ("duplicate image_id (first seen at row 5)" -> "duplicate image_id"; "cannot read s3://b/x.jpg: no such file"
+    -> "cannot read …: no such file"), so that reasons of one kind count together."""
+    text = re.sub(r"\S*/\S*?(?=[:,;]?(?:\s|$))", "…", reason or "unknown")
+    text = re.sub(r"\s*\([^)]*\)", "", text)
+    return re.sub(r"\d+", "N", text).strip()[:80]
+
+
+def top_reasons(quarantine_uri: str, top: int = 3) -> list[dict]:
+    """The run's most frequent quarantine reasons, [{"reason", "images"}], most frequent first (the quarantine
+    holds the bad rows only: small)."""
+    if not storage.exists(quarantine_uri):
+        return []
+    reasons = storage.read_table(quarantine_uri, columns=["reason"]).column("reason").to_pylist()
+    counted = collections.Counter(reason_kind(r) for r in reasons)
+    return [{"reason": r, "images": n} for r, n in sorted(counted.items(), key=lambda kv: (-kv[1], kv[0]))[:top]]
+
+
 def _batch_of(path: str) -> int:
     m = re.search(r"-b(\d+)-", posixpath.basename(path))
     return int(m.group(1)) if m else 1 << 30  # the input's quarantine: this run's, after every part
@@ -1028,6 +1048,7 @@ def summarise(cfg: RunConfig, ens: Ensemble, work: WorkPlan, writer: PartWriter,
         "checkpoints": [storage.redact(storage.parent(storage.parent(w))) for w in ens.weights],
         "operating_points": [pt.model_dump() for pt in ens.first.operating_points],
         "lineage": facts.run_lineage.to_dict(),
+        "quarantine_reasons": top_reasons(storage.join(rdir, "quarantine.parquet")),
         "outputs": {"predictions": storage.join(rdir, "predictions"),
                     "quarantine": storage.join(rdir, "quarantine.parquet")},
     }
@@ -1055,6 +1076,9 @@ def format_summary(s: dict) -> str:
              f"  model {s['model_id']} ({s['arch']}, {s['models']} model(s), tta {s['tta']})",
              f"  run totals: {s['run_scored_total']} predictions, {s['run_quarantined_total']} quarantined",
              f"  outputs: {s['outputs']['predictions']}"]
+    if s["run_quarantined_total"]:
+        why = ", ".join(f"{r['images']} {r['reason']}" for r in s.get("quarantine_reasons") or [])
+        lines.append(f"  quarantined ({why or 'see the file'}): {storage.redact(s['outputs']['quarantine'])}")
     if s.get("images_per_s"):
         lines.insert(1, f"  {s['images_per_s']} images/s overall, first results after {s['startup_s']} s")
     return "\n".join(lines)

@@ -186,6 +186,13 @@ def test_bad_files_are_quarantined_with_their_reason_and_the_rest_is_scored(scor
     assert "no such file" in reasons["missing"]
     assert "duplicate image_id (first seen at row" in reasons[good[1].stem]
     assert (q["stage"] == "score").all()
+    # The summary and its console lines say why, counted by kind, and where the file lies (issue 29).
+    kinds = {r["reason"]: r["images"] for r in s["quarantine_reasons"]}
+    assert len(kinds) == 3 and sum(kinds.values()) <= 7 and all(n >= 1 for n in kinds.values())
+    assert set(kinds) <= {score.reason_kind(r) for r in reasons.values()}
+    line = next(ln for ln in score.format_summary(s).splitlines() if ln.startswith("  quarantined ("))
+    assert line.endswith(str(tmp_path / "predictions" / "bad" / "quarantine.parquet"))
+    assert all(f"{n} {k}" in line for k, n in kinds.items())
     df = read_preds(tmp_path / "predictions" / "bad" / "predictions")
     assert sorted(df["image_id"]) == sorted(p.stem for p in good)
     assert "melanoma_vs_nevus_score" not in df.columns  # no tasks configured: training-class probabilities only

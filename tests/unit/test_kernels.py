@@ -265,3 +265,14 @@ def test_a_null_empty_or_blank_group_id_is_the_image_alone_and_a_real_one_is_kep
     keys = lesion_keys(pd.Series(["a", "b"]), pd.Series([np.nan, "a"])).to_pylist()
     assert keys == ["image:a", "a"] and len(set(keys)) == 2
     assert lesion_keys(pd.Series(["a", "b"]), pd.Series([7, np.nan])).to_pylist() == ["7", "image:b"]  # numeric ids
+
+
+def test_quarantine_reasons_count_by_kind_without_their_particulars():
+    from dermray.stages.score import reason_kind
+
+    assert reason_kind("duplicate image_id (first seen at row 5)") == "duplicate image_id"
+    assert reason_kind("cannot read s3://b/x.jpg: no such file or object") == "cannot read …: no such file or object"
+    assert reason_kind("cannot read /a/y.jpg: no such file or object") == reason_kind("cannot read /b/z.png: no such "
+                                                                                     "file or object")
+    assert reason_kind("image too large: 360000 pixels > 250000") == "image too large: N pixels > N"
+    assert reason_kind(None) == "unknown"
