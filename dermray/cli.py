@@ -35,6 +35,7 @@ COMMON_FLAGS = {"run_id": "run_id", "output": "output", "address": "ray.address"
 def build_parser() -> argparse.ArgumentParser:
     # long: one declaration per command and flag, read top to bottom like the --help it produces
     from dermray import __version__
+    from dermray.runtime.config import ARCHS
     from dermray.store.lineage import git_commit
 
     commit = git_commit()
@@ -50,16 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", help="manifest Parquet URI (config: data.manifest)")
     p.add_argument("--taxonomy", help="taxonomy Parquet/CSV URI (config: data.taxonomy)")
     p.add_argument("--tasks", help="evaluation tasks YAML URI (config: data.tasks)")
-    p.add_argument("--max-class-size", type=int, help="config: partition.max_class_size (paper: 1000)")
-    p.add_argument("--folds", type=int, help="config: partition.folds (paper: 9)")
-    p.add_argument("--seed", type=int, help="config: partition.seed")
+    p.add_argument("--max-class-size", type=int, help="largest training class, in images: bigger disease nodes "
+                   "are split (paper: 1000; config: partition.max_class_size)")
+    p.add_argument("--folds", type=int,
+                   help="cross-validation folds, lesion-grouped (paper: 9; config: partition.folds)")
+    p.add_argument("--seed", type=int, help="seed of the fold assignment (config: partition.seed)")
 
     p = sub.add_parser("train", help="fine-tune the CNN, one Ray Train TorchTrainer per fold, folds concurrently")
     _add_config_args(p)
     p.add_argument("--manifest", help="manifest Parquet URI (config: data.manifest)")
     p.add_argument("--partition", help="partition outputs (default <output>/partition)")
-    p.add_argument("--arch", help="config: train.arch")
-    p.add_argument("--epochs", type=int, help="config: train.epochs")
+    p.add_argument("--arch", help=f"network: {', '.join(ARCHS)} (the paper's: inception_v3; config: train.arch)")
+    p.add_argument("--epochs", type=int, help="epochs per fold (config: train.epochs)")
     p.add_argument("--force", action="store_const", const="true",
                    help="folds whose checkpoints have another lineage are trained afresh (config: train.force)")
 
@@ -90,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("nightly", help="score new images incrementally, evaluate, keep the night's metrics, check "
                        "floors (exit 3 when one is missed)")
     _add_config_args(p)
-    p.add_argument("--checkpoint", help="config: score.checkpoints")
+    p.add_argument("--checkpoint", help="the trained run (fold directories) that scores tonight's images "
+                   "(config: score.checkpoints)")
     p.add_argument("--input", help="tonight's archive: manifest, folder or shards (config: score.input)")
     p.add_argument("--date", help="YYYY-MM-DD of this night's metrics partition (config: nightly.date)")
 
@@ -115,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lineage", help="the chain behind a run's numbers: manifest -> partition -> models -> "
                        "predictions -> metrics -> saliency, with fingerprints and whether each link holds")
     p.add_argument("--output", required=True, help="the run's output root URI")
-    p.add_argument("--run-id", required=True)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--run-id", required=True, help="the run id whose chain to show")
+    p.add_argument("--json", action="store_true", help="print the chain as JSON")
 
     p = sub.add_parser("doctor", help="what this environment can do before a long run: Ray, auth, CPUs/GPUs, torch "
                        "threads, bf16, S3 reachable and writable, pretrained weights (one line per check)")
@@ -129,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lesions", type=int, default=1200, help="training/validation lesions (1-3 images each)")
     p.add_argument("--test-lesions", type=int, default=300, help="held-out lesions")
     p.add_argument("--size", type=int, default=96, help="image size in pixels")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed draws the same study")
+    p.add_argument("--json", action="store_true", help="print the study's summary as JSON")
 
     p = sub.add_parser("import", help="turn public dataset metadata, or a hospital's labelled image folder, into "
                        "manifest, taxonomy and tasks")
@@ -143,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--output", required=True, help="folder or s3:// prefix for manifest/taxonomy/tasks")
         if name == "isic":
             q.add_argument("--group", default="lesion", choices=["lesion", "patient"], help="group folds by")
-        q.add_argument("--json", action="store_true")
+        q.add_argument("--json", action="store_true", help="print the import's summary as JSON")
     q = imp.add_parser("folder", help="a folder of images + a labels CSV in the hospital's own label names + a "
                        "mapping of those names onto taxonomy nodes")
     q.add_argument("--images", required=True, help=images_help + "; image_id = file name without extension")
@@ -161,8 +165,50 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--label-column", help="labels column of the hospital's labels (default: label, diagnosis, dx)")
     q.add_argument("--group-column", help="labels column grouping images into folds (default: group_id, lesion_id, "
                    "patient_id; none: one image per group)")
-    q.add_argument("--json", action="store_true")
+    q.add_argument("--json", action="store_true", help="print the import's summary as JSON")
+    _document(parser)
     return parser
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[tuple[str, str, argparse.ArgumentParser]]:
+    """(command path, its one-line help, its parser) for every command, nested ones (`import folder`) too."""
+    out = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help or "" for a in action._choices_actions}
+            for name, sp in action.choices.items():
+                out.append((name, helps.get(name, ""), sp))
+                out += [(f"{name} {n}", h, q) for n, h, q in _subparsers(sp)]
+    return out
+
+
+def _document(parser: argparse.ArgumentParser) -> None:
+    """Every command's --help opens with what it does (its line in the command list), and every option that sets a
+    config key ("config: <key>" in its help) shows the key's default, read from the config itself so that the
+    help cannot drift from it."""
+    from dermray.runtime.config import default_value
+
+    for _, line, sp in _subparsers(parser):
+        if not sp.description:
+            sp.description = line[:1].upper() + line[1:] + "."
+        for action in sp._actions:
+            key = _config_key(action.help or "")
+            if action.help and "default" not in action.help and key is None and action.default not in (
+                    None, False, [], argparse.SUPPRESS):
+                action.help += f" (default: {action.default})"
+            if key is None or "default" in (action.help or ""):
+                continue
+            value = default_value(key)
+            shown = "unset" if value in (None, "", []) else repr(value)
+            action.help = f"{action.help[:-1]}; default: {shown})".replace("%", "%%") if action.help.endswith(")") \
+                else f"{action.help} (default: {shown})".replace("%", "%%")
+
+
+def _config_key(help_text: str) -> str | None:
+    import re
+
+    m = re.search(r"config: ([a-z_]+(?:\.[a-z_]+)*)", help_text)
+    return m.group(1) if m else None
 
 
 def _run_stage(stage: str, args, flags: dict[str, str]) -> dict:

@@ -8,6 +8,7 @@ list key). The stages receive these objects (the Ray Train worker too), never un
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import typing
 from typing import Annotated, Any, Dict, Iterable, List, Literal, Mapping, Optional, Sequence
@@ -515,3 +516,19 @@ def derive(cfg: RunConfig, changes: dict) -> RunConfig:
 
     merge(tree, changes)
     return validate(tree, "derived config")
+
+
+def default_value(key: str) -> Any:
+    """The default of config key ``key`` ("train.epochs"), as a run without a config file gets it; None when the
+    key is unset by default (or unknown)."""
+    node: Any = _defaults()
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+@functools.lru_cache(maxsize=1)
+def _defaults() -> dict:
+    return load_config(None).to_dict()
