@@ -192,16 +192,17 @@ def _document(parser: argparse.ArgumentParser) -> None:
         if not sp.description:
             sp.description = line[:1].upper() + line[1:] + "."
         for action in sp._actions:
-            key = _config_key(action.help or "")
-            if action.help and "default" not in action.help and key is None and action.default not in (
-                    None, False, [], argparse.SUPPRESS):
-                action.help += f" (default: {action.default})"
-            if key is None or "default" in (action.help or ""):
+            text = action.help
+            if not text or "default" in text:
+                continue
+            key = _config_key(text)
+            if key is None:
+                if action.default not in (None, False, [], argparse.SUPPRESS):
+                    action.help = f"{text} (default: {action.default})"
                 continue
             value = default_value(key)
-            shown = "unset" if value in (None, "", []) else repr(value)
-            action.help = f"{action.help[:-1]}; default: {shown})".replace("%", "%%") if action.help.endswith(")") \
-                else f"{action.help} (default: {shown})".replace("%", "%%")
+            shown = ("unset" if value in (None, "", []) else repr(value)).replace("%", "%%")
+            action.help = f"{text[:-1]}; default: {shown})" if text.endswith(")") else f"{text} (default: {shown})"
 
 
 def _config_key(help_text: str) -> str | None:

@@ -131,10 +131,18 @@ def move_partition(staged: str, target: str) -> dict:
 
 
 def check(cfg: RunConfig) -> list[str]:
+    """The stages to run, in order, once everything the run needs before its first stage is checked (before Ray
+    starts): each stage's inputs that the config sets (those the pipeline wires from earlier stages are checked
+    when their stage runs), the test manifest, an S3 output's bucket."""
     order = [s for s in registry.STAGES if s in cfg.pipeline.stages]
     if "score" in order and not cfg.pipeline.test_manifest:
         raise UserError("pipeline: set pipeline.test_manifest (the held-out images to score), or leave score, "
                         "evaluate and saliency out of pipeline.stages")
+    for stage in order:
+        registry.preflight(stage, cfg)
+    test_manifest = cfg.pipeline.test_manifest
+    if "score" in order and test_manifest and not storage.exists(test_manifest):
+        raise UserError(f"pipeline: pipeline.test_manifest {storage.redact(test_manifest)}: no such file or object")
     return order
 
 

@@ -170,8 +170,46 @@ def unwrap(cfg: Any) -> Any:
 
 
 def run(stage: str, cfg: Any) -> dict:
-    """Run ``stage`` on the config it declared."""
+    """Run ``stage`` on the config it declared, once its declared inputs and its output are checked."""
+    preflight(stage, cfg)
     return module(stage).run(view(cfg, stage))
+
+
+def _value(cfg: Any, key: str) -> Any:
+    node = unwrap(cfg)
+    for part in key.split("."):
+        node = getattr(node, part, None)
+    return node
+
+
+def _names_a_path(key: str, value: str) -> bool:
+    """Whether input ``key``'s ``value`` names something to read (train.weights may name a weight set instead,
+    "imagenet"; a value with "{" is a pattern: lesion masks by image id, tar shards by brace expansion)."""
+    if "{" in value:
+        return False
+    if key == "train.weights":
+        return "/" in value or value.endswith((".pt", ".pth", ".safetensors"))
+    return True
+
+
+def preflight(stage: str, cfg: Any) -> None:
+    """Before a stage starts Ray or does any work: every input it declares that is set names something that
+    exists, and an S3 output's bucket exists (issue 29: a missing bucket was found after 83 s of partition work, a
+    missing readers file only after training). One UserError naming the key and the path."""
+    from dermray.errors import UserError
+    from dermray.store import storage
+
+    for key in REGISTRY[stage].inputs:
+        value = _value(cfg, key)
+        for uri in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(uri, str) and uri and _names_a_path(key, uri) and not storage.exists(uri):
+                raise UserError(f"{stage}: {key} {storage.redact(uri)}: no such file or object")
+    output = _value(cfg, "output")
+    if isinstance(output, str) and storage.is_s3(output):
+        bucket = output.split("/")[2]
+        if not storage.exists(f"s3://{bucket}"):
+            raise UserError(f"{stage}: output {storage.redact(output)}: bucket {bucket!r} does not exist, or these "
+                            "credentials cannot see it (create it first, or choose another output)")
 
 
 def lineage_now(stage: str, cfg: Any, recorded=None):

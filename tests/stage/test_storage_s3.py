@@ -143,3 +143,22 @@ def test_the_servers_request_log_stays_off_stderr(s3_bucket, s3_server, capsys, 
     client.put_object(Bucket=s3_bucket[len("s3://"):], Key="log-probe", Body=b"x")
     assert capsys.readouterr().err == ""
     assert not [h for h in requests_log.handlers if isinstance(h, logging.StreamHandler)]
+
+
+def test_a_missing_output_bucket_is_named_before_any_work(study, s3_server, capsys):
+    """Issue 29: a missing output bucket was found after 83 s of partition work, as "cannot write
+    .../near_duplicates.parquet: no such file or object". Now the stage refuses at once, naming the bucket, and
+    reads nothing (the study's inputs exist; only the bucket is missing)."""
+    import time
+    import uuid
+
+    bucket = f"dermray-absent-{uuid.uuid4().hex[:8]}"
+    data = study["data"]
+    t0 = time.time()
+    code = main(["partition", "--manifest", str(data / "manifest.parquet"), "--taxonomy",
+                 str(data / "taxonomy.parquet"), "--tasks", str(data / "tasks.yaml"), "--output",
+                 f"s3://{bucket}/out"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and time.time() - t0 < 10, err
+    assert err.endswith(f"partition: output s3://{bucket}/out: bucket '{bucket}' does not exist, or these "
+                        "credentials cannot see it (create it first, or choose another output)"), err
