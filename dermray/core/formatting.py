@@ -73,3 +73,29 @@ def strict_json(value, indent: int | None = 2) -> str:
     import json
 
     return json.dumps(_json_safe(value), indent=indent, allow_nan=False)
+
+
+def seconds(value: float | None) -> str:
+    """A duration for people: 0.2s, 7.5s, 52s, 4m09s, 1h02m; "?" when unknown."""
+    if value is None or value != value or value < 0:
+        return "?"
+    if value < 10:
+        return f"{value:.1f}s"
+    s = int(round(value))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def rate(value: float) -> str:
+    """A rate for people, three significant figures at most below 1,000 and whole numbers above: 147,072 (not
+    147071.9), 52.4, 3.07."""
+    if value != value:
+        return "?"
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"

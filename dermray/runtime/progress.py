@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import time
 
+from dermray.core import formatting
+
 log = logging.getLogger("dermray.progress")
 LIVE_EVERY_S = 0.5  # a terminal's live line: often enough to look alive, rarely enough to cost nothing
 
@@ -54,7 +56,7 @@ class Meter:
             tail = f", ETA {duration(left)}" if self.done < self.total else f", {duration(time.monotonic() - self.t0)}"
         else:
             head, tail = f"{self.label}: {self.done:,} {self.unit}", ""
-        return f"{head}, {rate:.1f} {self.unit}/s{tail}{self.extra}"
+        return f"{head}, {formatting.rate(rate)} {self.unit}/s{tail}{self.extra}"
 
     def update(self, n: int = 1, force: bool = False) -> None:
         self.done += n

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from dermray.core import formatting
 from dermray.core import metrics as M
 from dermray.core.formatting import flagged_points, fmt, strict_json
 from dermray.core.ids import lesion_keys
@@ -988,5 +989,5 @@ def format_summary(s: dict) -> str:
     elif overlap and not overlap["checked"]:
         lines.append(f"  train-test overlap not checked: {overlap['not_checked']}")
     out = s["outputs"]
-    lines.append(f"  report: {out.get('report_html', out.get('metrics'))}  ({s['seconds']} s)")
+    lines.append(f"  report: {out.get('report_html', out.get('metrics'))}  ({formatting.seconds(s['seconds'])})")
     return "\n".join(lines)
