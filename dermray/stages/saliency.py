@@ -234,28 +234,61 @@ def sanity_rows(ens, matrix: np.ndarray, audit: pd.DataFrame, methods: list[str]
     return rows
 
 
-def flag_methods(rows: list[dict], threshold: float) -> dict[str, str]:
-    """Methods that fail the test: maps at full randomisation that still resemble the originals (Spearman or SSIM
-    above threshold), or an inconclusive test (blank maps at full randomisation)."""
-    flags = {}
+# The sanity verdict's smallest audit: the verdict compares a mean similarity over the audit images with
+# saliency.flag_similarity (0.5 by default), and one image's map moves a mean of n correlations by up to 2/n: below
+# six images a single map moves it by more than a third of the way from 0 to that threshold.
+MIN_SANITY_IMAGES = 6
+RISE_TOLERANCE = 0.1  # a mean similarity that rises by more than this with randomisation is not noise
+
+
+def _first_and_last(rows: list[dict]) -> dict[str, tuple[dict, dict]]:
+    out: dict[str, tuple[dict, dict]] = {}
     for method in {r["method"] for r in rows}:
-        last = max((r for r in rows if r["method"] == method), key=lambda r: r["level"])
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["level"])
+        out[method] = (mine[0], mine[-1])
+    return out
+
+
+def _rises(first: dict, last: dict) -> bool:
+    return bool(np.isfinite(first["spearman"]) and np.isfinite(last["spearman"])
+                and last["spearman"] > first["spearman"] + RISE_TOLERANCE)
+
+
+def flag_methods(rows: list[dict], threshold: float) -> dict[str, str]:
+    """Methods the test does not pass: maps at full randomisation that still resemble the originals (Spearman or
+    SSIM above threshold), or an inconclusive test - blank maps at full randomisation, or a similarity that rises
+    as more of the network is randomised (the test expects it to fall)."""
+    flags = {}
+    for method, (first, last) in _first_and_last(rows).items():
         if last["constant_maps"]:
             flags[method] = (f"inconclusive: {last['constant_maps']} of {last['n_images']} maps are blank when every "
                              "layer is randomised, so their low similarity proves nothing")
+        elif _rises(first, last):
+            flags[method] = (f"inconclusive: the similarity rises as more of the network is randomised (Spearman "
+                             f"{first['spearman']:.2f} -> {last['spearman']:.2f}); the test expects it to fall")
         elif last["spearman"] > threshold or last["ssim"] > threshold:
             flags[method] = (f"maps barely change when every layer is randomised (Spearman {last['spearman']:.2f}, "
                              f"SSIM {last['ssim']:.2f}): they do not depend on what the model learned")
     return flags
 
 
+def sanity_verdict(rows: list[dict]) -> tuple[bool, str]:
+    """(conclusive?, why): the test decided something when it ran on at least MIN_SANITY_IMAGES images and, for
+    every method, no fully randomised map is blank and the similarity did not rise with randomisation."""
+    if not rows:
+        return False, "not run"
+    n = min(r["n_images"] for r in rows)
+    if n < MIN_SANITY_IMAGES:
+        return False, f"{n} audit image(s), fewer than the {MIN_SANITY_IMAGES} the verdict needs (saliency.audit_size)"
+    why = [f"{m}: blank maps at full randomisation" if last["constant_maps"] else
+           f"{m}: similarity rises with randomisation" for m, (first, last) in sorted(_first_and_last(rows).items())
+           if last["constant_maps"] or _rises(first, last)]
+    return (False, "; ".join(why)) if why else (True, f"on {n} images")
+
+
 def conclusive(rows: list[dict]) -> bool:
-    """The sanity test decided something: it ran, and no method's fully randomised maps are blank."""
-    lasts: dict[str, dict] = {}
-    for r in rows:
-        if r["method"] not in lasts or r["level"] > lasts[r["method"]]["level"]:
-            lasts[r["method"]] = r
-    return bool(lasts) and all(r["constant_maps"] == 0 for r in lasts.values())
+    """The sanity test decided something (sanity_verdict)."""
+    return sanity_verdict(rows)[0]
 
 
 # ---- the stage -----------------------------------------------------------------------------------------------------
@@ -419,7 +452,8 @@ def write_outputs(cfg: RunConfig, inp: SaliencyInputs, index: pd.DataFrame, sani
                "tasks": [t.name for t in tasks],
                "inside_lesion_mean": {m: float(g.mean()) for m, g in index.groupby("method")["inside_lesion"]
                                       if g.notna().any()},
-               "sanity": sanity, "sanity_conclusive": conclusive(sanity), "flagged": flags,
+               "sanity": sanity, "sanity_conclusive": conclusive(sanity), "sanity_why": sanity_verdict(sanity)[1],
+               "flagged": flags,
                "lineage": lineage.Lineage.of(STAGE, inp.lineage_inputs, config).to_dict(),
                "outputs": {"index": storage.join(rdir, "saliency_index.parquet"),
                            "sanity": storage.join(rdir, "sanity.parquet"),
@@ -480,6 +514,8 @@ def gallery_html(cfg: RunConfig, index: pd.DataFrame, sanity: pd.DataFrame, flag
         parts.append("</table><p>Similarity should fall as more of the network is randomised. A blank map "
                      "(Grad-CAM's final ReLU blanks a map whose weighted activations are all negative) scores 0, so "
                      "a low similarity built on blank maps says nothing: such a level is inconclusive.</p>")
+        decided, why = sanity_verdict(sanity.to_dict("records"))
+        parts.append(f"<p><b>Verdict: {'conclusive' if decided else 'inconclusive'}</b> ({e(why)}).</p>")
         for m, why in flags.items():
             parts.append(f"<p class='flag'>{e(m)}: {e(why)}</p>")
     parts.append("</body></html>")
@@ -500,7 +536,8 @@ def format_summary(s: dict) -> str:
         for m, r in last.items():
             constant = f" ({r['constant_maps']} of {r['n_images']} maps blank)" if r.get("constant_maps") else ""
             lines.append(f"  sanity {m}: fully randomised Spearman {r['spearman']:.2f}, SSIM {r['ssim']:.2f}{constant}")
-        lines.append("  sanity test: " + ("conclusive" if s.get("sanity_conclusive") else
-                                          "INCONCLUSIVE (blank maps at full randomisation)"))
+        why = s.get("sanity_why", "")
+        lines.append("  sanity test: " + (f"conclusive ({why})" if s.get("sanity_conclusive") else
+                                          f"INCONCLUSIVE ({why or 'blank maps at full randomisation'})"))
     lines.append(f"  gallery: {s['outputs']['gallery']}")
     return "\n".join(lines)

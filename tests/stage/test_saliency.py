@@ -74,9 +74,12 @@ def test_maps_index_gallery_and_sanity_written_to_s3(score_study, ham_dir, train
             assert not rows["flagged"].any()
         elif rows["flagged"].any():
             # Grad-CAM's ReLU blanks a map whose weighted activations are all negative, which a fully randomised
-            # network may give for some images (it does on some CPUs, not others: the kernels round differently):
-            # then the verdict is "inconclusive", never a pass, and it says why.
-            assert rows["constant_maps"].iloc[-1] > 0 and s["flagged"][method].startswith("inconclusive"), s
+            # network may give for some images (it does on some CPUs, not others: the kernels round differently),
+            # and its similarity may rise with randomisation: then the verdict is "inconclusive", never a pass,
+            # and it says why.
+            rose = rows["spearman"].iloc[-1] > rows["spearman"].iloc[0] + saliency.RISE_TOLERANCE
+            assert rows["constant_maps"].iloc[-1] > 0 or rose, rows
+            assert s["flagged"][method].startswith("inconclusive"), s
             assert s["sanity_conclusive"] is False
         assert rows["constant_maps"].between(0, rows["n_images"]).all()
     # Plain gradients have no ReLU at the end (Grad-CAM's zeroes a map whose weighted activations are all
