@@ -28,9 +28,10 @@ def test_the_stage_list_exists_once():
     ("train", "plan", "evaluate.n_bootstrap", "evaluate.n_bootstrap"),  # a key of a section it declares keys of
     ("partition", "read_inputs", "data.tasks", None),  # declared: no error of the view (the missing file's)
 ])
-def test_a_read_of_config_a_stage_did_not_declare_fails(stage, plant, read, named, monkeypatch):
+def test_a_read_of_config_a_stage_did_not_declare_fails(stage, plant, read, named, monkeypatch, tmp_path):
     """A read planted in a stage fails loudly through the runner, naming what was read - before the read's value
-    could reach an output that its lineage does not cover."""
+    could reach an output that its lineage does not cover. (The inputs exist, empty, so that the runner's
+    preflight lets the stage start.)"""
     module = registry.module(stage)
     original = getattr(module, plant)
 
@@ -41,7 +42,10 @@ def test_a_read_of_config_a_stage_did_not_declare_fails(stage, plant, read, name
         return original(cfg, *args, **kwargs)
 
     monkeypatch.setattr(module, plant, planted)
-    cfg = load_config(None, ["evaluate.predictions=p", "data.manifest=m.parquet", "data.taxonomy=t.csv"])
+    for name in ("p", "m.parquet", "t.csv"):
+        (tmp_path / name).write_bytes(b"")
+    cfg = load_config(None, [f"evaluate.predictions={tmp_path / 'p'}", f"data.manifest={tmp_path / 'm.parquet'}",
+                             f"data.taxonomy={tmp_path / 't.csv'}", f"output={tmp_path / 'out'}"])
     if named is None:
         with pytest.raises(UserError):
             registry.run(stage, cfg)
