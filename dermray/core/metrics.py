@@ -131,11 +131,40 @@ def threshold_for_sensitivity(y, score, target: float) -> float:
     return float(t) if np.isfinite(t) else float(thr[min(ok[0] + 1, len(thr) - 1)])
 
 
-def sensitivity_at_specificity(y, score, specificity: float) -> float:
+def sensitivity_at_specificity(y, score, specificity: float, weight=None) -> float:
     """The model's best sensitivity among operating points whose specificity is at least ``specificity``."""
-    fpr, tpr, _ = roc_curve(y, score, drop_intermediate=False)
+    fpr, tpr, _ = roc_curve(y, score, weight, drop_intermediate=False)
     ok = (1 - fpr) >= specificity - 1e-12
     return float(tpr[ok].max()) if ok.any() else float("nan")
+
+
+def specificity_at_sensitivity(y, score, sensitivity: float, weight=None) -> float:
+    """The model's best specificity among operating points whose sensitivity is at least ``sensitivity``."""
+    fpr, tpr, _ = roc_curve(y, score, weight, drop_intermediate=False)
+    ok = tpr >= sensitivity - 1e-12
+    return float((1 - fpr[ok]).max()) if ok.any() else float("nan")
+
+
+def rates_at_readers_point(y, score, groups, mean_sensitivity: float, mean_specificity: float, n_boot: int,
+                           seed: int = 0, alpha: float = 0.05) -> dict[str, tuple[float, float, float]]:
+    """The paper's comparison, at the readers' mean point: the model's sensitivity at their mean specificity and
+    its specificity at their mean sensitivity, each (estimate, low, high) with a percentile lesion-bootstrap
+    interval (``groups``: lesion ids; the readers' mean point held fixed, as the paper plots it)."""
+    sens = [sensitivity_at_specificity(y, score, mean_specificity)]
+    spec = [specificity_at_sensitivity(y, score, mean_sensitivity)]
+    for w in bootstrap_weights(len(y), groups, n_boot, seed):
+        sens.append(sensitivity_at_specificity(y, score, mean_specificity, w))
+        spec.append(specificity_at_sensitivity(y, score, mean_sensitivity, w))
+
+    def interval(values: list[float]) -> tuple[float, float, float]:
+        reps = np.asarray(values[1:], dtype=float)
+        reps = reps[np.isfinite(reps)]
+        if not np.isfinite(values[0]) or len(reps) == 0:
+            return values[0], float("nan"), float("nan")
+        lo, hi = np.quantile(reps, [alpha / 2, 1 - alpha / 2])
+        return values[0], float(lo), float(hi)
+
+    return {"sensitivity_at_readers_specificity": interval(sens), "specificity_at_readers_sensitivity": interval(spec)}
 
 
 # ---- bootstrap -------------------------------------------------------------------------------------------------

@@ -109,12 +109,53 @@ def headline_cards(summary: dict, t, tasks: list[Task]) -> list[dict]:
             for rate in ("sensitivity", "specificity", "ppv", "npv", "sensitivity_oof", "specificity_oof",
                          "carries_over"):
                 card[rate] = by.get((task.name, subset, f"{rate}@locked:{point}")) if point else None
+            for metric in READER_METRICS:
+                card[metric] = by.get((task.name, subset, metric))
             card["plot"] = f"roc_{task.name}_{subset}.png"
         else:
             card["accuracy"] = by.get((task.name, subset, "accuracy"))
             card["plot"] = f"confusion_{task.name}_{subset}.png"
         cards.append(card)
     return cards
+
+
+READER_METRICS = ("readers_n", "readers_mean_sensitivity", "readers_mean_specificity", "readers_below_model_curve",
+                  "model_sensitivity_at_readers_mean_specificity", "model_specificity_at_readers_mean_sensitivity")
+
+
+def readers_sentence(card: dict) -> str | None:
+    """The paper's question for a binary task, answered in one sentence: the CNN against the dermatologists'
+    mean point (their number, mean sensitivity and specificity), its sensitivity at their mean specificity and its
+    specificity at their mean sensitivity with intervals, and how many of them lie below its ROC curve."""
+    n = card.get("readers_n")
+    if not n or not n["value"]:
+        return None
+    readers = int(n["value"])
+    mean_sens, mean_spec = card["readers_mean_sensitivity"], card["readers_mean_specificity"]
+    sens, spec = card["model_sensitivity_at_readers_mean_specificity"], card[
+        "model_specificity_at_readers_mean_sensitivity"]
+    below = card["readers_below_model_curve"]
+
+    def verdict(model: dict | None, reader: float) -> str:
+        if not model or model["value"] is None:
+            return ""
+        if model["ci_low"] is not None and model["ci_low"] > reader:
+            return " (higher)"
+        if model["ci_high"] is not None and model["ci_high"] < reader:
+            return " (lower)"
+        return " (no clear difference)"
+
+    parts = [f"Against {readers} dermatologist{'s' if readers != 1 else ''} (mean sensitivity "
+             f"{fmt(mean_sens['value'])}, specificity {fmt(mean_spec['value'])}):"]
+    if sens and sens["value"] is not None:
+        parts.append(f"at their mean specificity the CNN's sensitivity is {fmt(sens['value'])}{_ci(sens)}"
+                     f"{verdict(sens, mean_sens['value'])};")
+    if spec and spec["value"] is not None:
+        parts.append(f"at their mean sensitivity its specificity is {fmt(spec['value'])}{_ci(spec)}"
+                     f"{verdict(spec, mean_spec['value'])};")
+    if below and below["value"] is not None:
+        parts.append(f"{int(below['value'])} of {readers} lie below its ROC curve.")
+    return " ".join(parts).rstrip(";") + ("" if parts[-1].endswith(".") else ".")
 
 
 def set_sentence(summary: dict) -> str:
@@ -138,8 +179,7 @@ def render_report(summary: dict, t, plots: dict[str, bytes], tasks: list[Task] |
     # long: the page's template, read top to bottom (markdown and HTML side by side so that they cannot drift)
     cards = headline_cards(summary, t, tasks or [])
     rows = [r for r in t.metrics if r["metric"] in ("auc", "accuracy", "balanced_accuracy", "ece", "ece_uncalibrated",
-                                                    "readers_below_model_curve",
-                                                    "model_sensitivity_at_readers_mean_specificity")
+                                                    *READER_METRICS)
             or "@locked:" in r["metric"] or r["metric"] in ("worst_group_auc", "auc_gap")]
     e = html.escape
     md = [f"# dermray evaluation — run `{summary['run_id']}`", "", set_sentence(summary), ""]
@@ -159,11 +199,16 @@ def render_report(summary: dict, t, plots: dict[str, bytes], tasks: list[Task] |
                        f"{fmt(oof_spec['value'])}{_ci(oof_spec)})")
             if carried and carried["value"] == 0:
                 op += f". WARNING: this point {carried['note']}"
+            readers = readers_sentence(c)
             n = auc["n"] if auc else 0
             lesions = int(c["n_groups"]["value"]) if c.get("n_groups") and c["n_groups"]["value"] is not None else None
             count = f"{n:,} images" + (f", {lesions:,} lesions" if lesions else "")
             md += [f"## {c['task']} ({c['subset']})", "", f"**{line}**; {op}. {count}.", ""]
-            body = (f"<p class='big'>{e(line)}</p><p>{e(op)}</p><p class='n'>{e(count)} ({e(c['subset'])})</p>")
+            body = f"<p class='big'>{e(line)}</p>"
+            if readers:
+                md[-1:-1] = [f"**{readers}**", ""]
+                body += f"<p class='readers'><b>{e(readers)}</b></p>"
+            body += f"<p>{e(op)}</p><p class='n'>{e(count)} ({e(c['subset'])})</p>"
         else:
             acc = c["accuracy"]
             line = f"accuracy {fmt(acc['value']) if acc else '—'}{_ci(acc) if acc else ''}"

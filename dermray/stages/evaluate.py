@@ -225,7 +225,7 @@ def evaluate_binary(at: At, data: BinaryScores, cfg: EvaluateConfig, readers: pd
         t.calibration.append(at.keys() | row)
     points = []
     if readers is not None and len(readers):
-        points = reader_points(at, data, readers)
+        points = reader_points(at, data, readers, cfg)
     t.curves[(at.task, subset)] = {"fpr": fpr, "tpr": tpr, "auc": boot.estimate, "ci": (boot.ci_low, boot.ci_high),
                                    "readers": points, "n_pos": n_pos, "n_neg": n - n_pos,
                                    "calibration": curve, "replicates": boot.replicates, "n": n,
@@ -291,8 +291,10 @@ def carry_over_verdict(t: Tables, run_id: str, task: Task, subset_names: list[st
                    "its test sensitivity and specificity lie within their out-of-fold intervals")
 
 
-def reader_points(at: At, data: BinaryScores, readers: pd.DataFrame) -> list[tuple[str, float, float]]:
-    """Each reader's sensitivity/specificity on the images of this task and subset that the reader read."""
+def reader_points(at: At, data: BinaryScores, readers: pd.DataFrame, cfg: EvaluateConfig
+                  ) -> list[tuple[str, float, float]]:
+    """Each reader's sensitivity/specificity on the images of this task and subset that the reader read; then
+    the readers' mean point and the model at it (the paper's comparison), with lesion-bootstrap intervals."""
     y, score = data.y, data.score
     r = readers[readers["task"] == at.task]
     if r.empty:
@@ -325,8 +327,15 @@ def reader_points(at: At, data: BinaryScores, readers: pd.DataFrame) -> list[tup
         at.add("readers_n", summary["n_readers"], n)
         at.add("readers_mean_sensitivity", summary["mean_sensitivity"], n)
         at.add("readers_mean_specificity", summary["mean_specificity"], n)
-        at.add("readers_below_model_curve", summary["below_curve"], n)
-        at.add("model_sensitivity_at_readers_mean_specificity", summary["model_sensitivity_at_mean_specificity"], n)
+        at.add("readers_below_model_curve", summary["below_curve"], n,
+               note=f"{summary['below_curve']} of {summary['n_readers']} readers lie below the model's ROC curve")
+        at_mean = M.rates_at_readers_point(y, score, data.groups, summary["mean_sensitivity"],
+                                           summary["mean_specificity"], cfg.n_bootstrap,
+                                           seed=subset_seed(cfg.seed, at.subset), alpha=1 - cfg.ci_level)
+        value, lo, hi = at_mean["sensitivity_at_readers_specificity"]
+        at.add("model_sensitivity_at_readers_mean_specificity", value, n, lo, hi)
+        value, lo, hi = at_mean["specificity_at_readers_sensitivity"]
+        at.add("model_specificity_at_readers_mean_sensitivity", value, n, lo, hi)
     return pts
 
 

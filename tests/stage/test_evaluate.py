@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from dermray.cli import main
 from dermray.core.partitioning import node_to_class, partition_classes, task_membership
@@ -120,6 +120,7 @@ def test_binary_metrics_match_sklearn_on_every_subset(study, tmp_path):
     score = independent_score(study, "mel_vs_nev", "Malignant:Melanoma", "Benign:Nevus")
     in_task = df["label"].str.startswith("Malignant:Melanoma") | df["label"].str.startswith("Benign:Nevus")
     y = df["label"].str.startswith("Malignant").to_numpy()
+    m_all = in_task.to_numpy() & ~np.isnan(score)
     for subset, mask in [("all", in_task), ("biopsy", in_task & (df.label_source == "biopsy")),
                          ("sex=male", in_task & (df.sex == "male")), ("age=[50,120)", in_task & (df.age >= 50))]:
         m = mask.to_numpy() & ~np.isnan(score)
@@ -144,6 +145,18 @@ def test_binary_metrics_match_sklearn_on_every_subset(study, tmp_path):
                - all_readers.specificity.mean()) < 1e-12
     roc = pd.read_parquet(base / "roc.parquet")
     assert {"threshold", "fpr", "tpr"} <= set(roc.columns) and (roc.groupby(["task", "subset"]).size() > 2).all()
+    # The paper's comparison at the readers' mean point, with lesion-bootstrap intervals, checked against
+    # scikit-learn's ROC curve on the same images.
+    fpr, tpr, _ = roc_curve(y[m_all], score[m_all], drop_intermediate=False)
+    mean_spec, mean_sens = all_readers.specificity.mean(), all_readers.sensitivity.mean()
+    at_spec = value(metrics, "mel_vs_nev", "all", "model_sensitivity_at_readers_mean_specificity")
+    assert abs(at_spec.value - tpr[(1 - fpr) >= mean_spec - 1e-12].max()) < 1e-12
+    at_sens = value(metrics, "mel_vs_nev", "all", "model_specificity_at_readers_mean_sensitivity")
+    assert abs(at_sens.value - (1 - fpr[tpr >= mean_sens - 1e-12]).max()) < 1e-12
+    for row in (at_spec, at_sens):
+        assert row.ci_low <= row.value <= row.ci_high and row.ci_high - row.ci_low > 0
+    below = value(metrics, "mel_vs_nev", "all", "readers_below_model_curve")
+    assert below.note == f"{int(below.value)} of 6 readers lie below the model's ROC curve"
 
 
 def test_multiclass_accuracy_confusion_and_calibration(study, tmp_path):
@@ -171,6 +184,14 @@ def test_report_renders_with_images(study, tmp_path):
     assert page.count("data:image/png;base64,") >= 3 and "mel_vs_nev" in page
     md = (base / "report.md").read_text()
     assert "| mel_vs_nev | all | auc |" in md
+    # The first lines of each binary task's card answer the paper's question (issue 29).
+    card = md[md.index("## mel_vs_nev"):]
+    answer = card.splitlines()[2]
+    assert answer.startswith("**Against 6 dermatologists (mean sensitivity ") and " of 6 lie below its ROC curve" in \
+        answer, answer
+    assert "at their mean specificity the CNN's sensitivity is " in answer and "at their mean sensitivity its " \
+        "specificity is " in answer
+    assert "Against 6 dermatologists" in page
     pngs = list((base / "plots").glob("*.png"))
     assert any(p.name == "roc_mel_vs_nev_all.png" for p in pngs)
     for png in pngs:

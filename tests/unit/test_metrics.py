@@ -289,3 +289,26 @@ def test_a_locked_point_carries_over_unless_a_test_rate_leaves_its_out_of_fold_i
     ok, why, _ = M.carries_over("sensitivity", 0.05, 0.06, 1000, floor=0.10)
     assert ok is False and "below the floor" in why and "outside" not in why
     assert M.carries_over("sensitivity", None, 0.9, 10, floor=0.1)[0] is None
+
+
+def test_the_model_at_the_readers_mean_point_with_lesion_bootstrap_intervals():
+    """The paper's comparison: the model's sensitivity at the readers' mean specificity and its specificity at
+    their mean sensitivity, each with a percentile interval over lesion resamples."""
+    from sklearn.metrics import roc_curve
+
+    rng = np.random.default_rng(3)
+    n = 400
+    y = rng.integers(0, 2, n)
+    score = y * 1.0 + rng.normal(0, 0.8, n)
+    groups = np.arange(n) // 2  # two images per lesion
+    r = M.rates_at_readers_point(y, score, groups, 0.75, 0.70, n_boot=200, seed=1)
+    fpr, tpr, _ = roc_curve(y, score, drop_intermediate=False)
+    sens, lo, hi = r["sensitivity_at_readers_specificity"]
+    assert sens == tpr[(1 - fpr) >= 0.70 - 1e-12].max() and lo <= sens <= hi and 0 < hi - lo < 0.3
+    spec, lo, hi = r["specificity_at_readers_sensitivity"]
+    assert spec == (1 - fpr[tpr >= 0.75 - 1e-12]).max() and lo <= spec <= hi and 0 < hi - lo < 0.3
+    # Weighted: the same as repeating each image by its weight.
+    w = rng.integers(0, 3, n)
+    rep = np.repeat(np.arange(n), w)
+    assert M.sensitivity_at_specificity(y, score, 0.7, w.astype(float)) == M.sensitivity_at_specificity(
+        y[rep], score[rep], 0.7)
