@@ -114,6 +114,9 @@ def headline_cards(summary: dict, t, tasks: list[Task]) -> list[dict]:
             card["plot"] = f"roc_{task.name}_{subset}.png"
         else:
             card["accuracy"] = by.get((task.name, subset, "accuracy"))
+            card["balanced_accuracy"] = by.get((task.name, subset, "balanced_accuracy"))
+            card["recall"] = [(name, by.get((task.name, subset, f"sensitivity@0.5[{name}]")))
+                              for name in task.class_names]
             card["plot"] = f"confusion_{task.name}_{subset}.png"
         cards.append(card)
     return cards
@@ -210,10 +213,17 @@ def render_report(summary: dict, t, plots: dict[str, bytes], tasks: list[Task] |
                 body += f"<p class='readers'><b>{e(readers)}</b></p>"
             body += f"<p>{e(op)}</p><p class='n'>{e(count)} ({e(c['subset'])})</p>"
         else:
-            acc = c["accuracy"]
-            line = f"accuracy {fmt(acc['value']) if acc else '—'}{_ci(acc) if acc else ''}"
-            md += [f"## {c['task']} ({c['subset']})", "", f"**{line}**; {acc['n'] if acc else 0:,} images.", ""]
-            body = f"<p class='big'>{e(line)}</p><p class='n'>{acc['n'] if acc else 0:,} images ({e(c['subset'])})</p>"
+            acc, balanced = c["accuracy"], c.get("balanced_accuracy")
+            # Balanced accuracy first: a model that calls every lesion benign has a high accuracy on a set that
+            # is mostly benign, and the per-class recall shows which classes it misses.
+            line = (f"balanced accuracy {fmt(balanced['value']) if balanced else '—'}; accuracy "
+                    f"{fmt(acc['value']) if acc else '—'}{_ci(acc) if acc else ''}")
+            recall = ", ".join(f"{name} {fmt(r['value']) if r else '—'}" + (f" (n={r['n']})" if r else "")
+                               for name, r in c.get("recall", []))
+            md += [f"## {c['task']} ({c['subset']})", "", f"**{line}**; recall per class: {recall}; "
+                   f"{acc['n'] if acc else 0:,} images.", ""]
+            body = (f"<p class='big'>{e(line)}</p><p>recall per class: {e(recall)}</p>"
+                    f"<p class='n'>{acc['n'] if acc else 0:,} images ({e(c['subset'])})</p>")
         if c["plot"] in plots:
             md.append(f"![{c['plot']}](plots/{c['plot']})")
             body += (f"<img class='headline' alt='{e(c['plot'])}' "

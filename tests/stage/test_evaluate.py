@@ -192,6 +192,10 @@ def test_report_renders_with_images(study, tmp_path):
     assert "at their mean specificity the CNN's sensitivity is " in answer and "at their mean sensitivity its " \
         "specificity is " in answer
     assert "Against 6 dermatologists" in page
+    # A multi-class card leads with balanced accuracy and gives each class's recall.
+    three = md[md.index("## three"):].splitlines()[2]
+    assert three.startswith("**balanced accuracy ") and "; accuracy " in three and "recall per class: " in three
+    assert all(f"{name} " in three.split("recall per class: ")[1] for name in ("benign", "malignant", "other"))
     pngs = list((base / "plots").glob("*.png"))
     assert any(p.name == "roc_mel_vs_nev_all.png" for p in pngs)
     for png in pngs:
