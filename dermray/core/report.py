@@ -209,7 +209,7 @@ def render_report(summary: dict, t, plots: dict[str, bytes], tasks: list[Task] |
             md += [f"## {c['task']} ({c['subset']})", "", f"**{line}**; {op}. {count}.", ""]
             body = f"<p class='big'>{e(line)}</p>"
             if readers:
-                md[-1:-1] = [f"**{readers}**", ""]
+                md += [f"**{readers}**", ""]
                 body += f"<p class='readers'><b>{e(readers)}</b></p>"
             body += f"<p>{e(op)}</p><p class='n'>{e(count)} ({e(c['subset'])})</p>"
         else:

@@ -185,8 +185,9 @@ def test_report_renders_with_images(study, tmp_path):
     md = (base / "report.md").read_text()
     assert "| mel_vs_nev | all | auc |" in md
     # The first lines of each binary task's card answer the paper's question (issue 29).
-    card = md[md.index("## mel_vs_nev"):]
-    answer = card.splitlines()[2]
+    card = md[md.index("## mel_vs_nev"):].splitlines()
+    assert card[2].startswith("**AUC ")  # the headline, then the answer
+    answer = card[4]
     assert answer.startswith("**Against 6 dermatologists (mean sensitivity ") and " of 6 lie below its ROC curve" in \
         answer, answer
     assert "at their mean specificity the CNN's sensitivity is " in answer and "at their mean sensitivity its " \
