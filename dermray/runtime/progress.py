@@ -17,18 +17,6 @@ log = logging.getLogger("dermray.progress")
 LIVE_EVERY_S = 0.5  # a terminal's live line: often enough to look alive, rarely enough to cost nothing
 
 
-def duration(seconds: float) -> str:
-    """12s, 4m05s, 2h13m."""
-    if seconds != seconds or seconds < 0:  # NaN
-        return "?"
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-
-
 def say(message: str, *args) -> None:
     log.info(message, *args)
 
@@ -53,7 +41,8 @@ class Meter:
             pct = 100.0 * self.done / self.total
             left = (self.total - self.done) / rate if rate > 0 else float("nan")
             head = f"{self.label}: {self.done:,} / {self.total:,} {self.unit} ({pct:.0f}%)"
-            tail = f", ETA {duration(left)}" if self.done < self.total else f", {duration(time.monotonic() - self.t0)}"
+            tail = (f", ETA {formatting.seconds(left)}" if self.done < self.total
+                    else f", {formatting.seconds(time.monotonic() - self.t0)}")
         else:
             head, tail = f"{self.label}: {self.done:,} {self.unit}", ""
         return f"{head}, {formatting.rate(rate)} {self.unit}/s{tail}{self.extra}"
