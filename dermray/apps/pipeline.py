@@ -18,8 +18,7 @@ from typing import cast
 
 import pyarrow.compute as pc
 
-from dermray.core import formatting
-from dermray.core.formatting import flagged_points, fmt, strict_json
+from dermray.core.formatting import duration, flagged_points, fmt, strict_json
 from dermray.errors import UserError
 from dermray.runtime import artifacts, layout, progress, registry
 from dermray.runtime.config import RunConfig, derive
@@ -185,7 +184,7 @@ def counts(s: dict) -> dict:
 
 
 def format_summary(s: dict) -> str:
-    lines = [f"pipeline: run {s['run_id']} ({formatting.seconds(s['seconds'])})",
+    lines = [f"pipeline: run {s['run_id']} ({duration(s['seconds'])})",
              f"  {'stage':<10} {'status':<15} {'rows in':>8} {'out':>8} {'quarantined':>12} {'seconds':>8}"]
     for r in s["stages"]:
         lines.append(f"  {r['stage']:<10} {r['status']:<15} {r['in'] if r['in'] is not None else '-':>8} "

@@ -75,7 +75,7 @@ def strict_json(value, indent: int | None = 2) -> str:
     return json.dumps(_json_safe(value), indent=indent, allow_nan=False)
 
 
-def seconds(value: float | None) -> str:
+def duration(value: float | None) -> str:
     """A duration for people: 0.2s, 7.5s, 52s, 4m09s, 1h02m; "?" when unknown."""
     if value is None or value != value or value < 0:
         return "?"

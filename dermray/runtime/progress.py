@@ -41,8 +41,8 @@ class Meter:
             pct = 100.0 * self.done / self.total
             left = (self.total - self.done) / rate if rate > 0 else float("nan")
             head = f"{self.label}: {self.done:,} / {self.total:,} {self.unit} ({pct:.0f}%)"
-            tail = (f", ETA {formatting.seconds(left)}" if self.done < self.total
-                    else f", {formatting.seconds(time.monotonic() - self.t0)}")
+            tail = (f", ETA {formatting.duration(left)}" if self.done < self.total
+                    else f", {formatting.duration(time.monotonic() - self.t0)}")
         else:
             head, tail = f"{self.label}: {self.done:,} {self.unit}", ""
         return f"{head}, {formatting.rate(rate)} {self.unit}/s{tail}{self.extra}"

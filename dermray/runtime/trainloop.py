@@ -396,7 +396,7 @@ def _better(score: float, best: float | None, order: str) -> bool:
 
 def epoch_line(job: FoldJob, metrics: dict, spent_s: float, budget_s: float | None) -> str:
     """One progress line per epoch: fold, epoch of total, losses, the selection metrics, images/s, time left."""
-    from dermray.core.formatting import rate, seconds
+    from dermray.core.formatting import duration, rate
 
     epochs = job.train.epochs
     done = metrics["epoch"] + 1
@@ -410,7 +410,7 @@ def epoch_line(job: FoldJob, metrics: dict, spent_s: float, budget_s: float | No
     if selected:
         parts.append("selection split: " + " ".join(selected))
     parts.append(f"{rate(metrics['train_images_per_s'])} img/s")
-    parts.append(f"ETA {seconds(left)}" + (" (budget)" if budget_s is not None and left < (epochs - done) *
+    parts.append(f"ETA {duration(left)}" + (" (budget)" if budget_s is not None and left < (epochs - done) *
                                             per_epoch else ""))
     return ", ".join(parts)
 

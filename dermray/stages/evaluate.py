@@ -25,9 +25,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from dermray.core import formatting
 from dermray.core import metrics as M
-from dermray.core.formatting import flagged_points, fmt, strict_json
+from dermray.core.formatting import duration, flagged_points, fmt, strict_json
 from dermray.core.ids import lesion_keys
 from dermray.core.inference import (
     NOT_IN_TASK,
@@ -998,5 +997,5 @@ def format_summary(s: dict) -> str:
     elif overlap and not overlap["checked"]:
         lines.append(f"  train-test overlap not checked: {overlap['not_checked']}")
     out = s["outputs"]
-    lines.append(f"  report: {out.get('report_html', out.get('metrics'))}  ({formatting.seconds(s['seconds'])})")
+    lines.append(f"  report: {out.get('report_html', out.get('metrics'))}  ({duration(s['seconds'])})")
     return "\n".join(lines)

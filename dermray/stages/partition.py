@@ -28,8 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dermray.core import formatting
-from dermray.core.formatting import strict_json
+from dermray.core.formatting import duration, strict_json
 from dermray.core.ids import SEEDS as ID_SEEDS
 from dermray.core.ids import lesion_keys
 from dermray.core.partitioning import (
@@ -681,7 +680,7 @@ def format_summary(s: dict) -> str:
     for u in s["unattributable"]:
         lines.append(f"  warning: training class {u['class_name']!r} cannot be attributed to task {u['task']!r} "
                      f"(its images straddle {', '.join(u['task_classes'])})")
-    lines.append(f"  outputs: {storage.parent(s['outputs']['labels'])}  ({formatting.seconds(s['seconds']['total'])})")
+    lines.append(f"  outputs: {storage.parent(s['outputs']['labels'])}  ({duration(s['seconds']['total'])})")
     return "\n".join(lines)
 
 

@@ -23,8 +23,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from dermray.core import formatting
-from dermray.core.formatting import strict_json
+from dermray.core.formatting import duration, strict_json
 from dermray.core.inference import binary_task_score, membership_matrix, task_probabilities, truth_for_task
 from dermray.errors import UserError
 from dermray.runtime import artifacts, layout, progress
@@ -524,7 +523,7 @@ def gallery_html(cfg: RunConfig, index: pd.DataFrame, sanity: pd.DataFrame, flag
 
 def format_summary(s: dict) -> str:
     lines = [f"saliency: {s['selected']} selected (image, task) pairs -> {s['maps']} maps "
-             f"({', '.join(s['methods'])}) with {s['model_id']} ({formatting.seconds(s['seconds'])})"]
+             f"({', '.join(s['methods'])}) with {s['model_id']} ({duration(s['seconds'])})"]
     for m, v in s["inside_lesion_mean"].items():
         lines.append(f"  {m}: {v:.1%} of the attribution inside the lesion on average")
     for m, why in s["flagged"].items():

@@ -1072,7 +1072,7 @@ def format_summary(s: dict) -> str:
                 f"{s['already_done']} done before")
         if s.get("changed_since_scored"):
             head += f" ({s['changed_since_scored']} scored again: their input row changed since)"
-    lines = [head + f" ({formatting.seconds(s['seconds'])})",
+    lines = [head + f" ({formatting.duration(s['seconds'])})",
              f"  model {s['model_id']} ({s['arch']}, {s['models']} model(s), tta {s['tta']})",
              f"  run totals: {s['run_scored_total']} predictions, {s['run_quarantined_total']} quarantined",
              f"  outputs: {s['outputs']['predictions']}"]
@@ -1081,5 +1081,5 @@ def format_summary(s: dict) -> str:
         lines.append(f"  quarantined ({why or 'see the file'}): {storage.redact(s['outputs']['quarantine'])}")
     if s.get("images_per_s"):
         lines.insert(1, f"  {formatting.rate(s['images_per_s'])} images/s overall, first results after "
-                        f"{formatting.seconds(s['startup_s'])}")
+                        f"{formatting.duration(s['startup_s'])}")
     return "\n".join(lines)

@@ -35,8 +35,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dermray.core import formatting
-from dermray.core.formatting import fmt, strict_json
+from dermray.core.formatting import duration, fmt, strict_json
 from dermray.core.ids import lesion_keys
 from dermray.errors import UserError
 from dermray.runtime import artifacts, faults, layout, progress
@@ -912,7 +911,7 @@ def counts(s: dict) -> dict:
 
 def format_summary(s: dict) -> str:
     lines = [f"train: {s['arch']}, run {s['run_id']}, folds {', '.join(s['folds'])}: {s['images']} images = "
-             f"{s['trained_on']} used + {s['quarantined']} quarantined ({formatting.seconds(s['seconds'])})"]
+             f"{s['trained_on']} used + {s['quarantined']} quarantined ({duration(s['seconds'])})"]
     for r in s["per_fold"]:
         lines.append(f"  fold {r['fold']}: {r['epochs']} epochs, best epoch {r['best_epoch']}, "
                      + ", ".join(f"{k}={v:.3f}" for k, v in r.items() if k.startswith("val_")))

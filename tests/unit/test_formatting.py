@@ -66,9 +66,9 @@ def test_any_nesting_of_numbers_round_trips_with_undefined_numbers_as_null(value
 @pytest.mark.parametrize("value, text", [(0.245, "0.2s"), (7.46, "7.5s"), (51.694, "52s"), (249.3, "4m09s"),
                                          (3725, "1h02m"), (None, "?"), (float("nan"), "?")])
 def test_durations_for_people(value, text):
-    from dermray.core.formatting import seconds
+    from dermray.core.formatting import duration
 
-    assert seconds(value) == text
+    assert duration(value) == text
 
 
 @pytest.mark.parametrize("value, text", [(147071.9, "147,072"), (52.43, "52.4"), (3.071, "3.07"), (0.0, "0.00")])
