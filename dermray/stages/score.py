@@ -36,8 +36,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dermray.core import formatting, ids
-from dermray.core.formatting import strict_json
+from dermray.core import ids
+from dermray.core.formatting import duration, rate, strict_json
 from dermray.errors import UserError
 from dermray.runtime import artifacts, layout, progress
 from dermray.runtime.artifacts import Ensemble
@@ -1072,7 +1072,7 @@ def format_summary(s: dict) -> str:
                 f"{s['already_done']} done before")
         if s.get("changed_since_scored"):
             head += f" ({s['changed_since_scored']} scored again: their input row changed since)"
-    lines = [head + f" ({formatting.duration(s['seconds'])})",
+    lines = [head + f" ({duration(s['seconds'])})",
              f"  model {s['model_id']} ({s['arch']}, {s['models']} model(s), tta {s['tta']})",
              f"  run totals: {s['run_scored_total']} predictions, {s['run_quarantined_total']} quarantined",
              f"  outputs: {s['outputs']['predictions']}"]
@@ -1080,6 +1080,6 @@ def format_summary(s: dict) -> str:
         why = ", ".join(f"{r['images']} {r['reason']}" for r in s.get("quarantine_reasons") or [])
         lines.append(f"  quarantined ({why or 'see the file'}): {storage.redact(s['outputs']['quarantine'])}")
     if s.get("images_per_s"):
-        lines.insert(1, f"  {formatting.rate(s['images_per_s'])} images/s overall, first results after "
-                        f"{formatting.duration(s['startup_s'])}")
+        lines.insert(1, f"  {rate(s['images_per_s'])} images/s overall, first results after "
+                        f"{duration(s['startup_s'])}")
     return "\n".join(lines)
