@@ -1,7 +1,7 @@
 """``dermray doctor``: what this environment can do, checked before a long run - one line per check (ok / warn /
-fail). Ray's version and the cluster it would use (address, auth mode, CPUs and GPUs seen), torch's threads and
-whether bf16 is native on this CPU, whether an S3 prefix answers and takes a write, and whether the configured
-pretrained weights can be loaded."""
+fail; skip where there was nothing to check). Ray's version and the cluster it would use (address, auth mode, CPUs
+and GPUs seen), torch's threads and whether bf16 is native on this CPU, whether an S3 prefix answers and takes a
+write, and whether the configured pretrained weights can be loaded."""
 from __future__ import annotations
 
 import os
@@ -59,8 +59,8 @@ def torch_check(cfg: RunConfig):
 def s3_check(prefix: str | None):
     from dermray.store import storage
 
-    if not prefix:
-        return "ok", "no s3:// output or --s3 prefix to check"
+    if not prefix:  # nothing was checked: "ok" would read as "S3 works"
+        return "skip", "not checked: no s3:// output or --s3 prefix"
     probe = storage.join(prefix.rstrip("/"), f".dermray-doctor-{uuid.uuid4().hex[:8]}")
     storage.write_text(probe, "ok")
     if storage.read_text(probe) != "ok":

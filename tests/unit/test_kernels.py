@@ -276,3 +276,13 @@ def test_quarantine_reasons_count_by_kind_without_their_particulars():
                                                                                      "file or object")
     assert reason_kind("image too large: 360000 pixels > 250000") == "image too large: N pixels > N"
     assert reason_kind(None) == "unknown"
+
+
+def test_doctor_says_skip_not_ok_when_it_checked_no_s3():
+    """Issue 29: `dermray doctor` printed "s3 ok" when nothing was checked."""
+    from dermray.apps import doctor
+
+    status, detail = doctor.s3_check(None)
+    assert status == "skip" and detail.startswith("not checked")
+    line = doctor.format_checks([{"check": "s3", "status": status, "detail": detail}])
+    assert line.startswith("doctor: s3       skip")
