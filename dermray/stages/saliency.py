@@ -285,11 +285,6 @@ def sanity_verdict(rows: list[dict]) -> tuple[bool, str]:
     return (False, "; ".join(why)) if why else (True, f"on {n} images")
 
 
-def conclusive(rows: list[dict]) -> bool:
-    """The sanity test decided something (sanity_verdict)."""
-    return sanity_verdict(rows)[0]
-
-
 # ---- the stage -----------------------------------------------------------------------------------------------------
 def lineage_now(cfg: RunConfig, recorded: lineage.Lineage | None = None) -> lineage.Lineage:
     return lineage.Lineage.of(STAGE, read_inputs(cfg).lineage_inputs, lineage_config(cfg.saliency))
@@ -439,11 +434,13 @@ def write_outputs(cfg: RunConfig, inp: SaliencyInputs, index: pd.DataFrame, sani
     storage.write_table(pa.Table.from_pandas(index, preserve_index=False),
                         storage.join(rdir, "saliency_index.parquet"))
     flags = flag_methods(sanity, sc.flag_similarity) if sanity else {}
+    conclusive, why = sanity_verdict(sanity)
     sanity_df = pd.DataFrame(sanity, columns=["method", "level", "randomised", "spearman", "ssim", "n_images",
                                               "constant_maps"])
     sanity_df["flagged"] = sanity_df["method"].map(lambda m: m in flags)
     storage.write_table(pa.Table.from_pandas(sanity_df, preserve_index=False), storage.join(rdir, "sanity.parquet"))
-    storage.write_text(storage.join(rdir, "gallery.html"), gallery_html(cfg, index, sanity_df, flags, tasks, rdir))
+    storage.write_text(storage.join(rdir, "gallery.html"),
+                       gallery_html(cfg, index, sanity_df, flags, (conclusive, why), tasks, rdir))
     config = lineage_config(sc)
     summary = {"stage": STAGE, "run_id": cfg.run_id, "model_id": inp.ens.model_id, "methods": list(sc.methods),
                "selected": len(inp.chosen), "maps": len(index),
@@ -451,7 +448,7 @@ def write_outputs(cfg: RunConfig, inp: SaliencyInputs, index: pd.DataFrame, sani
                "tasks": [t.name for t in tasks],
                "inside_lesion_mean": {m: float(g.mean()) for m, g in index.groupby("method")["inside_lesion"]
                                       if g.notna().any()},
-               "sanity": sanity, "sanity_conclusive": conclusive(sanity), "sanity_why": sanity_verdict(sanity)[1],
+               "sanity": sanity, "sanity_conclusive": conclusive, "sanity_why": why,
                "flagged": flags,
                "lineage": lineage.Lineage.of(STAGE, inp.lineage_inputs, config).to_dict(),
                "outputs": {"index": storage.join(rdir, "saliency_index.parquet"),
@@ -472,7 +469,8 @@ def _relative(uri: str, base: str) -> str:
     return uri[len(base):].lstrip("/") if uri.startswith(base) else uri
 
 
-def gallery_html(cfg: RunConfig, index: pd.DataFrame, sanity: pd.DataFrame, flags: dict, tasks, rdir: str) -> str:
+def gallery_html(cfg: RunConfig, index: pd.DataFrame, sanity: pd.DataFrame, flags: dict, verdict: tuple[bool, str],
+                 tasks, rdir: str) -> str:
     """The paper's saliency-figure form: per task, one row per class (the images whose truth is that class), each
     image with every method's overlay; then the sanity-check table. Links are relative: the page works where the
     folder is (local, or an S3 static site)."""
@@ -513,7 +511,7 @@ def gallery_html(cfg: RunConfig, index: pd.DataFrame, sanity: pd.DataFrame, flag
         parts.append("</table><p>Similarity should fall as more of the network is randomised. A blank map "
                      "(Grad-CAM's final ReLU blanks a map whose weighted activations are all negative) scores 0, so "
                      "a low similarity built on blank maps says nothing: such a level is inconclusive.</p>")
-        decided, why = sanity_verdict(sanity.to_dict("records"))
+        decided, why = verdict  # sanity_verdict's (conclusive?, why)
         parts.append(f"<p><b>Verdict: {'conclusive' if decided else 'inconclusive'}</b> ({e(why)}).</p>")
         for m, why in flags.items():
             parts.append(f"<p class='flag'>{e(m)}: {e(why)}</p>")
