@@ -149,15 +149,9 @@ class TransformsConfig(Section):
     def preprocess(self, card: dict | None = None):
         """The preprocessing: for training (card None) "auto" means shades_of_gray; for scoring the card's."""
         from dermray.core.transforms import Preprocess
-        from dermray.errors import UserError
 
         if card is not None:
-            recorded = Preprocess(**card) if card else Preprocess()
-            if self.color_constancy not in ("auto", recorded.color_constancy):
-                raise UserError(f"transforms.color_constancy is {self.color_constancy!r} but the model was trained "
-                                f"with {recorded.color_constancy!r} (its model card): leave it at auto to score as "
-                                "it was trained")
-            return recorded
+            return card_preprocess(self.color_constancy, card)
         cc = "shades_of_gray" if self.color_constancy == "auto" else self.color_constancy
         return Preprocess(cc, self.color_constancy_power)
 
@@ -168,6 +162,19 @@ class TransformsConfig(Section):
             return Photometric()
         return Photometric(self.brightness, self.contrast, self.saturation, self.hue, self.blur_sigma,
                            self.jpeg_quality_min, self.photometric_p)
+
+
+def card_preprocess(color_constancy: str, card: dict):
+    """The preprocessing a model card records, for scoring and saliency: ``color_constancy`` (the config's
+    transforms.color_constancy) must be auto or the card's."""
+    from dermray.core.transforms import Preprocess
+    from dermray.errors import UserError
+
+    recorded = Preprocess(**card) if card else Preprocess()
+    if color_constancy not in ("auto", recorded.color_constancy):
+        raise UserError(f"transforms.color_constancy is {color_constancy!r} but the model was trained with "
+                        f"{recorded.color_constancy!r} (its model card): leave it at auto to score as it was trained")
+    return recorded
 
 
 class EvaluateConfig(Section):

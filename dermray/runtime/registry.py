@@ -17,7 +17,9 @@ Every stage module has the same interface:
 ``run`` and ``lineage_now`` go through this module (``run``, ``lineage_now`` below), which hands the stage a
 ``ConfigView``: the sections and keys the stage declared in ``reads``, and nothing else. A read of anything else
 raises ``UndeclaredConfigRead`` - in the tests, which run every stage through here, not in a user's run months
-later as an output computed from a setting its lineage never saw.
+later as an output computed from a setting its lineage never saw. A stage's lineage takes its settings from the
+same declaration (``stage_lineage``): every declared value but its inputs (fingerprinted by content) and its
+``tuning``, so what a stage may read is what its lineage holds.
 
 No dermray imports at module level: ``config`` and ``layout`` read the registry.
 """
@@ -47,11 +49,17 @@ class StageSpec:
     flags: dict[str, str] = field(default_factory=dict)
     # Input keys the pipeline sets itself (wired from the previous stages' outputs)
     wired: tuple[str, ...] = ()
+    # Keys of ``reads`` that change how fast or where the stage runs, never what it writes (resources, batch sizes,
+    # parallelism, "resume or refuse"). Every other declared value is in the stage's lineage (``stage_lineage``).
+    tuning: tuple[str, ...] = ()
 
     @property
     def module(self) -> ModuleType:
         return importlib.import_module(f"dermray.stages.{self.name}")
 
+
+# Resources and placement: where and how fast, never what is computed.
+_ACTORS = ("actors", "cpus_per_actor", "num_gpus", "torch_threads", "batch_size")
 
 REGISTRY: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("partition", "partition", "partition_summary.json",
@@ -63,21 +71,34 @@ REGISTRY: dict[str, StageSpec] = {s.name: s for s in (
     # Train locks the decisions (operating points) too: from the tasks, evaluate.target_sensitivity and the
     # readers' specificity on the test manifest's labels.
     StageSpec("train", "train", "train_summary.json",
-              inputs=("data.manifest", "train.partition", "train.weights"),
+              inputs=("data.manifest", "train.partition", "train.weights", "evaluate.readers",
+                      "pipeline.test_manifest"),
               reads=("train", "transforms", "data.manifest", *_DEFINITIONS, "evaluate.target_sensitivity",
                      "evaluate.readers", "pipeline.test_manifest"),
               flags={"manifest": "data.manifest", "partition": "train.partition", "arch": "train.arch",
-                     "epochs": "train.epochs", "force": "train.force"}),
+                     "epochs": "train.epochs", "force": "train.force"},
+              # channels_last: the same arithmetic in another memory layout (differences at float rounding);
+              # max_failures, keep_checkpoints: how a fold survives and what it keeps beside its model; force:
+              # retrain or refuse a fold of another lineage
+              tuning=tuple(f"train.{k}" for k in (
+                  "use_gpu", "cpus_per_worker", "worker_resources", "data_cpus", "torch_threads", "channels_last",
+                  "max_failures", "keep_checkpoints", "force"))),
     StageSpec("score", "predictions", "score_summary.json",
               inputs=("score.checkpoints", "score.input", "score.labels", "score.partition", *_DEFINITIONS),
-              reads=("score", "transforms", *_DEFINITIONS),
+              # Scoring prepares images as the model card says; its one transforms key must agree with the card.
+              reads=("score", "transforms.color_constancy", *_DEFINITIONS),
               flags={"checkpoint": "score.checkpoints", "input": "score.input", "labels": "score.labels",
                      "tasks": "data.tasks", "taxonomy": "data.taxonomy", "partition": "score.partition",
                      "incremental": "score.incremental", "tta": "score.tta"},
-              wired=("score.input", "score.labels")),
+              wired=("score.input", "score.labels"),
+              # compile: probabilities within 3e-6 of eager (benchmarks/score_throughput.py); rows_per_file: how
+              # the predictions are cut into files, not what they hold; incremental: skip what this model scored
+              tuning=tuple(f"score.{k}" for k in (
+                  *_ACTORS, "actor_resources", "decode_cpus", "channels_last", "compile", "incremental",
+                  "rows_per_file"))),
     StageSpec("evaluate", "metrics", "evaluate_summary.json",
               inputs=("evaluate.predictions", "evaluate.partition", "evaluate.readers", "evaluate.compare",
-                      *_DEFINITIONS),
+                      "evaluate.reference", *_DEFINITIONS),
               reads=("evaluate", *_DEFINITIONS),
               flags={"predictions": "evaluate.predictions", "tasks": "data.tasks", "taxonomy": "data.taxonomy",
                      "partition": "evaluate.partition", "readers": "evaluate.readers", "compare": "evaluate.compare",
@@ -88,7 +109,8 @@ REGISTRY: dict[str, StageSpec] = {s.name: s for s in (
               reads=("saliency", *_DEFINITIONS, "evaluate.model_id"),
               flags={"checkpoint": "saliency.checkpoints", "predictions": "saliency.predictions",
                      "method": "saliency.methods", "tasks": "data.tasks", "taxonomy": "data.taxonomy",
-                     "masks": "saliency.masks"}),
+                     "masks": "saliency.masks"},
+              tuning=tuple(f"saliency.{k}" for k in _ACTORS)),
 )}
 STAGES = tuple(REGISTRY)
 
@@ -210,6 +232,38 @@ def preflight(stage: str, cfg: Any) -> None:
         if not storage.exists(f"s3://{bucket}"):
             raise UserError(f"{stage}: output {storage.redact(output)}: bucket {bucket!r} does not exist, or these "
                             "credentials cannot see it (create it first, or choose another output)")
+
+
+# ---- lineage: every declared value, by construction ----------------------------------------------------------------
+def declared_values(stage: str, cfg: Any, sections: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """{section: {key: value}} of every config value ``stage`` declares in ``reads`` (a whole section: each of its
+    keys), less its ``inputs`` (files and folders: fingerprinted by their content, so a moved file is the same
+    input) and its ``tuning``; only ``sections`` when given. JSON values, as the lineage records them."""
+    spec = REGISTRY[stage]
+    skip = set(spec.inputs) | set(spec.tuning)
+    whole = unwrap(cfg)
+    out: dict[str, dict[str, Any]] = {}
+    for read in spec.reads:
+        section, _, key = read.partition(".")
+        if sections and section not in sections:
+            continue
+        values = getattr(whole, section).model_dump(mode="json")
+        for k in [key] if key else values:
+            if f"{section}.{k}" not in skip:
+                out.setdefault(section, {})[k] = values[k]
+    return out
+
+
+def stage_lineage(stage: str, cfg: Any, inputs: dict, derived: dict | None = None):
+    """The lineage ``stage`` records: its inputs' fingerprints (the stage computes them: by the columns it reads,
+    or the bytes) and a config of every value it declared (``declared_values``: nothing it may read escapes) plus
+    what it ``derived`` from its inputs (a model card's preprocessing, the input size)."""
+    from dermray.store import lineage
+
+    config: dict[str, Any] = declared_values(stage, cfg)
+    if derived:
+        config["derived"] = derived
+    return lineage.Lineage.of(stage, inputs, config)
 
 
 def lineage_now(stage: str, cfg: Any, recorded=None):

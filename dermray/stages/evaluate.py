@@ -42,7 +42,7 @@ from dermray.core.report import render_plots, render_report
 from dermray.core.tasks import Task
 from dermray.core.taxonomy import Taxonomy
 from dermray.errors import UserError
-from dermray.runtime import layout, progress
+from dermray.runtime import layout, progress, registry
 from dermray.runtime.config import EvaluateConfig, RunConfig
 from dermray.store import lineage, schemas, storage
 from dermray.store.definitions import load_tasks, load_taxonomy
@@ -635,7 +635,8 @@ def load_other_run(uri: str, columns: tuple[str, ...], own_classes: int, inp: Ev
     return df
 
 
-def evaluation_lineage(inp: EvalInputs, predictions_fp, readers_fp, compare_fp, ecfg: EvaluateConfig):
+def evaluation_lineage(inp: EvalInputs, predictions_fp, readers_fp, compare_fp, cfg: RunConfig):
+    ecfg = cfg.evaluate
     inputs = dict(inp.fingerprints) | {"predictions": predictions_fp}
     if readers_fp is not None:
         inputs["readers"] = readers_fp
@@ -648,9 +649,7 @@ def evaluation_lineage(inp: EvalInputs, predictions_fp, readers_fp, compare_fp, 
         fp = other_run_membership(uri)[1] if uri else None
         if fp is not None:
             inputs[f"{name}_task_membership"] = fp
-    config = ecfg.model_dump(mode="json", exclude={"predictions", "partition", "readers", "compare", "distributed",
-                                                   "reference"})
-    return lineage.Lineage.of(STAGE, inputs, config)
+    return registry.stage_lineage(STAGE, cfg, inputs)
 
 
 def lineage_now(cfg: RunConfig, recorded: lineage.Lineage | None = None) -> lineage.Lineage:
@@ -666,7 +665,7 @@ def lineage_now(cfg: RunConfig, recorded: lineage.Lineage | None = None) -> line
     compare = lineage.reuse(recorded, "compare", ecfg.compare, lambda: load_predictions(
         ecfg.compare, None, columns).attrs["fingerprint"], declared) if ecfg.compare else None
     readers = lineage.file_fingerprint(ecfg.readers) if ecfg.readers else None
-    return evaluation_lineage(inp, pred, readers, compare, ecfg)
+    return evaluation_lineage(inp, pred, readers, compare, cfg)
 
 
 def write_back(summary: dict, scored: dict) -> str | None:
@@ -741,7 +740,7 @@ def run(cfg: RunConfig, base: str | None = None) -> dict:
         assert reference is not None  # cohorts_of names the reference cohort whenever it returns cohorts
         external_validation(t, cfg.run_id, inp, cohorts, reference, ecfg)
     now = evaluation_lineage(inp, df.attrs["fingerprint"], lineage.file_fingerprint(ecfg.readers) if ecfg.readers
-                             else None, compare.attrs["fingerprint"] if compare is not None else None, ecfg)
+                             else None, compare.attrs["fingerprint"] if compare is not None else None, cfg)
     summary = {
         "stage": STAGE, "run_id": cfg.run_id, "predictions": storage.redact(ecfg.predictions), "images": len(df),
         "lesions": int(pd.Series(groups).nunique()),

@@ -45,7 +45,7 @@ from dermray.core.partitioning import (
 from dermray.core.tasks import Task
 from dermray.core.taxonomy import Taxonomy
 from dermray.errors import UserError
-from dermray.runtime import layout, progress
+from dermray.runtime import layout, progress, registry
 from dermray.runtime.config import RunConfig
 from dermray.store import lineage, schemas, storage
 from dermray.store.definitions import load_tasks, load_taxonomy
@@ -523,8 +523,7 @@ def assign_pass(ray, inp: Inputs, chunks, cpus: int, given: AssignInputs, paths:
 
 
 def partition_lineage(inp: Inputs, manifest_fp: lineage.Fingerprint, cfg: RunConfig) -> lineage.Lineage:
-    return lineage.Lineage.of(STAGE, {"manifest": manifest_fp, **inp.fingerprints},
-                              cfg.partition.model_dump(mode="json"))
+    return registry.stage_lineage(STAGE, cfg, {"manifest": manifest_fp, **inp.fingerprints})
 
 
 def lineage_now(cfg: RunConfig, recorded: lineage.Lineage | None = None) -> lineage.Lineage:

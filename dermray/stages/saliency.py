@@ -26,7 +26,7 @@ import pyarrow as pa
 from dermray.core.formatting import duration, strict_json
 from dermray.core.inference import binary_task_score, membership_matrix, task_probabilities, truth_for_task
 from dermray.errors import UserError
-from dermray.runtime import artifacts, layout, progress
+from dermray.runtime import artifacts, layout, progress, registry
 from dermray.runtime.config import RunConfig, SaliencyConfig
 from dermray.store import lineage, storage
 
@@ -287,12 +287,7 @@ def sanity_verdict(rows: list[dict]) -> tuple[bool, str]:
 
 # ---- the stage -----------------------------------------------------------------------------------------------------
 def lineage_now(cfg: RunConfig, recorded: lineage.Lineage | None = None) -> lineage.Lineage:
-    return lineage.Lineage.of(STAGE, read_inputs(cfg).lineage_inputs, lineage_config(cfg.saliency))
-
-
-def lineage_config(sc: SaliencyConfig) -> dict:
-    return sc.model_dump(mode="json", exclude={"checkpoints", "predictions", "partition", "masks", "actors",
-                                               "cpus_per_actor", "num_gpus", "torch_threads", "batch_size"})
+    return registry.stage_lineage(STAGE, cfg, read_inputs(cfg).lineage_inputs)
 
 
 @dataclass(frozen=True)
@@ -309,7 +304,7 @@ class SaliencyInputs:
 
 def read_inputs(cfg: RunConfig) -> SaliencyInputs:
     """The model, tasks, predictions and selection of a run (SaliencyInputs)."""
-    from dermray.store.definitions import load_tasks, load_taxonomy
+    from dermray.store.definitions import fingerprints, load_tasks, load_taxonomy
 
     sc = cfg.saliency
     if not sc.predictions:
@@ -344,7 +339,7 @@ def read_inputs(cfg: RunConfig) -> SaliencyInputs:
                      for t, c in zip(chosen["task"], chosen["target_col"])]
     inputs = {"model": lineage.value_fingerprint(ens.model_id), "predictions": df.attrs["fingerprint"],
               "task_membership": lineage.columns_fingerprint(tm_uri, tm, tm.column_names),
-              "tasks": lineage.file_fingerprint(cfg.data.tasks)}
+              **fingerprints(cfg.data.tasks, cfg.data.taxonomy)}
     if sc.masks:
         inputs["masks"] = lineage.value_fingerprint(storage.redact(sc.masks))
     return SaliencyInputs(ens, tasks, chosen, matrix, inputs)
@@ -441,7 +436,6 @@ def write_outputs(cfg: RunConfig, inp: SaliencyInputs, index: pd.DataFrame, sani
     storage.write_table(pa.Table.from_pandas(sanity_df, preserve_index=False), storage.join(rdir, "sanity.parquet"))
     storage.write_text(storage.join(rdir, "gallery.html"),
                        gallery_html(cfg, index, sanity_df, flags, (conclusive, why), tasks, rdir))
-    config = lineage_config(sc)
     summary = {"stage": STAGE, "run_id": cfg.run_id, "model_id": inp.ens.model_id, "methods": list(sc.methods),
                "selected": len(inp.chosen), "maps": len(index),
                "explained": int(index[["image_id", "task"]].drop_duplicates().shape[0]) if len(index) else 0,
@@ -450,7 +444,7 @@ def write_outputs(cfg: RunConfig, inp: SaliencyInputs, index: pd.DataFrame, sani
                                       if g.notna().any()},
                "sanity": sanity, "sanity_conclusive": conclusive, "sanity_why": why,
                "flagged": flags,
-               "lineage": lineage.Lineage.of(STAGE, inp.lineage_inputs, config).to_dict(),
+               "lineage": registry.stage_lineage(STAGE, cfg, inp.lineage_inputs).to_dict(),
                "outputs": {"index": storage.join(rdir, "saliency_index.parquet"),
                            "sanity": storage.join(rdir, "sanity.parquet"),
                            "gallery": storage.join(rdir, "gallery.html")},

@@ -39,9 +39,9 @@ import pyarrow.compute as pc
 from dermray.core import ids
 from dermray.core.formatting import duration, rate, strict_json
 from dermray.errors import UserError
-from dermray.runtime import artifacts, layout, progress
+from dermray.runtime import artifacts, layout, progress, registry
 from dermray.runtime.artifacts import Ensemble
-from dermray.runtime.config import RunConfig, ScoreConfig
+from dermray.runtime.config import RunConfig, ScoreConfig, card_preprocess
 from dermray.runtime.faults import from_env as fault_hooks
 from dermray.store import archive, lineage, schemas, storage
 from dermray.store.archive import TRANSIENT, WDS_META
@@ -723,16 +723,15 @@ def preprocessing(cfg: RunConfig, ens: Ensemble):
     if any(c.preprocess != ens.first.preprocess for c in ens.cards):
         raise UserError("the ensemble's models were trained with different preprocessing (model cards): score them "
                         "apart")
-    return cfg.transforms.preprocess(ens.first.preprocess)
+    return card_preprocess(cfg.transforms.color_constancy, ens.first.preprocess)
 
 
 def score_lineage(ens: Ensemble, input_fp: lineage.Fingerprint, task_fps: dict, cfg: RunConfig) -> lineage.Lineage:
-    sc = cfg.score
     inputs = {"model": lineage.value_fingerprint(ens.model_id), "input": input_fp} | task_fps
-    return lineage.Lineage.of(STAGE, inputs, {"tta": sc.tta, "amp": sc.amp, "input_size": ens.size,
-                                              "max_pixels": sc.max_pixels,
-                                              "preprocess": preprocessing(cfg, ens).as_dict(),
-                                              "decisions": model_decisions(ens, sc).as_dict()})
+    # What the model cards decide: how images are prepared, at which size, the calibration and operating points.
+    derived = {"input_size": ens.size, "preprocess": preprocessing(cfg, ens).as_dict(),
+               "decisions": model_decisions(ens, cfg.score).as_dict()}
+    return registry.stage_lineage(STAGE, cfg, inputs, derived)
 
 
 def reconcile(rdir: str, now: lineage.Lineage, incremental: bool) -> None:
@@ -743,18 +742,18 @@ def reconcile(rdir: str, now: lineage.Lineage, incremental: bool) -> None:
     before = lineage.read(spec_uri)
     if before is None and storage.exists(storage.join(rdir, "predictions")):
         before = lineage.Lineage(stage=STAGE, id="unknown (no lineage recorded)")
-    if before is not None and before.id != now.id:
+    changes = now.changes_from(before) if before is not None else []
+    if before is not None and changes:
         if incremental:
             old_model = before.inputs.get("model")
-            changed = [c for c in now.changes_from(before) if not c.startswith("input ")]
+            changed = [c for c in changes if not c.startswith("input ")]
             if changed:
                 raise UserError(f"{storage.redact(rdir)} holds predictions of model "
                                 f"{old_model.content if old_model else 'unknown'}, not of "
                                 f"{now.inputs['model'].content} ({'; '.join(changed)}): incremental scoring never "
                                 "mixes two models in one run; use a new run id for the new model")
         else:
-            log.info("score: %s holds other predictions (%s): replacing them", storage.redact(rdir),
-                     "; ".join(now.changes_from(before)))
+            log.info("score: %s holds other predictions (%s): replacing them", storage.redact(rdir), "; ".join(changes))
             for sub in ("predictions", "_state", "quarantine.parquet", layout.SUMMARY_FILES[STAGE]):
                 storage.delete(storage.join(rdir, sub))
     storage.write_text(spec_uri, json.dumps(now.to_dict(), indent=2))

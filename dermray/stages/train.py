@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 from dermray.core.formatting import duration, fmt, strict_json
 from dermray.core.ids import lesion_keys
 from dermray.errors import UserError
-from dermray.runtime import artifacts, faults, layout, progress
+from dermray.runtime import artifacts, faults, layout, progress, registry
 from dermray.runtime.config import RunConfig, TrainConfig
 from dermray.runtime.raysession import blocks_of
 from dermray.runtime.trainloop import FoldJob, train_loop_per_worker, worker_threads
@@ -51,9 +51,6 @@ LINEAGE_FILE = "lineage.json"
 # A fold's summary row, written last: a fold that has it (from the same lineage, its weights as recorded) is finished.
 FINISHED_FILE = "fold_result.json"
 # What a fold's weights depend on; the rest of TrainConfig (CPUs, threads, retries, which folds) does not.
-RECIPE_KEYS = ("arch", "weights", "freeze", "image_size", "epochs", "batch_size", "optimizer", "lr",
-               "lr_decay_epochs", "lr_decay_factor", "weight_decay", "aux_loss_weight", "amp", "max_minutes",
-               "selection", "selection_fraction", "checkpoint_metric", "seed")
 
 
 # ---- inputs ------------------------------------------------------------------------------------------------------
@@ -72,7 +69,6 @@ class TrainPlan:
     inputs: dict  # name -> lineage.Fingerprint shared by every fold
     # What the locked decisions are chosen from besides the folds (decision_lineage): fingerprints and settings
     decision_inputs: dict = dataclasses.field(default_factory=dict)
-    decision_config: dict = dataclasses.field(default_factory=dict)
 
 
 def read_rows(cfg: RunConfig, part: str) -> tuple[pa.Table, pa.Table, dict]:
@@ -200,7 +196,7 @@ def plan(cfg: RunConfig) -> TrainPlan:
         inputs["tasks"] = lineage.value_fingerprint(sorted(matrices[metric[len("acc_"):]].nonzero()[0].tolist()))
     p = TrainPlan(table, classes, artifacts.classes_hash(classes), part, matrices, task_names, positives,
                   fold_names(table, cfg.train), layout.train_dir(cfg.output, cfg.run_id), inputs)
-    p.decision_inputs, p.decision_config = decision_lineage(cfg, p)
+    p.decision_inputs = decision_lineage(cfg, p)
     return p
 
 
@@ -210,11 +206,12 @@ def uses_readers(cfg: RunConfig, p: TrainPlan) -> bool:
     return bool(cfg.evaluate.readers and cfg.pipeline.test_manifest and p.positives)
 
 
-def decision_lineage(cfg: RunConfig, p: TrainPlan) -> tuple[dict, dict]:
-    """(inputs, config) of the run's locked decisions beyond the folds' models: the tasks and taxonomy (which tasks
-    are binary, their positive class, each image's task truth), the partition's task membership, the readers'
-    decisions with the test manifest's labels, and evaluate.target_sensitivity. A change to any of them re-locks
-    the decisions; the folds' models stay (their own lineage does not include these)."""
+def decision_lineage(cfg: RunConfig, p: TrainPlan) -> dict:
+    """The inputs of the run's locked decisions beyond the folds' models: the tasks and taxonomy (which tasks are
+    binary, their positive class, each image's task truth), the partition's task membership, the readers'
+    decisions with the test manifest's labels (evaluate.target_sensitivity is a declared value: in the run's
+    lineage). A change to any of them re-locks the decisions; the folds' models stay (their own lineage does not
+    include these)."""
     inputs = definitions.fingerprints(cfg.data.tasks, cfg.data.taxonomy)
     if inputs:
         uri = layout.partition_outputs(p.partition)["task_membership"]
@@ -225,7 +222,7 @@ def decision_lineage(cfg: RunConfig, p: TrainPlan) -> tuple[dict, dict]:
         inputs["readers"] = lineage.file_fingerprint(cfg.evaluate.readers)
         labels = storage.read_table(cfg.pipeline.test_manifest, columns=["image_id", "label"])
         inputs["test_labels"] = lineage.columns_fingerprint(cfg.pipeline.test_manifest, labels, labels.column_names)
-    return inputs, {"evaluate": {"target_sensitivity": cfg.evaluate.target_sensitivity}}
+    return inputs
 
 
 def fold_rows(table: pa.Table, fold) -> pa.Table:
@@ -235,27 +232,26 @@ def fold_rows(table: pa.Table, fold) -> pa.Table:
     return table.select(["image_id", "class_index"]).append_column("held_out", is_val)
 
 
-def fold_lineage(fold, p: TrainPlan, tcfg: TrainConfig, transforms=None) -> lineage.Lineage:
+def fold_lineage(fold, p: TrainPlan, cfg: RunConfig) -> lineage.Lineage:
     """What fold ``fold`` is trained from: which images it trains on and which it holds out, their classes and
-    URIs, the classes, the initial weights and the recipe."""
+    URIs, the classes, the initial weights, and the recipe: every train and transforms value the stage declares
+    (``registry.declared_values``) but which folds the run trains."""
     rows = fold_rows(p.table, fold)
     inputs = dict(p.inputs) | {"labels": lineage.columns_fingerprint(None, rows, rows.column_names)}
-    recipe = {k: getattr(tcfg, k) for k in RECIPE_KEYS} | {"fold": str(fold), "balance": tcfg.balance}
-    if transforms is not None:
-        recipe["transforms"] = {"preprocess": transforms.preprocess().as_dict(),
-                                "augmentation": dataclasses.asdict(transforms.augmentation())}
-    return lineage.Lineage.of(STAGE, inputs, recipe)
+    recipe = registry.declared_values(STAGE, cfg, sections=("train", "transforms"))
+    recipe["train"] = {k: v for k, v in recipe["train"].items() if k not in ("folds", "final_model")}
+    return lineage.Lineage.of(STAGE, inputs, recipe | {"fold": str(fold)})
 
 
 def check_fold_lineage(fold, fold_dir: str, now: lineage.Lineage, force: bool) -> bool:
     """Refuse to resume a fold whose checkpoints were made from other inputs, before anything is written; returns
     whether its folder must be cleared first (``force``, or files without a lineage record)."""
     before = lineage.read(storage.join(fold_dir, LINEAGE_FILE))
-    if before is not None and before.id != now.id:
+    changes = now.changes_from(before) if before is not None else []
+    if changes:
         if not force:
-            raise UserError(f"fold {fold}: {'; '.join(now.changes_from(before))}; use a new run id, or --force to "
-                            "retrain from scratch")
-        log.info("train: fold %s: %s: training it afresh (--force)", fold, "; ".join(now.changes_from(before)))
+            raise UserError(f"fold {fold}: {'; '.join(changes)}; use a new run id, or --force to retrain from scratch")
+        log.info("train: fold %s: %s: training it afresh (--force)", fold, "; ".join(changes))
         return True
     if before is None and storage.exists(fold_dir) and any(storage.list_files(fold_dir)):
         if not force:
@@ -274,7 +270,25 @@ def check_can_run(cfg: RunConfig) -> None:
     p = plan(cfg)
     for fold in p.folds:
         check_fold_lineage(fold, layout.fold_dir(cfg.output, cfg.run_id, fold),
-                           fold_lineage(fold, p, cfg.train, cfg.transforms), False)
+                           fold_lineage(fold, p, cfg), False)
+
+
+def adopt_older_record(fold_dir: str, now: lineage.Lineage) -> None:
+    """A fold recorded by an older dermray (lineage format 1) in which ``check_fold_lineage`` found no change: its
+    records take the lineage of now, so that a finished fold is reused rather than trained again after an
+    upgrade."""
+    uri = storage.join(fold_dir, LINEAGE_FILE)
+    before = lineage.read(uri)
+    if before is None or before.format >= now.format:
+        return
+    storage.write_text(uri, json.dumps(now.to_dict(), indent=2))
+    record_uri = storage.join(fold_dir, FINISHED_FILE)
+    if storage.exists(record_uri):
+        record = json.loads(storage.read_text(record_uri))
+        if record.get("lineage_id") == before.id:
+            storage.write_text(record_uri, strict_json(record | {"lineage_id": now.id}))
+    log.info("train: %s: lineage recorded by an older dermray, same inputs and settings: kept",
+             storage.redact(fold_dir))
 
 
 def finished_fold(fold_dir: str, now: lineage.Lineage) -> dict | None:
@@ -830,9 +844,12 @@ def run(cfg: RunConfig) -> dict:
 
     t_start = time.perf_counter()
     p = plan(cfg)
-    lineages = {str(fold): fold_lineage(fold, p, cfg.train, cfg.transforms) for fold in p.folds}
+    lineages = {str(fold): fold_lineage(fold, p, cfg) for fold in p.folds}
     clear = {str(fold): check_fold_lineage(fold, layout.fold_dir(cfg.output, cfg.run_id, fold), lineages[str(fold)],
                                            cfg.train.force) for fold in p.folds}
+    for fold in p.folds:
+        if not clear[str(fold)]:
+            adopt_older_record(layout.fold_dir(cfg.output, cfg.run_id, fold), lineages[str(fold)])
     finished = {str(fold): None if clear[str(fold)] else
                 finished_fold(layout.fold_dir(cfg.output, cfg.run_id, fold), lineages[str(fold)]) for fold in p.folds}
     for fold, record in finished.items():
@@ -878,16 +895,16 @@ def cv_summary(fold_rows: list[dict], task_names: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["metric", "mean", "sd", "folds"])
 
 
-def run_lineage(lineages: dict, p: TrainPlan) -> lineage.Lineage:
+def run_lineage(lineages: dict, p: TrainPlan, cfg: RunConfig) -> lineage.Lineage:
     """The run's lineage: its folds' (each covers the fold's rows, the classes, the initial weights, the recipe) and
     what its locked decisions are chosen from (``decision_lineage``)."""
     folds = {f"fold={f}": lineage.value_fingerprint(lin.id) for f, lin in lineages.items()}
-    return lineage.Lineage.of(STAGE, folds | p.decision_inputs, p.decision_config)
+    return registry.stage_lineage(STAGE, cfg, folds | p.decision_inputs)
 
 
 def lineage_now(cfg: RunConfig, recorded: lineage.Lineage | None = None) -> lineage.Lineage:
     p = plan(cfg)
-    return run_lineage({str(fold): fold_lineage(fold, p, cfg.train, cfg.transforms) for fold in p.folds}, p)
+    return run_lineage({str(fold): fold_lineage(fold, p, cfg) for fold in p.folds}, p, cfg)
 
 
 def summarise(cfg: RunConfig, p: TrainPlan, fold_rows: list[dict], used: int, n_bad: int, lineages: dict,
@@ -898,7 +915,7 @@ def summarise(cfg: RunConfig, p: TrainPlan, fold_rows: list[dict], used: int, n_
     summary = {"stage": STAGE, "run_id": cfg.run_id, "arch": cfg.train.arch, "folds": [str(f) for f in p.folds],
                "images": used + n_bad, "trained_on": used, "quarantined": n_bad, "per_fold": fold_rows,
                "summary": table.to_dict(orient="records"), "partition": storage.redact(p.partition), **decided,
-               "lineage": run_lineage(lineages, p).to_dict(),
+               "lineage": run_lineage(lineages, p, cfg).to_dict(),
                "outputs": {"run": p.run_dir, "summary": storage.join(p.run_dir, "train_summary.parquet")},
                "seconds": round(seconds, 1)}
     storage.write_text(layout.summary_uri(cfg.output, STAGE, cfg.run_id), strict_json(summary))

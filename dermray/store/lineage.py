@@ -39,6 +39,9 @@ from dermray.store import storage
 # (122,880-row) chunk. Hashing 1M rows of 7 columns: 0.081 s at 1 << 16, 0.097 s at 1 << 12, 0.154 s at 1 << 10.
 BLOCK_ROWS = 1 << 12
 SHORT = 16  # hex digits kept of a sha256 in records and messages
+# 2: the config holds every value the stage declares, by section ({"train": {"lr": ...}}; dermray/runtime/
+# registry.py). 1 (records without "format"): the keys each stage picked by hand, unsectioned ({"lr": ...}).
+FORMAT = 2
 
 
 # ---- tables ------------------------------------------------------------------------------------------------------
@@ -239,13 +242,14 @@ class Lineage(BaseModel):
     config_hash: str = ""
     versions: dict[str, Optional[str]] = Field(default_factory=dict)
     id: str = ""
+    format: int = 1
 
     @classmethod
     def of(cls, stage: str, inputs: dict[str, Fingerprint], config: dict[str, Any]) -> "Lineage":
         key = {"stage": stage, "inputs": {k: v.content for k, v in sorted(inputs.items())},
                "config": config_hash(config)}
         return cls(stage=stage, inputs=inputs, config=config, config_hash=config_hash(config), versions=versions(),
-                   id=config_hash(key))
+                   id=config_hash(key), format=FORMAT)
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
@@ -267,11 +271,26 @@ class Lineage(BaseModel):
                 out.append(f"{name} no longer an input")
             elif a.content != b.content:
                 out.append(f"{name} changed ({a.short} -> {b.short})")
+        if old.format < self.format:
+            out += _older_changes(_flat(old.config), _flat(self.config))
+            return out
         for key in sorted(set(_flat(old.config)) | set(_flat(self.config))):
             a, b = _flat(old.config).get(key, "<unset>"), _flat(self.config).get(key, "<unset>")
             if a != b:
                 out.append(f"{key} {a!r} -> {b!r}")
         return out or [f"lineage {old.id} -> {self.id}"]
+
+
+def _older_changes(old: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The settings a format-1 record holds that differ now: each of its keys is the same key now or its last
+    part ("lr" is "train.lr", "preprocess.power" "derived.preprocess.power"). A key it holds that has no single
+    match now, and a value it did not record, are taken as they are: an upgrade alone changes nothing."""
+    out = []
+    for key, value in sorted(old.items()):
+        matches = [k for k in now if k == key or k.endswith("." + key)]
+        if len(matches) == 1 and now[matches[0]] != value:
+            out.append(f"{matches[0]} {value!r} -> {now[matches[0]]!r}")
+    return out
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -10,7 +10,7 @@ import pytest
 
 from dermray.cli import main
 from dermray.errors import UserError
-from dermray.runtime import artifacts, faults, layout
+from dermray.runtime import artifacts, faults, layout, registry
 from dermray.runtime.config import load_config
 from dermray.stages import score, train
 
@@ -64,7 +64,7 @@ def test_retraining_after_a_repartition_is_refused_and_force_trains_without_leak
     card = artifacts.read_card(str(out / "train" / run / "fold=0" / "model_card.json"))
     assert card.lineage["id"] == s["per_fold"][0]["lineage_id"]
     # Another learning rate is another recipe: refused as well, naming the setting.
-    with pytest.raises(UserError, match=r"fold 0: lr 0\.001 -> 0\.003"):
+    with pytest.raises(UserError, match=r"fold 0: train.lr 0\.001 -> 0\.003"):
         train.run(cfg("train.epochs=1", "train.lr=0.003"))
 
 
@@ -330,3 +330,41 @@ def yaml_settings(d) -> dict:
     import yaml
 
     return yaml.safe_load((d / "run.yaml").read_text())["data"]
+
+
+def _as_older_record(lin: dict, **settings) -> dict:
+    """A lineage record as dermray wrote it before every declared value was in it (format 1): the train keys it
+    picked by hand, unsectioned, another id."""
+    config = {k: v for k, v in lin["config"]["train"].items() if k in ("lr", "epochs", "batch_size", "seed")}
+    return {k: v for k, v in lin.items() if k != "format"} | {
+        "config": config | {"fold": lin["config"]["fold"]} | settings, "id": "older-" + lin["id"][:8]}
+
+
+def test_folds_recorded_by_an_older_dermray_are_kept_when_their_settings_are_those_of_now(study, tmp_path):
+    """Issue 27: every declared value is in the lineage now, so a fold's lineage id changed with the upgrade. A
+    fold finished by the older dermray, from the same rows and with the settings it recorded equal to those of
+    now, is kept (not trained again, its records take the new lineage); one whose recorded learning rate differs
+    is refused naming it."""
+    import study as shared_study
+
+    d = _study_copy(study, tmp_path, stages=("partition", "train"))
+    run_dir = d / "out" / "train" / shared_study.RUN
+    folds = sorted(run_dir.glob("fold=*"))
+    weights = {f: (f / "best" / "model.pt").stat().st_mtime_ns for f in folds}
+    for f in folds:
+        older = _as_older_record(json.loads((f / "lineage.json").read_text()))
+        (f / "lineage.json").write_text(json.dumps(older))
+        record = json.loads((f / "fold_result.json").read_text())
+        (f / "fold_result.json").write_text(json.dumps(record | {"lineage_id": older["id"]}))
+    cfg = load_config(str(d / "run.yaml"))
+    summary = registry.run("train", cfg)
+    assert {f: (f / "best" / "model.pt").stat().st_mtime_ns for f in folds} == weights  # not trained again
+    for f in folds:
+        now = json.loads((f / "lineage.json").read_text())
+        assert now["format"] == 2 and json.loads((f / "fold_result.json").read_text())["lineage_id"] == now["id"]
+    assert len(summary["per_fold"]) == len(folds)
+    first = folds[0]
+    (first / "lineage.json").write_text(json.dumps(_as_older_record(json.loads((first / "lineage.json").read_text()),
+                                                                    lr=0.5)))
+    with pytest.raises(UserError, match=rf"^fold {first.name[len('fold='):]}: train.lr 0.5 -> 0.001; use a new run id"):
+        registry.run("train", cfg)

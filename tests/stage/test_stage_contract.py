@@ -12,7 +12,8 @@ same run config file, and then again. It needs no real data. Checks, per stage:
   subprocess smoke test per entry point lives in tests/system/test_entrypoints.py);
 - a planted secret appears in no output and no log line;
 - every file it writes lies under <output>/<stage folder>/<run_id>/;
-- its summary records a lineage whose id ``lineage_now`` reproduces without running it.
+- its summary records a lineage whose id ``lineage_now`` reproduces without running it;
+- every config value it declares (but its tuning) is in that lineage: changing one names it among the changes.
 """
 from __future__ import annotations
 
@@ -168,6 +169,52 @@ def test_the_lineage_is_recorded_and_reproduced_without_running(study, stage):
     now = registry.lineage_now(stage, load_config(str(study["config"])), recorded)
     assert now.id == recorded.id, now.changes_from(recorded)
     assert {"dermray", "ray", "torch"} <= set(recorded.versions)
+
+
+def _changed(value):
+    """Another valid value of a number or a flag (None for any other kind: strings, lists, None)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return round(value * 0.9, 6) if value else 0.1
+    return None
+
+
+def _changed_settings(stage: str, cfg) -> dict[str, object]:
+    """Every declared number and flag of ``stage`` (not its tuning, not its inputs) with another valid value."""
+    out = {}
+    for section, values in registry.declared_values(stage, cfg).items():
+        for key, value in values.items():
+            if key not in ("final_model", "folds") and _changed(value) is not None:  # train: which folds exist
+                out[f"{section}.{key}"] = _changed(value)
+    return out
+
+
+@pytest.mark.parametrize("stage", registry.STAGES)
+def test_every_declared_setting_is_in_the_lineage(study, stage):
+    """Issue 27: a stage's lineage listed config keys by hand, and forgot some (train.max_pixels decides which images
+    a fold trains on; it was in no lineage). Every declared number and flag changed at once: the lineage
+    ``lineage_now`` computes names each of them among its changes, and train's folds refuse to resume naming
+    each of the fold's own settings - not the decisions' (evaluate.target_sensitivity re-locks, never retrains)."""
+    base = load_config(str(study["config"]))
+    settings = _changed_settings(stage, base)
+    assert len(settings) >= 2, settings
+    changed = load_config(str(study["config"]), [f"{k}={json.dumps(v)}" for k, v in settings.items()])
+    recorded = Lineage.from_dict(study["runs"][stage][1]["summary"]["lineage"])
+    said = "; ".join(registry.lineage_now(stage, changed, recorded).changes_from(recorded))
+    assert [k for k in settings if f"{k} " not in said] == [], said
+    if stage == "train":
+        from dermray.errors import UserError
+        from dermray.stages import train
+
+        with pytest.raises(UserError) as refused:
+            train.check_can_run(registry.view(changed, "train"))
+        fold_settings = [k for k in settings if k.startswith(("train.", "transforms."))]
+        assert "train.max_pixels" in fold_settings
+        assert [k for k in fold_settings if f"{k} " not in str(refused.value)] == [], str(refused.value)
+        assert "evaluate.target_sensitivity" not in str(refused.value)
 
 
 def _one_line_exit_2(code: int, err: str, what: str) -> None:

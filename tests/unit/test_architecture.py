@@ -132,6 +132,24 @@ def test_every_stage_has_the_stage_interface():
             assert callable(getattr(module, fn, None)), f"{stage}.{fn}"
 
 
+def test_a_stage_builds_its_lineage_from_what_it_declared():
+    """A stage's lineage config is every value it declares (``registry.stage_lineage`` / ``declared_values``), never a
+    list of keys picked by hand (issue 27: train.max_pixels was in no lineage). ``Lineage.of`` is called in the
+    stages only by train's fold lineage, on ``declared_values``."""
+    calls = []
+    for name, path in MODULES.items():
+        if not name.startswith("stages."):
+            continue
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, ast.FunctionDef):
+                calls += [f"{name}.{fn.name}" for node in ast.walk(fn) if isinstance(node, ast.Attribute)
+                          and node.attr == "of" and ast.unparse(node.value).endswith("Lineage")]
+    assert calls == ["stages.train.fold_lineage"]
+    assert "registry.declared_values" in ast.unparse(next(
+        n for n in ast.walk(ast.parse(MODULES["stages.train"].read_text()))
+        if isinstance(n, ast.FunctionDef) and n.name == "fold_lineage"))
+
+
 def test_config_enumerations_match_the_registries():
     from dermray.runtime import attribution, config
     from dermray.store import models

@@ -82,6 +82,30 @@ def test_changes_are_named():
     assert b.changes_from(a) == ["labels changed (a1b2c3d4 -> c3d4e5f6)", "lr 0.001 -> 0.003"]
 
 
+def test_a_record_of_an_older_dermray_is_compared_setting_by_setting():
+    """Lineages recorded before every declared value was in them (format 1: a stage's hand-picked keys, unsectioned)
+    are compared by the settings they recorded - "lr" is "train.lr" now - so an upgrade does not by itself retrain
+    a fold or refuse an incremental scoring run; a setting they recorded that differs is still a change."""
+    fp = lineage.Fingerprint(method="columns", content="a1b2c3d4e5")
+    older = lineage.Lineage(**{**lineage.Lineage.of("train", {"labels": fp}, {"lr": 0.001, "fold": "0",
+                                                                              "transforms": {"preprocess": {
+                                                                                  "power": 6.0}}}).to_dict(),
+                               "format": 1})
+    now = lineage.Lineage.of("train", {"labels": fp}, {"train": {"lr": 0.001, "max_pixels": 5}, "fold": "0",
+                                                       "transforms": {"color_constancy_power": 6.0}})
+    assert now.format == lineage.FORMAT > older.format and now.id != older.id
+    assert now.changes_from(older) == []
+    changed = lineage.Lineage.of("train", {"labels": fp}, {"train": {"lr": 0.003}, "fold": "0"})
+    assert changed.changes_from(older) == ["train.lr 0.001 -> 0.003"]
+    other_rows = lineage.Lineage.of("train", {"labels": lineage.Fingerprint(method="columns", content="ffff0000")},
+                                    {"train": {"lr": 0.001}, "fold": "0"})
+    assert other_rows.changes_from(older) == ["labels changed (a1b2c3d4 -> ffff0000)"]
+    # records of this format are compared key by key, as before
+    fewer = lineage.Lineage.of("train", {"labels": fp}, {"train": {"lr": 0.001}, "fold": "0",
+                                                         "transforms": {"color_constancy_power": 6.0}})
+    assert fewer.changes_from(now) == ["train.max_pixels 5 -> '<unset>'"]
+
+
 def test_a_worker_output_the_driver_cannot_see_is_an_error(tmp_path):
     """A file a Ray worker reports written but the driver cannot see (another node's disk, a lost write) fails the
     stage naming it (train's held-out predictions no longer travel through a file: the driver measures them)."""
