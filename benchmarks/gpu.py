@@ -175,7 +175,7 @@ def ensemble(tmp: pathlib.Path):
 
 
 def dermray_score(ens, images, amp: str, use_gpu: bool, batches: int) -> tuple[float, np.ndarray]:
-    from dermray.stages.score import Predictor
+    from dermray.stages.score.actors import Predictor
 
     p = Predictor(ens, threads=os.cpu_count(), channels_last=True, tta="none", use_gpu=use_gpu, amp=amp)
     batch = {"image": images, "error": np.array([""] * len(images), dtype=object),

@@ -137,7 +137,7 @@ def earlier_run(cfg, rows: int) -> int:
     """The run folder an earlier incremental run left after scoring the manifest's first 90 %: its parts and its
     lineage (this model and config, its own shorter input). Returns the rows it scored."""
     from dermray.runtime import artifacts, layout
-    from dermray.stages import score
+    from dermray.stages.score.stage import score_lineage
     from dermray.store import lineage, storage
 
     ens = artifacts.load_ensemble(cfg.score.checkpoints)
@@ -158,7 +158,7 @@ def earlier_run(cfg, rows: int) -> int:
                 storage.join(rdir, "predictions", f"part-b0001-{c:05d}-{j:03d}.parquet"))
     before = lineage.Fingerprint(uri=storage.redact(cfg.score.input), method="columns",
                                  content="0" * 64, rows=done)  # the earlier, shorter manifest
-    spec = score.score_lineage(ens, before, None, cfg)
+    spec = score_lineage(ens, before, None, cfg)
     storage.write_text(storage.join(rdir, "_state", "spec.json"), json.dumps(spec.to_dict(), indent=2))
     return done
 
@@ -174,23 +174,24 @@ def _ray_init() -> float:
 
 
 def child_plan(man: str, fold: str, out: str, run_id: str) -> dict:
-    """Planning + resumption only: score.plan, as the stage calls it; nothing is decoded."""
+    """Planning + resumption only: the stage's plan(), as it calls it; nothing is decoded."""
     import ray
 
     from dermray.runtime import artifacts, layout
-    from dermray.stages import score
+    from dermray.stages.score.plan import run_state
+    from dermray.stages.score.stage import check_input, plan
 
     cfg = score_config(pathlib.Path(man), pathlib.Path(fold), pathlib.Path(out), run_id, True, ROWS_PER_FILE)
     startup = _ray_init()
     rss_before = peak_rss_mb()
     t0 = time.perf_counter()
     ens = artifacts.load_ensemble(cfg.score.checkpoints, cfg.score.model_id)
-    kind = score.check_input(cfg.score)
+    kind = check_input(cfg.score)
     rdir = layout.predictions_dir(cfg.output, cfg.run_id)
-    work, now = score.plan(cfg, kind, rdir, ens, None)
+    work, now = plan(cfg, kind, rdir, ens, None)
     seconds = time.perf_counter() - t0
     todo = sum(t.num_rows for t in ray.get(work.refs)) if work.refs else 0
-    parts_kept = len(score._run_state(rdir)[0])
+    parts_kept = len(run_state(rdir)[0])
     ray.shutdown()
     return {"seconds": seconds, "startup_s": startup, "input_rows": work.input_rows,
             "already_done": work.already_done, "todo": todo, "new_parts": work.parts, "parts_kept": parts_kept,

@@ -128,7 +128,7 @@ def run_naive(fold: pathlib.Path, manifest: pathlib.Path, arch: str) -> dict:
     import ray.data
 
     from dermray.runtime import artifacts
-    from dermray.stages import score
+    from dermray.stages.score.actors import Predictor, decode_rows
     from dermray.store import storage
 
     ens = artifacts.load_ensemble([str(fold)])
@@ -137,10 +137,10 @@ def run_naive(fold: pathlib.Path, manifest: pathlib.Path, arch: str) -> dict:
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         ds = (ray.data.read_parquet(str(manifest), columns=["image_id", "uri"])
-              .map_batches(score.decode_rows, batch_size=BATCH, fn_kwargs={"size": ens.size, "max_pixels": 10**8,
+              .map_batches(decode_rows, batch_size=BATCH, fn_kwargs={"size": ens.size, "max_pixels": 10**8,
                                                                            "retry": storage.DEFAULT_RETRY,
                                                                            "pre": PRE})
-              .map_batches(score.Predictor, batch_size=BATCH, compute=ray.data.ActorPoolStrategy(size=1),
+              .map_batches(Predictor, batch_size=BATCH, compute=ray.data.ActorPoolStrategy(size=1),
                            fn_constructor_kwargs={"ensemble": ens, "threads": 1, "channels_last": True,
                                                   "tta": "none", "use_gpu": False}))
         t = np.concatenate([b["t_model"] for b in ds.iter_batches(batch_size=None, batch_format="numpy")])

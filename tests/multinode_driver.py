@@ -481,13 +481,13 @@ def scenario_train(mn: MultiNode, ctx: dict) -> dict:
     # The resumed fold's model scores real images (loaded from S3 as `dermray score` would).
     from dermray.core.transforms import decode_image, eval_transform
     from dermray.runtime import artifacts
-    from dermray.stages import score
+    from dermray.stages.score.actors import Predictor
     from dermray.store import storage
 
     ens = artifacts.load_ensemble([f"s3://{bucket}/out/train/{run_id}/fold=0"])
     uris = storage.read_table(ctx["study"]["manifest"], columns=["uri"]).column("uri").to_pylist()[:4]
     images = np.stack([np.asarray(eval_transform(decode_image(storage.read_bytes(u)), ens.size)) for u in uris])
-    probs = score.Predictor(ens, 1, channels_last=True, tta="none", use_gpu=False)(
+    probs = Predictor(ens, 1, channels_last=True, tta="none", use_gpu=False)(
         {"image": images, "error": np.array([""] * 4, dtype=object)})["probs"]
     out["fold0_scores"] = {"shape": list(probs.shape), "row_sums": probs.sum(1).round(5).tolist(),
                            "model_id": ens.model_id, "input_size": ens.size}

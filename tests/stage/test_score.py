@@ -15,6 +15,11 @@ from dermray.errors import UserError
 from dermray.runtime import artifacts, faults
 from dermray.runtime.config import load_config
 from dermray.stages import score
+from dermray.stages.score.actors import Predictor, decode_rows, decode_shards
+from dermray.stages.score.plan import folder_table
+from dermray.stages.score.shared import CHUNK
+from dermray.stages.score.stage import COMPILE_MIN_IMAGES, compile_decision
+from dermray.stages.score.summary import reason_kind
 from dermray.store import models, storage
 
 from helpers import SIZE
@@ -91,17 +96,17 @@ def _decoded(kind: str, uri: str, labels: str | None = None) -> tuple[list[str],
     if kind == "webdataset":
         from dermray.store import archive
 
-        rows = [b for shard in archive.shard_list(uri) for b in score.decode_shards(
-            {"uri": [shard], score.CHUNK: [shard]}, SIZE, 10**8, 100, retry)]
+        rows = [b for shard in archive.shard_list(uri) for b in decode_shards(
+            {"uri": [shard], CHUNK: [shard]}, SIZE, 10**8, 100, retry)]
         ids = np.concatenate([b["image_id"] for b in rows])
         images = np.concatenate([b["image"] for b in rows])
         keep = ids != ""  # the end-of-shard markers
         order = np.argsort(ids[keep], kind="stable")
         return ids[keep][order].tolist(), images[keep][order], None
-    table = (score.folder_table(uri, labels)[0] if kind == "folder" else storage.read_table(uri)).to_pandas()
+    table = (folder_table(uri, labels)[0] if kind == "folder" else storage.read_table(uri)).to_pandas()
     table = table.assign(uri=[storage.resolve(u, storage.parent(uri)) if kind == "manifest" else u
                               for u in table["uri"]]).sort_values("image_id").reset_index(drop=True)
-    out = score.decode_rows({c: table[c].to_numpy(dtype=object) for c in ("image_id", "uri")}, SIZE, 10**8, retry)
+    out = decode_rows({c: table[c].to_numpy(dtype=object) for c in ("image_id", "uri")}, SIZE, 10**8, retry)
     return table["image_id"].tolist(), out["image"], table
 
 
@@ -189,7 +194,7 @@ def test_bad_files_are_quarantined_with_their_reason_and_the_rest_is_scored(scor
     # The summary and its console lines say why, counted by kind, and where the file lies (issue 29).
     kinds = {r["reason"]: r["images"] for r in s["quarantine_reasons"]}
     assert len(kinds) == 3 and sum(kinds.values()) <= 7 and all(n >= 1 for n in kinds.values())
-    assert set(kinds) <= {score.reason_kind(r) for r in reasons.values()}
+    assert set(kinds) <= {reason_kind(r) for r in reasons.values()}
     line = next(ln for ln in score.format_summary(s).splitlines() if ln.startswith("  quarantined ("))
     assert line.endswith(str(tmp_path / "predictions" / "bad" / "quarantine.parquet"))
     assert all(f"{n} {k}" in line for k, n in kinds.items())
@@ -267,8 +272,8 @@ def test_compiled_models_score_what_eager_ones_score_and_auto_compiles_only_larg
     df = read_preds(tmp_path / "predictions" / "compiled" / "predictions")
     np.testing.assert_allclose(np.stack(df["probs"]), eager_probs(d, list(df["uri"]), folds=(0,)), atol=1e-5)
     auto = score.run(cfg(d, *one, "run_id=auto"))
-    assert auto["compile"] == f"off (auto: 24 images per actor, under {score.COMPILE_MIN_IMAGES:,})"
-    assert score.compile_decision(cfg(d, *one, "score.actors=2").score, 2 * score.COMPILE_MIN_IMAGES)[0]
+    assert auto["compile"] == f"off (auto: 24 images per actor, under {COMPILE_MIN_IMAGES:,})"
+    assert compile_decision(cfg(d, *one, "score.actors=2").score, 2 * COMPILE_MIN_IMAGES)[0]
 
 
 def test_user_errors(score_study, tmp_path, capsys):
@@ -330,6 +335,6 @@ def test_bf16_autocast_stays_close_to_fp32(score_study):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (6, ens.size, ens.size, 3), dtype=np.uint8)
     clean = {"image": images, "error": np.array([""] * 6, dtype=object), "image_id": np.arange(6).astype(str)}
-    p = score.Predictor(ens, 1, channels_last=True, tta="none", use_gpu=False, amp="off")(clean)["probs"]
-    bf16 = score.Predictor(ens, 1, channels_last=True, tta="none", use_gpu=False, amp="bf16")(clean)["probs"]
+    p = Predictor(ens, 1, channels_last=True, tta="none", use_gpu=False, amp="off")(clean)["probs"]
+    bf16 = Predictor(ens, 1, channels_last=True, tta="none", use_gpu=False, amp="bf16")(clean)["probs"]
     assert np.abs(bf16 - p).max() < 0.05 and not np.array_equal(bf16, p)

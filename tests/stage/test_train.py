@@ -199,12 +199,12 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_a_rerun_continues(small
     assert sorted(set(metrics["epoch"])) == [0, 1, 2]
     # The resumed fold's model scores real images.
     from dermray.core.transforms import decode_image, eval_transform
-    from dermray.stages import score
+    from dermray.stages.score.actors import Predictor
 
     ens = artifacts.load_ensemble([str(d / "out" / "train" / "resume")])
     uris = [storage.resolve(u, str(d / "in")) for u in pd.read_parquet(d / "in" / "manifest.parquet")["uri"].head(4)]
     images = np.stack([np.asarray(eval_transform(decode_image(storage.read_bytes(u)), ens.size)) for u in uris])
-    probs = score.Predictor(ens, 2, channels_last=True, tta="none", use_gpu=False)(
+    probs = Predictor(ens, 2, channels_last=True, tta="none", use_gpu=False)(
         {"image": images, "error": np.array([""] * 4, dtype=object)})["probs"]
     assert probs.shape == (4, ens.n_classes) and np.allclose(probs.sum(1), 1, atol=1e-5)
 

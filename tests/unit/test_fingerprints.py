@@ -132,20 +132,20 @@ def test_an_input_row_hash_changes_with_its_row_alone(rows, data):
     """The hash of a row covers its image_id and every column (null apart from empty, lists included), not the
     column order, the row's position or dermray's internal columns; it round-trips through its stored text."""
     from dermray.core import ids
-    from dermray.stages import score
+    from dermray.stages.score.plan import hash_text, hash_values, row_hashes
 
     table = pa.table({"image_id": [f"I{i}" for i in range(len(rows))], "label": [r[0] for r in rows],
                       "age": pa.array([r[1] for r in rows], pa.int64()),
                       "tags": pa.array([r[2] for r in rows], pa.list_(pa.int64())), "row": list(range(len(rows)))})
-    h = score.row_hashes(table)
+    h = row_hashes(table)
     assert len(set(map(bytes, h.view(np.uint8).reshape(-1, 16)))) == len(rows)  # distinct image ids
     reordered = table.select(["tags", "age", "image_id", "label"]).append_column(
         "row", pa.array(range(100, 100 + len(rows)), pa.int64()))
-    assert (score.row_hashes(reordered) == h).all()
-    assert (score.hash_values(score.hash_text(h)) == h).all()
+    assert (row_hashes(reordered) == h).all()
+    assert (hash_values(hash_text(h)) == h).all()
     i = data.draw(st.integers(0, len(rows) - 1))
     label = table.column("label").to_pylist()
     label[i] = {"nv": "mel", "mel": None, None: "", "": "nv"}[label[i]]
-    changed = score.row_hashes(table.set_column(1, "label", pa.array(label, pa.string())))
+    changed = row_hashes(table.set_column(1, "label", pa.array(label, pa.string())))
     assert not ids.isin(changed[i:i + 1], np.sort(h[i:i + 1]))[0]
     assert (np.delete(changed, i) == np.delete(h, i)).all()

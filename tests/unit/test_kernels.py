@@ -268,7 +268,7 @@ def test_a_null_empty_or_blank_group_id_is_the_image_alone_and_a_real_one_is_kep
 
 
 def test_quarantine_reasons_count_by_kind_without_their_particulars():
-    from dermray.stages.score import reason_kind
+    from dermray.stages.score.summary import reason_kind
 
     assert reason_kind("duplicate image_id (first seen at row 5)") == "duplicate image_id"
     assert reason_kind("cannot read s3://b/x.jpg: no such file or object") == "cannot read …: no such file or object"

@@ -1,10 +1,10 @@
-"""The scoring actor's own code (score.Predictor) on a tiny two-fold ensemble, without Ray."""
+"""The scoring actor's own code (dermray.stages.score.actors.Predictor) on a tiny two-fold ensemble, without Ray."""
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from dermray.runtime import artifacts
-from dermray.stages import score
+from dermray.stages.score.actors import Predictor
 
 from helpers import write_fold
 
@@ -26,7 +26,7 @@ def test_rows_with_an_error_pass_through_unscored_and_the_rest_score_as_in_a_cle
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (6, ens.size, ens.size, 3), dtype=np.uint8)
     clean = {"image": images, "error": np.array([""] * 6, dtype=object), "image_id": np.arange(6).astype(str)}
-    fp32 = score.Predictor(ens, 1, channels_last=True, tta="none", use_gpu=False, amp="off")
+    fp32 = Predictor(ens, 1, channels_last=True, tta="none", use_gpu=False, amp="off")
     p = fp32(clean)["probs"]
     np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-5)
     broken = clean | {"error": np.array(["", "truncated", "", "", "", ""], dtype=object)}
@@ -42,7 +42,7 @@ def test_the_ensemble_averages_its_members_probabilities(ensemble_dir):
              "image_id": np.arange(4).astype(str)}
     both = artifacts.load_ensemble([str(ensemble_dir)])
     members = [artifacts.load_ensemble([str(ensemble_dir / f"fold={k}")]) for k in (0, 1)]
-    run = lambda ens: score.Predictor(ens, 1, channels_last=True, tta="none", use_gpu=False, amp="off")(batch)["probs"]  # noqa: E731
+    run = lambda ens: Predictor(ens, 1, channels_last=True, tta="none", use_gpu=False, amp="off")(batch)["probs"]  # noqa: E731
     np.testing.assert_allclose(run(both), (run(members[0]) + run(members[1])) / 2, atol=1e-5)
     assert both.n_classes == 3 and both.model_id != members[0].model_id
 
@@ -62,10 +62,10 @@ def test_score_amp_auto_measures_on_a_native_bf16_cpu_and_scores(ensemble_dir, t
     rng = np.random.default_rng(2)
     batch = {"image": rng.integers(0, 256, (3, ens.size, ens.size, 3), dtype=np.uint8),
              "error": np.array([""] * 3, dtype=object), "image_id": np.arange(3).astype(str)}
-    auto = score.Predictor(ens, 1, channels_last=True, tta="none", use_gpu=False, amp="auto")
+    auto = Predictor(ens, 1, channels_last=True, tta="none", use_gpu=False, amp="auto")
     assert auto.amp == ("bf16" if bf16_faster else "fp32")
     assert auto.precision_why.startswith(f"{auto.amp}: ") and "measured" in auto.precision_why
     p = auto(batch)["probs"]
-    same = score.Predictor(ens, 1, channels_last=True, tta="none", use_gpu=False,
+    same = Predictor(ens, 1, channels_last=True, tta="none", use_gpu=False,
                            amp="bf16" if auto.amp == "bf16" else "off")(batch)["probs"]
     np.testing.assert_allclose(p, same, atol=1e-6)

@@ -33,7 +33,8 @@ def test_the_pipeline_checks_every_stage_s_inputs_before_ray(tmp_path, capsys):
     err = one_line_error(capsys, ["pipeline", "--set", f"data.manifest={manifest}", "--set",
                                   f"evaluate.readers={tmp_path / 'readers.parquet'}", "--set",
                                   f"pipeline.test_manifest={manifest}", "--output", str(tmp_path / "out")])
-    assert f"evaluate: evaluate.readers {tmp_path / 'readers.parquet'}: no such file or object" in err
+    # train is the first stage that reads it (it locks the readers' operating point)
+    assert f"train: evaluate.readers {tmp_path / 'readers.parquet'}: no such file or object" in err
     err = one_line_error(capsys, ["pipeline", "--set", f"data.manifest={manifest}", "--set",
                                   f"pipeline.test_manifest={tmp_path / 'test.parquet'}", "--output",
                                   str(tmp_path / "out")])
