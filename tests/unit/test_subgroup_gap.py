@@ -6,7 +6,8 @@ import pytest
 
 from dermray.core.tasks import Task, TaskClass
 from dermray.runtime.config import EvaluateConfig
-from dermray.stages import evaluate
+from dermray.stages.evaluate.per_task import BinaryScores, evaluate_binary, subgroup_verdict
+from dermray.stages.evaluate.tables import At, Tables
 
 TASK = Task("melanoma_vs_nevus", (TaskClass("melanoma", ()), TaskClass("nevus", ())), positive="melanoma")
 CFG = EvaluateConfig(n_bootstrap=200, thresholds=[0.5], calibration_bins=5)
@@ -23,16 +24,16 @@ def _group(rng, n: int, auc: float, prevalence: float = 0.5) -> tuple[np.ndarray
 
 
 def _gap_row(rng, aucs: tuple[float, ...], n: int = 300) -> dict:
-    t = evaluate.Tables()
+    t = Tables()
     names = []
     for k, auc in enumerate(aucs):
         y, score = _group(rng, n, auc)
         name = f"modality={'abcdefgh'[k]}"
         ids = np.array([f"{name}-{i}" for i in range(n)])
-        evaluate.evaluate_binary(evaluate.At(t, "r", TASK.name, name), evaluate.BinaryScores(y, score, ids, ids), CFG,
+        evaluate_binary(At(t, "r", TASK.name, name), BinaryScores(y, score, ids, ids), CFG,
                                  None)
         names.append(name)
-    evaluate.subgroup_verdict(t, "r", TASK, names, CFG)
+    subgroup_verdict(t, "r", TASK, names, CFG)
     (row,) = [m for m in t.metrics if m["metric"] == "auc_gap"]
     return row
 
