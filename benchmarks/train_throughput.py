@@ -90,10 +90,11 @@ def config(tmp: pathlib.Path, arch: str, epochs: int, batch: int, image_size, mo
 def fold_rows(cfg) -> dict:
     """The rows fold 0 trains on ("train") and selects its epoch on ("select", with train.selection=inner), as
     dermray's own split_rows cuts them: the bare loop uses the same images."""
-    from dermray.stages import train
+    from dermray.stages.train.data import split_rows
+    from dermray.stages.train.plan import plan
 
-    p = train.plan(cfg)
-    return {k: v.to_pandas() for k, v in train.split_rows(0, p.table, cfg.train).items()}
+    p = plan(cfg)
+    return {k: v.to_pandas() for k, v in split_rows(0, p.table, cfg.train).items()}
 
 
 def run_dermray(cfg, mode: str) -> dict:

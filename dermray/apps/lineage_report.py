@@ -88,7 +88,7 @@ def trained_on_partition(output: str, run_id: str, train_summary: dict) -> tuple
     """(holds, detail): whether every fold was trained on the run's partition as it is now: the rows each fold's
     lineage recorded (image, class, held out or not) and the training classes, by content - an output tree copied
     elsewhere still holds, a partition rebuilt under the run id does not."""
-    from dermray.stages import train
+    from dermray.stages.train.records import fold_rows
     from dermray.store import lineage
 
     part = layout.partition_dir(output, run_id)
@@ -98,7 +98,7 @@ def trained_on_partition(output: str, run_id: str, train_summary: dict) -> tuple
     moved = []
     for d in artifacts.fold_dirs(layout.train_dir(output, run_id), include_final=True):
         card = artifacts.read_card(storage.join(d, artifacts.CARD_FILE))
-        rows = train.fold_rows(labels, layout.FINAL_FOLD if card.held_out_fold is None else card.held_out_fold)
+        rows = fold_rows(labels, layout.FINAL_FOLD if card.held_out_fold is None else card.held_out_fold)
         recorded = card.lineage.get("inputs", {}).get("labels", {}).get("content")
         if card.classes_hash != classes or recorded != lineage.table_fingerprint(rows):
             moved.append(f"fold {card.fold}")

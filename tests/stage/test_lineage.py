@@ -13,6 +13,7 @@ from dermray.errors import UserError
 from dermray.runtime import artifacts, faults, layout, registry
 from dermray.runtime.config import load_config
 from dermray.stages import score, train
+from dermray.stages.train.plan import plan
 
 from helpers import write_fold
 
@@ -143,7 +144,7 @@ def test_a_pipeline_with_a_new_run_id_and_another_class_size_uses_a_new_partitio
     assert a["stages"][0]["status"] == b["stages"][0]["status"] == "ran"
     classes = {r: len(pd.read_parquet(d / "pipe" / "partition" / r / "training_classes.parquet")) for r in "AB"}
     assert classes["B"] > classes["A"], classes
-    assert train.plan(load_config(None, [*base, "run_id=B"])).partition == layout.partition_dir(str(d / "pipe"), "B")
+    assert plan(load_config(None, [*base, "run_id=B"])).partition == layout.partition_dir(str(d / "pipe"), "B")
     # The same run with another setting re-runs the partition and says why.
     again = pipeline.run(load_config(None, [*base, "run_id=A", "partition.max_class_size=7"]))
     assert again["stages"][0]["status"] == "ran" and "max_class_size 100 -> 7" in again["stages"][0]["why"]

@@ -17,6 +17,8 @@ from dermray.errors import UserError
 from dermray.runtime import artifacts, faults
 from dermray.runtime.config import load_config
 from dermray.stages import evaluate, train
+from dermray.stages.train.data import split_rows
+from dermray.stages.train.plan import plan
 from dermray.store import models, storage
 
 
@@ -271,7 +273,7 @@ def test_the_epoch_is_chosen_on_an_inner_split_and_the_held_out_fold_only_measur
     the image ids each fold trained on."""
     cfg = load_config(str(study["config"]))
     s = study["runs"]["train"][0]["summary"]
-    rows = train.plan(cfg).table
+    rows = plan(cfg).table
     groups = dict(zip(rows.column("image_id").to_pylist(), rows.column("group").to_pylist()))
     for k in (0, 1):
         fold_dir = study["out"] / "train" / "c" / f"fold={k}"
@@ -281,7 +283,7 @@ def test_the_epoch_is_chosen_on_an_inner_split_and_the_held_out_fold_only_measur
         assert not (metrics.split == "val").any()  # the held-out fold is not measured per epoch
         preds = pd.read_parquet(fold_dir / "val_predictions.parquet")
         assert set(preds["epoch"]) == {s["per_fold"][k]["best_epoch"]}
-        split = train.split_rows(k, rows, cfg.train)
+        split = split_rows(k, rows, cfg.train)
         consumed = set((study["dir"] / f"consumed-{k}").read_text().split())
         select_ids = set(split["select"].column("image_id").to_pylist())
         val_ids = set(split["val"].column("image_id").to_pylist())

@@ -144,9 +144,9 @@ def test_a_stage_builds_its_lineage_from_what_it_declared():
             if isinstance(fn, ast.FunctionDef):
                 calls += [f"{name}.{fn.name}" for node in ast.walk(fn) if isinstance(node, ast.Attribute)
                           and node.attr == "of" and ast.unparse(node.value).endswith("Lineage")]
-    assert calls == ["stages.train.fold_lineage"]
+    assert calls == ["stages.train.records.fold_lineage"]
     assert "registry.declared_values" in ast.unparse(next(
-        n for n in ast.walk(ast.parse(MODULES["stages.train"].read_text()))
+        n for n in ast.walk(ast.parse(MODULES["stages.train.records"].read_text()))
         if isinstance(n, ast.FunctionDef) and n.name == "fold_lineage"))
 
 

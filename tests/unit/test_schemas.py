@@ -94,7 +94,7 @@ def test_a_task_that_cannot_be_scored_is_on_every_card_with_its_reason(tmp_path)
 
     from dermray.runtime import layout
     from dermray.runtime.config import load_config
-    from dermray.stages import train
+    from dermray.stages.train.decisions import write_decisions
     from tests.helpers import write_fold
 
     classes = pa.table({"class_index": pa.array([0, 1], pa.int32()), "node_id": ["benign", "malignant"],
@@ -104,9 +104,9 @@ def test_a_task_that_cannot_be_scored_is_on_every_card_with_its_reason(tmp_path)
     write_fold(pathlib.Path(fold), classes, seed=0)
     cv = pd.DataFrame([{"metric": "val_top1", "mean": 0.5, "sd": 0.1, "folds": 2}])
     why = "not estimable: no training class lies under task class melanoma of mel_vs_nev (the partition made none)"
-    train.write_decisions(cfg, [0], None, [], cv, {"mel_vs_nev": why})
+    write_decisions(cfg, [0], None, [], cv, {"mel_vs_nev": why})
     stored = json.loads(open(f"{fold}/model_card.json").read())
     assert stored["description"]["not_estimable"] == {"mel_vs_nev": why}
     assert f"- mel_vs_nev: no operating point, {why}" in open(f"{fold}/model_card.md").read()
-    train.write_decisions(cfg, [0], None, [], cv, {})
+    write_decisions(cfg, [0], None, [], cv, {})
     assert "not_estimable" not in json.loads(open(f"{fold}/model_card.json").read())["description"]

@@ -5,7 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dermray.runtime.config import load_config
-from dermray.stages import train
+from dermray.stages.train.data import split_rows
+from dermray.stages.train.plan import read_rows
 from dermray.store import schemas
 
 
@@ -39,8 +40,8 @@ def _partition(tmp_path, n_lesions: int = 200, merged_pairs: int = 40):
 
 def test_the_inner_split_keeps_each_merged_near_duplicate_pair_on_one_side(tmp_path):
     cfg, part, pairs = _partition(tmp_path)
-    table, _, fingerprints = train.read_rows(cfg, str(part))
-    split = train.split_rows(0, table, cfg.train)
+    table, _, fingerprints = read_rows(cfg, str(part))
+    split = split_rows(0, table, cfg.train)
     side = {i: name for name, rows in split.items() for i in rows.column("image_id").to_pylist()}
     apart = [(a, b) for a, b, _, _ in pairs if side[a] != side[b]]
     assert not apart, f"{len(apart)} of {len(pairs)} merged near-duplicate pairs split between train and select"
@@ -53,9 +54,9 @@ def test_the_inner_split_keeps_each_merged_near_duplicate_pair_on_one_side(tmp_p
 
 def test_the_split_groups_are_part_of_the_training_lineage(tmp_path):
     cfg, part, _ = _partition(tmp_path)
-    _, _, before = train.read_rows(cfg, str(part))
+    _, _, before = read_rows(cfg, str(part))
     near = pq.read_table(part / "near_duplicates.parquet")
     pq.write_table(near.slice(1), part / "near_duplicates.parquet")  # one merge less
-    _, _, after = train.read_rows(cfg, str(part))
+    _, _, after = read_rows(cfg, str(part))
     changed = [k for k in before if before[k] != after.get(k)]
     assert changed == ["selection_groups"], changed

@@ -6,7 +6,7 @@ import pytest
 
 from dermray.runtime import trainloop
 from dermray.runtime.config import load_config
-from dermray.stages import train
+from dermray.stages.train.plan import fold_names, read_rows
 from dermray.store import models
 
 
@@ -103,11 +103,11 @@ def test_reading_a_large_training_manifest_makes_no_python_object_per_row(tmp_pa
                              "scope": ["subtree"] * 2}), part / "training_classes.parquet")
     del image_ids
     cfg = load_config(None, [f"data.manifest={tmp_path / 'manifest.parquet'}", f"output={tmp_path / 'out'}"])
-    train.read_rows(cfg, str(part))  # imports and caches warmed, so the peak below is the read's own
+    read_rows(cfg, str(part))  # imports and caches warmed, so the peak below is the read's own
     tracemalloc.start()
     try:
-        table, classes, fingerprints = train.read_rows(cfg, str(part))
-        folds = train.fold_names(table, cfg.train)
+        table, classes, fingerprints = read_rows(cfg, str(part))
+        folds = fold_names(table, cfg.train)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

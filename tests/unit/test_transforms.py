@@ -154,21 +154,21 @@ def test_photometric_augmentation_is_applied_in_training_only(ham_dir):
     """The training transform draws new photometric changes each time; the evaluation transform (scoring,
     saliency, the held-out measurement) is deterministic and has none."""
     from dermray.core.transforms import Photometric, Preprocess
-    from dermray.stages import train
+    from dermray.stages.train.data import decode_transform
 
     uri = str(sorted((ham_dir / "images").glob("*.jpg"))[0])
     batch = {"uri": np.array([uri]), "class_index": np.array([0]), "image_id": np.array(["a"], dtype=object)}
     ph = Photometric(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.05, blur_sigma=1.0, jpeg_quality_min=40,
                      p=1.0)
     pre = Preprocess("shades_of_gray", 6.0)
-    evals = [train.decode_transform(batch, 64, False, 10**8, pre, None)["image"] for _ in range(2)]
+    evals = [decode_transform(batch, 64, False, 10**8, pre, None)["image"] for _ in range(2)]
     assert np.array_equal(*evals)
     # Training with the geometric augmentation only vs with the photometric one: the latter changes colours. The
     # draws are unseeded (as in training): 32 of each put the ratio of spreads at 2.6-3.2 in 8 trials (6 draws
     # against a bound of 2x failed once in three runs of the suite here), so the bound is 1.5x.
     rng_means = []
     for phot in (None, ph):
-        imgs = [train.decode_transform(batch, 64, True, 10**8, pre, phot)["image"][0] for _ in range(32)]
+        imgs = [decode_transform(batch, 64, True, 10**8, pre, phot)["image"][0] for _ in range(32)]
         rng_means.append(np.std([im.mean(axis=(0, 1)) for im in imgs], axis=0).mean())
     assert rng_means[1] > 1.5 * rng_means[0], rng_means
 
@@ -188,10 +188,10 @@ def test_scoring_refuses_a_colour_constancy_the_model_was_not_trained_with():
 def test_balanced_sampling_weighs_every_source_the_same():
     import pyarrow as pa
 
-    from dermray.stages import train
+    from dermray.stages.train.data import balanced
 
     rows = pa.table({"image_id": [f"i{k}" for k in range(13)], "source": ["a"] * 10 + ["b"] * 3})
-    out = train.balanced(rows, "source", seed=0)
+    out = balanced(rows, "source", seed=0)
     counts = pd.Series(out.column("source").to_pylist()).value_counts()
     assert counts["a"] == counts["b"] == 10
     assert set(out.column("image_id").to_pylist()) == set(rows.column("image_id").to_pylist())  # nothing dropped

@@ -1,0 +1,105 @@
+"""The decisions locked with the model, out of fold: the temperature, and the operating points (the target
+sensitivity, Youden's, the readers' specificity), written into every fold's model card."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+
+from dermray.runtime import artifacts, layout
+from dermray.runtime.config import RunConfig
+from dermray.stages.train.plan import TrainPlan, uses_readers
+from dermray.stages.train.shared import FINAL
+from dermray.store import storage
+
+
+def readers_targets(cfg: RunConfig, p: TrainPlan) -> dict:
+    """The readers' mean specificity per binary task, from the readers' own decisions and the test manifest's
+    labels (when evaluate.readers and pipeline.test_manifest are set): an operating point to lock."""
+    from dermray.core import decisions, inference
+    from dermray.store.definitions import load_tasks, load_taxonomy
+
+    if not uses_readers(cfg, p):
+        return {}
+    assert cfg.evaluate.readers is not None and cfg.pipeline.test_manifest is not None  # uses_readers
+    # A binary task (p.positives) means add_task_truth loaded the tasks and the taxonomy.
+    assert cfg.data.tasks is not None and cfg.data.taxonomy is not None
+    readers = storage.read_table_any(cfg.evaluate.readers).to_pandas()
+    test = storage.read_table(cfg.pipeline.test_manifest, columns=["image_id", "label"]).to_pandas()
+    tax = load_taxonomy(cfg.data.taxonomy)
+    truth = {}
+    for task in load_tasks(cfg.data.tasks, tax):
+        if task.name in p.positives:
+            t = inference.truth_for_task(tax, task, test["label"].to_numpy())
+            inside = t >= 0
+            truth[task.name] = pd.Series((t[inside] == p.positives[task.name]).astype(int),
+                                         index=test["image_id"].to_numpy()[inside])
+    return decisions.readers_specificity(readers, truth)
+def lock_decisions(cfg: RunConfig, p: TrainPlan, fold_rows: list[dict]) -> tuple[dict | None, list[dict], str]:
+    """Calibration and operating points chosen on the cross-validation folds' held-out predictions, written into
+    every fold's model card: (calibration, operating points, what they were chosen on)."""
+    from dermray.core import decisions
+
+    cv = [r["fold"] for r in fold_rows if r["fold"] != FINAL]
+    frames = [storage.read_table(storage.join(layout.fold_dir(cfg.output, cfg.run_id, f), "val_predictions.parquet"))
+              .to_pandas() for f in cv if storage.exists(storage.join(layout.fold_dir(cfg.output, cfg.run_id, f),
+                                                                      "val_predictions.parquet"))]
+    oof = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if len(oof) < 2:
+        return None, [], "no held-out predictions"
+    truth_cols = p.table.select(["image_id", "task_truth"]).to_pandas() if p.task_names else None
+    task_truth = (np.stack(oof[["image_id"]].merge(truth_cols, on="image_id", how="left")["task_truth"])
+                  if truth_cols is not None else None)
+    binary = [(name, p.task_names.index(name), pos, p.matrices[name].astype(np.float64))
+              for name, pos in p.positives.items()]
+    chosen_on = f"out-of-fold predictions of folds {', '.join(cv)} ({len(oof)} images)"
+    calibration, points = decisions.lock(np.stack(oof["probs"]).astype(np.float64), oof["class_index"].to_numpy(),
+                                         task_truth, binary, cfg.evaluate.target_sensitivity,
+                                         readers_targets(cfg, p))
+    return calibration | {"fitted_on": chosen_on}, [pt | {"chosen_on": chosen_on} for pt in points], chosen_on
+def not_estimable_tasks(cfg: RunConfig, p: TrainPlan) -> dict[str, str]:
+    """Binary task -> why it cannot be scored by these models (a task class with no training class under it:
+    inference.not_estimable); such a task gets no locked operating point, and its cards say why."""
+    from dermray.core import inference
+    from dermray.store.definitions import load_tasks, load_taxonomy
+
+    if not p.positives:
+        return {}
+    assert cfg.data.tasks is not None and cfg.data.taxonomy is not None  # binary tasks come from them
+    tasks = load_tasks(cfg.data.tasks, load_taxonomy(cfg.data.taxonomy))
+    reasons = {t.name: inference.not_estimable(p.matrices[t.name], t) for t in tasks if t.name in p.positives}
+    return {name: why for name, why in reasons.items() if why}
+def write_decisions(cfg: RunConfig, folds: list, calibration: dict | None, points: list[dict],
+                    cv: pd.DataFrame, not_estimable: dict[str, str] | None = None) -> None:
+    """Every fold's card gets the run's decisions, the tasks it cannot score with the reason, and its
+    cross-validation summary (a card that holds them already is left as it is: a re-run adds no changelog
+    entry)."""
+    for fold in folds:
+        d = layout.fold_dir(cfg.output, cfg.run_id, fold)
+        card = artifacts.read_card(storage.join(d, artifacts.CARD_FILE))
+        description = card.description | {"cross_validation": cv.to_dict(orient="records")}
+        if not_estimable:
+            description["not_estimable"] = dict(not_estimable)
+        else:
+            description.pop("not_estimable", None)
+        decided = {"calibration": artifacts.Calibration(**calibration).model_dump(mode="json") if calibration else None,
+                   "operating_points": [artifacts.OperatingPoint(**pt).model_dump(mode="json") for pt in points],
+                   "cross_validation": description["cross_validation"],
+                   "not_estimable": description.get("not_estimable")}
+        held = {"calibration": card.calibration.model_dump(mode="json") if card.calibration else None,
+                "operating_points": [pt.model_dump(mode="json") for pt in card.operating_points],
+                "cross_validation": card.description.get("cross_validation"),
+                "not_estimable": card.description.get("not_estimable")}
+        if _same_json(decided, held):
+            continue
+        changelog = card.changelog + ([{"when": description.get("trained_at"), "what": "calibration and "
+                                        f"{len(points)} operating points locked out of fold"}] if points else [])
+        card = card.model_copy(update={
+            "calibration": artifacts.Calibration(**calibration) if calibration else None,
+            "operating_points": [artifacts.OperatingPoint(**pt) for pt in points], "description": description,
+            "changelog": changelog})
+        artifacts.write_card(artifacts.ModelCard.model_validate(card.model_dump()), d)
+def _same_json(a, b) -> bool:
+    """Equal as written to JSON (NaN equals NaN, tuples equal lists)."""
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
