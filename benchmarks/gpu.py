@@ -241,7 +241,7 @@ def saliency_diff(ens, images) -> dict:
     import torch
 
     from dermray.runtime.attribution import attribute
-    from dermray.stages.saliency import build_explainer
+    from dermray.stages.saliency.actors import build_explainer
 
     matrix = np.eye(N_CLASSES, dtype=np.float32)[:, :2]
     x = (torch.from_numpy(images[:4]).permute(0, 3, 1, 2).float() / 255 - torch.tensor(ens.mean).view(1, 3, 1, 1)) \

@@ -206,13 +206,15 @@ def run_dermray_hooked(manifest: str, out: str) -> dict:
 
 def run_hashcost(manifest: str, out: str) -> dict:
     """The fingerprint's cost alone: TableHasher over the chunks pass 1 reads (read beforehand, not timed)."""
-    from dermray.stages import partition
+    from dermray.stages.partition.chunks import manifest_columns
+    from dermray.stages.partition.passes import read_chunk
+    from dermray.stages.partition.shared import CHUNK_ROWS
     from dermray.store import lineage, storage
 
     pf = storage.parquet_file(manifest)
-    columns = partition.manifest_columns(pf.schema_arrow)
-    chunks = storage.row_group_chunks(pf, partition.CHUNK_ROWS, min_chunks=2 * os.cpu_count())
-    tables = [(partition.read_chunk(manifest, rg, columns), off) for rg, off, _ in chunks]
+    columns = manifest_columns(pf.schema_arrow)
+    chunks = storage.row_group_chunks(pf, CHUNK_ROWS, min_chunks=2 * os.cpu_count())
+    tables = [(read_chunk(manifest, rg, columns), off) for rg, off, _ in chunks]
     t0 = time.perf_counter()
     partials = []
     for table, off in tables:
@@ -373,8 +375,9 @@ def run_pandas(manifest: str, out: str) -> dict:
 def _validate_batch(table: pa.Table, node_ids: list[str]) -> pa.Table:
     from dermray.core.partitioning import hash_bucket, hash_strings
     from dermray.stages import partition
+    from dermray.stages.partition.chunks import validate_chunk
 
-    _, label_idx = partition.validate_chunk(table, pa.array(node_ids, pa.string()))
+    _, label_idx = validate_chunk(table, pa.array(node_ids, pa.string()))
     ok = label_idx >= 0
     okm = pa.array(ok)
     g = hash_strings(partition._group_keys(table).filter(okm).to_numpy(zero_copy_only=False), 0)
@@ -393,7 +396,7 @@ def run_ray_data(manifest: str, out: str) -> dict:
     import ray
     import ray.data
 
-    from dermray.stages import partition
+    from dermray.stages.partition.chunks import manifest_columns
 
     t0 = time.perf_counter()
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR",
@@ -402,7 +405,7 @@ def run_ray_data(manifest: str, out: str) -> dict:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     tax = _taxonomy(manifest)
-    columns = partition.manifest_columns(pq.ParquetFile(manifest).schema_arrow)
+    columns = manifest_columns(pq.ParquetFile(manifest).schema_arrow)
     t0 = time.perf_counter()
     valid = (ray.data.read_parquet(manifest, columns=columns)
              .map_batches(_validate_batch, batch_format="pyarrow", batch_size=None,

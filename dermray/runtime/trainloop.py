@@ -1,6 +1,6 @@
 """The training of one fold, as it runs inside its Ray Train worker: a typed ``FoldJob`` in, checkpoints and
 metrics out. The driver side (which rows, which folds, measuring the chosen model, the model card) is
-``dermray/stages/train.py``.
+``dermray/stages/train/``.
 
 Per epoch: the training batches (decoded and augmented by Ray Data, pulled ahead by ``EpochBatches``), with
 ``train.selection: inner`` a pass over the inner selection split (loss, top-1 on the training classes, accuracy on

@@ -12,6 +12,7 @@ from dermray.cli import main
 from dermray.errors import UserError
 from dermray.runtime.config import load_config
 from dermray.stages import saliency, score
+from dermray.stages.saliency.sanity import RISE_TOLERANCE
 from dermray.store import storage
 
 from helpers import train_small_fold
@@ -77,7 +78,7 @@ def test_maps_index_gallery_and_sanity_written_to_s3(score_study, ham_dir, train
             # network may give for some images (it does on some CPUs, not others: the kernels round differently),
             # and its similarity may rise with randomisation: then the verdict is "inconclusive", never a pass,
             # and it says why.
-            rose = rows["spearman"].iloc[-1] > rows["spearman"].iloc[0] + saliency.RISE_TOLERANCE
+            rose = rows["spearman"].iloc[-1] > rows["spearman"].iloc[0] + RISE_TOLERANCE
             assert rows["constant_maps"].iloc[-1] > 0 or rose, rows
             assert s["flagged"][method].startswith("inconclusive"), s
             assert s["sanity_conclusive"] is False

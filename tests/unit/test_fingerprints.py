@@ -109,7 +109,7 @@ def test_a_record_of_an_older_dermray_is_compared_setting_by_setting():
 def test_a_worker_output_the_driver_cannot_see_is_an_error(tmp_path):
     """A file a Ray worker reports written but the driver cannot see (another node's disk, a lost write) fails the
     stage naming it (train's held-out predictions no longer travel through a file: the driver measures them)."""
-    from dermray.stages import saliency
+    from dermray.stages.saliency.stage import check_written
 
     (tmp_path / "gradient").mkdir()
     (tmp_path / "gradient" / "a__t.png").write_bytes(b"png")
@@ -118,9 +118,9 @@ def test_a_worker_output_the_driver_cannot_see_is_an_error(tmp_path):
                                       str(tmp_path / "gradient" / "b__t.png")],
                           "npy_uri": [str(tmp_path / "gradient" / "a__t.npy"),
                                       str(tmp_path / "gradient" / "b__t.npy")]})
-    saliency.check_written(index.head(1), str(tmp_path))
+    check_written(index.head(1), str(tmp_path))
     with pytest.raises(RuntimeError, match=r"the map .*b__t\.png that an actor wrote is not visible to the driver"):
-        saliency.check_written(index, str(tmp_path))
+        check_written(index, str(tmp_path))
 
 
 # ---- incremental scoring: an input row's hash (issue 27, finding 5) --------------------------------------------------

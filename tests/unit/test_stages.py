@@ -28,7 +28,7 @@ def test_the_stage_list_exists_once():
     # (a stage package's step is planted where its run looks it up: evaluate's run is in evaluate.stage)
     ("evaluate", "stage.read_definitions", "train.lr", "train"),  # a section it does not declare
     ("train", "stage.plan", "evaluate.n_bootstrap", "evaluate.n_bootstrap"),  # a key of a section it declares keys of
-    ("partition", "read_inputs", "data.tasks", None),  # declared: no error of the view (the missing file's)
+    ("partition", "stage.read_inputs", "data.tasks", None),  # declared: no error of the view (the missing file's)
 ])
 def test_a_read_of_config_a_stage_did_not_declare_fails(stage, plant, read, named, monkeypatch, tmp_path):
     """A read planted in a stage fails loudly through the runner, naming what was read - before the read's value
