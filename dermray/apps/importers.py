@@ -12,6 +12,9 @@ Images are found with one listing of the folder or prefix (subfolders included; 
 an image is any file with an ``archive.IMAGE_SUFFIXES`` extension (any case), its image_id the file name without
 the extension. Rows without an image file, files sharing an image_id and labels that do not map are quarantined
 with a reason; nothing is dropped silently (rows in = manifest rows + quarantined).
+
+Why one module over 400 lines: one importer per source (HAM10000, ISIC, a hospital folder) over shared
+readers of labels and mappings; each rule sits beside its quarantine reason.
 """
 from __future__ import annotations
 
@@ -470,7 +473,8 @@ def import_folder(images: str, labels: str, mapping: str, *, taxonomy: str | Non
         why = why.mask(why.isna() & bad_mod,
                        "modality " + mod_in.map(repr) + f" in {labels_name} is neither clinical nor dermoscopy")
 
-    manifest = _folder_manifest(files, m, cols, key.map(maps["node"]), src, mod, source or _name(images))
+    manifest = _folder_manifest(files, m, cols, {"label": key.map(maps["node"]), "label_source": src,
+                                                 "modality": mod, "source": source or _name(images)})
     ok = why.isna()
     quarantine = pd.concat([
         _quarantine(files.loc[~ok, "image_id"], row[~ok], files.loc[~ok, "uri"], why[~ok]),
@@ -484,14 +488,14 @@ def import_folder(images: str, labels: str, mapping: str, *, taxonomy: str | Non
     return ImportResult(manifest[ok].reset_index(drop=True), quarantine, tax, tasks_yaml, notes)
 
 
-def _folder_manifest(files: pd.DataFrame, m: pd.DataFrame, cols: dict, node: pd.Series, label_source: pd.Series,
-                     modality: pd.Series, source: str) -> pd.DataFrame:
-    """The manifest columns of every image file (``m``: its labels row), then the labels' other columns."""
+def _folder_manifest(files: pd.DataFrame, m: pd.DataFrame, cols: dict, derived: dict) -> pd.DataFrame:
+    """The manifest columns of every image file (``m``: its labels row; ``derived``: the label's taxonomy node,
+    label_source, modality and source as mapped), then the labels' other columns."""
     group = m[cols["group"]].str.strip() if cols["group"] else pd.Series(None, index=m.index, dtype=object)
     manifest = pd.DataFrame({
-        "image_id": files["image_id"], "uri": files["uri"], "label": node,
-        "group_id": group.where(group.notna() & (group != ""), None), "label_source": label_source,
-        "modality": modality, "source": source,  # source: the model card's data sources
+        "image_id": files["image_id"], "uri": files["uri"], "label": derived["label"],
+        "group_id": group.where(group.notna() & (group != ""), None), "label_source": derived["label_source"],
+        "modality": derived["modality"], "source": derived["source"],  # source: the model card's data sources
     })
     for c in m.columns:
         if c != cols["id"] and not (c == cols["group"] == "group_id"):

@@ -5,6 +5,9 @@ case is called positive when ``score >= threshold``. Multi-class truth is an int
 probabilities of shape [n, K]; an argmax tie is "undecided" and counts as wrong (the ISIC challenge's rule).
 Undefined values (a rate with an empty denominator, an AUC without positives or negatives) are NaN and the caller
 marks them undefined; nothing here divides by zero silently.
+
+Why one module over 400 lines: the metrics and their intervals share the lesion bootstrap's resampling
+kernels (benchmarked: ``benchmarks/evaluate.py``); split, each half would import the other.
 """
 from __future__ import annotations
 

@@ -7,6 +7,9 @@ A fold directory (``<output>/train/<run_id>/fold=<k>/``) holds ``best/model.pt``
 normalisation, training classes, their hash, the weights' sha256), how they were made (config, lineage, versions)
 and how well they did (validation metrics, operating points, calibration). ``schema_version`` changes when a field
 changes meaning; cards of version 1 (before the sha256 and lineage fields) are still read.
+
+Why one module over 400 lines: the model card's record, its readers and writers, and the ensemble built from
+cards share one format; split, each part would import the others.
 """
 from __future__ import annotations
 

@@ -28,7 +28,10 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dermray.store.summaries import StageSummary
 
 # What every stage reads: where its outputs go and how it reaches Ray and storage.
 COMMON_READS = ("run_id", "output", "ray", "storage")
@@ -49,6 +52,8 @@ class StageSpec:
     flags: dict[str, str] = field(default_factory=dict)
     # Input keys the pipeline sets itself (wired from the previous stages' outputs)
     wired: tuple[str, ...] = ()
+    # Its summary's record in dermray/store/summaries.py (what ``run`` returns and the summary file holds)
+    summary_type: str = ""
     # Keys of ``reads`` that change how fast or where the stage runs, never what it writes (resources, batch sizes,
     # parallelism, "resume or refuse"). Every other declared value is in the stage's lineage (``stage_lineage``).
     tuning: tuple[str, ...] = ()
@@ -57,12 +62,18 @@ class StageSpec:
     def module(self) -> ModuleType:
         return importlib.import_module(f"dermray.stages.{self.name}")
 
+    @property
+    def summary_record(self) -> type[StageSummary]:
+        from dermray.store import summaries
+
+        return getattr(summaries, self.summary_type)
+
 
 # Resources and placement: where and how fast, never what is computed.
 _ACTORS = ("actors", "cpus_per_actor", "num_gpus", "torch_threads", "batch_size")
 
 REGISTRY: dict[str, StageSpec] = {s.name: s for s in (
-    StageSpec("partition", "partition", "partition_summary.json",
+    StageSpec("partition", "partition", "partition_summary.json", summary_type="PartitionSummary",
               inputs=("data.manifest", *_DEFINITIONS),
               reads=("partition", "data.manifest", *_DEFINITIONS),
               flags={"manifest": "data.manifest", "taxonomy": "data.taxonomy", "tasks": "data.tasks",
@@ -70,7 +81,7 @@ REGISTRY: dict[str, StageSpec] = {s.name: s for s in (
                      "seed": "partition.seed"}),
     # Train locks the decisions (operating points) too: from the tasks, evaluate.target_sensitivity and the
     # readers' specificity on the test manifest's labels.
-    StageSpec("train", "train", "train_summary.json",
+    StageSpec("train", "train", "train_summary.json", summary_type="TrainSummary",
               inputs=("data.manifest", "train.partition", "train.weights", "evaluate.readers",
                       "pipeline.test_manifest"),
               reads=("train", "transforms", "data.manifest", *_DEFINITIONS, "evaluate.target_sensitivity",
@@ -83,7 +94,7 @@ REGISTRY: dict[str, StageSpec] = {s.name: s for s in (
               tuning=tuple(f"train.{k}" for k in (
                   "use_gpu", "cpus_per_worker", "worker_resources", "data_cpus", "torch_threads", "channels_last",
                   "max_failures", "keep_checkpoints", "force"))),
-    StageSpec("score", "predictions", "score_summary.json",
+    StageSpec("score", "predictions", "score_summary.json", summary_type="ScoreSummary",
               inputs=("score.checkpoints", "score.input", "score.labels", "score.partition", *_DEFINITIONS),
               # Scoring prepares images as the model card says; its one transforms key must agree with the card.
               reads=("score", "transforms.color_constancy", *_DEFINITIONS),
@@ -96,14 +107,14 @@ REGISTRY: dict[str, StageSpec] = {s.name: s for s in (
               tuning=tuple(f"score.{k}" for k in (
                   *_ACTORS, "actor_resources", "decode_cpus", "channels_last", "compile", "incremental",
                   "rows_per_file"))),
-    StageSpec("evaluate", "metrics", "evaluate_summary.json",
+    StageSpec("evaluate", "metrics", "evaluate_summary.json", summary_type="EvaluateSummary",
               inputs=("evaluate.predictions", "evaluate.partition", "evaluate.readers", "evaluate.compare",
                       "evaluate.reference", *_DEFINITIONS),
               reads=("evaluate", *_DEFINITIONS),
               flags={"predictions": "evaluate.predictions", "tasks": "data.tasks", "taxonomy": "data.taxonomy",
                      "partition": "evaluate.partition", "readers": "evaluate.readers", "compare": "evaluate.compare",
                      "model_id": "evaluate.model_id", "distributed": "evaluate.distributed"}),
-    StageSpec("saliency", "saliency", "saliency_summary.json",
+    StageSpec("saliency", "saliency", "saliency_summary.json", summary_type="SaliencySummary",
               inputs=("saliency.checkpoints", "saliency.predictions", "saliency.partition", "saliency.masks",
                       *_DEFINITIONS),
               reads=("saliency", *_DEFINITIONS, "evaluate.model_id"),
@@ -264,6 +275,11 @@ def stage_lineage(stage: str, cfg: Any, inputs: dict, derived: dict | None = Non
     if derived:
         config["derived"] = derived
     return lineage.Lineage.of(stage, inputs, config)
+
+
+def read_summary(stage: str, text: str) -> StageSummary:
+    """A summary file of ``stage`` (its JSON text), validated against the stage's summary record."""
+    return REGISTRY[stage].summary_record.model_validate_json(text)
 
 
 def lineage_now(stage: str, cfg: Any, recorded=None):

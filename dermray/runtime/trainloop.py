@@ -8,6 +8,9 @@ each task through the inference algorithm: what picks the epoch), a checkpoint (
 epoch, lineage id, history) reported to Ray Train, which keeps the best ``keep_checkpoints`` and restarts a dead
 worker from the latest, and one progress line. The held-out fold is never seen here: the driver measures the
 chosen model on it afterwards.
+
+Why one module over 400 lines: it is everything that runs inside a Ray Train worker - the file to read when a
+fold misbehaves.
 """
 from __future__ import annotations
 

@@ -10,6 +10,9 @@ timeout, an S3 5xx or throttling answer): ``Retry`` says how often (``storage.re
 to the workers). What is still failing after the retries raises ``TransientReadError``; a permanent failure (no
 such object, permission denied) raises a plain ``UserError`` at once. Callers that quarantine tell the two apart,
 so a re-run retries what was transient.
+
+Why one module over 400 lines: every storage operation (local and S3) behind one URI interface and one retry
+policy; a caller imports one module and cannot reach a path that skips the retries.
 """
 from __future__ import annotations
 

@@ -171,6 +171,20 @@ def test_the_lineage_is_recorded_and_reproduced_without_running(study, stage):
     assert {"dermray", "ray", "torch"} <= set(recorded.versions)
 
 
+@pytest.mark.parametrize("stage", registry.STAGES)
+def test_the_summary_is_its_typed_record(study, stage):
+    """What ``run`` returned and what the summary file holds are the stage's summary record (StageSpec.summary_type),
+    every key declared there; a key the record does not declare is refused."""
+    from pydantic import ValidationError
+
+    spec = registry.REGISTRY[stage]
+    text = (stage_root(study["out"], stage) / spec.summary_file).read_text()
+    record = registry.read_summary(stage, text)
+    assert record.as_dict() == json.loads(text) == study["runs"][stage][1]["summary"]
+    with pytest.raises(ValidationError, match="undeclared"):
+        spec.summary_record(**json.loads(text), undeclared=1)
+
+
 def _changed(value):
     """Another valid value of a number or a flag (None for any other kind: strings, lists, None)."""
     if isinstance(value, bool):

@@ -27,6 +27,9 @@ def test_the_stage_list_exists_once():
 @pytest.mark.parametrize("stage, plant, read, named", [
     # (a stage package's step is planted where its run looks it up: evaluate's run is in evaluate.stage)
     ("evaluate", "stage.read_definitions", "train.lr", "train"),  # a section it does not declare
+    # an input it does not declare: every file a stage reads is named by a config key (or by a declared input's
+    # content: the partition a model card names), so an undeclared file is an undeclared key
+    ("evaluate", "stage.read_definitions", "pipeline.test_manifest", "pipeline"),
     ("train", "stage.plan", "evaluate.n_bootstrap", "evaluate.n_bootstrap"),  # a key of a section it declares keys of
     ("partition", "stage.read_inputs", "data.tasks", None),  # declared: no error of the view (the missing file's)
 ])

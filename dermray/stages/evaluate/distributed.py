@@ -25,8 +25,11 @@ from dermray.stages.evaluate.inputs import EvalInputs
 from dermray.stages.evaluate.shared import STAGE
 from dermray.stages.evaluate.tables import At, Tables, headline, write_tables
 from dermray.store import storage
+from dermray.store.summaries import EvaluateSummary
 
 SUBSET_NAMES = ("all", "biopsy", "modality=clinical", "modality=dermoscopy")
+
+
 def block_histograms(batch: pa.Table, node_ids: list[str], truth: list[tuple[int, np.ndarray]],
                      matrices: list[np.ndarray], bins: int) -> dict:
     """Ray Data batch fn: per binary task, subset and truth (negative, positive), the histogram of the scores of
@@ -49,6 +52,8 @@ def block_histograms(batch: pa.Table, node_ids: list[str], truth: list[tuple[int
             sel = ok & mask
             np.add.at(h[ti, si], ((y[sel] == pos).astype(np.int64), b[sel]), 1)
     return {"hist": h[None]}
+
+
 def histogram_metrics(at: At, neg: np.ndarray, posh: np.ndarray, thresholds: list[float]) -> None:
     """AUC and the rates at ``thresholds`` from the histograms of the negatives' and the positives' scores
     (float [bins] each, equal bins over [0, 1])."""
@@ -66,6 +71,8 @@ def histogram_metrics(at: At, neg: np.ndarray, posh: np.ndarray, thresholds: lis
         spec = neg[:k].sum() / neg.sum() if neg.sum() else float("nan")
         at.add(f"sensitivity@{thr:g}", sens, n)
         at.add(f"specificity@{thr:g}", spec, n)
+
+
 def run_distributed(cfg: RunConfig, inp: EvalInputs, paths: dict, t_start: float) -> dict:
     """AUC and rates at fixed thresholds per binary task and subset (all, biopsy, each modality) from per-block
     histograms of the scores merged on the driver: memory is bins x tasks x subsets, whatever the row count."""
@@ -104,5 +111,6 @@ def run_distributed(cfg: RunConfig, inp: EvalInputs, paths: dict, t_start: float
                "predictions": storage.redact(ecfg.predictions), "tasks": [x.name for x in binary],
                "headline": headline(t), "outputs": {k: paths[k] for k in ("metrics", "summary")},
                "seconds": round(time.perf_counter() - t_start, 3)}
+    summary = EvaluateSummary(**summary).as_dict()
     storage.write_text(paths["summary"], strict_json(summary))
     return summary

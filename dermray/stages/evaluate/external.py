@@ -34,6 +34,8 @@ def task_scores(df: pd.DataFrame, inp: EvalInputs,
     use = (y_task != NOT_IN_TASK) & ~np.isnan(score)
     groups = lesions(df)
     return (y_task[use] == pos).astype(int), score[use], groups[use], use
+
+
 def cohorts_of(df: pd.DataFrame, ecfg: EvaluateConfig, inp: EvalInputs
                ) -> tuple[dict[str, pd.DataFrame], str | None]:
     """The cohorts to compare: {"internal": the reference predictions, "external": these} or the values of the
@@ -55,6 +57,8 @@ def cohorts_of(df: pd.DataFrame, ecfg: EvaluateConfig, inp: EvalInputs
             out[v] = part
         return out, reference
     return {}, None
+
+
 def external_validation(t: Tables, run_id: str, inp: EvalInputs, cohorts: dict, reference: str,
                         ecfg: EvaluateConfig) -> None:
     """Per binary task and modality: each cohort's AUC with its CI, and each cohort's difference from the

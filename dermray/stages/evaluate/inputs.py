@@ -28,15 +28,21 @@ def score_summary_of(predictions: str) -> dict:
         if storage.exists(candidate):
             return json.loads(storage.read_text(candidate))
     return {}
+
+
 def default_partition(cfg: RunConfig, scored: dict) -> str:
     """evaluate.partition, else the partition the predictions' score run recorded, else this run's."""
     return cfg.evaluate.partition or scored.get("partition") or layout.partition_dir(cfg.output, cfg.run_id)
+
+
 def locked_points(scored: dict) -> dict:
     """The operating points locked in the scoring model's card (out of fold), per binary task."""
     out: dict = {}
     for pt in scored.get("operating_points", []):
         out.setdefault(pt["task"], []).append((pt["name"], float(pt["threshold"])))
     return out
+
+
 def load_readers(uri: str | None) -> pd.DataFrame | None:
     if not uri:
         return None
@@ -51,6 +57,8 @@ def load_readers(uri: str | None) -> pd.DataFrame | None:
             raise UserError(f"{storage.redact(uri)}: column 'decision' must be 0 or 1 "
                             f"(row {int(np.flatnonzero(bad)[0])})")
     return df
+
+
 @dataclass
 class EvalInputs:
     """Everything the numbers are computed from (read before any is computed)."""
@@ -62,6 +70,8 @@ class EvalInputs:
     locked: dict  # binary task -> [(operating point name, threshold)] the model card locked
     scored: dict  # the summary of the score run that wrote the predictions ({} when unknown)
     train_hashes: pd.DataFrame | None = None  # the partition's image_hashes (evaluate.train_overlap; None: absent)
+
+
 def read_definitions(cfg: RunConfig) -> EvalInputs:
     if not cfg.evaluate.predictions:
         raise UserError("no predictions given: set evaluate.predictions (or --predictions)")
@@ -85,6 +95,8 @@ def read_definitions(cfg: RunConfig) -> EvalInputs:
         fps["image_hashes"] = lineage.columns_fingerprint(hashes_uri, hashes_table, hashes_table.column_names)
         hashes = hashes_table.to_pandas()
     return EvalInputs(tax, tasks, table.to_pandas(), partition, fps, locked, scored, hashes)
+
+
 def predictions_columns(ecfg: EvaluateConfig) -> tuple[str, ...]:
     """The prediction columns beyond ``USED_COLUMNS`` that the evaluation reads: the source, the subgroup columns,
     the cohort column and (evaluate.train_overlap) the image URIs. Only these are loaded, and the predictions'
@@ -92,6 +104,8 @@ def predictions_columns(ecfg: EvaluateConfig) -> tuple[str, ...]:
     subgroups = tuple(spec.partition(":")[0] for spec in ecfg.subgroups)
     return (("source",) + subgroups + ((ecfg.cohort,) if ecfg.cohort else ())
             + (("uri",) if ecfg.train_overlap else ()))
+
+
 def other_run_membership(uri: str) -> tuple[pd.DataFrame | None, lineage.Fingerprint | None]:
     """The task membership of the partition the run that wrote the predictions at ``uri`` was trained on (its score
     summary beside them names it), with its fingerprint; (None, None) when no summary or partition is there."""
@@ -101,6 +115,8 @@ def other_run_membership(uri: str) -> tuple[pd.DataFrame | None, lineage.Fingerp
         return None, None
     table = storage.read_table(tm_uri)
     return table.to_pandas(), lineage.columns_fingerprint(tm_uri, table, table.column_names)
+
+
 def load_other_run(uri: str, columns: tuple[str, ...], own_classes: int, inp: EvalInputs) -> pd.DataFrame:
     """Another run's predictions (evaluate.compare, evaluate.reference) with the membership their probabilities are
     scored through as ``df.attrs["membership"]``: that of the other run's own partition - its columns are its own

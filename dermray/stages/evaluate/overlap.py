@@ -27,6 +27,8 @@ class Overlap:
     def summary(self) -> dict:
         return {"checked": self.not_checked is None, "test_images": len(self.images), "pairs": len(self.pairs),
                 "unreadable_test_images": self.unreadable, "not_checked": self.not_checked}
+
+
 def overlap_thresholds(partition: str) -> tuple[int, float]:
     """The Hamming bound and the pixel similarity the partition grouped near-duplicates with (its recorded
     config), so that the test set is checked the way the folds were."""
@@ -40,6 +42,8 @@ def overlap_thresholds(partition: str) -> tuple[int, float]:
         hamming = int(recorded.get("near_duplicate_hamming", hamming))
         similarity = float(recorded.get("near_duplicate_similarity", similarity))
     return hamming, similarity
+
+
 def train_overlap(df: pd.DataFrame, inp: EvalInputs, ecfg: EvaluateConfig) -> Overlap:
     """The test images (``df``'s ``uri``) that are copies of the partition's training images: equal bytes, or a
     view hash within the partition's Hamming bound of the other's whole-image hash, confirmed by aligned pixel

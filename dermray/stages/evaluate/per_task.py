@@ -36,6 +36,8 @@ class BinaryScores:
     groups: np.ndarray
     image_ids: np.ndarray
     score_raw: np.ndarray | None = None
+
+
 def rates_with_ci(at: At, label: str, data: BinaryScores, threshold: float, cfg: EvaluateConfig) -> None:
     """Sensitivity, specificity, PPV and NPV when calling ``score >= threshold`` positive, each with its
     lesion-bootstrap CI (a rate is a mean over its denominator's images, resampled by lesion)."""
@@ -52,10 +54,14 @@ def rates_with_ci(at: At, label: str, data: BinaryScores, threshold: float, cfg:
         values = hit[among].astype(float)
         lo, hi = _bootstrap_mean(values, groups[among], cfg)
         at.add(f"{metric}@{label}", values.mean(), int(among.sum()), lo, hi)
+
+
 def subset_seed(seed: int, subset: str) -> int:
     """The bootstrap seed of a subset: the configured one for "all", one of its own (stable across runs) for each
     other subset, so that two subgroups' resamples are independent draws (the subgroup gap compares them)."""
     return seed if subset == "all" else (seed + zlib.crc32(subset.encode())) % 2**32
+
+
 def evaluate_binary(at: At, data: BinaryScores, cfg: EvaluateConfig, readers: pd.DataFrame | None,
                     locked: Sequence[tuple[str, float]] = ()) -> None:
     """AUC with its CI, the ROC, rates at the fixed thresholds, at the model's locked operating points (chosen
@@ -104,6 +110,8 @@ def evaluate_binary(at: At, data: BinaryScores, cfg: EvaluateConfig, readers: pd
                                    "locked": [(name, r.sensitivity, r.specificity) for name, r in
                                               sorted(((nm, M.rates_at(y, score, thr)) for nm, thr in locked),
                                                      key=lambda x: (not x[0].startswith("sens"), x[0]))]}
+
+
 def subgroup_verdict(t: Tables, run_id: str, task: Task, subset_names: list[str], cfg: EvaluateConfig) -> None:
     """Per subgroup column (modality, each of evaluate.subgroups): the worst group's AUC (the note names the group)
     and the largest gap between two groups' AUCs: the best minus the worst group, with the interval of that
@@ -131,6 +139,8 @@ def subgroup_verdict(t: Tables, run_id: str, task: Task, subset_names: list[str]
         level = f"; interval simultaneous over the {pairs} pairs of groups" if pairs > 1 else ""
         by.add("auc_gap", gap.gap, n, gap.ci_low, gap.ci_high,
                note=f"{groups[gap.best][0]} minus {groups[gap.worst][0]}{level}")
+
+
 def carry_over_verdict(t: Tables, run_id: str, task: Task, subset_names: list[str], scored: dict,
                        cfg: EvaluateConfig) -> None:
     """Per locked operating point, on all images and on the biopsy-proven ones: what it gave out of fold beside
@@ -157,6 +167,8 @@ def carry_over_verdict(t: Tables, run_id: str, task: Task, subset_names: list[st
             at.add(f"carries_over@{label}", float(all(verdicts)), n,
                    note=("does not carry over: " + "; ".join(reasons)) if reasons else
                    "its test sensitivity and specificity lie within their out-of-fold intervals")
+
+
 def reader_points(at: At, data: BinaryScores, readers: pd.DataFrame, cfg: EvaluateConfig
                   ) -> list[tuple[str, float, float]]:
     """Each reader's sensitivity/specificity on the images of this task and subset that the reader read; then
@@ -203,6 +215,8 @@ def reader_points(at: At, data: BinaryScores, readers: pd.DataFrame, cfg: Evalua
         value, lo, hi = at_mean["specificity_at_readers_sensitivity"]
         at.add("model_specificity_at_readers_mean_sensitivity", value, n, lo, hi)
     return pts
+
+
 def evaluate_multiclass(at: At, task: Task, y: np.ndarray, probs: np.ndarray, groups: np.ndarray,
                         cfg: EvaluateConfig) -> None:
     """Accuracy (with its lesion-bootstrap CI), balanced accuracy, per-class rates, the confusion matrix and the
@@ -234,6 +248,8 @@ def evaluate_multiclass(at: At, task: Task, y: np.ndarray, probs: np.ndarray, gr
     ece, curve = M.reliability(correct, conf, cfg.calibration_bins)
     at.add("ece_top_class", ece, n)
     t.curves[(at.task, at.subset)] = {"confusion": cm, "names": names, "accuracy": s["accuracy"]}
+
+
 def _bootstrap_mean(values: np.ndarray, groups: np.ndarray, cfg: EvaluateConfig) -> tuple[float, float]:
     """Group-bootstrap CI of a mean (accuracy): per-group sums and sizes against batches of resample weights."""
     _, g = np.unique(groups, return_inverse=True)
@@ -245,6 +261,8 @@ def _bootstrap_mean(values: np.ndarray, groups: np.ndarray, cfg: EvaluateConfig)
     alpha = 1 - cfg.ci_level
     lo, hi = np.quantile(reps, [alpha / 2, 1 - alpha / 2])
     return float(lo), float(hi)
+
+
 @dataclass(frozen=True)
 class EvalData:
     """The predictions evaluated (one row per image, ``attrs["probs"]`` [n, classes]) and what every task reads
@@ -255,6 +273,8 @@ class EvalData:
     subset_masks: list[tuple[str, np.ndarray]]
     readers: pd.DataFrame | None
     compare: pd.DataFrame | None
+
+
 @dataclass(frozen=True)
 class TaskTruth:
     """A binary task over the whole test set, arrays [n]: each image's task class (NOT_IN_TASK outside the task),
@@ -263,6 +283,8 @@ class TaskTruth:
     pos: int
     score: np.ndarray
     use: np.ndarray
+
+
 def evaluate_task(t: Tables, run_id: str, task: Task, test: EvalData, inp: EvalInputs,
                   ecfg: EvaluateConfig) -> tuple[dict, np.ndarray]:
     """Every subset's metrics of one task; returns how many images the task left out and why, and which images
@@ -306,6 +328,8 @@ def evaluate_task(t: Tables, run_id: str, task: Task, test: EvalData, inp: EvalI
     if test.compare is not None and score is not None and pos is not None:  # a binary task
         delong_rows(At(t, run_id, task.name, "all"), task, test, TaskTruth(y_task, pos, score, use), ecfg)
     return {"not_in_task": int((~in_task).sum()), "undefined_score": int(nan_scores.sum())}, use
+
+
 def delong_rows(at: At, task: Task, test: EvalData, truth: TaskTruth, ecfg: EvaluateConfig) -> None:
     """The paired comparison with another run's predictions (``test.compare``, scored with that run's own class
     membership) on the images both scored: the AUC difference with its ``ci_level`` interval and p-value, lesions

@@ -29,6 +29,7 @@ from dermray.stages.evaluate.subsets import lesions, subsets
 from dermray.stages.evaluate.tables import Tables, headline, write_tables
 from dermray.store import lineage, storage
 from dermray.store.predictions import declared_columns, load_predictions
+from dermray.store.summaries import EvaluateSummary
 
 
 def evaluation_lineage(inp: EvalInputs, predictions_fp, readers_fp, compare_fp, cfg: RunConfig):
@@ -46,6 +47,8 @@ def evaluation_lineage(inp: EvalInputs, predictions_fp, readers_fp, compare_fp, 
         if fp is not None:
             inputs[f"{name}_task_membership"] = fp
     return registry.stage_lineage(STAGE, cfg, inputs)
+
+
 def lineage_now(cfg: RunConfig, recorded: lineage.Lineage | None = None) -> lineage.Lineage:
     ecfg = cfg.evaluate
     inp = read_definitions(cfg)
@@ -60,6 +63,8 @@ def lineage_now(cfg: RunConfig, recorded: lineage.Lineage | None = None) -> line
         ecfg.compare, None, columns).attrs["fingerprint"], declared) if ecfg.compare else None
     readers = lineage.file_fingerprint(ecfg.readers) if ecfg.readers else None
     return evaluation_lineage(inp, pred, readers, compare, cfg)
+
+
 def write_back(summary: dict, scored: dict) -> str | None:
     """The headline test numbers written into the model cards of the models that scored the predictions (the one
     place outside <output>/metrics/<run_id> this stage writes, by design: a model card carries its test results).
@@ -84,6 +89,8 @@ def write_back(summary: dict, scored: dict) -> str | None:
         artifacts.write_card(artifacts.ModelCard.model_validate(card.model_dump()), fold_dir)
         first = first or storage.join(fold_dir, artifacts.CARD_MD)
     return first
+
+
 def write_outputs(t: Tables, tasks: list[Task], paths: dict, summary: dict) -> None:
     write_tables(t, paths)
     plots = render_plots(t, tasks)
@@ -93,6 +100,8 @@ def write_outputs(t: Tables, tasks: list[Task], paths: dict, summary: dict) -> N
     storage.write_text(paths["report_md"], md)
     storage.write_text(paths["report_html"], page)
     storage.write_text(paths["summary"], strict_json(summary))
+
+
 def run(cfg: RunConfig, base: str | None = None) -> dict:
     """Evaluate ``evaluate.predictions``; ``base`` overrides where the outputs go (the nightly job's date folder)."""
     t_start = time.perf_counter()
@@ -142,13 +151,18 @@ def run(cfg: RunConfig, base: str | None = None) -> dict:
         "seconds": round(time.perf_counter() - t_start, 3),
     }
     summary["model_card"] = write_back(summary, inp.scored)
+    summary = EvaluateSummary(**summary).as_dict()
     write_outputs(t, inp.tasks, paths, summary)
     return summary
+
+
 def counts(s: dict) -> dict:
     """Predictions in = evaluated by a task + outside every task (none is dropped silently)."""
     if s.get("mode") == "distributed":
         return {"in": None, "out": None, "quarantined": 0, "seconds": s["seconds"]}
     return {"in": s["images"], "out": s["evaluated"], "quarantined": s["outside_every_task"], "seconds": s["seconds"]}
+
+
 def format_summary(s: dict) -> str:
     lines = [f"evaluate: run {s['run_id']}" + (f", {s['images']} images" if "images" in s else "")]
     lines += [f"  {w}" for w in flagged_points(s["headline"])]

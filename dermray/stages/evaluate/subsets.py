@@ -14,6 +14,8 @@ def lesions(df: pd.DataFrame) -> np.ndarray:
     rule of ``ids.lesion_keys`` - a null, empty or blank group_id is the image alone."""
     groups = df["group_id"] if "group_id" in df.columns else None
     return lesion_keys(df["image_id"].astype(str), groups).to_numpy(zero_copy_only=False)
+
+
 def subsets(df: pd.DataFrame, subgroup_specs: list[str]) -> list[tuple[str, np.ndarray]]:
     """(name, boolean mask) for: all, biopsy-proven, each modality, each value of each subgroup column."""
     out = [("all", np.ones(len(df), dtype=bool))]

@@ -20,6 +20,8 @@ class Tables:
     calibration: list = dataclasses.field(default_factory=list)
     train_overlap: list = dataclasses.field(default_factory=list)
     curves: dict = dataclasses.field(default_factory=dict)  # (task, subset) -> data for plots
+
+
 @dataclass(frozen=True)
 class At:
     """Where a call's rows go: the tables, and the run, evaluation task and subset that all its rows share."""
@@ -39,6 +41,8 @@ class At:
         self.tables.metrics.append(self.keys() | {
             "metric": metric, "value": value, "ci_low": None if lo is None or math.isnan(lo) else float(lo),
             "ci_high": None if hi is None or math.isnan(hi) else float(hi), "n": int(n), "note": note})
+
+
 def write_tables(t: Tables, paths: dict) -> None:
     specs = [("metrics", t.metrics, schemas.METRICS), ("roc", t.roc, schemas.ROC),
              ("confusion", t.confusion, schemas.CONFUSION), ("readers", t.readers, schemas.READER_POINTS),
@@ -48,6 +52,8 @@ def write_tables(t: Tables, paths: dict) -> None:
         arrow = schema.arrow([c.name for c in schema.columns])
         table = pa.Table.from_pylist(rows, schema=arrow) if rows else arrow.empty_table()
         storage.write_table(table, paths[name])
+
+
 def headline(t: Tables) -> list[dict]:
     keep = {"auc", "accuracy", "balanced_accuracy"}
     return [{k: r[k] for k in ("task", "subset", "metric", "value", "ci_low", "ci_high", "n", "note")}

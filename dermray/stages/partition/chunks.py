@@ -23,6 +23,8 @@ from dermray.store import schemas
 def manifest_columns(schema: pa.Schema) -> list[str]:
     cols = ["image_id", "uri", "label"]
     return cols + [c for c in ("group_id", "label_source", "modality") if c in schema.names]
+
+
 def validate_chunk(table: pa.Table, node_ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(reason per row: object array of str or None, taxonomy node index per row: int32, -1 when invalid)."""
     n = table.num_rows
@@ -60,6 +62,8 @@ def validate_chunk(table: pa.Table, node_ids: pa.Array) -> tuple[np.ndarray, np.
             reason[todo] = message
     label_idx[reason != None] = -1  # noqa: E711
     return reason, label_idx
+
+
 def group_keys(table: pa.Table, remap: pa.Table | None = None) -> pa.Array:
     """Each row's group: its group_id (an image without one is a group of its own), or, for an image the
     near-duplicate step merged into another group, that group (``remap``: image_id, group)."""
@@ -73,12 +77,16 @@ def group_keys(table: pa.Table, remap: pa.Table | None = None) -> pa.Array:
         return keys
     pos = pc.index_in(ids, value_set=remap.column("image_id"))
     return pc.if_else(pc.is_valid(pos), pc.take(remap.column("group"), pc.fill_null(pos, 0)), keys)
+
+
 @dataclass
 class ChunkStats:
     """What a map task returns in pass 1 (all small except the hash partitions, which go to reducers)."""
     node_counts: np.ndarray  # int64 [n_nodes]
     hist_keys: np.ndarray  # int64 node * HASH_BUCKETS + bucket
     hist_counts: np.ndarray  # int64
+
+
 def count_chunk(table: pa.Table, row_offset: int, node_ids: pa.Array, seed: int, partitions: int,
                 remap: pa.Table | None = None):
     """Pass 1 on one chunk: (ChunkStats, [image-hash partitions], [group-hash partitions])."""
@@ -103,9 +111,13 @@ def count_chunk(table: pa.Table, row_offset: int, node_ids: pa.Array, seed: int,
         m = part_grp == p
         grp_parts.append((g[m], labels[m], rows[m]))
     return ChunkStats(node_counts, keys, counts.astype(np.int64)), img_parts, grp_parts
+
+
 def _sparse_counts(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     k, c = np.unique(keys.astype(np.int64), return_counts=True)
     return k, c.astype(np.int64)
+
+
 @dataclass
 class Duplicates:
     """Rows repeating an earlier image_id (sorted by row), and where the first one was."""
@@ -118,6 +130,8 @@ class Duplicates:
         first = np.concatenate([p.first for p in parts]) if parts else np.zeros(0, np.int64)
         order = np.argsort(rows, kind="stable")
         return Duplicates(rows[order], first[order])
+
+
 def find_duplicates(parts, n_nodes: int):
     """Reduce: duplicate image_ids within one hash partition (the first row in manifest order is kept).
 
@@ -137,6 +151,8 @@ def find_duplicates(parts, n_nodes: int):
     summary = (np.bincount(labels[same], minlength=n_nodes).astype(np.int64),
                _sparse_counts(labels[same] * HASH_BUCKETS + buckets[same]))
     return summary, Duplicates.merge([Duplicates(rows[same], first_of[same])])
+
+
 def find_mixed_groups(parts, lookup: np.ndarray, duplicates: Duplicates, n_classes: int):
     """Reduce (after the classes are known): groups whose images fall in more than one training class.
 
@@ -156,6 +172,8 @@ def find_mixed_groups(parts, lookup: np.ndarray, duplicates: Duplicates, n_class
     out_k, out_c = _sparse_counts(cls[moving] * HASH_BUCKETS + b)
     in_k, in_c = _sparse_counts(n_classes * HASH_BUCKETS + b)
     return (np.concatenate([out_k, in_k]), np.concatenate([-out_c, in_c]), len(mixed)), mixed
+
+
 @dataclass
 class AssignPlan:
     """What the driver decided after pass 1, shipped to every pass-2 task."""
@@ -163,9 +181,12 @@ class AssignPlan:
     folds_by_stratum: np.ndarray  # int8 [n_classes + 1, HASH_BUCKETS]; the last row is the mixed stratum
     n_classes: int
     folds: int
+
+
 def assign_chunk(table: pa.Table, row_offset: int, node_ids: pa.Array, seed: int, plan: AssignPlan,
                  mixed_groups: np.ndarray, duplicates: Duplicates, remap: pa.Table | None = None
                  ) -> tuple[pa.Table, pa.Table, np.ndarray]:
+    # params: pass 2's task arguments, handed on as Ray resolved them (the shared ones travel as object refs)
     """Pass 2 on one chunk: (labels rows, quarantine rows, int64 [n_classes, folds] images per class and fold)."""
     lookup, folds_by_stratum = plan.lookup, plan.folds_by_stratum
     dup_rows, dup_first = duplicates.rows, duplicates.first

@@ -25,6 +25,8 @@ class Inputs:
     tax: Taxonomy
     tasks: list
     fingerprints: dict
+
+
 def read_inputs(cfg: RunConfig) -> Inputs:
     if not cfg.data.manifest:
         raise UserError("no manifest given: set data.manifest (or --manifest)")

@@ -42,11 +42,15 @@ def describe_chunk(uri, row_groups, offset, columns, node_ids, max_pixels):
     return {"image_id": ids[rows], "uri": np.array([storage.resolve(u, base) for u in uris[rows]], dtype=object),
             "group": groups[rows], "sha": np.array(shas, dtype=object),
             "hashes": np.array(hashes, np.uint64).reshape(-1, 3), "unreadable": unreadable}
+
+
 def verify_pairs(uris_a, uris_b, max_pixels):
     """Ray task: the aligned pixel similarity of each candidate pair (NaN where an image cannot be read)."""
     from dermray.core import neardup
 
     return neardup.similarities(uris_a, uris_b, storage.read_bytes, max_pixels)
+
+
 def near_duplicates(ray, inp: Inputs, chunks, node_ids_ref, pcfg) -> tuple[pa.Table, pa.Table, dict, pa.Table]:
     """(remap: image_id -> merged group, the accepted pairs, counts, every image's hashes): images whose bytes are
     equal, or whose perceptual hashes are close and whose pixels align (neardup.similarity >=

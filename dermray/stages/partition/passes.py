@@ -15,6 +15,7 @@ from dermray.core.partitioning import (
     fold_table,
 )
 from dermray.runtime import progress
+from dermray.runtime.config import PartitionConfig
 from dermray.stages.partition.chunks import (
     AssignPlan,
     ChunkStats,
@@ -33,37 +34,70 @@ def read_chunk(uri: str, row_groups: list[int], columns: list[str]) -> pa.Table:
     # Dictionary-encoded strings compare and hash as plain strings.
     return pa.table({c: (pc.cast(table.column(c), pa.string()) if pa.types.is_dictionary(table.column(c).type)
                          else table.column(c)) for c in table.column_names})
+
+
 # Ray tasks (module level: defined once, shipped by reference). Each hash partition of pass 1 is its own object,
 # so a reducer fetches only its share of every chunk.
 def pass1(uri, row_groups, offset, columns, node_ids, seed, partitions, remap):
+    # params: a Ray task: the object refs among its arguments are resolved by Ray only at the top level
     table = read_chunk(uri, row_groups, columns)
     stats, img_parts, grp_parts = count_chunk(table, offset, node_ids, seed, partitions, remap)
     hasher = lineage.TableHasher(columns)
     hasher.add(table, offset)
     return (stats, hasher.partial(), *img_parts, *grp_parts)
+
+
 def dup_reduce(n_nodes, *parts):
     return find_duplicates(parts, n_nodes)
+
+
 def group_reduce(lookup, duplicates, n_classes, *parts):
     return find_mixed_groups(parts, lookup, duplicates, n_classes)
+
+
 def merge_duplicates(*parts):
     return Duplicates.merge(list(parts))
+
+
 def pass2(uri, row_groups, offset, columns, node_ids, seed, plan, duplicates, remap, *mixed_parts):
     # params: a Ray task: the object refs among its arguments are resolved by Ray only at the top level
     table = read_chunk(uri, row_groups, columns)
     mixed = np.sort(np.concatenate(mixed_parts)) if mixed_parts else np.zeros(0, np.uint64)
     return assign_chunk(table, offset, node_ids, seed, plan, mixed, duplicates, remap)
+
+
 @dataclass
 class Counts:
     """Pass 1's merged counts: images per node (duplicates taken out) and per (node, group bucket)."""
     node_counts: np.ndarray
     node_hist: np.ndarray
     duplicates: int
-def count_pass(ray, inp: Inputs, chunks, partitions: int, node_ids_ref, seed: int, remap_ref):
-    """Pass 1 and the duplicate reducers: (Counts, the duplicates' object ref, the group partitions' refs,
-    the manifest's fingerprint)."""
+
+
+@dataclass(frozen=True)
+class ChunkInputs:
+    """What every pass-1 task reads besides its chunk: the taxonomy's node ids and the near-duplicate regrouping
+    (object refs) and the seed."""
+    node_ids: Any  # ObjectRef of pa.Array
+    seed: int
+    remap: Any  # ObjectRef
+
+
+@dataclass
+class Pass1:
+    """What pass 1 and its reducers leave: the merged counts, the duplicates (an object ref), each hash partition's
+    group refs, and the manifest's fingerprint (hashed while it was read)."""
+    counts: Counts
+    duplicates: Any
+    group_parts: list
+    fingerprint: lineage.Fingerprint
+
+
+def count_pass(ray, inp: Inputs, chunks, partitions: int, given: ChunkInputs) -> Pass1:
+    """Pass 1 and the duplicate reducers."""
     n_nodes = len(inp.tax)
     p1 = ray.remote(num_returns=2 + 2 * partitions)(pass1)
-    refs = [p1.remote(inp.manifest, rg, off, inp.columns, node_ids_ref, seed, partitions, remap_ref)
+    refs = [p1.remote(inp.manifest, rg, off, inp.columns, given.node_ids, given.seed, partitions, given.remap)
             for rg, off, _ in chunks]
     dup_refs = [ray.remote(num_returns=2)(dup_reduce).remote(n_nodes, *[r[2 + p] for r in refs])
                 for p in range(partitions)]
@@ -86,26 +120,30 @@ def count_pass(ray, inp: Inputs, chunks, partitions: int, node_ids_ref, seed: in
         n_duplicates += int(dup_counts.sum())
     duplicates = ray.remote(merge_duplicates).remote(*[d[1] for d in dup_refs])
     group_parts = [[r[2 + partitions + p] for r in refs] for p in range(partitions)]
-    return Counts(node_counts, node_hist, n_duplicates), duplicates, group_parts, fingerprint
-def fold_plan(ray, counts: Counts, classes, lookup, duplicates, group_parts, folds: int, seed: int):
+    return Pass1(Counts(node_counts, node_hist, n_duplicates), duplicates, group_parts, fingerprint)
+
+
+def fold_plan(ray, first: Pass1, classes, lookup, pcfg: PartitionConfig):
     """Move groups spanning classes to the mixed stratum, then cut every stratum into folds: (AssignPlan, the
     mixed groups' refs, the number of mixed groups)."""
-    n_classes = len(classes)
+    counts, n_classes = first.counts, len(classes)
     # Per-stratum bucket histograms: strata are the classes, plus the mixed stratum as the last row.
     hist = np.zeros((n_classes + 1) * HASH_BUCKETS, np.int64)
     keys = np.flatnonzero(counts.node_hist)
     np.add.at(hist, lookup[keys // HASH_BUCKETS].astype(np.int64) * HASH_BUCKETS + keys % HASH_BUCKETS,
               counts.node_hist[keys])
     lookup_ref = ray.put(lookup)
-    grp_refs = [ray.remote(num_returns=2)(group_reduce).remote(lookup_ref, duplicates, n_classes, *parts)
-                for parts in group_parts]
+    grp_refs = [ray.remote(num_returns=2)(group_reduce).remote(lookup_ref, first.duplicates, n_classes, *parts)
+                for parts in first.group_parts]
     n_mixed = 0
     for move_ref, _ in grp_refs:
         k, c, n = ray.get(move_ref)
         np.add.at(hist, k, c)
         n_mixed += n
-    folds_by_stratum = fold_table(hist.reshape(n_classes + 1, HASH_BUCKETS), folds, seed)
-    return AssignPlan(lookup, folds_by_stratum, n_classes, folds), [m for _, m in grp_refs], n_mixed
+    folds_by_stratum = fold_table(hist.reshape(n_classes + 1, HASH_BUCKETS), pcfg.folds, pcfg.seed)
+    return AssignPlan(lookup, folds_by_stratum, n_classes, pcfg.folds), [m for _, m in grp_refs], n_mixed
+
+
 @dataclass(frozen=True)
 class AssignInputs:
     """What every pass-2 task reads besides its chunk: the taxonomy's node ids, the seed, the fold plan, the
@@ -117,6 +155,8 @@ class AssignInputs:
     duplicates: Any
     remap: Any  # ObjectRef
     mixed: list  # ObjectRefs of uint64 arrays
+
+
 def assign_pass(ray, inp: Inputs, chunks, cpus: int, given: AssignInputs, paths: dict) -> tuple[int, int, np.ndarray]:
     """Pass 2, a bounded window of chunks in flight, streamed into labels.parquet and quarantine.parquet in
     manifest order: (labels rows, quarantined rows, images per class and fold)."""

@@ -20,13 +20,24 @@ from dermray.runtime import layout, progress, registry
 from dermray.runtime.config import RunConfig
 from dermray.stages.partition.inputs import Inputs, read_inputs
 from dermray.stages.partition.neardup import near_duplicates
-from dermray.stages.partition.passes import AssignInputs, Counts, assign_pass, count_pass, fold_plan, read_chunk
+from dermray.stages.partition.passes import (
+    AssignInputs,
+    ChunkInputs,
+    Counts,
+    assign_pass,
+    count_pass,
+    fold_plan,
+    read_chunk,
+)
 from dermray.stages.partition.shared import CHUNK_ROWS, STAGE
 from dermray.store import lineage, schemas, storage
+from dermray.store.summaries import PartitionSummary
 
 
 def partition_lineage(inp: Inputs, manifest_fp: lineage.Fingerprint, cfg: RunConfig) -> lineage.Lineage:
     return registry.stage_lineage(STAGE, cfg, {"manifest": manifest_fp, **inp.fingerprints})
+
+
 def lineage_now(cfg: RunConfig, recorded: lineage.Lineage | None = None) -> lineage.Lineage:
     inp = read_inputs(cfg)
     uri = inp.manifest
@@ -39,6 +50,8 @@ def lineage_now(cfg: RunConfig, recorded: lineage.Lineage | None = None) -> line
         return lineage.columns_fingerprint(uri, table, inp.columns, identity=storage.identity(uri))
 
     return partition_lineage(inp, lineage.reuse(recorded, "manifest", uri, content), cfg)
+
+
 def run(cfg: RunConfig) -> dict:
     """Run the partition stage for ``cfg``; returns the summary (also written as partition_summary.json)."""
     from dermray.runtime.raysession import check_shared_storage, cluster_cpus, ray_session
@@ -65,8 +78,8 @@ def run(cfg: RunConfig) -> dict:
                          near_counts["images_regrouped"])
         remap_ref = ray.put(remap)
         t0 = time.perf_counter()
-        counts, duplicates, group_parts, manifest_fp = count_pass(ray, inp, chunks, partitions, node_ids_ref,
-                                                                 pcfg.seed, remap_ref)
+        first = count_pass(ray, inp, chunks, partitions, ChunkInputs(node_ids_ref, pcfg.seed, remap_ref))
+        counts, duplicates, manifest_fp = first.counts, first.duplicates, first.fingerprint
         t_pass1 = time.perf_counter() - t0
         classes = partition_classes(inp.tax, counts.node_counts, pcfg.max_class_size)
         if not classes:
@@ -77,8 +90,7 @@ def run(cfg: RunConfig) -> dict:
                      f"{int(counts.node_counts.sum()):,}")
         t0 = time.perf_counter()
         lookup = node_to_class(inp.tax, classes)
-        plan, mixed_refs, n_mixed = fold_plan(ray, counts, classes, lookup, duplicates, group_parts, pcfg.folds,
-                                              pcfg.seed)
+        plan, mixed_refs, n_mixed = fold_plan(ray, first, classes, lookup, pcfg)
         given = AssignInputs(node_ids_ref, pcfg.seed, plan, duplicates, remap_ref, mixed_refs)
         n_labels, n_quarantined, fold_counts = assign_pass(ray, inp, chunks, cpus, given, paths)
         t_pass2 = time.perf_counter() - t0
@@ -89,9 +101,11 @@ def run(cfg: RunConfig) -> dict:
     made = Partitioned(classes, counts, fold_counts, n_labels, n_quarantined, n_mixed, near_counts, unattributable,
                        len(chunks), {"pass1": round(t_pass1, 3), "pass2_and_write": round(t_pass2, 3),
                                      "total": round(time.perf_counter() - t_start, 3)})
-    summary = summarise(cfg, inp, made, partition_lineage(inp, manifest_fp, cfg), paths)
+    summary = PartitionSummary(**summarise(cfg, inp, made, partition_lineage(inp, manifest_fp, cfg), paths)).as_dict()
     storage.write_text(paths["summary"], strict_json(summary))
     return summary
+
+
 @dataclass(frozen=True)
 class Partitioned:
     """What a partition run made, as its summary reports it."""
@@ -105,6 +119,8 @@ class Partitioned:
     unattributable: list  # training classes no task can attribute (partition.tasks_required off)
     chunks: int  # row-group chunks the passes read
     seconds: dict  # pass1, pass2_and_write, total
+
+
 def summarise(cfg: RunConfig, inp: Inputs, made: Partitioned, lin: lineage.Lineage, paths: dict) -> dict:
     pcfg = cfg.partition
     classes = made.classes
@@ -122,6 +138,8 @@ def summarise(cfg: RunConfig, inp: Inputs, made: Partitioned, lin: lineage.Linea
         "unattributable": [u.__dict__ | {"task_classes": list(u.task_classes)} for u in made.unattributable],
         "chunks": made.chunks, "lineage": lin.to_dict(), "seconds": made.seconds, "outputs": paths,
     }
+
+
 def write_class_tables(inp: Inputs, classes, counts: Counts, fold_counts: np.ndarray, paths: dict,
                        tasks_required: bool) -> list:
     """training_classes, task_membership and fold_counts; returns the classes no task can attribute."""
@@ -142,6 +160,8 @@ def write_class_tables(inp: Inputs, classes, counts: Counts, fold_counts: np.nda
     storage.write_table(pa.table({"class_index": pa.array(ci, pa.int32()), "fold": pa.array(fi, pa.int32()),
                                   "n_images": pa.array(fold_counts[ci, fi], pa.int64())}), paths["fold_counts"])
     return unattributable
+
+
 def _classes_table(classes: list[TrainingClass]) -> pa.Table:
     return pa.table({
         "class_index": pa.array([c.class_index for c in classes], pa.int32()),
@@ -150,6 +170,8 @@ def _classes_table(classes: list[TrainingClass]) -> pa.Table:
         "n_images": pa.array([c.n_images for c in classes], pa.int64()),
         "scope": pa.array([c.scope for c in classes], pa.string()),
     }, schema=schemas.TRAINING_CLASSES.arrow())
+
+
 def format_summary(s: dict) -> str:
     lines = [
         f"partition: {s['input_rows']} input rows = {s['assigned']} assigned + {s['quarantined']} quarantined",
@@ -170,6 +192,8 @@ def format_summary(s: dict) -> str:
                      f"(its images straddle {', '.join(u['task_classes'])})")
     lines.append(f"  outputs: {storage.parent(s['outputs']['labels'])}  ({duration(s['seconds']['total'])})")
     return "\n".join(lines)
+
+
 def counts(s: dict) -> dict:
     return {"in": s["input_rows"], "out": s["assigned"], "quarantined": s["quarantined"],
             "seconds": s["seconds"]["total"]}

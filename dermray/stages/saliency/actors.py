@@ -2,6 +2,9 @@
 every selected image and method."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
 from dermray.runtime import artifacts
@@ -23,6 +26,8 @@ def build_explainer(ens, matrix: np.ndarray, threads: int, use_gpu: bool):
         p.requires_grad_(False)  # gradients flow to the input only
     f = TargetLogProb(model, matrix).to(device).eval()
     return f, get_module(model, spec(ens.arch).last_conv), device
+
+
 def load_images(uris, ens, device):
     """Original RGB images (uint8 [H, W, 3]) and the model's input batch [B, 3, S, S]."""
     import torch
@@ -36,14 +41,31 @@ def load_images(uris, ens, device):
         originals.append(np.asarray(img, dtype=np.uint8))
         xs.append(to_array(eval_transform(img, ens.size, pre), ens.mean, ens.std))
     return originals, torch.from_numpy(np.stack(xs)).to(device)
+
+
+@dataclass(frozen=True)
+class ExplainJob:
+    """What the actors and the sanity task are handed: the model, the target matrix [training classes, targets],
+    the methods, their options (smooth_samples, smooth_noise, ig_steps, seed, masks, sanity_levels), the torch
+    threads and whether to use the GPU."""
+    ens: Any
+    matrix: np.ndarray
+    methods: list[str]
+    options: dict
+    threads: int
+    use_gpu: bool
+
+    def explainer(self):
+        return build_explainer(self.ens, self.matrix, self.threads, self.use_gpu)
+
+
 class Explainer:
     """Ray Data actor: the model built once; ``__call__`` computes every method's maps for a batch of selected
     images, writes the PNGs and .npy files, and returns their index rows."""
 
-    def __init__(self, ens, matrix: np.ndarray, methods: list[str], sc: dict, out_dir: str, threads: int,
-                 use_gpu: bool):
-        self.f, self.layer, self.device = build_explainer(ens, matrix, threads, use_gpu)
-        self.ens, self.methods, self.sc, self.out_dir = ens, methods, sc, out_dir
+    def __init__(self, job: ExplainJob, out_dir: str):
+        self.f, self.layer, self.device = job.explainer()
+        self.ens, self.methods, self.sc, self.out_dir = job.ens, job.methods, job.options, out_dir
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -71,6 +93,8 @@ class Explainer:
                              ("npy_uri", npy), ("inside_lesion", inside)):
                     out[k].append(v)
         return {k: np.array(v, dtype=np.float64 if k == "inside_lesion" else object) for k, v in out.items()}
+
+
 def _mask(pattern: str, image_id: str, shape: tuple[int, int]) -> np.ndarray:
     """The lesion mask of an image (any image whose non-zero pixels are the lesion), at the image's size."""
     from PIL import Image

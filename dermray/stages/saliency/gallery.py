@@ -6,12 +6,14 @@ import html
 import pandas as pd
 
 from dermray.runtime.config import RunConfig
+from dermray.stages.saliency.sanity import SanityResult
 
 
 def _relative(uri: str, base: str) -> str:
     return uri[len(base):].lstrip("/") if uri.startswith(base) else uri
-def gallery_html(cfg: RunConfig, index: pd.DataFrame, sanity: pd.DataFrame, flags: dict, verdict: tuple[bool, str],
-                 tasks, rdir: str) -> str:
+
+
+def gallery_html(cfg: RunConfig, index: pd.DataFrame, checked: SanityResult, tasks, rdir: str) -> str:
     """The paper's saliency-figure form: per task, one row per class (the images whose truth is that class), each
     image with every method's overlay; then the sanity-check table. Links are relative: the page works where the
     folder is (local, or an S3 static site)."""
@@ -41,6 +43,7 @@ def gallery_html(cfg: RunConfig, index: pd.DataFrame, sanity: pd.DataFrame, flag
             parts.append(f"<tr><th>{e(cls)}<br>({len(cells)} images)</th>{''.join(cells) or '<td>none</td>'}</tr>")
         parts.append("</table>")
     parts.append("<h2>Sanity checks: model-parameter randomisation (Adebayo et al. 2018)</h2>")
+    sanity = checked.table
     if sanity.empty:
         parts.append("<p>Not run.</p>")
     else:
@@ -52,9 +55,9 @@ def gallery_html(cfg: RunConfig, index: pd.DataFrame, sanity: pd.DataFrame, flag
         parts.append("</table><p>Similarity should fall as more of the network is randomised. A blank map "
                      "(Grad-CAM's final ReLU blanks a map whose weighted activations are all negative) scores 0, so "
                      "a low similarity built on blank maps says nothing: such a level is inconclusive.</p>")
-        decided, why = verdict  # sanity_verdict's (conclusive?, why)
-        parts.append(f"<p><b>Verdict: {'conclusive' if decided else 'inconclusive'}</b> ({e(why)}).</p>")
-        for m, why in flags.items():
+        parts.append(f"<p><b>Verdict: {'conclusive' if checked.conclusive else 'inconclusive'}</b> "
+                     f"({e(checked.why)}).</p>")
+        for m, why in checked.flags.items():
             parts.append(f"<p class='flag'>{e(m)}: {e(why)}</p>")
     parts.append("</body></html>")
     return "\n".join(parts)

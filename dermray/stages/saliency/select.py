@@ -20,6 +20,8 @@ def targets_matrix(n_classes: int, tasks, membership: pd.DataFrame) -> tuple[np.
         blocks.append(membership_matrix(membership, task, n_classes))
         col += len(task.classes)
     return np.concatenate(blocks, axis=1).astype(np.float32), offsets
+
+
 def select_images(df: pd.DataFrame, probs: np.ndarray, tasks, membership: pd.DataFrame, tax, sc: SaliencyConfig
                   ) -> pd.DataFrame:
     """One row per (image, task) to explain: image_id, uri, label, task, true_class, score, target, target_col

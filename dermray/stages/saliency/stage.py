@@ -13,16 +13,19 @@ from dermray.core.formatting import duration, strict_json
 from dermray.errors import UserError
 from dermray.runtime import artifacts, layout, progress, registry
 from dermray.runtime.config import RunConfig, SaliencyConfig
-from dermray.stages.saliency.actors import Explainer
+from dermray.stages.saliency.actors import Explainer, ExplainJob
 from dermray.stages.saliency.gallery import gallery_html
-from dermray.stages.saliency.sanity import flag_methods, sanity_rows, sanity_verdict
+from dermray.stages.saliency.sanity import sanity_result, sanity_rows
 from dermray.stages.saliency.select import select_images, targets_matrix
 from dermray.stages.saliency.shared import STAGE
 from dermray.store import lineage, storage
+from dermray.store.summaries import SaliencySummary
 
 
 def lineage_now(cfg: RunConfig, recorded: lineage.Lineage | None = None) -> lineage.Lineage:
     return registry.stage_lineage(STAGE, cfg, read_inputs(cfg).lineage_inputs)
+
+
 @dataclass(frozen=True)
 class SaliencyInputs:
     """Everything a saliency run reads, checked before Ray starts: the model, the evaluation tasks explained, the
@@ -33,6 +36,8 @@ class SaliencyInputs:
     chosen: pd.DataFrame
     matrix: np.ndarray
     lineage_inputs: dict
+
+
 def read_inputs(cfg: RunConfig) -> SaliencyInputs:
     """The model, tasks, predictions and selection of a run (SaliencyInputs)."""
     from dermray.store.definitions import fingerprints, load_tasks, load_taxonomy
@@ -74,11 +79,15 @@ def read_inputs(cfg: RunConfig) -> SaliencyInputs:
     if sc.masks:
         inputs["masks"] = lineage.value_fingerprint(storage.redact(sc.masks))
     return SaliencyInputs(ens, tasks, chosen, matrix, inputs)
+
+
 def read_predictions(uri: str, model_id: str | None):
     from dermray.store.predictions import load_predictions
 
     return load_predictions(uri, model_id, extra_columns=("uri",))
-def explain(chosen: pd.DataFrame, ens, matrix, sc: SaliencyConfig, sc_dict: dict, rdir: str, threads: int):
+
+
+def explain(chosen: pd.DataFrame, job: ExplainJob, sc: SaliencyConfig, rdir: str):
     """The maps of every selected (image, task), computed and written by a Ray Data actor pool; their index rows."""
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -91,14 +100,15 @@ def explain(chosen: pd.DataFrame, ens, matrix, sc: SaliencyConfig, sc_dict: dict
     ds = ray.data.from_arrow(blocks_of(work, sc.batch_size)).map_batches(
         Explainer, batch_size=sc.batch_size, compute=ActorPoolStrategy(size=sc.actors),
         num_cpus=sc.cpus_per_actor, num_gpus=sc.num_gpus or None,
-        fn_constructor_kwargs={"ens": ens, "matrix": matrix, "methods": list(sc.methods), "sc": sc_dict,
-                               "out_dir": rdir, "threads": threads, "use_gpu": sc.num_gpus > 0})
+        fn_constructor_kwargs={"job": job, "out_dir": rdir})
     meter = progress.Meter("saliency", work.num_rows * len(sc.methods), unit="maps")
     parts = []
     for part in ds.iter_batches(batch_size=None, batch_format="pandas"):
         parts.append(part)
         meter.update(len(part))
     return pd.concat(parts, ignore_index=True)
+
+
 def check_written(index: pd.DataFrame, rdir: str) -> None:
     """Every map the actors say they wrote is visible here: a file written to a node-local disk of another node (or
     lost) is an error naming it, never a silently broken gallery."""
@@ -109,10 +119,14 @@ def check_written(index: pd.DataFrame, rdir: str) -> None:
         if uri not in present and not storage.exists(uri):
             raise RuntimeError(f"saliency: the map {storage.redact(uri)} that an actor wrote is not visible to the "
                                "driver (is the output on a node-local path of a multi-node cluster?)")
+
+
 def index_table(index: pd.DataFrame, chosen: pd.DataFrame) -> pd.DataFrame:
     index = index.merge(chosen.drop(columns=["uri", "col", "target_col"]), on=["image_id", "task"], how="left")
     return index[["image_id", "task", "method", "target", "score", "png_uri", "npy_uri", "inside_lesion", "label",
                   "true_class", "reason"]].sort_values(["task", "method", "image_id"]).reset_index(drop=True)
+
+
 def run(cfg: RunConfig) -> dict:
     import ray
 
@@ -130,7 +144,8 @@ def run(cfg: RunConfig) -> dict:
         first_local = next((u for u in chosen["uri"] if not storage.is_s3(u)), None)
         check_shared_storage(cfg.storage, {"output": cfg.output, "image URI (in the predictions)": first_local})
         threads = sc.torch_threads or max(1, int(ray.cluster_resources().get("CPU", 1)) // max(1, sc.actors))
-        index = index_table(explain(chosen, ens, matrix, sc, sc_dict, rdir, threads), chosen)
+        job = ExplainJob(ens, matrix, list(sc.methods), sc_dict, threads, sc.num_gpus > 0)
+        index = index_table(explain(chosen, job, sc, rdir), chosen)
         check_written(index, rdir)
         if sc.sanity and len(chosen):
             audit = chosen.sort_values(["image_id", "task"]).drop_duplicates("image_id").head(sc.audit_size)
@@ -139,41 +154,44 @@ def run(cfg: RunConfig) -> dict:
                 sanity_rows)
             progress.say("saliency: sanity test on %d images (%d randomisation levels x %d method(s))", len(audit),
                          sc.sanity_levels, len(sc.methods))
-            sanity = ray.get(remote.remote(ens, matrix, audit, list(sc.methods), sc_dict, threads, sc.num_gpus > 0))
+            sanity = ray.get(remote.remote(job, audit))
     return write_outputs(cfg, inp, index, sanity, rdir, t_start)
+
+
 def write_outputs(cfg: RunConfig, inp: SaliencyInputs, index: pd.DataFrame, sanity: list, rdir: str,
                   t_start: float) -> dict:
     """The index, the sanity table, the gallery and the summary of a run (the summary is returned)."""
     sc, tasks = cfg.saliency, inp.tasks
     storage.write_table(pa.Table.from_pandas(index, preserve_index=False),
                         storage.join(rdir, "saliency_index.parquet"))
-    flags = flag_methods(sanity, sc.flag_similarity) if sanity else {}
-    conclusive, why = sanity_verdict(sanity)
-    sanity_df = pd.DataFrame(sanity, columns=["method", "level", "randomised", "spearman", "ssim", "n_images",
-                                              "constant_maps"])
-    sanity_df["flagged"] = sanity_df["method"].map(lambda m: m in flags)
-    storage.write_table(pa.Table.from_pandas(sanity_df, preserve_index=False), storage.join(rdir, "sanity.parquet"))
-    storage.write_text(storage.join(rdir, "gallery.html"),
-                       gallery_html(cfg, index, sanity_df, flags, (conclusive, why), tasks, rdir))
+    checked = sanity_result(sanity, sc.flag_similarity)
+    storage.write_table(pa.Table.from_pandas(checked.table, preserve_index=False),
+                        storage.join(rdir, "sanity.parquet"))
+    storage.write_text(storage.join(rdir, "gallery.html"), gallery_html(cfg, index, checked, tasks, rdir))
     summary = {"stage": STAGE, "run_id": cfg.run_id, "model_id": inp.ens.model_id, "methods": list(sc.methods),
                "selected": len(inp.chosen), "maps": len(index),
                "explained": int(index[["image_id", "task"]].drop_duplicates().shape[0]) if len(index) else 0,
                "tasks": [t.name for t in tasks],
                "inside_lesion_mean": {m: float(g.mean()) for m, g in index.groupby("method")["inside_lesion"]
                                       if g.notna().any()},
-               "sanity": sanity, "sanity_conclusive": conclusive, "sanity_why": why,
-               "flagged": flags,
+               "sanity": sanity, "sanity_conclusive": checked.conclusive, "sanity_why": checked.why,
+               "flagged": checked.flags,
                "lineage": registry.stage_lineage(STAGE, cfg, inp.lineage_inputs).to_dict(),
                "outputs": {"index": storage.join(rdir, "saliency_index.parquet"),
                            "sanity": storage.join(rdir, "sanity.parquet"),
                            "gallery": storage.join(rdir, "gallery.html")},
                "seconds": round(time.perf_counter() - t_start, 2)}
+    summary = SaliencySummary(**summary).as_dict()
     storage.write_text(layout.summary_uri(cfg.output, STAGE, cfg.run_id), strict_json(summary))
     return summary
+
+
 def counts(s: dict) -> dict:
     """Selected (image, task) pairs in = pairs explained (each by every method) + 0 (an unreadable image fails the
     stage: it was scored, so it was readable)."""
     return {"in": s["selected"], "out": s["explained"], "quarantined": 0, "seconds": s["seconds"]}
+
+
 def format_summary(s: dict) -> str:
     lines = [f"saliency: {s['selected']} selected (image, task) pairs -> {s['maps']} maps "
              f"({', '.join(s['methods'])}) with {s['model_id']} ({duration(s['seconds'])})"]

@@ -25,6 +25,8 @@ def decode_rows(batch: dict, size: int, max_pixels: int, retry: storage.Retry, p
     out["error"] = np.array([d[1] for d in decoded], dtype=object)
     out["meta"] = np.array([""] * len(decoded), dtype=object)
     return out
+
+
 def _shard_rows(shard: str, retry: storage.Retry):
     """(image_id, uri, data or None, error, meta JSON) of every sample and problem of a shard, streamed. A read
     that fails part-way for a transient reason is retried from the start, skipping what was already yielded."""
@@ -54,6 +56,8 @@ def _shard_rows(shard: str, retry: storage.Retry):
                 yield ("", shard, None, TRANSIENT + f"cannot read {storage.redact(shard)}: {e}", "")
                 return
             time.sleep(delay)
+
+
 def decode_shards(batch: dict, size: int, max_pixels: int, rows_per_batch: int, retry: storage.Retry, pre=None):
     """Ray Data batch fn over shard rows (uri, chunk): yields decoded samples in batches of ``rows_per_batch``,
     reading each shard as a stream; the last row of a shard is an END_OF_SHARD marker carrying its count."""
@@ -80,6 +84,8 @@ def decode_shards(batch: dict, size: int, max_pixels: int, rows_per_batch: int, 
         if buf:
             yield emit(buf)
         yield emit([("", shard, None, END_OF_SHARD, "")], end=total)
+
+
 def tta_views(x, mode: str) -> list:
     """The test-time-augmentation views of a [B, 3, S, S] batch (square images)."""
     import torch
@@ -90,7 +96,11 @@ def tta_views(x, mode: str) -> list:
         return [x, torch.flip(x, dims=[3]), torch.flip(x, dims=[2])]
     rots = [torch.rot90(x, k, dims=[2, 3]) for k in range(4)]  # dihedral
     return rots + [torch.flip(r, dims=[3]) for r in rots]
+
+
 TTA_VIEWS = {"none": 1, "flips": 3, "dihedral": 8}
+
+
 class Predictor:
     """Ray Data actor: the ensemble's models, built once (weights checked against their sha256); ``__call__`` maps
     decoded images to the mean softmax over models and views (float32 [B, n_classes]); rows with an ``error`` pass

@@ -27,11 +27,15 @@ def _read(uri: str, row_groups: list[int], columns: list[str] | None = None) -> 
     table = storage.parquet_file(uri).read_row_groups(row_groups, columns=columns)
     return pa.table({c: (pc.cast(table.column(c), pa.string()) if pa.types.is_dictionary(table.column(c).type)
                          else table.column(c)) for c in table.column_names})
+
+
 def _usable(table: pa.Table) -> np.ndarray:
     ok = np.ones(table.num_rows, bool)
     for c in ("image_id", "uri"):
         ok &= ~pc.fill_null(pc.equal(table.column(c), ""), True).to_numpy(zero_copy_only=False)
     return ok
+
+
 def plan_read(uri: str, row_groups: list[int], offset: int, partitions: int):
     """Pass 1 over one chunk: ((rows, its first local image URI or None), fingerprint partial, *id hash
     partitions of the usable rows)."""
@@ -45,11 +49,15 @@ def plan_read(uri: str, row_groups: list[int], offset: int, partitions: int):
     rows = np.flatnonzero(ok).astype(np.int64) + offset
     part = ids.partition_of(fp, partitions)
     return ((table.num_rows, local), hasher.partial(), *[(fp[part == p], rows[part == p]) for p in range(partitions)])
+
+
 def repeated_ids(*parts) -> tuple[np.ndarray, np.ndarray]:
     """Reduce over one hash partition: rows repeating an earlier image_id, and where it was first seen."""
     fp = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, ids.FINGERPRINT)
     rows = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
     return ids.repeated(fp, rows)
+
+
 def merge_repeats(*arrays) -> tuple[np.ndarray, np.ndarray]:
     """The reducers' (repeated rows, first rows) pairs, given as all rows arrays then all first arrays, merged and
     sorted by row (what plan_work's binary search needs)."""
@@ -58,6 +66,8 @@ def merge_repeats(*arrays) -> tuple[np.ndarray, np.ndarray]:
     first = np.concatenate(arrays[half:]) if half else np.zeros(0, np.int64)
     order = np.argsort(rows, kind="stable")
     return rows[order], first[order]
+
+
 @dataclass
 class Done:
     """What the run holds for a model, as sorted fingerprint sets: the input rows it scored (``rows``), the images
@@ -66,6 +76,8 @@ class Done:
     rows: np.ndarray
     scored: np.ndarray
     quarantined: np.ndarray
+
+
 def row_hashes(table: pa.Table) -> np.ndarray:
     """FINGERPRINT [n] of each row: its image_id and the text of every other column of the input (null apart from
     empty), the internal ones left out - the same row gives the same hash in every run."""
@@ -81,16 +93,22 @@ def row_hashes(table: pa.Table) -> np.ndarray:
         texts.append(pc.fill_null(pc.binary_join_element_wise(name, "=", text, ""), f"{name}\x00"))
     joined = pc.binary_join_element_wise(*texts, "\x1f") if texts else pa.array([], pa.string())
     return ids.fingerprints(joined.to_numpy(zero_copy_only=False))
+
+
 def hash_text(fp: np.ndarray) -> list[str]:
     """The 32 hex digits of each row fingerprint (how the predictions store it)."""
     raw = np.ascontiguousarray(fp).view(np.uint8).reshape(len(fp), 16)
     return [bytes(r).hex() for r in raw]
+
+
 def hash_values(texts) -> np.ndarray:
     """The row fingerprints of ``hash_text`` strings; a missing one (predictions of an older dermray) matches no
     row."""
     texts = ["0" * 32 if t is None else t for t in texts]
     return np.frombuffer(bytes.fromhex("".join(texts)), ids.FINGERPRINT).copy() if texts else np.zeros(
         0, ids.FINGERPRINT)
+
+
 def done_ids(part_files: list[str], model_id: str, quarantine_files: list[str]) -> Done:
     """What the run's parts and chunk quarantine files hold for ``model_id`` (``Done``)."""
     rows, scored, quarantined = [], [], []
@@ -108,8 +126,11 @@ def done_ids(part_files: list[str], model_id: str, quarantine_files: list[str]) 
                        pc.invert(pc.starts_with(t.column("reason"), TRANSIENT)))
         quarantined.append(ids.fingerprints(t.column("image_id").filter(keep).to_numpy(zero_copy_only=False)))
     return Done(ids.sorted_set(rows), ids.sorted_set(scored), ids.sorted_set(quarantined))
+
+
 def plan_work(uri: str, row_groups: list[int], offset: int, repeats: tuple, done: Done, prefix: str,
               rows_per_part: int):
+    # params: a Ray task: the object refs among its arguments are resolved by Ray only at the top level
     """Pass 2 over one chunk: (work rows to score, quarantined input rows, counts). Work rows carry the manifest's
     columns, the resolved URI, the input row, its hash, their part name and the part's size. An image the run
     scored from another row (relabelled since) is scored again; ``counts["changed_ids"]`` names it."""
@@ -152,6 +173,8 @@ def plan_work(uri: str, row_groups: list[int], offset: int, repeats: tuple, done
     return work, quarantine, {"rows": n, "quarantined": int(bad.sum()), "already_done": int(already.sum()),
                               "todo": int(todo.sum()), "parts": int(len(sizes)),
                               "changed_ids": image_ids[changed].tolist()}
+
+
 @dataclass
 class WorkPlan:
     kind: str
@@ -161,6 +184,8 @@ class WorkPlan:
     already_done: int
     parts: int
     changed: int = 0  # images scored before from another input row (relabelled): scored again
+
+
 def run_state(rdir: str) -> tuple[list[str], list[str], int]:
     """(the run's part files, its chunk quarantine files, the highest batch number used so far)."""
     pdir, sdir = storage.join(rdir, "predictions"), storage.join(rdir, "_state")
@@ -170,6 +195,8 @@ def run_state(rdir: str) -> tuple[list[str], list[str], int]:
             if re.match(r"quarantine-[bs]", posixpath.basename(f))]
     batches = [int(m.group(1)) for f in parts + quar if (m := re.search(r"-b(\d+)-", posixpath.basename(f)))]
     return parts, quar, max(batches, default=0)
+
+
 def fingerprint_manifest(uri: str, storage_cfg) -> tuple[list, lineage.Fingerprint, list, int]:
     """Pass 1 as Ray tasks: (chunks, the manifest's content fingerprint, the refs of the repeated-id reducers,
     rows). Local image URIs are refused on a cluster of several nodes (each node would read its own disk)."""
@@ -194,6 +221,8 @@ def fingerprint_manifest(uri: str, storage_cfg) -> tuple[list, lineage.Fingerpri
     fp = lineage.Fingerprint(uri=storage.redact(uri), method="columns", content=content,
                              columns=pf.schema_arrow.names, rows=rows, identity=storage.identity(uri))
     return chunks, fp, repeats, rows
+
+
 def plan_manifest(uri: str, chunks: list, repeats: list, rdir: str, model_id: str, sc: ScoreConfig) -> WorkPlan:
     """Pass 2 as Ray tasks: the work tables (left in the object store), the input's quarantine, the counts."""
     import ray
@@ -213,6 +242,8 @@ def plan_manifest(uri: str, chunks: list, repeats: list, rdir: str, model_id: st
     return WorkPlan("manifest", [r[0] for r, c in zip(refs, counts) if c["todo"]], sum(c["rows"] for c in counts),
                     quarantine, sum(c["already_done"] for c in counts), sum(c["parts"] for c in counts),
                     len(changed))
+
+
 def drop_superseded(part_files: list[str], model_id: str, image_ids: list[str]) -> None:
     """Take the predictions of ``image_ids`` (relabelled since they were scored) out of the run's parts before they
     are scored again: one prediction per image and model. Each part is rewritten whole (atomically); an
@@ -228,6 +259,8 @@ def drop_superseded(part_files: list[str], model_id: str, image_ids: list[str]) 
             storage.write_table(t.filter(pa.array(~stale)), f)
     log.info("score: %d image(s) relabelled since they were scored (their input row changed): scoring them again",
              len(image_ids))
+
+
 def folder_table(uri: str, labels_uri: str | None) -> tuple[pa.Table, pa.Table]:
     """A folder/prefix of images as a manifest table (image_id = file name without extension, joined with an
     optional labels table), and the files or labels that cannot be scored (a second file with the same image_id,
@@ -256,23 +289,33 @@ def folder_table(uri: str, labels_uri: str | None) -> tuple[pa.Table, pa.Table]:
         first = ~pd.Series(labels.column("image_id").to_pylist()).duplicated().to_numpy()
         table = table.join(labels.filter(pa.array(first)), "image_id", join_type="left outer")
     return table.sort_by("image_id"), pa.Table.from_pylist(problems, schema=schemas.QUARANTINE.arrow())
+
+
 def folder_manifest(uri: str, labels_uri: str | None, rdir: str) -> tuple[str, pa.Table]:
     """``folder_table`` written under ``_state/``, so that the folder is planned like any manifest."""
     table, problems = folder_table(uri, labels_uri)
     out = storage.join(rdir, "_state", "folder_manifest.parquet")
     storage.write_table(table, out)
     return out, problems
+
+
 def plan_shards(shards: list[str], rdir: str) -> WorkPlan:
     """One work row per shard whose part is not written yet."""
     present = {posixpath.basename(f) for f in run_state(rdir)[0]}
     todo = [(s, _shard_chunk(s)) for s in shards if f"part-{_shard_chunk(s)}.parquet" not in present]
     refs = [pa.table({"uri": [s for s, _ in todo], CHUNK: [c for _, c in todo]})] if todo else []
     return WorkPlan("webdataset", refs, None, quarantine_rows([]), len(shards) - len(todo), len(todo))
+
+
 def shards_fingerprint(shards: list[str]) -> lineage.Fingerprint:
     """Shards are not read twice: their URIs with what storage says of each (ETag and size, or size and mtime)."""
     return lineage.Fingerprint(method="etag+size", content=lineage.config_hash(
         [[storage.redact(s), storage.identity(s)] for s in shards]), rows=len(shards))
+
+
 def _shard_chunk(shard: str) -> str:
     return "s" + hashlib.sha1(shard.encode()).hexdigest()[:12]
+
+
 def quarantine_rows(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist([{"stage": STAGE, **r} for r in rows], schema=schemas.QUARANTINE.arrow())

@@ -28,16 +28,17 @@ from dermray.stages.score.plan import (
 )
 from dermray.stages.score.shared import INTERNAL, STAGE, log
 from dermray.stages.score.summary import RunFacts, merge_quarantine, summarise
-from dermray.stages.score.write import PartWriter, model_decisions
+from dermray.stages.score.write import PartWriter, TaskColumns, model_decisions
 from dermray.store import archive, lineage, storage
+from dermray.store.summaries import ScoreSummary
 
 
-def task_setup(cfg: RunConfig, ens: Ensemble):
-    """(tasks, task_membership, the partition used, the fingerprints of the three) for the task columns;
-    ([], None, None, {}) when no tasks are configured. The partition defaults to the one the model card records."""
+def task_setup(cfg: RunConfig, ens: Ensemble) -> TaskColumns:
+    """What the task columns are computed from (no tasks when none are configured). The partition defaults to the
+    one the model card records."""
     if not (cfg.data.tasks and cfg.data.taxonomy):
         log.info("no data.tasks / data.taxonomy: writing training-class probabilities only")
-        return [], None, None, {}
+        return TaskColumns([], None, None, {})
     from dermray.store.definitions import load_tasks, load_taxonomy
 
     part = cfg.score.partition or ens.first.lineage.get("partition") or layout.partition_dir(cfg.output, cfg.run_id)
@@ -57,19 +58,25 @@ def task_setup(cfg: RunConfig, ens: Ensemble):
     # The task columns are computed from all three: their names, classes and positive class, the nodes' classes.
     fps = fingerprints(cfg.data.tasks, cfg.data.taxonomy) | {"task_membership": lineage.columns_fingerprint(
         paths["task_membership"], membership, membership.column_names)}
-    return tasks, membership.to_pandas(), part, fps
+    return TaskColumns(tasks, membership.to_pandas(), part, fps)
+
+
 def preprocessing(cfg: RunConfig, ens: Ensemble):
     """The models' preprocessing (their cards must agree; transforms.color_constancy, when set, must match)."""
     if any(c.preprocess != ens.first.preprocess for c in ens.cards):
         raise UserError("the ensemble's models were trained with different preprocessing (model cards): score them "
                         "apart")
     return card_preprocess(cfg.transforms.color_constancy, ens.first.preprocess)
+
+
 def score_lineage(ens: Ensemble, input_fp: lineage.Fingerprint, task_fps: dict, cfg: RunConfig) -> lineage.Lineage:
     inputs = {"model": lineage.value_fingerprint(ens.model_id), "input": input_fp} | task_fps
     # What the model cards decide: how images are prepared, at which size, the calibration and operating points.
     derived = {"input_size": ens.size, "preprocess": preprocessing(cfg, ens).as_dict(),
                "decisions": model_decisions(ens, cfg.score).as_dict()}
     return registry.stage_lineage(STAGE, cfg, inputs, derived)
+
+
 def reconcile(rdir: str, now: lineage.Lineage, incremental: bool) -> None:
     """Keep, replace or refuse the run's existing output given its recorded lineage: the same lineage resumes;
     another input or model replaces the output; in incremental mode another model or setting is refused (one
@@ -93,7 +100,11 @@ def reconcile(rdir: str, now: lineage.Lineage, incremental: bool) -> None:
             for sub in ("predictions", "_state", "quarantine.parquet", layout.SUMMARY_FILES[STAGE]):
                 storage.delete(storage.join(rdir, sub))
     storage.write_text(spec_uri, json.dumps(now.to_dict(), indent=2))
+
+
 COMPILE_MIN_IMAGES = 5000  # per actor: where torch.compile's 5-25 s per model pays for itself (score.compile=auto)
+
+
 def compile_decision(sc: ScoreConfig, images: int | None) -> tuple[bool, str]:
     """(compile the models?, why) for ``images`` left to score (None: not known before reading the shards)."""
     if sc.compile != "auto":
@@ -104,6 +115,8 @@ def compile_decision(sc: ScoreConfig, images: int | None) -> tuple[bool, str]:
     if per_actor >= COMPILE_MIN_IMAGES:
         return True, f"on (auto: {per_actor:,.0f} images per actor)"
     return False, f"off (auto: {per_actor:,.0f} images per actor, under {COMPILE_MIN_IMAGES:,})"
+
+
 def stream(plan: WorkPlan, ens: Ensemble, sc: ScoreConfig, retry: storage.Retry, writer: PartWriter, pre,
            compiling: bool = False) -> None:
     """Run the Ray Data pipeline and hand every result batch to the writer."""
@@ -138,12 +151,16 @@ def stream(plan: WorkPlan, ens: Ensemble, sc: ScoreConfig, retry: storage.Retry,
         writer.add(batch)
     if writer.pending:
         raise RuntimeError(f"score: parts {sorted(writer.pending)} did not complete")
+
+
 def _decode_memory(sc: ScoreConfig, size: int) -> int:
     """Bytes a decode task holds (a worker process, its decoded batch a few times over). Declaring it also
     keeps decoding in its own tasks: Ray Data fuses a task step into the next actor step when their resource
     requests match, and the model actor would then decode and infer one after the other."""
     # A decode worker process (Python, numpy, pyarrow, PIL, Ray) held ~410 MB at batch 8 in the tests.
     return int(sc.batch_size * size * size * 3 * 4 + 384 * 2**20)
+
+
 def _threads(sc: ScoreConfig) -> int:
     if sc.torch_threads:
         return sc.torch_threads
@@ -154,6 +171,8 @@ def _threads(sc: ScoreConfig) -> int:
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     per_node = max((n["Resources"].get("CPU", 1) for n in nodes), default=1)
     return max(int(sc.cpus_per_actor), int(per_node // max(1, min(sc.actors, len(nodes) * per_node))))
+
+
 def check_input(sc: ScoreConfig) -> str:
     """The input's kind (manifest | folder | webdataset), with a manifest's columns checked: before Ray starts."""
     assert sc.input is not None  # run() refuses a config without score.input
@@ -171,6 +190,8 @@ def check_input(sc: ScoreConfig) -> str:
         if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
             raise UserError(f"{storage.redact(sc.input)}: column {c!r} must be strings, got {t}")
     return kind
+
+
 def plan(cfg: RunConfig, kind: str, rdir: str, ens: Ensemble, task_fps) -> tuple[WorkPlan, lineage.Lineage]:
     """Fingerprint the input, reconcile the run's existing output with the lineage, then plan what to score."""
     sc = cfg.score
@@ -190,12 +211,14 @@ def plan(cfg: RunConfig, kind: str, rdir: str, ens: Ensemble, task_fps) -> tuple
     work.quarantine = pa.concat_tables([problems, work.quarantine])
     work.input_rows += problems.num_rows
     return work, now
+
+
 def lineage_now(cfg: RunConfig, recorded: lineage.Lineage | None = None) -> lineage.Lineage:
     sc = cfg.score
     if not sc.input:
         raise UserError("no input given: pass --input URI (config: score.input)")
     ens = artifacts.load_ensemble(sc.checkpoints, sc.model_id)
-    task_fps = task_setup(cfg, ens)[3]
+    task_fps = task_setup(cfg, ens).fingerprints
     kind = archive.detect_kind(sc.input, sc.input_kind)
     if kind == "webdataset":
         fp = shards_fingerprint(archive.shard_list(sc.input))
@@ -209,6 +232,8 @@ def lineage_now(cfg: RunConfig, recorded: lineage.Lineage | None = None) -> line
             return lineage.columns_fingerprint(sc.input, table, table.column_names)
         fp = lineage.reuse(recorded, "input", sc.input, content)
     return score_lineage(ens, fp, task_fps, cfg)
+
+
 def run(cfg: RunConfig) -> dict:
     """Score ``score.input`` with the ``score.checkpoints`` ensemble; returns the summary (also written as JSON)."""
     from dermray.runtime.raysession import check_shared_storage, ray_session
@@ -218,7 +243,8 @@ def run(cfg: RunConfig) -> dict:
     if not sc.input:
         raise UserError("no input given: pass --input URI (config: score.input)")
     ens = artifacts.load_ensemble(sc.checkpoints, sc.model_id)
-    tasks, membership, partition, task_fps = task_setup(cfg, ens)
+    columns = task_setup(cfg, ens)
+    partition, task_fps = columns.partition, columns.fingerprints
     preprocessing(cfg, ens)  # a config that contradicts the model card fails here, before Ray starts
     kind = check_input(sc)
     rdir = layout.predictions_dir(cfg.output, cfg.run_id)
@@ -236,7 +262,7 @@ def run(cfg: RunConfig) -> dict:
         total = None if work.input_rows is None else work.input_rows - work.already_done - work.quarantine.num_rows
         meter = progress.Meter("score", total, every_s=5.0)
         decided = model_decisions(ens, sc)
-        writer = PartWriter(rdir, ens, tasks, membership, carry, meter, decided)
+        writer = PartWriter(rdir, ens, columns, carry, meter, decided)
         t_wall = time.time()
         compiling, compile_why = compile_decision(sc, total)
         if work.refs:
@@ -247,5 +273,6 @@ def run(cfg: RunConfig) -> dict:
     summary = summarise(cfg, ens, work, writer, RunFacts(rdir, now, partition, quarantined_total, t_start, t_wall))
     summary["compile"] = compile_why if not (compiling and False in writer.compiled) else \
         f"{compile_why}; some actors fell back to eager (torch.compile failed there: see the job log)"
+    summary = ScoreSummary(**summary).as_dict()
     storage.write_text(layout.summary_uri(cfg.output, STAGE, cfg.run_id), strict_json(summary))
     return summary

@@ -41,6 +41,8 @@ def merge_quarantine(rdir: str, input_quarantine: pa.Table) -> int:
             yield t
 
     return storage.write_table_batches(schemas.QUARANTINE.arrow(), tables(), storage.join(rdir, "quarantine.parquet"))
+
+
 def reason_kind(reason: str | None) -> str:
     """A quarantine reason without its particulars - paths and URIs, parenthesised details, numbers -
     ("duplicate image_id (first seen at row 5)" -> "duplicate image_id"; "cannot read s3://b/x.jpg: no such file"
@@ -48,6 +50,8 @@ def reason_kind(reason: str | None) -> str:
     text = re.sub(r"\S*/\S*?(?=[:,;]?(?:\s|$))", "…", reason or "unknown")
     text = re.sub(r"\s*\([^)]*\)", "", text)
     return re.sub(r"\d+", "N", text).strip()[:80]
+
+
 def top_reasons(quarantine_uri: str, top: int = 3) -> list[dict]:
     """The run's most frequent quarantine reasons, [{"reason", "images"}], most frequent first (the quarantine
     holds the bad rows only: small)."""
@@ -56,9 +60,13 @@ def top_reasons(quarantine_uri: str, top: int = 3) -> list[dict]:
     reasons = storage.read_table(quarantine_uri, columns=["reason"]).column("reason").to_pylist()
     counted = collections.Counter(reason_kind(r) for r in reasons)
     return [{"reason": r, "images": n} for r, n in sorted(counted.items(), key=lambda kv: (-kv[1], kv[0]))[:top]]
+
+
 def _batch_of(path: str) -> int:
     m = re.search(r"-b(\d+)-", posixpath.basename(path))
     return int(m.group(1)) if m else 1 << 30  # the input's quarantine: this run's, after every part
+
+
 def settled_transients(rdir: str, files: list[str]) -> dict[str, np.ndarray]:
     """Per quarantine file, a mask of its transient rows that a later batch settled (see merge_quarantine). The
     driver holds the quarantine's ids and reasons (the bad rows, not the archive); the predictions are read one
@@ -86,9 +94,13 @@ def settled_transients(rdir: str, files: list[str]) -> dict[str, np.ndarray]:
             out[f] = np.array([bool(tr) and (i in scored or last_batch.get(i, -1) > b)
                                for i, tr in zip(t.column("image_id").to_pylist(), transient[f])], bool)
     return out
+
+
 def run_totals(rdir: str) -> int:
     """Predictions in the run (from the parts' footers, not their rows)."""
     return sum(storage.parquet_file(f).metadata.num_rows for f in run_state(rdir)[0])
+
+
 @dataclass(frozen=True)
 class RunFacts:
     """What a score run's summary reports beside its work plan and its writer."""
@@ -98,6 +110,8 @@ class RunFacts:
     quarantined_total: int  # the run's quarantine, all runs under the run id together
     t_start: float  # time.perf_counter() when the run started
     t_wall: float  # time.time() when the scoring stream was set up
+
+
 def summarise(cfg: RunConfig, ens: Ensemble, work: WorkPlan, writer: PartWriter, facts: RunFacts) -> dict:
     sc = cfg.score
     rdir, partition, t_start, t_wall = facts.rdir, facts.partition, facts.t_start, facts.t_wall
@@ -130,9 +144,13 @@ def summarise(cfg: RunConfig, ens: Ensemble, work: WorkPlan, writer: PartWriter,
             "quarantined"]:
         raise RuntimeError(f"score: counts do not add up: {summary}")  # a bug, never a user error
     return summary
+
+
 def counts(s: dict) -> dict:
     return {"in": s["input"], "out": s["run_scored_total"], "quarantined": s["run_quarantined_total"],
             "seconds": s["seconds"]}
+
+
 def format_summary(s: dict) -> str:
     if s["input_kind"] == "webdataset":
         head = (f"score: {s['shards']} shards: {s['scored']} scored + {s['quarantined']} quarantined; "

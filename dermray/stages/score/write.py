@@ -27,6 +27,8 @@ class Decisions:
     def as_dict(self) -> dict:
         return {"temperature": self.temperature,
                 "thresholds": {t: {"name": n, "threshold": v} for t, (n, v) in self.thresholds.items()}}
+
+
 def model_decisions(ens: Ensemble, sc: ScoreConfig) -> Decisions:
     """The ensemble's locked calibration and operating points (one set for the run's folds: they must agree)."""
     cards = ens.cards
@@ -44,18 +46,30 @@ def model_decisions(ens: Ensemble, sc: ScoreConfig) -> Decisions:
         raise UserError(f"score.operating_point {sc.operating_point!r} is not locked in the model card (it has: "
                         f"{', '.join(names)})")
     return Decisions(temperature, thresholds)
+
+
+@dataclass(frozen=True)
+class TaskColumns:
+    """What the task columns are computed from: the evaluation tasks, the partition's task membership (its path),
+    and the fingerprints of the tasks, taxonomy and membership (inputs of the lineage)."""
+    tasks: list
+    membership: pd.DataFrame | None
+    partition: str | None
+    fingerprints: dict
+
+
 class PartWriter:
     """Collects the streamed rows of each part and writes the part (and its quarantine) once all its rows are
     back: then the rows leave the driver."""
 
-    def __init__(self, rdir: str, ens: Ensemble, tasks, membership, carry: pa.Schema | None, meter,
+    def __init__(self, rdir: str, ens: Ensemble, columns: TaskColumns, carry: pa.Schema | None, meter,
                  decided: Decisions):
         from dermray.core.inference import binary_task_score, membership_matrix
 
         self.rdir, self.ens, self.carry, self.meter, self.decided = rdir, ens, carry, meter, decided
         self.task_columns = []
-        for task in tasks:
-            m = membership_matrix(membership, task, ens.n_classes)
+        for task in columns.tasks:
+            m = membership_matrix(columns.membership, task, ens.n_classes)
             pos = task.class_names.index(task.positive) if task.is_binary else None
             self.task_columns.append((task, m, pos))
         self._binary_score = binary_task_score

@@ -31,6 +31,8 @@ def find_undecodable(batch: dict, max_pixels: int, retry: storage.Retry = storag
             reasons.append(str(e))
     return {"image_id": np.array(bad_ids, dtype=object), "uri": np.array(bad_uris, dtype=object),
             "reason": np.array(reasons, dtype=object)}
+
+
 def decode_transform(batch: dict, size: int, train: bool, max_pixels: int, pre=None, photometric=None,
                      retry: storage.Retry = storage.DEFAULT_RETRY) -> dict:
     """Ray Data batch fn: read, decode and transform images -> uint8 [B, S, S, 3] (normalised on the worker:
@@ -49,11 +51,15 @@ def decode_transform(batch: dict, size: int, train: bool, max_pixels: int, pre=N
     if "task_truth" in batch:
         out["task_truth"] = np.stack(batch["task_truth"]).astype(np.int64)
     return out
+
+
 @dataclass(frozen=True)
 class TrainingRows:
     """The rows the folds trained from (unreadable images set aside) and how many were set aside."""
     table: pa.Table
     quarantined: int
+
+
 def quarantine_unreadable(table: pa.Table, cfg: RunConfig, run_dir: str) -> TrainingRows:
     """Decode every image once in Ray Data tasks; those that fail go to ``quarantine.parquet`` and out of the
     table."""
@@ -70,6 +76,8 @@ def quarantine_unreadable(table: pa.Table, cfg: RunConfig, run_dir: str) -> Trai
         return TrainingRows(table, 0)
     bad_ids = pa.array([b["image_id"] for b in bad], pa.string())
     return TrainingRows(table.filter(pc.invert(pc.is_in(table.column("image_id"), bad_ids))), len(bad))
+
+
 def inner_selection(rows: pa.Table, fraction: float, seed: int) -> np.ndarray:
     """bool [n]: the rows of the inner selection split - the images of about ``fraction`` of the lesions (a seeded
     hash of the group), never split from their lesion; at least one lesion when there are two or more."""
@@ -81,6 +89,8 @@ def inner_selection(rows: pa.Table, fraction: float, seed: int) -> np.ndarray:
     if not chosen.any() and len(np.unique(groups)) >= 2:
         chosen = groups == groups[int(np.argmin(u))]
     return chosen
+
+
 def split_rows(fold, table: pa.Table, tcfg: TrainConfig) -> dict[str, pa.Table]:
     """The fold's rows: "train" (what it learns from), "select" (the inner split that picks the epoch, with
     train.selection: inner) and "val" (the held-out fold, measured after training; none for the final model)."""
@@ -98,6 +108,8 @@ def split_rows(fold, table: pa.Table, tcfg: TrainConfig) -> dict[str, pa.Table]:
     if val is not None and val.num_rows:
         out["val"] = val
     return {k: v for k, v in out.items() if v.num_rows}
+
+
 def image_pipeline(rows: pa.Table, train: bool, cfg: RunConfig, size: int):
     """Ray Data: blocks of a few batches, decoded, preprocessed (and augmented when ``train``) in tasks that spread
     over the cluster's free CPUs while the worker trains."""
@@ -109,6 +121,8 @@ def image_pipeline(rows: pa.Table, train: bool, cfg: RunConfig, size: int):
     return ray.data.from_arrow(blocks_of(rows, 4 * tcfg.batch_size)).map_batches(
         decode_transform,  # type: ignore[arg-type]  # Ray's stubs: a batch-only fn (fn_kwargs pass the rest)
         fn_kwargs=kwargs, batch_size=tcfg.batch_size, num_cpus=tcfg.data_cpus)
+
+
 def balanced(rows: pa.Table, by: str, seed: int) -> pa.Table:
     """``rows`` with every value of column ``by`` (source or modality) repeated up to the largest one's count, so
     that each weighs the same in an epoch (whole repeats, then a seeded sample of the remainder)."""
@@ -123,6 +137,8 @@ def balanced(rows: pa.Table, by: str, seed: int) -> pa.Table:
         reps, rest = divmod(int(counts.max()), int(n))
         take += [np.tile(idx, reps), rng.choice(idx, rest, replace=False)]
     return rows.take(pa.array(np.sort(np.concatenate(take))))
+
+
 def datasets_for(fold, rows: dict[str, pa.Table], cfg: RunConfig, size: int) -> dict:
     """The worker's datasets: "train" and, with an inner split, "select" (the held-out fold is not among them)."""
     tcfg = cfg.train
@@ -136,6 +152,8 @@ def datasets_for(fold, rows: dict[str, pa.Table], cfg: RunConfig, size: int) -> 
     if "select" in rows:
         out["select"] = image_pipeline(rows["select"], False, cfg, size)
     return out
+
+
 def held_out_batches(rows: pa.Table, job: FoldJob, pre, retry: storage.Retry):
     """The held-out rows decoded here, batch by batch, as torch tensors (no Ray Data: a task that holds CPUs while
     waiting for decode tasks deadlocks a full cluster)."""
@@ -151,6 +169,8 @@ def held_out_batches(rows: pa.Table, job: FoldJob, pre, retry: storage.Retry):
         if "task_truth" in out:
             item["task_truth"] = torch.from_numpy(out["task_truth"])
         yield item
+
+
 def measure_held_out(job: FoldJob, weights: bytes, rows: pa.Table, pre, retry: storage.Retry
                      ) -> tuple[dict, dict]:
     """Ray task: the chosen model on the held-out fold, once - (loss, top-1, task accuracies; probabilities)."""

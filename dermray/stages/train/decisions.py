@@ -36,6 +36,8 @@ def readers_targets(cfg: RunConfig, p: TrainPlan) -> dict:
             truth[task.name] = pd.Series((t[inside] == p.positives[task.name]).astype(int),
                                          index=test["image_id"].to_numpy()[inside])
     return decisions.readers_specificity(readers, truth)
+
+
 def lock_decisions(cfg: RunConfig, p: TrainPlan, fold_rows: list[dict]) -> tuple[dict | None, list[dict], str]:
     """Calibration and operating points chosen on the cross-validation folds' held-out predictions, written into
     every fold's model card: (calibration, operating points, what they were chosen on)."""
@@ -58,6 +60,8 @@ def lock_decisions(cfg: RunConfig, p: TrainPlan, fold_rows: list[dict]) -> tuple
                                          task_truth, binary, cfg.evaluate.target_sensitivity,
                                          readers_targets(cfg, p))
     return calibration | {"fitted_on": chosen_on}, [pt | {"chosen_on": chosen_on} for pt in points], chosen_on
+
+
 def not_estimable_tasks(cfg: RunConfig, p: TrainPlan) -> dict[str, str]:
     """Binary task -> why it cannot be scored by these models (a task class with no training class under it:
     inference.not_estimable); such a task gets no locked operating point, and its cards say why."""
@@ -70,6 +74,8 @@ def not_estimable_tasks(cfg: RunConfig, p: TrainPlan) -> dict[str, str]:
     tasks = load_tasks(cfg.data.tasks, load_taxonomy(cfg.data.taxonomy))
     reasons = {t.name: inference.not_estimable(p.matrices[t.name], t) for t in tasks if t.name in p.positives}
     return {name: why for name, why in reasons.items() if why}
+
+
 def write_decisions(cfg: RunConfig, folds: list, calibration: dict | None, points: list[dict],
                     cv: pd.DataFrame, not_estimable: dict[str, str] | None = None) -> None:
     """Every fold's card gets the run's decisions, the tasks it cannot score with the reason, and its
@@ -100,6 +106,8 @@ def write_decisions(cfg: RunConfig, folds: list, calibration: dict | None, point
             "operating_points": [artifacts.OperatingPoint(**pt) for pt in points], "description": description,
             "changelog": changelog})
         artifacts.write_card(artifacts.ModelCard.model_validate(card.model_dump()), d)
+
+
 def _same_json(a, b) -> bool:
     """Equal as written to JSON (NaN equals NaN, tuples equal lists)."""
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)

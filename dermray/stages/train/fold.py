@@ -35,6 +35,8 @@ def fold_job(fold, p: TrainPlan, cfg: RunConfig, has_select: bool, lineage_id: s
                    fold_dir=layout.fold_dir(cfg.output, cfg.run_id, fold), model_id=f"{cfg.run_id}/fold={fold}",
                    lineage_id=lineage_id, has_select=has_select, matrices=p.matrices, task_names=tuple(p.task_names),
                    faults=hooks.for_fold(fold), progress=relay)
+
+
 @dataclass(frozen=True)
 class FittedFold:
     """A fold as its TorchTrainer left it: the epochs' history, the chosen epoch's entry, that checkpoint's weights
@@ -46,6 +48,8 @@ class FittedFold:
     weights: bytes
     measured: tuple[dict, Any] | None
     seconds: float
+
+
 def fit_fold(job: FoldJob, datasets: dict, val, run_dir: str, cfg: RunConfig) -> FittedFold:
     """Train one fold with a TorchTrainer, then measure the chosen checkpoint on the held-out fold ``val`` (its
     rows, or None)."""
@@ -96,10 +100,14 @@ def fit_fold(job: FoldJob, datasets: dict, val, run_dir: str, cfg: RunConfig) ->
                           num_gpus=1 if tcfg.use_gpu else None)(measure_held_out)  # type: ignore[arg-type]
         measured = ray.get(task.remote(as_trained, weights, val, cfg.transforms.preprocess(), cfg.storage.retry()))
     return FittedFold(job, history, chosen, weights, measured, time.time() - t0)
+
+
 def read_history(result) -> list[dict]:
     with result.checkpoint.as_directory() as d:
         with open(os.path.join(d, "history.json")) as f:
             return json.load(f)
+
+
 def metrics_rows(history: list[dict]) -> list[dict]:
     """The history as long-form rows (epoch, split, metric, value) for metrics.parquet."""
     rows = []
@@ -111,6 +119,8 @@ def metrics_rows(history: list[dict]) -> list[dict]:
             rows.append({"epoch": h["epoch"], "split": split or "train", "metric": metric or key,
                          "value": float(value)})
     return rows
+
+
 def best_checkpoint(result, history: list[dict], job: FoldJob):
     """(checkpoint, its epoch's history entry): the best kept checkpoint by the job's ranking key (the latest for
     train.selection: last)."""
@@ -119,6 +129,8 @@ def best_checkpoint(result, history: list[dict], job: FoldJob):
     sign = 1 if job.score_order == "min" else -1
     ckpt, metrics = sorted(result.best_checkpoints, key=lambda cm: sign * cm[1].get(job.score_key, math.inf))[0]
     return ckpt, next(h for h in history if h["epoch"] == metrics["epoch"])
+
+
 def write_val_predictions(job: FoldJob, preds: dict, cfg: RunConfig, table: pa.Table, epoch: int) -> str:
     """The held-out fold's probabilities under the chosen model, with the manifest's label columns: the input of
     ``dermray evaluate`` for the paper's first round."""
@@ -142,6 +154,8 @@ def write_val_predictions(job: FoldJob, preds: dict, cfg: RunConfig, table: pa.T
     uri = storage.join(job.fold_dir, "val_predictions.parquet")
     storage.write_table(out, uri)
     return uri
+
+
 def accuracy_by(job: FoldJob, preds: dict, table: pa.Table) -> dict:
     """Held-out task accuracy per source and per modality (``val_acc_<task>[source=X]``): a model trained on
     several sources is judged on each."""
@@ -165,6 +179,8 @@ def accuracy_by(job: FoldJob, preds: dict, table: pa.Table) -> dict:
                     pred = predicted_class(probs[keep] @ job.matrices[name])
                     out[f"val_acc_{name}[{column}={value}]"] = float((pred == truth[keep, j]).mean())
     return out
+
+
 def selection_text(job: FoldJob, epoch: int) -> str:
     tc = job.train
     if job.score_key == "epoch":
@@ -172,6 +188,8 @@ def selection_text(job: FoldJob, epoch: int) -> str:
     where = (f"an inner split of {tc.selection_fraction:.0%} of the fold's training lesions (not trained on)"
              if job.has_select else "the training data")
     return f"the best {job.score_key} on {where}: epoch {epoch}; the held-out fold only measured it"
+
+
 def data_description(p: TrainPlan, table: pa.Table) -> dict:
     """Who a reviewer should credit and what the model saw: the data sources (the manifest's ``source`` column)
     with their licences, and the training data in numbers."""
@@ -187,6 +205,8 @@ def data_description(p: TrainPlan, table: pa.Table) -> dict:
                               "classes": p.classes.num_rows, "folds": pc.count_distinct(table.column("fold")).as_py()},
             "limitations": list(artifacts.LIMITATIONS), "version": 1,
             "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
 def model_card(fitted: FittedFold, p: TrainPlan, fold_lin: lineage.Lineage, measured: dict, table: pa.Table,
                cfg_transforms) -> artifacts.ModelCard:
     """The fold's model card; ``measured``: its held-out metrics (empty for the final model)."""
@@ -211,6 +231,8 @@ def model_card(fitted: FittedFold, p: TrainPlan, fold_lin: lineage.Lineage, meas
         lineage=fold_lin.to_dict() | {"partition": storage.redact(p.partition)}, description=description,
         changelog=[{"when": description["trained_at"], "what": f"trained: {job.model_id}, {len(history)} epochs, "
                     f"{selection_text(job, int(best['epoch']))}"}])
+
+
 def finish_fold(fitted: FittedFold, cfg: RunConfig, p: TrainPlan, rows: TrainingRows,
                 fold_lin: lineage.Lineage) -> dict:
     """metrics.parquet, best/model.pt, val_predictions.parquet and model_card.json for one fold, then the record

@@ -33,6 +33,8 @@ class TrainPlan:
     inputs: dict  # name -> lineage.Fingerprint shared by every fold
     # What the locked decisions are chosen from besides the folds (decision_lineage): fingerprints and settings
     decision_inputs: dict = dataclasses.field(default_factory=dict)
+
+
 def read_rows(cfg: RunConfig, part: str) -> tuple[pa.Table, pa.Table, dict]:
     """(labels joined with the manifest's image_id, uri, label; training classes; their fingerprints)."""
     if not cfg.data.manifest:
@@ -65,6 +67,8 @@ def read_rows(cfg: RunConfig, part: str) -> tuple[pa.Table, pa.Table, dict]:
     if cfg.train.selection == "inner":  # the groups decide which images choose the epoch
         fingerprints["selection_groups"] = lineage.columns_fingerprint(outputs["labels"], table, ["image_id", "group"])
     return table, classes, fingerprints
+
+
 def merged_groups(table: pa.Table, near_duplicates_uri: str) -> pa.ChunkedArray:
     """The ``group`` column with the partition's near-duplicate merges applied: the lesions of a pair the partition
     merged (near_duplicates.parquet, merged = true) become one group, named by its smallest key, as the partition
@@ -98,6 +102,8 @@ def merged_groups(table: pa.Table, near_duplicates_uri: str) -> pa.ChunkedArray:
     at = pc.index_in(groups, value_set=old)
     return pc.if_else(pc.is_valid(at), pc.take(pa.array(list(renamed.values()), pa.string()), pc.fill_null(at, 0)),
                       groups)
+
+
 def add_task_truth(table: pa.Table, cfg: RunConfig, part: str, n_classes: int
                    ) -> tuple[pa.Table, dict, list[str], dict]:
     """The table with each image's task classes (``task_truth``, int32 per task, -1 outside a task), the
@@ -118,6 +124,8 @@ def add_task_truth(table: pa.Table, cfg: RunConfig, part: str, n_classes: int
     # parse_tasks sets every binary task's positive class.
     positives = {t.name: t.class_names.index(cast(str, t.positive)) for t in tasks if t.is_binary}
     return table, inference.membership_matrices(membership, tasks, n_classes), [t.name for t in tasks], positives
+
+
 def fold_names(table: pa.Table, tcfg: TrainConfig) -> list:
     present = sorted(pc.unique(table.column("fold")).to_pylist())
     folds = list(tcfg.folds) or present
@@ -125,10 +133,14 @@ def fold_names(table: pa.Table, tcfg: TrainConfig) -> list:
     if unknown:
         raise UserError(f"train.folds {unknown} are not in the labels (folds present: {present})")
     return folds + ([FINAL] if tcfg.final_model else [])
+
+
 def weights_fingerprint(tcfg: TrainConfig) -> lineage.Fingerprint:
     if tcfg.weights in ("imagenet", "none"):
         return lineage.value_fingerprint(f"{tcfg.weights}:{tcfg.arch}")
     return lineage.file_fingerprint(tcfg.weights)
+
+
 def plan(cfg: RunConfig) -> TrainPlan:
     """Read and check everything the run needs, before Ray starts."""
     from dermray.store.models import spec
@@ -150,10 +162,14 @@ def plan(cfg: RunConfig) -> TrainPlan:
                   fold_names(table, cfg.train), layout.train_dir(cfg.output, cfg.run_id), inputs)
     p.decision_inputs = decision_lineage(cfg, p)
     return p
+
+
 def uses_readers(cfg: RunConfig, p: TrainPlan) -> bool:
     """Whether a readers' operating point is locked: readers, a test manifest with their images' labels, and a
     binary task."""
     return bool(cfg.evaluate.readers and cfg.pipeline.test_manifest and p.positives)
+
+
 def decision_lineage(cfg: RunConfig, p: TrainPlan) -> dict:
     """The inputs of the run's locked decisions beyond the folds' models: the tasks and taxonomy (which tasks are
     binary, their positive class, each image's task truth), the partition's task membership, the readers'

@@ -23,6 +23,8 @@ def fold_rows(table: pa.Table, fold) -> pa.Table:
     fold holds it out. ``table``: the labels (image_id, class_index, fold) sorted by image_id."""
     is_val = (pc.equal(table.column("fold"), fold) if fold != FINAL else pa.array(np.zeros(table.num_rows, bool)))
     return table.select(["image_id", "class_index"]).append_column("held_out", is_val)
+
+
 def fold_lineage(fold, p: TrainPlan, cfg: RunConfig) -> lineage.Lineage:
     """What fold ``fold`` is trained from: which images it trains on and which it holds out, their classes and
     URIs, the classes, the initial weights, and the recipe: every train and transforms value the stage declares
@@ -32,6 +34,8 @@ def fold_lineage(fold, p: TrainPlan, cfg: RunConfig) -> lineage.Lineage:
     recipe = registry.declared_values(STAGE, cfg, sections=("train", "transforms"))
     recipe["train"] = {k: v for k, v in recipe["train"].items() if k not in ("folds", "final_model")}
     return lineage.Lineage.of(STAGE, inputs, recipe | {"fold": str(fold)})
+
+
 def check_fold_lineage(fold, fold_dir: str, now: lineage.Lineage, force: bool) -> bool:
     """Refuse to resume a fold whose checkpoints were made from other inputs, before anything is written; returns
     whether its folder must be cleared first (``force``, or files without a lineage record)."""
@@ -48,6 +52,8 @@ def check_fold_lineage(fold, fold_dir: str, now: lineage.Lineage, force: bool) -
                             "an older dermray or by hand); use a new run id, or --force to retrain from scratch")
         return True
     return False
+
+
 def check_can_run(cfg: RunConfig) -> None:
     """Raise the UserError ``run`` raises before it trains - a fold trained from other rows, classes or recipe,
     unless train.force - and write nothing: the pipeline asks this of a partition built aside before it replaces
@@ -58,6 +64,8 @@ def check_can_run(cfg: RunConfig) -> None:
     for fold in p.folds:
         check_fold_lineage(fold, layout.fold_dir(cfg.output, cfg.run_id, fold),
                            fold_lineage(fold, p, cfg), False)
+
+
 def adopt_older_record(fold_dir: str, now: lineage.Lineage) -> None:
     """A fold recorded by an older dermray (lineage format 1) in which ``check_fold_lineage`` found no change: its
     records take the lineage of now, so that a finished fold is reused rather than trained again after an
@@ -74,6 +82,8 @@ def adopt_older_record(fold_dir: str, now: lineage.Lineage) -> None:
             storage.write_text(record_uri, strict_json(record | {"lineage_id": now.id}))
     log.info("train: %s: lineage recorded by an older dermray, same inputs and settings: kept",
              storage.redact(fold_dir))
+
+
 def finished_fold(fold_dir: str, now: lineage.Lineage) -> dict | None:
     """The record a fold finished from the same inputs left ({"row", "images", "quarantined"}), or None when it has
     to go to Ray Train: no record, another lineage, or weights that are missing or not the ones recorded."""
@@ -84,11 +94,15 @@ def finished_fold(fold_dir: str, now: lineage.Lineage) -> dict | None:
     if record.get("lineage_id") != now.id or record.get("weights_sha256") != artifacts.weights_sha256(weights):
         return None
     return record
+
+
 def record_fold_lineage(fold_dir: str, now: lineage.Lineage, clear: bool) -> None:
     """Clear a fold's folder when ``check_fold_lineage`` said so, then record the lineage it is trained from."""
     if clear:
         storage.delete(fold_dir)
     storage.write_text(storage.join(fold_dir, LINEAGE_FILE), json.dumps(now.to_dict(), indent=2))
+
+
 def run_lineage(lineages: dict, p: TrainPlan, cfg: RunConfig) -> lineage.Lineage:
     """The run's lineage: its folds' (each covers the fold's rows, the classes, the initial weights, the recipe) and
     what its locked decisions are chosen from (``decision_lineage``)."""

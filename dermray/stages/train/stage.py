@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
+from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
@@ -27,6 +28,7 @@ from dermray.stages.train.records import (
 )
 from dermray.stages.train.shared import FINAL, STAGE
 from dermray.store import lineage, storage
+from dermray.store.summaries import TrainSummary
 
 
 def train_folds(p: TrainPlan, folds: list, table: pa.Table, cfg: RunConfig, lineages: dict) -> list[FittedFold]:
@@ -46,6 +48,8 @@ def train_folds(p: TrainPlan, folds: list, table: pa.Table, cfg: RunConfig, line
             futures.append(pool.submit(fit_fold, job, datasets_for(fold, rows, cfg, size), rows.get("val"), p.run_dir,
                                        cfg))
         return [f.result() for f in futures]
+
+
 def run(cfg: RunConfig) -> dict:
     """Train every requested fold (concurrently) and write the per-fold and summary outputs."""
     from dermray.runtime.raysession import check_shared_storage, ray_session
@@ -85,9 +89,10 @@ def run(cfg: RunConfig) -> dict:
     fold_rows = [rows.get(str(fold)) or cast(dict, finished[str(fold)])["row"] for fold in p.folds]
     calibration, points, _ = lock_decisions(cfg, p, fold_rows)
     write_decisions(cfg, p.folds, calibration, points, cv_summary(fold_rows, p.task_names), not_estimable_tasks(cfg, p))
-    summary = summarise(cfg, p, fold_rows, used, n_bad, lineages, time.perf_counter() - t_start,
-                        {"calibration": calibration, "operating_points": points})
-    return summary
+    return summarise(cfg, p, Trained(fold_rows, used, n_bad), lineages, time.perf_counter() - t_start,
+                     {"calibration": calibration, "operating_points": points})
+
+
 def cv_summary(fold_rows: list[dict], task_names: list[str]) -> pd.DataFrame:
     """Mean and sd over the cross-validation folds of each validation metric (Extended Data Table 2 form)."""
     cv = [r for r in fold_rows if r["fold"] != FINAL]
@@ -99,11 +104,24 @@ def cv_summary(fold_rows: list[dict], task_names: list[str]) -> pd.DataFrame:
             rows.append({"metric": k, "mean": float(np.nanmean(vals)),
                          "sd": float(np.nanstd(vals, ddof=1)) if len(vals) > 1 else float("nan"), "folds": len(vals)})
     return pd.DataFrame(rows, columns=["metric", "mean", "sd", "folds"])
+
+
 def lineage_now(cfg: RunConfig, recorded: lineage.Lineage | None = None) -> lineage.Lineage:
     p = plan(cfg)
     return run_lineage({str(fold): fold_lineage(fold, p, cfg) for fold in p.folds}, p, cfg)
-def summarise(cfg: RunConfig, p: TrainPlan, fold_rows: list[dict], used: int, n_bad: int, lineages: dict,
-              seconds: float, decided: dict) -> dict:
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What the run's folds came to: each fold's summary row (trained now or finished earlier), and the images
+    used and quarantined."""
+    fold_rows: list[dict]
+    used: int
+    quarantined: int
+
+
+def summarise(cfg: RunConfig, p: TrainPlan, trained: Trained, lineages: dict, seconds: float, decided: dict) -> dict:
+    fold_rows, used, n_bad = trained.fold_rows, trained.used, trained.quarantined
     table = cv_summary(fold_rows, p.task_names)
     storage.write_table(pa.Table.from_pandas(table, preserve_index=False),
                         storage.join(p.run_dir, "train_summary.parquet"))
@@ -113,10 +131,15 @@ def summarise(cfg: RunConfig, p: TrainPlan, fold_rows: list[dict], used: int, n_
                "lineage": run_lineage(lineages, p, cfg).to_dict(),
                "outputs": {"run": p.run_dir, "summary": storage.join(p.run_dir, "train_summary.parquet")},
                "seconds": round(seconds, 1)}
+    summary = TrainSummary(**summary).as_dict()
     storage.write_text(layout.summary_uri(cfg.output, STAGE, cfg.run_id), strict_json(summary))
     return summary
+
+
 def counts(s: dict) -> dict:
     return {"in": s["images"], "out": s["trained_on"], "quarantined": s["quarantined"], "seconds": s["seconds"]}
+
+
 def format_summary(s: dict) -> str:
     lines = [f"train: {s['arch']}, run {s['run_id']}, folds {', '.join(s['folds'])}: {s['images']} images = "
              f"{s['trained_on']} used + {s['quarantined']} quarantined ({duration(s['seconds'])})"]
