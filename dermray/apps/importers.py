@@ -29,7 +29,7 @@ import pandas as pd
 import pyarrow as pa
 import yaml
 
-from dermray.core.tasks import parse_tasks
+from dermray.core.evaluation_tasks import parse_tasks
 from dermray.core.taxonomy import Taxonomy
 from dermray.errors import UserError
 from dermray.store import schemas, storage

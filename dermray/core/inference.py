@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dermray.core.tasks import Task
+from dermray.core.evaluation_tasks import Task
 from dermray.core.taxonomy import Taxonomy
 from dermray.errors import UserError
 

@@ -10,8 +10,8 @@ import io
 
 import numpy as np
 
+from dermray.core.evaluation_tasks import Task
 from dermray.core.formatting import external_rows, fmt
-from dermray.core.tasks import Task
 
 
 def render_plots(t, tasks: list[Task]) -> dict[str, bytes]:

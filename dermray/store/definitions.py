@@ -1,8 +1,9 @@
 """Reading the definitions a run is made of - the disease taxonomy and the evaluation tasks - from storage. The
-parsing and checking is pure (``dermray/core/taxonomy.py``, ``dermray/core/tasks.py``); this is the I/O around it."""
+parsing and checking is pure (``dermray/core/taxonomy.py``, ``dermray/core/evaluation_tasks.py``); this is the I/O
+around it."""
 from __future__ import annotations
 
-from dermray.core.tasks import Task, parse_tasks
+from dermray.core.evaluation_tasks import Task, parse_tasks
 from dermray.core.taxonomy import Taxonomy
 from dermray.store import lineage, storage
 

@@ -48,7 +48,7 @@ class PartitionSummary(StageSummary):
     big_leaf_classes: int
     groups_spanning_classes: int
     images_per_fold: list[int]
-    near_duplicates: JSON
+    near_duplicates: Optional[JSON]  # None: partition.near_duplicates off
     unattributable: list[JSON]  # training classes no task can score, with why
     chunks: int
     seconds: dict[str, float]  # type: ignore[assignment]  # per pass, and "total"

@@ -12,8 +12,8 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from dermray.cli import main
+from dermray.core.evaluation_tasks import parse_tasks
 from dermray.core.partitioning import node_to_class, partition_classes, task_membership
-from dermray.core.tasks import parse_tasks
 from dermray.core.taxonomy import Taxonomy
 from dermray.runtime.config import load_config
 from dermray.stages import evaluate

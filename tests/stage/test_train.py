@@ -195,7 +195,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_a_rerun_continues(small
     monkeypatch.setenv(faults.ENV, json.dumps({"events_file": str(events)}))
     s = train.run(config(d, "run_id=resume", "train.folds=[0]", "train.epochs=3"))
     assert [int(x) for x in events.read_text().split()][len(started):] == []
-    with pytest.raises(UserError, match=r"fold 0: epochs 3 -> 4; use a new run id, or --force"):
+    with pytest.raises(UserError, match=r"fold 0: train.epochs 3 -> 4; use a new run id, or --force"):
         train.run(config(d, "run_id=resume", "train.folds=[0]", "train.epochs=4"))
     metrics = pd.read_parquet(d / "out" / "train" / "resume" / "fold=0" / "metrics.parquet")
     assert sorted(set(metrics["epoch"])) == [0, 1, 2]

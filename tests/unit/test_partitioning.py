@@ -4,6 +4,7 @@ import pandas as pd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dermray.core.evaluation_tasks import parse_tasks
 from dermray.core.inference import membership_matrix
 from dermray.core.partitioning import (
     HASH_BUCKETS,
@@ -16,7 +17,6 @@ from dermray.core.partitioning import (
     partition_classes,
     task_membership,
 )
-from dermray.core.tasks import parse_tasks
 from dermray.core.taxonomy import Taxonomy
 
 

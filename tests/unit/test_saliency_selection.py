@@ -3,7 +3,7 @@ issue 28 finding 6) has nothing to explain, instead of ranking images by a score
 import numpy as np
 import pandas as pd
 
-from dermray.core.tasks import parse_tasks
+from dermray.core.evaluation_tasks import parse_tasks
 from dermray.core.taxonomy import Taxonomy
 from dermray.runtime.config import SaliencyConfig
 from dermray.stages.saliency.sanity import MIN_SANITY_IMAGES, flag_methods, sanity_verdict

@@ -4,7 +4,7 @@ differ, and it still detects a real gap. Simulated studies, each scored through 
 import numpy as np
 import pytest
 
-from dermray.core.tasks import Task, TaskClass
+from dermray.core.evaluation_tasks import Task, TaskClass
 from dermray.runtime.config import EvaluateConfig
 from dermray.stages.evaluate.per_task import BinaryScores, evaluate_binary, subgroup_verdict
 from dermray.stages.evaluate.tables import At, Tables

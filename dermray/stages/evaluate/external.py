@@ -8,13 +8,13 @@ import numpy as np
 import pandas as pd
 
 from dermray.core import metrics as M
+from dermray.core.evaluation_tasks import Task
 from dermray.core.inference import (
     NOT_IN_TASK,
     binary_task_score,
     membership_matrix,
     truth_for_task,
 )
-from dermray.core.tasks import Task
 from dermray.errors import UserError
 from dermray.runtime.config import EvaluateConfig
 from dermray.stages.evaluate.inputs import EvalInputs, load_other_run, predictions_columns

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from dermray.core.tasks import Task
+from dermray.core.evaluation_tasks import Task
 from dermray.core.taxonomy import Taxonomy
 from dermray.errors import UserError
 from dermray.runtime import layout

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from dermray.core import metrics as M
+from dermray.core.evaluation_tasks import Task
 from dermray.core.inference import (
     NOT_IN_TASK,
     binary_task_score,
@@ -20,7 +21,6 @@ from dermray.core.inference import (
     not_estimable,
     truth_for_task,
 )
-from dermray.core.tasks import Task
 from dermray.errors import UserError
 from dermray.runtime.config import EvaluateConfig
 from dermray.stages.evaluate.inputs import EvalInputs

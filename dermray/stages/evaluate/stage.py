@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pandas as pd
 
+from dermray.core.evaluation_tasks import Task
 from dermray.core.formatting import duration, flagged_points, fmt, strict_json
 from dermray.core.report import render_plots, render_report
-from dermray.core.tasks import Task
 from dermray.runtime import layout, progress, registry
 from dermray.runtime.config import RunConfig
 from dermray.stages.evaluate.distributed import run_distributed

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 
-from dermray.core.tasks import Task
+from dermray.core.evaluation_tasks import Task
 from dermray.core.taxonomy import Taxonomy
 from dermray.errors import UserError
 from dermray.runtime.config import RunConfig

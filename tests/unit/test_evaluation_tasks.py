@@ -1,6 +1,6 @@
 import pytest
 
-from dermray.core.tasks import parse_tasks
+from dermray.core.evaluation_tasks import parse_tasks
 from dermray.core.taxonomy import Taxonomy
 from dermray.errors import TaxonomyError, UserError
 
