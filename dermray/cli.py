@@ -258,7 +258,8 @@ def cmd_doctor(args) -> dict:
     from dermray.runtime.config import load_config
 
     cfg = load_config(args.config, list(args.overrides), _flag_values(args, COMMON_FLAGS))
-    checks = doctor.run(cfg, args.s3)
+    configured = bool(args.config) or any(o.startswith("train.") for o in args.overrides)
+    checks = doctor.run(cfg, args.s3, configured)
     print(strict_json(checks) if args.json else doctor.format_checks(checks), file=args.console.out)
     if any(c["status"] == "fail" for c in checks):
         raise UserError(f"{sum(c['status'] == 'fail' for c in checks)} check(s) failed (see above)")
@@ -325,10 +326,23 @@ def main(argv: list[str] | None = None) -> int:
     from dermray.runtime import console
 
     parser = build_parser()
+    _check_command(parser, sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     with console.session(args.command, args.verbose) as con:
         args.console, args.stage_dir = con, None
         return _dispatch(args, con)
+
+
+def _check_command(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """An unknown command is answered with the closest one ("did you mean"), not argparse's list of every command."""
+    import difflib
+
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if first is None or first in COMMANDS:
+        return
+    close = difflib.get_close_matches(first, list(COMMANDS), n=1, cutoff=0.6)
+    parser.error(f"unknown command {first!r}: " + (f"did you mean {close[0]!r}?" if close else
+                                                   f"the commands are {', '.join(sorted(COMMANDS))}"))
 
 
 def _dispatch(args, con) -> int:

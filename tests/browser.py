@@ -20,10 +20,14 @@ window.addEventListener('load', () => {
   const pre = document.createElement('pre');
   pre.id = 'dermray-check';
   pre.textContent = JSON.stringify({images: imgs, cards: cards, title: document.title,
-                                    first_screen: document.body.innerText.slice(0, 600)});
+                                    first_screen: document.body.innerText.slice(0, 600),
+                                    scroll_width: document.documentElement.scrollWidth});
   document.body.appendChild(pre);
 });
 </script>"""
+
+
+WIDTH = 1280  # the window the pages are read in: a laptop's (issue 29: the gallery needed ~2,450 px)
 
 
 def chromium() -> str:
@@ -52,14 +56,14 @@ def look(page: pathlib.Path, screenshot: pathlib.Path) -> dict:
     text = page.read_text()
     probe.write_text(text.replace("</body>", CHECK + "</body>") if "</body>" in text else text + CHECK)
     try:
-        dom = _run(exe, ["--dump-dom", probe.as_uri()])
+        dom = _run(exe, [f"--window-size={WIDTH},1000", "--dump-dom", probe.as_uri()])
         assert dom.returncode == 0, dom.stderr[-2000:]
         m = re.search(r'<pre id="dermray-check">(.*?)</pre>', dom.stdout, re.S)
         assert m, dom.stdout[-2000:]
         import html
 
         result = json.loads(html.unescape(m.group(1)))
-        shot = _run(exe, [f"--screenshot={screenshot}", "--window-size=1400,1000", page.as_uri()])
+        shot = _run(exe, [f"--screenshot={screenshot}", f"--window-size={WIDTH},1000", page.as_uri()])
         assert shot.returncode == 0 and screenshot.exists(), shot.stderr[-2000:]
         return result
     finally:

@@ -70,9 +70,13 @@ def s3_check(prefix: str | None):
     return "ok", f"{storage.redact(prefix)} is readable and writable (endpoint {endpoint})"
 
 
-def weights_check(cfg: RunConfig):
+def weights_check(cfg: RunConfig, configured: bool = True):
+    """Whether the weights a run would start from load; "skip" without a run config (issue 29: the defaults'
+    Inception v3 was checked, and warned about, for a user whose runs use another network)."""
     from dermray.store.models import build_model
 
+    if not configured:
+        return "skip", "no run config given: pass --config (or --set train.arch=...) to check the weights it loads"
     w = cfg.train.weights
     if w == "none":
         return "ok", f"train.weights=none: {cfg.train.arch} starts from random weights"
@@ -80,12 +84,12 @@ def weights_check(cfg: RunConfig):
     return "ok", f"{cfg.train.arch} weights {w if w == 'imagenet' else '(a file)'} load"
 
 
-def run(cfg: RunConfig, s3: str | None = None) -> list[dict]:
+def run(cfg: RunConfig, s3: str | None = None, configured: bool = True) -> list[dict]:
     from dermray.store import storage
 
     prefix = s3 or (cfg.output if storage.is_s3(cfg.output) else None)
     checks = [_check("ray", lambda: ray_check(cfg)), _check("torch", lambda: torch_check(cfg)),
-              _check("s3", lambda: s3_check(prefix)), _check("weights", lambda: weights_check(cfg))]
+              _check("s3", lambda: s3_check(prefix)), _check("weights", lambda: weights_check(cfg, configured))]
     for c in checks:
         if c["check"] == "weights" and c["status"] == "fail":
             c["status"] = "warn" if cfg.train.weights == "imagenet" else "fail"

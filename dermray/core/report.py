@@ -14,6 +14,27 @@ from dermray.core.evaluation_tasks import Task
 from dermray.core.formatting import external_rows, fmt
 
 
+def identical_subsets(metrics: list[dict]) -> dict[str, str]:
+    """{subset: "all"} for every subset whose metric rows are the "all" rows over again (the same metrics, values,
+    intervals and counts: "biopsy" when every image is biopsy-proven), so that a report shows them once."""
+    def key(r):
+        return (r["task"], r["metric"])
+
+    def row(r):
+        return (r["value"], r["ci_low"], r["ci_high"], r["n"])
+
+    by_subset: dict[str, dict] = {}
+    for r in metrics:
+        by_subset.setdefault(r["subset"], {})[key(r)] = row(r)
+    base = by_subset.get("all", {})
+    out = {}
+    for subset, rows in by_subset.items():
+        tasks = {task for task, _ in rows}
+        if subset != "all" and rows and rows == {k: v for k, v in base.items() if k[0] in tasks}:
+            out[subset] = "all"
+    return out
+
+
 def render_plots(t, tasks: list[Task]) -> dict[str, bytes]:
     import matplotlib
 
@@ -21,10 +42,11 @@ def render_plots(t, tasks: list[Task]) -> dict[str, bytes]:
     import matplotlib.pyplot as plt
 
     out = {}
+    same = identical_subsets(t.metrics)
     for task in tasks:
         for subset in ("all", "biopsy"):
             c = t.curves.get((task.name, subset))
-            if not c:
+            if not c or subset in same:
                 continue
             if task.is_binary:
                 fig, ax = plt.subplots(figsize=(5, 5))
@@ -51,6 +73,9 @@ def render_plots(t, tasks: list[Task]) -> dict[str, bytes]:
                     fig, ax = plt.subplots(figsize=(4.5, 4.5))
                     ax.plot([0, 1], [0, 1], color="#bbbbbb", ls="--", lw=1)
                     ax.plot([r["mean_predicted"] for r in cal], [r["observed"] for r in cal], "o-", color="#1f4e9c")
+                    for r in cal:  # each bin's count: a point made of 3 images says little
+                        ax.annotate(f"n={r['n']}", (r["mean_predicted"], r["observed"]), textcoords="offset points",
+                                    xytext=(4, -10), fontsize=7, color="#555")
                     ax.set_xlabel("Mean predicted probability")
                     ax.set_ylabel("Observed frequency")
                     ax.set_title(f"Reliability: {task.name} ({subset})", fontsize=10)
@@ -59,12 +84,12 @@ def render_plots(t, tasks: list[Task]) -> dict[str, bytes]:
                 cm = c["confusion"].astype(float)
                 k = cm.shape[0]
                 norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-                fig, ax = plt.subplots(figsize=(1.0 + 0.7 * (k + 1), 1.0 + 0.6 * k))
+                fig, ax = plt.subplots(figsize=(1.2 + 0.8 * (k + 1), 1.2 + 0.7 * k))
                 ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-                for i in range(k):
+                for i in range(k):  # the row's share, and the count under it
                     for j in range(k + 1):
-                        ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                                color="white" if norm[i, j] > 0.6 else "black")
+                        ax.text(j, i, f"{norm[i, j]:.2f}\n{int(cm[i, j]):,}", ha="center", va="center",
+                                fontsize=6 if k > 5 else 7, color="white" if norm[i, j] > 0.6 else "black")
                 ax.set_xticks(range(k + 1), c["names"], rotation=45, ha="right", fontsize=8)
                 ax.set_yticks(range(k), c["names"][:k], fontsize=8)
                 ax.set_xlabel("Predicted")
@@ -93,10 +118,12 @@ def headline_cards(summary: dict, t, tasks: list[Task]) -> list[dict]:
     specificity at the model's locked operating point (CIs), on the biopsy-proven images when there are any; for
     a multi-class task the accuracy with its CI; with the images and lesions behind each number."""
     by = {(r["task"], r["subset"], r["metric"]): r for r in t.metrics}
+    same = identical_subsets(t.metrics)  # a subset that repeats "all" has its figures under "all"
     cards = []
     for task in tasks:
         subset = "biopsy" if (task.name, "biopsy", "n_positive") in by or (task.name, "biopsy", "accuracy") in by \
             else "all"
+        figures = same.get(subset, subset)
         card = {"task": task.name, "subset": subset, "binary": task.is_binary}
         if task.is_binary:
             card["auc"] = by.get((task.name, subset, "auc"))
@@ -111,13 +138,14 @@ def headline_cards(summary: dict, t, tasks: list[Task]) -> list[dict]:
                 card[rate] = by.get((task.name, subset, f"{rate}@locked:{point}")) if point else None
             for metric in READER_METRICS:
                 card[metric] = by.get((task.name, subset, metric))
-            card["plot"] = f"roc_{task.name}_{subset}.png"
+            card["plot"] = f"roc_{task.name}_{figures}.png"
+            card["reliability"] = f"reliability_{task.name}_{figures}.png"
         else:
             card["accuracy"] = by.get((task.name, subset, "accuracy"))
             card["balanced_accuracy"] = by.get((task.name, subset, "balanced_accuracy"))
             card["recall"] = [(name, by.get((task.name, subset, f"sensitivity@0.5[{name}]")))
                               for name in task.class_names]
-            card["plot"] = f"confusion_{task.name}_{subset}.png"
+            card["plot"] = f"confusion_{task.name}_{figures}.png"
         cards.append(card)
     return cards
 
@@ -181,9 +209,10 @@ def render_report(summary: dict, t, plots: dict[str, bytes], tasks: list[Task] |
     the detailed tables, folded."""
     # long: the page's template, read top to bottom (markdown and HTML side by side so that they cannot drift)
     cards = headline_cards(summary, t, tasks or [])
-    rows = [r for r in t.metrics if r["metric"] in ("auc", "accuracy", "balanced_accuracy", "ece", "ece_uncalibrated",
-                                                    *READER_METRICS)
-            or "@locked:" in r["metric"] or r["metric"] in ("worst_group_auc", "auc_gap")]
+    # Every row of metrics.parquet, but a subset that repeats "all" (every image biopsy-proven) once.
+    same = identical_subsets(t.metrics)
+    rows = sorted((r for r in t.metrics if r["subset"] not in same), key=lambda r: (r["task"], r["subset"]))
+    shown_once = "; ".join(f"{s} = {a} (the same images): shown once" for s, a in sorted(same.items()))
     e = html.escape
     md = [f"# dermray evaluation — run `{summary['run_id']}`", "", set_sentence(summary), ""]
     card_html = []
@@ -224,10 +253,11 @@ def render_report(summary: dict, t, plots: dict[str, bytes], tasks: list[Task] |
                    f"{acc['n'] if acc else 0:,} images.", ""]
             body = (f"<p class='big'>{e(line)}</p><p>recall per class: {e(recall)}</p>"
                     f"<p class='n'>{acc['n'] if acc else 0:,} images ({e(c['subset'])})</p>")
-        if c["plot"] in plots:
-            md.append(f"![{c['plot']}](plots/{c['plot']})")
-            body += (f"<img class='headline' alt='{e(c['plot'])}' "
-                     f"src='data:image/png;base64,{base64.b64encode(plots[c['plot']]).decode()}'/>")
+        for name in (c["plot"], c.get("reliability")):  # the ROC (or confusion matrix), then the reliability
+            if name in plots:
+                md.append(f"![{name}](plots/{name})")
+                body += (f"<img class='headline' alt='{e(name)}' "
+                         f"src='data:image/png;base64,{base64.b64encode(plots[name]).decode()}'/>")
         card_html.append(f"<section class='card' data-task='{e(c['task'])}'><h2>{e(c['task'])}</h2>{body}</section>")
     external = external_rows(t.metrics)
     ext_html = ""
@@ -247,7 +277,8 @@ def render_report(summary: dict, t, plots: dict[str, bytes], tasks: list[Task] |
                   f"{r['note'] or ''} |")
     md += ["", "Full tables: metrics.parquet, roc.parquet, confusion.parquet, readers.parquet, calibration.parquet.",
            ""]
-    md += [f"![{name}](plots/{name})" for name in plots if name not in {c["plot"] for c in cards}]
+    on_cards = {c["plot"] for c in cards} | {c.get("reliability") for c in cards}
+    md += [f"![{name}](plots/{name})" for name in plots if name not in on_cards]
     if model_card:
         md += ["", f"Model card: {model_card}"]
     lineage = summary.get("lineage", {})
@@ -260,7 +291,7 @@ def render_report(summary: dict, t, plots: dict[str, bytes], tasks: list[Task] |
         f"<td>{e(r['note'] or '')}</td></tr>" for r in rows)
     images = "".join(f"<figure><img alt='{e(name)}' src='data:image/png;base64,"
                      f"{base64.b64encode(png).decode()}'/><figcaption>{e(name)}</figcaption></figure>"
-                     for name, png in plots.items() if name not in {c["plot"] for c in cards})
+                     for name, png in plots.items() if name not in on_cards)
     card_link = f"<p>Model card: <a href='{e(model_card)}'>{e(model_card)}</a></p>" if model_card else ""
     table_head = "<tr>" + "".join(f"<th>{h}</th>" for h in ("task", "subset", "metric", "value", "95% CI", "n",
                                                              "note")) + "</tr>"
@@ -275,7 +306,8 @@ margin:4px 0}}.n{{color:#555;font-size:13px}}img.headline{{width:400px}}</style>
 <p class='set'>{e(set_sentence(summary))}</p>
 <div class='cards'>{''.join(card_html)}</div>
 {ext_html}
-<details><summary>Details: every metric ({len(rows)} rows), the other figures, lineage</summary>
+<details><summary>Details: every metric ({len(rows)} rows{'; ' + e(shown_once) if shown_once else ''}), the other
+figures, lineage</summary>
 <table>{table_head}{table_html}</table>
 {images}{card_link}<p>Lineage: evaluation {e(str(lineage.get('id')))}; model {models}</p>
 </details></body></html>"""

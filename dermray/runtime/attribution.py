@@ -169,6 +169,13 @@ def blank(m: np.ndarray, reference: np.ndarray) -> bool:
     return bool(np.ptp(m) == 0 or top <= 1e-4 * float(np.abs(reference).max()))
 
 
+def flat(m: np.ndarray) -> bool:
+    """Whether one map shows nothing: constant, or its spread under 1e-6 of its largest magnitude (Grad-CAM's final
+    ReLU blanks a map whose weighted activations are all negative)."""
+    top = float(np.abs(m).max()) if m.size else 0.0
+    return bool(m.size == 0 or float(np.ptp(m)) <= 1e-6 * max(top, 1e-30))
+
+
 def cascade(stages: list[list[nn.Module]], heads: list[nn.Module], levels: int) -> list[tuple[str, list[nn.Module]]]:
     """Cumulative top-down randomisation levels: the head, then the head and ever more of the last stages, ending
     with the whole network; ``levels`` of them, evenly spaced over the stages."""

@@ -214,7 +214,7 @@ SALIENCY_INDEX = TableSchema(
     "saliency_index",
     (_s("image_id"), _s("task"), _s("method"), _s("target"), Column("score", pa.float64(), nullable=True),
      _s("png_uri"), _s("npy_uri"), Column("inside_lesion", pa.float64(), nullable=True),
-     _s("label", nullable=True), _s("true_class", nullable=True), _s("reason")),
+     Column("blank_map", pa.bool_()), _s("label", nullable=True), _s("true_class", nullable=True), _s("reason")),
 )
 
 SANITY = TableSchema(

@@ -90,7 +90,8 @@ def test_maps_index_gallery_and_sanity_written_to_s3(score_study, ham_dir, train
     assert gradient["constant_maps"].iloc[0] == 0, gradient
     assert gradient["spearman"].is_monotonic_decreasing and gradient["spearman"].iloc[-1] < gradient["spearman"].iloc[0]
     gallery = storage.read_text(f"{rdir}/gallery.html")
-    assert "<th>melanoma" in gallery and "<th>nevus" in gallery and "Sanity checks" in gallery
+    assert "<h3>melanoma (" in gallery and "<h3>nevus (" in gallery and "Sanity checks" in gallery
+    assert "linear-gradient(to right, #000004" in gallery  # the colour scale: inferno, from black
     assert "gradient/" in gallery and s3_bucket not in gallery  # relative links
 
 

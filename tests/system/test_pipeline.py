@@ -194,3 +194,5 @@ def look_at_the_report_and_the_gallery(out, metrics: pd.DataFrame) -> None:
             assert f"accuracy {row['value']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]" in text, (task, text)
     gallery = look(out / "saliency" / "demo" / "gallery.html", ARTEFACTS / "gallery.png")
     assert len(gallery["images"]) >= 4 and all(i["width"] > 0 for i in gallery["images"]), gallery["images"]
+    assert gallery["scroll_width"] <= 1280, gallery["scroll_width"]  # no horizontal scroll in a laptop's window
+    assert seen["scroll_width"] <= 1280, seen["scroll_width"]

@@ -46,3 +46,12 @@ def test_default_value_reads_the_config_s_defaults():
     cfg = load_config(None)
     assert default_value("train.epochs") == cfg.train.epochs and default_value("run_id") == cfg.run_id
     assert default_value("no.such.key") is None and default_value("train") == cfg.to_dict()["train"]
+
+
+@pytest.mark.parametrize("typed, meant", [("scroe", "score"), ("partiton", "partition"), ("pipline", "pipeline")])
+def test_a_mistyped_command_gets_a_did_you_mean(typed, meant, capsys):
+    """Issue 29: argparse answered a mistyped command with the list of every command and no suggestion."""
+    with pytest.raises(SystemExit) as e:
+        cli.main([typed, "--output", "x"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and f"unknown command {typed!r}: did you mean {meant!r}?" in err, err

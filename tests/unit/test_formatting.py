@@ -77,3 +77,18 @@ def test_rates_for_people(value, text):
     from dermray.core.formatting import rate
 
     assert rate(value) == text
+
+
+def test_a_subset_that_repeats_all_is_shown_once():
+    """Issue 29: "all" and "biopsy" rows were printed twice when every image is biopsy-proven."""
+    from dermray.core.report import identical_subsets
+
+    def row(subset, metric, value, n=10):
+        return {"task": "t", "subset": subset, "metric": metric, "value": value, "ci_low": value - 0.1,
+                "ci_high": value + 0.1, "n": n}
+
+    same = [row("all", "auc", 0.8), row("all", "accuracy", 0.7), row("biopsy", "auc", 0.8),
+            row("biopsy", "accuracy", 0.7), row("modality=clinical", "auc", 0.6, 4)]
+    assert identical_subsets(same) == {"biopsy": "all"}
+    assert identical_subsets(same[:3] + [row("biopsy", "accuracy", 0.7, 9)]) == {}  # one count differs
+    assert identical_subsets(same[:3]) == {}  # biopsy lacks a metric "all" has

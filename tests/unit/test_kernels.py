@@ -278,6 +278,17 @@ def test_quarantine_reasons_count_by_kind_without_their_particulars():
     assert reason_kind(None) == "unknown"
 
 
+def test_doctor_checks_weights_only_for_a_run_config():
+    """Issue 29: without a run config, `dermray doctor` checked (and warned about) the defaults' Inception v3
+    weights, which the user's runs may never load."""
+    from dermray.apps import doctor
+    from dermray.runtime.config import load_config
+
+    status, detail = doctor.weights_check(load_config(None), configured=False)
+    assert status == "skip" and "--config" in detail
+    assert doctor.weights_check(load_config(None, ["train.weights=none"]))[0] == "ok"
+
+
 def test_doctor_says_skip_not_ok_when_it_checked_no_s3():
     """Issue 29: `dermray doctor` printed "s3 ok" when nothing was checked."""
     from dermray.apps import doctor

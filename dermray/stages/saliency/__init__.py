@@ -6,7 +6,8 @@ the misclassified ones, or listed ids. Each Ray Data actor builds the model once
 (``dermray/runtime/attribution.py``), writes under ``<output>/saliency/<run_id>/<method>/`` a PNG (the image beside its
 overlay) and the raw map as float16 ``.npy`` at the image's own size. Also under ``<output>/saliency/<run_id>/``:
 ``saliency_index.parquet`` (image_id, task, method, target, score, png_uri, npy_uri, inside_lesion when masks are
-given, label, true_class, reason), ``sanity.parquet`` (the model-parameter randomisation test per method and level),
+given, blank_map, label, true_class, reason), ``sanity.parquet`` (the model-parameter randomisation test per method
+and level),
 ``gallery.html`` (one row per class, the paper's saliency-figure form, and the sanity results) and
 ``saliency_summary.json``.
 

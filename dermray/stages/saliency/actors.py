@@ -70,11 +70,12 @@ class Explainer:
     def __call__(self, batch: dict) -> dict:
         import torch
 
-        from dermray.runtime.attribution import attribute, inside_fraction, npy_bytes, overlay_png, resize_map
+        from dermray.runtime.attribution import attribute, flat, inside_fraction, npy_bytes, overlay_png, resize_map
 
         originals, x = load_images(list(batch["uri"]), self.ens, self.device)
         targets = torch.as_tensor(batch["col"].astype(np.int64), device=self.device)
-        out: dict[str, list] = {k: [] for k in ("image_id", "task", "method", "png_uri", "npy_uri", "inside_lesion")}
+        out: dict[str, list] = {k: [] for k in ("image_id", "task", "method", "png_uri", "npy_uri", "inside_lesion",
+                                                "blank_map")}
         for method in self.methods:
             maps = attribute(self.f, x, targets, method, layer=self.layer, smooth_samples=self.sc["smooth_samples"],
                              smooth_noise=self.sc["smooth_noise"], ig_steps=self.sc["ig_steps"], seed=self.sc["seed"])
@@ -90,9 +91,10 @@ class Explainer:
                 if self.sc["masks"]:
                     inside = inside_fraction(m, _mask(self.sc["masks"], image_id, img.shape[:2]))
                 for k, v in (("image_id", image_id), ("task", task), ("method", method), ("png_uri", png),
-                             ("npy_uri", npy), ("inside_lesion", inside)):
+                             ("npy_uri", npy), ("inside_lesion", inside), ("blank_map", flat(m))):
                     out[k].append(v)
-        return {k: np.array(v, dtype=np.float64 if k == "inside_lesion" else object) for k, v in out.items()}
+        types = {"inside_lesion": np.float64, "blank_map": bool}
+        return {k: np.array(v, dtype=types.get(k, object)) for k, v in out.items()}
 
 
 def _mask(pattern: str, image_id: str, shape: tuple[int, int]) -> np.ndarray:

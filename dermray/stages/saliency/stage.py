@@ -96,7 +96,8 @@ def explain(chosen: pd.DataFrame, job: ExplainJob, sc: SaliencyConfig, rdir: str
 
     work = pa.Table.from_pandas(chosen[["image_id", "uri", "task", "col"]], preserve_index=False)
     if not work.num_rows:
-        return pd.DataFrame(columns=["image_id", "task", "method", "png_uri", "npy_uri", "inside_lesion"])
+        return pd.DataFrame(columns=["image_id", "task", "method", "png_uri", "npy_uri", "inside_lesion",
+                                     "blank_map"])
     ds = ray.data.from_arrow(blocks_of(work, sc.batch_size)).map_batches(
         Explainer, batch_size=sc.batch_size, compute=ActorPoolStrategy(size=sc.actors),
         num_cpus=sc.cpus_per_actor, num_gpus=sc.num_gpus or None,
@@ -123,8 +124,9 @@ def check_written(index: pd.DataFrame, rdir: str) -> None:
 
 def index_table(index: pd.DataFrame, chosen: pd.DataFrame) -> pd.DataFrame:
     index = index.merge(chosen.drop(columns=["uri", "col", "target_col"]), on=["image_id", "task"], how="left")
-    return index[["image_id", "task", "method", "target", "score", "png_uri", "npy_uri", "inside_lesion", "label",
-                  "true_class", "reason"]].sort_values(["task", "method", "image_id"]).reset_index(drop=True)
+    index["blank_map"] = index["blank_map"].astype(bool)
+    return index[["image_id", "task", "method", "target", "score", "png_uri", "npy_uri", "inside_lesion", "blank_map",
+                  "label", "true_class", "reason"]].sort_values(["task", "method", "image_id"]).reset_index(drop=True)
 
 
 def run(cfg: RunConfig) -> dict:
