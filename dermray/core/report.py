@@ -99,6 +99,36 @@ def render_plots(t, tasks: list[Task]) -> dict[str, bytes]:
     return out
 
 
+def training_curves(histories: dict) -> dict[str, bytes]:
+    """{"training_curves.png": ...}: per fold, the loss on the training data and on the selection split, and the
+    selection split's top-1, per epoch (numbered from 1); {} without histories. ``histories``: fold name -> long
+    rows (epoch, split, metric, value) as train writes them (metrics.parquet)."""
+    if not histories:
+        return {}
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, top1_ax) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for i, (fold, h) in enumerate(sorted(histories.items())):
+        colour = f"C{i % 10}"
+        first = int(h["epoch"].min()) if len(h) else 0
+        for split, style in (("train", "-"), ("select", "--")):
+            for ax, metric in ((loss_ax, "loss"), (top1_ax, "top1")):
+                rows = h[(h["split"] == split) & (h["metric"] == metric)].sort_values("epoch")
+                if len(rows) and not (ax is top1_ax and split == "train"):
+                    ax.plot(rows["epoch"] - first + 1, rows["value"], style, color=colour, marker="o", ms=3,
+                            label=f"{fold} ({'training' if split == 'train' else 'selection split'})")
+    loss_ax.set_title("Loss per epoch", fontsize=10)
+    top1_ax.set_title("Top-1 on the selection split", fontsize=10)
+    for ax in (loss_ax, top1_ax):
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return {"training_curves.png": _png(fig)}
+
+
 def _png(fig) -> bytes:
     import matplotlib.pyplot as plt
 

@@ -92,3 +92,17 @@ def test_a_subset_that_repeats_all_is_shown_once():
     assert identical_subsets(same) == {"biopsy": "all"}
     assert identical_subsets(same[:3] + [row("biopsy", "accuracy", 0.7, 9)]) == {}  # one count differs
     assert identical_subsets(same[:3]) == {}  # biopsy lacks a metric "all" has
+
+
+def test_training_curves_are_drawn_from_each_fold_s_history():
+    """Issue 29: no training curves anywhere. One figure: loss (training and selection split) and the selection
+    split's top-1 per epoch, per fold, epochs numbered from 1."""
+    import pandas as pd
+
+    from dermray.core.report import training_curves
+
+    rows = [{"epoch": e, "split": s, "metric": m, "value": v} for e in range(3) for s, m, v in
+            (("train", "loss", 2.0 - e / 2), ("select", "loss", 2.1 - e / 3), ("select", "top1", 0.3 + e / 10))]
+    out = training_curves({"fold=0": pd.DataFrame(rows), "fold=1": pd.DataFrame(rows)})
+    assert list(out) == ["training_curves.png"] and out["training_curves.png"].startswith(b"\x89PNG")
+    assert training_curves({}) == {}

@@ -4,7 +4,7 @@ reference) with their own membership."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -70,6 +70,8 @@ class EvalInputs:
     locked: dict  # binary task -> [(operating point name, threshold)] the model card locked
     scored: dict  # the summary of the score run that wrote the predictions ({} when unknown)
     train_hashes: pd.DataFrame | None = None  # the partition's image_hashes (evaluate.train_overlap; None: absent)
+    # fold name -> its training history (metrics.parquet: epoch, split, metric, value), for the report's curves
+    histories: dict = field(default_factory=dict)
 
 
 def read_definitions(cfg: RunConfig) -> EvalInputs:
@@ -94,7 +96,22 @@ def read_definitions(cfg: RunConfig) -> EvalInputs:
         hashes_table = storage.read_table(hashes_uri)
         fps["image_hashes"] = lineage.columns_fingerprint(hashes_uri, hashes_table, hashes_table.column_names)
         hashes = hashes_table.to_pandas()
-    return EvalInputs(tax, tasks, table.to_pandas(), partition, fps, locked, scored, hashes)
+    histories = training_histories(scored)
+    if histories:
+        fps["training_histories"] = lineage.value_fingerprint(
+            {fold: lineage.config_hash(h.to_dict(orient="list")) for fold, h in sorted(histories.items())})
+    return EvalInputs(tax, tasks, table.to_pandas(), partition, fps, locked, scored, hashes, histories)
+
+
+def training_histories(scored: dict) -> dict[str, pd.DataFrame]:
+    """The training history of each fold model that scored the predictions (the score summary names their folders),
+    by fold folder name; {} when none is found (predictions from elsewhere)."""
+    out = {}
+    for fold_dir in scored.get("checkpoints", []):
+        uri = storage.join(fold_dir, "metrics.parquet")
+        if storage.exists(uri):
+            out[fold_dir.rstrip("/").rsplit("/", 1)[-1]] = storage.read_table(uri).to_pandas()
+    return out
 
 
 def predictions_columns(ecfg: EvaluateConfig) -> tuple[str, ...]:

@@ -7,9 +7,8 @@ import time
 import numpy as np
 import pandas as pd
 
-from dermray.core.evaluation_tasks import Task
 from dermray.core.formatting import duration, flagged_points, fmt, strict_json
-from dermray.core.report import render_plots, render_report
+from dermray.core.report import render_plots, render_report, training_curves
 from dermray.runtime import layout, progress, registry
 from dermray.runtime.config import RunConfig
 from dermray.stages.evaluate.distributed import run_distributed
@@ -91,9 +90,10 @@ def write_back(summary: dict, scored: dict) -> str | None:
     return first
 
 
-def write_outputs(t: Tables, tasks: list[Task], paths: dict, summary: dict) -> None:
+def write_outputs(t: Tables, inp: EvalInputs, paths: dict, summary: dict) -> None:
+    tasks = inp.tasks
     write_tables(t, paths)
-    plots = render_plots(t, tasks)
+    plots = render_plots(t, tasks) | training_curves(inp.histories)
     for name, png in plots.items():
         storage.write_bytes(storage.join(paths["plots"], name), png)
     md, page = render_report(summary, t, plots, tasks, summary.get("model_card"))
@@ -152,7 +152,7 @@ def run(cfg: RunConfig, base: str | None = None) -> dict:
     }
     summary["model_card"] = write_back(summary, inp.scored)
     summary = EvaluateSummary(**summary).as_dict()
-    write_outputs(t, inp.tasks, paths, summary)
+    write_outputs(t, inp, paths, summary)
     return summary
 
 
