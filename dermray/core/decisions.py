@@ -57,3 +57,24 @@ def readers_specificity(readers, truth_by_task: dict) -> dict[str, dict[str, flo
         if len(specs):
             out[task] = {"readers_specificity": float(specs.mean())}
     return out
+
+
+def task_aucs(calibrated: np.ndarray, task_truth: np.ndarray | None, binary_tasks: list[tuple],
+              groups: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """Per binary task, the AUC of the scores scoring writes (``calibrated`` [n, C] probabilities) on the images
+    inside the task, with its lesion-bootstrap 95 % interval (``groups`` [n]: the resampling unit):
+    [{"task", "auc", "ci_low", "ci_high", "n", "n_positive"}]. A task without positives or negatives is left out.
+    ``task_truth`` and ``binary_tasks`` as for ``lock``."""
+    out = []
+    for name, column, pos, matrix in binary_tasks:
+        assert task_truth is not None  # binary tasks come with their truth
+        truth = task_truth[:, column]
+        score = binary_task_score(calibrated, matrix, pos)
+        inside = (truth >= 0) & np.isfinite(score)
+        y = (truth[inside] == pos).astype(int)
+        if y.sum() == 0 or y.sum() == len(y):
+            continue
+        b = M.bootstrap_auc(y, score[inside], None if groups is None else groups[inside], n_boot=n_boot, seed=seed)
+        out.append({"task": name, "auc": b.estimate, "ci_low": b.ci_low, "ci_high": b.ci_high, "n": int(len(y)),
+                    "n_positive": int(y.sum())})
+    return out

@@ -229,7 +229,7 @@ def render_markdown(card: ModelCard) -> str:
         if not card.operating_points:
             lines += ["", "## Operating points (locked out of fold)", ""]
         lines += [""] + [f"- {task}: no operating point, {why}" for task, why in sorted(d["not_estimable"].items())]
-    lines += _test_results(card.test_metrics)
+    lines += results_lines(card.test_metrics)
     lines += ["", "## Known limitations", ""] + [f"- {x}" for x in d.get("limitations", LIMITATIONS)]
     lines += ["", "## Lineage", "", f"- lineage id {card.lineage.get('id')}, config hash {card.config_hash}",
               f"- partition: {card.lineage.get('partition')}", "", "## Changelog", ""]
@@ -237,7 +237,7 @@ def render_markdown(card: ModelCard) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _test_results(test_metrics: list[dict]) -> list[str]:
+def results_lines(test_metrics: list[dict]) -> list[str]:
     """The card's test results, as evaluate wrote them back: each evaluation's headline (a null value shows its
     reason; a locked point that does not carry over says why) and its cohorts beside the reference."""
     if not test_metrics:

@@ -67,6 +67,7 @@ class TrainSummary(StageSummary):
     operating_points: list[JSON]
     cross_validation: Optional[JSON] = None
     not_estimable: Optional[JSON] = None
+    out_of_fold_auc: list[JSON] = []  # per binary task, pooled over the folds' held-out images, with its interval
 
 
 class ScoreSummary(StageSummary):

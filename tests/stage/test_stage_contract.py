@@ -121,7 +121,9 @@ def test_every_output_table_passes_its_schema(study, stage):
 
 
 # The documented exception: evaluate writes the test results into the model cards of the models it evaluated.
-ALSO_WRITES = {"evaluate": ("train/*/fold=*/model_card.json", "train/*/fold=*/model_card.md")}
+# A model card carries its test results: the ensemble's card when the folds scored together, else each fold's.
+ALSO_WRITES = {"evaluate": ("train/*/fold=*/model_card.json", "train/*/fold=*/model_card.md",
+                            "train/*/ensemble_card.json", "train/*/ensemble_card.md")}
 
 
 @pytest.mark.parametrize("stage", registry.STAGES)

@@ -160,6 +160,29 @@ def test_calibration_and_operating_points_are_locked_out_of_fold_and_applied_whe
     assert {"ece", "ece_uncalibrated"} <= set(m.index)
 
 
+def test_the_ensemble_that_is_scored_has_its_own_card_with_its_test_results(study):
+    """Issue 29: the ensemble's test results went into fold 0's card (titled demo/fold=0); cross-validation had no
+    AUC. The train run's ensemble_card: titled with the model id scoring uses, its members with their chosen
+    epochs (from 1), the out-of-fold AUC of each binary task with its interval, the locked points, and - written
+    by evaluate - the test results, which the fold cards no longer receive."""
+    out = study["out"]
+    card = json.loads((out / "train" / "c" / "ensemble_card.json").read_text())
+    sc = study["runs"]["score"][0]["summary"]
+    assert card["model_id"] == sc["model_id"] and [m["fold"] for m in card["members"]] == ["0", "1"]
+    assert all(1 <= m["best_epoch"] <= m["epochs_trained"] for m in card["members"])
+    auc = {r["task"]: r for r in card["out_of_fold_auc"]}
+    assert "melanoma_vs_nevus" in auc and auc["melanoma_vs_nevus"]["ci_low"] <= auc["melanoma_vs_nevus"]["auc"]
+    assert card["operating_points"] == json.loads((out / "train" / "c" / "fold=0" / "model_card.json").read_text())[
+        "operating_points"]
+    ev = study["runs"]["evaluate"][0]["summary"]
+    assert [t["model_id"] for t in card["test_metrics"]] == [sc["model_id"]]
+    assert ev["model_card"].endswith("ensemble_card.md")
+    md = (out / "train" / "c" / "ensemble_card.md").read_text()
+    assert md.startswith(f"# Model card: {sc['model_id']}") and "out-of-fold AUC" in md and "Test results" in md
+    for fold in ("fold=0", "fold=1"):
+        assert json.loads((out / "train" / "c" / fold / "model_card.json").read_text())["test_metrics"] == []
+
+
 def test_a_killed_worker_resumes_from_its_checkpoint_and_a_rerun_continues(small_study, ray_local, tmp_path,
                                                                            monkeypatch):
     d = small_study

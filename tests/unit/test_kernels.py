@@ -297,3 +297,23 @@ def test_doctor_says_skip_not_ok_when_it_checked_no_s3():
     assert status == "skip" and detail.startswith("not checked")
     line = doctor.format_checks([{"check": "s3", "status": status, "detail": detail}])
     assert line.startswith("doctor: s3       skip")
+
+
+def test_out_of_fold_task_aucs_match_scikit_learn():
+    """The ensemble card's cross-validation AUC (issue 29: cross-validation without AUC): per binary task, on the
+    images inside it, the binary score scoring writes; known answer from scikit-learn."""
+    from sklearn.metrics import roc_auc_score
+
+    from dermray.core import decisions
+    from dermray.core.inference import binary_task_score
+
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.ones(4), size=60)
+    matrix = np.array([[1, 0], [1, 0], [0, 1], [0, 0]], dtype=np.float64)  # class 3 lies outside the task
+    truth = rng.integers(-1, 2, size=(60, 1))
+    rows = decisions.task_aucs(probs, truth, [("t", 0, 0, matrix)], groups=np.arange(60) // 2, n_boot=200)
+    inside = truth[:, 0] >= 0
+    expected = roc_auc_score(truth[inside, 0] == 0, binary_task_score(probs, matrix, 0)[inside])
+    assert len(rows) == 1 and abs(rows[0]["auc"] - expected) < 1e-12 and rows[0]["n"] == inside.sum()
+    assert rows[0]["ci_low"] <= rows[0]["auc"] <= rows[0]["ci_high"]
+    assert decisions.task_aucs(probs, np.zeros((60, 1), int), [("t", 0, 0, matrix)]) == []  # no negatives

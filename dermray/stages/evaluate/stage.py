@@ -65,19 +65,29 @@ def lineage_now(cfg: RunConfig, recorded: lineage.Lineage | None = None) -> line
 
 
 def write_back(summary: dict, scored: dict) -> str | None:
-    """The headline test numbers written into the model cards of the models that scored the predictions (the one
-    place outside <output>/metrics/<run_id> this stage writes, by design: a model card carries its test results).
-    Returns the first card's markdown, for the report's link."""
+    """The headline test numbers written into the model card of the model that scored the predictions (the one
+    place outside <output>/metrics/<run_id> this stage writes, by design: a model card carries its test results):
+    the ensemble's card when a train run's folds scored them together, else each fold model's. Returns the card's
+    markdown, for the report's link."""
     import datetime as dt
 
-    from dermray.runtime import artifacts
+    from dermray.runtime import artifacts, ensemble_card
 
     entry = {"evaluation": storage.redact(storage.parent(summary["outputs"]["metrics"])), "run_id": summary["run_id"],
              "model_id": ", ".join(summary["model_ids"]), "headline": summary["headline"],
              "predictions": summary["lineage"]["inputs"]["predictions"]["content"][:16],
              "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    checkpoints = scored.get("checkpoints", [])
+    runs = {storage.parent(c.rstrip("/")) for c in checkpoints}
+    ensemble = ensemble_card.read(runs.pop()) if len(checkpoints) > 1 and len(runs) == 1 else None
+    if ensemble is not None and ensemble.model_id in summary["model_ids"]:
+        kept = [t for t in ensemble.test_metrics if t.get("evaluation") != entry["evaluation"]]
+        run_dir = storage.parent(checkpoints[0].rstrip("/"))
+        return ensemble_card.write(ensemble.model_copy(update={"test_metrics": kept + [entry], "changelog": [
+            *ensemble.changelog, {"when": entry["when"], "what": f"test results from {entry['evaluation']}"}]}),
+            run_dir)
     first = None
-    for fold_dir in scored.get("checkpoints", []):
+    for fold_dir in checkpoints:
         card_uri = storage.join(fold_dir, artifacts.CARD_FILE)
         if not storage.exists(card_uri):
             continue

@@ -3,6 +3,7 @@ sensitivity, Youden's, the readers' specificity), written into every fold's mode
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -38,10 +39,21 @@ def readers_targets(cfg: RunConfig, p: TrainPlan) -> dict:
     return decisions.readers_specificity(readers, truth)
 
 
-def lock_decisions(cfg: RunConfig, p: TrainPlan, fold_rows: list[dict]) -> tuple[dict | None, list[dict], str]:
+@dataclass(frozen=True)
+class Locked:
+    """The decisions chosen on the cross-validation folds' held-out predictions, and what they measure there."""
+    calibration: dict | None
+    points: list[dict]
+    chosen_on: str
+    readers: dict  # task -> {point name: the readers' mean specificity it targets}
+    out_of_fold_auc: list[dict]  # per binary task: AUC with its lesion-bootstrap interval (decisions.task_aucs)
+
+
+def lock_decisions(cfg: RunConfig, p: TrainPlan, fold_rows: list[dict]) -> Locked:
     """Calibration and operating points chosen on the cross-validation folds' held-out predictions, written into
-    every fold's model card: (calibration, operating points, what they were chosen on)."""
+    every fold's model card, with the out-of-fold AUC of each binary task (for the ensemble's card)."""
     from dermray.core import decisions
+    from dermray.core import metrics as M
 
     cv = [r["fold"] for r in fold_rows if r["fold"] != FINAL]
     frames = [storage.read_table(storage.join(layout.fold_dir(cfg.output, cfg.run_id, f), "val_predictions.parquet"))
@@ -49,17 +61,22 @@ def lock_decisions(cfg: RunConfig, p: TrainPlan, fold_rows: list[dict]) -> tuple
                                                                       "val_predictions.parquet"))]
     oof = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if len(oof) < 2:
-        return None, [], "no held-out predictions"
+        return Locked(None, [], "no held-out predictions", {}, [])
     truth_cols = p.table.select(["image_id", "task_truth"]).to_pandas() if p.task_names else None
     task_truth = (np.stack(oof[["image_id"]].merge(truth_cols, on="image_id", how="left")["task_truth"])
                   if truth_cols is not None else None)
     binary = [(name, p.task_names.index(name), pos, p.matrices[name].astype(np.float64))
               for name, pos in p.positives.items()]
     chosen_on = f"out-of-fold predictions of folds {', '.join(cv)} ({len(oof)} images)"
-    calibration, points = decisions.lock(np.stack(oof["probs"]).astype(np.float64), oof["class_index"].to_numpy(),
-                                         task_truth, binary, cfg.evaluate.target_sensitivity,
-                                         readers_targets(cfg, p))
-    return calibration | {"fitted_on": chosen_on}, [pt | {"chosen_on": chosen_on} for pt in points], chosen_on
+    probs = np.stack(oof["probs"]).astype(np.float64)
+    readers = readers_targets(cfg, p)
+    calibration, points = decisions.lock(probs, oof["class_index"].to_numpy(), task_truth, binary,
+                                         cfg.evaluate.target_sensitivity, readers)
+    lesion = (oof["group_id"].fillna(oof["image_id"]) if "group_id" in oof.columns else oof["image_id"]).to_numpy()
+    aucs = decisions.task_aucs(M.apply_temperature(probs, calibration["temperature"]), task_truth, binary,
+                               pd.factorize(lesion)[0], seed=0)
+    return Locked(calibration | {"fitted_on": chosen_on}, [pt | {"chosen_on": chosen_on} for pt in points],
+                  chosen_on, readers, aucs)
 
 
 def not_estimable_tasks(cfg: RunConfig, p: TrainPlan) -> dict[str, str]:
@@ -111,3 +128,36 @@ def write_decisions(cfg: RunConfig, folds: list, calibration: dict | None, point
 def _same_json(a, b) -> bool:
     """Equal as written to JSON (NaN equals NaN, tuples equal lists)."""
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def write_ensemble_card(cfg: RunConfig, p: TrainPlan, fold_rows: list[dict], cv: list[dict], locked: Locked) -> None:
+    """The card of the model scoring runs on this train run - the mean of its cross-validation folds - when it has
+    two or more (``runtime/ensemble_card.py``); the test results evaluation wrote into an earlier card of the same
+    ensemble are kept."""
+    import datetime as dt
+
+    from dermray.runtime import ensemble_card
+
+    folds = [str(r["fold"]) for r in fold_rows if r["fold"] != FINAL]
+    if len(folds) < 2:
+        return
+    ens = artifacts.load_ensemble([p.run_dir])
+    members = [ensemble_card.Member(fold=str(c.fold), model_id=c.model_id, weights_sha256=sha,
+                                    best_epoch=None if c.best_epoch is None else c.best_epoch + 1,
+                                    epochs_trained=c.epochs_trained)
+               for c, sha in zip(ens.cards, ens.weights_sha256)]
+    before = ensemble_card.read(p.run_dir)
+    kept = before.test_metrics if before is not None and before.model_id == ens.model_id else []
+    card = ensemble_card.EnsembleCard(
+        model_id=ens.model_id, run_id=cfg.run_id, architecture=ens.first.architecture, input_size=ens.size,
+        classes_hash=ens.classes_hash, members=members,
+        cross_validation=cv, out_of_fold_auc=locked.out_of_fold_auc,
+        operating_points=[artifacts.OperatingPoint(**pt) for pt in locked.points],
+        calibration=artifacts.Calibration(**locked.calibration) if locked.calibration else None,
+        readers=locked.readers, test_metrics=kept,
+        changelog=(before.changelog if before is not None and before.model_id == ens.model_id else []) or [
+            {"when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+             "what": f"ensemble of folds {', '.join(folds)} with decisions locked on {locked.chosen_on}"}])
+    if before is not None and _same_json(before.model_dump(mode="json"), card.model_dump(mode="json")):
+        return  # a re-run changes nothing
+    ensemble_card.write(card, p.run_dir)

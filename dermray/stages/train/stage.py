@@ -15,7 +15,7 @@ from dermray.core.formatting import duration, fmt, strict_json
 from dermray.runtime import faults, layout, progress
 from dermray.runtime.config import RunConfig
 from dermray.stages.train.data import datasets_for, quarantine_unreadable, split_rows
-from dermray.stages.train.decisions import lock_decisions, not_estimable_tasks, write_decisions
+from dermray.stages.train.decisions import lock_decisions, not_estimable_tasks, write_decisions, write_ensemble_card
 from dermray.stages.train.fold import FittedFold, finish_fold, fit_fold, fold_job
 from dermray.stages.train.plan import TrainPlan, plan
 from dermray.stages.train.records import (
@@ -87,10 +87,14 @@ def run(cfg: RunConfig) -> dict:
         used, n_bad = record["images"] - record["quarantined"], record["quarantined"]
     # A fold not trained now finished earlier.
     fold_rows = [rows.get(str(fold)) or cast(dict, finished[str(fold)])["row"] for fold in p.folds]
-    calibration, points, _ = lock_decisions(cfg, p, fold_rows)
-    write_decisions(cfg, p.folds, calibration, points, cv_summary(fold_rows, p.task_names), not_estimable_tasks(cfg, p))
+    locked = lock_decisions(cfg, p, fold_rows)
+    calibration, points = locked.calibration, locked.points
+    cv = cv_summary(fold_rows, p.task_names)
+    write_decisions(cfg, p.folds, calibration, points, cv, not_estimable_tasks(cfg, p))
+    write_ensemble_card(cfg, p, fold_rows, cv.to_dict(orient="records"), locked)
     return summarise(cfg, p, Trained(fold_rows, used, n_bad), lineages, time.perf_counter() - t_start,
-                     {"calibration": calibration, "operating_points": points})
+                     {"calibration": calibration, "operating_points": points,
+                      "out_of_fold_auc": locked.out_of_fold_auc})
 
 
 def cv_summary(fold_rows: list[dict], task_names: list[str]) -> pd.DataFrame:
