@@ -408,10 +408,14 @@ def epoch_line(job: FoldJob, metrics: dict, spent_s: float, budget_s: float | No
     if budget_s is not None:
         left = min(left, max(budget_s - spent_s, 0.0))
     parts = [f"train: fold {job.fold} epoch {done}/{epochs}", f"train loss {metrics['train_loss']:.3f}"]
+    # The selection split's loss and the metric that picks the epoch (top-1 when that is the loss); issue 29: every
+    # task's accuracy made the line 204-268 characters wide. They are all in the fold's metrics.parquet.
+    metric = job.train.checkpoint_metric
+    shown = {"loss", "top1"} if metric in ("loss", "top1") or metric.startswith("train_") else {"loss", metric}
     selected = [f"{k[len('select_'):]} {v:.3f}" for k, v in metrics.items() if k.startswith("select_")
-                and k != "select_images" and isinstance(v, float) and v == v]
+                and k[len("select_"):] in shown and isinstance(v, float) and v == v]
     if selected:
-        parts.append("selection split: " + " ".join(selected))
+        parts.append("selection: " + " ".join(selected))
     parts.append(f"{rate(metrics['train_images_per_s'])} img/s")
     parts.append(f"ETA {duration(left)}" + (" (budget)" if budget_s is not None and left < (epochs - done) *
                                             per_epoch else ""))

@@ -48,6 +48,8 @@ def test_a_demo_pipeline_prints_a_few_meaningful_lines_and_logs_the_rest(demo):
     run = demo["run"]
     lines = (run.stdout + run.stderr).strip().splitlines()
     assert len(lines) <= 40, "\n".join(lines)
+    wide = [ln for ln in lines if len(ln) > 120 and "/" not in ln]  # a path is as long as where the run lies
+    assert not wide, wide
     for noise in RAY_NOISE:
         assert not any(noise in ln for ln in lines), noise
     # Each stage says it starts; training says how far each fold is; the end says where things are.

@@ -116,3 +116,19 @@ def test_reading_a_large_training_manifest_makes_no_python_object_per_row(tmp_pa
     # An image without a group (empty group_id) is a group of its own.
     assert table.column("group")[0].as_py() == "IMG_0000000" and table.column("group")[1].as_py() == "L0"
     assert peak / n < 25, f"read_rows held {peak / 1e6:.1f} MB of Python objects and numpy buffers for {n:,} rows"
+
+
+def test_an_epoch_line_fits_a_console():
+    """Issue 29: epoch lines were 204-268 characters wide, every task's selection accuracy among them. The line
+    holds the selection split's loss, top-1 and the metric that picks the epoch; the rest is in metrics.parquet."""
+    from types import SimpleNamespace
+
+    from dermray.runtime.trainloop import epoch_line
+
+    job = SimpleNamespace(fold="3", train=SimpleNamespace(epochs=60, checkpoint_metric="acc_melanoma_vs_nevus"))
+    metrics = {"epoch": 11, "train_loss": 1.234, "train_images_per_s": 148.4, "select_loss": 1.5, "select_top1": 0.41,
+               "select_images": 1200.0, **{f"select_acc_{t}": 0.7 for t in (
+                   "melanoma_vs_nevus", "carcinoma_vs_benign_keratosis", "three_class", "nine_class")}}
+    line = epoch_line(job, metrics, spent_s=600.0, budget_s=None)
+    assert len(line) <= 120, line
+    assert "acc_melanoma_vs_nevus 0.700" in line and "nine_class" not in line and "epoch 12/60" in line
