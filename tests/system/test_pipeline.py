@@ -107,15 +107,21 @@ def test_demo_pipeline_end_to_end_then_a_rerun_skips_every_stage(demo, ray_local
     readers = pd.read_parquet(out / "metrics" / "demo" / "readers.parquet")
     assert readers.reader_id.nunique() >= 20
     first_fold_mtime = (out / "train" / "demo" / "fold=0" / "best" / "model.pt").stat().st_mtime
-    # The card a reviewer reads: every section, and the test AUC that evaluate wrote back, as in metrics.parquet.
+    # The cards a reviewer reads: a fold model's, every section; the scored ensemble's, with the test AUC that
+    # evaluate wrote back, as in metrics.parquet.
     card_md = (out / "train" / "demo" / "fold=0" / "model_card.md").read_text()
     for heading in ("**Intended use.**", "## Model", "## Data", "## Cross-validation (held-out folds)",
-                    "## Operating points (locked out of fold)", "## Test results (written by dermray evaluate)",
-                    "## Known limitations", "## Lineage", "## Changelog"):
+                    "## Operating points (locked out of fold)", "## Known limitations", "## Lineage", "## Changelog"):
         assert heading in card_md, heading
     assert "not" in card_md.split("**Intended use.**")[1].split("\n")[0]  # a research tool, not a diagnosis
-    assert "licence: " in card_md and f"melanoma_vs_nevus all auc: {auc:.3f}" in card_md, card_md
-    assert "model_card.md" in (out / "metrics" / "demo" / "report.md").read_text()
+    assert "licence: " in card_md
+    ensemble_md = (out / "train" / "demo" / "ensemble_card.md").read_text()
+    assert ensemble_md.startswith(f"# Model card: {preds.model_id.iloc[0]}"), ensemble_md[:200]
+    for heading in ("## Cross-validation (held-out folds)", "## Operating points (locked out of fold)",
+                    "## Test results (written by dermray evaluate)"):
+        assert heading in ensemble_md, heading
+    assert f"melanoma_vs_nevus all auc: {auc:.3f}" in ensemble_md and "out-of-fold AUC" in ensemble_md, ensemble_md
+    assert "ensemble_card.md" in (out / "metrics" / "demo" / "report.md").read_text()
     # The whole chain behind the numbers, each link holding.
     capsys.readouterr()
     assert main(["lineage", "--output", str(out), "--run-id", "demo", "--json"]) == 0
