@@ -162,9 +162,9 @@ def run(cfg: RunConfig) -> dict:
                 s = run_stage(cfg, stage, scfg, order)
                 status = "ran"
             else:
-                progress.say("pipeline [%d/%d] %s: skipped (its inputs and settings are unchanged)", i, len(order),
-                             stage)
                 assert s is not None  # decide() returns the recorded summary whenever it skips a stage
+                progress.say("pipeline [%d/%d] %s: skipped (its inputs and settings are unchanged since its run%s)",
+                             i, len(order), stage, ran_when(s))
                 status = "skipped (done)"
             summaries[stage] = s
             rows.append({"stage": stage, "status": status, "why": why, **registry.module(stage).counts(s)})
@@ -179,6 +179,16 @@ def run(cfg: RunConfig) -> dict:
     return summary
 
 
+def ran_when(summary: dict) -> str:
+    """" of <when>, <how long>" for a recorded stage run ("" when its summary does not say: an older dermray)."""
+    seconds = summary.get("seconds")
+    seconds = seconds.get("total") if isinstance(seconds, dict) else seconds
+    when = summary.get("finished_at")
+    parts = ([when.replace("T", " ").replace("+00:00", " UTC")] if when else []) + (
+        [f"{duration(seconds)} long"] if isinstance(seconds, (int, float)) else [])
+    return f" of {', '.join(parts)}" if parts else ""
+
+
 def counts(s: dict) -> dict:
     return {"in": None, "out": len(s["stages"]), "quarantined": 0, "seconds": s["seconds"]}
 
@@ -186,9 +196,10 @@ def counts(s: dict) -> dict:
 def format_summary(s: dict) -> str:
     lines = [f"pipeline: run {s['run_id']} ({duration(s['seconds'])})",
              f"  {'stage':<10} {'status':<15} {'rows in':>8} {'out':>8} {'quarantined':>12} {'seconds':>8}"]
-    for r in s["stages"]:
+    for r in s["stages"]:  # a skipped stage's seconds are those of its earlier run: not this run's
+        seconds = "-" if r["status"].startswith("skipped") else r["seconds"]
         lines.append(f"  {r['stage']:<10} {r['status']:<15} {r['in'] if r['in'] is not None else '-':>8} "
-                     f"{r['out']:>8} {r['quarantined']:>12} {r['seconds']:>8}")
+                     f"{r['out']:>8} {r['quarantined']:>12} {seconds:>8}")
     for r in s["cross_validation"]:
         lines.append(f"  cross-validation {r['metric']:<28} {fmt(r['mean'])} +- {fmt(r['sd'])}")
     for h in s["headline"]:

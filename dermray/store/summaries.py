@@ -12,11 +12,16 @@ Pure pydantic; no Ray, no storage.
 """
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 JSON = dict[str, Any]
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 class StageSummary(BaseModel):
@@ -27,6 +32,7 @@ class StageSummary(BaseModel):
     lineage: Optional[JSON] = None  # lineage.Lineage as JSON (evaluate's distributed path records none)
     outputs: JSON  # name -> URI of each output
     seconds: float
+    finished_at: str = Field(default_factory=_now)  # UTC, ISO 8601: when the run wrote this summary
 
     def as_dict(self) -> JSON:
         """The summary as ``run`` returns it and as its JSON file holds it."""

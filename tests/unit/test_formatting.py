@@ -106,3 +106,17 @@ def test_training_curves_are_drawn_from_each_fold_s_history():
     out = training_curves({"fold=0": pd.DataFrame(rows), "fold=1": pd.DataFrame(rows)})
     assert list(out) == ["training_curves.png"] and out["training_curves.png"].startswith(b"\x89PNG")
     assert training_curves({}) == {}
+
+
+def test_a_skipped_stage_says_when_and_how_long_it_ran():
+    """Issue 29: a re-run that skipped every stage showed the old runs' seconds as if they were its own."""
+    from dermray.apps.pipeline import format_summary, ran_when
+
+    assert ran_when({"finished_at": "2026-12-07T17:02:11+00:00", "seconds": 185.2}) == \
+        " of 2026-12-07 17:02:11 UTC, 3m05s long"
+    assert ran_when({"seconds": {"total": 2.5}}) == " of 2.5s long" and ran_when({}) == ""
+    table = format_summary({"run_id": "r", "seconds": 1.0, "cross_validation": [], "headline": [], "report": None,
+                            "saliency_gallery": None, "stages": [
+                                {"stage": "train", "status": "skipped (done)", "in": 10, "out": 10, "quarantined": 0,
+                                 "seconds": 185.2}]})
+    assert "185.2" not in table
