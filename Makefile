@@ -7,12 +7,15 @@ STAMP   = $(VENV)/.installed
 .PHONY: test test-unit test-stage test-system coverage demo demo-cluster install bench bench-report bench-partition clean
 
 $(PY):
+	@echo "install: a virtual environment in $(VENV) (Python, then pip)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
 # constraints.txt: the exact versions the tests ran with (pyproject.toml holds the ranges).
 $(STAMP): pyproject.toml constraints.txt | $(PY)
+	@echo "install: dermray and its pinned dependencies (torch, Ray, pyarrow, ...; several GB, a few minutes)"
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	@echo "install: done, $$(du -sh $(VENV) | cut -f1) in $(VENV)"
 	touch $(STAMP)
 
 install: $(STAMP)
