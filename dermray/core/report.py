@@ -81,22 +81,30 @@ def render_plots(t, tasks: list[Task]) -> dict[str, bytes]:
                     ax.set_title(f"Reliability: {task.name} ({subset})", fontsize=10)
                     out[f"reliability_{task.name}_{subset}.png"] = _png(fig)
             else:
-                cm = c["confusion"].astype(float)
-                k = cm.shape[0]
-                norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-                fig, ax = plt.subplots(figsize=(1.2 + 0.8 * (k + 1), 1.2 + 0.7 * k))
-                ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-                for i in range(k):  # the row's share, and the count under it
-                    for j in range(k + 1):
-                        ax.text(j, i, f"{norm[i, j]:.2f}\n{int(cm[i, j]):,}", ha="center", va="center",
-                                fontsize=6 if k > 5 else 7, color="white" if norm[i, j] > 0.6 else "black")
-                ax.set_xticks(range(k + 1), c["names"], rotation=45, ha="right", fontsize=8)
-                ax.set_yticks(range(k), c["names"][:k], fontsize=8)
-                ax.set_xlabel("Predicted")
-                ax.set_ylabel("True")
-                ax.set_title(f"{task.name} ({subset}), accuracy {c['accuracy']:.3f}", fontsize=10)
-                out[f"confusion_{task.name}_{subset}.png"] = _png(fig)
+                out[f"confusion_{task.name}_{subset}.png"] = confusion_png(
+                    c, f"{task.name} ({subset}), accuracy {c['accuracy']:.3f}")
     return out
+
+
+def confusion_png(c: dict, title: str) -> bytes:
+    """The confusion matrix, row-normalised, each cell with its share and its count (the last column: undecided)."""
+    import matplotlib.pyplot as plt
+
+    cm = c["confusion"].astype(float)
+    k = cm.shape[0]
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * (k + 1), 1.2 + 0.7 * k))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):  # the row's share, and the count under it
+        for j in range(k + 1):
+            ax.text(j, i, f"{norm[i, j]:.2f}\n{int(cm[i, j]):,}", ha="center", va="center",
+                    fontsize=6 if k > 5 else 7, color="white" if norm[i, j] > 0.6 else "black")
+    ax.set_xticks(range(k + 1), c["names"], rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), c["names"][:k], fontsize=8)
+    ax.set_xlabel("Predicted")
+    ax.set_ylabel("True")
+    ax.set_title(title, fontsize=10)
+    return _png(fig)
 
 
 def training_curves(histories: dict) -> dict[str, bytes]:

@@ -35,8 +35,13 @@ class StageSummary(BaseModel):
     finished_at: str = Field(default_factory=_now)  # UTC, ISO 8601: when the run wrote this summary
 
     def as_dict(self) -> JSON:
-        """The summary as ``run`` returns it and as its JSON file holds it."""
-        return self.model_dump(mode="json")
+        """The summary as ``run`` returns it and as its JSON file holds it (strict JSON: an undefined number is
+        None, as the file's null)."""
+        import json
+
+        from dermray.core.formatting import strict_json
+
+        return json.loads(strict_json(self.model_dump(mode="json")))
 
 
 class PartitionSummary(StageSummary):
