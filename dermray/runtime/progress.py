@@ -71,6 +71,7 @@ class Relay:
         from ray.util.queue import Queue
 
         self.queue = Queue(actor_options={"num_cpus": 0})
+        self._seen: set[str] = set()  # the ONCE lines already shown
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._pump, name="dermray-progress-relay", daemon=True)
         self._thread.start()
@@ -85,14 +86,22 @@ class Relay:
                 continue
             except Exception:  # noqa: BLE001 - the queue's actor is gone: the run is ending
                 return
-            log.info("%s", line)
+            self._show(line)
+
+    def _show(self, line: str) -> None:
+        if line.startswith(ONCE):  # the same note from every worker (e.g. the precision chosen): shown once
+            line = line[len(ONCE):]
+            if line in self._seen:
+                return
+            self._seen.add(line)
+        log.info("%s", line)
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
         try:
             for line in self.queue.get_nowait_batch(self.queue.qsize()):
-                log.info("%s", line)
+                self._show(line)
             self.queue.shutdown()
         except Exception:  # noqa: BLE001 - best effort at the end of a run
             pass
@@ -104,10 +113,13 @@ class Relay:
         self.close()
 
 
+ONCE = "\x00once\x00"  # a relayed line that the driver shows the first time only
+
+
 def relay(queue, line: str) -> None:
     """Worker side: hand ``line`` to the driver (or log it here when there is no relay)."""
     if queue is None:
-        log.info("%s", line)
+        log.info("%s", line.removeprefix(ONCE))
         return
     try:
         queue.put_nowait(line)

@@ -27,9 +27,13 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=True)
+    from dermray.runtime import progress
+
     if address:
+        progress.say("ray: joining the cluster at %s", address)
         ray.init(address=address, **kwargs)
     else:
+        progress.say("ray: starting a local Ray in this process (%s CPUs)", num_cpus or os.cpu_count())
         hook = "dermray.runtime.raysession.quiet_embedded_workers"
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                  runtime_env={"worker_process_setup_hook": hook}, **kwargs)

@@ -32,7 +32,7 @@ import numpy as np
 
 from dermray.runtime.config import TrainConfig
 from dermray.runtime.faults import NONE, Faults
-from dermray.runtime.progress import relay
+from dermray.runtime.progress import ONCE, relay
 from dermray.store import storage
 
 log = logging.getLogger("dermray.progress")
@@ -156,9 +156,14 @@ def model_inputs(batch: dict, job: FoldJob, device):
     return x, batch["label"].to(device, non_blocking=True)
 
 
-def train_one_epoch(model, optimizer, batches, job: FoldJob, device, deadline: float | None = None) -> dict:
+IN_EPOCH_EVERY_S = 10.0  # a line inside an epoch at most this often (issue 29: 2 minutes without a line)
+
+
+def train_one_epoch(model, optimizer, batches, job: FoldJob, device, deadline: float | None = None,
+                    label: str = "") -> dict:
     """One pass over ``batches``; stops early when ``deadline`` (epoch seconds) passes. Returns the epoch's loss,
-    top-1, images, data-wait and compute seconds, images/s, whether the budget stopped it, images skipped."""
+    top-1, images, data-wait and compute seconds, images/s, whether the budget stopped it, images skipped. With a
+    ``label`` ("train: fold 0 epoch 2/60"), a line of how far it is every IN_EPOCH_EVERY_S seconds."""
     import torch
     import torch.nn.functional as F
 
@@ -169,7 +174,7 @@ def train_one_epoch(model, optimizer, batches, job: FoldJob, device, deadline: f
     # fp16 gradients underflow without loss scaling; for bf16 and fp32 the scaler is a pass-through.
     scaler = torch.amp.GradScaler(device.type, enabled=precision(tc.amp, device) == "fp16")
     n, loss_sum, correct, wait, compute, stopped, skipped = 0, 0.0, 0, 0.0, 0.0, False, 0
-    t = time.perf_counter()
+    t = said = time.perf_counter()
     for batch in batches:
         t_data = time.perf_counter()
         wait += t_data - t
@@ -201,6 +206,10 @@ def train_one_epoch(model, optimizer, batches, job: FoldJob, device, deadline: f
         correct += int((logits.detach().argmax(1) == y).sum())
         t = time.perf_counter()
         compute += t - t_data
+        if label and t - said >= IN_EPOCH_EVERY_S:
+            said = t
+            relay(job.progress, f"{label}: {n:,} images so far, loss {loss_sum / n:.3f}, "
+                                f"{n / max(wait + compute, 1e-9):.0f} img/s")
         if deadline is not None and time.time() > deadline:
             stopped = True  # the training-time budget is spent
             break
@@ -443,7 +452,8 @@ def run_epochs(job: FoldJob, model, optimizer, scheduler, device, progress: Prog
                 with open(job.faults.events_file, "a") as f:
                     f.write(f"{epoch}\n")
             deadline = t0 + (budget - spent) if budget is not None else None
-            tr = train_one_epoch(model, optimizer, epoch_batches.epoch(epoch), job, device, deadline)
+            tr = train_one_epoch(model, optimizer, epoch_batches.epoch(epoch), job, device, deadline,
+                                 label=f"train: fold {job.fold} epoch {epoch + 1}/{tc.epochs}")
             tr["seconds"] = time.time() - t0
             spent += tr["seconds"]
             lr = optimizer.param_groups[0]["lr"]
@@ -458,9 +468,9 @@ def run_epochs(job: FoldJob, model, optimizer, scheduler, device, progress: Prog
             metrics["t_end"] = time.time()
             progress.history.append(metrics)
             save_checkpoint(job, model, optimizer, scheduler, epoch, progress)
-            line = epoch_line(job, metrics, spent, budget)
-            relay(job.progress, line + (f" [{precision_why}]" if precision_why and epoch == progress.start_epoch
-                                        else ""))
+            if precision_why and epoch == progress.start_epoch:  # the same on every worker: one line per run
+                relay(job.progress, f"{ONCE}train: computing in {precision_why}")
+            relay(job.progress, epoch_line(job, metrics, spent, budget))
             if tr["stopped_by_budget"]:
                 break
 

@@ -132,3 +132,20 @@ def test_an_epoch_line_fits_a_console():
     line = epoch_line(job, metrics, spent_s=600.0, budget_s=None)
     assert len(line) <= 120, line
     assert "acc_melanoma_vs_nevus 0.700" in line and "nine_class" not in line and "epoch 12/60" in line
+
+
+def test_a_note_every_worker_sends_is_shown_once(caplog):
+    """Issue 29: the precision chosen ("fp32: bf16 measured 0.21x ...") was appended to every fold's first epoch
+    line. Each worker sends it as a note; the driver shows it once."""
+    import logging
+
+    from dermray.runtime import progress
+
+    relay = object.__new__(progress.Relay)  # the driver's side, without the Ray queue behind it
+    relay._seen = set()
+    with caplog.at_level(logging.INFO, logger=progress.log.name):
+        for fold in range(3):
+            relay._show(progress.ONCE + "train: computing in fp32: bf16 measured 0.21x on this CPU (below 1.15x)")
+            relay._show(f"train: fold {fold} epoch 1/1, train loss 1.000")
+    shown = [r.getMessage() for r in caplog.records]
+    assert shown[0].startswith("train: computing in fp32") and len(shown) == 4, shown
