@@ -9,6 +9,7 @@ import pandas as pd
 import pyarrow as pa
 
 from dermray.errors import UserError
+from dermray.runtime import progress
 from dermray.stages.partition.chunks import group_keys, validate_chunk
 from dermray.stages.partition.inputs import Inputs
 from dermray.stages.partition.passes import read_chunk
@@ -51,6 +52,27 @@ def verify_pairs(uris_a, uris_b, max_pixels):
     return neardup.similarities(uris_a, uris_b, storage.read_bytes, max_pixels)
 
 
+QUIET_S = 10.0  # longest stretch without a line while the search runs (issue 29: 52 s of silence)
+
+
+def gather(ray, refs: list, what: str, size) -> list:
+    """``ray.get(refs)`` in their order, saying every QUIET_S seconds how far it is (``size(result)``: the units of
+    one result; ``what``: "images described")."""
+    results: list = [None] * len(refs)
+    where = {ref: i for i, ref in enumerate(refs)}
+    pending, done, said = list(refs), 0, time.perf_counter()
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=QUIET_S)
+        for ref in ready:
+            results[where[ref]] = ray.get(ref)
+            done += size(results[where[ref]])
+        if pending and time.perf_counter() - said >= QUIET_S:
+            said = time.perf_counter()
+            progress.say("partition: near-duplicate search: %s %s, %d of %d tasks left", f"{done:,}", what,
+                         len(pending), len(refs))
+    return results
+
+
 def near_duplicates(ray, inp: Inputs, chunks, node_ids_ref, pcfg) -> tuple[pa.Table, pa.Table, dict, pa.Table]:
     """(remap: image_id -> merged group, the accepted pairs, counts, every image's hashes): images whose bytes are
     equal, or whose perceptual hashes are close and whose pixels align (neardup.similarity >=
@@ -59,8 +81,9 @@ def near_duplicates(ray, inp: Inputs, chunks, node_ids_ref, pcfg) -> tuple[pa.Ta
 
     t0 = time.perf_counter()
     max_pixels = 50_000_000
-    described = ray.get([ray.remote(describe_chunk).remote(inp.manifest, rg, off, inp.columns, node_ids_ref,
-                                                           max_pixels) for rg, off, _ in chunks])
+    described = gather(ray, [ray.remote(describe_chunk).remote(inp.manifest, rg, off, inp.columns, node_ids_ref,
+                                                               max_pixels) for rg, off, _ in chunks],
+                       "images described", lambda d: len(d["image_id"]))
     cat = {k: np.concatenate([d[k] for d in described]) for k in ("image_id", "uri", "group", "sha")}
     hashes = np.concatenate([d["hashes"] for d in described]) if described else np.zeros((0, 3), np.uint64)
     meter_n = len(hashes)
@@ -71,9 +94,9 @@ def near_duplicates(ray, inp: Inputs, chunks, node_ids_ref, pcfg) -> tuple[pa.Ta
     exact = np.stack([order[same], order[same + 1]], axis=1) if len(same) else np.zeros((0, 2), np.int64)
     exact = np.sort(exact, axis=1)
     batches = [cand[i:i + 256] for i in range(0, len(cand), 256)]
-    sims = np.concatenate(ray.get([ray.remote(verify_pairs).remote(cat["uri"][b[:, 0]], cat["uri"][b[:, 1]],
-                                                                   max_pixels) for b in batches])) \
-        if batches else np.zeros(0)
+    sims = np.concatenate(gather(ray, [ray.remote(verify_pairs).remote(cat["uri"][b[:, 0]], cat["uri"][b[:, 1]],
+                                                                       max_pixels) for b in batches],
+                                 "candidate pairs compared", len)) if batches else np.zeros(0)
     keep = sims >= pcfg.near_duplicate_similarity
     pairs = {(int(a), int(b)): (int(d), float(s), False) for (a, b, d), s in zip(cand[keep], sims[keep])}
     for a, b in exact:
