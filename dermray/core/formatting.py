@@ -37,15 +37,15 @@ def external_rows(metrics: list[dict]) -> list[list[str]]:
 
 def flagged_points(headline: list[dict]) -> list[str]:
     """One warning per task whose locked operating points do not carry over to the evaluated data (the headline's
-    ``carries_over@locked:<point>`` rows that are 0: evaluate.carry_over_verdict), naming the points and subsets;
-    each point's reason is in the metrics' note and the report."""
+    ``carries_over@locked:<point>`` rows that are 0: evaluate.carry_over_verdict), naming the points; each
+    point's subsets and reason are in the metrics' note and the report."""
     flagged: dict[str, dict[str, list[str]]] = {}
     for h in headline:
         if h["metric"].startswith("carries_over@") and h["value"] == 0:
             point = h["metric"].split("@locked:", 1)[-1]
             flagged.setdefault(h["task"], {}).setdefault(point, []).append(h["subset"])
-    return [f"warning: {task}: locked point(s) " + ", ".join(f"{p} ({', '.join(s)})" for p, s in points.items())
-            + " do not carry over to these data: see carries_over@locked:* in the metrics and the report"
+    # One console line each (<= 120 columns): the subsets and reasons are in the report and the metrics' notes.
+    return [f"warning: {task}: locked {','.join(points)} do not carry over: see the report"
             for task, points in flagged.items()]
 
 

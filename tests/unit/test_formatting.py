@@ -120,3 +120,12 @@ def test_a_skipped_stage_says_when_and_how_long_it_ran():
                                 {"stage": "train", "status": "skipped (done)", "in": 10, "out": 10, "quarantined": 0,
                                  "seconds": 185.2}]})
     assert "185.2" not in table
+
+
+def test_a_point_that_does_not_carry_over_is_one_console_line():
+    from dermray.core.formatting import flagged_points
+
+    headline = [{"task": "carcinoma_vs_benign_keratosis", "subset": s, "metric": f"carries_over@locked:{p}",
+                 "value": 0} for s in ("all", "biopsy") for p in ("sens0.95", "youden", "readers_specificity")]
+    lines = flagged_points(headline)
+    assert len(lines) == 1 and len("  " + lines[0]) <= 120 and "youden" in lines[0], lines

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from dermray.core.formatting import duration, strict_json
+from dermray.core.formatting import duration, fmt, strict_json
 from dermray.errors import UserError
 from dermray.runtime import artifacts, layout, progress, registry
 from dermray.runtime.config import RunConfig, SaliencyConfig
@@ -197,8 +197,9 @@ def counts(s: dict) -> dict:
 def format_summary(s: dict) -> str:
     lines = [f"saliency: {s['selected']} selected (image, task) pairs -> {s['maps']} maps "
              f"({', '.join(s['methods'])}) with {s['model_id']} ({duration(s['seconds'])})"]
-    for m, v in s["inside_lesion_mean"].items():
-        lines.append(f"  {m}: {v:.1%} of the attribution inside the lesion on average")
+    for m, v in s["inside_lesion_mean"].items():  # None: undefined (blank maps: no attribution anywhere)
+        lines.append(f"  {m}: " + (f"{v:.1%} of the attribution inside the lesion on average" if v is not None
+                                   else "the share inside the lesion is undefined (blank maps)"))
     for m, why in s["flagged"].items():
         lines.append(f"  FLAGGED {m}: {why}")
     if s["sanity"]:
@@ -207,7 +208,8 @@ def format_summary(s: dict) -> str:
             last[r["method"]] = r
         for m, r in last.items():
             constant = f" ({r['constant_maps']} of {r['n_images']} maps blank)" if r.get("constant_maps") else ""
-            lines.append(f"  sanity {m}: fully randomised Spearman {r['spearman']:.2f}, SSIM {r['ssim']:.2f}{constant}")
+            lines.append(f"  sanity {m}: fully randomised Spearman {fmt(r['spearman'])}, SSIM {fmt(r['ssim'])}"
+                         f"{constant}")
         why = s.get("sanity_why", "")
         lines.append("  sanity test: " + (f"conclusive ({why})" if s.get("sanity_conclusive") else
                                           f"INCONCLUSIVE ({why or 'blank maps at full randomisation'})"))

@@ -149,7 +149,7 @@ def format_summary(s: dict) -> str:
              f"{s['trained_on']} used + {s['quarantined']} quarantined ({duration(s['seconds'])})"]
     for r in s["per_fold"]:
         lines.append(f"  fold {r['fold']}: {r['epochs']} epochs, best epoch {r['best_epoch']}, "
-                     + ", ".join(f"{k}={v:.3f}" for k, v in r.items() if k.startswith("val_")))
+                     + ", ".join(f"{k}={fmt(v)}" for k, v in r.items() if k.startswith("val_")))
     for r in s["summary"]:
         lines.append(f"  {r['metric']:<32} {fmt(r['mean'])} +- {fmt(r['sd'])} over {r['folds']} folds")
     if s.get("calibration"):
