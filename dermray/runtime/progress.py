@@ -72,6 +72,8 @@ class Relay:
 
         self.queue = Queue(actor_options={"num_cpus": 0})
         self._seen: set[str] = set()  # the ONCE lines already shown
+        self._status: dict[str, str] = {}  # the latest STATUS of each worker, shown only after a silence
+        self._last = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._pump, name="dermray-progress-relay", daemon=True)
         self._thread.start()
@@ -83,18 +85,42 @@ class Relay:
             try:
                 line = self.queue.get(timeout=0.5)
             except Empty:
+                self._heartbeat()
                 continue
             except Exception:  # noqa: BLE001 - the queue's actor is gone: the run is ending
                 return
             self._show(line)
 
     def _show(self, line: str) -> None:
+        if line.startswith(STATUS):  # where a worker is: kept, and shown (with the others') after a silence
+            key, _, text = line[len(STATUS):].partition("\x00")
+            self._status.pop("", None)  # the driver's own "starting" status: the workers speak for themselves now
+            self._status[key] = text
+            self._heartbeat()
+            return
         if line.startswith(ONCE):  # the same note from every worker (e.g. the precision chosen): shown once
             line = line[len(ONCE):]
             if line in self._seen:
                 return
             self._seen.add(line)
+        self._last = time.monotonic()
+        self._status.clear()  # a line supersedes every status sent before it (no stale "epoch 3/3" later)
         log.info("%s", line)
+
+    def starting(self, text: str) -> None:
+        """The driver's status until the first worker sends its own (shown after a silence, like theirs)."""
+        self._status[""] = text
+
+    def _heartbeat(self) -> None:
+        """After QUIET_S seconds without a line, one line of every worker's latest status (issue 29: 2 minutes
+        of silence inside the first epochs); nothing while lines come."""
+        if self._status and time.monotonic() - self._last >= QUIET_S:
+            texts = [self._status[k] for k in sorted(self._status)]
+            head = texts[0].split(": ", 1)[0] + ": "  # "train: ": said once when every status starts with it
+            head = head if all(t.startswith(head) for t in texts) else ""
+            log.info("%s", head + "; ".join(t[len(head):] for t in texts))
+            self._status.clear()
+            self._last = time.monotonic()
 
     def close(self) -> None:
         self._stop.set()
@@ -114,6 +140,14 @@ class Relay:
 
 
 ONCE = "\x00once\x00"  # a relayed line that the driver shows the first time only
+STATUS = "\x00status\x00"  # a relayed status (STATUS + key + "\x00" + text): shown only after a silence
+QUIET_S = 12.0
+
+
+def status(queue, key: str, text: str) -> None:
+    """Worker side: where ``key`` (a fold) is now; the driver shows it only when the console has been quiet."""
+    if queue is not None:
+        relay(queue, f"{STATUS}{key}\x00{text}")
 
 
 def relay(queue, line: str) -> None:

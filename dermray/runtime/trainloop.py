@@ -32,7 +32,7 @@ import numpy as np
 
 from dermray.runtime.config import TrainConfig
 from dermray.runtime.faults import NONE, Faults
-from dermray.runtime.progress import ONCE, relay
+from dermray.runtime.progress import ONCE, relay, status
 from dermray.store import storage
 
 log = logging.getLogger("dermray.progress")
@@ -156,14 +156,14 @@ def model_inputs(batch: dict, job: FoldJob, device):
     return x, batch["label"].to(device, non_blocking=True)
 
 
-IN_EPOCH_EVERY_S = 10.0  # a line inside an epoch at most this often (issue 29: 2 minutes without a line)
+IN_EPOCH_EVERY_S = 5.0  # a status inside an epoch at most this often (shown by the driver after a silence)
 
 
 def train_one_epoch(model, optimizer, batches, job: FoldJob, device, deadline: float | None = None,
                     label: str = "") -> dict:
     """One pass over ``batches``; stops early when ``deadline`` (epoch seconds) passes. Returns the epoch's loss,
     top-1, images, data-wait and compute seconds, images/s, whether the budget stopped it, images skipped. With a
-    ``label`` ("train: fold 0 epoch 2/60"), a line of how far it is every IN_EPOCH_EVERY_S seconds."""
+    ``label`` ("fold 0 epoch 2/60"), a status of how far it is every IN_EPOCH_EVERY_S seconds."""
     import torch
     import torch.nn.functional as F
 
@@ -208,8 +208,7 @@ def train_one_epoch(model, optimizer, batches, job: FoldJob, device, deadline: f
         compute += t - t_data
         if label and t - said >= IN_EPOCH_EVERY_S:
             said = t
-            relay(job.progress, f"{label}: {n:,} images so far, loss {loss_sum / n:.3f}, "
-                                f"{n / max(wait + compute, 1e-9):.0f} img/s")
+            status(job.progress, str(job.fold), f"{label}, {n:,} images")
         if deadline is not None and time.time() > deadline:
             stopped = True  # the training-time budget is spent
             break

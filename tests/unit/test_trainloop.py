@@ -149,3 +149,26 @@ def test_a_note_every_worker_sends_is_shown_once(caplog):
             relay._show(f"train: fold {fold} epoch 1/1, train loss 1.000")
     shown = [r.getMessage() for r in caplog.records]
     assert shown[0].startswith("train: computing in fp32") and len(shown) == 4, shown
+
+
+def test_the_workers_status_is_one_line_after_a_silence_and_none_while_lines_come(caplog, monkeypatch):
+    """Issue 29: 2 minutes without a line between a fold's start and its first epoch line. Workers send where they
+    are; the driver shows one line of all of them only after QUIET_S seconds without a line."""
+    import logging
+
+    from dermray.runtime import progress
+
+    now = [1000.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    relay = object.__new__(progress.Relay)
+    relay._seen, relay._status, relay._last = set(), {}, now[0]
+    with caplog.at_level(logging.INFO, logger=progress.log.name):
+        for fold in range(3):
+            relay._show(f"{progress.STATUS}{fold}\x00train: fold {fold} epoch 1/3, {256 * (fold + 1):,} images")
+        assert caplog.records == []  # the console spoke a moment ago
+        now[0] += progress.QUIET_S
+        relay._heartbeat()
+        relay._heartbeat()  # nothing new: no second line
+    shown = [r.getMessage() for r in caplog.records]
+    assert shown == ["train: fold 0 epoch 1/3, 256 images; fold 1 epoch 1/3, 512 images; fold 2 epoch 1/3, 768 "
+                     "images"], shown

@@ -38,6 +38,7 @@ def train_folds(p: TrainPlan, folds: list, table: pa.Table, cfg: RunConfig, line
     size = cfg.train.image_size or spec(cfg.train.arch).input_size
     hooks = faults.from_env()
     with progress.Relay() as lines, concurrent.futures.ThreadPoolExecutor(max_workers=len(folds)) as pool:
+        lines.starting(f"train: starting {len(folds)} Ray Train workers and their data pipelines")
         futures = []
         for fold in folds:
             rows = split_rows(fold, table, cfg.train)
