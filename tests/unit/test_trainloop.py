@@ -142,7 +142,7 @@ def test_a_note_every_worker_sends_is_shown_once(caplog):
     from dermray.runtime import progress
 
     relay = object.__new__(progress.Relay)  # the driver's side, without the Ray queue behind it
-    relay._seen = set()
+    relay._seen, relay._status, relay._last = set(), {}, 0.0
     with caplog.at_level(logging.INFO, logger=progress.log.name):
         for fold in range(3):
             relay._show(progress.ONCE + "train: computing in fp32: bf16 measured 0.21x on this CPU (below 1.15x)")
