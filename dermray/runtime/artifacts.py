@@ -214,12 +214,7 @@ def render_markdown(card: ModelCard) -> str:
         lines.append(f"- trained on {td.get('images', 0):,} images of {td.get('lesions', 0):,} lesions, "
                      f"{td.get('classes')} classes, {td.get('folds')} cross-validation folds")
     lines += ["", "## Cross-validation (held-out folds)", ""]
-    for r in d.get("cross_validation", []):
-        lines.append(f"- {r['metric']}: {fmt(r['mean'])} +- {fmt(r['sd'])} over {r['folds']} folds")
-    if card.calibration:
-        c = card.calibration
-        lines += ["", f"**Calibration**: temperature {c.temperature:.3f} (NLL {c.nll_before:.3f} -> {c.nll_after:.3f}; "
-                      f"{c.fitted_on})"]
+    lines += cross_validation_lines(d.get("cross_validation", []), card.calibration)
     if card.operating_points:
         lines += ["", "## Operating points (locked out of fold)", "", "| task | point | threshold | sensitivity | "
                   "specificity |", "|---|---|---:|---:|---:|"]
@@ -235,6 +230,16 @@ def render_markdown(card: ModelCard) -> str:
               f"- partition: {card.lineage.get('partition')}", "", "## Changelog", ""]
     lines += [f"- {c.get('when')}: {c.get('what')}" for c in card.changelog]
     return "\n".join(lines) + "\n"
+
+
+def cross_validation_lines(cv: list[dict], calibration: Calibration | None) -> list[str]:
+    """A card's cross-validation summary (mean and sd over the folds of each metric) and its calibration."""
+    lines = [f"- {r['metric']}: {fmt(r['mean'])} +- {fmt(r['sd'])} over {r['folds']} folds" for r in cv]
+    if calibration:
+        c = calibration
+        lines += ["", f"**Calibration**: temperature {c.temperature:.3f} (NLL {c.nll_before:.3f} -> {c.nll_after:.3f}; "
+                      f"{c.fitted_on})"]
+    return lines
 
 
 def results_lines(test_metrics: list[dict]) -> list[str]:

@@ -16,7 +16,14 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from dermray.core.formatting import fmt, strict_json
-from dermray.runtime.artifacts import INTENDED_USE, LIMITATIONS, Calibration, OperatingPoint, results_lines
+from dermray.runtime.artifacts import (
+    INTENDED_USE,
+    LIMITATIONS,
+    Calibration,
+    OperatingPoint,
+    cross_validation_lines,
+    results_lines,
+)
 from dermray.store import storage
 
 ENSEMBLE_CARD_FILE = "ensemble_card.json"
@@ -82,12 +89,7 @@ def render_markdown(card: EnsembleCard) -> str:
     for r in card.out_of_fold_auc:
         lines.append(f"- {r['task']}: out-of-fold AUC {fmt(r['auc'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}] "
                      f"({r['n']:,} images, {r['n_positive']:,} positive; every fold's held-out images pooled)")
-    for r in card.cross_validation:
-        lines.append(f"- {r['metric']}: {fmt(r['mean'])} +- {fmt(r['sd'])} over {r['folds']} folds")
-    if card.calibration:
-        c = card.calibration
-        lines += ["", f"**Calibration**: temperature {c.temperature:.3f} (NLL {c.nll_before:.3f} -> {c.nll_after:.3f}; "
-                      f"{c.fitted_on})"]
+    lines += cross_validation_lines(card.cross_validation, card.calibration)
     if card.operating_points:
         lines += ["", "## Operating points (locked out of fold)", "", "| task | point | threshold | out-of-fold "
                   "sensitivity | out-of-fold specificity | target |", "|---|---|---:|---:|---:|---|"]
