@@ -484,7 +484,7 @@ def test_a_locked_point_that_does_not_carry_over_to_the_test_set_is_flagged_with
     assert value(metrics, "mel_vs_nev", "all", "carries_over@locked:youden").value == 1
     assert [h["metric"] for h in summary["headline"] if h["metric"].startswith("carries_over")] == [
         "carries_over@locked:sens0.95"] * len([h for h in summary["headline"] if h["metric"].startswith("carries")])
-    assert "warning: mel_vs_nev: locked point(s) sens0.95 (all, biopsy) do not carry over" in evaluate.format_summary(
+    assert "warning: mel_vs_nev: locked sens0.95 do not carry over" in evaluate.format_summary(
         summary)
     report = (base / "report.md").read_text()
     assert "(out of fold: sensitivity 0.950" in report and "WARNING: this point does not carry over" in report
