@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 
 install: $(STAMP)
 
-# All three tiers (tests/unit, tests/stage, tests/system), measured on 2 cores, AMD EPYC (stop 40, 641 tests):
-# 10:05, 11:05, 11:12 (under coverage), then fresh clones' CI 11:32 and 10:47; the budget is 12.
+# All three tiers (tests/unit, tests/stage, tests/system), measured on 2 cores, AMD EPYC (stop 41, 836 tests):
+# 11:12, 11:20, then a fresh clone's CI 11:26; the budget is 12.
 # The whole-process runs start in the background at the first test (tests/early.py), and the session
 # runs in the order that keeps both cores busy (tests/conftest.py). The slowest 25 tests are listed at the end of
 # every run (pyproject.toml's options).

@@ -276,9 +276,9 @@ def cmd_synth(args) -> dict:
     if args.json:
         print(strict_json(summary), file=args.console.out)
     else:
-        print(f"synth: {summary['images']} images of {summary['lesions']} lesions ({summary['leaves']} diseases): "
-              f"{summary['train_images']} for training, {summary['test_images']} held out "
-              f"({summary['test_biopsy_images']} biopsy-proven), {summary['readers']} simulated readers\n"
+        print(f"synth: {summary['images']:,} images of {summary['lesions']:,} lesions, {summary['leaves']} diseases: "
+              f"{summary['train_images']:,} to train, {summary['test_images']:,} held out "
+              f"({summary['test_biopsy_images']:,} biopsy-proven), {summary['readers']} readers\n"
               f"  outputs: {args.output}", file=args.console.out)
     return summary
 

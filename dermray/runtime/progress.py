@@ -119,7 +119,9 @@ class Relay:
             head = texts[0].split(": ", 1)[0] + ": "  # "train: ": said once when every status starts with it
             head = head if all(t.startswith(head) for t in texts) else ""
             log.info("%s", head + "; ".join(t[len(head):] for t in texts))
-            self._status.clear()
+            # Shown: cleared - but the driver's "starting" status stays until a worker speaks (a slow start is
+            # said again after the next silence, not left silent).
+            self._status = {k: v for k, v in self._status.items() if k == ""}
             self._last = time.monotonic()
 
     def close(self) -> None:

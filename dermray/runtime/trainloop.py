@@ -174,7 +174,8 @@ def train_one_epoch(model, optimizer, batches, job: FoldJob, device, deadline: f
     # fp16 gradients underflow without loss scaling; for bf16 and fp32 the scaler is a pass-through.
     scaler = torch.amp.GradScaler(device.type, enabled=precision(tc.amp, device) == "fp16")
     n, loss_sum, correct, wait, compute, stopped, skipped = 0, 0.0, 0, 0.0, 0.0, False, 0
-    t = said = time.perf_counter()
+    t = time.perf_counter()
+    said = t - IN_EPOCH_EVERY_S  # the first status right after the first batch: the fold has started
     for batch in batches:
         t_data = time.perf_counter()
         wait += t_data - t

@@ -172,3 +172,24 @@ def test_the_workers_status_is_one_line_after_a_silence_and_none_while_lines_com
     shown = [r.getMessage() for r in caplog.records]
     assert shown == ["train: fold 0 epoch 1/3, 256 images; fold 1 epoch 1/3, 512 images; fold 2 epoch 1/3, 768 "
                      "images"], shown
+
+
+def test_a_slow_start_is_said_again_after_each_silence_until_a_worker_speaks(caplog, monkeypatch):
+    import logging
+
+    from dermray.runtime import progress
+
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    relay = object.__new__(progress.Relay)
+    relay._seen, relay._status, relay._last = set(), {}, now[0]
+    relay.starting("train: starting 3 Ray Train workers")
+    with caplog.at_level(logging.INFO, logger=progress.log.name):
+        for _ in range(2):
+            now[0] += progress.QUIET_S
+            relay._heartbeat()
+        relay._show(f"{progress.STATUS}0\x00train: fold 0 epoch 1/3, 32 images")  # a worker speaks
+        now[0] += progress.QUIET_S
+        relay._heartbeat()
+    assert [r.getMessage() for r in caplog.records] == ["train: starting 3 Ray Train workers"] * 2 + [
+        "train: fold 0 epoch 1/3, 32 images"]
