@@ -29,17 +29,24 @@ def lock(probs: np.ndarray, classes: np.ndarray, task_truth: np.ndarray | None, 
                    "nll_before": before, "nll_after": after}
     calibrated = M.apply_temperature(probs, temperature)
     points = []
+    for name, y, score, _ in binary_outcomes(calibrated, task_truth, binary_tasks):
+        for p in M.operating_points(y, score, target_sensitivity, (specificities or {}).get(name)):
+            points.append({"task": name, **p})
+    return calibration, points
+
+
+def binary_outcomes(calibrated: np.ndarray, task_truth: np.ndarray | None, binary_tasks: list[tuple]):
+    """Per binary task with positives and negatives: (name, y [m] 0/1, binary score [m], inside [n] the images it
+    covers) on the images inside the task whose score is defined (NaN: not estimable). A task without positives
+    or negatives is left out: nothing to choose a threshold on or to measure."""
     for name, column, pos, matrix in binary_tasks:
         assert task_truth is not None  # binary tasks come with their truth
         truth = task_truth[:, column]
-        score = binary_task_score(calibrated, matrix, pos)  # NaN: not estimable (nothing to lock)
+        score = binary_task_score(calibrated, matrix, pos)
         inside = (truth >= 0) & np.isfinite(score)
         y = (truth[inside] == pos).astype(int)
-        if y.sum() == 0 or y.sum() == len(y):
-            continue  # no positives or no negatives out of fold: nothing to choose a threshold on
-        for p in M.operating_points(y, score[inside], target_sensitivity, (specificities or {}).get(name)):
-            points.append({"task": name, **p})
-    return calibration, points
+        if 0 < y.sum() < len(y):
+            yield name, y, score[inside], inside
 
 
 def readers_specificity(readers, truth_by_task: dict) -> dict[str, dict[str, float]]:
@@ -66,15 +73,8 @@ def task_aucs(calibrated: np.ndarray, task_truth: np.ndarray | None, binary_task
     [{"task", "auc", "ci_low", "ci_high", "n", "n_positive"}]. A task without positives or negatives is left out.
     ``task_truth`` and ``binary_tasks`` as for ``lock``."""
     out = []
-    for name, column, pos, matrix in binary_tasks:
-        assert task_truth is not None  # binary tasks come with their truth
-        truth = task_truth[:, column]
-        score = binary_task_score(calibrated, matrix, pos)
-        inside = (truth >= 0) & np.isfinite(score)
-        y = (truth[inside] == pos).astype(int)
-        if y.sum() == 0 or y.sum() == len(y):
-            continue
-        b = M.bootstrap_auc(y, score[inside], None if groups is None else groups[inside], n_boot=n_boot, seed=seed)
+    for name, y, score, inside in binary_outcomes(calibrated, task_truth, binary_tasks):
+        b = M.bootstrap_auc(y, score, None if groups is None else groups[inside], n_boot=n_boot, seed=seed)
         out.append({"task": name, "auc": b.estimate, "ci_low": b.ci_low, "ci_high": b.ci_high, "n": int(len(y)),
                     "n_positive": int(y.sum())})
     return out

@@ -79,10 +79,11 @@ def write_back(summary: dict, scored: dict) -> str | None:
              "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     checkpoints = scored.get("checkpoints", [])
     runs = {storage.parent(c.rstrip("/")) for c in checkpoints}
-    ensemble = ensemble_card.read(runs.pop()) if len(checkpoints) > 1 and len(runs) == 1 else None
+    run_dir = runs.pop() if len(checkpoints) > 1 and len(runs) == 1 else None
+    ensemble = ensemble_card.read(run_dir) if run_dir else None
     if ensemble is not None and ensemble.model_id in summary["model_ids"]:
+        assert run_dir is not None
         kept = [t for t in ensemble.test_metrics if t.get("evaluation") != entry["evaluation"]]
-        run_dir = storage.parent(checkpoints[0].rstrip("/"))
         return ensemble_card.write(ensemble.model_copy(update={"test_metrics": kept + [entry], "changelog": [
             *ensemble.changelog, {"when": entry["when"], "what": f"test results from {entry['evaluation']}"}]}),
             run_dir)
