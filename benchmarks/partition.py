@@ -374,13 +374,12 @@ def run_pandas(manifest: str, out: str) -> dict:
 # ---- Ray Data's own operators ---------------------------------------------------------------------------------------
 def _validate_batch(table: pa.Table, node_ids: list[str]) -> pa.Table:
     from dermray.core.partitioning import hash_bucket, hash_strings
-    from dermray.stages import partition
-    from dermray.stages.partition.chunks import validate_chunk
+    from dermray.stages.partition.chunks import group_keys, validate_chunk
 
     _, label_idx = validate_chunk(table, pa.array(node_ids, pa.string()))
     ok = label_idx >= 0
     okm = pa.array(ok)
-    g = hash_strings(partition._group_keys(table).filter(okm).to_numpy(zero_copy_only=False), 0)
+    g = hash_strings(group_keys(table).filter(okm).to_numpy(zero_copy_only=False), 0)
     return pa.table({"image_id": table.column("image_id").filter(okm), "label": pa.array(label_idx[ok], pa.int32()),
                      "bucket": pa.array(hash_bucket(g), pa.int32())})
 
