@@ -278,8 +278,8 @@ def cmd_synth(args) -> dict:
     else:
         print(f"synth: {summary['images']:,} images of {summary['lesions']:,} lesions, {summary['leaves']} diseases: "
               f"{summary['train_images']:,} to train, {summary['test_images']:,} held out "
-              f"({summary['test_biopsy_images']:,} biopsy-proven), {summary['readers']} readers\n"
-              f"  outputs: {args.output}", file=args.console.out)
+              f"({summary['test_biopsy_images']:,} biopsy-proven), {summary['readers']} readers in {args.output}",
+              file=args.console.out)
     return summary
 
 

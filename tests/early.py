@@ -211,11 +211,41 @@ def demo_pipeline(work: pathlib.Path, env: dict) -> dict:
     for o in demo_overrides(work):
         cmd += ["--set", o]
     t0 = time.time()
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=work, env=env)
+    run, heard = timed_run(cmd, cwd=work, env=env, timeout=900)
     summary = work / "out" / "pipeline" / "demo" / "pipeline_summary.json"
     # As this run wrote it: a later re-run of the same run (the demo-cluster job) writes it again.
-    return {"dir": work, "run": run, "seconds": round(time.time() - t0, 1),
+    return {"dir": work, "run": run, "seconds": round(time.time() - t0, 1), "heard": heard,
             "summary": json.loads(summary.read_text()) if summary.exists() else None}
+
+
+def timed_run(cmd: list[str], cwd, env: dict, timeout: float) -> tuple[subprocess.CompletedProcess, list[float]]:
+    """``subprocess.run(cmd, capture_output=True, text=True)``, and the seconds since the start at which each line
+    of stdout or stderr arrived (in order; the end of the process last): the console's silences."""
+    import threading
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
+    t0, heard, texts = time.monotonic(), [], {}
+
+    def read(name, stream):
+        chunks = []
+        for line in stream:
+            heard.append(time.monotonic() - t0)
+            chunks.append(line)
+        texts[name] = "".join(chunks)
+
+    readers = [threading.Thread(target=read, args=(n, s), daemon=True) for n, s in (("out", proc.stdout),
+                                                                                    ("err", proc.stderr))]
+    for r in readers:
+        r.start()
+    try:
+        rc = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rc = proc.wait()
+    for r in readers:
+        r.join(10)
+    heard.append(time.monotonic() - t0)
+    return subprocess.CompletedProcess(cmd, rc, texts.get("out", ""), texts.get("err", "")), sorted(heard)
 
 
 # ---- `ray job submit` against a local head (tests/system/test_jobs.py) ----

@@ -45,8 +45,12 @@ def flagged_points(headline: list[dict]) -> list[str]:
             point = h["metric"].split("@locked:", 1)[-1]
             flagged.setdefault(h["task"], {}).setdefault(point, []).append(h["subset"])
     # One console line each (<= 120 columns): the subsets and reasons are in the report and the metrics' notes.
-    return [f"warning: {task}: locked {','.join(points)} do not carry over: see the report"
-            for task, points in flagged.items()]
+    if len(flagged) == 1:
+        task, points = next(iter(flagged.items()))
+        return [f"warning: {task}: locked {','.join(points)} do not carry over: see the report"]
+    line = f"warning: locked points do not carry over in {len(flagged)} tasks ({', '.join(flagged)}): see the report"
+    return [line if len(line) <= 118 else f"warning: locked points do not carry over in {len(flagged)} tasks: see "
+            "the report"] if flagged else []
 
 
 def _json_safe(value):

@@ -4,6 +4,7 @@ worker start-up warnings, C++ core-worker messages, checkpoint chatter) in a log
 ``session(...)`` (the CLI wraps every command in it):
 - points the process's stdout and stderr file descriptors at a local log file, so that whatever Ray and its C++
   core print lands there, and keeps the original terminal (or job log) for the console;
+- breaks any silence of ``progress.QUIET_S`` seconds with what is running (``progress.working``);
 - sends the ``dermray.*`` loggers' INFO lines (progress, "pipeline [2/5] train: running ...") to the console's
   stderr (stdout carries the summary, or the --json document, alone) and every logger's lines to the log file;
 - at the end, copies the log file to ``<stage folder>/logs/<command>-<UTC time>.log`` (local or S3) and, on a
@@ -21,6 +22,8 @@ import shutil
 import sys
 import tempfile
 from typing import TextIO
+
+from dermray.runtime import progress
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -44,9 +47,12 @@ class _DermrayLines(logging.Filter):
         self.live = live
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "console_only", False) and not self.live:
+        if getattr(record, "console_only", False) and not self.live or getattr(record, "file_only", False):
             return False
-        return record.name.startswith("dermray") and record.levelno >= logging.INFO
+        if record.name.startswith("dermray") and record.levelno >= logging.INFO:
+            progress.shown()  # the console's silences are measured from here (progress.break_silence)
+            return True
+        return False
 
 
 class _NotConsoleOnly(logging.Filter):
@@ -139,7 +145,8 @@ def session(command: str, verbose: bool):
     root.setLevel(logging.INFO)
     logging.getLogger("dermray").setLevel(logging.INFO)
     try:
-        yield Console(out, err, path)
+        with progress.Watchdog():
+            yield Console(out, err, path)
     finally:
         root.handlers, root.level = old[1], old[0]
         to_console.close()

@@ -8,24 +8,104 @@ else: dermray/runtime/console.py).
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import threading
 import time
+from typing import Callable, Iterator, Mapping, Union
 
 from dermray.core import formatting
 
 log = logging.getLogger("dermray.progress")
 LIVE_EVERY_S = 0.5  # a terminal's live line: often enough to look alive, rarely enough to cost nothing
+QUIET_S = 13.0  # the longest the console stays silent while something runs (issue 29: at most 15 s)
 
 
 def say(message: str, *args) -> None:
     log.info(message, *args)
 
 
-class Meter:
-    """Counts towards ``total`` (None when unknown) of ``unit``; ``update(n)`` logs at most every ``every_s``."""
+def to_log_only(message: str, *args) -> None:
+    """A line for the log file, not the console (detail behind a line the console shows)."""
+    log.info(message, *args, extra={"file_only": True})
 
-    def __init__(self, label: str, total: int | None, unit: str = "images", every_s: float = 5.0):
+
+# What runs now, innermost last: a text ("evaluate: running"), said with the time since it began after a silence,
+# or a callable that returns the lines to say then (a Relay: where its workers are), or none when it has nothing.
+Activity = Union[str, Callable[[], list[str]]]
+_activities: list[tuple[Activity, float]] = []
+_last_shown = [time.monotonic()]
+
+
+def shown() -> None:
+    """The console just showed a line (called by the console's filter)."""
+    _last_shown[0] = time.monotonic()
+
+
+@contextlib.contextmanager
+def working(what: Activity) -> Iterator[None]:
+    """While the block runs, a silence of QUIET_S seconds on the console is broken by ``what``."""
+    entry = (what, time.monotonic())
+    _activities.append(entry)
+    try:
+        yield
+    finally:
+        _activities.remove(entry)
+
+
+def break_silence() -> None:
+    """If the console has been quiet for QUIET_S seconds while something runs: the innermost activity's lines (a
+    callable's, when it has any), else the innermost text with the time it has run. Called by ``Watchdog``."""
+    now = time.monotonic()
+    if not _activities or now - _last_shown[0] < QUIET_S:
+        return
+    for what, _ in reversed(list(_activities)):
+        lines = what() if callable(what) else []
+        if lines:
+            for line in lines:
+                log.info("%s", line)
+            _last_shown[0] = time.monotonic()
+            return
+    text, since = next(((w, t) for w, t in reversed(list(_activities)) if isinstance(w, str)), (None, now))
+    if text is not None:
+        log.info("%s (%s so far)", text, formatting.duration(now - since))
+    _last_shown[0] = time.monotonic()
+
+
+class Watchdog:
+    """A thread that breaks the console's silences (``break_silence``) while a command runs."""
+
+    def __init__(self, every_s: float = 0.5):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every_s,), name="dermray-silence", daemon=True)
+
+    def _run(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            try:
+                break_silence()
+            except Exception:  # noqa: BLE001 - progress must never fail a run
+                pass
+
+    def __enter__(self):
+        shown()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class Meter:
+    """Counts towards ``total`` (None when unknown) of ``unit``; ``update(n)`` logs at most every ``every_s``.
+    ``quick_to_log``: when the count is done before its first line was due, that last line goes to the log file
+    only (a step that took no time is not worth a console line)."""
+
+    def __init__(self, label: str, total: int | None, unit: str = "images", every_s: float = 10.0,
+                 quick_to_log: bool = False):
         self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
+        self.quick_to_log = quick_to_log
         self.done = 0
         self.t0 = time.monotonic()
         self._last = self._last_live = self.t0
@@ -52,9 +132,10 @@ class Meter:
         now = time.monotonic()
         last = force or bool(self.total and self.done >= self.total)
         if last or now - self._last >= self.every_s:
+            quick = last and self.quick_to_log and self._last == self.t0 and now - self.t0 < self.every_s
             self._last = self._last_live = now
             # Not the last line: a terminal redraws it in place; the log file and job logs keep it as a line.
-            log.info("%s", self.line(), extra={"meter": self.label, "live": not last})
+            log.info("%s", self.line(), extra={"meter": self.label, "live": not last, "file_only": quick})
         elif now - self._last_live >= LIVE_EVERY_S:
             self._last_live = now
             log.info("%s", self.line(), extra={"meter": self.label, "live": True, "console_only": True})
@@ -63,20 +144,29 @@ class Meter:
 class Relay:
     """Progress lines from Ray workers to the driver's console: workers ``put`` lines on a Ray queue (an actor
     with no CPU), a driver thread logs them as the driver's own ``dermray.progress`` lines. (Ray forwards worker
-    output to the driver too, but mixed with everything else its workers print; the console shows only these.)"""
+    output to the driver too, but mixed with everything else its workers print; the console shows only these.)
 
-    def __init__(self):
-        import threading
+    Besides plain lines, workers send a STATUS (where one is now: said only to break a silence, all workers'
+    in one line) and GATHER records (one per worker on a topic, e.g. an epoch's figures): the driver says one
+    line per topic, made by ``mergers[kind]``, once ``workers`` records are in, or at the next silence."""
 
+    def __init__(self, workers: int = 1, mergers: Mapping[str, Callable[[list[dict]], list[str]]] | None = None):
         from ray.util.queue import Queue
 
         self.queue = Queue(actor_options={"num_cpus": 0})
-        self._seen: set[str] = set()  # the ONCE lines already shown
-        self._status: dict[str, str] = {}  # the latest STATUS of each worker, shown only after a silence
-        self._last = time.monotonic()
+        self._init_state(workers, mergers)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._pump, name="dermray-progress-relay", daemon=True)
+        self._working = working(self.quiet_lines)
+        self._working.__enter__()
         self._thread.start()
+
+    def _init_state(self, workers: int, mergers: Mapping | None) -> None:
+        self.workers, self.mergers = workers, dict(mergers or {})
+        self._seen: set[str] = set()  # the ONCE lines already shown
+        self._status: dict[str, str] = {}  # the latest STATUS of each worker, shown only after a silence
+        self._gathered: dict[str, list[dict]] = {}  # topic -> the records in so far (in arrival order)
+        self._lock = threading.Lock()
 
     def _pump(self) -> None:
         from ray.util.queue import Empty
@@ -85,44 +175,61 @@ class Relay:
             try:
                 line = self.queue.get(timeout=0.5)
             except Empty:
-                self._heartbeat()
                 continue
             except Exception:  # noqa: BLE001 - the queue's actor is gone: the run is ending
                 return
             self._show(line)
 
     def _show(self, line: str) -> None:
-        if line.startswith(STATUS):  # where a worker is: kept, and shown (with the others') after a silence
-            key, _, text = line[len(STATUS):].partition("\x00")
-            self._status.pop("", None)  # the driver's own "starting" status: the workers speak for themselves now
-            self._status[key] = text
-            self._heartbeat()
-            return
-        if line.startswith(ONCE):  # the same note from every worker (e.g. the precision chosen): shown once
-            line = line[len(ONCE):]
-            if line in self._seen:
+        with self._lock:
+            if line.startswith(STATUS):  # where a worker is: kept, and shown (with the others') after a silence
+                key, _, text = line[len(STATUS):].partition("\x00")
+                self._status.pop("", None)  # the driver's own "starting" status: the workers speak for themselves
+                self._status[key] = text
                 return
-            self._seen.add(line)
-        self._last = time.monotonic()
-        self._status.clear()  # a line supersedes every status sent before it (no stale "epoch 3/3" later)
-        log.info("%s", line)
+            if line.startswith(GATHER):
+                topic, _, record = line[len(GATHER):].partition("\x00")
+                records = self._gathered.setdefault(topic, [])
+                records.append(json.loads(record))
+                if len(records) < self.workers:
+                    return
+                lines = self._merge(topic)
+            elif line.startswith(ONCE):  # the same note from every worker: shown once
+                line = line[len(ONCE):]
+                if line in self._seen:
+                    return
+                self._seen.add(line)
+                lines = [line]
+            else:
+                lines = [line]
+            self._status.clear()  # a line supersedes every status sent before it (no stale "epoch 3/3" later)
+            for text in lines:
+                log.info("%s", text)
+
+    def _merge(self, topic: str) -> list[str]:
+        records = self._gathered.pop(topic)
+        kind = topic.split(" ", 1)[0]
+        merge = self.mergers.get(kind)
+        return merge(records) if merge else [str(r) for r in records]
 
     def starting(self, text: str) -> None:
         """The driver's status until the first worker sends its own (shown after a silence, like theirs)."""
         self._status[""] = text
 
-    def _heartbeat(self) -> None:
-        """After QUIET_S seconds without a line, one line of every worker's latest status (issue 29: 2 minutes
-        of silence inside the first epochs); nothing while lines come."""
-        if self._status and time.monotonic() - self._last >= QUIET_S:
+    def quiet_lines(self) -> list[str]:
+        """What breaks a silence: the topics gathered so far (a worker that is behind is not waited for), else one
+        line of every worker's latest status; nothing when there is nothing new. The driver's "starting" status
+        stays until a worker speaks (a slow start is said again after the next silence)."""
+        with self._lock:
+            if self._gathered:
+                return [text for topic in list(self._gathered) for text in self._merge(topic)]
+            if not self._status:
+                return []
             texts = [self._status[k] for k in sorted(self._status)]
             head = texts[0].split(": ", 1)[0] + ": "  # "train: ": said once when every status starts with it
             head = head if all(t.startswith(head) for t in texts) else ""
-            log.info("%s", head + "; ".join(t[len(head):] for t in texts))
-            # Shown: cleared - but the driver's "starting" status stays until a worker speaks (a slow start is
-            # said again after the next silence, not left silent).
             self._status = {k: v for k, v in self._status.items() if k == ""}
-            self._last = time.monotonic()
+            return [head + "; ".join(t[len(head):] for t in texts)]
 
     def close(self) -> None:
         self._stop.set()
@@ -133,6 +240,11 @@ class Relay:
             self.queue.shutdown()
         except Exception:  # noqa: BLE001 - best effort at the end of a run
             pass
+        with self._lock:
+            rest = [text for topic in list(self._gathered) for text in self._merge(topic)]
+        for text in rest:
+            log.info("%s", text)
+        self._working.__exit__(None, None, None)
 
     def __enter__(self):
         return self
@@ -143,13 +255,20 @@ class Relay:
 
 ONCE = "\x00once\x00"  # a relayed line that the driver shows the first time only
 STATUS = "\x00status\x00"  # a relayed status (STATUS + key + "\x00" + text): shown only after a silence
-QUIET_S = 12.0
+GATHER = "\x00gather\x00"  # a relayed record (GATHER + topic + "\x00" + JSON): one line per topic, all workers'
 
 
 def status(queue, key: str, text: str) -> None:
     """Worker side: where ``key`` (a fold) is now; the driver shows it only when the console has been quiet."""
     if queue is not None:
         relay(queue, f"{STATUS}{key}\x00{text}")
+
+
+def gather(queue, topic: str, record: dict) -> None:
+    """Worker side: this worker's record on ``topic`` ("<kind> <id>": the driver merges one kind's records with
+    its ``mergers[kind]``)."""
+    if queue is not None:
+        relay(queue, f"{GATHER}{topic}\x00{json.dumps(record)}")
 
 
 def relay(queue, line: str) -> None:

@@ -33,10 +33,12 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
         progress.say("ray: joining the cluster at %s", address)
         ray.init(address=address, **kwargs)
     else:
-        progress.say("ray: starting a local Ray in this process (%s CPUs)", num_cpus or os.cpu_count())
+        starting = f"ray: starting a local Ray in this process ({num_cpus or os.cpu_count()} CPUs)"
+        progress.to_log_only("%s", starting)  # on the console only if it takes long (progress.working)
         hook = "dermray.runtime.raysession.quiet_embedded_workers"
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 runtime_env={"worker_process_setup_hook": hook}, **kwargs)
+        with progress.working(starting):
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                     runtime_env={"worker_process_setup_hook": hook}, **kwargs)
     try:
         yield ray
     finally:

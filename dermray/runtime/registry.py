@@ -204,8 +204,11 @@ def unwrap(cfg: Any) -> Any:
 
 def run(stage: str, cfg: Any) -> dict:
     """Run ``stage`` on the config it declared, once its declared inputs and its output are checked."""
+    from dermray.runtime import progress
+
     preflight(stage, cfg)
-    return module(stage).run(view(cfg, stage))
+    with progress.working(f"{stage}: running"):
+        return module(stage).run(view(cfg, stage))
 
 
 def _value(cfg: Any, key: str) -> Any:

@@ -30,9 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from dermray.runtime import progress as P
 from dermray.runtime.config import TrainConfig
 from dermray.runtime.faults import NONE, Faults
-from dermray.runtime.progress import ONCE, relay, status
+from dermray.runtime.progress import gather, relay, status
 from dermray.store import storage
 
 log = logging.getLogger("dermray.progress")
@@ -406,29 +407,95 @@ def _better(score: float, best: float | None, order: str) -> bool:
     return best is None or (score < best if order == "min" else score > best)
 
 
-def epoch_line(job: FoldJob, metrics: dict, spent_s: float, budget_s: float | None) -> str:
-    """One progress line per epoch: fold, epoch of total, losses, the selection metrics, images/s, time left."""
-    from dermray.core.formatting import duration, rate
-
+def epoch_record(job: FoldJob, metrics: dict, spent_s: float, budget_s: float | None) -> dict:
+    """What one fold's epoch line says, as a record (``epoch_lines`` formats it, alone or with the other folds')."""
     epochs = job.train.epochs
     done = metrics["epoch"] + 1
     per_epoch = spent_s / max(done, 1)
     left = (epochs - done) * per_epoch
+    by_budget = budget_s is not None and max(budget_s - spent_s, 0.0) < left
     if budget_s is not None:
         left = min(left, max(budget_s - spent_s, 0.0))
-    parts = [f"train: fold {job.fold} epoch {done}/{epochs}", f"train loss {metrics['train_loss']:.3f}"]
     # The selection split's loss and the metric that picks the epoch (top-1 when that is the loss); issue 29: every
     # task's accuracy made the line 204-268 characters wide. They are all in the fold's metrics.parquet.
     metric = job.train.checkpoint_metric
     shown = {"loss", "top1"} if metric in ("loss", "top1") or metric.startswith("train_") else {"loss", metric}
-    selected = [f"{k[len('select_'):]} {v:.3f}" for k, v in metrics.items() if k.startswith("select_")
-                and k[len("select_"):] in shown and isinstance(v, float) and v == v]
-    if selected:
-        parts.append("selection: " + " ".join(selected))
-    parts.append(f"{rate(metrics['train_images_per_s'])} img/s")
-    parts.append(f"ETA {duration(left)}" + (" (budget)" if budget_s is not None and left < (epochs - done) *
-                                            per_epoch else ""))
-    return ", ".join(parts)
+    selected = {k[len("select_"):]: v for k, v in metrics.items() if k.startswith("select_")
+                and k[len("select_"):] in shown and isinstance(v, float) and v == v}
+    return {"fold": str(job.fold), "epoch": done, "epochs": epochs, "train_loss": float(metrics["train_loss"]),
+            "selection": selected, "images_per_s": float(metrics["train_images_per_s"]), "eta_s": left,
+            "by_budget": by_budget}
+
+
+def epoch_line(job: FoldJob, metrics: dict, spent_s: float, budget_s: float | None) -> str:
+    """One progress line per epoch: fold, epoch of total, losses, the selection metrics, images/s, time left."""
+    return epoch_lines([epoch_record(job, metrics, spent_s, budget_s)])[0]
+
+
+def _folds(names: list[str]) -> str:
+    """"0-2, 5" for fold names that are numbers; the names joined otherwise."""
+    if not all(n.isdigit() for n in names):
+        return ", ".join(sorted(names))
+    nums, runs = sorted({int(n) for n in names}), []  # type: list[int], list[list[int]]
+    for n in nums:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ", ".join(f"{a}" if a == b else f"{a}, {b}" if b == a + 1 else f"{a}-{b}" for a, b in runs)
+
+
+def epoch_lines(records: list[dict]) -> list[str]:
+    """One line for an epoch of one or several folds (issue 29: a line per fold and epoch made the demo's console
+    54 lines long): the same figures, as ranges over the folds, and the time left for the slowest."""
+    from dermray.core.formatting import duration, rate
+
+    first = records[0]
+
+    def span(values: list[float], digits: int) -> str:
+        lo, hi = min(values), max(values)
+        return f"{lo:.{digits}f}" if round(lo, digits) == round(hi, digits) else f"{lo:.{digits}f}-{hi:.{digits}f}"
+
+    one = len(records) == 1
+    digits = 3 if one else 2
+    head = (f"train: fold {first['fold']} epoch {first['epoch']}/{first['epochs']}" if one else
+            f"train: epoch {first['epoch']}/{first['epochs']}, folds {_folds([r['fold'] for r in records])}")
+    parts = [head, "train loss " + span([r["train_loss"] for r in records], digits)]
+    names = [k for k in first["selection"] if all(k in r["selection"] for r in records)]
+    if names:
+        parts.append("selection: " + " ".join(f"{k} {span([r['selection'][k] for r in records], digits)}"
+                                               for k in names))
+    speeds = [r["images_per_s"] for r in records]
+    parts.append((f"{rate(speeds[0])}" if one else f"{min(speeds):.0f}-{max(speeds):.0f}") + " img/s")
+    slowest = max(records, key=lambda r: r["eta_s"])
+    parts.append(f"ETA {duration(slowest['eta_s'])}" + (" (budget)" if slowest["by_budget"] else ""))
+    return [", ".join(parts)]
+
+
+def precision_lines(records: list[dict]) -> list[str]:
+    """The precision each worker chose, in one line: the measurement when they all say the same; otherwise which
+    folds compute in which precision (each worker measures on its own, and on a busy machine they may differ),
+    with every worker's measurement in the log file."""
+    whys = {r["why"] for r in records}
+    if len(whys) == 1:
+        return [f"train: computing in {records[0]['why']}"]
+    chosen: dict[str, list[str]] = {}
+    for r in records:
+        chosen.setdefault(r["why"].split(":", 1)[0], []).append(r["fold"])
+        P.to_log_only("train: fold %s computing in %s", r["fold"], r["why"])
+    said = ", ".join(f"{p} in fold{'s' if len(f) > 1 else ''} {_folds(f)}" for p, f in sorted(chosen.items()))
+    return [f"train: computing in {said} (each worker measured its own: the log has the figures)"]
+
+
+MERGERS = {"epoch": epoch_lines, "precision": precision_lines}  # the Relay's mergers for the records below
+
+
+def say(queue, topic: str, record: dict, alone: str) -> None:
+    """A record for the driver to merge with the other folds' (``MERGERS``), or, with no driver, its line alone."""
+    if queue is None:
+        relay(None, alone)
+    else:
+        gather(queue, topic, record)
 
 
 def run_epochs(job: FoldJob, model, optimizer, scheduler, device, progress: Progress, precision_why: str = "") -> None:
@@ -468,9 +535,11 @@ def run_epochs(job: FoldJob, model, optimizer, scheduler, device, progress: Prog
             metrics["t_end"] = time.time()
             progress.history.append(metrics)
             save_checkpoint(job, model, optimizer, scheduler, epoch, progress)
-            if precision_why and epoch == progress.start_epoch:  # the same on every worker: one line per run
-                relay(job.progress, f"{ONCE}train: computing in {precision_why}")
-            relay(job.progress, epoch_line(job, metrics, spent, budget))
+            if precision_why and epoch == progress.start_epoch:  # one line for every worker's (MERGERS)
+                say(job.progress, "precision", {"fold": str(job.fold), "why": precision_why},
+                    f"train: computing in {precision_why}")
+            say(job.progress, f"epoch {epoch + 1}", epoch_record(job, metrics, spent, budget),
+                epoch_line(job, metrics, spent, budget))
             if tr["stopped_by_budget"]:
                 break
 

@@ -52,24 +52,22 @@ def verify_pairs(uris_a, uris_b, max_pixels):
     return neardup.similarities(uris_a, uris_b, storage.read_bytes, max_pixels)
 
 
-QUIET_S = 10.0  # longest stretch without a line while the search runs (issue 29: 52 s of silence)
-
-
 def gather(ray, refs: list, what: str, size) -> list:
-    """``ray.get(refs)`` in their order, saying every QUIET_S seconds how far it is (``size(result)``: the units of
-    one result; ``what``: "images described")."""
+    """``ray.get(refs)`` in their order; a silence on the console says how far it is (``size(result)``: the units
+    of one result; ``what``: "images described"; issue 29: 52 s without a line)."""
     results: list = [None] * len(refs)
     where = {ref: i for i, ref in enumerate(refs)}
-    pending, done, said = list(refs), 0, time.perf_counter()
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1, timeout=QUIET_S)
-        for ref in ready:
-            results[where[ref]] = ray.get(ref)
-            done += size(results[where[ref]])
-        if pending and time.perf_counter() - said >= QUIET_S:
-            said = time.perf_counter()
-            progress.say("partition: near-duplicate search: %s %s, %d of %d tasks left", f"{done:,}", what,
-                         len(pending), len(refs))
+    pending, done = list(refs), [0]
+
+    def how_far() -> list:
+        return [f"partition: near-duplicate search: {done[0]:,} {what}, {len(pending)} of {len(refs)} tasks left"]
+
+    with progress.working(how_far):
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                results[where[ref]] = ray.get(ref)
+                done[0] += size(results[where[ref]])
     return results
 
 

@@ -172,7 +172,7 @@ def assign_pass(ray, inp: Inputs, chunks, cpus: int, given: AssignInputs, paths:
 
     refs = submit(window)
     fold_counts = np.zeros((plan.n_classes, plan.folds), np.int64)
-    meter = progress.Meter("partition: assigning", inp.pf.metadata.num_rows, unit="rows")
+    meter = progress.Meter("partition: assigning", inp.pf.metadata.num_rows, unit="rows", quick_to_log=True)
     with storage.table_sink(paths["labels"], schemas.LABELS.arrow()) as labels_sink, \
             storage.table_sink(paths["quarantine"], schemas.QUARANTINE.arrow()) as quarantine_sink:
         while refs:

@@ -72,10 +72,8 @@ def run(cfg: RunConfig) -> dict:
             (None, schemas.NEAR_DUPLICATES.arrow().empty_table(), None, schemas.IMAGE_HASHES.arrow().empty_table()))
         storage.write_table(near, paths["near_duplicates"])
         storage.write_table(hashes, paths["image_hashes"])
-        if near_counts:
-            progress.say("partition: %d near-duplicate pairs (%d across groups) among %s images; %d images regrouped",
-                         near_counts["pairs"], near_counts["crossed_groups"], f"{near_counts['described']:,}",
-                         near_counts["images_regrouped"])
+        near_text = (f"; {near_counts['pairs']:,} near-duplicate pairs ({near_counts['crossed_groups']:,} across "
+                     f"groups), {near_counts['images_regrouped']:,} images regrouped" if near_counts else "")
         remap_ref = ray.put(remap)
         t0 = time.perf_counter()
         first = count_pass(ray, inp, chunks, partitions, ChunkInputs(node_ids_ref, pcfg.seed, remap_ref))
@@ -86,8 +84,8 @@ def run(cfg: RunConfig) -> dict:
             raise UserError(f"{storage.redact(inp.manifest)}: no valid rows to partition "
                             "(see quarantine for each row's reason)" if inp.pf.metadata.num_rows else
                             f"{storage.redact(inp.manifest)}: the manifest has no rows")
-        progress.say("partition: %d training classes from %s images", len(classes),
-                     f"{int(counts.node_counts.sum()):,}")
+        progress.say("partition: %d training classes from %s images%s", len(classes),
+                     f"{int(counts.node_counts.sum()):,}", near_text)
         t0 = time.perf_counter()
         lookup = node_to_class(inp.tax, classes)
         plan, mixed_refs, n_mixed = fold_plan(ray, first, classes, lookup, pcfg)

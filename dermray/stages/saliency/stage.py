@@ -154,9 +154,10 @@ def run(cfg: RunConfig) -> dict:
             # Ray takes num_gpus=None (its default) though its stubs say int | float
             remote = ray.remote(num_cpus=sc.cpus_per_actor, num_gpus=sc.num_gpus or None)(  # type: ignore[arg-type]
                 sanity_rows)
-            progress.say("saliency: sanity test on %d images (%d randomisation levels x %d method(s))", len(audit),
-                         sc.sanity_levels, len(sc.methods))
-            sanity = ray.get(remote.remote(job, audit))
+            # Said only if it runs long (the console's budget: issue 29); the summary gives its verdict.
+            with progress.working(f"saliency: sanity test on {len(audit)} images ({sc.sanity_levels} randomisation "
+                                  f"levels x {len(sc.methods)} method(s))"):
+                sanity = ray.get(remote.remote(job, audit))
     return write_outputs(cfg, inp, index, sanity, rdir, t_start)
 
 

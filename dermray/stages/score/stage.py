@@ -260,7 +260,7 @@ def run(cfg: RunConfig) -> dict:
                 sc.input if work.kind == "manifest" else storage.join(rdir, "_state", "folder_manifest.parquet"))
                 .schema_arrow if f.name not in INTERNAL])
         total = None if work.input_rows is None else work.input_rows - work.already_done - work.quarantine.num_rows
-        meter = progress.Meter("score", total, every_s=5.0)
+        meter = progress.Meter("score", total)
         decided = model_decisions(ens, sc)
         writer = PartWriter(rdir, ens, columns, carry, meter, decided)
         t_wall = time.time()

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dermray.core.formatting import strict_json
-from dermray.runtime import artifacts, faults, layout
+from dermray.runtime import artifacts, faults, layout, progress
 from dermray.runtime.config import RunConfig
 from dermray.runtime.trainloop import FoldJob, train_loop_per_worker, worker_threads
 from dermray.stages.train.data import TrainingRows, measure_held_out
@@ -98,7 +98,9 @@ def fit_fold(job: FoldJob, datasets: dict, val, run_dir: str, cfg: RunConfig) ->
         # num_gpus=None: Ray's default (its stubs want a number).
         task = ray.remote(num_cpus=tcfg.cpus_per_worker,
                           num_gpus=1 if tcfg.use_gpu else None)(measure_held_out)  # type: ignore[arg-type]
-        measured = ray.get(task.remote(as_trained, weights, val, cfg.transforms.preprocess(), cfg.storage.retry()))
+        with progress.working(f"train: fold {job.fold}: measuring its model on {val.num_rows:,} held-out images"):
+            measured = ray.get(task.remote(as_trained, weights, val, cfg.transforms.preprocess(),
+                                           cfg.storage.retry()))
     return FittedFold(job, history, chosen, weights, measured, time.time() - t0)
 
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pyarrow as pa
 
 from dermray.core.formatting import duration, fmt, strict_json
-from dermray.runtime import faults, layout, progress
+from dermray.runtime import faults, layout, progress, trainloop
 from dermray.runtime.config import RunConfig
 from dermray.stages.train.data import datasets_for, quarantine_unreadable, split_rows
 from dermray.stages.train.decisions import lock_decisions, not_estimable_tasks, write_decisions, write_ensemble_card
@@ -37,18 +37,30 @@ def train_folds(p: TrainPlan, folds: list, table: pa.Table, cfg: RunConfig, line
 
     size = cfg.train.image_size or spec(cfg.train.arch).input_size
     hooks = faults.from_env()
-    with progress.Relay() as lines, concurrent.futures.ThreadPoolExecutor(max_workers=len(folds)) as pool:
+    with progress.Relay(len(folds), trainloop.MERGERS) as lines, \
+            concurrent.futures.ThreadPoolExecutor(max_workers=len(folds)) as pool:
         lines.starting(f"train: starting {len(folds)} Ray Train workers and their data pipelines")
+        split = {fold: split_rows(fold, table, cfg.train) for fold in folds}
+        progress.say("%s", fold_sizes(split))
         futures = []
-        for fold in folds:
-            rows = split_rows(fold, table, cfg.train)
-            progress.say("train: fold %s: %s images to train on, %s to select the epoch, %s held out", fold,
-                         f"{rows['train'].num_rows:,}", f"{rows['select'].num_rows:,}" if "select" in rows else "no",
-                         f"{rows['val'].num_rows:,}" if "val" in rows else "none")
+        for fold, rows in split.items():
             job = fold_job(fold, p, cfg, "select" in rows, lineages[str(fold)].id, hooks, lines.queue)
             futures.append(pool.submit(fit_fold, job, datasets_for(fold, rows, cfg, size), rows.get("val"), p.run_dir,
                                        cfg))
         return [f.result() for f in futures]
+
+
+def fold_sizes(split: dict) -> str:
+    """One line for every fold's images: to train on, to select the epoch, held out (ranges over the folds)."""
+    def count(part: str, none: str) -> str:
+        n = [rows[part].num_rows for rows in split.values() if part in rows]
+        if len(n) < len(split):
+            return none if not n else f"{min(n):,}-{max(n):,} (some: {none})"
+        return f"{n[0]:,}" if min(n) == max(n) else f"{min(n):,}-{max(n):,}"
+
+    head = f"train: fold {next(iter(split))}:" if len(split) == 1 else f"train: {len(split)} folds, each"
+    return (f"{head} {count('train', 'none')} images to train on, {count('select', 'no')} to select the epoch, "
+            f"{count('val', 'none')} held out")
 
 
 def run(cfg: RunConfig) -> dict:
@@ -88,11 +100,12 @@ def run(cfg: RunConfig) -> dict:
         used, n_bad = record["images"] - record["quarantined"], record["quarantined"]
     # A fold not trained now finished earlier.
     fold_rows = [rows.get(str(fold)) or cast(dict, finished[str(fold)])["row"] for fold in p.folds]
-    locked = lock_decisions(cfg, p, fold_rows)
-    calibration, points = locked.calibration, locked.points
-    cv = cv_summary(fold_rows, p.task_names)
-    write_decisions(cfg, p.folds, calibration, points, cv, not_estimable_tasks(cfg, p))
-    write_ensemble_card(cfg, p, fold_rows, cv.to_dict(orient="records"), locked)
+    with progress.working("train: locking the decisions on the out-of-fold predictions, writing the model cards"):
+        locked = lock_decisions(cfg, p, fold_rows)
+        calibration, points = locked.calibration, locked.points
+        cv = cv_summary(fold_rows, p.task_names)
+        write_decisions(cfg, p.folds, calibration, points, cv, not_estimable_tasks(cfg, p))
+        write_ensemble_card(cfg, p, fold_rows, cv.to_dict(orient="records"), locked)
     return summarise(cfg, p, Trained(fold_rows, used, n_bad), lineages, time.perf_counter() - t_start,
                      {"calibration": calibration, "operating_points": points,
                       "out_of_fold_auc": locked.out_of_fold_auc})
