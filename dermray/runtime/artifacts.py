@@ -6,7 +6,8 @@ A fold directory (``<output>/train/<run_id>/fold=<k>/``) holds ``best/model.pt``
 ``weights_only=True``) and ``model_card.json``. The card says what the weights are (architecture, input size,
 normalisation, training classes, their hash, the weights' sha256), how they were made (config, lineage, versions)
 and how well they did (validation metrics, operating points, calibration). ``schema_version`` changes when a field
-changes meaning; cards of version 1 (before the sha256 and lineage fields) are still read.
+changes meaning; cards of version 1 (before the sha256 and lineage fields) and 2 (epochs counted from 0) are still
+read, as version 3.
 
 Why one module over 400 lines: the model card's record, its readers and writers, and the ensemble built from
 cards share one format; split, each part would import the others.
@@ -31,7 +32,7 @@ from dermray.store import storage
 CARD_FILE = "model_card.json"
 CARD_MD = "model_card.md"
 WEIGHTS_FILE = posixpath.join("best", "model.pt")
-CARD_SCHEMA_VERSION = 2
+CARD_SCHEMA_VERSION = 3
 
 
 # ---- hashes ------------------------------------------------------------------------------------------------------
@@ -161,6 +162,10 @@ class ModelCard(_Record):
         if not isinstance(version, int) or version > CARD_SCHEMA_VERSION:
             raise UserError(f"{source}: model card schema_version {version!r} is newer than this dermray reads "
                             f"({CARD_SCHEMA_VERSION}): upgrade dermray")
+        if version < 3:  # cards before 3 counted epochs from 0: read as this version's
+            if isinstance(data.get("best_epoch"), int):
+                data["best_epoch"] += 1
+            data["schema_version"] = CARD_SCHEMA_VERSION
         try:
             return cls.model_validate(data)
         except ValidationError as e:

@@ -200,7 +200,7 @@ TRAINING_METRICS = TableSchema(
     "training_metrics",
     (Column("epoch", pa.int64()), _s("split", allowed=("train", "select")), _s("metric"),
      Column("value", pa.float64(), nullable=True)),
-    doc="Per fold and epoch: loss, top-1, task accuracies, data-wait and compute seconds, images/s.",
+    doc="Per fold and epoch (numbered from 1): loss, top-1, task accuracies, data-wait and compute seconds, images/s.",
 )
 
 TRAIN_SUMMARY = TableSchema(

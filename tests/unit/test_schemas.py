@@ -84,6 +84,26 @@ def test_a_model_card_from_a_newer_dermray_or_with_a_bad_field_is_refused_naming
     assert artifacts.read_card(str(path)).model_id == good["model_id"]
 
 
+def test_epochs_are_numbered_from_one_and_an_older_card_is_read_so(tmp_path):
+    """Issue 29: the fold cards counted epochs from 0, the ensemble's card from 1. A version-2 card (epochs from 0)
+    is read as version 3: its best epoch one higher, once."""
+    import json
+
+    from dermray.runtime import artifacts
+    from tests.helpers import write_fold
+
+    classes = pa.table({"class_index": pa.array([0, 1], pa.int32()), "node_id": ["benign", "malignant"],
+                        "name": ["benign", "malignant"], "scope": ["subtree", "subtree"]})
+    write_fold(tmp_path / "fold=0", classes, seed=0)
+    path = tmp_path / "fold=0" / "model_card.json"
+    card = json.loads(path.read_text())
+    path.write_text(json.dumps(card | {"schema_version": 2, "best_epoch": 0}))
+    read = artifacts.read_card(str(path))
+    assert (read.best_epoch, read.schema_version) == (1, 3)
+    artifacts.write_card(read, str(tmp_path / "fold=0"))
+    assert artifacts.read_card(str(path)).best_epoch == 1  # written as version 3: not shifted again
+
+
 def test_a_task_that_cannot_be_scored_is_on_every_card_with_its_reason(tmp_path):
     """Issue 28, finding 6: a binary task with a class that no training class lies under gets no locked point; the
     cards say so and why (and drop it when a later partition can score it)."""

@@ -143,7 +143,7 @@ def write_ensemble_card(cfg: RunConfig, p: TrainPlan, fold_rows: list[dict], cv:
         return
     ens = artifacts.load_ensemble([p.run_dir])
     members = [ensemble_card.Member(fold=str(c.fold), model_id=c.model_id, weights_sha256=sha,
-                                    best_epoch=None if c.best_epoch is None else c.best_epoch + 1,
+                                    best_epoch=c.best_epoch,
                                     epochs_trained=c.epochs_trained)
                for c, sha in zip(ens.cards, ens.weights_sha256)]
     before = ensemble_card.read(p.run_dir)

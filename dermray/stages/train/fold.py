@@ -111,14 +111,15 @@ def read_history(result) -> list[dict]:
 
 
 def metrics_rows(history: list[dict]) -> list[dict]:
-    """The history as long-form rows (epoch, split, metric, value) for metrics.parquet."""
+    """The history as long-form rows (epoch, split, metric, value) for metrics.parquet; epochs numbered from 1, as
+    everywhere a person reads them (the history counts from 0)."""
     rows = []
     for h in history:
         for key, value in h.items():
             if key in ("epoch", "t_start", "t_end") or not isinstance(value, (int, float)):
                 continue
             split, _, metric = key.partition("_") if key.startswith(("train_", "select_")) else ("", "", key)
-            rows.append({"epoch": h["epoch"], "split": split or "train", "metric": metric or key,
+            rows.append({"epoch": h["epoch"] + 1, "split": split or "train", "metric": metric or key,
                          "value": float(value)})
     return rows
 
@@ -227,7 +228,7 @@ def model_card(fitted: FittedFold, p: TrainPlan, fold_lin: lineage.Lineage, meas
         classes_hash=p.classes_hash, weights_sha256=artifacts.sha256_hex(weights), weights_source=redacted,
         freeze=tcfg.freeze, fold=job.fold, held_out_fold=None if job.fold == FINAL else int(job.fold),
         config=config, config_hash=fold_lin.config_hash, versions=fold_lin.versions,
-        epochs_trained=len(history), best_epoch=int(best["epoch"]), selection=selection_text(job, int(best["epoch"])),
+        epochs_trained=len(history), best_epoch=int(best["epoch"]) + 1, selection=selection_text(job, int(best["epoch"]) + 1),
         validation=measured,
         checkpoint=artifacts.weights_uri(job.fold_dir), data_hash=fold_lin.inputs["labels"].content[:16],
         lineage=fold_lin.to_dict() | {"partition": storage.redact(p.partition)}, description=description,
@@ -245,10 +246,10 @@ def finish_fold(fitted: FittedFold, cfg: RunConfig, p: TrainPlan, rows: Training
     val_metrics: dict = {}
     if fitted.measured is not None:
         val_metrics, preds = fitted.measured
-        write_val_predictions(job, preds, cfg, table, int(best["epoch"]))
+        write_val_predictions(job, preds, cfg, table, int(best["epoch"]) + 1)
         val_metrics |= accuracy_by(job, preds, table)
     artifacts.write_card(model_card(fitted, p, fold_lin, val_metrics, table, cfg.transforms), job.fold_dir)
-    row = {"fold": job.fold, "epochs": len(history), "best_epoch": int(best["epoch"]),
+    row = {"fold": job.fold, "epochs": len(history), "best_epoch": int(best["epoch"]) + 1,
            "seconds": round(fitted.seconds, 1),
            "t_start": history[0].get("t_start"), "t_end": history[-1].get("t_end"), "lineage_id": fold_lin.id,
            **val_metrics}
