@@ -57,8 +57,10 @@ def run_config(d: pathlib.Path) -> dict:
         "data": {"manifest": str(data / "manifest.parquet"), "taxonomy": str(data / "taxonomy.parquet"),
                  "tasks": str(data / "tasks.yaml")},
         "partition": {"max_class_size": 12, "folds": 2},
+        # selection_fraction 0.3: ~35 of the 110 training images no fold model trains on, 8 of them melanomas -
+        # what the operating points are locked on (at 0.1: 10 images, no melanoma)
         "train": {"arch": "mobilenet_v3_small", "weights": "none", "image_size": 32, "epochs": 2, "batch_size": 8,
-                  "cpus_per_worker": 0.5, "data_cpus": 0.5},
+                  "cpus_per_worker": 0.5, "data_cpus": 0.5, "selection_fraction": 0.3},
         "score": {"input": str(data / "archive.parquet"), "checkpoints": [str(layout.train_dir(str(out), RUN))],
                   "batch_size": 8, "rows_per_file": 8, "cpus_per_actor": 0.5, "decode_cpus": 0.5},
         "evaluate": {"predictions": predictions, "readers": str(data / "readers.parquet"), "n_bootstrap": 20},

@@ -16,15 +16,16 @@ from dermray.core.inference import binary_task_score
 
 
 def lock(probs: np.ndarray, classes: np.ndarray, task_truth: np.ndarray | None, binary_tasks: list[tuple],
-         target_sensitivity: float, specificities: dict[str, dict[str, float]] | None = None
-         ) -> tuple[dict, list[dict]]:
+         target_sensitivity: float, specificities: dict[str, dict[str, float]] | None = None,
+         fit_temperature: bool = True) -> tuple[dict, list[dict]]:
     """(calibration, operating points) from out-of-fold predictions.
 
     ``probs`` [n, C] training-class probabilities; ``classes`` [n] their true training class; ``task_truth``
     [n, n_tasks] task classes (-1 outside a task) in the order of the tasks YAML; ``binary_tasks``: (name, column in
     task_truth, positive class index, membership matrix [C, 2]); ``specificities``: task -> {point name: target
-    specificity} (e.g. the readers' mean). Operating points are chosen per task on the images inside it."""
-    temperature, before, after = M.fit_temperature(probs, classes)
+    specificity} (e.g. the readers' mean). Operating points are chosen per task on the images inside it.
+    ``fit_temperature=False``: ``probs`` are calibrated already (temperature 1 here)."""
+    temperature, before, after = M.fit_temperature(probs, classes) if fit_temperature else (1.0, None, None)
     calibration = {"method": "temperature", "temperature": temperature, "n": int(len(classes)),
                    "nll_before": before, "nll_after": after}
     calibrated = M.apply_temperature(probs, temperature)

@@ -188,7 +188,9 @@ class Relay:
                 self._status[key] = text
                 return
             if line.startswith(GATHER):
-                topic, _, record = line[len(GATHER):].partition("\x00")
+                topic, _, rest = line[len(GATHER):].partition("\x00")
+                key, _, record = rest.partition("\x00")
+                self._status.pop(key, None)  # what it sends now supersedes where it said it was
                 records = self._gathered.setdefault(topic, [])
                 records.append(json.loads(record))
                 if len(records) < self.workers:
@@ -255,7 +257,7 @@ class Relay:
 
 ONCE = "\x00once\x00"  # a relayed line that the driver shows the first time only
 STATUS = "\x00status\x00"  # a relayed status (STATUS + key + "\x00" + text): shown only after a silence
-GATHER = "\x00gather\x00"  # a relayed record (GATHER + topic + "\x00" + JSON): one line per topic, all workers'
+GATHER = "\x00gather\x00"  # GATHER + topic + "\x00" + key + "\x00" + JSON: one line per topic, all workers'
 
 
 def status(queue, key: str, text: str) -> None:
@@ -264,11 +266,11 @@ def status(queue, key: str, text: str) -> None:
         relay(queue, f"{STATUS}{key}\x00{text}")
 
 
-def gather(queue, topic: str, record: dict) -> None:
-    """Worker side: this worker's record on ``topic`` ("<kind> <id>": the driver merges one kind's records with
+def gather(queue, topic: str, key: str, record: dict) -> None:
+    """Worker side: worker ``key``'s record on ``topic`` ("<kind> <id>": the driver merges one kind's records with
     its ``mergers[kind]``)."""
     if queue is not None:
-        relay(queue, f"{GATHER}{topic}\x00{json.dumps(record)}")
+        relay(queue, f"{GATHER}{topic}\x00{key}\x00{json.dumps(record)}")
 
 
 def relay(queue, line: str) -> None:

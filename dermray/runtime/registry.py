@@ -84,8 +84,9 @@ REGISTRY: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("train", "train", "train_summary.json", summary_type="TrainSummary",
               inputs=("data.manifest", "train.partition", "train.weights", "evaluate.readers",
                       "pipeline.test_manifest"),
+              # score.tta: the views of the ensemble predictions the operating points are locked on
               reads=("train", "transforms", "data.manifest", *_DEFINITIONS, "evaluate.target_sensitivity",
-                     "evaluate.readers", "pipeline.test_manifest"),
+                     "evaluate.readers", "pipeline.test_manifest", "score.tta"),
               flags={"manifest": "data.manifest", "partition": "train.partition", "arch": "train.arch",
                      "epochs": "train.epochs", "force": "train.force"},
               # channels_last: the same arithmetic in another memory layout (differences at float rounding);

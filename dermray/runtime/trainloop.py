@@ -495,7 +495,7 @@ def say(queue, topic: str, record: dict, alone: str) -> None:
     if queue is None:
         relay(None, alone)
     else:
-        gather(queue, topic, record)
+        gather(queue, topic, record["fold"], record)
 
 
 def run_epochs(job: FoldJob, model, optimizer, scheduler, device, progress: Progress, precision_why: str = "") -> None:

@@ -251,3 +251,19 @@ def train_mode(model: nn.Module) -> nn.Module:
 def logits_of(output) -> torch.Tensor:
     """The main logits of a forward pass (inception_v3 returns (logits, aux_logits) in training)."""
     return output.logits if hasattr(output, "logits") else output
+
+
+def tta_views(x, mode: str) -> list:
+    """The test-time-augmentation views of a [B, 3, S, S] batch (square images): scoring's, and the views of the
+    predictions the operating points are locked on (stages/train/decisions.py)."""
+    import torch
+
+    if mode == "none":
+        return [x]
+    if mode == "flips":
+        return [x, torch.flip(x, dims=[3]), torch.flip(x, dims=[2])]
+    rots = [torch.rot90(x, k, dims=[2, 3]) for k in range(4)]  # dihedral
+    return rots + [torch.flip(r, dims=[3]) for r in rots]
+
+
+TTA_VIEWS = {"none": 1, "flips": 3, "dihedral": 8}

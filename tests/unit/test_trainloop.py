@@ -150,7 +150,7 @@ def _epoch(fold: int, epoch: int, loss: float, eta_s: float) -> str:
 
     record = {"fold": str(fold), "epoch": epoch, "epochs": 3, "train_loss": loss, "selection": {"loss": loss + 1,
               "top1": 0.4 + fold / 100}, "images_per_s": 30.0 + fold, "eta_s": eta_s, "by_budget": False}
-    return f"{progress.GATHER}epoch {epoch}\x00{json.dumps(record)}"
+    return f"{progress.GATHER}epoch {epoch}\x00{fold}\x00{json.dumps(record)}"
 
 
 def test_every_workers_precision_and_epoch_is_one_line(caplog):
@@ -167,7 +167,7 @@ def test_every_workers_precision_and_epoch_is_one_line(caplog):
         for fold, why in enumerate(["bf16: measured 1.30x faster than fp32 on this CPU",
                                     "bf16: measured 2.39x faster than fp32 on this CPU",
                                     "fp32: bf16 measured 0.42x on this CPU (below 1.1x)"]):
-            relay._show(f"{progress.GATHER}precision\x00{json.dumps({'fold': str(fold), 'why': why})}")
+            relay._show(f"{progress.GATHER}precision\x00{fold}\x00{json.dumps({'fold': str(fold), 'why': why})}")
         for fold in range(3):
             relay._show(_epoch(fold, 1, 2.4 + fold / 100, 60.0 + fold))
             if fold < 2:
@@ -196,7 +196,9 @@ def test_a_fold_that_is_behind_is_not_waited_for_after_a_silence(caplog, monkeyp
     relay = _relay(3)
     with caplog.at_level(logging.INFO, logger=progress.log.name), progress.working("train: running"), \
             progress.working(relay.quiet_lines):
-        relay._show(_epoch(0, 1, 2.4, 60.0))
+        for fold in range(3):
+            relay._show(f"{progress.STATUS}{fold}\x00train: fold {fold} epoch 1/3, 992 images")
+        relay._show(_epoch(0, 1, 2.4, 60.0))  # folds 0 and 1 finish the epoch: their statuses are stale now
         relay._show(_epoch(1, 1, 2.5, 61.0))
         progress.break_silence()
         assert caplog.records == []  # not yet quiet for long
@@ -205,6 +207,7 @@ def test_a_fold_that_is_behind_is_not_waited_for_after_a_silence(caplog, monkeyp
         relay._show(_epoch(2, 1, 2.6, 70.0))
     shown = [r.getMessage() for r in caplog.records]
     assert shown[0].startswith("train: epoch 1/3, folds 0, 1, train loss 2.40-2.50") and len(shown) == 1, shown
+    assert relay._status == {}  # fold 2's status went with its record: nothing stale is said later
     now[0] += progress.QUIET_S
     with caplog.at_level(logging.INFO, logger=progress.log.name), progress.working(relay.quiet_lines):
         progress.break_silence()

@@ -14,6 +14,7 @@ from dermray.runtime.artifacts import Ensemble
 from dermray.stages.score.shared import CHUNK, END_OF_SHARD, ROW, TOTAL, log
 from dermray.store import archive, storage
 from dermray.store.archive import TRANSIENT
+from dermray.store.models import TTA_VIEWS, tta_views
 
 
 def decode_rows(batch: dict, size: int, max_pixels: int, retry: storage.Retry, pre=None) -> dict:
@@ -84,21 +85,6 @@ def decode_shards(batch: dict, size: int, max_pixels: int, rows_per_batch: int, 
         if buf:
             yield emit(buf)
         yield emit([("", shard, None, END_OF_SHARD, "")], end=total)
-
-
-def tta_views(x, mode: str) -> list:
-    """The test-time-augmentation views of a [B, 3, S, S] batch (square images)."""
-    import torch
-
-    if mode == "none":
-        return [x]
-    if mode == "flips":
-        return [x, torch.flip(x, dims=[3]), torch.flip(x, dims=[2])]
-    rots = [torch.rot90(x, k, dims=[2, 3]) for k in range(4)]  # dihedral
-    return rots + [torch.flip(r, dims=[3]) for r in rots]
-
-
-TTA_VIEWS = {"none": 1, "flips": 3, "dihedral": 8}
 
 
 class Predictor:

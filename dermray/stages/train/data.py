@@ -81,14 +81,29 @@ def quarantine_unreadable(table: pa.Table, cfg: RunConfig, run_dir: str) -> Trai
 def inner_selection(rows: pa.Table, fraction: float, seed: int) -> np.ndarray:
     """bool [n]: the rows of the inner selection split - the images of about ``fraction`` of the lesions (a seeded
     hash of the group), never split from their lesion; at least one lesion when there are two or more."""
-    from dermray.core.partitioning import hash_strings
-
     groups = rows.column("group").to_numpy(zero_copy_only=False)
-    u = (hash_strings(groups, seed ^ 0x5E1EC7) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    u = _group_draw(groups, seed)
     chosen = u < fraction
     if not chosen.any() and len(np.unique(groups)) >= 2:
         chosen = groups == groups[int(np.argmin(u))]
     return chosen
+
+
+def _group_draw(groups: np.ndarray, seed: int) -> np.ndarray:
+    """float [n] in [0, 1): a seeded hash of each row's group - the same for a group in every fold."""
+    from dermray.core.partitioning import hash_strings
+
+    return (hash_strings(groups, seed ^ 0x5E1EC7) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def never_trained(table: pa.Table, tcfg: TrainConfig) -> np.ndarray:
+    """bool [n]: the rows no cross-validation model trains on. The inner split's draw is the same for a lesion in
+    every fold, so a lesion drawn (below train.selection_fraction) is in the selection split of every fold that
+    does not hold it out, and held out by the one that does: none of the folds' models learns from its images.
+    (The fallback of ``inner_selection`` - one lesion when none is drawn - is not among them.)"""
+    if tcfg.selection != "inner" or table.num_rows == 0:
+        return np.zeros(table.num_rows, bool)
+    return _group_draw(table.column("group").to_numpy(zero_copy_only=False), tcfg.seed) < tcfg.selection_fraction
 
 
 def split_rows(fold, table: pa.Table, tcfg: TrainConfig) -> dict[str, pa.Table]:
@@ -169,6 +184,37 @@ def held_out_batches(rows: pa.Table, job: FoldJob, pre, retry: storage.Retry):
         if "task_truth" in out:
             item["task_truth"] = torch.from_numpy(out["task_truth"])
         yield item
+
+
+def ensemble_probabilities(job: FoldJob, weights: list[bytes], rows: pa.Table, pre, retry: storage.Retry,
+                           tta: str) -> dict:
+    """Ray task: the mean softmax over the models (``weights``) and the test-time-augmentation views ``tta`` of
+    ``rows`` - what scoring computes for an image (stages/score/actors.py), in fp32. {"image_id", "probs"
+    float32 [n, n_classes]}."""
+    import io
+
+    import torch
+
+    from dermray.runtime.trainloop import model_inputs
+    from dermray.store.models import TTA_VIEWS, build_model, logits_of, state_dict_from_bytes, tta_views
+
+    torch.set_num_threads(worker_threads(job.train.torch_threads, job.train.cpus_per_worker))
+    device = torch.device("cuda" if job.train.use_gpu and torch.cuda.is_available() else "cpu")
+    models = [build_model(job.train.arch, job.n_classes, state_dict_from_bytes(io.BytesIO(w), job.fold_dir))
+              .to(device).eval() for w in weights]
+    ids, probs = [], []
+    with torch.inference_mode():
+        for batch in held_out_batches(rows, job, pre, retry):
+            x, _ = model_inputs(batch, job, device)
+            total = None
+            for view in tta_views(x, tta):
+                for m in models:
+                    p = torch.softmax(logits_of(m(view)).float(), dim=1)
+                    total = p if total is None else total + p
+            assert total is not None  # at least one view and one model
+            probs.append((total / (len(models) * TTA_VIEWS[tta])).cpu().numpy())
+            ids += batch["image_id"]
+    return {"image_id": ids, "probs": np.concatenate(probs) if probs else np.zeros((0, job.n_classes), np.float32)}
 
 
 def measure_held_out(job: FoldJob, weights: bytes, rows: pa.Table, pre, retry: storage.Retry

@@ -1,5 +1,6 @@
-"""The decisions locked with the model, out of fold: the temperature, and the operating points (the target
-sensitivity, Youden's, the readers' specificity), written into every fold's model card."""
+"""The decisions locked with the model: the temperature, and the operating points (the target sensitivity,
+Youden's, the readers' specificity), fitted on the ensemble's predictions of the images no fold model trained on
+(``lock_decisions``), written into every fold's model card and the ensemble's."""
 from __future__ import annotations
 
 import json
@@ -7,8 +8,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from dermray.runtime import artifacts, layout
+from dermray.runtime import artifacts, faults, layout
 from dermray.runtime.config import RunConfig
 from dermray.stages.train.plan import TrainPlan, uses_readers
 from dermray.stages.train.shared import FINAL
@@ -49,9 +52,21 @@ class Locked:
     out_of_fold_auc: list[dict]  # per binary task: AUC with its lesion-bootstrap interval (decisions.task_aucs)
 
 
+LOCKING_PREDICTIONS = "locking_predictions.parquet"  # in the train run's folder
+MIN_LOCKING_IMAGES = 20  # fewer images no model trained on: the points are locked out of fold instead
+
+
 def lock_decisions(cfg: RunConfig, p: TrainPlan, fold_rows: list[dict]) -> Locked:
-    """Calibration and operating points chosen on the cross-validation folds' held-out predictions, written into
-    every fold's model card, with the out-of-fold AUC of each binary task (for the ensemble's card)."""
+    """Calibration and operating points, written into every fold's model card, with the out-of-fold AUC of each
+    binary task (for the ensemble's card).
+
+    Issue 28: points fitted on one fold model's scores and applied to the mean of several models' did not carry
+    over (averaging narrows each class's scores: a threshold in a class's tail moves its rate; the demo's melanoma
+    point fell from specificity 0.16 out of fold to 0.01 on test). So with two or more folds they are fitted on the
+    scores they are applied to: the ensemble's predictions, made as scoring makes them (every fold model, the
+    score.tta views), of the training images that no fold model trained on (``data.never_trained``). Those images
+    picked the epoch of the folds that did not hold them out; nothing else of theirs was learnt from. With one fold,
+    ``selection: last`` or too few such images, the held-out folds' predictions are used, as the cards say."""
     from dermray.core import decisions
     from dermray.core import metrics as M
 
@@ -62,21 +77,85 @@ def lock_decisions(cfg: RunConfig, p: TrainPlan, fold_rows: list[dict]) -> Locke
     oof = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if len(oof) < 2:
         return Locked(None, [], "no held-out predictions", {}, [])
-    truth_cols = p.table.select(["image_id", "task_truth"]).to_pandas() if p.task_names else None
-    task_truth = (np.stack(oof[["image_id"]].merge(truth_cols, on="image_id", how="left")["task_truth"])
-                  if truth_cols is not None else None)
     binary = [(name, p.task_names.index(name), pos, p.matrices[name].astype(np.float64))
               for name, pos in p.positives.items()]
-    chosen_on = f"out-of-fold predictions of folds {', '.join(cv)} ({len(oof)} images)"
-    probs = np.stack(oof["probs"]).astype(np.float64)
+    out_of_fold = f"out-of-fold predictions of folds {', '.join(cv)} ({len(oof)} images)"
     readers = readers_targets(cfg, p)
-    calibration, points = decisions.lock(probs, oof["class_index"].to_numpy(), task_truth, binary,
-                                         cfg.evaluate.target_sensitivity, readers)
+    locking = locking_predictions(cfg, p, cv)
+    frame, chosen_on = (locking, f"the ensemble's predictions ({len(cv)} fold models, TTA {cfg.score.tta}, as "
+                        f"scoring makes them) of the {len(locking)} training images no fold model trained on"
+                        ) if locking is not None else (oof, out_of_fold)
+    calibration, points = decisions.lock(np.stack(frame["probs"]).astype(np.float64), frame["class_index"].to_numpy(),
+                                         _task_truth(p, frame), binary, cfg.evaluate.target_sensitivity, readers)
+    points = [pt | {"chosen_on": chosen_on} for pt in points]
+    missing = [b for b in binary if b[0] not in {pt["task"] for pt in points}]
+    if locking is not None and missing:  # a task without positives or negatives there: its points out of fold
+        temperature = calibration["temperature"]
+        oof_probs = M.apply_temperature(np.stack(oof["probs"]).astype(np.float64), temperature)
+        _, more = decisions.lock(oof_probs, oof["class_index"].to_numpy(), _task_truth(p, oof), missing,
+                                 cfg.evaluate.target_sensitivity, readers, fit_temperature=False)
+        points += [pt | {"chosen_on": f"{out_of_fold}, calibrated as above: the images no fold model trained on "
+                                      "hold no positive or no negative of this task"} for pt in more]
+    probs = np.stack(oof["probs"]).astype(np.float64)
     lesion = (oof["group_id"].fillna(oof["image_id"]) if "group_id" in oof.columns else oof["image_id"]).to_numpy()
-    aucs = decisions.task_aucs(M.apply_temperature(probs, calibration["temperature"]), task_truth, binary,
+    aucs = decisions.task_aucs(M.apply_temperature(probs, calibration["temperature"]), _task_truth(p, oof), binary,
                                pd.factorize(lesion)[0], seed=0)
-    return Locked(calibration | {"fitted_on": chosen_on}, [pt | {"chosen_on": chosen_on} for pt in points],
-                  chosen_on, readers, aucs)
+    return Locked(calibration | {"fitted_on": chosen_on}, points, chosen_on, readers, aucs)
+
+
+def _task_truth(p: TrainPlan, frame: pd.DataFrame) -> np.ndarray | None:
+    if not p.task_names:
+        return None
+    truth = p.table.select(["image_id", "task_truth"]).to_pandas()
+    return np.stack(frame[["image_id"]].merge(truth, on="image_id", how="left")["task_truth"])
+
+
+def locking_predictions(cfg: RunConfig, p: TrainPlan, cv: list[str]) -> pd.DataFrame | None:
+    """The ensemble's predictions of the training images no fold model trained on (image_id, class_index, probs),
+    kept in the run's LOCKING_PREDICTIONS; made again only when the models or the views changed. None with fewer
+    than two folds or MIN_LOCKING_IMAGES such images."""
+    import dataclasses
+
+    from dermray.runtime.raysession import ray_session
+    from dermray.stages.train.data import ensemble_probabilities, never_trained
+    from dermray.stages.train.fold import fold_job
+
+    if len(cv) < 2:
+        return None
+    rows = p.table.filter(pa.array(never_trained(p.table, cfg.train)))
+    quarantine = storage.join(p.run_dir, "quarantine.parquet")
+    if storage.exists(quarantine):  # images that could not be decoded: not in any fold's data either
+        bad = storage.read_table(quarantine, columns=["image_id"]).column("image_id")
+        rows = rows.filter(pc.invert(pc.is_in(rows.column("image_id"), value_set=bad)))
+    if rows.num_rows < MIN_LOCKING_IMAGES:
+        return None
+    ens = artifacts.load_ensemble([layout.fold_dir(cfg.output, cfg.run_id, f) for f in cv])
+    made_by = json.dumps({"weights_sha256": list(ens.weights_sha256), "tta": cfg.score.tta,
+                          "images": rows.column("image_id").to_pylist()})
+    uri = storage.join(p.run_dir, LOCKING_PREDICTIONS)
+    if storage.exists(uri):
+        kept = storage.read_table(uri)
+        if (kept.schema.metadata or {}).get(b"dermray.made_by", b"").decode() == made_by:
+            return kept.to_pandas()
+    job = dataclasses.replace(fold_job(cv[0], p, cfg, True, "", faults.NONE), progress=None)
+    weights = [storage.read_bytes(w) for w in ens.weights]
+    with ray_session(cfg.ray.address, cfg.ray.num_cpus) as ray:
+        # num_gpus=None: Ray's default (its stubs want a number). One task per fold model's worth of CPUs.
+        task = ray.remote(num_cpus=cfg.train.cpus_per_worker,
+                          num_gpus=1 if cfg.train.use_gpu else None)(ensemble_probabilities)  # type: ignore[arg-type]
+        weights_ref = ray.put(weights)
+        step = -(-rows.num_rows // len(cv))
+        parts = ray.get([task.remote(job, weights_ref, rows.slice(i, step), cfg.transforms.preprocess(),
+                                     cfg.storage.retry(), cfg.score.tta) for i in range(0, rows.num_rows, step)])
+    probs = np.concatenate([part["probs"] for part in parts]).astype(np.float32)
+    ids = [i for part in parts for i in part["image_id"]]
+    at = {image_id: k for k, image_id in enumerate(ids)}
+    table = rows.select(["image_id", "class_index", "group", "label"]).sort_by("image_id")
+    order = [at[i] for i in table.column("image_id").to_pylist()]
+    table = table.append_column("probs", pa.array(list(probs[order]), pa.list_(pa.float32())))
+    table = table.replace_schema_metadata({"dermray.made_by": made_by})
+    storage.write_table(table, uri)
+    return table.to_pandas()
 
 
 def not_estimable_tasks(cfg: RunConfig, p: TrainPlan) -> dict[str, str]:
