@@ -43,10 +43,19 @@ def planted_copies(data: bytes, rng) -> dict[str, bytes]:
         return b.getvalue()
 
     left, t, r, b = (rng.uniform(0.02, 0.06, 4) * [w, h, w, h]).astype(int)
+    # Issue 28, finding 7: edits combined - a crop of 2-3 pixels per side, resized to 80-95 %, re-encoded at JPEG
+    # quality 60-90 - and a crop of 0-5 % per side, each side on its own (off-centre).
+    px = rng.integers(2, 4, 4)
+    crop = img.crop((px[0], px[1], w - px[2], h - px[3]))
+    s = rng.uniform(0.80, 0.95)
+    combined = jpeg(crop.resize((int(crop.width * s), int(crop.height * s))), int(rng.integers(60, 91)))
+    f = (rng.uniform(0, 0.05, 4) * [w, h, w, h]).astype(int)
     return {"reencoded_q50": jpeg(img, 50), "resized_70pct": jpeg(img.resize((int(w * 0.7), int(h * 0.7)))),
             "cropped_4pct_centred": jpeg(img.crop((int(0.04 * w), int(0.04 * h), w - int(0.04 * w),
                                                    h - int(0.04 * h)))),
-            "cropped_2_6pct_offcentre": jpeg(img.crop((left, t, w - r, h - b)))}
+            "cropped_2_6pct_offcentre": jpeg(img.crop((left, t, w - r, h - b))),
+            "combined_crop_resize_jpeg": combined,
+            "cropped_0_5pct_offcentre": jpeg(img.crop((f[0], f[1], w - f[2], h - f[3])))}
 
 
 def _similarities(pairs_bytes):

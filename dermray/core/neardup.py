@@ -12,7 +12,9 @@ Steps:
    skipped and counted.
 3. ``similarity``: the candidate pairs verified on the pixels: normalised cross-correlation of 32x32 grey views,
    the whole of one image against the other's views at scales 1, 0.92 and 0.85 and shifts of 4 % (both ways),
-   the best alignment kept. A 64-bit pHash alone pairs thousands of different HAM10000 lesions (dermoscopy
+   the best alignment kept; a pair that comes within FINE_GATE is then aligned finely, each side of the window
+   cropped on its own (0-7 %, a 2 % grid then 1 % around its best), so that an off-centre crop or a crop of a
+   few pixels that was also resized and re-encoded is found (issue 28, finding 7). A 64-bit pHash alone pairs thousands of different HAM10000 lesions (dermoscopy
    images look alike at 8x8 frequencies); the aligned correlation separates them (see benchmarks/near_duplicates.py).
 4. ``merge_groups``: accepted pairs and exact copies join their groups (union-find), refusing a merge that would
    make a component larger than ``max_groups`` groups (chaining through look-alikes), and reporting it.
@@ -147,9 +149,71 @@ def _views(grey) -> np.ndarray:
 
 def similarity(a: bytes, b: bytes, max_pixels: int = 50_000_000) -> float:
     """The best normalised cross-correlation (-1..1) of one image's whole view against the other's views, both
-    ways: 1 for a copy, a re-encoding or a resize; about 1 for a crop of a few percent per side."""
-    va, vb = _views(_grey(a, max_pixels)), _views(_grey(b, max_pixels))
-    return float(max((vb @ va[0]).max(), (va @ vb[0]).max()) / (N_VIEW * N_VIEW))
+    ways: 1 for a copy, a re-encoding or a resize; about 1 for a crop of a few percent per side. A pair that
+    comes close on the coarse views (FINE_GATE) is aligned finely (``_fine``): each side of a window cropped
+    on its own, so that an off-centre crop, or a crop of a few pixels then resized and re-encoded, is found."""
+    ga, gb = _grey(a, max_pixels), _grey(b, max_pixels)
+    va, vb = _views(ga), _views(gb)
+    coarse = float(max((vb @ va[0]).max(), (va @ vb[0]).max()) / (N_VIEW * N_VIEW))
+    if coarse < FINE_GATE:
+        return coarse
+    return max(coarse, _fine(_small(gb), va[0]), _fine(_small(ga), vb[0]))
+
+
+FINE_GATE = 0.90  # coarse similarity from which a pair is aligned finely (below it no copy was seen)
+FINE_SIDES = (0.0, 0.02, 0.04, 0.06)  # the crops per side searched first (fractions of the side) ...
+FINE_STEP = 0.01  # ... then around the best, each side this much either way
+N_SMALL = 96  # the long side of the grey image the fine alignment reads
+
+
+def _small(grey) -> np.ndarray:
+    from PIL import Image
+
+    w, h = grey.size
+    scale = N_SMALL / max(w, h)
+    size = (max(N_VIEW, round(w * scale)), max(N_VIEW, round(h * scale)))
+    return np.asarray(grey.resize(size, Image.Resampling.BOX), np.float32)
+
+
+def _area(n_src: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """float32 [k, N_VIEW, n_src]: a box resize of each window [lo, hi) (fractions of the side) to N_VIEW cells,
+    as a matrix (source cells weighted by their overlap with each output cell)."""
+    edges = (lo[:, None] + (hi - lo)[:, None] * np.arange(N_VIEW + 1)[None, :] / N_VIEW) * n_src
+    cells = np.arange(n_src + 1, dtype=np.float64)
+    a, b = edges[:, :-1, None], edges[:, 1:, None]
+    overlap = np.clip(np.minimum(b, cells[None, None, 1:]) - np.maximum(a, cells[None, None, :-1]), 0, None)
+    return (overlap / (b - a)).astype(np.float32)
+
+
+def _window_scores(g: np.ndarray, whole: np.ndarray, sides_x: np.ndarray, sides_y: np.ndarray) -> tuple:
+    """(best correlation, its (left, right) and (top, bottom) crops) of ``whole`` (a normalised view) against the
+    windows of ``g`` cropped by every pair of sides_x (left, right) and sides_y (top, bottom)."""
+    lx, rx = np.meshgrid(sides_x, sides_x, indexing="ij")
+    ly, ry = np.meshgrid(sides_y, sides_y, indexing="ij")
+    lx, rx, ly, ry = lx.ravel(), rx.ravel(), ly.ravel(), ry.ravel()
+    ax = _area(g.shape[1], lx, 1 - rx)  # [kx, 32, W]
+    ay = _area(g.shape[0], ly, 1 - ry)  # [ky, 32, H]
+    t = np.matmul(g[None], ax.transpose(0, 2, 1))  # [kx, H, 32]
+    v = np.matmul(ay[:, None], t[None]).reshape(len(ly), len(lx), -1)  # [ky, kx, 1024]
+    v = v - v.mean(axis=2, keepdims=True)
+    v /= v.std(axis=2, keepdims=True) + 1e-6
+    scores = v @ whole / (N_VIEW * N_VIEW)
+    iy, ix = np.unravel_index(int(np.argmax(scores)), scores.shape)
+    return float(scores[iy, ix]), (lx[ix], rx[ix]), (ly[iy], ry[iy])
+
+
+def _fine(g: np.ndarray, whole: np.ndarray) -> float:
+    """The best correlation of ``whole`` against windows of ``g`` cropped on each side by up to ~7 %: a coarse
+    grid (FINE_SIDES), then FINE_STEP around its best."""
+    sides = np.array(FINE_SIDES)
+    best, (left, right), (top, bottom) = _window_scores(g, whole, sides, sides)
+    step = np.array([-FINE_STEP, 0.0, FINE_STEP])
+
+    def near(x, y):  # a side's crops around the best (x, y), none below 0
+        return np.clip(np.unique(np.r_[x + step, y + step]), 0.0, 0.1)
+
+    refined, _, _ = _window_scores(g, whole, near(left, right), near(top, bottom))
+    return max(best, refined)
 
 
 def similarities(uris_a, uris_b, read, max_pixels: int = 50_000_000) -> np.ndarray:
