@@ -408,6 +408,10 @@ def operator_errors(obj: dict) -> list[str]:
                 errs.append(f"deletion TTLs for {status!r} must not decrease along {order}")
         if job.get("activeDeadlineSeconds", 1) <= 0 or job.get("backoffLimit", 0) < 0:
             errs.append("activeDeadlineSeconds / backoffLimit")
+        if job.get("preRunningDeadlineSeconds", 1) <= 0:
+            errs.append("preRunningDeadlineSeconds must be positive")
+        if job.get("suspend") and not job.get("shutdownAfterJobFinishes"):  # ValidateRayJobSpec
+            errs.append("a RayJob with shutdownAfterJobFinishes false is not allowed to be suspended")
     for where, cs in cluster_specs(obj):
         if not cs["headGroupSpec"]["template"]["spec"].get("containers"):
             errs.append(f"{where}: head without containers")
