@@ -14,8 +14,9 @@ Steps:
    the whole of one image against the other's views at scales 1, 0.92 and 0.85 and shifts of 4 % (both ways),
    the best alignment kept; a pair that comes within FINE_GATE is then aligned finely, each side of the window
    cropped on its own (0-7 %, a 2 % grid then 1 % around its best), so that an off-centre crop or a crop of a
-   few pixels that was also resized and re-encoded is found (issue 28, finding 7). A 64-bit pHash alone pairs thousands of different HAM10000 lesions (dermoscopy
-   images look alike at 8x8 frequencies); the aligned correlation separates them (see benchmarks/near_duplicates.py).
+   few pixels that was also resized and re-encoded is found (issue 28, finding 7). A 64-bit pHash alone pairs
+   thousands of different HAM10000 lesions (dermoscopy images look alike at 8x8 frequencies); the aligned
+   correlation separates them (see benchmarks/near_duplicates.py).
 4. ``merge_groups``: accepted pairs and exact copies join their groups (union-find), refusing a merge that would
    make a component larger than ``max_groups`` groups (chaining through look-alikes), and reporting it.
 """

@@ -203,6 +203,16 @@ TRAINING_METRICS = TableSchema(
     doc="Per fold and epoch (numbered from 1): loss, top-1, task accuracies, data-wait and compute seconds, images/s.",
 )
 
+LOCKING_PREDICTIONS = TableSchema(
+    "locking_predictions",
+    (_s("image_id"), Column("class_index", pa.int32()), _s("group"), _s("label"),
+     Column("probs", pa.list_(pa.float32()), doc="the ensemble's mean softmax over its fold models and the "
+                                                  "score.tta views, in class_index order")),
+    doc="What the temperature and the operating points are fitted on: the train run's model - the mean of its "
+        "fold models, as scoring makes it - on the training images no fold model trained on (the inner selection "
+        "lesions; with one fold, its held-out images too).",
+)
+
 TRAIN_SUMMARY = TableSchema(
     "train_summary",
     (_s("metric"), Column("mean", pa.float64(), nullable=True), Column("sd", pa.float64(), nullable=True),

@@ -53,7 +53,7 @@ def test_two_folds_train_concurrently_and_write_their_outputs(study, tmp_path):
     n_classes = len(pd.read_parquet(out / "partition" / "c" / "training_classes.parquet"))
     for fold in ("fold=0", "fold=1"):
         metrics = pd.read_parquet(run_dir / fold / "metrics.parquet")
-        assert set(metrics["epoch"]) == {0, 1}
+        assert set(metrics["epoch"]) == {1, 2}  # numbered from 1
         assert {"loss", "top1", "acc_melanoma_vs_nevus", "acc_three_class"} <= set(
             metrics.loc[metrics.split == "select", "metric"])
         card = json.loads((run_dir / fold / "model_card.json").read_text())
@@ -252,7 +252,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_a_rerun_continues(small
     with pytest.raises(UserError, match=r"fold 0: train.epochs 3 -> 4; use a new run id, or --force"):
         train.run(config(d, "run_id=resume", "train.folds=[0]", "train.epochs=4"))
     metrics = pd.read_parquet(d / "out" / "train" / "resume" / "fold=0" / "metrics.parquet")
-    assert sorted(set(metrics["epoch"])) == [0, 1, 2]
+    assert sorted(set(metrics["epoch"])) == [1, 2, 3]  # numbered from 1
     # The resumed fold's model scores real images.
     from dermray.core.transforms import decode_image, eval_transform
     from dermray.stages.score.actors import Predictor

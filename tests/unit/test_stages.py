@@ -74,6 +74,6 @@ def test_a_view_hands_declared_sections_whole_and_survives_pickling():
     again = pickle.loads(pickle.dumps(view))
     assert again.evaluate.target_sensitivity == 0.8 and registry.unwrap(again) == cfg
     with pytest.raises(registry.UndeclaredConfigRead):
-        _ = again.score
+        _ = again.score.batch_size  # train declares score.tta alone
     with pytest.raises(AttributeError):
         view.train = None

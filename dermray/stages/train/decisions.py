@@ -15,7 +15,7 @@ from dermray.runtime import artifacts, faults, layout
 from dermray.runtime.config import RunConfig
 from dermray.stages.train.plan import TrainPlan, uses_readers
 from dermray.stages.train.shared import FINAL
-from dermray.store import storage
+from dermray.store import schemas, storage
 
 
 def readers_targets(cfg: RunConfig, p: TrainPlan) -> dict:
@@ -142,7 +142,7 @@ def locking_predictions(cfg: RunConfig, p: TrainPlan, cv: list[str]) -> pd.DataF
     with ray_session(cfg.ray.address, cfg.ray.num_cpus) as ray:
         # num_gpus=None: Ray's default (its stubs want a number). One task per fold model's worth of CPUs.
         task = ray.remote(num_cpus=cfg.train.cpus_per_worker,
-                          num_gpus=1 if cfg.train.use_gpu else None)(ensemble_probabilities)  # type: ignore[arg-type]
+                          num_gpus=1 if cfg.train.use_gpu else None)(ensemble_probabilities)
         weights_ref = ray.put(weights)
         step = -(-rows.num_rows // len(cv))
         parts = ray.get([task.remote(job, weights_ref, rows.slice(i, step), cfg.transforms.preprocess(),
@@ -153,7 +153,7 @@ def locking_predictions(cfg: RunConfig, p: TrainPlan, cv: list[str]) -> pd.DataF
     table = rows.select(["image_id", "class_index", "group", "label"]).sort_by("image_id")
     order = [at[i] for i in table.column("image_id").to_pylist()]
     table = table.append_column("probs", pa.array(list(probs[order]), pa.list_(pa.float32())))
-    table = table.replace_schema_metadata({"dermray.made_by": made_by})
+    table = table.cast(schemas.LOCKING_PREDICTIONS.arrow()).replace_schema_metadata({"dermray.made_by": made_by})
     storage.write_table(table, uri)
     return table.to_pandas()
 
