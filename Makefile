@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: test test-unit test-stage test-system coverage demo demo-cluster install bench bench-report bench-partition clean
+.PHONY: test test-unit test-stage test-system coverage demo demo-cluster install checkov bench bench-report bench-partition clean
 
 $(PY):
 	@echo "install: a virtual environment in $(VENV) (Python, then pip)"
@@ -20,12 +20,24 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 
 install: $(STAMP)
 
+# checkov, the security scan of the Kubernetes manifests (tests/system/test_k8s_policy.py), in a virtual environment
+# of its own: its pins (boto3, botocore, packaging) conflict with dermray's. Its exact versions:
+# tests/system/checkov-requirements.txt (~300 MB, ~30 s).
+CHECKOV = $(VENV)/tools/checkov/.installed
+$(CHECKOV): tests/system/checkov-requirements.txt | $(PY)
+	@echo "install: checkov in $(VENV)/tools/checkov (the manifests' security scan)"
+	$(PY) -m venv $(VENV)/tools/checkov
+	$(VENV)/tools/checkov/bin/python -m pip install --quiet -r tests/system/checkov-requirements.txt
+	touch $(CHECKOV)
+
+checkov: $(CHECKOV)
+
 # All three tiers (tests/unit, tests/stage, tests/system), measured on 2 cores, AMD EPYC (stop 41, 836 tests):
 # 11:12, 11:20, then a fresh clone's CI 11:26; the budget is 12.
 # The whole-process runs start in the background at the first test (tests/early.py), and the session
 # runs in the order that keeps both cores busy (tests/conftest.py). The slowest 25 tests are listed at the end of
 # every run (pyproject.toml's options).
-test: $(STAMP)
+test: $(STAMP) $(CHECKOV)
 	$(PY) -m pytest -q tests
 
 # The unit tier alone (no Ray, no subprocess, no network): under 90 seconds.
@@ -33,13 +45,13 @@ test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
 
 # Line coverage of dermray/ in the pytest process (Ray workers and subprocesses are not traced), all tiers.
-coverage: $(STAMP)
+coverage: $(STAMP) $(CHECKOV)
 	$(PY) -m pytest -q tests --cov=dermray --cov-report=term --cov-report=json:coverage.json
 
 test-stage: $(STAMP)
 	$(PY) -m pytest -q tests/stage
 
-test-system: $(STAMP)
+test-system: $(STAMP) $(CHECKOV)
 	$(PY) -m pytest -q tests/system
 
 # The embedded demo: synthetic data, the whole pipeline on an in-process Ray, the report's path at the end.

@@ -18,11 +18,10 @@ CLUSTER = REPO / "cluster"
 OVERLAYS = ["dev", "prod"]
 
 
-def kustomize(overlay: str) -> list[dict]:
+def kustomize(path: str) -> list[dict]:
     if shutil.which("kubectl") is None:
         pytest.skip("kubectl is not installed: kustomize overlays not built")
-    out = subprocess.run(["kubectl", "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(["kubectl", "kustomize", str(K8S / path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
@@ -48,11 +47,12 @@ def _cluster_spec_ok(spec: dict, where: str) -> list[str]:
     head = spec["headGroupSpec"]
     assert head["rayStartParams"].get("num-cpus") == "0", f"{where}: the head does no work"
     images = [c["image"] for c in head["template"]["spec"]["containers"]]
-    assert head["template"]["spec"]["serviceAccountName"] == "dermray"
+    assert head["template"]["spec"]["serviceAccountName"] == "dermray-head"  # the autoscaler's (test_k8s_policy)
     gpu = [g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu"]
     assert gpu, f"{where}: a GPU worker group"
     g = gpu[0]
     assert g["minReplicas"] == 0 and g["maxReplicas"] >= 1 and spec.get("enableInTreeAutoscaling") is True
+    assert g["template"]["spec"]["serviceAccountName"] == "dermray-worker"
     for c in g["template"]["spec"]["containers"]:
         assert c["resources"]["requests"]["nvidia.com/gpu"] == c["resources"]["limits"]["nvidia.com/gpu"] == "1"
         images.append(c["image"])
@@ -61,15 +61,18 @@ def _cluster_spec_ok(spec: dict, where: str) -> list[str]:
     return images
 
 
-NIGHTLY_WRAPPER = "python /etc/dermray-nightly/nightly_window.py "  # the nightly's starting deadline (test_kuberay)
+# the entrypoint wrapper (deadline, logs, the night's guard: test_kuberay.py, test_k8s_policy.py)
+WRAPPER = re.compile(r"python /etc/dermray-entrypoint/entrypoint\.py (--[a-z-]+ (\d+ )?)*-- ")
 
 
 def _entrypoint_ok(entrypoint: str, configs: dict[str, str], tmp_path) -> None:
-    command = entrypoint.removeprefix(NIGHTLY_WRAPPER)
+    wrapper = WRAPPER.match(entrypoint)
+    assert wrapper, f"{entrypoint}: not run through the entrypoint wrapper (deadline, logs)"
+    command = entrypoint[wrapper.end():]
     m = re.fullmatch(r"python /app/(jobs/\w+\.py) --config /etc/dermray/(\S+)", command)
     assert m, entrypoint
     assert (REPO / m.group(1)).exists(), f"{entrypoint}: {m.group(1)} does not exist"
-    assert m.group(2) in configs, f"{entrypoint}: {m.group(2)} is not in the dermray-config ConfigMap"
+    assert m.group(2) in configs, f"{entrypoint}: {m.group(2)} is not in the ConfigMap mounted at /etc/dermray"
     f = tmp_path / m.group(2)
     f.write_text(configs[m.group(2)])
     load_config(str(f))  # raises on an unknown or mistyped key
@@ -84,51 +87,68 @@ def _cleans_up(spec: dict) -> bool:
     return {"SUCCEEDED", "FAILED"} <= gone and any(r["condition"].get("jobDeploymentStatus") == "Failed" for r in rules)
 
 
+def _mounted_config(docs, template_spec: dict) -> dict[str, str]:
+    mount = next(m for m in template_spec["containers"][0]["volumeMounts"] if m["mountPath"] == "/etc/dermray")
+    name = next(v for v in template_spec["volumes"] if v["name"] == mount["name"])["configMap"]["name"]
+    return next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == name)["data"]
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlays_build_and_carry_what_kuberay_needs(overlay, tmp_path):
-    docs = kustomize(overlay)
+    standing, training = kustomize(f"overlays/{overlay}"), kustomize(f"overlays/{overlay}/train")
+    namespace = "dermray-dev" if overlay == "dev" else "dermray"
     by_kind: dict[str, list[dict]] = {}
-    for d in docs:
+    for d in standing + training:
         by_kind.setdefault(d["kind"], []).append(d)
-        assert d["metadata"].get("namespace") == ("dermray-dev" if overlay == "dev" else "dermray"), d["kind"]
+        if d["kind"] == "Namespace":  # cluster-scoped: the overlay's namespace itself
+            assert d["metadata"]["name"] == namespace
+        else:
+            assert d["metadata"].get("namespace") == namespace, d["kind"]
         assert d["metadata"].get("labels", {}).get("app.kubernetes.io/name") == "dermray", d["kind"]
-    configs = next(c for c in by_kind["ConfigMap"] if c["metadata"]["name"] == "dermray-config")["data"]
-    for text in configs.values():
-        (tmp_path / "c.yaml").write_text(text)
-        load_config(str(tmp_path / "c.yaml"))
-    sa = next(s for s in by_kind["ServiceAccount"] if s["metadata"]["name"] == "dermray")
-    assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
-    images = _cluster_spec_ok(by_kind["RayCluster"][0]["spec"], "RayCluster")
+    for cm in by_kind["ConfigMap"]:
+        for key, text in cm["data"].items():
+            if key.endswith(".yaml"):
+                (tmp_path / "c.yaml").write_text(text)
+                load_config(str(tmp_path / "c.yaml"))
+    for name in ("dermray-head", "dermray-worker"):
+        sa = next(s for s in by_kind["ServiceAccount"] if s["metadata"]["name"] == name)
+        assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+    (cluster,) = by_kind["RayCluster"]
+    images = _cluster_spec_ok(cluster["spec"], "RayCluster")
+    # Training: the training kustomization holds the RayJob and its configs, nothing standing.
     (train,) = by_kind["RayJob"]
+    assert train in training and {d["kind"] for d in training} == {"RayJob", "ConfigMap"}
     spec = train["spec"]
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
     assert spec["activeDeadlineSeconds"] > 0
+    configs = _mounted_config(training, spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"])
     _entrypoint_ok(spec["entrypoint"], configs, tmp_path)
     images += _cluster_spec_ok(spec["rayClusterSpec"], "RayJob train")
-    # One nightly spec (the RayCronJob's jobTemplate) and one mechanism that runs it per overlay.
+    # The nightly: one spec (the RayCronJob's jobTemplate, never scheduled by KubeRay) and the CronJob launching it.
     (cron,) = by_kind["RayCronJob"]
     assert cron["apiVersion"] == "ray.io/v1" and len(cron["spec"]["schedule"].split()) == 5
-    if overlay == "prod":
-        assert cron["spec"]["suspend"] is False and "CronJob" not in by_kind
-    else:
-        assert cron["spec"]["suspend"] is True  # only the launcher's template
-        (launcher,) = by_kind["CronJob"]
-        assert launcher["spec"]["concurrencyPolicy"] == "Forbid" and launcher["spec"]["startingDeadlineSeconds"] > 0
-        pod = launcher["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-        assert pod["serviceAccountName"] == "dermray-launcher" and pod["restartPolicy"] == "Never"
-        cm_name = pod["volumes"][0]["configMap"]["name"]
-        holder = next(c for c in by_kind["ConfigMap"] if c["metadata"]["name"] == cm_name)
-        (name,) = holder["data"]
-        assert pod["containers"][0]["command"][-1].endswith("/" + name)
-        images.append(pod["containers"][0]["image"])
-        role = next(r for r in by_kind["Role"] if r["metadata"]["name"] == "dermray-launcher")
-        assert role["rules"] == [
-            {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get", "list"]},
-            {"apiGroups": ["ray.io"], "resources": ["raycronjobs"], "resourceNames": [cron["metadata"]["name"]],
-             "verbs": ["get"]}]
+    assert cron["spec"]["suspend"] is True and cron["spec"]["jobTemplate"]["suspend"] is True
+    (launcher,) = by_kind["CronJob"]
+    assert launcher["spec"]["concurrencyPolicy"] == "Forbid" and launcher["spec"]["startingDeadlineSeconds"] > 0
+    pod = launcher["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "dermray-launcher" and pod["restartPolicy"] == "Never"
+    cm_name = pod["volumes"][0]["configMap"]["name"]
+    holder = next(c for c in by_kind["ConfigMap"] if c["metadata"]["name"] == cm_name)
+    (name,) = holder["data"]
+    assert pod["containers"][0]["command"][-1].endswith("/" + name)
+    images.append(pod["containers"][0]["image"])
+    role = next(r for r in by_kind["Role"] if r["metadata"]["name"] == "dermray-launcher")
+    assert role["rules"] == [
+        {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get"]},
+        {"apiGroups": ["ray.io"], "resources": ["raycronjobs"], "resourceNames": [cron["metadata"]["name"]],
+         "verbs": ["get"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["dermray-nightly"],
+         "verbs": ["get", "update"]}]
     nightly = cron["spec"]["jobTemplate"]
     assert _cleans_up(nightly) and 0 < nightly["activeDeadlineSeconds"] < 24 * 3600
     assert "jobs/nightly_score.py" in nightly["entrypoint"]
+    configs = _mounted_config(standing, nightly["rayClusterSpec"]["headGroupSpec"]["template"]["spec"])
     _entrypoint_ok(nightly["entrypoint"], configs, tmp_path)
     images += _cluster_spec_ok(nightly["rayClusterSpec"], "nightly RayJob")
     assert len(set(images)) == 1, f"pods run different images: {set(images)}"

@@ -3,10 +3,13 @@
 - Strict schema validation against KubeRay's own CRDs (the oldest supported version's, from
   ../shared/kuberay-crds): a field the structural schema does not declare is an error, as in a strict
   `kubectl apply`; types, enums, patterns, required fields and the CRDs' CEL rules are checked too. Every ray.io
-  object in k8s/, in each rendered overlay, embedded in a ConfigMap, and the RayJob the launcher creates.
-- One image setting per overlay reaches every container; rayVersion is written once and is the image's Ray.
-- The GPUs an overlay can request at once equal the cap its comment states; requests equal limits.
-- The plain-CronJob launcher is idempotent (run against a fake API server); the nightly's starting deadline.
+  object in k8s/, in each rendered environment (its standing objects and its training run), embedded in a
+  ConfigMap, and the RayJob the launcher creates.
+- One image setting per environment reaches every container; rayVersion is written once and is the image's Ray.
+- The GPUs an environment can request at once equal the cap its comment states; requests equal limits.
+- The nightly launcher (run against a fake API server): one RayJob per night under a lock, a manual run under a name
+  of its own, the night's outcome as its exit status; the entrypoint's guard for the night.
+(tests/system/test_k8s_policy.py: KubeRay v1.7.0's controller semantics, security and operability.)
 """
 import datetime as dt
 import functools
@@ -192,12 +195,23 @@ def render_dir(path: pathlib.Path) -> list[dict]:
 
 
 @functools.lru_cache(maxsize=None)
-def _render_cached(overlay: str) -> str:
-    return json.dumps(render_dir(K8S / "overlays" / overlay))
+def _render_cached(path: str) -> str:
+    return json.dumps(render_dir(K8S / path))
 
 
-def render(overlay: str) -> list[dict]:
-    return json.loads(_render_cached(overlay))
+def render_standing(env: str) -> list[dict]:
+    """An environment's standing objects (k8s/overlays/<env>): applied and re-applied at will."""
+    return json.loads(_render_cached(f"overlays/{env}"))
+
+
+def render_training(env: str) -> list[dict]:
+    """An environment's training run (k8s/overlays/<env>/train), applied on its own."""
+    return json.loads(_render_cached(f"overlays/{env}/train"))
+
+
+def render(env: str) -> list[dict]:
+    """Everything an environment runs: its standing objects and its training run (two kustomizations)."""
+    return render_standing(env) + render_training(env)
 
 
 def one(docs, kind, name=None) -> dict:
@@ -394,6 +408,10 @@ def operator_errors(obj: dict) -> list[str]:
                 errs.append(f"deletion TTLs for {status!r} must not decrease along {order}")
         if job.get("activeDeadlineSeconds", 1) <= 0 or job.get("backoffLimit", 0) < 0:
             errs.append("activeDeadlineSeconds / backoffLimit")
+        if job.get("preRunningDeadlineSeconds", 1) <= 0:
+            errs.append("preRunningDeadlineSeconds must be positive")
+        if job.get("suspend") and not job.get("shutdownAfterJobFinishes"):  # ValidateRayJobSpec
+            errs.append("a RayJob with shutdownAfterJobFinishes false is not allowed to be suspended")
     for where, cs in cluster_specs(obj):
         if not cs["headGroupSpec"]["template"]["spec"].get("containers"):
             errs.append(f"{where}: head without containers")
@@ -434,33 +452,42 @@ def _dockerfile_ray() -> str:
                      re.M).group(1)
 
 
+def _image_settings() -> dict[pathlib.Path, list]:
+    return {p: yaml.safe_load(p.read_text()).get("images") for p in sorted(K8S.rglob("kustomization.yaml"))}
+
+
 def test_manifests_name_one_image_placeholder_and_only_overlays_set_it():
     images = {img for p, d in raw_objects() for _, img in all_images(d)}
     assert images == {PLACEHOLDER}
-    for path in sorted(K8S.rglob("kustomization.yaml")):
-        k = yaml.safe_load(path.read_text())
-        if "overlays" in path.parts:
-            assert [e["name"] for e in k.get("images", [])] == [PLACEHOLDER], path
-        else:
-            assert "images" not in k, f"{path}: the image is set in the overlays only"
+    settings = {p: v for p, v in _image_settings().items() if v}
+    for env in OVERLAYS:  # one setting per environment, shared by its standing objects and its training run
+        mine = {p: v for p, v in settings.items() if p.is_relative_to(K8S / "overlays" / env)}
+        assert len(mine) == 1, f"{env}: image settings in {sorted(mine)}"
+        (path, entries), = mine.items()
+        assert [e["name"] for e in entries] == [PLACEHOLDER], path
+        users = [p for p in sorted((K8S / "overlays" / env).rglob("kustomization.yaml"))
+                 if path.parent.name in str(yaml.safe_load(p.read_text()).get("components"))]
+        assert {p.parent for p in users} == {K8S / "overlays" / env, K8S / "overlays" / env / "train"}, users
+    assert all(p.is_relative_to(K8S / "overlays") for p in settings), "the image is set in the overlays only"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_one_image_setting_changes_every_image(overlay, tmp_path):
     before = render(overlay)
-    (entry,) = yaml.safe_load((K8S / "overlays" / overlay / "kustomization.yaml").read_text())["images"]
+    kfile_rel = next(p for p, v in _image_settings().items() if v and p.is_relative_to(K8S / "overlays" / overlay))
+    (entry,) = yaml.safe_load(kfile_rel.read_text())["images"]
     old_name = entry["newName"]
     old = f"{old_name}:{entry['newTag']}"
     assert {img for d in before for _, img in all_images(d)} == {old}
 
     tree = tmp_path / "k8s"
     shutil.copytree(K8S, tree)
-    kfile = tree / "overlays" / overlay / "kustomization.yaml"
+    kfile = tree / kfile_rel.relative_to(K8S)
     k = yaml.safe_load(kfile.read_text())
     new = "registry.example.com/other/dermray-test:9.9.9"
     k["images"] = [{"name": PLACEHOLDER, "newName": new.split(":")[0], "newTag": "9.9.9"}]
     kfile.write_text(yaml.safe_dump(k, sort_keys=False))
-    after = render_dir(tree / "overlays" / overlay)
+    after = render_dir(tree / "overlays" / overlay) + render_dir(tree / "overlays" / overlay / "train")
 
     seen = [(f"{d['kind']} {d['metadata']['name']}{w}", img) for d in after for w, img in all_images(d)]
     for where, obj in embedded_objects(after):
@@ -478,7 +505,8 @@ def test_one_image_setting_changes_every_image(overlay, tmp_path):
 def test_ray_version_is_written_once():
     lines = [(p, line) for p in sorted(K8S.rglob("*.yaml")) for line in p.read_text().splitlines()
              if re.match(r"\s*rayVersion\s*:", line)]
-    assert len(lines) == 1 and lines[0][0].name == "raycluster.yaml", lines
+    assert len(lines) == 1 and lines[0][0] == K8S / "components" / "ray" / "versions.yaml", lines
+    assert not [p for p, d in raw_objects() if "kind" in d for _, cs in cluster_specs(d) if "rayVersion" in cs]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -517,15 +545,16 @@ def gpu_total(docs) -> tuple[int, dict]:
             parts[name] = _cluster_gpus(d["spec"]["rayClusterSpec"])
         elif d["kind"] == "RayCronJob":
             job = d["spec"]["jobTemplate"]
-            # One night at a time: a night ends (activeDeadlineSeconds) before the next daily schedule, and a
-            # catch-up launch skips before using GPUs (nightly_window.py). Suspended, it is the launcher's template.
+            # The nightly's template: one night at a time (the launcher's Lease; test_k8s_policy.py replays the
+            # schedules), and a night ends (activeDeadlineSeconds) before the next daily schedule.
             assert _daily(d["spec"]["schedule"]) and job["activeDeadlineSeconds"] < 24 * 3600
             parts[name] = _cluster_gpus(job["rayClusterSpec"])
     launchers = [d for d in docs if d["kind"] == "CronJob"]
     crons = [d for d in docs if d["kind"] == "RayCronJob"]
-    # one nightly mechanism: the active RayCronJob, or the CronJob launching from the suspended one
-    assert len(crons) == 1 and (crons[0]["spec"].get("suspend") is True) == bool(launchers)
-    for cj in launchers:  # Forbid + one deterministic RayJob per night + no start while a night is active
+    # one nightly mechanism: the CronJob launching from the RayCronJob, which KubeRay never schedules itself
+    assert len(crons) == 1 and crons[0]["spec"]["suspend"] is True and crons[0]["spec"]["jobTemplate"]["suspend"]
+    assert len(launchers) == 1
+    for cj in launchers:  # Forbid + one deterministic RayJob per night under a lock
         assert cj["spec"]["concurrencyPolicy"] == "Forbid" and _daily(cj["spec"]["schedule"])
     return sum(parts.values()), parts
 
@@ -537,6 +566,8 @@ def test_gpu_total_equals_the_cap_the_overlay_states(overlay):
     assert m, "the overlay's comment must state '# GPU cap: N'"
     total, parts = gpu_total(render(overlay))
     assert total == int(m.group(1)), parts
+    quota = one(render_standing(overlay), "ResourceQuota")  # and the namespace enforces it
+    assert quota["spec"]["hard"] == {"requests.nvidia.com/gpu": m.group(1)}
     for name, n in parts.items():  # and the comment's breakdown names each object's share
         assert n > 0, name
 
@@ -567,36 +598,43 @@ def test_requests_equal_limits_and_ray_advertises_them(overlay):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The nightly: schedules, the starting deadline, the launcher
+# The nightly: one schedule, its deadlines, the entrypoint's guard, the launcher
 
 def _head_env(cron: dict) -> dict:
     head = cron["spec"]["jobTemplate"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     return {e["name"]: e["value"] for e in head.get("env", [])}
 
 
+def _configmap_of(docs, template_spec: dict, mount_path: str) -> dict:
+    container = template_spec["containers"][0]
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == mount_path)
+    name = next(v for v in template_spec["volumes"] if v["name"] == mount["name"])["configMap"]["name"]
+    return next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == name)
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_one_schedule_and_the_window_that_guards_it(overlay):
-    docs = render(overlay)
+def test_one_schedule_and_the_deadlines_that_guard_it(overlay):
+    docs = render_standing(overlay)
     cron = one(docs, "RayCronJob", SCHEDULE_TEMPLATE)
-    env = _head_env(cron)
-    assert env["DERMRAY_NIGHTLY_SCHEDULE"] == cron["spec"]["schedule"]
-    assert env["DERMRAY_NIGHTLY_TIME_ZONE"] == cron["spec"]["timeZone"]
-    window = int(env["DERMRAY_NIGHTLY_WINDOW_S"])
+    cj = one(docs, "CronJob", "dermray-nightly")
+    assert (cj["spec"]["schedule"], cj["spec"]["timeZone"]) == (cron["spec"]["schedule"], cron["spec"]["timeZone"])
+    launcher = cj["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    launch_env = {e["name"]: e.get("value") for e in launcher["env"]}
+    assert launch_env["DERMRAY_NIGHTLY_TIME_ZONE"] == cron["spec"]["timeZone"]
     job = cron["spec"]["jobTemplate"]
-    assert 0 < window < job["activeDeadlineSeconds"]
+    window = int(_head_env(cron)["DERMRAY_NIGHTLY_WINDOW_S"])
+    # a launch within the CronJob's starting deadline, a cluster up within preRunningDeadlineSeconds: inside the
+    # entrypoint's window, which ends long before the night's deadline
+    assert cj["spec"]["startingDeadlineSeconds"] <= int(launch_env["DERMRAY_NIGHTLY_WINDOW_S"])
+    assert int(launch_env["DERMRAY_NIGHTLY_WINDOW_S"]) + job["preRunningDeadlineSeconds"] <= window
+    assert window < job["activeDeadlineSeconds"] < 24 * 3600
+    # the launcher outlives the night it waits for
+    assert cj["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"] >= job["activeDeadlineSeconds"] + 600
     entry = job["entrypoint"].split()
-    assert entry[:2] == ["python", "/etc/dermray-nightly/nightly_window.py"] and entry[2:4] == [
-        "python", "/app/jobs/nightly_score.py"]
+    assert entry[:3] == ["python", "/etc/dermray-entrypoint/entrypoint.py", "--night"]
+    assert entry[entry.index("--") + 1:entry.index("--") + 3] == ["python", "/app/jobs/nightly_score.py"]
     head = job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
-    mount = next(m for m in head["containers"][0]["volumeMounts"] if m["mountPath"] == "/etc/dermray-nightly")
-    cm_name = next(v for v in head["volumes"] if v["name"] == mount["name"])["configMap"]["name"]
-    assert "nightly_window.py" in one(docs, "ConfigMap", cm_name)["data"]
-    for cj in (d for d in docs if d["kind"] == "CronJob"):
-        assert (cj["spec"]["schedule"], cj["spec"]["timeZone"]) == (cron["spec"]["schedule"], cron["spec"]["timeZone"])
-        assert cj["spec"]["startingDeadlineSeconds"] <= window
-        launch_env = {e["name"]: e.get("value") for e in
-                      cj["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["env"]}
-        assert launch_env["DERMRAY_NIGHTLY_TIME_ZONE"] == cron["spec"]["timeZone"]
+    assert "entrypoint.py" in _configmap_of(docs, head, "/etc/dermray-entrypoint")["data"]
 
 
 def _load(path: pathlib.Path, name: str):
@@ -606,45 +644,59 @@ def _load(path: pathlib.Path, name: str):
     return mod
 
 
-def test_the_nightly_window_skips_stale_launches():
-    w = _load(K8S / "base" / "nightly_window.py", "nightly_window")
-    utc = dt.timezone.utc
-    at = lambda h, m, day=2: dt.datetime(2025, 12, day, h, m, tzinfo=utc)  # noqa: E731
-    assert w.decide(at(2, 5), "0 2 * * *", "Etc/UTC", 7200)[0] is True
-    assert w.decide(at(3, 59), "0 2 * * *", "Etc/UTC", 7200)[0] is True
-    run, line = w.decide(at(14, 30), "0 2 * * *", "Etc/UTC", 7200)  # the operator came back at 14:30
-    assert run is False and "2025-12-02 02:00" in line and "skipped" in line
-    assert w.decide(at(1, 50), "0 2 * * *", "Etc/UTC", 7200)[0] is False  # 23 h 50 after yesterday's 02:00
-    assert w.decide(at(0, 10, 3), "30 23 * * *", "Etc/UTC", 7200)[0] is True  # across midnight
+ENTRYPOINT = K8S / "components" / "ray" / "entrypoint.py"
+LAUNCHER = K8S / "base" / "launch_nightly.py"
+
+
+def test_the_entrypoint_runs_only_the_night_the_launcher_scheduled():
+    e = _load(ENTRYPOINT, "entrypoint")
+    fired = dt.datetime(2025, 12, 2, 2, 0, tzinfo=dt.timezone.utc)
+    env = {"DERMRAY_NIGHTLY_WINDOW_S": "7200", "DERMRAY_NIGHTLY_SCHEDULED_FOR": "2025-12-02T02:00:00Z"}
+    assert e.night_check(fired + dt.timedelta(minutes=5), env)[0] is True
+    assert e.night_check(fired + dt.timedelta(minutes=119), env)[0] is True
+    run, line = e.night_check(fired + dt.timedelta(hours=12, minutes=30), env)  # the cluster came up at 14:30
+    assert run is False and "stale" in line and "2025-12-02T02:00:00Z" in line
+    assert e.night_check(fired - dt.timedelta(hours=1), env)[0] is False  # a time in the future
+    run, line = e.night_check(fired, {**env, "DERMRAY_NIGHTLY_SCHEDULED_FOR": ""})  # a copy of the template
+    assert run is False and "not created by the nightly launcher" in line
     with pytest.raises(ValueError):
-        w.last_schedule("*/5 * * * *", utc, at(2, 0))
+        e.night_check(fired, {**env, "DERMRAY_NIGHTLY_SCHEDULED_FOR": "2025-12-02T02:00:00"})  # no time zone
 
 
-@pytest.mark.parametrize("late_h,runs", [(0, True), (3, False)])
-def test_the_nightly_entrypoint_runs_or_skips(late_h, runs, tmp_path):
-    docs = render("prod")
-    script = tmp_path / "nightly_window.py"
-    script.write_text(one(docs, "ConfigMap", "dermray-nightly")["data"]["nightly_window.py"])
-    env = _head_env(one(docs, "RayCronJob", SCHEDULE_TEMPLATE))
-    fired = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=late_h, minutes=1)
-    env["DERMRAY_NIGHTLY_SCHEDULE"] = f"{fired.minute} {fired.hour} * * *"
-    out = subprocess.run([sys.executable, str(script), sys.executable, "-c", "print('RAN'); raise SystemExit(3)"],
+@pytest.mark.parametrize("late_h,runs", [(0, True), (3, False), (None, False)])
+def test_the_nightly_entrypoint_runs_or_refuses_loudly(late_h, runs, tmp_path):
+    docs = render_standing("prod")
+    cron = one(docs, "RayCronJob", SCHEDULE_TEMPLATE)
+    head = cron["spec"]["jobTemplate"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    script = tmp_path / "entrypoint.py"
+    script.write_text(_configmap_of(docs, head, "/etc/dermray-entrypoint")["data"]["entrypoint.py"])
+    env = _head_env(cron)
+    if late_h is not None:  # as the launcher sets it; None: the template's own copy, never launched
+        fired = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=late_h, minutes=1)
+        env["DERMRAY_NIGHTLY_SCHEDULED_FOR"] = fired.strftime("%Y-%m-%dT%H:%M:%SZ")
+    out = subprocess.run([sys.executable, str(script), "--night", "--", sys.executable, "-c",
+                          "print('RAN'); raise SystemExit(3)"],
                          capture_output=True, text=True, env={**env, "PATH": "/usr/bin:/bin"}, timeout=60)
     assert ("RAN" in out.stdout.split()) == runs, out.stdout + out.stderr
-    assert out.returncode == (3 if runs else 0)  # running: the command's own exit status (3: a missed floor)
-    bad = subprocess.run([sys.executable, str(script), "true"], capture_output=True, text=True, timeout=60,
-                         env={**env, "DERMRAY_NIGHTLY_SCHEDULE": "*/5 * * * *"})
+    assert out.returncode == (3 if runs else 4)  # running: the command's status (3: a missed floor); refused: 4
+    bad = subprocess.run([sys.executable, str(script), "--night", "--", "true"], capture_output=True, text=True,
+                         timeout=60, env={**env, "DERMRAY_NIGHTLY_WINDOW_S": "two hours"})
     assert bad.returncode == 2
 
 
 class FakeKube(ThreadingHTTPServer):
-    """Just enough of the API server for the launcher: RayJobs and one RayCronJob in one namespace."""
+    """Just enough of the API server for the launcher: RayJobs (which finish after a few reads, as KubeRay would
+    move them along), one RayCronJob and Leases (optimistic concurrency by resourceVersion) in one namespace."""
 
     def __init__(self, cron: dict, ns: str):
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.ns, self.cron, self.rayjobs, self.calls = ns, cron, {}, []
-        self.hide_existing = False  # GET answers 404 although the object exists (a concurrent creator)
+        self.ns, self.cron, self.rayjobs, self.leases, self.calls = ns, cron, {}, {}, []
+        self.hide_existing = 0  # GETs of an existing RayJob still answered 404 (a concurrent creator)
         self.create_status = None  # force an error on POST
+        self.outcome = {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}  # what a new RayJob ends as
+        self.reads_to_finish = 3
+        self.reads: dict[str, int] = {}
+        self.launched: set[str] = set()  # created through the API: KubeRay runs them
 
     @property
     def url(self):
@@ -663,42 +715,70 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _body(self):
+        return json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+
     def do_GET(self):  # noqa: N802
         s: FakeKube = self.server
-        url = urllib.parse.urlparse(self.path)
-        s.calls.append(("GET", url.path))
+        path = urllib.parse.urlparse(self.path).path
+        s.calls.append(("GET", path))
         base = f"/apis/ray.io/v1/namespaces/{s.ns}"
-        if url.path == f"{base}/raycronjobs/{s.cron['metadata']['name']}":
+        if path == f"{base}/raycronjobs/{s.cron['metadata']['name']}":
             return self._send(200, s.cron)
-        if url.path == f"{base}/rayjobs":
-            sel = dict(p.split("=") for p in urllib.parse.parse_qs(url.query).get("labelSelector", [""])[0].split(",")
-                       if p)
-            items = [j for j in s.rayjobs.values() if all(j["metadata"].get("labels", {}).get(k) == v
-                                                          for k, v in sel.items())]
-            return self._send(200, {"kind": "RayJobList", "items": items})
-        if url.path.startswith(f"{base}/rayjobs/"):
-            name = url.path.rsplit("/", 1)[1]
-            if name in s.rayjobs and not s.hide_existing:
-                return self._send(200, s.rayjobs[name])
+        if path.startswith(f"{base}/rayjobs/"):
+            name = path.rsplit("/", 1)[1]
+            if name in s.rayjobs and s.hide_existing:
+                s.hide_existing -= 1
+            elif name in s.rayjobs:
+                job = s.rayjobs[name]
+                if "status" not in job or job["status"].get("jobDeploymentStatus") not in ("Complete", "Failed"):
+                    s.reads[name] = s.reads.get(name, 0) + 1  # KubeRay moves a launched night along
+                    if s.reads[name] >= s.reads_to_finish and name in s.launched:
+                        job["status"] = dict(s.outcome)
+                    elif name in s.launched:
+                        job["status"] = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}
+                return self._send(200, job)
             return self._send(404, {"reason": "NotFound"})
+        if path.startswith(f"/apis/coordination.k8s.io/v1/namespaces/{s.ns}/leases/"):
+            name = path.rsplit("/", 1)[1]
+            return self._send(200, s.leases[name]) if name in s.leases else self._send(404, {"reason": "NotFound"})
         self._send(404, {"reason": "NotFound"})
 
     def do_POST(self):  # noqa: N802
         s: FakeKube = self.server
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self._body()
         s.calls.append(("POST", self.path))
+        name = body["metadata"]["name"]
+        if self.path == f"/apis/coordination.k8s.io/v1/namespaces/{s.ns}/leases":
+            if name in s.leases:
+                return self._send(409, {"reason": "AlreadyExists"})
+            body["metadata"]["resourceVersion"] = "1"
+            s.leases[name] = body
+            return self._send(201, body)
         if s.create_status:
             return self._send(s.create_status, {"message": "boom"})
-        name = body["metadata"]["name"]
         if name in s.rayjobs:
             return self._send(409, {"reason": "AlreadyExists", "message": f"rayjobs {name!r} already exists"})
         s.rayjobs[name] = body
+        s.launched.add(name)
         self._send(201, body)
+
+    def do_PUT(self):  # noqa: N802
+        s: FakeKube = self.server
+        body = self._body()
+        s.calls.append(("PUT", self.path))
+        name = self.path.rsplit("/", 1)[1]
+        if name not in s.leases or body["metadata"].get("resourceVersion") != s.leases[name]["metadata"][
+                "resourceVersion"]:
+            return self._send(409, {"reason": "Conflict"})
+        body["metadata"]["resourceVersion"] = str(int(body["metadata"]["resourceVersion"]) + 1)
+        s.leases[name] = body
+        self._send(200, body)
 
 
 @pytest.fixture
 def launcher(tmp_path):
-    docs = render("dev")
+    docs = render_standing("dev")
     cron = one(docs, "RayCronJob", SCHEDULE_TEMPLATE)
     assert cron["spec"]["suspend"] is True  # the launcher's template, never scheduled by KubeRay itself
     cj = one(docs, "CronJob", "dermray-nightly")
@@ -716,9 +796,10 @@ def launcher(tmp_path):
     server = FakeKube(cron, "dermray-dev")
     threading.Thread(target=server.serve_forever, daemon=True).start()
 
-    def run(job_name: str) -> subprocess.CompletedProcess:
+    def run(job_name: str, job_uid: str = "uid-1") -> subprocess.CompletedProcess:
         full = {**env, "PATH": "/usr/bin:/bin", "POD_NAMESPACE": "dermray-dev", "JOB_NAME": job_name,
-                "KUBERNETES_API_URL": server.url, "SA_DIR": str(tmp_path / "no-sa")}
+                "JOB_UID": job_uid, "KUBERNETES_API_URL": server.url, "SA_DIR": str(tmp_path / "no-sa"),
+                "DERMRAY_POLL_S": "0.01"}
         return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=full, timeout=60)
 
     yield server, run, cron
@@ -730,46 +811,72 @@ def _job_name(t: dt.datetime) -> str:  # what the CronJob controller names the J
     return f"dermray-nightly-{int(t.timestamp()) // 60}"
 
 
-def test_the_launcher_creates_one_rayjob_per_night_and_a_retry_does_nothing(launcher):
+def _tonight() -> dt.datetime:  # a schedule a few minutes ago, as the CronJob controller would have just served it
+    return (dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)).replace(second=0, microsecond=0)
+
+
+def test_the_launcher_creates_one_rayjob_per_night_and_waits_for_its_outcome(launcher):
     server, run, cron = launcher
-    night = dt.datetime(2025, 12, 2, 2, 0, tzinfo=dt.timezone.utc)
+    night = _tonight()
+    name = f"dermray-nightly-{night:%Y%m%d}"
     first = run(_job_name(night))
     assert first.returncode == 0, first.stderr
-    assert list(server.rayjobs) == ["dermray-nightly-20251202"]
-    job = server.rayjobs["dermray-nightly-20251202"]
-    assert job["spec"] == cron["spec"]["jobTemplate"]  # the one nightly spec, copied whole
+    assert f"RayJob {name} succeeded" in first.stdout and "Running RUNNING" in first.stdout
+    assert list(server.rayjobs) == [name]
+    job = server.rayjobs[name]
+    spec = json.loads(json.dumps(cron["spec"]["jobTemplate"]))
+    head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    for e in head["env"]:  # the one nightly spec, copied whole: unsuspended, with the night it stands for
+        if e["name"] == "DERMRAY_NIGHTLY_SCHEDULED_FOR":
+            e["value"] = f"{night:%Y-%m-%dT%H:%M:%SZ}"
+    assert job["spec"] == {**spec, "suspend": False}
     labels = job["metadata"]["labels"]
     assert labels["app.kubernetes.io/name"] == "dermray" and labels["dermray/job"] == "nightly"
-    assert labels["dermray/night"] == "2025-12-02"
+    assert labels["dermray/night"] == f"{night:%Y%m%d}"
+    assert job["metadata"]["ownerReferences"] == [
+        {"apiVersion": "batch/v1", "kind": "Job", "name": _job_name(night), "uid": "uid-1"}]
+    assert server.leases["dermray-nightly"]["spec"]["holderIdentity"] == name
     if CRD_DIR.is_dir():
         assert validate(job) == [] and operator_errors(job) == []
 
     posts = sum(1 for m, _ in server.calls if m == "POST")
-    again = run(_job_name(night))  # the Job's retry, or a second pod
-    assert again.returncode == 0 and "nothing to do" in again.stdout
+    again = run(_job_name(night))  # the Job's retry, or a second pod: waits for the same RayJob
+    assert again.returncode == 0 and "exists already" in again.stdout
     assert sum(1 for m, _ in server.calls if m == "POST") == posts and len(server.rayjobs) == 1
 
-    server.hide_existing = True  # a concurrent pod created it between our GET and POST: AlreadyExists is success
+    server.hide_existing = 1  # a concurrent pod created it between our GET and POST: AlreadyExists is fine
     race = run(_job_name(night))
     assert race.returncode == 0 and "AlreadyExists" in race.stdout and len(server.rayjobs) == 1
 
 
 def test_the_launcher_never_overlaps_nights_and_fails_loudly(launcher):
     server, run, _ = launcher
-    n1 = dt.datetime(2025, 12, 2, 2, 0, tzinfo=dt.timezone.utc)
-    assert run(_job_name(n1)).returncode == 0
-    server.rayjobs["dermray-nightly-20251202"]["status"] = {"jobDeploymentStatus": "Running"}
-    n2 = n1 + dt.timedelta(days=1)
+    n2 = _tonight()
+    n1 = n2 - dt.timedelta(days=1)
+    held = f"dermray-nightly-{n1:%Y%m%d}"  # yesterday's night, still running, holds the slot
+    server.rayjobs[held] = {"metadata": {"name": held}, "status": {"jobDeploymentStatus": "Running"}}
+    server.leases["dermray-nightly"] = {"metadata": {"name": "dermray-nightly", "resourceVersion": "7"},
+                                        "spec": {"holderIdentity": held}}
     blocked = run(_job_name(n2))
-    assert blocked.returncode == 1 and "still active" in blocked.stderr
-    assert list(server.rayjobs) == ["dermray-nightly-20251202"]
-    server.rayjobs["dermray-nightly-20251202"]["status"] = {"jobDeploymentStatus": "Complete"}
-    assert run(_job_name(n2)).returncode == 0
-    assert sorted(server.rayjobs) == ["dermray-nightly-20251202", "dermray-nightly-20251203"]
-    server.rayjobs["dermray-nightly-20251203"]["status"] = {"jobDeploymentStatus": "Failed"}
+    assert blocked.returncode == 4 and f"RayJob {held} is still active" in blocked.stderr
+    assert list(server.rayjobs) == [held]
+    server.rayjobs[held]["status"] = {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}
+    assert run(_job_name(n2)).returncode == 0  # yesterday's is over: the lease passes on (resourceVersion 7 -> 8)
+    tonight = f"dermray-nightly-{n2:%Y%m%d}"
+    assert server.leases["dermray-nightly"]["spec"]["holderIdentity"] == tonight
+    assert server.leases["dermray-nightly"]["metadata"]["resourceVersion"] == "8"
+
+    server.outcome = {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "AppFailed"}
+    by_hand = run("nightly-by-hand")  # `kubectl create job --from=cronjob/...`: a name of its own, never tonight's
+    assert by_hand.returncode == 3 and "failed: AppFailed" in by_hand.stderr  # the night's failure is the Job's
+    (manual,) = set(server.rayjobs) - {held, tonight}
+    assert re.fullmatch(r"dermray-nightly-manual-\d{12}", manual)
+    assert server.rayjobs[manual]["metadata"]["labels"]["dermray/night"] == "manual"
+
+    stale = run(_job_name(n2 - dt.timedelta(hours=3)))  # the CronJob's Job started 3 h after its schedule
+    assert stale.returncode == 4 and "stale launch" in stale.stderr
+    server.rayjobs.clear()
+    server.leases.clear()
     server.create_status = 500
-    failed = run(_job_name(n2 + dt.timedelta(days=1)))
-    assert failed.returncode == 1 and "HTTP 500" in failed.stderr
-    by_hand = run("nightly-by-hand")  # `kubectl create job --from=cronjob/...`: tonight's date
-    assert by_hand.returncode == 1  # (still the forced 500) but it named tonight's RayJob
-    assert f"dermray-nightly-{dt.datetime.now(dt.timezone.utc):%Y%m%d}" in by_hand.stderr
+    failed = run(_job_name(n2))
+    assert failed.returncode == 1 and "HTTP 500" in failed.stderr  # an API error: the Job runs the pod again
