@@ -60,3 +60,31 @@ def test_the_split_groups_are_part_of_the_training_lineage(tmp_path):
     _, _, after = read_rows(cfg, str(part))
     changed = [k for k in before if before[k] != after.get(k)]
     assert changed == ["selection_groups"], changed
+
+
+def test_no_fold_model_trains_on_an_image_the_points_are_locked_on():
+    """Issue 28, finding 1: the operating points are fitted on the ensemble's predictions of the images no fold
+    model trained on (stages/train/decisions.py). For every set of folds trained - all of them, a subset, one - no
+    fold's training rows hold such an image, and they are not empty."""
+    import itertools
+
+    import numpy as np
+
+    from dermray.stages.train.data import never_trained
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    groups = [f"L{g:04d}" for g in rng.integers(0, 1200, n)]
+    fold_of = {g: int(rng.integers(0, 5)) for g in set(groups)}  # lesion-grouped folds, as the partition cuts them
+    table = pa.table({"image_id": [f"I{i}" for i in range(n)], "group": groups,
+                      "fold": pa.array([fold_of[g] for g in groups], pa.int32())})
+    cfg = load_config(None, ["train.selection_fraction=0.1"])
+    for folds in ([0, 1, 2, 3, 4], [1, 3], [2]):
+        mask = never_trained(table, cfg.train, [str(f) for f in folds])
+        chosen = set(table.filter(pa.array(mask)).column("image_id").to_pylist())
+        trained = set(itertools.chain.from_iterable(split_rows(f, table, cfg.train)["train"].column("image_id")
+                                                    .to_pylist() for f in folds))
+        assert chosen and not chosen & trained, folds
+        # Every image left out of all the folds' training is found (the held-out ones with one fold).
+        left_out = set(table.column("image_id").to_pylist()) - trained
+        assert chosen == left_out or len(folds) > 1 and chosen <= left_out, folds

@@ -96,14 +96,18 @@ def _group_draw(groups: np.ndarray, seed: int) -> np.ndarray:
     return (hash_strings(groups, seed ^ 0x5E1EC7) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def never_trained(table: pa.Table, tcfg: TrainConfig) -> np.ndarray:
-    """bool [n]: the rows no cross-validation model trains on. The inner split's draw is the same for a lesion in
-    every fold, so a lesion drawn (below train.selection_fraction) is in the selection split of every fold that
-    does not hold it out, and held out by the one that does: none of the folds' models learns from its images.
-    (The fallback of ``inner_selection`` - one lesion when none is drawn - is not among them.)"""
-    if tcfg.selection != "inner" or table.num_rows == 0:
-        return np.zeros(table.num_rows, bool)
-    return _group_draw(table.column("group").to_numpy(zero_copy_only=False), tcfg.seed) < tcfg.selection_fraction
+def never_trained(table: pa.Table, tcfg: TrainConfig, folds: list[str]) -> np.ndarray:
+    """bool [n]: the rows that none of the cross-validation models of ``folds`` trains on. The inner split's draw
+    is the same for a lesion in every fold, so a lesion drawn (below train.selection_fraction) is in the selection
+    split of every fold that does not hold it out, and held out by the one that does: none of the folds' models
+    learns from its images. With one fold, its held-out images too. (The fallback of ``inner_selection`` - one
+    lesion when none is drawn - is not among them.)"""
+    out = np.zeros(table.num_rows, bool)
+    if len(folds) == 1:
+        out |= pc.equal(pc.cast(table.column("fold"), pa.string()), str(folds[0])).to_numpy(zero_copy_only=False)
+    if tcfg.selection == "inner" and table.num_rows:
+        out |= _group_draw(table.column("group").to_numpy(zero_copy_only=False), tcfg.seed) < tcfg.selection_fraction
+    return out
 
 
 def split_rows(fold, table: pa.Table, tcfg: TrainConfig) -> dict[str, pa.Table]:

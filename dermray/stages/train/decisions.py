@@ -62,11 +62,11 @@ def lock_decisions(cfg: RunConfig, p: TrainPlan, fold_rows: list[dict]) -> Locke
 
     Issue 28: points fitted on one fold model's scores and applied to the mean of several models' did not carry
     over (averaging narrows each class's scores: a threshold in a class's tail moves its rate; the demo's melanoma
-    point fell from specificity 0.16 out of fold to 0.01 on test). So with two or more folds they are fitted on the
-    scores they are applied to: the ensemble's predictions, made as scoring makes them (every fold model, the
-    score.tta views), of the training images that no fold model trained on (``data.never_trained``). Those images
-    picked the epoch of the folds that did not hold them out; nothing else of theirs was learnt from. With one fold,
-    ``selection: last`` or too few such images, the held-out folds' predictions are used, as the cards say."""
+    point fell from specificity 0.16 out of fold to 0.01 on test). So they are fitted on the scores they are applied
+    to: the ensemble's predictions, made as scoring makes them (every fold model, the score.tta views), of the
+    training images that no fold model trained on (``data.never_trained``; with one fold, its held-out images
+    too). Those images picked the epoch of the folds that did not hold them out; nothing else of theirs was learnt
+    from. With too few such images, the held-out folds' predictions are used, as the cards say."""
     from dermray.core import decisions
     from dermray.core import metrics as M
 
@@ -82,9 +82,9 @@ def lock_decisions(cfg: RunConfig, p: TrainPlan, fold_rows: list[dict]) -> Locke
     out_of_fold = f"out-of-fold predictions of folds {', '.join(cv)} ({len(oof)} images)"
     readers = readers_targets(cfg, p)
     locking = locking_predictions(cfg, p, cv)
-    frame, chosen_on = (locking, f"the ensemble's predictions ({len(cv)} fold models, TTA {cfg.score.tta}, as "
-                        f"scoring makes them) of the {len(locking)} training images no fold model trained on"
-                        ) if locking is not None else (oof, out_of_fold)
+    model = f"the ensemble's predictions ({len(cv)} fold models" if len(cv) > 1 else f"fold {cv[0]}'s predictions ("
+    frame, chosen_on = (locking, f"{model}, TTA {cfg.score.tta}, as scoring makes them) of the {len(locking)} "
+                        f"training images no fold model trained on") if locking is not None else (oof, out_of_fold)
     calibration, points = decisions.lock(np.stack(frame["probs"]).astype(np.float64), frame["class_index"].to_numpy(),
                                          _task_truth(p, frame), binary, cfg.evaluate.target_sensitivity, readers)
     points = [pt | {"chosen_on": chosen_on} for pt in points]
@@ -113,16 +113,16 @@ def _task_truth(p: TrainPlan, frame: pd.DataFrame) -> np.ndarray | None:
 def locking_predictions(cfg: RunConfig, p: TrainPlan, cv: list[str]) -> pd.DataFrame | None:
     """The ensemble's predictions of the training images no fold model trained on (image_id, class_index, probs),
     kept in the run's LOCKING_PREDICTIONS; made again only when the models or the views changed. None with fewer
-    than two folds or MIN_LOCKING_IMAGES such images."""
+    than MIN_LOCKING_IMAGES such images. (One fold: its model, with the scoring views, on its held-out images.)"""
     import dataclasses
 
     from dermray.runtime.raysession import ray_session
     from dermray.stages.train.data import ensemble_probabilities, never_trained
     from dermray.stages.train.fold import fold_job
 
-    if len(cv) < 2:
+    if not cv:
         return None
-    rows = p.table.filter(pa.array(never_trained(p.table, cfg.train)))
+    rows = p.table.filter(pa.array(never_trained(p.table, cfg.train, cv)))
     quarantine = storage.join(p.run_dir, "quarantine.parquet")
     if storage.exists(quarantine):  # images that could not be decoded: not in any fold's data either
         bad = storage.read_table(quarantine, columns=["image_id"]).column("image_id")
