@@ -58,7 +58,7 @@ class PartitionConfig(Section):
         "the paper's threshold: a node becomes a class below this many images"
     ))
     folds: int = Field(9, ge=2, le=100, description="cross-validation folds (the paper: 9)")
-    seed: int = Field(0, description="fold assignment is deterministic for a seed")
+    seed: int = Field(0, description="seed of the fold assignment: the same seed gives the same folds")
     tasks_required: bool = Field(False, description=(
         "fail (rather than report) when a training class cannot be attributed to a task"
     ))
@@ -649,6 +649,19 @@ def default_value(key: str) -> Any:
             return None
         node = node[part]
     return node
+
+
+def description(key: str) -> str | None:
+    """The description of config key ``key`` ("train.epochs") as its ``Field(description=...)`` gives it: the text
+    the docs' configuration reference (docs/generate.py) and the commands' --help show. None for an unknown key."""
+    cls: Any = RunConfig
+    *sections, name = key.split(".")
+    for part in sections:
+        if part not in cls.model_fields or not _is_section(cls.model_fields[part].annotation):
+            return None
+        cls = cls.model_fields[part].annotation
+    field = cls.model_fields.get(name)
+    return field.description if field is not None else None
 
 
 @functools.lru_cache(maxsize=1)
