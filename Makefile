@@ -4,7 +4,8 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: test test-unit test-stage test-system coverage demo demo-cluster install checkov bench bench-report bench-partition clean
+.PHONY: test test-unit test-stage test-system coverage demo demo-cluster install checkov bench bench-report bench-partition \
+        docs docs-serve clean
 
 $(PY):
 	@echo "install: a virtual environment in $(VENV) (Python, then pip)"
@@ -72,7 +73,7 @@ demo-cluster: $(STAMP)
 # scored ~10-20 min), train_throughput ~12 min, reliability ~5 min, near_duplicates ~3 min, transfer ~35 min,
 # ham10000 ~1 hour, gpu ~3 min on a CUDA machine (elsewhere it exits at once): about 2.5-3 hours in all.
 # BENCHES="partition evaluate" runs a few; DERMRAY_BENCH_SMOKE=1 runs each 100-1000x smaller (results to $TMPDIR,
-# never to benchmarks/results/). Then `make bench-report` puts the figures in the README.
+# never to benchmarks/results/). Then `make bench-report` puts the figures on docs/benchmarks.md.
 BENCHES ?= partition evaluate score_throughput score_scale train_throughput reliability near_duplicates transfer \
            ham10000 gpu
 bench: $(STAMP)
@@ -81,12 +82,23 @@ bench: $(STAMP)
 	done; \
 	if [ -n "$$failed" ]; then echo "benchmarks that failed:$$failed"; exit 1; fi
 
-# The README's "Measured performance" tables, regenerated from benchmarks/results/*/results.json (stdlib only).
+# docs/benchmarks.md's tables, regenerated from benchmarks/results/*/results.json (stdlib only).
 bench-report:
 	$(PYTHON) benchmarks/report.py
 
 bench-partition: $(STAMP)
 	$(PY) benchmarks/partition.py
 
+# The documentation site (mkdocs.yml, docs/): the generated pages (docs/generate.py: the configuration reference
+# from the config models, the tables from the schemas) rewritten, then built strictly into site/ (a broken link or
+# a page missing from the nav fails). docs-serve: the same site at http://127.0.0.1:8000, rebuilt on every edit.
+docs: $(STAMP)
+	$(PY) docs/generate.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+docs-serve: $(STAMP)
+	$(PY) docs/generate.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --strict
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info site

@@ -3,7 +3,7 @@
 Smoke mode (``DERMRAY_BENCH_SMOKE=1``): every size shrinks (by 100-1000x) so that a script runs end to end in a
 minute or two - to check that it works, never to measure. Its results go to ``$TMPDIR/dermray-bench-smoke/<name>/``
 (or ``DERMRAY_BENCH_OUT/<name>/`` when that is set), never to ``benchmarks/results/``, which holds the real
-measurements that ``benchmarks/report.py`` puts in the README.
+measurements that ``benchmarks/report.py`` puts on the benchmarks page (docs/benchmarks.md).
 """
 from __future__ import annotations
 

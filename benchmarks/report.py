@@ -1,9 +1,9 @@
-"""The README's "Measured performance" tables, generated from benchmarks/results/<name>/results.json: one table per
-benchmark with its figures and the machine line (CPU model and flags, cores, versions) it was measured on.
+"""The benchmarks page's tables (docs/benchmarks.md), generated from benchmarks/results/<name>/results.json: one
+table per benchmark with its figures and the machine line (CPU model and flags, cores, versions) it was measured on.
 
-    .venv/bin/python benchmarks/report.py            # rewrite the block between the README's markers
-    .venv/bin/python benchmarks/report.py --print    # print the block, leave the README alone
-    .venv/bin/python benchmarks/report.py --check    # exit 1 when the README's block is not what the results give
+    .venv/bin/python benchmarks/report.py            # rewrite the block between the page's markers
+    .venv/bin/python benchmarks/report.py --print    # print the block, leave the page alone
+    .venv/bin/python benchmarks/report.py --check    # exit 1 when the page's block is not what the results give
 
 (``make bench-report``.) Results written in smoke mode (``"smoke": true``) are refused: they are not measurements.
 To see how smoke results would render: ``report.py --results $TMPDIR/dermray-bench-smoke --allow-smoke --print``.
@@ -17,7 +17,7 @@ import sys
 
 BENCH = pathlib.Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
-README = BENCH.parent / "README.md"
+PAGE = BENCH.parent / "docs" / "benchmarks.md"
 START, END = "<!-- bench-report:start -->", "<!-- bench-report:end -->"
 LEGACY = {"gpu": ["h100.json"]}  # result files from before results.json
 
@@ -305,8 +305,7 @@ def block(results: pathlib.Path = RESULTS, allow_smoke: bool = False) -> str:
                     "(make bench-report): edit those, not this block. -->", ""]
     for name, what, render in BENCHMARKS:
         r, f = load(name, results)
-        lines.append(f"#### `benchmarks/{name}.py`: {what}")
-        lines.append("")
+        lines += [f"## `benchmarks/{name}.py`", "", f"{what[:1].upper()}{what[1:]}.", ""]
         if r is None:
             lines += [f"Not measured yet: run `.venv/bin/python benchmarks/{name}.py` (writes "
                       f"`benchmarks/results/{name}/results.json`), then `make bench-report`.", ""]
@@ -325,31 +324,31 @@ def block(results: pathlib.Path = RESULTS, allow_smoke: bool = False) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--print", action="store_true", help="print the block; leave the README alone")
-    ap.add_argument("--check", action="store_true", help="exit 1 when the README's block is out of date")
+    ap.add_argument("--print", action="store_true", help="print the block; leave the page alone")
+    ap.add_argument("--check", action="store_true", help="exit 1 when the page's block is out of date")
     ap.add_argument("--results", type=pathlib.Path, default=RESULTS, help="the results folder (default: %(default)s)")
     ap.add_argument("--allow-smoke", action="store_true", help="render smoke results too (with --print only)")
     args = ap.parse_args()
     if args.allow_smoke and not args.print:
-        ap.error("--allow-smoke goes with --print: smoke results never go in the README")
+        ap.error("--allow-smoke goes with --print: smoke results never go in the docs")
     text = block(args.results, args.allow_smoke)
     if args.print:
         print(text)
         return 0
-    readme = README.read_text()
-    if START not in readme or END not in readme:
-        print(f"{README}: no {START} ... {END} markers (put them in the Measured performance section)", file=sys.stderr)
+    page = PAGE.read_text()
+    if START not in page or END not in page:
+        print(f"{PAGE}: no {START} ... {END} markers (put them where the tables go)", file=sys.stderr)
         return 2
-    head, rest = readme.split(START, 1)
+    head, rest = page.split(START, 1)
     _, tail = rest.split(END, 1)
     new = head + text + tail
     if args.check:
-        if new != readme:
-            print("README.md's measured-performance block is out of date: run make bench-report", file=sys.stderr)
+        if new != page:
+            print(f"{PAGE}'s measured-performance block is out of date: run make bench-report", file=sys.stderr)
             return 1
         return 0
-    README.write_text(new)
-    print(f"{README}: measured-performance block regenerated from {RESULTS}")
+    PAGE.write_text(new)
+    print(f"{PAGE}: measured-performance block regenerated from {RESULTS}")
     return 0
 
 

@@ -2,8 +2,8 @@
 # Start a local Ray head on loopback with token authentication, for trying `ray job submit` on one machine.
 # Run it from dermray's virtual environment (the head starts job drivers with the `python` on PATH).
 #
-# How to submit to it: README.md, "Submit from a laptop" (tests/system/test_docs.py runs those commands as written);
-# `make demo-cluster` (cluster/demo-cluster.sh) does the whole demo pipeline that way and stops the head again.
+# How to submit to it: docs/cluster.md, "Submit from a laptop" (tests/system/test_docs.py runs those commands as
+# written); `make demo-cluster` (cluster/demo-cluster.sh) does the whole demo pipeline that way and stops the head.
 # A job runs in an uploaded copy of the working directory without outputs/ and data/ (cluster/runtime_env.yaml),
 # so its config's paths must be absolute (here: this machine's disk) or s3:// URIs; relative ones are refused.
 #

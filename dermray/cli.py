@@ -16,9 +16,10 @@ EXIT_FLOOR_MISSED = 3  # dermray nightly: the run finished, a quality floor was 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="run config YAML (local path or URI)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set partition.folds=5 (repeatable)")
-    p.add_argument("--run-id", help="run id (config: run_id)")
-    p.add_argument("--output", help="output root URI (config: output)")
+                   help="override a config key, e.g. --set partition.folds=5 (repeatable; every key, with its "
+                   "type, default and meaning: docs/configuration.md)")
+    p.add_argument("--run-id", help="(config: run_id)")
+    p.add_argument("--output", help="(config: output)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an in-process local Ray)")
     p.add_argument("--json", action="store_true", help="print the stage summary as JSON")
 
@@ -35,7 +36,6 @@ COMMON_FLAGS = {"run_id": "run_id", "output": "output", "address": "ray.address"
 def build_parser() -> argparse.ArgumentParser:
     # long: one declaration per command and flag, read top to bottom like the --help it produces
     from dermray import __version__
-    from dermray.runtime.config import ARCHS
     from dermray.store.lineage import git_commit
 
     commit = git_commit()
@@ -48,21 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("partition", help="build training classes and folds from a manifest and a taxonomy")
     _add_config_args(p)
-    p.add_argument("--manifest", help="manifest Parquet URI (config: data.manifest)")
-    p.add_argument("--taxonomy", help="taxonomy Parquet/CSV URI (config: data.taxonomy)")
-    p.add_argument("--tasks", help="evaluation tasks YAML URI (config: data.tasks)")
+    p.add_argument("--manifest", help="(config: data.manifest)")
+    p.add_argument("--taxonomy", help="(config: data.taxonomy)")
+    p.add_argument("--tasks", help="(config: data.tasks)")
     p.add_argument("--max-class-size", type=int, help="largest training class, in images: bigger disease nodes "
                    "are split (paper: 1000; config: partition.max_class_size)")
     p.add_argument("--folds", type=int,
                    help="cross-validation folds, lesion-grouped (paper: 9; config: partition.folds)")
-    p.add_argument("--seed", type=int, help="seed of the fold assignment (config: partition.seed)")
+    p.add_argument("--seed", type=int, help="(config: partition.seed)")
 
     p = sub.add_parser("train", help="fine-tune the CNN, one Ray Train TorchTrainer per fold, folds concurrently")
     _add_config_args(p)
     p.add_argument("--manifest", help="manifest Parquet URI (config: data.manifest)")
     p.add_argument("--partition", help="partition outputs (default <output>/partition)")
-    p.add_argument("--arch", help=f"network: {', '.join(ARCHS)} (the paper's: inception_v3; config: train.arch)")
-    p.add_argument("--epochs", type=int, help="epochs per fold (config: train.epochs)")
+    p.add_argument("--arch", help="(config: train.arch)")
+    p.add_argument("--epochs", type=int, help="(config: train.epochs)")
     p.add_argument("--force", action="store_const", const="true",
                    help="folds whose checkpoints have another lineage are trained afresh (config: train.force)")
 
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(config: saliency.methods)")
     p.add_argument("--tasks", help="evaluation tasks YAML (config: data.tasks)")
     p.add_argument("--taxonomy", help="taxonomy Parquet/CSV (config: data.taxonomy)")
-    p.add_argument("--masks", help="lesion-mask URI pattern with {image_id} (config: saliency.masks)")
+    p.add_argument("--masks", help="(config: saliency.masks)")
 
     p = sub.add_parser("nightly", help="score new images incrementally, evaluate, keep the night's metrics, check "
                        "floors (exit 3 when one is missed)")
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="the trained run (fold directories) that scores tonight's images "
                    "(config: score.checkpoints)")
     p.add_argument("--input", help="tonight's archive: manifest, folder or shards (config: score.input)")
-    p.add_argument("--date", help="YYYY-MM-DD of this night's metrics partition (config: nightly.date)")
+    p.add_argument("--date", help="(config: nightly.date)")
 
     p = sub.add_parser("evaluate", help="ROC/AUC with CIs, rates, confusion, calibration, readers: tables + report")
     _add_config_args(p)
@@ -185,8 +185,9 @@ def _subparsers(parser: argparse.ArgumentParser) -> list[tuple[str, str, argpars
 def _document(parser: argparse.ArgumentParser) -> None:
     """Every command's --help opens with what it does (its line in the command list), and every option that sets a
     config key ("config: <key>" in its help) shows the key's default, read from the config itself so that the
-    help cannot drift from it."""
-    from dermray.runtime.config import default_value
+    help cannot drift from it. An option whose help is only "(config: <key>)" says what the key's
+    ``Field(description=...)`` says: the text of the docs' configuration reference."""
+    from dermray.runtime.config import default_value, description
 
     for _, line, sp in _subparsers(parser):
         if not sp.description:
@@ -196,6 +197,8 @@ def _document(parser: argparse.ArgumentParser) -> None:
             if not text or "default" in text:
                 continue
             key = _config_key(text)
+            if key is not None and text.startswith("(config: "):
+                text = f"{description(key) or key} {text}".replace("%", "%%")
             if key is None:
                 if action.default not in (None, False, [], argparse.SUPPRESS):
                     action.help = f"{text} (default: {action.default})"

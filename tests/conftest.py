@@ -51,7 +51,7 @@ def pytest_collection_modifyitems(config, items):
     tests that wait on processes of their own (about 40 % of their time idle, measured with vmstat), then the stage
     tier (in-process Ray, about 35 % idle), then the system tests that judge the whole-process runs started in the
     background at the first test (tests/early.py: the demo, `make demo-cluster`, the multi-node cluster, the jobs on
-    a local head, the README's laptop commands), then the unit tier (whose mypy ran in the background too); the
+    a local head, the docs' laptop commands), then the unit tier (whose mypy ran in the background too); the
     background runs fill the system tests' idle time and overlap the stage tier. (Measured: `pytest
     -n 2` with a module per worker and the shared study on one was slower than one process on 2 cores.)"""
     for item in items:
@@ -180,7 +180,7 @@ MYPY_TEST = "tests/unit/test_architecture.py::test_mypy_is_clean"
 def early(request, tmp_path_factory):
     """Starts, in one background thread, the runs that the selected tests judge: the demo pipeline, `make
     demo-cluster` (re-running the demo's run as a job when the demo ran), the multi-node driver, the jobs on a
-    local head, the README's laptop commands and mypy, in that order; a run whose prerequisites are missing is left
+    local head, the docs' laptop commands and mypy, in that order; a run whose prerequisites are missing is left
     to its test, which skips. Waits for the thread at the end of the session."""
     import shutil
     import sys

@@ -1,10 +1,10 @@
 """Whole-process runs that mostly wait, started at the session's first test so that their waiting overlaps the
 other tests: the demo pipeline (`dermray pipeline` in a process of its own), `make demo-cluster` (a head of its
 own, a Ray job: after the demo, a re-run of the demo's run, every stage skipped), the multi-node cluster's driver
-(tests/multinode_driver.py), `ray job submit` against a local head (tests/system/test_jobs.py), the README's
+(tests/multinode_driver.py), `ray job submit` against a local head (tests/system/test_jobs.py), the docs'
 "Submit from a laptop" commands (tests/system/test_docs.py) and mypy. They run one after the other in one
 background thread (the demo, the reduced demo-cluster and the driver alone measured 72, 75 and 226 s on 2 cores,
-much of it Ray starting, nodes dying and being replaced; the local head's jobs ~65 s, the README's commands ~23 s,
+much of it Ray starting, nodes dying and being replaced; the local head's jobs ~65 s, the docs' laptop commands ~23 s,
 mypy ~20 s without its cache); the tests that judge them wait for their results.
 
 `tests/conftest.py` starts them (fixture `early`, at the session's first test) when a test that needs one is
@@ -343,7 +343,7 @@ def local_head_jobs(work: pathlib.Path, base_env: dict, score_study: pathlib.Pat
         shutil.rmtree(state, ignore_errors=True)
 
 
-# ---- the README's "Submit from a laptop" commands (tests/system/test_docs.py) ----
+# ---- docs/cluster.md's "Submit from a laptop" commands (tests/system/test_docs.py) ----
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # cluster/local-up.sh's default DASHBOARD_PORT
 
 
@@ -359,13 +359,13 @@ def laptop_blocks(text: str) -> list[str]:
 
 
 def laptop(work: pathlib.Path, base_env: dict) -> dict:
-    """The README's commands (the section's fenced blocks joined) run as written in a clone-like copy of the
+    """docs/cluster.md's commands (the section's fenced blocks joined) run as written in a clone-like copy of the
     checkout with the demo data drawn small (only the partition stage runs), against a local head on ports of its
     own (DEFAULT_ADDRESS in the commands replaced by its). Returns {"synth", "rc", "out", "token", "clone",
     "left_behind", "seconds"}."""
     from helpers import free_port, marked
 
-    script = "\n".join(laptop_blocks((REPO / "README.md").read_text()))
+    script = "\n".join(laptop_blocks((REPO / "docs" / "cluster.md").read_text()))
 
     # A clone-like copy of the checkout (what `git clone` gives, without outputs), with the demo data in it as
     # `make demo` leaves it.
@@ -373,7 +373,7 @@ def laptop(work: pathlib.Path, base_env: dict) -> dict:
     shutil.copytree(REPO, clone, ignore=shutil.ignore_patterns(
         ".git", ".venv", "outputs", "data", "__pycache__", ".pytest_cache", ".hypothesis", ".ruff_cache", "*.egg-info",
         ".mypy_cache", "test-artefacts"))
-    # HOME: a short fresh folder, so the README's default state folder ($HOME/.dermray/local-ray) is the run's own
+    # HOME: a short fresh folder, so the docs' default state folder ($HOME/.dermray/local-ray) is the run's own
     # (Ray's socket paths are limited to ~100 characters).
     home = pathlib.Path(tempfile.mkdtemp(prefix="drh", dir="/tmp"))
     dashboard, mark = free_port(), uuid.uuid4().hex

@@ -1,4 +1,4 @@
-"""Evaluation tasks (DESIGN.md): named tasks, each a list of classes, each class a list of taxonomy nodes.
+"""Evaluation tasks (docs/tables.md): named tasks, each a list of classes, each class a list of taxonomy nodes.
 
 YAML form::
 

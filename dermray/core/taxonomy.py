@@ -1,6 +1,6 @@
 """The disease taxonomy: a single rooted tree of nodes. Pure logic: no Ray, no I/O beyond taking a table.
 
-Two input forms (DESIGN.md):
+Two input forms (docs/tables.md):
 - ``node_id, parent_id, name`` rows; exactly one root (``parent_id`` null);
 - a ``path`` (or ``full_path``) column of ``:``-joined names, the ISIC Archive form. Each path is a node whose
   ``node_id`` is the path itself; missing intermediate paths are created; the top-level names hang under a created

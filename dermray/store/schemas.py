@@ -1,4 +1,4 @@
-"""The tables between stages (DESIGN.md): one definition each, and validation that names file, column and row."""
+"""The tables between stages (docs/tables.md): one definition each, and validation that names file, column and row."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

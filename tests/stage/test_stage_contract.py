@@ -1,4 +1,4 @@
-"""The stage contract suite: every stage in ``dermray.stages.STAGES`` keeps the contracts of DESIGN.md, checked
+"""The stage contract suite: every stage in ``dermray.stages.STAGES`` keeps the contracts of docs/design.md, checked
 here once for all of them (in the spirit of scikit-learn's ``parametrize_with_checks``). A stage added to the list
 is held to every check by adding its case below.
 

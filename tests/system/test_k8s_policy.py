@@ -54,7 +54,7 @@ from test_kuberay import (
 )
 
 REPO = K8S.parent
-README = REPO / "README.md"
+KUBERAY_PAGE = REPO / "docs" / "kuberay.md"
 UTC = dt.timezone.utc
 
 
@@ -725,9 +725,8 @@ def test_network_policy_admits_only_what_ray_needs(overlay):
         assert not ingress_allowed(policies, *stranger, labels, ns, 8265), dst
 
 
-def test_the_readme_says_where_the_token_lives_and_why_no_tls():
-    text = README.read_text()
-    section = text[text.index("### KubeRay"):text.index("## Outputs for analysts")]
+def test_the_kuberay_page_says_where_the_token_lives_and_why_no_tls():
+    section = KUBERAY_PAGE.read_text()
     for needed in ("auth_token", "get secret dermray", "port-forward", "RAY_AUTH_TOKEN", "TLS", "restricted",
                    "k8s/overlays/prod/train", "k8s/cluster"):
         assert needed in section, needed

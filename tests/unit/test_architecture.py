@@ -195,13 +195,13 @@ def test_runtime_dependencies_are_what_the_package_imports():
     assert (PACKAGE.parent / "constraints.txt").exists()
 
 
-def test_the_readme_layout_table_names_every_module_in_its_layer():
-    """README's "How the code is laid out" table: one row per layer of the contracts, top to bottom, each module
-    listed (by its path below dermray/) in the row of its layer."""
+def test_the_design_page_layout_table_names_every_module_in_its_layer():
+    """docs/design.md's "Layers: how the code is laid out" table: one row per layer of the contracts, top to
+    bottom, each module listed (by its path below dermray/) in the row of its layer."""
     contracts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
     layers = [m.removeprefix("dermray.") for m in next(c["layers"] for c in contracts if c["type"] == "layers")]
-    readme = (REPO / "README.md").read_text()
-    table = readme[readme.index("## How the code is laid out"):readme.index("**A stage is declared once**")]
+    design = (REPO / "docs" / "design.md").read_text()
+    table = design[design.index("## Layers: how the code is laid out"):design.index("## A stage is declared once")]
     rows = [line for line in table.splitlines() if line.startswith("| ") and "`" in line]
     assert len(rows) == len(layers), rows
     for row, layer in zip(rows, layers):

@@ -55,3 +55,20 @@ def test_a_mistyped_command_gets_a_did_you_mean(typed, meant, capsys):
         cli.main([typed, "--output", "x"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 2 and f"unknown command {typed!r}: did you mean {meant!r}?" in err, err
+
+
+def test_an_option_for_a_config_key_says_what_the_docs_say():
+    """Issue 30: an option whose help is only its config key shows that key's Field(description=...), the text of
+    docs/configuration.md (generated from the same models), so the two cannot say different things."""
+    from dermray.runtime.config import description
+
+    shown = 0
+    for *_, parser in COMMANDS:
+        for action in parser._actions:
+            m = re.search(r"\(config: ([a-z_.]+);", action.help or "")
+            if m and (action.help or "").startswith(description(m.group(1)) or "\0"):
+                shown += 1
+    assert shown >= 10
+    help_text = " ".join(dict((n, p) for n, _, p in COMMANDS)["train"].format_help().split())
+    assert " ".join(description("train.epochs").split()) in help_text
+    assert description("no.such.key") is None and description("train.no_such_key") is None
