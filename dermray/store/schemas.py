@@ -238,7 +238,7 @@ SANITY = TableSchema(
 ALL = {s.name: s for s in (TAXONOMY, MANIFEST, TRAINING_CLASSES, LABELS, TASK_MEMBERSHIP, QUARANTINE,
                            PREDICTIONS, METRICS, ROC, READERS, READER_POINTS, CONFUSION, CALIBRATION, FOLD_COUNTS,
                            NEAR_DUPLICATES, IMAGE_HASHES, TRAIN_OVERLAP, TRAINING_METRICS, TRAIN_SUMMARY,
-                           SALIENCY_INDEX, SANITY)}
+                           LOCKING_PREDICTIONS, SALIENCY_INDEX, SANITY)}
 
 
 def _type_ok(actual: pa.DataType, expected: pa.DataType) -> bool:
