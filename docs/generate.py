@@ -187,7 +187,7 @@ WHERE = {
     "train_overlap": "`metrics/<run_id>/train_overlap.parquet` (evaluate)",
     "training_metrics": "`train/<run_id>/fold=<k>/metrics.parquet`",
     "train_summary": "`train/<run_id>/train_summary.parquet`",
-    "locking_predictions": "`train/<run_id>/locking_predictions.parquet`: what the model cards' decisions are fitted on",
+    "locking_predictions": "`train/<run_id>/locking_predictions.parquet`: the decisions are fitted on it",
     "saliency_index": "`saliency/<run_id>/saliency_index.parquet`",
     "sanity": "`saliency/<run_id>/sanity.parquet`",
 }
