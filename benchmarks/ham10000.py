@@ -43,6 +43,10 @@ TRAIN_MINUTES = float(os.environ.get("DERMRAY_HAM_TRAIN_MINUTES", size("45", "0.
 SMOKE_PER_DX = 120  # images per diagnosis in smoke mode (biopsy-proven first)
 TEST_SHARE = 0.2
 ARMS = [a.strip() for a in os.environ.get("DERMRAY_HAM_ARMS", "defaults,plain").split(",") if a.strip()]
+# DERMRAY_HAM_ROBUSTNESS=0: no re-scoring under the photometric shifts (a shorter run; its keys are then absent).
+ROBUSTNESS = os.environ.get("DERMRAY_HAM_ROBUSTNESS", "1") != "0"
+# One arm alone writes its own results folder (ham10000_defaults, ...): the two-arm file keeps both arms' figures.
+RESULTS_NAME = "ham10000" if set(ARMS) == {"defaults", "plain"} else "ham10000_" + "_".join(ARMS)
 # The second arm: the recipe before issue 21 (no colour constancy, geometric augmentation only).
 PLAIN = ["transforms.color_constancy=none", "transforms.photometric=false"]
 TARGET = "sens0.95"  # the operating point locked at sensitivity 0.95 (evaluate.target_sensitivity)
@@ -148,7 +152,7 @@ def main() -> int:
         print(f"HAM10000 not found at {HAM}", file=sys.stderr)
         return 1
     t0 = time.perf_counter()
-    results = results_dir("ham10000")
+    results = results_dir(RESULTS_NAME)
     with tempfile.TemporaryDirectory() as d:
         tmp = pathlib.Path(d)
         metadata = HAM / "labels.csv"
@@ -189,11 +193,11 @@ def main() -> int:
         # Robustness: the biopsy-proven test images, shifted once, scored by each arm's model.
         biopsy = test[test.label_source == "biopsy"]
         manifests = {"none": tmp / "in" / "test.parquet"}
-        for shift in SHIFTS:
+        for shift in SHIFTS if ROBUSTNESS else ():
             manifests[shift] = write_shifted(biopsy, shift, tmp / "shifted" / shift)
         robust = {arm: robustness(base, out, "ham" if arm == "defaults" else "ham-plain", manifests,
-                                  bf16=arm == "defaults") for arm in arms}
-        if "defaults" in arms:
+                                  bf16=arm == "defaults") for arm in arms} if ROBUSTNESS else {}
+        if "defaults" in arms and ROBUSTNESS:
             bf16_probs, fp32_probs = (np.stack(pd.read_parquet(out / "predictions" / f"ham-{c}" / "predictions")
                                                .sort_values("image_id")["probs"].to_numpy())
                                       for c in ("none_bf16", "none"))
@@ -218,6 +222,13 @@ def main() -> int:
         for rate in ("sensitivity", "specificity"):
             value, ci, _ = metric(m, "melanoma_vs_nevus", f"{rate}@locked:{TARGET}")
             result[f"locked_{rate}_melanoma{suffix}"], result[f"locked_{rate}_melanoma_ci{suffix}"] = value, ci
+            # Issue 28: the same point's rates where it was fitted (its chosen_on), beside the test's.
+            value, ci, _ = metric(m, "melanoma_vs_nevus", f"{rate}_oof@locked:{TARGET}")
+            result[f"locked_{rate}_melanoma_where_fitted{suffix}"] = value
+            result[f"locked_{rate}_melanoma_where_fitted_ci{suffix}"] = ci
+        result["locked_melanoma_carries_over" + suffix] = metric(m, "melanoma_vs_nevus",
+                                                                 f"carries_over@locked:{TARGET}")[0]
+        result["locked_melanoma_chosen_on" + suffix] = point[0].chosen_on if point else None
         result["ece_before" + suffix] = metric(m, "melanoma_vs_nevus", "ece_uncalibrated")[0]
         result["ece_after" + suffix] = metric(m, "melanoma_vs_nevus", "ece")[0]
         result["stages" + suffix] = a["summary"]["stages"]
@@ -227,7 +238,7 @@ def main() -> int:
         result["auc_shifted_min" + suffix] = min(shifted_aucs) if shifted_aucs else None
         result["auc_unshifted_one_view" + suffix] = aucs["none"]["auc"]
     result["robustness"] = robust
-    if "defaults" in robust:
+    if "defaults" in robust and ROBUSTNESS:
         r = robust["defaults"]
         result["bf16_auc_delta"] = round(abs(r["none_bf16"]["auc"] - r["none"]["auc"]), 4)
         result["bf16_max_abs_dp"] = round(float(np.abs(bf16_probs - fp32_probs).max()), 4)
@@ -249,7 +260,7 @@ def main() -> int:
         result["auc_change_vs_plain"] = round(result["auc_melanoma_nevus"] - result["auc_melanoma_nevus_plain"], 4)
         result["auc_ci_half_width"] = round((hi - lo) / 2, 4)
     result["minutes"] = round((time.perf_counter() - t0) / 60, 1)
-    write_results("ham10000", result)
+    write_results(RESULTS_NAME, result)
     print_table(result, robust)
     last_line({k: result.get(k) for k in (
         "auc_melanoma_nevus", "auc_melanoma_nevus_ci", "auc_carcinoma_bkl", "auc_carcinoma_bkl_ci",
@@ -257,7 +268,9 @@ def main() -> int:
         "locked_sensitivity_melanoma_ci", "locked_specificity_melanoma", "locked_specificity_melanoma_ci",
         "ece_before", "ece_after", "near_duplicate_pairs", "saliency_sanity_conclusive", "epochs", "precision",
         "auc_melanoma_nevus_plain", "auc_change_vs_plain", "auc_ci_half_width", "auc_shifted_min",
-        "auc_shifted_min_with_cc", "bf16_auc_delta", "bf16_max_abs_dp", "target_met", "minutes")})
+        "auc_shifted_min_with_cc", "bf16_auc_delta", "bf16_max_abs_dp", "target_met", "minutes",
+        "locked_sensitivity_melanoma_where_fitted", "locked_specificity_melanoma_where_fitted",
+        "locked_melanoma_carries_over")})
     return 0
 
 

@@ -3,9 +3,10 @@ skin-lesion collections are known to hold and which leak between folds when thei
 Pure logic (numpy, scipy, PIL on bytes): the partition stage runs it in Ray tasks.
 
 Steps:
-1. ``describe``: per image, the sha256 of its bytes (exact copies) and a 64-bit DCT perceptual hash of three views
-   - the whole image and its central 92 % and 85 % - so that a copy cropped by a few percent per side matches one
-   of the original's views.
+1. ``describe``: per image, the sha256 of its bytes (exact copies) and a 64-bit DCT perceptual hash of seven views
+   (HASH_BOXES) - the whole image, its central 92 % and 85 %, and 95 % windows in its four corners - so that a copy
+   cropped by a few percent per side, centred or not, matches one of the original's views (issue 28, finding 7:
+   with the centred views alone 4 % of copies cropped off-centre by 0-5 % per side were no candidates).
 2. ``candidates``: pairs whose view hash and whole-image hash lie within ``max_hamming`` bits, found by LSH banding
    (``BANDS`` bands of ``BAND_BITS`` bit positions drawn once; a pair is a candidate when it agrees exactly on a
    band), never by comparing all pairs. Buckets larger than ``MAX_BUCKET`` (uniform images all hashing alike) are
@@ -49,13 +50,19 @@ def _phash(grey, box=None) -> np.uint64:
     return np.packbits(bits).view(">u8")[0].astype(np.uint64)
 
 
+# The hashed views (left, top, right, bottom as fractions): the whole image first (the one every view is compared
+# with), the central 92 % and 85 % (VIEW_SCALES), then 95 % windows in the four corners. A table of hashes with the
+# first three alone (a partition from before the corners) is compared on those (``cross_candidates``).
+HASH_BOXES = ((0.0, 0.0, 1.0, 1.0), (0.04, 0.04, 0.96, 0.96), (0.075, 0.075, 0.925, 0.925),
+              (0.0, 0.0, 0.95, 0.95), (0.05, 0.0, 1.0, 0.95), (0.0, 0.05, 0.95, 1.0), (0.05, 0.05, 1.0, 1.0))
+N_HASHES = len(HASH_BOXES)
+
+
 def describe(data: bytes, max_pixels: int = 50_000_000) -> tuple[str, np.ndarray]:
-    """(sha256 hex of the bytes, uint64 [3] perceptual hashes of the whole image and its central 92 % and 85 %)."""
+    """(sha256 hex of the bytes, uint64 [N_HASHES] perceptual hashes of the views HASH_BOXES)."""
     grey = _grey(data, max_pixels)
     w, h = grey.size
-    hashes = [_phash(grey)]
-    for s in VIEW_SCALES[1:]:
-        hashes.append(_phash(grey, ((1 - s) / 2 * w, (1 - s) / 2 * h, (1 + s) / 2 * w, (1 + s) / 2 * h)))
+    hashes = [_phash(grey, (box[0] * w, box[1] * h, box[2] * w, box[3] * h)) for box in HASH_BOXES]
     return hashlib.sha256(data).hexdigest(), np.array(hashes, dtype=np.uint64)
 
 
@@ -119,7 +126,8 @@ def candidates(hashes: np.ndarray, max_hamming: int) -> tuple[np.ndarray, int]:
 def cross_candidates(hashes_a: np.ndarray, hashes_b: np.ndarray, max_hamming: int) -> np.ndarray:
     """int64 [m, 3] candidate pairs (index into a, index into b, Hamming distance) between two sets of hashes
     (uint64 [n, 3] each), found as ``candidates`` finds them in one set: pairs within a set are left out."""
-    pairs, _ = candidates(np.concatenate([hashes_a, hashes_b]).reshape(-1, 3), max_hamming)
+    views = min(hashes_a.shape[1], hashes_b.shape[1])  # an older table: its views alone
+    pairs, _ = candidates(np.concatenate([hashes_a[:, :views], hashes_b[:, :views]]), max_hamming)
     n = len(hashes_a)
     cross = pairs[(pairs[:, 0] < n) & (pairs[:, 1] >= n)]
     return np.stack([cross[:, 0], cross[:, 1] - n, cross[:, 2]], axis=1) if len(cross) else np.zeros((0, 3), np.int64)
@@ -153,12 +161,7 @@ def similarity(a: bytes, b: bytes, max_pixels: int = 50_000_000) -> float:
     ways: 1 for a copy, a re-encoding or a resize; about 1 for a crop of a few percent per side. A pair that
     comes close on the coarse views (FINE_GATE) is aligned finely (``_fine``): each side of a window cropped
     on its own, so that an off-centre crop, or a crop of a few pixels then resized and re-encoded, is found."""
-    ga, gb = _grey(a, max_pixels), _grey(b, max_pixels)
-    va, vb = _views(ga), _views(gb)
-    coarse = float(max((vb @ va[0]).max(), (va @ vb[0]).max()) / (N_VIEW * N_VIEW))
-    if coarse < FINE_GATE:
-        return coarse
-    return max(coarse, _fine(_small(gb), va[0]), _fine(_small(ga), vb[0]))
+    return _similarity(_Prepared(_grey(a, max_pixels)), _Prepared(_grey(b, max_pixels)))
 
 
 FINE_GATE = 0.90  # coarse similarity from which a pair is aligned finely (below it no copy was seen)
@@ -219,17 +222,47 @@ def _fine(g: np.ndarray, whole: np.ndarray) -> float:
 
 def similarities(uris_a, uris_b, read, max_pixels: int = 50_000_000) -> np.ndarray:
     """float [n]: ``similarity`` of each pair of images (``read``: uri -> bytes); NaN where one cannot be read or
-    decoded (a NaN is below every threshold)."""
+    decoded (a NaN is below every threshold). Each image is read and prepared once for all its pairs here
+    (candidates come sorted by their first image: most of a batch's pairs share one)."""
     from dermray.core.transforms import ImageDecodeError
     from dermray.errors import UserError
 
+    prepared: dict = {}
+
+    def get(uri):
+        if uri not in prepared:
+            try:
+                prepared[uri] = _Prepared(_grey(read(uri), max_pixels))
+            except (UserError, ImageDecodeError):
+                prepared[uri] = None
+        return prepared[uri]
+
     out = []
     for a, b in zip(uris_a, uris_b):
-        try:
-            out.append(similarity(read(a), read(b), max_pixels))
-        except (UserError, ImageDecodeError):
-            out.append(float("nan"))
+        pa_, pb = get(a), get(b)
+        out.append(float("nan") if pa_ is None or pb is None else _similarity(pa_, pb))
     return np.array(out, dtype=float)
+
+
+class _Prepared:
+    """One image as ``similarity`` reads it: its coarse views, and its small grey array (made when first needed)."""
+
+    def __init__(self, grey):
+        self.grey, self.views = grey, _views(grey)
+        self._small: np.ndarray | None = None
+
+    @property
+    def small(self) -> np.ndarray:
+        if self._small is None:
+            self._small = _small(self.grey)
+        return self._small
+
+
+def _similarity(a: "_Prepared", b: "_Prepared") -> float:
+    coarse = float(max((b.views @ a.views[0]).max(), (a.views @ b.views[0]).max()) / (N_VIEW * N_VIEW))
+    if coarse < FINE_GATE:
+        return coarse
+    return max(coarse, _fine(b.small, a.views[0]), _fine(a.small, b.views[0]))
 
 
 def merge_groups(groups: np.ndarray, pairs: list[tuple[int, int]], max_groups: int) -> tuple[np.ndarray, list[bool]]:

@@ -184,7 +184,8 @@ IMAGE_HASHES = TableSchema(
     "image_hashes",
     (_s("image_id"), _s("uri"), _s("sha256"), Column("phash", pa.list_(pa.uint64()))),
     doc="Per training image the partition could read: the sha256 of its bytes and the 64-bit perceptual hashes of "
-        "three views (whole, central 92 %, central 85 %; neardup.describe): evaluate looks for test images that "
+        "seven views (whole, central 92 % and 85 %, 95 % in each corner; neardup.HASH_BOXES; three in a partition "
+        "made before the corner views): evaluate looks for test images that "
         "are near-duplicates of these.",
 )
 

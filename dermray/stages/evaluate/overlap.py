@@ -76,10 +76,13 @@ def train_overlap(df: pd.DataFrame, inp: EvalInputs, ecfg: EvaluateConfig) -> Ov
         described = list(pool.map(describe, uris))
     ok = np.array([d is not None for d in described], bool)
     test_sha = np.array([d[0] for d in described if d is not None], dtype=object)
-    test_hashes = np.stack([d[1] for d in described if d is not None]) if ok.any() else np.zeros((0, 3), np.uint64)
+    test_hashes = (np.stack([d[1] for d in described if d is not None]) if ok.any() else
+                   np.zeros((0, neardup.N_HASHES), np.uint64))
     test_ids, test_uris = ids[ok], uris[ok]
     train = inp.train_hashes
-    train_hashes = np.array(train["phash"].tolist(), dtype=np.uint64).reshape(-1, 3)
+    # Seven views per image (neardup.HASH_BOXES), or three from a partition made before the corner views.
+    views = len(train["phash"].iloc[0]) if len(train) else neardup.N_HASHES
+    train_hashes = np.array(train["phash"].tolist(), dtype=np.uint64).reshape(-1, views)
     pairs: dict[tuple[int, int], tuple[int, float, bool]] = {}
     by_sha = pd.Series(np.arange(len(train)), index=train["sha256"].to_numpy())
     for j, sha in enumerate(test_sha):

@@ -42,7 +42,7 @@ def describe_chunk(uri, row_groups, offset, columns, node_ids, max_pixels):
     rows = np.array(rows, np.int64)
     return {"image_id": ids[rows], "uri": np.array([storage.resolve(u, base) for u in uris[rows]], dtype=object),
             "group": groups[rows], "sha": np.array(shas, dtype=object),
-            "hashes": np.array(hashes, np.uint64).reshape(-1, 3), "unreadable": unreadable}
+            "hashes": np.array(hashes, np.uint64).reshape(-1, neardup.N_HASHES), "unreadable": unreadable}
 
 
 def verify_pairs(uris_a, uris_b, max_pixels):
@@ -83,7 +83,8 @@ def near_duplicates(ray, inp: Inputs, chunks, node_ids_ref, pcfg) -> tuple[pa.Ta
                                                                max_pixels) for rg, off, _ in chunks],
                        "images described", lambda d: len(d["image_id"]))
     cat = {k: np.concatenate([d[k] for d in described]) for k in ("image_id", "uri", "group", "sha")}
-    hashes = np.concatenate([d["hashes"] for d in described]) if described else np.zeros((0, 3), np.uint64)
+    hashes = (np.concatenate([d["hashes"] for d in described]) if described else
+              np.zeros((0, neardup.N_HASHES), np.uint64))
     meter_n = len(hashes)
     cand, skipped = neardup.candidates(hashes, pcfg.near_duplicate_hamming)
     # Exact copies: the same bytes.
