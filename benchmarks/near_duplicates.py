@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import multiprocessing
 import os
 import pathlib
 import sys
@@ -58,20 +59,26 @@ def planted_copies(data: bytes, rng) -> dict[str, bytes]:
             "cropped_0_5pct_offcentre": jpeg(img.crop((f[0], f[1], w - f[2], h - f[3])))}
 
 
-def _similarities(pairs_bytes):
+_IMAGES: list[bytes] = []  # every image's bytes, inherited by the forked workers
+
+
+def _similarities(pairs: np.ndarray) -> np.ndarray:
+    """What the partition's verify tasks compute, the same way (neardup.similarities: each image prepared once
+    for all its pairs in the batch), on image indices."""
     from dermray.core import neardup
 
-    return [neardup.similarity(a, b) for a, b in pairs_bytes]
+    return neardup.similarities(pairs[:, 0], pairs[:, 1], lambda i: _IMAGES[i])
 
 
-def parallel_similarity(pairs: list[tuple[bytes, bytes]], workers: int = 2) -> np.ndarray:
-    chunks = [pairs[i::workers] for i in range(workers)]
-    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
-        parts = list(pool.map(_similarities, chunks))
-    out = np.empty(len(pairs))
-    for i, part in enumerate(parts):
-        out[i::workers] = part
-    return out
+def parallel_similarity(images: list[bytes], pairs: np.ndarray, workers: int = 2) -> np.ndarray:
+    """The similarity of each candidate pair (rows of image indices, sorted by the first as the partition has
+    them), in batches of 256 as the partition's tasks take them, over ``workers`` processes."""
+    _IMAGES[:] = images
+    batches = [pairs[i:i + 256] for i in range(0, len(pairs), 256)]
+    ctx = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        parts = list(pool.map(_similarities, batches))
+    return np.concatenate(parts) if parts else np.zeros(0)
 
 
 def main() -> int:
@@ -106,7 +113,7 @@ def main() -> int:
     pairs, skipped = neardup.candidates(hashes, PartitionConfig().near_duplicate_hamming)
     t_candidates = time.perf_counter() - t0
     t0 = time.perf_counter()
-    sims = parallel_similarity([(every[a], every[b]) for a, b, _ in pairs])
+    sims = parallel_similarity(every, pairs[:, :2])
     t_verify = time.perf_counter() - t0
     lesion = np.r_[labels["lesion_id"].to_numpy(), np.array([f"planted-{k}" for k in range(len(planted))])]
     dx = np.r_[labels["dx"].to_numpy(), labels["dx"].to_numpy()[origin]]
