@@ -64,14 +64,14 @@ class PartitionConfig(Section):
     ))
     near_duplicates: bool = Field(True, description=(
         "Near-duplicate images (the same picture under two ids) join one group before the folds are cut. The "
-        "thresholds come from benchmarks/near_duplicates.py on HAM10000: at similarity 0.985, 5 pairs across its "
-        "curated lesions (none between two diagnoses); every re-encoded, resized, centrally cropped copy and every "
-        "copy cropped by a few pixels, resized and re-encoded found, off-centre crops 95-99 %."
+        "thresholds come from benchmarks/near_duplicates.py on HAM10000: at similarity 0.985, 7 pairs across its "
+        "curated lesions (none between two diagnoses); every re-encoded, resized or cropped copy found (crops of "
+        "0-5 % per side off-centre: 249 of 250)."
     ))
     near_duplicate_hamming: int = Field(10, ge=0, le=32, description=(
         "perceptual-hash bits a candidate pair may differ in"
     ))
-    # 0.985, not 0.98, since the fine alignment (issue 28, finding 7): at 0.98 it paired 3 HAM10000 images of
+    # 0.985, not 0.98, since the fine alignment (issue 28, finding 7): at 0.98 it paired 4 HAM10000 images of
     # different diagnoses, at 0.985 none (benchmarks/results/near_duplicates)
     near_duplicate_similarity: float = Field(0.985, gt=0, le=1, description=(
         "aligned pixel correlation that confirms a pair"
