@@ -145,6 +145,16 @@ def _relay(workers: int = 3):
     return relay
 
 
+def _clock(monkeypatch, start: float = 1000.0) -> list[float]:
+    """The progress module's clock, moved by the test (``now[0] += ...``); the console last spoke at ``start``."""
+    from dermray.runtime import progress
+
+    now = [start]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(progress, "_last_shown", [now[0]])
+    return now
+
+
 def _epoch(fold: int, epoch: int, loss: float, eta_s: float) -> str:
     from dermray.runtime import progress
 
@@ -190,9 +200,7 @@ def test_a_fold_that_is_behind_is_not_waited_for_after_a_silence(caplog, monkeyp
 
     from dermray.runtime import progress
 
-    now = [1000.0]
-    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
-    monkeypatch.setattr(progress, "_last_shown", [now[0]])
+    now = _clock(monkeypatch)
     relay = _relay(3)
     with caplog.at_level(logging.INFO, logger=progress.log.name), progress.working("train: running"), \
             progress.working(relay.quiet_lines):
@@ -222,9 +230,7 @@ def test_the_workers_status_is_one_line_after_a_silence_and_none_while_lines_com
 
     from dermray.runtime import progress
 
-    now = [1000.0]
-    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
-    monkeypatch.setattr(progress, "_last_shown", [now[0]])
+    now = _clock(monkeypatch)
     relay = _relay(3)
     with caplog.at_level(logging.INFO, logger=progress.log.name), progress.working("train: running"), \
             progress.working(relay.quiet_lines):
@@ -247,9 +253,7 @@ def test_a_slow_start_is_said_again_after_each_silence_until_a_worker_speaks(cap
 
     from dermray.runtime import progress
 
-    now = [0.0]
-    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
-    monkeypatch.setattr(progress, "_last_shown", [now[0]])
+    now = _clock(monkeypatch, 0.0)
     relay = _relay(3)
     relay.starting("train: starting 3 Ray Train workers")
     with caplog.at_level(logging.INFO, logger=progress.log.name), progress.working(relay.quiet_lines):
