@@ -267,3 +267,19 @@ def tta_views(x, mode: str) -> list:
 
 
 TTA_VIEWS = {"none": 1, "flips": 3, "dihedral": 8}
+
+
+def mean_probabilities(models: list, x, tta: str, autocast_dtype=None):
+    """The mean softmax [B, n_classes] (float32 tensor) over ``models`` and the ``tta`` views of the normalised
+    batch ``x`` [B, 3, S, S]: what scoring computes for an image, and what the operating points are locked on."""
+    import torch
+
+    total = None
+    for view in tta_views(x, tta):
+        for m in models:
+            with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = logits_of(m(view))
+            p = torch.softmax(logits.float(), dim=1)
+            total = p if total is None else total + p
+    assert total is not None  # at least one view and one model
+    return total / (len(models) * TTA_VIEWS[tta])

@@ -14,7 +14,7 @@ from dermray.runtime.artifacts import Ensemble
 from dermray.stages.score.shared import CHUNK, END_OF_SHARD, ROW, TOTAL, log
 from dermray.store import archive, storage
 from dermray.store.archive import TRANSIENT
-from dermray.store.models import TTA_VIEWS, tta_views
+from dermray.store.models import mean_probabilities
 
 
 def decode_rows(batch: dict, size: int, max_pixels: int, retry: storage.Retry, pre=None) -> dict:
@@ -160,24 +160,13 @@ class Predictor:
     def _probabilities(self, images: np.ndarray) -> np.ndarray:
         import torch
 
-        from dermray.store.models import logits_of
-
         with torch.inference_mode():
             # NHWC uint8 -> NCHW float32 whose memory stays NHWC: channels_last with no copy.
             x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2)
             x = (x.float() - self.mean) / self.std
             if not self.channels_last:
                 x = x.contiguous()
-            total: torch.Tensor | None = None
-            for view in tta_views(x, self.tta):
-                for m in self.models:
-                    with torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                                        enabled=self.autocast_dtype is not None):
-                        logits = logits_of(m(view))
-                    p = torch.softmax(logits.float(), dim=1)
-                    total = p if total is None else total + p
-            assert total is not None  # at least one view and one model
-            return (total / (len(self.models) * TTA_VIEWS[self.tta])).cpu().numpy()
+            return mean_probabilities(self.models, x, self.tta, self.autocast_dtype).cpu().numpy()
 
     def __call__(self, batch: dict) -> dict:
         t_start = time.time()

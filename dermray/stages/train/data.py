@@ -200,7 +200,7 @@ def ensemble_probabilities(job: FoldJob, weights: list[bytes], rows: pa.Table, p
     import torch
 
     from dermray.runtime.trainloop import model_inputs
-    from dermray.store.models import TTA_VIEWS, build_model, logits_of, state_dict_from_bytes, tta_views
+    from dermray.store.models import build_model, mean_probabilities, state_dict_from_bytes
 
     torch.set_num_threads(worker_threads(job.train.torch_threads, job.train.cpus_per_worker))
     device = torch.device("cuda" if job.train.use_gpu and torch.cuda.is_available() else "cpu")
@@ -210,13 +210,7 @@ def ensemble_probabilities(job: FoldJob, weights: list[bytes], rows: pa.Table, p
     with torch.inference_mode():
         for batch in held_out_batches(rows, job, pre, retry):
             x, _ = model_inputs(batch, job, device)
-            total = None
-            for view in tta_views(x, tta):
-                for m in models:
-                    p = torch.softmax(logits_of(m(view)).float(), dim=1)
-                    total = p if total is None else total + p
-            assert total is not None  # at least one view and one model
-            probs.append((total / (len(models) * TTA_VIEWS[tta])).cpu().numpy())
+            probs.append(mean_probabilities(models, x, tta).cpu().numpy())
             ids += batch["image_id"]
     return {"image_id": ids, "probs": np.concatenate(probs) if probs else np.zeros((0, job.n_classes), np.float32)}
 

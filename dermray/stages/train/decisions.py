@@ -3,6 +3,7 @@ Youden's, the readers' specificity), fitted on the ensemble's predictions of the
 (``lock_decisions``), written into every fold's model card and the ensemble's."""
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 
@@ -88,18 +89,16 @@ def lock_decisions(cfg: RunConfig, p: TrainPlan, fold_rows: list[dict]) -> Locke
     calibration, points = decisions.lock(np.stack(frame["probs"]).astype(np.float64), frame["class_index"].to_numpy(),
                                          _task_truth(p, frame), binary, cfg.evaluate.target_sensitivity, readers)
     points = [pt | {"chosen_on": chosen_on} for pt in points]
+    oof_calibrated = M.apply_temperature(np.stack(oof["probs"]).astype(np.float64), calibration["temperature"])
+    oof_truth = _task_truth(p, oof)
     missing = [b for b in binary if b[0] not in {pt["task"] for pt in points}]
     if locking is not None and missing:  # a task without positives or negatives there: its points out of fold
-        temperature = calibration["temperature"]
-        oof_probs = M.apply_temperature(np.stack(oof["probs"]).astype(np.float64), temperature)
-        _, more = decisions.lock(oof_probs, oof["class_index"].to_numpy(), _task_truth(p, oof), missing,
+        _, more = decisions.lock(oof_calibrated, oof["class_index"].to_numpy(), oof_truth, missing,
                                  cfg.evaluate.target_sensitivity, readers, fit_temperature=False)
         points += [pt | {"chosen_on": f"{out_of_fold}, calibrated as above: the images no fold model trained on "
                                       "hold no positive or no negative of this task"} for pt in more]
-    probs = np.stack(oof["probs"]).astype(np.float64)
     lesion = (oof["group_id"].fillna(oof["image_id"]) if "group_id" in oof.columns else oof["image_id"]).to_numpy()
-    aucs = decisions.task_aucs(M.apply_temperature(probs, calibration["temperature"]), _task_truth(p, oof), binary,
-                               pd.factorize(lesion)[0], seed=0)
+    aucs = decisions.task_aucs(oof_calibrated, oof_truth, binary, pd.factorize(lesion)[0], seed=0)
     return Locked(calibration | {"fitted_on": chosen_on}, points, chosen_on, readers, aucs)
 
 
@@ -130,8 +129,9 @@ def locking_predictions(cfg: RunConfig, p: TrainPlan, cv: list[str]) -> pd.DataF
     if rows.num_rows < MIN_LOCKING_IMAGES:
         return None
     ens = artifacts.load_ensemble([layout.fold_dir(cfg.output, cfg.run_id, f) for f in cv])
-    made_by = json.dumps({"weights_sha256": list(ens.weights_sha256), "tta": cfg.score.tta,
-                          "images": rows.column("image_id").to_pylist()})
+    # The images by a digest of their ids: a tenth of a large archive's ids would bloat the file's metadata.
+    ids_digest = hashlib.sha256("\n".join(rows.column("image_id").to_pylist()).encode()).hexdigest()
+    made_by = json.dumps({"weights_sha256": list(ens.weights_sha256), "tta": cfg.score.tta, "images": ids_digest})
     uri = storage.join(p.run_dir, LOCKING_PREDICTIONS)
     if storage.exists(uri):
         kept = storage.read_table(uri)
