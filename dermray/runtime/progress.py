@@ -166,6 +166,7 @@ class Relay:
         self._seen: set[str] = set()  # the ONCE lines already shown
         self._status: dict[str, str] = {}  # the latest STATUS of each worker, shown only after a silence
         self._gathered: dict[str, list[dict]] = {}  # topic -> the records in so far (in arrival order)
+        self._said: dict[str, tuple[int, set]] = {}  # topic -> (records already said, the lines they made)
         self._lock = threading.Lock()
 
     def _pump(self) -> None:
@@ -193,9 +194,11 @@ class Relay:
                 self._status.pop(key, None)  # what it sends now supersedes where it said it was
                 records = self._gathered.setdefault(topic, [])
                 records.append(json.loads(record))
-                if len(records) < self.workers:
+                if len(records) + self._said.get(topic, (0, set()))[0] < self.workers:
                     return
                 lines = self._merge(topic)
+                if not lines:
+                    return
             elif line.startswith(ONCE):  # the same note from every worker: shown once
                 line = line[len(ONCE):]
                 if line in self._seen:
@@ -209,10 +212,15 @@ class Relay:
                 log.info("%s", text)
 
     def _merge(self, topic: str) -> list[str]:
+        """The lines of a topic's records in so far; a topic said in part at a silence is completed by the late
+        records alone, and a line it said already (the same precision from the late fold) is not said again."""
         records = self._gathered.pop(topic)
         kind = topic.split(" ", 1)[0]
         merge = self.mergers.get(kind)
-        return merge(records) if merge else [str(r) for r in records]
+        count, shown = self._said.get(topic, (0, set()))
+        lines = [line for line in (merge(records) if merge else [str(r) for r in records]) if line not in shown]
+        self._said[topic] = (count + len(records), shown | set(lines))
+        return lines
 
     def starting(self, text: str) -> None:
         """The driver's status until the first worker sends its own (shown after a silence, like theirs)."""
