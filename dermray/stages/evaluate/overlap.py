@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from dermray.errors import UserError
-from dermray.runtime import layout
+from dermray.runtime import layout, progress
 from dermray.runtime.config import EvaluateConfig
 from dermray.stages.evaluate.inputs import EvalInputs
 from dermray.store import storage
@@ -48,8 +48,6 @@ def train_overlap(df: pd.DataFrame, inp: EvalInputs, ecfg: EvaluateConfig) -> Ov
     """The test images (``df``'s ``uri``) that are copies of the partition's training images: equal bytes, or a
     view hash within the partition's Hamming bound of the other's whole-image hash, confirmed by aligned pixel
     correlation at its similarity (neardup: the method the folds were grouped with)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from dermray.core import neardup
     from dermray.core.transforms import ImageDecodeError
 
@@ -72,6 +70,17 @@ def train_overlap(df: pd.DataFrame, inp: EvalInputs, ecfg: EvaluateConfig) -> Ov
             return None
 
     ids, uris = df["image_id"].to_numpy(), df["uri"].to_numpy()
+    # A silence on the console says how far it is (issue 29: 45 s of "evaluate: running" in the demo).
+    where = [f"describing {len(uris):,} test images"]
+    with progress.working(lambda: [f"evaluate: looking for copies of training images: {where[0]}"]):
+        return _find(ids, uris, describe, inp, hamming, similarity, where)
+
+
+def _find(ids, uris, describe, inp: EvalInputs, hamming: int, similarity: float, where: list) -> Overlap:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dermray.core import neardup
+
     with ThreadPoolExecutor(8) as pool:  # reads (S3 or disk) and decodes overlap; PIL releases the GIL
         described = list(pool.map(describe, uris))
     ok = np.array([d is not None for d in described], bool)
@@ -91,8 +100,13 @@ def train_overlap(df: pd.DataFrame, inp: EvalInputs, ecfg: EvaluateConfig) -> Ov
     cand = [(int(i), int(j), int(d)) for i, j, d in neardup.cross_candidates(train_hashes, test_hashes, hamming)
             if (int(i), int(j)) not in pairs]
     # NaN (an image gone since the partition) is below the threshold: not a pair
-    sims = neardup.similarities(train["uri"].to_numpy()[[i for i, _, _ in cand]], test_uris[[j for _, j, _ in cand]],
-                                storage.read_bytes)
+    train_uris, test_of = train["uri"].to_numpy()[[i for i, _, _ in cand]], test_uris[[j for _, j, _ in cand]]
+    parts = []
+    for start in range(0, len(cand), 256):
+        where[0] = f"{start:,} of {len(cand):,} candidate pairs compared"
+        parts.append(neardup.similarities(train_uris[start:start + 256], test_of[start:start + 256],
+                                          storage.read_bytes))
+    sims = np.concatenate(parts) if parts else np.zeros(0)
     for (i, j, d), sim in zip(cand, sims):
         if sim >= similarity:
             pairs[(i, j)] = (d, float(sim), False)
