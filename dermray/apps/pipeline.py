@@ -158,8 +158,14 @@ def run(cfg: RunConfig) -> dict:
             scfg = stage_config(cfg, stage)
             again, why, s = decide(stage, scfg, cfg.pipeline.force)
             if again:
-                progress.say("pipeline [%d/%d] %s: running (%s)", i, len(order), stage, why)
-                s = run_stage(cfg, stage, scfg, order)
+                header = f"pipeline [{i}/{len(order)}] {stage}: running ({why})"
+                if why == "not run yet":  # nothing to say but its place: the stage's first line begins "[2/5] "
+                    progress.to_log_only("%s", header)
+                    with progress.leading(f"[{i}/{len(order)}] ", f"[{i}/{len(order)}] {stage}: ran"):
+                        s = run_stage(cfg, stage, scfg, order)
+                else:  # forced, or what changed since its last run: worth a line
+                    progress.say("%s", header)
+                    s = run_stage(cfg, stage, scfg, order)
                 status = "ran"
             else:
                 assert s is not None  # decide() returns the recorded summary whenever it skips a stage

@@ -51,8 +51,17 @@ class _DermrayLines(logging.Filter):
             return False
         if record.name.startswith("dermray") and record.levelno >= logging.INFO:
             progress.shown()  # the console's silences are measured from here (progress.break_silence)
+            # A live meter's redraw does not take the pipeline's "[2/5] " (its lasting lines do).
+            record.lead = "" if getattr(record, "console_only", False) else progress.take_lead()
             return True
         return False
+
+
+class _LeadFormatter(logging.Formatter):
+    """The message, after the prefix the console's filter gave it (progress.leading); the log file has none."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return getattr(record, "lead", "") + super().format(record)
 
 
 class _NotConsoleOnly(logging.Filter):
@@ -99,7 +108,7 @@ def console_handler(stream) -> logging.Handler:
     """The handler for dermray's lines on ``stream``: live meters on a terminal, plain lines elsewhere."""
     terminal = hasattr(stream, "isatty") and stream.isatty()
     handler = _Terminal(stream) if terminal else logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(_LeadFormatter("%(message)s"))
     handler.addFilter(_DermrayLines(live=terminal))
     return handler
 

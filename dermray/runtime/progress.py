@@ -43,6 +43,30 @@ def shown() -> None:
     _last_shown[0] = time.monotonic()
 
 
+_lead = [""]  # what the console's next line begins with (the pipeline's "[2/5] "), taken by that line
+
+
+@contextlib.contextmanager
+def leading(prefix: str, otherwise: str) -> Iterator[None]:
+    """While the block runs, the console's next line begins with ``prefix``; a block that said nothing on the console
+    says ``otherwise`` at its end. (Issue 29: a line of its own for each stage's start was 5 of the demo's 47.)"""
+    _lead[0] = prefix
+    try:
+        yield
+    except BaseException:
+        _lead[0] = ""
+        raise
+    unsaid, _lead[0] = _lead[0], ""
+    if unsaid:
+        say(otherwise)
+
+
+def take_lead() -> str:
+    """The prefix for the console line being shown now ("" when none is pending); called by the console's filter."""
+    lead, _lead[0] = _lead[0], ""
+    return lead
+
+
 @contextlib.contextmanager
 def working(what: Activity) -> Iterator[None]:
     """While the block runs, a silence of QUIET_S seconds on the console is broken by ``what``."""

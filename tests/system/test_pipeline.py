@@ -53,9 +53,10 @@ def test_a_demo_pipeline_prints_a_few_meaningful_lines_and_logs_the_rest(demo):
     assert not wide, wide
     for noise in RAY_NOISE:
         assert not any(noise in ln for ln in lines), noise
-    # Each stage says it starts; training says how far each fold is; the end says where things are.
+    # Each stage's first line says its place ("[2/5] train: ..."); training says how far each fold is; the end
+    # says where things are.
     for k, stage in enumerate(("partition", "train", "score", "evaluate", "saliency"), 1):
-        assert any(ln.startswith(f"pipeline [{k}/5] {stage}: running") for ln in lines), stage
+        assert sum(bool(re.match(rf"\[{k}/5\] {stage}: ", ln)) for ln in lines) == 1, (stage, lines)
     # Each fold's every epoch, in one line per epoch (or a fold alone when it fell behind the others).
     epochs = [re.match(rf"train: (?:fold (\d) epoch (\d)/{EPOCHS}|epoch (\d)/{EPOCHS}, folds ([\d, -]+)), train loss",
                        ln) for ln in lines]
@@ -73,7 +74,7 @@ def test_a_demo_pipeline_prints_a_few_meaningful_lines_and_logs_the_rest(demo):
     last = run.stdout.strip().splitlines()[-1]  # stdout: the summary alone, ending with the log's place
     log = pathlib.Path(last.split("log: ")[1])
     assert last.strip().startswith("log: ") and log.exists()
-    assert all(not ln.startswith(("pipeline [", "train: fold", "score: ")) for ln in run.stdout.splitlines())
+    assert all(not ln.startswith(("[", "train: fold", "score: ")) for ln in run.stdout.splitlines())
     text = log.read_text()
     assert "Starting execution of Dataset" in text and "pipeline [2/5] train" in text  # everything is in the log
 

@@ -283,3 +283,39 @@ def test_a_slow_start_is_said_again_after_each_silence_until_a_worker_speaks(cap
         progress.break_silence()
     assert [r.getMessage() for r in caplog.records] == ["train: starting 3 Ray Train workers"] * 2 + [
         "train: fold 0 epoch 1/3, 32 images"]
+
+
+def test_a_stage_begins_its_first_console_line_with_its_place_and_the_log_file_has_its_own_line():
+    """Issue 29: "pipeline [2/5] train: running (not run yet)", a line of its own before each stage, was 5 of the
+    demo's 47 lines. The stage's first console line begins "[2/5] " instead (a live meter's redraw does not take
+    it); a stage that said nothing says its place at its end; the log file keeps the lines as they were said."""
+    import io
+    import logging
+
+    from dermray.runtime import console, progress
+
+    shown, filed = io.StringIO(), io.StringIO()
+    to_file = logging.StreamHandler(filed)
+    to_file.setFormatter(logging.Formatter(console.FORMAT))
+    handlers = [console.console_handler(shown), to_file]
+    for h in handlers:
+        progress.log.addHandler(h)
+    level = progress.log.level
+    progress.log.setLevel(logging.INFO)
+    try:
+        with progress.leading("[2/5] ", "[2/5] train: ran"):
+            progress.log.info("train: 50%", extra={"console_only": True, "live": True})
+            progress.say("train: 3 folds")
+            progress.say("train: epoch 1/3")
+        with progress.leading("[3/5] ", "[3/5] score: ran"):
+            pass
+        with pytest.raises(RuntimeError), progress.leading("[4/5] ", "[4/5] evaluate: ran"):
+            raise RuntimeError("failed")
+        progress.say("pipeline: done")
+    finally:
+        progress.log.setLevel(level)
+        for h in handlers:
+            progress.log.removeHandler(h)
+    assert shown.getvalue().splitlines() == ["[2/5] train: 3 folds", "train: epoch 1/3", "[3/5] score: ran",
+                                             "pipeline: done"], shown.getvalue()
+    assert "] train: 3 folds" not in filed.getvalue() and "INFO dermray.progress: train: 3 folds" in filed.getvalue()
