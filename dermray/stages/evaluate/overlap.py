@@ -48,8 +48,6 @@ def train_overlap(df: pd.DataFrame, inp: EvalInputs, ecfg: EvaluateConfig) -> Ov
     """The test images (``df``'s ``uri``) that are copies of the partition's training images: equal bytes, or a
     view hash within the partition's Hamming bound of the other's whole-image hash, confirmed by aligned pixel
     correlation at its similarity (neardup: the method the folds were grouped with)."""
-    from dermray.core import neardup
-    from dermray.core.transforms import ImageDecodeError
 
     if not ecfg.train_overlap:
         return Overlap(frozenset(), [], not_checked="evaluate.train_overlap is off")
@@ -59,6 +57,19 @@ def train_overlap(df: pd.DataFrame, inp: EvalInputs, ecfg: EvaluateConfig) -> Ov
             "by an older dermray)"))
     if "uri" not in df.columns or df["uri"].isna().all():
         return Overlap(frozenset(), [], not_checked="the predictions have no uri column to read the test images by")
+    # A silence on the console says how far it is (issue 29: 45 s of "evaluate: running" in the demo).
+    where = [f"describing {len(df):,} test images"]
+    with progress.working(lambda: [f"evaluate: looking for copies of training images: {where[0]}"]):
+        return _find(df, inp, inp.train_hashes, where)
+
+
+def _find(df: pd.DataFrame, inp: EvalInputs, train: pd.DataFrame, where: list[str]) -> Overlap:
+    """train_overlap's search, saying in ``where[0]`` how far it is."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dermray.core import neardup
+    from dermray.core.transforms import ImageDecodeError
+
     hamming, similarity = overlap_thresholds(inp.partition)
 
     def describe(uri):
@@ -70,17 +81,6 @@ def train_overlap(df: pd.DataFrame, inp: EvalInputs, ecfg: EvaluateConfig) -> Ov
             return None
 
     ids, uris = df["image_id"].to_numpy(), df["uri"].to_numpy()
-    # A silence on the console says how far it is (issue 29: 45 s of "evaluate: running" in the demo).
-    where = [f"describing {len(uris):,} test images"]
-    with progress.working(lambda: [f"evaluate: looking for copies of training images: {where[0]}"]):
-        return _find(ids, uris, describe, inp, hamming, similarity, where)
-
-
-def _find(ids, uris, describe, inp: EvalInputs, hamming: int, similarity: float, where: list) -> Overlap:
-    from concurrent.futures import ThreadPoolExecutor
-
-    from dermray.core import neardup
-
     with ThreadPoolExecutor(8) as pool:  # reads (S3 or disk) and decodes overlap; PIL releases the GIL
         described = list(pool.map(describe, uris))
     ok = np.array([d is not None for d in described], bool)
@@ -88,7 +88,6 @@ def _find(ids, uris, describe, inp: EvalInputs, hamming: int, similarity: float,
     test_hashes = (np.stack([d[1] for d in described if d is not None]) if ok.any() else
                    np.zeros((0, neardup.N_HASHES), np.uint64))
     test_ids, test_uris = ids[ok], uris[ok]
-    train = inp.train_hashes
     # Seven views per image (neardup.HASH_BOXES), or three from a partition made before the corner views.
     views = len(train["phash"].iloc[0]) if len(train) else neardup.N_HASHES
     train_hashes = np.array(train["phash"].tolist(), dtype=np.uint64).reshape(-1, views)
