@@ -18,7 +18,6 @@ import contextlib
 import datetime as dt
 import logging
 import os
-import shutil
 import sys
 import tempfile
 from typing import TextIO
@@ -69,38 +68,52 @@ class _NotConsoleOnly(logging.Filter):
         return not getattr(record, "console_only", False)
 
 
-class _Terminal(logging.StreamHandler):
-    """A terminal's console: a meter's line (records marked ``live``) is redrawn in place - carriage return, erase
-    the line, cut to the terminal's width so that it never wraps - until its last line, which stays; any other line
-    is printed above the live one, which is then drawn again."""
+class _Terminal(logging.Handler):
+    """A terminal's console, drawn by rich: a meter's line (records marked ``live``) is one line redrawn in place
+    (``rich.live.Live``, cut to the terminal's width so that it never wraps) until its last line, which stays; any
+    other line is printed above the live one, whole (the terminal wraps a long path)."""
 
     def __init__(self, stream):
-        super().__init__(stream)
-        self.live = ""
+        from rich.console import Console as RichConsole
+
+        super().__init__()
+        # No markup, highlighting or emoji: dermray's lines are shown as they are, with their brackets and colons.
+        self.console = RichConsole(file=stream, force_terminal=True, highlight=False, markup=False, emoji=False)
+        self.live = None
+
+    @staticmethod
+    def _one_line(msg: str):
+        from rich.text import Text
+
+        return Text(msg, no_wrap=True, overflow="ellipsis")
+
+    def _end_live(self, keep: bool) -> None:
+        if self.live is not None:
+            self.live.transient = not keep  # a transient Live erases its line when it stops
+            self.live.stop()
+            self.live = None
 
     def emit(self, record: logging.LogRecord) -> None:
+        from rich.live import Live
+
         try:
             msg = self.format(record)
-            width = max(20, shutil.get_terminal_size((100, 24)).columns - 1)
-            clear = "\r\x1b[K" if self.live else ""
             if getattr(record, "live", False):
-                self.live = msg[:width]
-                self.stream.write("\r\x1b[K" + self.live)
-            elif getattr(record, "meter", None) is not None:  # a meter's last line replaces the live one
-                self.live = ""
-                self.stream.write(f"{clear}{msg}\n")
-            else:
-                self.stream.write(f"{clear}{msg}\n" + (f"\r\x1b[K{self.live}" if self.live else ""))
-            self.flush()
+                if self.live is None:
+                    self.live = Live(self._one_line(msg), console=self.console, auto_refresh=False,
+                                     redirect_stdout=False, redirect_stderr=False)
+                    self.live.start()
+                self.live.update(self._one_line(msg), refresh=True)
+                return
+            if getattr(record, "meter", None) is not None:  # a meter's last line replaces the live one
+                self._end_live(keep=False)
+            self.console.print(msg, soft_wrap=True)
         except Exception:  # noqa: BLE001 - logging's own convention
             self.handleError(record)
 
     def close(self) -> None:
-        if self.live:  # the command ended with a meter unfinished: keep its last state, end the line
-            with contextlib.suppress(Exception):
-                self.stream.write("\n")
-                self.flush()
-            self.live = ""
+        with contextlib.suppress(Exception):  # the command ended with a meter unfinished: keep its last state
+            self._end_live(keep=True)
         super().close()
 
 

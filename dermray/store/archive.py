@@ -28,14 +28,11 @@ MAX_MEMBER_BYTES = 256 * 1024 * 1024
 
 # ---- what the input is -------------------------------------------------------------------------------------------
 def expand_braces(pattern: str) -> list[str]:
-    """WebDataset shard patterns: ``shard-{000..009}.tar`` -> ten names (zero padding kept)."""
-    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
-    if not m:
-        return [pattern]
-    lo, hi = m.group(1), m.group(2)
-    width = len(lo)
-    head, tail = pattern[:m.start()], pattern[m.end():]
-    return [x for i in range(int(lo), int(hi) + 1) for x in expand_braces(f"{head}{i:0{width}d}{tail}")]
+    """WebDataset shard patterns: ``shard-{000..009}.tar`` -> ten names (zero padding kept), and ``{a,b}`` lists,
+    as WebDataset itself expands them (the braceexpand package)."""
+    from braceexpand import braceexpand
+
+    return list(braceexpand(pattern, escape=False))
 
 
 def detect_kind(uri: str, kind: str) -> str:

@@ -14,6 +14,8 @@ def _read_shard(data: bytes):
 def test_shards_stream_and_brace_patterns_are_pure_functions():
     assert archive.expand_braces("s3://b/shard-{08..11}.tar") == [f"s3://b/shard-{i:02d}.tar" for i in (8, 9, 10, 11)]
     assert archive.expand_braces("a.tar") == ["a.tar"]
+    assert archive.expand_braces("s3://b/{x,y}/s-{0..1}.tar") == ["s3://b/x/s-0.tar", "s3://b/x/s-1.tar",
+                                                                   "s3://b/y/s-0.tar", "s3://b/y/s-1.tar"]
     samples, problems = _read_shard(b"not a tar at all")
     assert samples == [] and "not a readable tar archive" in problems[0]["reason"]
     data = _shard([("a", b"\xff\xd8jpeg", {"label": "L", "image_id": "img-a"}), ("b", b"\xff\xd8", {})])
