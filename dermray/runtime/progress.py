@@ -157,9 +157,12 @@ class Meter:
         last = force or bool(self.total and self.done >= self.total)
         if last or now - self._last >= self.every_s:
             quick = last and self.quick_to_log and self._last == self.t0 and now - self.t0 < self.every_s
+            # An in-between line while the console speaks anyway (a status line a moment ago) goes to the log file
+            # only (issue 29: the demo's console was over its 40 lines).
+            spoke = not last and now - _last_shown[0] < self.every_s
             self._last = self._last_live = now
             # Not the last line: a terminal redraws it in place; the log file and job logs keep it as a line.
-            log.info("%s", self.line(), extra={"meter": self.label, "live": not last, "file_only": quick})
+            log.info("%s", self.line(), extra={"meter": self.label, "live": not last, "file_only": quick or spoke})
         elif now - self._last_live >= LIVE_EVERY_S:
             self._last_live = now
             log.info("%s", self.line(), extra={"meter": self.label, "live": True, "console_only": True})

@@ -319,3 +319,26 @@ def test_a_stage_begins_its_first_console_line_with_its_place_and_the_log_file_h
     assert shown.getvalue().splitlines() == ["[2/5] train: 3 folds", "train: epoch 1/3", "[3/5] score: ran",
                                              "pipeline: done"], shown.getvalue()
     assert "] train: 3 folds" not in filed.getvalue() and "INFO dermray.progress: train: 3 folds" in filed.getvalue()
+
+
+def test_a_meters_in_between_line_goes_to_the_log_file_only_when_the_console_spoke_a_moment_ago(caplog, monkeypatch):
+    """Issue 29: scoring's "64 / 454 images" came 2 s after a status line. A meter's in-between line is a console
+    line only after every_s seconds without one; otherwise the log file alone has it. Its last line always shows."""
+    import logging
+
+    from dermray.runtime import progress
+
+    now = _clock(monkeypatch)
+    meter = progress.Meter("score", 3, every_s=10.0)
+    with caplog.at_level(logging.INFO, logger=progress.log.name):
+        now[0] += 10.0
+        meter.update()  # quiet for 10 s: a console line
+        progress.shown()
+        now[0] += 10.0
+        progress._last_shown[0] = now[0] - 2.0  # a status line 2 s ago
+        meter.update()
+        now[0] += 10.0
+        meter.update()  # the last
+    said = [(r.getMessage().split(",")[0], getattr(r, "file_only", False)) for r in caplog.records]
+    assert said == [("score: 1 / 3 images (33%)", False), ("score: 2 / 3 images (67%)", True),
+                    ("score: 3 / 3 images (100%)", False)], said
