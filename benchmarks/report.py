@@ -56,6 +56,9 @@ def table(header: list[str], rows: list[list], align: str | None = None) -> list
 
 def machine_line(r: dict) -> str:
     m = r.get("machine")
+    if not m and r.get("device"):  # a GPU run from before results.json recorded the machine: what it did record
+        return (f"Machine: {r['device']}, torch {r.get('torch', '?')} (what the file records); its CPU, cores and "
+                "other versions were not recorded, and no GPU has been lent since to run it again.")
     if not m:
         return "Machine: not recorded (measured before results.json recorded it; re-run to record it)."
     parts = [m.get("cpu", "?")]
