@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
 .PHONY: test test-unit test-stage test-system coverage demo demo-cluster install checkov bench bench-report bench-partition \
-        docs docs-serve clean
+        docs docs-serve screenshot clean
 
 $(PY):
 	@echo "install: a virtual environment in $(VENV) (Python, then pip)"
@@ -100,6 +100,11 @@ docs: $(STAMP)
 docs-serve: $(STAMP)
 	$(PY) docs/generate.py
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --strict
+
+# The README's picture of the report's first screen (docs/img/report.png), from `make demo`'s report, by headless
+# Chromium at 1280 x 800.
+screenshot: $(STAMP)
+	$(PY) docs/screenshot.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info site
