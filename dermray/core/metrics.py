@@ -8,6 +8,12 @@ marks them undefined; nothing here divides by zero silently.
 
 Why one module over 400 lines: the metrics and their intervals share the lesion bootstrap's resampling
 kernels (benchmarked: ``benchmarks/evaluate.py``); split, each half would import the other.
+
+The ROC, AUC, confusion and reliability helpers are kept rather than scikit-learn's (a test dependency only: as a
+runtime one it would add about 60 MB with joblib and narwhals, and 0.5 s to import), each for the reason beside it.
+Timings there: dermray vs scikit-learn 1.9.1, the best of 3-9 runs on 2 shared cores (lscpu: "Intel(R) Xeon(R)
+Processor"; issue 30). tests/unit/test_metrics.py checks each against scikit-learn's on random data with ties, and
+weights where a helper takes them.
 """
 from __future__ import annotations
 
@@ -50,6 +56,9 @@ def auc_from_counts(pos: np.ndarray, neg: np.ndarray):
     return float(auc) if np.ndim(auc) == 0 else auc
 
 
+# Kept rather than sklearn.metrics.roc_auc_score (equal to 3e-14, ties and weights included): NaN, not an error,
+# for a subset without positives or negatives; the bootstrap's kernel (auc_from_counts); and faster: 1k predictions
+# 0.16 vs 2.0 ms, 200k 25 vs 55 ms, 5M 1.2 vs 1.8 s.
 def roc_auc(y, score, weight=None) -> float:
     """Area under the ROC curve: the (weighted) Mann-Whitney statistic, exact, O(n log n). NaN without positives or
     negatives."""
@@ -58,6 +67,9 @@ def roc_auc(y, score, weight=None) -> float:
     return auc_from_counts(pos, neg)
 
 
+# Kept rather than sklearn.metrics.roc_curve (the same arrays: to 6e-14 weighted, bitwise unweighted): it runs
+# twice per bootstrap replicate (rates_at_readers_point), where scikit-learn's per-call input checks dominate: 1k
+# predictions 0.19 vs 0.83 ms; 200k 24 vs 28 ms (weighted 23 vs 36); 5M 0.87 vs 1.06 s.
 def roc_curve(y, score, weight=None, drop_intermediate: bool = True):
     """(fpr, tpr, thresholds) as scikit-learn's ``roc_curve``: thresholds descending from +inf."""
     y, score, w = _check_binary(y, score, weight)
@@ -403,6 +415,8 @@ def predicted_class(probs: np.ndarray) -> np.ndarray:
     return pred
 
 
+# Kept rather than sklearn.metrics.confusion_matrix (the same counts): the undecided column, and 23-100x faster
+# (7 classes: 1k predictions 0.01 vs 1.2 ms, 200k 1.8 vs 62 ms, 5M 73 ms vs 1.7 s).
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
     """Counts [true class, predicted class], with a last column for undecided predictions: int64 [K, K + 1]."""
     cm = np.zeros((n_classes, n_classes + 1), dtype=np.int64)
@@ -440,6 +454,10 @@ def multiclass_summary(y_true, probs) -> dict:
 
 
 # ---- calibration -----------------------------------------------------------------------------------------------
+# Kept rather than sklearn.calibration.calibration_curve (the same means to 2e-14; as fast: 5M predictions 375 vs
+# 349 ms): it returns what calibration_curve does not, the ECE and each bin's range and count, empty bins included
+# (calibration_curve drops them). Bins are [low, high), the last with 1.0; calibration_curve's are (low, high], so a
+# probability on an inner edge falls one bin higher here.
 def reliability(y, prob, n_bins: int = 10) -> tuple[float, list[dict]]:
     """Expected calibration error (equal-width bins, weighted by bin size) and the reliability curve: per bin
     its range, count, mean predicted probability and observed frequency."""

@@ -1,16 +1,19 @@
 """The KubeRay manifests as KubeRay reads them.
 
 - Strict schema validation against KubeRay's own CRDs (the oldest supported version's, from
-  ../shared/kuberay-crds): a field the structural schema does not declare is an error, as in a strict
-  `kubectl apply`; types, enums, patterns, required fields and the CRDs' CEL rules are checked too. Every ray.io
-  object in k8s/, in each rendered environment (its standing objects and its training run), embedded in a
-  ConfigMap, and the RayJob the launcher creates.
+  ../shared/kuberay-crds), with jsonschema and cel-python: a field the structural schema does not declare is an
+  error, as in a strict `kubectl apply`; types, enums, patterns, required fields and the CRDs' CEL rules are
+  checked too. Every ray.io object in k8s/, in each rendered environment (its standing objects and its training
+  run), embedded in a ConfigMap, and the RayJob the launcher creates.
+- Strict schema validation of every standard object the overlays and k8s/cluster render (kubernetes-validate:
+  Kubernetes' own schemas) at the oldest Kubernetes the manifests support and at the newest it knows.
 - One image setting per environment reaches every container; rayVersion is written once and is the image's Ray.
 - The GPUs an environment can request at once equal the cap its comment states; requests equal limits.
 - The nightly launcher (run against a fake API server): one RayJob per night under a lock, a manual run under a name
   of its own, the night's outcome as its exit status; the entrypoint's guard for the night.
 (tests/system/test_k8s_policy.py: KubeRay v1.7.0's controller semantics, security and operability.)
 """
+import copy
 import datetime as dt
 import functools
 import json
@@ -24,6 +27,9 @@ import types
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import celpy
+import jsonschema
+import kubernetes_validate
 import pytest
 import ray
 import yaml
@@ -38,113 +44,119 @@ SCHEDULE_TEMPLATE = "dermray-nightly"
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A structural-schema validator with Kubernetes' strict field semantics
+# Strict validation, as a strict `kubectl apply` judges an object: a field the schema does not declare is an error.
+# Standard objects: kubernetes-validate (Kubernetes' own OpenAPI schemas, bundled per release, offline; strict).
+# KubeRay's: its CRDs' structural schemas through jsonschema, their CEL rules through cel-python (issue 30: these
+# replace a hand-written schema walker and a CEL subset).
 
-OBJECT_META = {"name": str, "generateName": str, "namespace": str, "labels": dict, "annotations": dict,
-               "finalizers": list, "ownerReferences": list, "uid": str, "resourceVersion": str, "generation": int,
-               "creationTimestamp": (str, type(None)), "deletionTimestamp": str, "deletionGracePeriodSeconds": int,
-               "managedFields": list, "selfLink": str}
-TYPES = {"object": dict, "array": list, "string": str, "boolean": bool}
-INT32 = (-2 ** 31, 2 ** 31 - 1)
-INT64 = (-2 ** 63, 2 ** 63 - 1)
+KUBERNETES = "1.27"  # the oldest Kubernetes the manifests support (docs/kuberay.md, each kustomization's first line)
+# Judged at the oldest supported release and at the newest kubernetes-validate bundles (an API removed since fails).
+KUBERNETES_VERSIONS = (KUBERNETES, kubernetes_validate.latest_version())
 
 
-class UnsupportedRule(Exception):
-    pass
+def _where(path) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else f".{p}" if out else str(p)
+    return out
+
+
+def _schema_bugs_worked_around(obj: dict, version: str) -> dict:
+    """kubernetes/kubernetes#120204: the OpenAPI of Kubernetes before 1.29 marks a podFailurePolicy rule's
+    onPodConditions required, which its API server never did (a rule has onExitCodes or onPodConditions, not both).
+    At those versions the copy judged carries an empty onPodConditions beside onExitCodes; from 1.29 on, the
+    object is judged as written."""
+    if tuple(int(x) for x in version.split(".")[:2]) >= (1, 29) or obj.get("kind") not in ("Job", "CronJob"):
+        return obj
+    obj = copy.deepcopy(obj)
+    job = obj.get("spec", {})
+    job = job.get("jobTemplate", {}).get("spec", {}) if obj["kind"] == "CronJob" else job
+    for rule in job.get("podFailurePolicy", {}).get("rules", []):
+        if "onExitCodes" in rule:
+            rule.setdefault("onPodConditions", [])
+    return obj
+
+
+def validate_standard(obj: dict, version: str = KUBERNETES) -> list[str]:
+    """The error a strict apply of a standard Kubernetes object would report at `version` ([] when accepted; the
+    first one: kubernetes-validate stops there)."""
+    try:
+        kubernetes_validate.validate(_schema_bugs_worked_around(obj, version), version, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        return [f"{_where(e.absolute_path) or obj.get('kind')}: {e.message}"]
+    except kubernetes_validate.SchemaNotFoundError as e:
+        return [e.message]
+    return []
+
+
+@functools.lru_cache(maxsize=None)
+def _cel_program(rule: str):
+    env = celpy.Environment()
+    return env.program(env.compile(rule))  # an expression cel-python cannot parse raises here: the test fails
 
 
 def cel(rule: str, value) -> bool:
-    """The CEL subset KubeRay's CRDs use: has(self.f), !, &&, ||, (), `self in [...]`; `self == oldSelf` is a
-    transition rule (checked only on update, never on create). Anything else raises UnsupportedRule - a rule
-    this validator cannot evaluate fails the test instead of passing silently."""
-    if rule.strip() == "self == oldSelf":
+    """A CRD's CEL rule on `value`. A transition rule (one that reads oldSelf) holds on create: the API server
+    evaluates it on update only."""
+    if re.search(r"\boldSelf\b", rule):
         return True
-    expr = re.sub(r"has\(self\.([A-Za-z_]\w*)\)", lambda m: f"_has({m.group(1)!r})", rule)
-    expr = expr.replace("&&", " and ").replace("||", " or ")
-    expr = re.sub(r"!(?!=)", " not ", expr)
-    bare = re.sub(r"'[^'\\]*'", "''", expr)
-    if set(re.findall(r"[A-Za-z_]\w*", bare)) - {"_has", "and", "or", "not", "in", "self"} or re.search(
-            r"[^\w\s()'\[\],]", bare):
-        raise UnsupportedRule(rule)
-    return bool(eval(expr, {"__builtins__": {}}, {"_has": lambda k: k in value, "self": value}))  # noqa: S307
+    return bool(_cel_program(rule).evaluate({"self": celpy.json_to_cel(value)}))
 
 
-def _type_ok(value, schema) -> bool:
-    if schema.get("x-kubernetes-int-or-string"):
-        return isinstance(value, (int, str)) and not isinstance(value, bool)
-    t = schema.get("type")
-    if t is None:
-        return True
-    if t == "integer":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if t == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, TYPES[t])
+def _cel_rules(validator, rules, instance, schema):
+    for r in rules:
+        try:
+            ok, why = cel(r["rule"], instance), ""
+        except celpy.CELEvalError as e:  # an error in a rule rejects the object, as the API server does
+            ok, why = False, f" ({e})"
+        if not ok:
+            yield jsonschema.ValidationError((r.get("message") or r["rule"]) + why)
 
 
-def check(value, schema: dict, path: str, errors: list) -> None:
-    if not _type_ok(value, schema):
-        want = "int-or-string" if schema.get("x-kubernetes-int-or-string") else schema.get("type")
-        errors.append(f"{path}: expected {want}, got {type(value).__name__} {value!r}")
+def _list_type(validator, list_type, instance, schema):
+    """x-kubernetes-list-type: a set's items, a map's keys (x-kubernetes-list-map-keys) are unique."""
+    if not validator.is_type(instance, "array") or list_type not in ("set", "map"):
         return
-    if "enum" in schema and value not in schema["enum"]:
-        errors.append(f"{path}: {value!r} is not one of {schema['enum']}")
-    if isinstance(value, str):
-        if "pattern" in schema and not re.search(schema["pattern"], value):
-            errors.append(f"{path}: {value!r} does not match {schema['pattern']}")
-        if len(value) < schema.get("minLength", 0) or len(value) > schema.get("maxLength", float("inf")):
-            errors.append(f"{path}: length of {value!r} out of bounds")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        lo, hi = {"int32": INT32, "int64": INT64}.get(schema.get("format"), (-float("inf"), float("inf")))
-        if not lo <= value <= hi or value < schema.get("minimum", -float("inf")) or value > schema.get(
-                "maximum", float("inf")):
-            errors.append(f"{path}: {value} out of bounds")
-    if isinstance(value, list):
-        if len(value) < schema.get("minItems", 0) or len(value) > schema.get("maxItems", float("inf")):
-            errors.append(f"{path}: {len(value)} items out of bounds")
-        keys = schema.get("x-kubernetes-list-map-keys")
-        if schema.get("x-kubernetes-list-type") == "map" and keys:
-            seen = [tuple(item.get(k) for k in keys) for item in value if isinstance(item, dict)]
-            if len(seen) != len(set(seen)):
-                errors.append(f"{path}: duplicate entries for list-map keys {keys}")
-        if schema.get("x-kubernetes-list-type") == "set" and len(set(map(json.dumps, value))) != len(value):
-            errors.append(f"{path}: duplicate entries in a set")
-        for i, item in enumerate(value):
-            check(item, schema.get("items", {}), f"{path}[{i}]", errors)
-    if isinstance(value, dict):
-        props = schema.get("properties", {})
-        addl = schema.get("additionalProperties")
-        for req in schema.get("required", []):
-            if req not in value:
-                errors.append(f"{path}: required field {req!r} is missing")
-        for k, v in value.items():
-            where = f"{path}.{k}" if path else k
-            if k in props:
-                check(v, props[k], where, errors)
-            elif isinstance(addl, dict):
-                check(v, addl, where, errors)
-            elif addl is True or schema.get("x-kubernetes-preserve-unknown-fields"):
-                continue
-            elif schema.get("x-kubernetes-embedded-resource") and k in ("apiVersion", "kind", "metadata"):
-                continue
-            else:  # structural schemas: no property, no additionalProperties -> pruned, i.e. unknown (strict: error)
-                errors.append(f"{where}: unknown field")
-    for v in schema.get("x-kubernetes-validations", []):
-        if not cel(v["rule"], value):
-            errors.append(f"{path}: {v.get('message') or v['rule']}")
+    keys = schema.get("x-kubernetes-list-map-keys", [])
+    seen = [json.dumps(item, sort_keys=True) if list_type == "set" else tuple(item.get(k) for k in keys)
+            for item in instance if list_type == "set" or isinstance(item, dict)]
+    if len(seen) != len(set(seen)):
+        yield jsonschema.ValidationError(f"duplicate entries in a list of type {list_type}" + (
+            f" (keys {keys})" if list_type == "map" else ""))
 
 
-def check_object_meta(meta, errors: list, path: str = "metadata") -> None:
-    if not isinstance(meta, dict):
-        errors.append(f"{path}: expected object")
-        return
-    for k, v in meta.items():
-        if k not in OBJECT_META:
-            errors.append(f"{path}.{k}: unknown field")
-        elif not isinstance(v, OBJECT_META[k]):
-            errors.append(f"{path}.{k}: expected {OBJECT_META[k]}")
-        elif k in ("labels", "annotations") and not all(isinstance(x, str) for x in v.values()):
-            errors.append(f"{path}.{k}: values must be strings")
+INT_FORMATS = {"int32": (-2 ** 31, 2 ** 31 - 1), "int64": (-2 ** 63, 2 ** 63 - 1)}
+FORMATS = jsonschema.FormatChecker(formats=())
+for _name, (_lo, _hi) in INT_FORMATS.items():
+    FORMATS.checks(_name)(lambda v, lo=_lo, hi=_hi: not isinstance(v, int) or lo <= v <= hi)
+# OpenAPI v3's schema objects are JSON Schema draft 4 (Wright 00) with extensions: Kubernetes' are keywords here.
+StructuralValidator = jsonschema.validators.extend(jsonschema.Draft4Validator, {
+    "x-kubernetes-validations": _cel_rules, "x-kubernetes-list-type": _list_type})
+
+
+def structural(schema: dict) -> dict:
+    """A CRD's structural schema as JSON Schema with the API server's strict semantics: an object whose schema
+    declares neither additionalProperties nor x-kubernetes-preserve-unknown-fields takes no field it does not
+    list (the server prunes it; a strict apply rejects it); an embedded resource takes apiVersion, kind and
+    metadata besides; nullable admits null. int-or-string is the schema's own anyOf."""
+    out = dict(schema)
+    if "properties" in out:
+        out["properties"] = {k: structural(v) for k, v in out["properties"].items()}
+    for key in ("items", "additionalProperties"):
+        if isinstance(out.get(key), dict):
+            out[key] = structural(out[key])
+    for key in ("anyOf", "allOf", "oneOf"):
+        if key in out:
+            out[key] = [structural(s) for s in out[key]]
+    if out.get("x-kubernetes-embedded-resource"):
+        out["properties"] = {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                             "metadata": {"type": "object"}, **out.get("properties", {})}
+    if out.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    if (out.get("type") == "object" and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -160,22 +172,31 @@ def crds() -> dict:
     return out
 
 
-def validate(obj: dict) -> list[str]:
-    """Errors a strict apply of `obj` would report (structural schema + CEL), [] when it is accepted."""
-    group, _, version = obj.get("apiVersion", "").partition("/")
+@functools.lru_cache(maxsize=None)
+def _crd_validator(kind: str, version: str):
+    (served,) = [v for v in crds()[kind]["spec"]["versions"] if v["name"] == version]
+    schema = structural(served["schema"]["openAPIV3Schema"])
+    schema["properties"]["metadata"] = {"type": "object"}  # ObjectMeta: judged as a standard object's (validate)
+    return StructuralValidator(schema, format_checker=FORMATS)
+
+
+def validate(obj: dict, version: str = KUBERNETES) -> list[str]:
+    """Errors a strict apply of `obj` would report, [] when it is accepted: a ray.io object against KubeRay's CRD
+    (its metadata as any object's ObjectMeta, at Kubernetes `version`), any other object against Kubernetes'
+    schemas at `version`."""
+    if not str(obj.get("apiVersion", "")).startswith("ray.io/"):
+        return validate_standard(obj, version)
+    group, _, api_version = obj["apiVersion"].partition("/")
     crd = crds().get(obj.get("kind"))
     if crd is None or crd["spec"]["group"] != group:
         return [f"{obj.get('apiVersion')} {obj.get('kind')}: no such KubeRay kind"]
-    served = {v["name"]: v for v in crd["spec"]["versions"] if v.get("served")}
-    if version not in served:
-        return [f"{obj['kind']}: version {version!r} not served (served: {sorted(served)})"]
-    schema = served[version]["schema"]["openAPIV3Schema"]
-    errors: list[str] = []
-    check_object_meta(obj.get("metadata", {}), errors)
-    top = {k: v for k, v in obj.items() if k != "metadata"}
-    check(top, {**schema, "properties": {k: s for k, s in schema["properties"].items() if k != "metadata"}}, "",
-          errors)
-    return errors
+    served = sorted(v["name"] for v in crd["spec"]["versions"] if v.get("served"))
+    if api_version not in served:
+        return [f"{obj['kind']}: version {api_version!r} not served (served: {served})"]
+    meta = validate_standard({"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj.get("metadata", {})}, version)
+    errors = _crd_validator(obj["kind"], api_version).iter_errors(obj)
+    return meta + [f"{_where(e.absolute_path) or obj['kind']}: {e.message}"
+                   for e in sorted(errors, key=lambda e: [str(p) for p in e.absolute_path])]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -317,13 +338,14 @@ def _head(o):
 
 
 @pytest.mark.parametrize("mutation,expect", [
-    (lambda o: o["spec"].update(concurrencyPolicy="Forbid"), "spec.concurrencyPolicy: unknown field"),
-    (lambda o: o["spec"].update(startingDeadlineSeconds=60), "spec.startingDeadlineSeconds: unknown field"),
-    (lambda o: _head(o).update(imagePullPolicyy="Always"), "imagePullPolicyy: unknown field"),
-    (lambda o: o["spec"]["jobTemplate"].update(metadata={"labels": {"a": "b"}}), "expected string"),
-    (lambda o: o["metadata"].update(labelz={}), "metadata.labelz: unknown field"),
+    (lambda o: o["spec"].update(concurrencyPolicy="Forbid"), "spec: Additional properties are not allowed "
+                                                             "('concurrencyPolicy' was unexpected)"),
+    (lambda o: o["spec"].update(startingDeadlineSeconds=60), "('startingDeadlineSeconds' was unexpected)"),
+    (lambda o: _head(o).update(imagePullPolicyy="Always"), "('imagePullPolicyy' was unexpected)"),
+    (lambda o: o["spec"]["jobTemplate"].update(metadata={"labels": {"a": "b"}}), "is not of type 'string'"),
+    (lambda o: o["metadata"].update(labelz={}), "metadata: Additional properties are not allowed ('labelz'"),
     (lambda o: o["spec"]["jobTemplate"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}),
-     "expected string"),
+     "0 is not of type 'string'"),
     (lambda o: _head(o)["resources"]["limits"].update(cpu="two"), "does not match"),
     (lambda o: o["spec"]["jobTemplate"]["deletionStrategy"]["deletionRules"][0].update(policy="DeleteAll"),
      "is not one of"),
@@ -331,7 +353,11 @@ def _head(o):
         jobDeploymentStatus="Failed"), "cannot be used together"),
     (lambda o: o["spec"]["jobTemplate"]["deletionStrategy"].update(onSuccess={"policy": "DeleteSelf"}),
      "cannot be used together"),
-    (lambda o: o["spec"].pop("schedule"), "required field 'schedule'"),
+    (lambda o: o["spec"]["jobTemplate"]["deletionStrategy"]["deletionRules"][0]["condition"].update(
+        ttlSeconds=2 ** 31), "is not a 'int32'"),
+    (lambda o: o["spec"]["jobTemplate"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"].append(
+        {"name": "ray-head", "image": "j"}), "duplicate entries in a list of type map (keys ['name'])"),
+    (lambda o: o["spec"].pop("schedule"), "spec: 'schedule' is a required property"),
     (lambda o: o.update(apiVersion="ray.io/v2"), "not served"),
 ])
 def test_the_validator_rejects_what_a_strict_apply_rejects(mutation, expect):
@@ -340,11 +366,80 @@ def test_the_validator_rejects_what_a_strict_apply_rejects(mutation, expect):
     assert any(expect in e for e in errors), errors
 
 
-def test_the_validator_refuses_cel_it_cannot_evaluate():
+GOOD_CRONJOB = {
+    "apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "x", "labels": {"a": "b"}},
+    "spec": {"schedule": "0 2 * * *", "timeZone": "Etc/UTC", "concurrencyPolicy": "Forbid", "jobTemplate": {"spec": {
+        "backoffLimit": 2, "podFailurePolicy": {"rules": [
+            {"action": "FailJob", "onExitCodes": {"containerName": "c", "operator": "In", "values": [2, 3]}},
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]},
+        "template": {"spec": {"restartPolicy": "Never", "containers": [
+            {"name": "c", "image": "i", "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}}]}}}}}}
+GOOD_ROLE = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "x"},
+             "rules": [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["get", "create"]}]}
+
+
+def _pod_spec(o):
+    return o["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("good,mutation,expect", [
+    (GOOD_CRONJOB, lambda o: _pod_spec(o)["containers"][0].update(imagePullPolicyy="Always"),
+     "spec.jobTemplate.spec.template.spec.containers[0]: Additional properties are not allowed ('imagePullPolicyy'"),
+    (GOOD_CRONJOB, lambda o: o["spec"]["jobTemplate"]["spec"].update(backoffLimit="two"), "is not of type 'integer'"),
+    (GOOD_CRONJOB, lambda o: _pod_spec(o).update(containers={"name": "c"}), "is not of type 'array'"),
+    (GOOD_CRONJOB, lambda o: o["metadata"].update(labelz={}), "('labelz' was unexpected)"),
+    (GOOD_CRONJOB, lambda o: o["metadata"]["labels"].update(n=1), "1 is not of type 'string'"),
+    (GOOD_CRONJOB, lambda o: o.update(specc={}), "('specc' was unexpected)"),
+    (GOOD_CRONJOB, lambda o: o["spec"].pop("schedule"), "'schedule' is a required property"),
+    (GOOD_CRONJOB, lambda o: o.update(apiVersion="batch/v1beta1"), "Couldn't find schema for kind CronJob"),
+    (GOOD_ROLE, lambda o: o["rules"][0].update(verbs="get"), "rules[0].verbs: 'get' is not of type 'array'"),
+])
+def test_the_validator_rejects_a_broken_standard_object(good, mutation, expect, version):
+    """Standard objects (kubernetes-validate, strict): an unknown field, a wrong type, a missing required field, an
+    API version the release does not serve."""
+    assert validate(good, version) == []
+    obj = json.loads(json.dumps(good))
+    mutation(obj)
+    errors = validate(obj, version)
+    assert any(expect in e for e in errors), errors
+
+
+def test_a_kubernetes_schema_bug_is_worked_around_at_the_releases_it_is_in():
+    """kubernetes#120204: the 1.27 OpenAPI requires onPodConditions in a podFailurePolicy rule that has onExitCodes
+    (the API server never did). Once the bundled 1.27 schema drops the mistake, so can the workaround."""
+    with pytest.raises(kubernetes_validate.ValidationError, match="'onPodConditions' is a required property"):
+        kubernetes_validate.validate(GOOD_CRONJOB, KUBERNETES, strict=True)
+    kubernetes_validate.validate(GOOD_CRONJOB, KUBERNETES_VERSIONS[-1], strict=True)  # fixed in 1.29
+    assert validate(GOOD_CRONJOB, KUBERNETES) == []
+    assert "onPodConditions" not in GOOD_CRONJOB["spec"]["jobTemplate"]["spec"]["podFailurePolicy"]["rules"][0]
+
+
+def _cel_rules_of(schema) -> list[str]:
+    if isinstance(schema, dict):
+        own = [v["rule"] for v in schema.get("x-kubernetes-validations", [])]
+        return own + [r for v in schema.values() for r in _cel_rules_of(v)]
+    return [r for v in schema for r in _cel_rules_of(v)] if isinstance(schema, list) else []
+
+
+def test_cel_rules_are_evaluated_by_cel_python():
     assert cel("!(has(self.a) && has(self.b))", {"a": 1}) is True
-    assert cel("self in ['x', 'y']", "y") is True
-    with pytest.raises(UnsupportedRule):
-        cel("self.size() > 2", [])
+    assert cel("!(has(self.a) && has(self.b))", {"a": 1, "b": 2}) is False
+    assert cel("self in ['x', 'y']", "z") is False
+    assert cel("self.size() <= 2 && self.all(x, x > 0)", [1, 2, 3]) is False  # beyond has/!/&&/||/in
+    assert cel("self == oldSelf", 1) is True  # a transition rule: evaluated on update only
+    with pytest.raises(celpy.CELParseError):
+        cel("self.(", {})
+    rules = {r for crd in crds().values() for r in _cel_rules_of(crd["spec"]["versions"])}
+    assert len(rules) >= 5
+    for rule in rules:  # every rule in KubeRay's CRDs compiles
+        _cel_program(rule)
+
+
+def test_the_kubernetes_release_validated_against_is_the_one_the_manifests_state():
+    stated = {m for p in K8S.rglob("*.yaml") for m in re.findall(r"Kubernetes >= (\d+\.\d+)", p.read_text())}
+    assert stated == {KUBERNETES}
+    assert f"Kubernetes >= {KUBERNETES}" in (REPO / "docs" / "kuberay.md").read_text()
 
 
 def test_the_pod_template_is_expanded_in_the_crds():
@@ -364,6 +459,21 @@ RAW_RAY = [(p, d) for p, d in raw_objects() if str(d.get("apiVersion", "")).star
 @pytest.mark.parametrize("path,obj", RAW_RAY, ids=[f"{p.relative_to(K8S)}:{d['kind']}" for p, d in RAW_RAY])
 def test_every_ray_object_in_k8s_passes_strict_validation(path, obj):
     assert validate(obj) == []
+
+
+STANDING_KINDS = {"Namespace", "ResourceQuota", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "CronJob",
+                  "PodDisruptionBudget", "NetworkPolicy", "PriorityClass"}
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_every_rendered_standard_object_passes_strict_validation(version):
+    kinds = set()
+    for path in [f"overlays/{env}{train}" for env in OVERLAYS for train in ("", "/train")] + ["cluster"]:
+        for d in json.loads(_render_cached(path)):
+            if not d["apiVersion"].startswith("ray.io/"):
+                kinds.add(d["kind"])
+                assert validate(d, version) == [], f"{path}: {d['kind']} {d['metadata']['name']}"
+    assert kinds == STANDING_KINDS
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -26,10 +26,11 @@ def test_auc_and_roc_agree_with_sklearn(seed, ties):
     assert abs(M.roc_auc(y, s) - skm.roc_auc_score(y, s)) < 1e-9
     assert abs(M.roc_auc(y, s, w) - skm.roc_auc_score(y, s, sample_weight=w)) < 1e-9
     for drop in (False, True):
-        ours = M.roc_curve(y, s, drop_intermediate=drop)
-        theirs = skm.roc_curve(y, s, drop_intermediate=drop)
-        for a, b in zip(ours, theirs):
-            np.testing.assert_allclose(a, b, atol=1e-9)
+        for weight in (None, w):
+            ours = M.roc_curve(y, s, weight, drop_intermediate=drop)
+            theirs = skm.roc_curve(y, s, sample_weight=weight, drop_intermediate=drop)
+            for a, b in zip(ours, theirs):
+                np.testing.assert_allclose(a, b, atol=1e-9)
 
 
 @settings(max_examples=100, deadline=None)
@@ -192,6 +193,39 @@ def test_reliability_and_ece():
     assert curve[0]["n"] == 3 and curve[1]["n"] == 5
     expected = 3 / 8 * abs(np.mean([0.05, 0.15, 0.45]) - 0) + 5 / 8 * abs(np.mean([0.95, 0.85, 0.55, 0.65, 0.75]) - 1)
     assert abs(ece - expected) < 1e-12
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_confusion_agrees_with_sklearn_and_keeps_the_undecided_apart(seed):
+    rng = np.random.default_rng(seed)
+    k, n = 7, 3000
+    y_true, y_pred = rng.integers(0, k, n), rng.integers(0, k, n)
+    y_pred[rng.random(n) < 0.05] = M.UNDECIDED
+    theirs = skm.confusion_matrix(y_true, y_pred, labels=[*range(k), M.UNDECIDED])
+    np.testing.assert_array_equal(M.confusion(y_true, y_pred, k), theirs[:k])  # undecided: the last column
+    assert not theirs[k].any()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_reliability_agrees_with_sklearn_calibration_curve(seed):
+    """The same observed frequency and mean probability per non-empty bin (calibration_curve drops the empty ones,
+    which reliability keeps with n = 0); off the bin edges, where the two conventions differ (below)."""
+    from sklearn.calibration import calibration_curve
+
+    rng = np.random.default_rng(seed)
+    p = np.round(rng.beta(0.5, 0.5, 5000) * 0.65, 3)  # ties; bins 7-9 empty
+    p = p[~np.isclose(p * 10, np.round(p * 10))]
+    y = (rng.random(len(p)) < p).astype(int)
+    ece, curve = M.reliability(y, p, n_bins=10)
+    observed, predicted = calibration_curve(y, p, n_bins=10, strategy="uniform")
+    full = [b for b in curve if b["n"]]
+    assert [b["n"] for b in curve[7:]] == [0, 0, 0] and len(full) == len(observed) == 7
+    np.testing.assert_allclose([b["observed"] for b in full], observed, atol=1e-12)
+    np.testing.assert_allclose([b["mean_predicted"] for b in full], predicted, atol=1e-12)
+    assert abs(ece - sum(b["n"] / len(p) * abs(b["mean_predicted"] - b["observed"]) for b in full)) < 1e-12
+    # On an inner edge: [low, high) here, (low, high] in calibration_curve.
+    assert M.reliability([1], [0.5], n_bins=10)[1][5]["n"] == 1
+    assert len(calibration_curve([1, 0], [0.5, 0.45], n_bins=10)[0]) == 1  # 0.45 and 0.5 share (0.4, 0.5]
 
 
 def test_reader_comparison():
