@@ -5,13 +5,13 @@ evaluation's tables.
 from __future__ import annotations
 
 import base64
-import html
 import io
 
 import numpy as np
 
 from dermray.core.evaluation_tasks import Task
 from dermray.core.formatting import external_rows, fmt
+from dermray.core.templating import render
 
 
 def identical_subsets(metrics: list[dict]) -> dict[str, str]:
@@ -244,109 +244,65 @@ def set_sentence(summary: dict) -> str:
 def render_report(summary: dict, t, plots: dict[str, bytes], tasks: list[Task] | None = None,
                   model_card: str | None = None) -> tuple[str, str]:
     """(report.md, report.html): the answer first - one card per task with its headline numbers and figure - then
-    the detailed tables, folded."""
-    # long: the page's template, read top to bottom (markdown and HTML side by side so that they cannot drift)
-    cards = headline_cards(summary, t, tasks or [])
+    the detailed tables, folded. The pages are templates/report.md.j2 and report.html.j2, given the same values
+    (so that they cannot drift); the HTML one escapes every value."""
+    cards = [card_values(c, plots) for c in headline_cards(summary, t, tasks or [])]
     # Every row of metrics.parquet, but a subset that repeats "all" (every image biopsy-proven) once.
     same = identical_subsets(t.metrics)
     rows = sorted((r for r in t.metrics if r["subset"] not in same), key=lambda r: (r["task"], r["subset"]))
-    shown_once = "; ".join(f"{s} = {a} (the same images): shown once" for s, a in sorted(same.items()))
-    e = html.escape
-    md = [f"# dermray evaluation — run `{summary['run_id']}`", "", set_sentence(summary), ""]
-    card_html = []
-    for c in cards:
-        if c["binary"]:
-            auc = c["auc"]
-            line = f"AUC {fmt(auc['value']) if auc else '—'}{_ci(auc) if auc else ''}"
-            if auc and auc["value"] is None and auc.get("note"):  # e.g. not estimable: say why
-                line += f" ({auc['note']})"
-            sens, spec = c["sensitivity"], c["specificity"]
-            op = (f"at the locked point {c['point']}: sensitivity {fmt(sens['value'])}{_ci(sens)}, specificity "
-                  f"{fmt(spec['value'])}{_ci(spec)}" if sens and spec else "no locked operating point")
-            oof_sens, oof_spec, carried = c.get("sensitivity_oof"), c.get("specificity_oof"), c.get("carries_over")
-            if sens and spec and oof_sens and oof_spec and oof_sens["value"] is not None:
-                op += (f" (out of fold: sensitivity {fmt(oof_sens['value'])}{_ci(oof_sens)}, specificity "
-                       f"{fmt(oof_spec['value'])}{_ci(oof_spec)})")
-            if carried and carried["value"] == 0:
-                op += f". WARNING: this point {carried['note']}"
-            readers = readers_sentence(c)
-            n = auc["n"] if auc else 0
-            lesions = int(c["n_groups"]["value"]) if c.get("n_groups") and c["n_groups"]["value"] is not None else None
-            count = f"{n:,} images" + (f", {lesions:,} lesions" if lesions else "")
-            md += [f"## {c['task']} ({c['subset']})", "", f"**{line}**; {op}. {count}.", ""]
-            body = f"<p class='big'>{e(line)}</p>"
-            if readers:
-                md += [f"**{readers}**", ""]
-                body += f"<p class='readers'><b>{e(readers)}</b></p>"
-            body += f"<p>{e(op)}</p><p class='n'>{e(count)} ({e(c['subset'])})</p>"
-        else:
-            acc, balanced = c["accuracy"], c.get("balanced_accuracy")
-            # Balanced accuracy first: a model that calls every lesion benign has a high accuracy on a set that
-            # is mostly benign, and the per-class recall shows which classes it misses.
-            line = (f"balanced accuracy {fmt(balanced['value']) if balanced else '—'}; accuracy "
-                    f"{fmt(acc['value']) if acc else '—'}{_ci(acc) if acc else ''}")
-            recall = ", ".join(f"{name} {fmt(r['value']) if r else '—'}" + (f" (n={r['n']})" if r else "")
-                               for name, r in c.get("recall", []))
-            md += [f"## {c['task']} ({c['subset']})", "", f"**{line}**; recall per class: {recall}; "
-                   f"{acc['n'] if acc else 0:,} images.", ""]
-            body = (f"<p class='big'>{e(line)}</p><p>recall per class: {e(recall)}</p>"
-                    f"<p class='n'>{acc['n'] if acc else 0:,} images ({e(c['subset'])})</p>")
-        for name in (c["plot"], c.get("reliability")):  # the ROC (or confusion matrix), then the reliability
-            if name in plots:
-                md.append(f"![{name}](plots/{name})")
-                body += (f"<img class='headline' alt='{e(name)}' "
-                         f"src='data:image/png;base64,{base64.b64encode(plots[name]).decode()}'/>")
-        card_html.append(f"<section class='card' data-task='{e(c['task'])}'><h2>{e(c['task'])}</h2>{body}</section>")
-    external = external_rows(t.metrics)
-    ext_html = ""
-    if external:
-        head = ["task", "subset", "cohort", "AUC (95% CI), n", "reference", "reference AUC (95% CI), n",
-                "difference (95% CI)"]
-        md += ["", "## External validation", "", "| " + " | ".join(head) + " |", "|---|---|---|---|---|---|---|"]
-        md += ["| " + " | ".join(row) + " |" for row in external]
-        ext_html = ("<h2>External validation</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>"
-                    + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in external)
-                    + "</table>")
-    md += ["", "## Details", "", "| task | subset | metric | value | 95% CI | n | note |",
-           "|---|---|---|---:|---|---:|---|"]
-    for r in rows:
-        ci = f"{fmt(r['ci_low'])}–{fmt(r['ci_high'])}" if r["ci_low"] is not None else ""
-        md.append(f"| {r['task']} | {r['subset']} | {r['metric']} | {fmt(r['value'])} | {ci} | {r['n']} | "
-                  f"{r['note'] or ''} |")
-    md += ["", "Full tables: metrics.parquet, roc.parquet, confusion.parquet, readers.parquet, calibration.parquet.",
-           ""]
-    on_cards = {c["plot"] for c in cards} | {c.get("reliability") for c in cards}
-    md += [f"![{name}](plots/{name})" for name in plots if name not in on_cards]
-    if model_card:
-        md += ["", f"Model card: {model_card}"]
+    on_cards = {image["name"] for c in cards for image in c["images"]}
     lineage = summary.get("lineage", {})
-    md += ["", f"Lineage: evaluation {lineage.get('id')}, predictions "
-               f"{str(lineage.get('inputs', {}).get('predictions', {}).get('content'))[:16]}, model "
-               f"{', '.join(summary.get('model_ids', []))}"]
-    table_html = "".join(
-        f"<tr><td>{e(r['task'])}</td><td>{e(r['subset'])}</td><td>{e(r['metric'])}</td>"
-        f"<td class='v'>{fmt(r['value'])}</td><td>{fmt(r['ci_low'])}–{fmt(r['ci_high'])}</td><td>{r['n']}</td>"
-        f"<td>{e(r['note'] or '')}</td></tr>" for r in rows)
-    images = "".join(f"<figure><img alt='{e(name)}' src='data:image/png;base64,"
-                     f"{base64.b64encode(png).decode()}'/><figcaption>{e(name)}</figcaption></figure>"
-                     for name, png in plots.items() if name not in on_cards)
-    card_link = f"<p>Model card: <a href='{e(model_card)}'>{e(model_card)}</a></p>" if model_card else ""
-    table_head = "<tr>" + "".join(f"<th>{h}</th>" for h in ("task", "subset", "metric", "value", "95% CI", "n",
-                                                             "note")) + "</tr>"
-    models = e(", ".join(summary.get("model_ids", [])))
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>dermray evaluation {e(summary['run_id'])}</title>
-<style>body{{font-family:system-ui,sans-serif;margin:1.5em;max-width:1200px}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}figure{{display:inline-block;margin:8px}}
-img{{max-width:420px}}.cards{{display:flex;flex-wrap:wrap;gap:12px}}.card{{border:1px solid #ccc;border-radius:6px;
-padding:8px 12px;width:430px}}.card h2{{margin:0 0 4px 0;font-size:17px}}.big{{font-size:20px;font-weight:600;
-margin:4px 0}}.n{{color:#555;font-size:13px}}img.headline{{width:400px}}</style></head><body>
-<h1>dermray evaluation — run {e(summary['run_id'])}</h1>
-<p class='set'>{e(set_sentence(summary))}</p>
-<div class='cards'>{''.join(card_html)}</div>
-{ext_html}
-<details><summary>Details: every metric ({len(rows)} rows{'; ' + e(shown_once) if shown_once else ''}), the other
-figures, lineage</summary>
-<table>{table_head}{table_html}</table>
-{images}{card_link}<p>Lineage: evaluation {e(str(lineage.get('id')))}; model {models}</p>
-</details></body></html>"""
-    return "\n".join(md) + "\n", page
+    values = {
+        "run_id": summary["run_id"], "set_sentence": set_sentence(summary), "cards": cards,
+        "external_head": ["task", "subset", "cohort", "AUC (95% CI), n", "reference", "reference AUC (95% CI), n",
+                          "difference (95% CI)"], "external": external_rows(t.metrics),
+        "rows": [{"task": r["task"], "subset": r["subset"], "metric": r["metric"], "value": fmt(r["value"]),
+                  "has_ci": r["ci_low"] is not None, "ci_low": fmt(r["ci_low"]), "ci_high": fmt(r["ci_high"]),
+                  "n": r["n"], "note": r["note"] or ""} for r in rows],
+        "shown_once": "; ".join(f"{s} = {a} (the same images): shown once" for s, a in sorted(same.items())),
+        "other_images": [image(name, png) for name, png in plots.items() if name not in on_cards],
+        "model_card": model_card, "lineage_id": str(lineage.get("id")),
+        "predictions": str(lineage.get("inputs", {}).get("predictions", {}).get("content"))[:16],
+        "models": ", ".join(summary.get("model_ids", []))}
+    return render("report.md.j2", **values), render("report.html.j2", **values)
+
+
+def image(name: str, png: bytes) -> dict:
+    return {"name": name, "png": base64.b64encode(png).decode()}
+
+
+def card_values(c: dict, plots: dict[str, bytes]) -> dict:
+    """A headline card (``headline_cards``) written out: its headline line; for a binary task the locked operating
+    point and the readers' sentence, for a multi-class task the recall per class; the images and lesions behind
+    it; its figures (the ROC or confusion matrix, then the reliability)."""
+    out = {"task": c["task"], "subset": c["subset"], "binary": c["binary"], "readers": None, "op": None,
+           "recall": None, "images": [image(name, plots[name]) for name in (c["plot"], c.get("reliability"))
+                                      if name in plots]}
+    if c["binary"]:
+        auc = c["auc"]
+        line = f"AUC {fmt(auc['value']) if auc else '—'}{_ci(auc) if auc else ''}"
+        if auc and auc["value"] is None and auc.get("note"):  # e.g. not estimable: say why
+            line += f" ({auc['note']})"
+        sens, spec = c["sensitivity"], c["specificity"]
+        op = (f"at the locked point {c['point']}: sensitivity {fmt(sens['value'])}{_ci(sens)}, specificity "
+              f"{fmt(spec['value'])}{_ci(spec)}" if sens and spec else "no locked operating point")
+        oof_sens, oof_spec, carried = c.get("sensitivity_oof"), c.get("specificity_oof"), c.get("carries_over")
+        if sens and spec and oof_sens and oof_spec and oof_sens["value"] is not None:
+            op += (f" (out of fold: sensitivity {fmt(oof_sens['value'])}{_ci(oof_sens)}, specificity "
+                   f"{fmt(oof_spec['value'])}{_ci(oof_spec)})")
+        if carried and carried["value"] == 0:
+            op += f". WARNING: this point {carried['note']}"
+        n = auc["n"] if auc else 0
+        lesions = int(c["n_groups"]["value"]) if c.get("n_groups") and c["n_groups"]["value"] is not None else None
+        out |= {"line": line, "op": op, "readers": readers_sentence(c),
+                "count": f"{n:,} images" + (f", {lesions:,} lesions" if lesions else "")}
+    else:
+        acc, balanced = c["accuracy"], c.get("balanced_accuracy")
+        # Balanced accuracy first: a model that calls every lesion benign has a high accuracy on a set that is
+        # mostly benign, and the per-class recall shows which classes it misses.
+        out |= {"line": f"balanced accuracy {fmt(balanced['value']) if balanced else '—'}; accuracy "
+                        f"{fmt(acc['value']) if acc else '—'}{_ci(acc) if acc else ''}",
+                "recall": ", ".join(f"{name} {fmt(r['value']) if r else '—'}" + (f" (n={r['n']})" if r else "")
+                                    for name, r in c.get("recall", [])),
+                "count": f"{acc['n'] if acc else 0:,} images"}
+    return out

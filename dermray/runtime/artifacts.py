@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 # fmt: one fold has no spread: sd is NaN, or null in JSON (strict_json writes it so)
 from dermray.core.formatting import external_rows, fmt, strict_json
+from dermray.core.templating import render
 from dermray.errors import UserError
 from dermray.runtime import layout
 from dermray.store import storage
@@ -199,79 +200,59 @@ LIMITATIONS = (
 
 
 def render_markdown(card: ModelCard) -> str:
-    """model_card.md: the card for a reviewer to read."""
-    d = card.description
-    lines = [f"# Model card: {card.model_id}", "", f"**Intended use.** {d.get('intended_use', INTENDED_USE)}", "",
-             "## Model", "", f"- architecture: {card.architecture}, input {card.input_size} px, "
-             f"{card.n_classes} training classes (hash {card.classes_hash})",
-             f"- weights sha256: {card.weights_sha256}",
-             f"- started from: {card.weights_source}, freeze: {card.freeze}",
-             f"- fold: {card.fold} (held out: {card.held_out_fold}); epochs trained: {card.epochs_trained}; selection: "
-             f"{card.selection}", f"- precision: {card.precision or 'fp32'}",
-             f"- preprocessing (training and scoring): {card.preprocess or {'color_constancy': 'none'}}; training "
-             f"augmentation: {card.augmentation or 'geometric only'}", f"- version: {d.get('version', 1)}; "
-             f"dermray {card.versions.get('dermray')} ({card.versions.get('git_commit')}), Ray "
-             f"{card.versions.get('ray')}, torch {card.versions.get('torch')}", "", "## Data", ""]
-    for src in d.get("data_sources", []):
-        lines.append(f"- {src['name']}: {src['images']:,} images; licence: {src['licence']}")
-    td = d.get("training_data", {})
-    if td:
-        lines.append(f"- trained on {td.get('images', 0):,} images of {td.get('lesions', 0):,} lesions, "
-                     f"{td.get('classes')} classes, {td.get('folds')} cross-validation folds")
-    lines += ["", "## Cross-validation (held-out folds)", ""]
-    lines += cross_validation_lines(d.get("cross_validation", []), card.calibration)
-    if card.operating_points:
-        lines += ["", "## Operating points (locked out of fold)", "", "| task | point | threshold | sensitivity | "
-                  "specificity |", "|---|---|---:|---:|---:|"]
-        for p in card.operating_points:
-            lines.append(f"| {p.task} | {p.name} | {p.threshold:.4f} | {p.sensitivity:.3f} | {p.specificity:.3f} |")
-    if d.get("not_estimable"):
-        if not card.operating_points:
-            lines += ["", "## Operating points (locked out of fold)", ""]
-        lines += [""] + [f"- {task}: no operating point, {why}" for task, why in sorted(d["not_estimable"].items())]
-    lines += results_lines(card.test_metrics)
-    lines += ["", "## Known limitations", ""] + [f"- {x}" for x in d.get("limitations", LIMITATIONS)]
-    lines += ["", "## Lineage", "", f"- lineage id {card.lineage.get('id')}, config hash {card.config_hash}",
-              f"- partition: {card.lineage.get('partition')}", "", "## Changelog", ""]
-    lines += [f"- {c.get('when')}: {c.get('what')}" for c in card.changelog]
-    return "\n".join(lines) + "\n"
+    """model_card.md: the card for a reviewer to read (templates/model_card.md.j2)."""
+    d, td, v = card.description, card.description.get("training_data", {}), card.versions
+    return render(
+        "model_card.md.j2", model_id=card.model_id, intended_use=d.get("intended_use", INTENDED_USE),
+        architecture=card.architecture, input_size=card.input_size, n_classes=card.n_classes,
+        classes_hash=card.classes_hash, weights_sha256=card.weights_sha256, weights_source=card.weights_source,
+        freeze=card.freeze, fold=card.fold, held_out_fold=card.held_out_fold, epochs_trained=card.epochs_trained,
+        selection=card.selection, precision=card.precision or "fp32",
+        preprocess=card.preprocess or {"color_constancy": "none"}, augmentation=card.augmentation or "geometric only",
+        version=d.get("version", 1), dermray=v.get("dermray"), git_commit=v.get("git_commit"), ray=v.get("ray"),
+        torch=v.get("torch"),
+        data_sources=[{"name": s["name"], "images": f"{s['images']:,}", "licence": s["licence"]}
+                      for s in d.get("data_sources", [])],
+        training_data={"images": f"{td.get('images', 0):,}", "lesions": f"{td.get('lesions', 0):,}",
+                       "classes": td.get("classes"), "folds": td.get("folds")} if td else None,
+        operating_points=[{"task": p.task, "name": p.name, "threshold": f"{p.threshold:.4f}",
+                           "sensitivity": f"{p.sensitivity:.3f}", "specificity": f"{p.specificity:.3f}"}
+                          for p in card.operating_points],
+        not_estimable=sorted(d.get("not_estimable", {}).items()), limitations=d.get("limitations", LIMITATIONS),
+        lineage_id=card.lineage.get("id"), config_hash=card.config_hash, partition=card.lineage.get("partition"),
+        changelog=changelog(card.changelog),
+        **card_sections(d.get("cross_validation", []), card.calibration, card.test_metrics))
 
 
-def cross_validation_lines(cv: list[dict], calibration: Calibration | None) -> list[str]:
-    """A card's cross-validation summary (mean and sd over the folds of each metric) and its calibration."""
-    lines = [f"- {r['metric']}: {fmt(r['mean'])} +- {fmt(r['sd'])} over {r['folds']} folds" for r in cv]
-    if calibration:
-        c = calibration
-        lines += ["", f"**Calibration**: temperature {c.temperature:.3f} (NLL {c.nll_before:.3f} -> {c.nll_after:.3f}; "
-                      f"{c.fitted_on})"]
-    return lines
+def card_sections(cv: list[dict], calibration: Calibration | None, test_metrics: list[dict]) -> dict:
+    """The values of the parts a fold model's card and the ensemble's share (templates/card_*.md.j2): the
+    cross-validation summary (mean and sd over the folds of each metric), the calibration, and the test results
+    as evaluate wrote them back - each evaluation's cohorts beside the reference, and its headline (a null value
+    shows its reason; a locked point that does not carry over says why)."""
+    return {
+        "cross_validation": [{"metric": r["metric"], "mean": fmt(r["mean"]), "sd": fmt(r["sd"]), "folds": r["folds"]}
+                             for r in cv],
+        "calibration": {"temperature": f"{calibration.temperature:.3f}", "nll_before": f"{calibration.nll_before:.3f}",
+                        "nll_after": f"{calibration.nll_after:.3f}", "fitted_on": calibration.fitted_on}
+        if calibration else None,
+        "test_results": [{"evaluation": t["evaluation"], "model_id": t["model_id"],
+                          "predictions": str(t["predictions"])[:12], "cohorts": external_rows(t["headline"]),
+                          "headline": [headline_item(h) for h in t["headline"]
+                                       if not h["subset"].startswith("cohort=")]}  # the cohorts are above
+                         for t in test_metrics]}
 
 
-def results_lines(test_metrics: list[dict]) -> list[str]:
-    """The card's test results, as evaluate wrote them back: each evaluation's headline (a null value shows its
-    reason; a locked point that does not carry over says why) and its cohorts beside the reference."""
-    if not test_metrics:
-        return []
-    lines = ["", "## Test results (written by dermray evaluate)", ""]
-    for t in test_metrics:
-        lines.append(f"- {t['evaluation']} (model {t['model_id']}, predictions {str(t['predictions'])[:12]}):")
-        cohorts = external_rows(t["headline"])
-        if cohorts:  # every cohort it was evaluated on, beside the reference
-            lines += ["", "  | task | subset | cohort | AUC (95% CI), n | reference | reference AUC (95% CI), n | "
-                          "difference (95% CI) |", "  |---|---|---|---|---|---|---|"]
-            lines += ["  | " + " | ".join(row) + " |" for row in cohorts]
-            lines.append("")
-        for h in t["headline"]:
-            if h["subset"].startswith("cohort="):
-                continue
-            if h["metric"].startswith("carries_over@"):
-                lines.append(f"  - {h['task']} {h['subset']}: the locked point "
-                             f"{h['metric'].split('@locked:', 1)[-1]} {h['note']}")
-                continue
-            ci = f" [{h['ci_low']:.3f}, {h['ci_high']:.3f}]" if h.get("ci_low") is not None else ""
-            value = (h.get("note") or "undefined") if h["value"] is None else f"{h['value']:.3f}"
-            lines.append(f"  - {h['task']} {h['subset']} {h['metric']}: {value}{ci} (n={h['n']})")
-    return lines
+def headline_item(h: dict) -> dict:
+    """One headline row of a card's test results, its value and interval written out."""
+    carries_over = h["metric"].startswith("carries_over@")
+    return {"task": h["task"], "subset": h["subset"], "metric": h["metric"], "n": h["n"], "note": h.get("note"),
+            "carries_over": carries_over, "locked_point": h["metric"].split("@locked:", 1)[-1],
+            "value": (h.get("note") or "undefined") if h["value"] is None else f"{h['value']:.3f}",
+            "ci": f" [{h['ci_low']:.3f}, {h['ci_high']:.3f}]" if h.get("ci_low") is not None else ""}
+
+
+def changelog(entries: list[dict]) -> list[dict]:
+    return [{"when": c.get("when"), "what": c.get("what")} for c in entries]
 
 
 def write_card(card: ModelCard, fold_dir: str) -> str:

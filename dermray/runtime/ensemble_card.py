@@ -16,13 +16,14 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from dermray.core.formatting import fmt, strict_json
+from dermray.core.templating import render
 from dermray.runtime.artifacts import (
     INTENDED_USE,
     LIMITATIONS,
     Calibration,
     OperatingPoint,
-    cross_validation_lines,
-    results_lines,
+    card_sections,
+    changelog,
 )
 from dermray.store import storage
 
@@ -77,27 +78,23 @@ def write(card: EnsembleCard, run_dir: str) -> str:
 
 
 def render_markdown(card: EnsembleCard) -> str:
-    lines = [f"# Model card: {card.model_id}", "",
-             f"The mean of {len(card.members)} fold models of train run `{card.run_id}` - the model `dermray score` "
-             "runs when given the run's folder.", "", f"**Intended use.** {INTENDED_USE}", "", "## Model", "",
-             f"- architecture: {card.architecture}, input {card.input_size} px, training classes hash "
-             f"{card.classes_hash}", "", "| fold | model | weights sha256 | chosen epoch | epochs trained |",
-             "|---|---|---|---:|---:|"]
-    lines += [f"| {m.fold} | {m.model_id} | {(m.weights_sha256 or '')[:16]} | {m.best_epoch} | {m.epochs_trained} |"
-              for m in card.members]
-    lines += ["", "## Cross-validation (held-out folds)", ""]
-    for r in card.out_of_fold_auc:
-        lines.append(f"- {r['task']}: out-of-fold AUC {fmt(r['auc'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}] "
-                     f"({r['n']:,} images, {r['n_positive']:,} positive; every fold's held-out images pooled)")
-    lines += cross_validation_lines(card.cross_validation, card.calibration)
-    if card.operating_points:
-        lines += ["", "## Operating points (locked out of fold)", "", "| task | point | threshold | out-of-fold "
-                  "sensitivity | out-of-fold specificity | target |", "|---|---|---:|---:|---:|---|"]
-        for p in card.operating_points:
-            target = card.readers.get(p.task, {}).get(p.name)
-            lines.append(f"| {p.task} | {p.name} | {p.threshold:.4f} | {p.sensitivity:.3f} | {p.specificity:.3f} | "
-                         + (f"the readers' mean specificity {target:.3f}" if target is not None else "") + " |")
-    lines += results_lines(card.test_metrics)
-    lines += ["", "## Known limitations", ""] + [f"- {x}" for x in LIMITATIONS]
-    lines += ["", "## Changelog", ""] + [f"- {c.get('when')}: {c.get('what')}" for c in card.changelog]
-    return "\n".join(lines) + "\n"
+    """ensemble_card.md: the card for a reviewer to read (templates/ensemble_card.md.j2)."""
+    return render(
+        "ensemble_card.md.j2", model_id=card.model_id, run_id=card.run_id, intended_use=INTENDED_USE,
+        architecture=card.architecture, input_size=card.input_size, classes_hash=card.classes_hash,
+        members=[{"fold": m.fold, "model_id": m.model_id, "weights_sha256": (m.weights_sha256 or "")[:16],
+                  "best_epoch": m.best_epoch, "epochs_trained": m.epochs_trained} for m in card.members],
+        out_of_fold_auc=[{"task": r["task"], "auc": fmt(r["auc"]), "ci_low": fmt(r["ci_low"]),
+                          "ci_high": fmt(r["ci_high"]), "n": f"{r['n']:,}", "n_positive": f"{r['n_positive']:,}"}
+                         for r in card.out_of_fold_auc],
+        operating_points=[{"task": p.task, "name": p.name, "threshold": f"{p.threshold:.4f}",
+                           "sensitivity": f"{p.sensitivity:.3f}", "specificity": f"{p.specificity:.3f}",
+                           "target": target_text(card.readers.get(p.task, {}).get(p.name))}
+                          for p in card.operating_points],
+        limitations=LIMITATIONS, changelog=changelog(card.changelog),
+        **card_sections(card.cross_validation, card.calibration, card.test_metrics))
+
+
+def target_text(target: float | None) -> str:
+    """The readers' point an operating point targets (their mean specificity), written out; "" for none."""
+    return "" if target is None else f"{target:.3f}"
