@@ -7,9 +7,9 @@ copy on S3), so a reader sees the old table or the new one, never half of one; r
 
 Reads are retried with exponential backoff when the error is transient (a refused or dropped connection, a
 timeout, an S3 5xx or throttling answer): ``Retry`` says how often (``storage.retries`` in the run config, handed
-to the workers). What is still failing after the retries raises ``TransientReadError``; a permanent failure (no
-such object, permission denied) raises a plain ``UserError`` at once. Callers that quarantine tell the two apart,
-so a re-run retries what was transient.
+to the workers), tenacity retries, ``is_transient`` says what is transient. What is still failing after the retries
+raises ``TransientReadError``; a permanent failure (no such object, permission denied) raises a plain ``UserError``
+at once. Callers that quarantine tell the two apart, so a re-run retries what was transient.
 
 Why one module over 400 lines: every storage operation (local and S3) behind one URI interface and one retry
 policy; a caller imports one module and cannot reach a path that skips the retries.
@@ -23,7 +23,6 @@ import os
 import posixpath
 import random
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -32,6 +31,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import tenacity
 
 from dermray.errors import UserError
 
@@ -95,6 +95,10 @@ def s3_filesystem():
             region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
             if region:
                 client_kwargs["region_name"] = region
+            # No config_kwargs={"retries": ...}: botocore's own retries stay what the AWS settings say
+            # (AWS_MAX_ATTEMPTS, AWS_RETRY_MODE, the profile), which an explicit one would override. They retry one
+            # S3 request, unseen by Retry's verdict (quarantined as transient or not) and attempt count; the tests
+            # set AWS_MAX_ATTEMPTS=1 (tests/conftest.py) so that what rides out their outages is Retry alone.
             fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, skip_instance_cache=True, use_listings_cache=False)
             _S3_FILESYSTEMS[key] = fs
         return fs
@@ -196,6 +200,20 @@ class TransientReadError(UserError):
     """A read that kept failing for a reason that may pass (connection, timeout, S3 5xx or throttling)."""
 
 
+class _Backoff(tenacity.wait_exponential):
+    """tenacity's exponential wait (``multiplier * 2**k`` after the (k + 1)-th failed attempt, at most ``max``) times
+    a jitter of +-25 %: the schedule dermray had. tenacity's own jittered waits are other schedules:
+    wait_random_exponential draws from 0 up to the cap (a retry at once into an outage), wait_exponential_jitter
+    adds up to a fixed number of seconds whatever the step."""
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        return super().__call__(retry_state) * (0.75 + 0.5 * random.random())
+
+
+def _retried(e: BaseException) -> bool:
+    return isinstance(e, IO_ERRORS) and is_transient(e)
+
+
 @dataclass(frozen=True)
 class Retry:
     """How transient read errors are retried: ``retries`` more attempts after the first, waiting
@@ -204,9 +222,22 @@ class Retry:
     base_s: float = 0.25
     max_s: float = 8.0
 
-    def delays(self):
+    def retrying(self) -> tenacity.Retrying:
+        """This policy as a tenacity controller: transient I/O errors (``is_transient``, dermray's classification)
+        retried, anything else raised at once, and the last error raised as it is when the attempts run out, for
+        the caller to word. (A fresh controller per call: ~16 us, against >= 24 us for the cheapest read it guards,
+        a 20 kB local file, and milliseconds for an S3 read; measured with timeit, Intel Xeon, 2 cores.)"""
+        return tenacity.Retrying(stop=tenacity.stop_after_attempt(self.retries + 1),
+                                 wait=_Backoff(multiplier=self.base_s, max=self.max_s),
+                                 retry=tenacity.retry_if_exception(_retried), reraise=True)
+
+    def delays(self) -> Iterator[float]:
+        """The waits between the attempts of a read that never succeeds: what ``retrying`` sleeps, drawn afresh."""
+        retrying = self.retrying()
         for k in range(self.retries):
-            yield min(self.max_s, self.base_s * 2 ** k) * (0.75 + 0.5 * random.random())
+            state = tenacity.RetryCallState(retrying, None, (), {})
+            state.attempt_number = k + 1
+            yield retrying.wait(state)
 
 
 DEFAULT_RETRY = Retry()
@@ -265,17 +296,17 @@ def _io_error(uri: str, verb: str, e: Exception, attempts: int = 1) -> UserError
 
 def _wrap_io(uri: str, verb: str, fn, retry: Retry = NO_RETRY):
     """``fn()``, retried per ``retry`` on transient errors; I/O errors become UserErrors naming ``uri``."""
-    delays = retry.delays()
     attempts = 0
-    while True:
+
+    def attempt():
+        nonlocal attempts
         attempts += 1
-        try:
-            return fn()
-        except IO_ERRORS as e:
-            delay = next(delays, None) if is_transient(e) else None
-            if delay is None:
-                raise _io_error(uri, verb, e, attempts) from e
-            time.sleep(delay)
+        return fn()
+
+    try:
+        return retry.retrying()(attempt)
+    except IO_ERRORS as e:
+        raise _io_error(uri, verb, e, attempts) from e
 
 
 def read_bytes(uri: str, retry: Retry = DEFAULT_RETRY) -> bytes:

@@ -84,8 +84,10 @@ class Flaky:
 
 @pytest.fixture()
 def no_sleep(monkeypatch):
+    import time
+
     slept = []
-    monkeypatch.setattr(storage.time, "sleep", slept.append)
+    monkeypatch.setattr(time, "sleep", slept.append)  # what the retries sleep with (tenacity's default)
     return slept
 
 
