@@ -88,13 +88,12 @@ def s3_filesystem():
     with _S3_LOCK:
         fs = _S3_FILESYSTEMS.get(key)
         if fs is None:
+            # botocore reads AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL and AWS_DEFAULT_REGION itself, not AWS_REGION
+            # (botocore 1.43.117, aiobotocore 3.10.0, s3fs 2026.9.0: the client's endpoint_url and region_name with
+            # each variable set alone): only that one is handed over.
             client_kwargs = {}
-            endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
-            if endpoint:
-                client_kwargs["endpoint_url"] = endpoint
-            region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-            if region:
-                client_kwargs["region_name"] = region
+            if not os.environ.get("AWS_DEFAULT_REGION") and os.environ.get("AWS_REGION"):
+                client_kwargs["region_name"] = os.environ["AWS_REGION"]
             # No config_kwargs={"retries": ...}: botocore's own retries stay what the AWS settings say
             # (AWS_MAX_ATTEMPTS, AWS_RETRY_MODE, the profile), which an explicit one would override. They retry one
             # S3 request, unseen by Retry's verdict (quarantined as transient or not) and attempt count; the tests
@@ -530,13 +529,13 @@ def arrow_filesystem(uri: str):
         return None, os.path.abspath(local_path(uri))
     from pyarrow import fs as pafs
 
+    # Arrow's AWS SDK reads the region (AWS_DEFAULT_REGION, then AWS_REGION) but not AWS_ENDPOINT_URL(_S3): pyarrow
+    # 26.0.1 sent a request with only AWS_ENDPOINT_URL set to s3.us-east-1.amazonaws.com. The endpoint is handed
+    # over from the variables botocore reads for s3fs, in its order (the S3 one first).
     kwargs = {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc or endpoint
         kwargs["scheme"] = parsed.scheme or "https"
-    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-    if region:
-        kwargs["region"] = region
     return pafs.S3FileSystem(**kwargs), str(uri)[len("s3://"):]
