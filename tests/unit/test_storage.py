@@ -128,3 +128,4 @@ def test_the_s3_clients_take_the_endpoint_and_region_from_the_aws_variables(monk
     arrow, path = storage.arrow_filesystem("s3://bucket/runs/r1")
     options = arrow.__reduce__()[1][0]
     assert (options["endpoint_override"], options["scheme"], path) == ("127.0.0.1:3", "http", "bucket/runs/r1")
+    assert storage.filesystem("S3://bucket/runs/r1/")[1] == "bucket/runs/r1"  # schemes are case-insensitive
