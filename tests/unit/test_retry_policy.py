@@ -1,6 +1,9 @@
-"""Which storage errors are transient (retried with backoff by ``storage.Retry``) and which are permanent, and how
-the backoff grows: pure functions, no server. Real outages of a real S3 server: tests/stage/test_retries.py."""
+"""Which storage errors are transient (retried with backoff by ``storage.Retry``) and which are permanent, how the
+backoff grows, and score's shard stream resuming after a dropped read: no server. Real outages of a real S3 server:
+tests/stage/test_retries.py."""
+import contextlib
 import errno
+import io
 
 import pytest
 from botocore.exceptions import (
@@ -12,7 +15,10 @@ from botocore.exceptions import (
 )
 
 from dermray.errors import UserError
+from dermray.stages.score import actors
 from dermray.store import storage
+
+from helpers import shard_bytes
 
 
 # ---- pure: which errors are transient, how the backoff grows -------------------------------------------------
@@ -84,8 +90,10 @@ class Flaky:
 
 @pytest.fixture()
 def no_sleep(monkeypatch):
+    import time
+
     slept = []
-    monkeypatch.setattr(storage.time, "sleep", slept.append)
+    monkeypatch.setattr(time, "sleep", slept.append)  # what the retries sleep with (tenacity's default)
     return slept
 
 
@@ -128,3 +136,57 @@ def test_a_transient_error_stays_transient_when_retries_are_off(no_sleep):
 ], ids=["no-credentials", "no-region", "param-validation"])
 def test_configuration_errors_are_not_transient(make):
     assert storage.is_transient(make()) is False
+
+
+# ---- score's shard stream: a read dropped part-way resumes after what was already yielded --------------------------
+class DroppingShard:
+    """``storage.open_read`` for one tar shard whose first ``drops`` opens lose the connection after ``at`` bytes."""
+
+    def __init__(self, data: bytes, at: int, drops: int):
+        self.data, self.at, self.drops, self.opens = data, at, drops, 0
+
+    def __call__(self, uri, retry):
+        self.opens += 1
+        return contextlib.nullcontext(io.BufferedReader(Cut(self.data, self.at if self.opens <= self.drops else None)))
+
+
+class Cut(io.RawIOBase):
+    """A byte stream in 512-byte reads that raises ConnectionResetError at byte ``at`` (None: never)."""
+
+    def __init__(self, data: bytes, at: int | None):
+        self.stream, self.at = io.BytesIO(data), at
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        if self.at is not None and self.stream.tell() >= self.at:
+            raise ConnectionResetError(errno.ECONNRESET, "connection reset by peer")
+        chunk = self.stream.read(min(len(b), 512))
+        b[:len(chunk)] = chunk
+        return len(chunk)
+
+
+def shard_samples(n: int) -> list:
+    return [(f"img{i}", bytes([i]) * 3000, {"i": i}) for i in range(n)]
+
+
+@pytest.mark.parametrize("drops", [1, 2])
+def test_a_shard_read_dropped_part_way_resumes_without_repeating_a_sample(monkeypatch, no_sleep, drops):
+    shard = DroppingShard(shard_bytes(shard_samples(8)), at=25_000, drops=drops)  # ~41 kB: dropped in the middle
+    monkeypatch.setattr(storage, "open_read", shard)
+    rows = list(actors._shard_rows("s3://b/shard.tar", storage.Retry(retries=3, base_s=0.1)))
+    assert [r[0] for r in rows] == [f"img{i}" for i in range(8)] and all(r[3] == "" for r in rows)
+    assert [r[2] for r in rows] == [bytes([i]) * 3000 for i in range(8)]
+    assert shard.opens == drops + 1 and len(no_sleep) == drops
+
+
+def test_a_shard_read_that_keeps_dropping_ends_in_one_transient_row(monkeypatch, no_sleep):
+    shard = DroppingShard(shard_bytes(shard_samples(8)), at=25_000, drops=10)
+    monkeypatch.setattr(storage, "open_read", shard)
+    rows = list(actors._shard_rows("s3://b/shard.tar", storage.Retry(retries=2, base_s=0.1)))
+    ids = [r[0] for r in rows[:-1]]  # what was read before the first drop (tar reads 10 kB records), once
+    assert ids and ids == [f"img{i}" for i in range(len(ids))] and len(ids) < 8
+    assert rows[-1][:3] == ("", "s3://b/shard.tar", None)
+    assert rows[-1][3].startswith("transient: cannot read s3://b/shard.tar: ") and "reset" in rows[-1][3]
+    assert shard.opens == 3 and len(no_sleep) == 2

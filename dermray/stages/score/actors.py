@@ -30,33 +30,30 @@ def decode_rows(batch: dict, size: int, max_pixels: int, retry: storage.Retry, p
 
 def _shard_rows(shard: str, retry: storage.Retry):
     """(image_id, uri, data or None, error, meta JSON) of every sample and problem of a shard, streamed. A read
-    that fails part-way for a transient reason is retried from the start, skipping what was already yielded."""
-    emitted, delays = 0, retry.delays()
-    while True:
-        seen = 0
-        try:
-            with storage.open_read(shard, retry) as f:
-                for kind, item in archive.iter_shard(f):
-                    seen += 1
-                    if seen <= emitted:
-                        continue
-                    emitted += 1
-                    if kind == "problem":
-                        member = item["member"]
-                        yield (item["key"] or "", f"{shard}#{member}" if member else shard, None, item["reason"], "")
-                    else:
-                        yield (item["image_id"], f"{shard}#{item['member']}", item["data"], "",
-                               json.dumps(item["meta"], default=str))
-            return
-        except UserError as e:
-            yield ("", shard, None, archive.reason_of(e), "")
-            return
-        except storage.IO_ERRORS as e:
-            delay = next(delays, None) if storage.is_transient(e) else None
-            if delay is None:
-                yield ("", shard, None, TRANSIENT + f"cannot read {storage.redact(shard)}: {e}", "")
-                return
-            time.sleep(delay)
+    that fails part-way for a transient reason is retried from the start (``retry``'s attempts and backoff: a
+    tenacity controller, one attempt per ``with``), skipping what was already yielded."""
+    emitted = 0
+    try:
+        for attempt in retry.retrying():
+            with attempt:
+                seen = 0
+                with storage.open_read(shard, retry) as f:
+                    for kind, item in archive.iter_shard(f):
+                        seen += 1
+                        if seen <= emitted:
+                            continue
+                        emitted += 1
+                        if kind == "problem":
+                            member = item["member"]
+                            yield (item["key"] or "", f"{shard}#{member}" if member else shard, None,
+                                   item["reason"], "")
+                        else:
+                            yield (item["image_id"], f"{shard}#{item['member']}", item["data"], "",
+                                   json.dumps(item["meta"], default=str))
+    except UserError as e:
+        yield ("", shard, None, archive.reason_of(e), "")
+    except storage.IO_ERRORS as e:  # permanent, or transient after the last attempt
+        yield ("", shard, None, TRANSIENT + f"cannot read {storage.redact(shard)}: {e}", "")
 
 
 def decode_shards(batch: dict, size: int, max_pixels: int, rows_per_batch: int, retry: storage.Retry, pre=None):
