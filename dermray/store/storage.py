@@ -72,8 +72,12 @@ def local_path(uri: str) -> str:
     if scheme == "file":
         # Not fsspec's LocalFileSystem._strip_protocol: it reads file://host/x as host/x below the working directory
         # and leaves FILE:///x as it is (a path starting "FILE:").
-        parsed = urlparse(uri)
-        return parsed.path if not parsed.netloc else f"//{parsed.netloc}{parsed.path}"
+        # Nor urlparse's path: it cuts a file name at "#" (a fragment) or "?" (a query).
+        rest = str(uri)[len("file:"):]
+        if not rest.startswith("//") or rest.startswith("///"):
+            return rest[2:] if rest.startswith("///") else rest
+        host, _, path = rest[2:].partition("/")
+        return f"//{host}/{path}"
     return os.fspath(uri)
 
 

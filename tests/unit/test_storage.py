@@ -129,3 +129,14 @@ def test_the_s3_clients_take_the_endpoint_and_region_from_the_aws_variables(monk
     options = arrow.__reduce__()[1][0]
     assert (options["endpoint_override"], options["scheme"], path) == ("127.0.0.1:3", "http", "bucket/runs/r1")
     assert storage.filesystem("S3://bucket/runs/r1/")[1] == "bucket/runs/r1"  # schemes are case-insensitive
+
+
+def test_a_local_file_uri_keeps_a_hash_or_question_mark_in_its_name():
+    """A file named a#1.jpg or b?.jpg is a file like any other: a URI parser that reads "#" as a fragment and "?"
+    as a query made file:///data/a#1.jpg the path /data/a (another file, or none)."""
+    from dermray.store import storage
+
+    assert storage.local_path("file:///data/a#1.jpg") == "/data/a#1.jpg"
+    assert storage.local_path("FILE:///data/b?.jpg") == "/data/b?.jpg"
+    assert storage.local_path("file://host/share/c#2.jpg") == "//host/share/c#2.jpg"
+    assert storage.local_path("/data/a#1.jpg") == "/data/a#1.jpg"
