@@ -88,3 +88,58 @@ def test_no_fold_model_trains_on_an_image_the_points_are_locked_on():
         # Every image left out of all the folds' training is found (the held-out ones with one fold).
         left_out = set(table.column("image_id").to_pylist()) - trained
         assert chosen == left_out or len(folds) > 1 and chosen <= left_out, folds
+
+
+def _biopsy_study(n_biopsy_pos: int, seed: int = 0):
+    """Locking predictions of a melanoma-vs-nevus task: biopsy-proven melanomas and nevi whose scores overlap (the
+    nevi were cut out because they looked suspicious), and many nevi that were only followed up, scored low."""
+    import types
+
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    groups = [("biopsy", 1, n_biopsy_pos, 1.0), ("biopsy", 0, 150, 0.2), ("follow-up", 0, 600, -1.5)]
+    rows = [(src, y, rng.normal(mu, 0.8)) for src, y, n, mu in groups for _ in range(n)]
+    src, y, logit = (np.array(c) for c in zip(*rows))
+    p_mel = 1 / (1 + np.exp(-logit.astype(float)))
+    ids = [f"img{i:04d}" for i in range(len(y))]
+    frame = pd.DataFrame({"image_id": ids, "class_index": y.astype(int), "probs": list(np.stack([1 - p_mel, p_mel], 1))})
+    table = pa.table({"image_id": ids, "label_source": src.tolist(),
+                      "task_truth": pa.array([[int(v)] for v in y], pa.list_(pa.int64()))})
+    plan = types.SimpleNamespace(table=table, task_names=["mel"])
+    cfg = types.SimpleNamespace(evaluate=types.SimpleNamespace(target_sensitivity=0.95))
+    binary = [("mel", 0, 1, np.eye(2))]
+    return plan, cfg, frame, binary, src == "biopsy", y
+
+
+def test_the_operating_points_are_locked_on_the_biopsy_proven_images_evaluation_reports():
+    """Issue 28: on HAM10000 the melanoma point locked on every image no model trained on gave specificity 0.736
+    there and 0.476 on the biopsy-proven test split: the followed-up nevi are easy and set the threshold among
+    them. With enough biopsy-proven images of each class, a task's points are locked on those; the temperature
+    stays the one fitted on all."""
+    import numpy as np
+
+    from dermray.core import decisions, metrics
+    from dermray.stages.train.decisions import _on_biopsy_proven
+
+    plan, cfg, frame, binary, biopsy, y = _biopsy_study(60)
+    probs = np.stack(frame["probs"])
+    truth = np.array([[v] for v in y])
+    _, on_all = decisions.lock(probs, y, truth, binary, 0.95, fit_temperature=False)
+    points = [pt | {"chosen_on": "the images no model trained on"} for pt in on_all]
+    relocked = _on_biopsy_proven(plan, frame, 1.0, binary, points, cfg, {})
+    sens = {pt["name"]: pt for pt in relocked}["sens0.95"]
+    assert "biopsy-proven" in sens["chosen_on"] and sens["n"] == int(biopsy.sum())
+    # Its rates are those on the biopsy-proven images, where evaluation measures it ...
+    rates = metrics.rates_at(y[biopsy], probs[biopsy, 1], sens["threshold"])
+    assert abs(rates.specificity - sens["specificity"]) < 1e-9 and sens["sensitivity"] >= 0.95
+    # ... where the point locked on every image would have called more of the excised nevi melanoma.
+    before = {pt["name"]: pt for pt in on_all}["sens0.95"]
+    assert metrics.rates_at(y[biopsy], probs[biopsy, 1], before["threshold"]).specificity < before["specificity"]
+    # Too few biopsy-proven melanomas: the points stay as they were.
+    plan, cfg, frame, binary, biopsy, y = _biopsy_study(5)
+    _, on_all = decisions.lock(np.stack(frame["probs"]), y, np.array([[v] for v in y]), binary, 0.95,
+                               fit_temperature=False)
+    points = [pt | {"chosen_on": "x"} for pt in on_all]
+    assert _on_biopsy_proven(plan, frame, 1.0, binary, points, cfg, {}) == points

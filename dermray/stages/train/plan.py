@@ -45,7 +45,7 @@ def read_rows(cfg: RunConfig, part: str) -> tuple[pa.Table, pa.Table, dict]:
     schemas.check_table(labels, schemas.LABELS, storage.redact(outputs["labels"]))
     present = storage.parquet_file(cfg.data.manifest).schema_arrow.names
     manifest = storage.read_table(cfg.data.manifest, columns=["image_id", "uri", "label"] +
-                                  [c for c in ("group_id", "source", "modality") if c in present])
+                                  [c for c in ("group_id", "source", "modality", "label_source") if c in present])
     manifest = manifest.set_column(1, "uri", storage.resolve_column(manifest.column("uri"),
                                                                     storage.parent(cfg.data.manifest)))
     # The lesion (or patient) of each image; an image without one is a group of its own. Its key is its bare
@@ -173,10 +173,13 @@ def uses_readers(cfg: RunConfig, p: TrainPlan) -> bool:
 def decision_lineage(cfg: RunConfig, p: TrainPlan) -> dict:
     """The inputs of the run's locked decisions beyond the folds' models: the tasks and taxonomy (which tasks are
     binary, their positive class, each image's task truth), the partition's task membership, the readers'
-    decisions with the test manifest's labels (evaluate.target_sensitivity is a declared value: in the run's
+    decisions with the test manifest's labels, the manifest's label sources (the points are locked on the
+    biopsy-proven images: decisions._on_biopsy_proven; evaluate.target_sensitivity is a declared value: in the run's
     lineage). A change to any of them re-locks the decisions; the folds' models stay (their own lineage does not
     include these)."""
     inputs = definitions.fingerprints(cfg.data.tasks, cfg.data.taxonomy)
+    if "label_source" in p.table.column_names and cfg.data.manifest:
+        inputs["label_sources"] = lineage.columns_fingerprint(cfg.data.manifest, p.table, ["image_id", "label_source"])
     if inputs:
         uri = layout.partition_outputs(p.partition)["task_membership"]
         table = storage.read_table(uri)
