@@ -104,13 +104,13 @@ def _biopsy_study(n_biopsy_pos: int, seed: int = 0):
     src, y, logit = (np.array(c) for c in zip(*rows))
     p_mel = 1 / (1 + np.exp(-logit.astype(float)))
     ids = [f"img{i:04d}" for i in range(len(y))]
-    frame = pd.DataFrame({"image_id": ids, "class_index": y.astype(int), "probs": list(np.stack([1 - p_mel, p_mel], 1))})
+    frame = pd.DataFrame({"image_id": ids, "class_index": y.astype(int),
+                          "probs": list(np.stack([1 - p_mel, p_mel], 1))})
     table = pa.table({"image_id": ids, "label_source": src.tolist(),
                       "task_truth": pa.array([[int(v)] for v in y], pa.list_(pa.int64()))})
     plan = types.SimpleNamespace(table=table, task_names=["mel"])
-    cfg = types.SimpleNamespace(evaluate=types.SimpleNamespace(target_sensitivity=0.95))
     binary = [("mel", 0, 1, np.eye(2))]
-    return plan, cfg, frame, binary, src == "biopsy", y
+    return plan, frame, binary, src == "biopsy", y
 
 
 def test_the_operating_points_are_locked_on_the_biopsy_proven_images_evaluation_reports():
@@ -123,12 +123,13 @@ def test_the_operating_points_are_locked_on_the_biopsy_proven_images_evaluation_
     from dermray.core import decisions, metrics
     from dermray.stages.train.decisions import _on_biopsy_proven
 
-    plan, cfg, frame, binary, biopsy, y = _biopsy_study(60)
+    plan, frame, binary, biopsy, y = _biopsy_study(60)
     probs = np.stack(frame["probs"])
     truth = np.array([[v] for v in y])
     _, on_all = decisions.lock(probs, y, truth, binary, 0.95, fit_temperature=False)
     points = [pt | {"chosen_on": "the images no model trained on"} for pt in on_all]
-    relocked = _on_biopsy_proven(plan, frame, 1.0, binary, points, cfg, {})
+    relocked = _on_biopsy_proven(plan, frame, points, temperature=1.0, binary=binary, target_sensitivity=0.95,
+                                 readers={})
     sens = {pt["name"]: pt for pt in relocked}["sens0.95"]
     assert "biopsy-proven" in sens["chosen_on"] and sens["n"] == int(biopsy.sum())
     # Its rates are those on the biopsy-proven images, where evaluation measures it ...
@@ -138,8 +139,9 @@ def test_the_operating_points_are_locked_on_the_biopsy_proven_images_evaluation_
     before = {pt["name"]: pt for pt in on_all}["sens0.95"]
     assert metrics.rates_at(y[biopsy], probs[biopsy, 1], before["threshold"]).specificity < before["specificity"]
     # Too few biopsy-proven melanomas: the points stay as they were.
-    plan, cfg, frame, binary, biopsy, y = _biopsy_study(5)
+    plan, frame, binary, biopsy, y = _biopsy_study(5)
     _, on_all = decisions.lock(np.stack(frame["probs"]), y, np.array([[v] for v in y]), binary, 0.95,
                                fit_temperature=False)
     points = [pt | {"chosen_on": "x"} for pt in on_all]
-    assert _on_biopsy_proven(plan, frame, 1.0, binary, points, cfg, {}) == points
+    assert _on_biopsy_proven(plan, frame, points, temperature=1.0, binary=binary, target_sensitivity=0.95,
+                             readers={}) == points

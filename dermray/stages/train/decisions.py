@@ -93,7 +93,8 @@ def lock_decisions(cfg: RunConfig, p: TrainPlan, fold_rows: list[dict]) -> Locke
     calibration, points = decisions.lock(np.stack(frame["probs"]).astype(np.float64), frame["class_index"].to_numpy(),
                                          _task_truth(p, frame), binary, cfg.evaluate.target_sensitivity, readers)
     points = [pt | {"chosen_on": chosen_on} for pt in points]
-    points = _on_biopsy_proven(p, frame, calibration["temperature"], binary, points, cfg, readers)
+    points = _on_biopsy_proven(p, frame, points, temperature=calibration["temperature"], binary=binary,
+                               target_sensitivity=cfg.evaluate.target_sensitivity, readers=readers)
     oof_calibrated = M.apply_temperature(np.stack(oof["probs"]).astype(np.float64), calibration["temperature"])
     oof_truth = _task_truth(p, oof)
     missing = [b for b in binary if b[0] not in {pt["task"] for pt in points}]
@@ -107,8 +108,8 @@ def lock_decisions(cfg: RunConfig, p: TrainPlan, fold_rows: list[dict]) -> Locke
     return Locked(calibration | {"fitted_on": chosen_on}, points, chosen_on, readers, aucs)
 
 
-def _on_biopsy_proven(p: TrainPlan, frame: pd.DataFrame, temperature: float, binary: list, points: list[dict],
-                      cfg: RunConfig, readers: dict) -> list[dict]:
+def _on_biopsy_proven(p: TrainPlan, frame: pd.DataFrame, points: list[dict], *, temperature: float, binary: list,
+                      target_sensitivity: float, readers: dict) -> list[dict]:
     """``points`` with each binary task's points locked again on the biopsy-proven images of ``frame`` when those
     hold MIN_BIOPSY_PER_CLASS of each class (the temperature stays the one fitted on every image).
 
@@ -134,7 +135,7 @@ def _on_biopsy_proven(p: TrainPlan, frame: pd.DataFrame, temperature: float, bin
         return points
     calibrated = M.apply_temperature(np.stack(frame["probs"]).astype(np.float64), temperature)
     _, on_biopsy = decisions.lock(calibrated, frame["class_index"].to_numpy(), truth, eligible,
-                                  cfg.evaluate.target_sensitivity, readers, fit_temperature=False)
+                                  target_sensitivity, readers, fit_temperature=False)
     chosen = {pt["task"]: pt["chosen_on"] for pt in points}
     relocked = {b[0] for b in eligible}
     out = []
