@@ -235,6 +235,14 @@ def ham10000(r: dict) -> list[str]:
                     f"specificity {fmt(r.get('locked_specificity_melanoma'), 3)} "
                     f"{fmt(r.get('locked_specificity_melanoma_ci'))}; ECE {fmt(r.get('ece_before'), 3)} -> "
                     f"{fmt(r.get('ece_after'), 3)} after temperature scaling."]
+    if r.get("locked_sensitivity_melanoma_where_fitted") is not None:
+        carries = {1.0: "yes", 0.0: "no"}.get(r.get("locked_melanoma_carries_over"), "not judged")
+        out += ["", f"Where it was fitted ({r.get('locked_melanoma_chosen_on', '?')}): sensitivity "
+                    f"{fmt(r.get('locked_sensitivity_melanoma_where_fitted'), 3)} "
+                    f"{fmt(r.get('locked_sensitivity_melanoma_where_fitted_ci'))}, specificity "
+                    f"{fmt(r.get('locked_specificity_melanoma_where_fitted'), 3)} "
+                    f"{fmt(r.get('locked_specificity_melanoma_where_fitted_ci'))}; carries over to the test split: "
+                    f"{carries}."]
     robust = r.get("robustness") or {}
     if robust:
         conditions = list(next(iter(robust.values())).keys())
@@ -291,8 +299,12 @@ BENCHMARKS = [  # name, what it measures, renderer, rough time on 2 cores
     ("transfer", "ImageNet-pretrained vs from-scratch efficientnet_lite0 on HAM10000, the same training-time "
                  "budget", transfer),
     ("ham10000", "the whole pipeline on all 10,015 HAM10000 images, a held-out lesion-grouped test split", ham10000),
+    ("ham10000_defaults", "the same, its defaults arm alone (DERMRAY_HAM_ARMS=defaults, no robustness re-scoring), "
+                          "at a later commit: the locked melanoma point where it was fitted and on the test split",
+     ham10000),
     ("gpu", "the GPU path (training step, Predictor, saliency) against bare bf16 loops, on a CUDA machine", gpu),
 ]
+SCRIPTS = {"ham10000_defaults": "ham10000"}  # results folders that one script writes under another name
 
 
 def load(name: str, results: pathlib.Path = RESULTS) -> tuple[dict | None, str | None]:
@@ -308,7 +320,9 @@ def block(results: pathlib.Path = RESULTS, allow_smoke: bool = False) -> str:
                     "(make bench-report): edit those, not this block. -->", ""]
     for name, what, render in BENCHMARKS:
         r, f = load(name, results)
-        lines += [f"## `benchmarks/{name}.py`", "", f"{what[:1].upper()}{what[1:]}.", ""]
+        script = SCRIPTS.get(name, name)
+        where = f" - `benchmarks/results/{name}/`" if name in SCRIPTS else ""
+        lines += [f"## `benchmarks/{script}.py`{where}", "", f"{what[:1].upper()}{what[1:]}.", ""]
         if r is None:
             lines += [f"Not measured yet: run `.venv/bin/python benchmarks/{name}.py` (writes "
                       f"`benchmarks/results/{name}/results.json`), then `make bench-report`.", ""]

@@ -466,7 +466,7 @@ def epoch_lines(records: list[dict]) -> list[str]:
         parts.append("selection: " + " ".join(f"{k} {span([r['selection'][k] for r in records], digits)}"
                                                for k in names))
     speeds = [r["images_per_s"] for r in records]
-    parts.append((f"{rate(speeds[0])}" if one else f"{min(speeds):.0f}-{max(speeds):.0f}") + " img/s")
+    parts.append((f"{rate(speeds[0])}" if one else span(speeds, 0)) + " img/s")
     slowest = max(records, key=lambda r: r["eta_s"])
     parts.append(f"ETA {duration(slowest['eta_s'])}" + (" (budget)" if slowest["by_budget"] else ""))
     return [", ".join(parts)]

@@ -100,7 +100,7 @@ def run(cfg: RunConfig) -> dict:
         used, n_bad = record["images"] - record["quarantined"], record["quarantined"]
     # A fold not trained now finished earlier.
     fold_rows = [rows.get(str(fold)) or cast(dict, finished[str(fold)])["row"] for fold in p.folds]
-    with progress.working("train: locking the decisions on the out-of-fold predictions, writing the model cards"):
+    with progress.working("train: locking the decisions on the images no fold model trained on, writing the cards"):
         locked = lock_decisions(cfg, p, fold_rows)
         calibration, points = locked.calibration, locked.points
         cv = cv_summary(fold_rows, p.task_names)
