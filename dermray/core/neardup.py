@@ -228,7 +228,7 @@ def _refine(g: np.ndarray, whole: np.ndarray, crops: tuple) -> float:
     return float((v @ whole).max() / (N_VIEW * N_VIEW))
 
 
-def similarities(uris_a, uris_b, read, max_pixels: int = 50_000_000) -> np.ndarray:
+def similarities(uris_a, uris_b, read, max_pixels: int = 50_000_000, compared=None) -> np.ndarray:
     """float [n]: ``similarity`` of each pair of images (``read``: uri -> bytes); NaN where one cannot be read or
     decoded (a NaN is below every threshold). Each image is read and prepared once for all its pairs here
     (candidates come sorted by their first image: most of a batch's pairs share one)."""
@@ -249,6 +249,8 @@ def similarities(uris_a, uris_b, read, max_pixels: int = 50_000_000) -> np.ndarr
     for a, b in zip(uris_a, uris_b):
         pa_, pb = get(a), get(b)
         out.append(float("nan") if pa_ is None or pb is None else _similarity(pa_, pb))
+        if compared is not None and len(out) % 256 == 0:
+            compared(len(out))  # how far it is, for a caller that says so (every 256 pairs)
     return np.array(out, dtype=float)
 
 

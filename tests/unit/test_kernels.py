@@ -418,3 +418,20 @@ def test_out_of_fold_task_aucs_match_scikit_learn():
     assert len(rows) == 1 and abs(rows[0]["auc"] - expected) < 1e-12 and rows[0]["n"] == inside.sum()
     assert rows[0]["ci_low"] <= rows[0]["auc"] <= rows[0]["ci_high"]
     assert decisions.task_aucs(probs, np.zeros((60, 1), int), [("t", 0, 0, matrix)]) == []  # no negatives
+
+
+def test_similarities_read_each_image_once_and_say_how_far_they_are():
+    """evaluate's copy search reports progress through ``compared`` (every 256 pairs) in one call, so that an
+    image in many pairs is read and prepared once, not once per chunk of pairs."""
+    images = {f"u{i}": _jpeg(_smooth_lesion(i)) for i in range(3)}
+    reads, said = [], []
+
+    def read(uri):
+        reads.append(uri)
+        return images[uri]
+
+    a = ["u0"] * 300 + ["u1"] * 300
+    b = ["u1", "u2"] * 300
+    sims = neardup.similarities(a, b, read, compared=said.append)
+    assert len(sims) == 600 and said == [256, 512]
+    assert sorted(reads) == ["u0", "u1", "u2"]

@@ -99,13 +99,12 @@ def _find(df: pd.DataFrame, inp: EvalInputs, train: pd.DataFrame, where: list[st
     cand = [(int(i), int(j), int(d)) for i, j, d in neardup.cross_candidates(train_hashes, test_hashes, hamming)
             if (int(i), int(j)) not in pairs]
     # NaN (an image gone since the partition) is below the threshold: not a pair
-    train_uris, test_of = train["uri"].to_numpy()[[i for i, _, _ in cand]], test_uris[[j for _, j, _ in cand]]
-    parts = []
-    for start in range(0, len(cand), 256):
-        where[0] = f"{start:,} of {len(cand):,} candidate pairs compared"
-        parts.append(neardup.similarities(train_uris[start:start + 256], test_of[start:start + 256],
-                                          storage.read_bytes))
-    sims = np.concatenate(parts) if parts else np.zeros(0)
+    def compared(n: int) -> None:
+        where[0] = f"{n:,} of {len(cand):,} candidate pairs compared"
+
+    # One call: each image read and prepared once for all its pairs.
+    sims = neardup.similarities(train["uri"].to_numpy()[[i for i, _, _ in cand]], test_uris[[j for _, j, _ in cand]],
+                                storage.read_bytes, compared=compared)
     for (i, j, d), sim in zip(cand, sims):
         if sim >= similarity:
             pairs[(i, j)] = (d, float(sim), False)
