@@ -74,9 +74,11 @@ def local_path(uri: str) -> str:
         # and leaves FILE:///x as it is (a path starting "FILE:").
         # Nor urlparse's path: it cuts a file name at "#" (a fragment) or "?" (a query).
         rest = str(uri)[len("file:"):]
-        if not rest.startswith("//") or rest.startswith("///"):
-            return rest[2:] if rest.startswith("///") else rest
-        host, _, path = rest[2:].partition("/")
+        if rest.startswith("///"):  # file:///x
+            return rest[2:]
+        if not rest.startswith("//"):  # file:x, file:/x
+            return rest
+        host, _, path = rest[2:].partition("/")  # file://host/x
         return f"//{host}/{path}"
     return os.fspath(uri)
 
